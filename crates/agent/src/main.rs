@@ -1,0 +1,202 @@
+//! strata-agent: PID 1 of every strata guest.
+//!
+//! It sets up the minimal system (mounts, loopback, clock), then serves the
+//! host over one virtio-serial port: it starts programs on pseudo-terminals,
+//! streams their screens, applies the terminal's context on every attach and
+//! reaps every process of the guest. It keeps no state on disk, so a memory
+//! snapshot of the guest captures it whole, and a restored copy simply goes on
+//! serving whoever attaches next.
+
+mod procs;
+mod system;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use strata_proto::{GuestMsg, HostMsg, ProcId, TerminalContext};
+
+use crate::procs::Proc;
+
+/// Everything the agent's threads share.
+pub struct Agent {
+    /// Write side of the host port; one frame at a time.
+    port_out: Mutex<File>,
+    /// Whether a terminal is attached; output is only kept, not sent, otherwise.
+    attached: AtomicBool,
+    procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
+    context: Mutex<TerminalContext>,
+}
+
+impl Agent {
+    /// Sends a message if a terminal is attached.
+    pub fn send(&self, msg: &GuestMsg) {
+        if self.attached.load(Ordering::Acquire) {
+            self.send_always(msg);
+        }
+    }
+
+    /// Sends a message whatever the attach state (replies to the host).
+    pub fn send_always(&self, msg: &GuestMsg) {
+        match strata_proto::encode(msg) {
+            Ok(frame) => {
+                let mut out = self.port_out.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = out.write_all(&frame) {
+                    log(&format!("writing to host: {e}"));
+                }
+            }
+            Err(e) => log(&format!("encoding a message: {e}")),
+        }
+    }
+
+    fn handle(self: &Arc<Self>, msg: HostMsg) {
+        match msg {
+            HostMsg::Attach(ctx) => {
+                system::apply_context(&ctx);
+                let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
+                for p in &procs {
+                    p.resize(ctx.size);
+                }
+                *self.context.lock().unwrap_or_else(|e| e.into_inner()) = ctx;
+                let states = procs.iter().map(|p| p.state()).collect();
+                self.send_always(&GuestMsg::Attached {
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    procs: states,
+                });
+                self.attached.store(true, Ordering::Release);
+            }
+            HostMsg::Detach => {
+                self.attached.store(false, Ordering::Release);
+                self.send_always(&GuestMsg::Detached);
+            }
+            HostMsg::Spawn { id, argv, env, readiness, ready_timeout_ms } => {
+                let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match Proc::spawn(self, id, &argv, &env, &ctx) {
+                    Ok(p) => {
+                        self.lock_procs().insert(id, p.clone());
+                        self.send(&GuestMsg::Spawned { id, pid: p.pid });
+                        p.watch_readiness(self.clone(), readiness, ready_timeout_ms);
+                    }
+                    Err(reason) => self.send(&GuestMsg::Failed { id, reason }),
+                }
+            }
+            HostMsg::Input { id, data } => self.with_proc(id, |p| p.input(data)),
+            HostMsg::Eof { id } => self.with_proc(id, |p| p.eof()),
+            HostMsg::Resize { id, size } => self.with_proc(id, |p| p.resize(size)),
+            HostMsg::PowerOff => system::power_off(),
+        }
+    }
+
+    fn with_proc(&self, id: ProcId, f: impl FnOnce(&Proc)) {
+        let p = self.lock_procs().get(&id).cloned();
+        match p {
+            Some(p) => f(&p),
+            None => self.send(&GuestMsg::Error { message: format!("no process {id}") }),
+        }
+    }
+
+    fn lock_procs(&self) -> std::sync::MutexGuard<'_, HashMap<ProcId, Arc<Proc>>> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the reaper for every child that ended.
+    fn child_exited(self: &Arc<Self>, pid: i32, status: i32) {
+        let p = self.lock_procs().values().find(|p| p.pid == pid).cloned();
+        if let Some(p) = p {
+            p.exited(self, status);
+        }
+    }
+}
+
+/// Writes a line to the guest console (the serial port the host logs).
+pub fn log(msg: &str) {
+    eprintln!("strata-agent: {msg}");
+}
+
+fn main() {
+    system::block_async_signals();
+    if std::process::id() == 1 {
+        system::init_system();
+    }
+    let port = match system::open_host_port() {
+        Ok(p) => p,
+        Err(e) => {
+            log(&format!("no host port: {e}"));
+            system::power_off();
+        }
+    };
+    let port_out = port.try_clone().unwrap_or_else(|e| {
+        log(&format!("dup host port: {e}"));
+        system::power_off()
+    });
+    let agent = Arc::new(Agent {
+        port_out: Mutex::new(port_out),
+        attached: AtomicBool::new(false),
+        procs: Mutex::new(HashMap::new()),
+        context: Mutex::new(TerminalContext {
+            term: "xterm-256color".into(),
+            locale: Some("C.UTF-8".into()),
+            ..Default::default()
+        }),
+    });
+    {
+        let agent = agent.clone();
+        std::thread::spawn(move || system::reap_children(|pid, st| agent.child_exited(pid, st)));
+    }
+    serve(&agent, port);
+}
+
+/// Reads host frames for ever. A read of 0 bytes means no host is connected:
+/// wait for the port's SIGIO (sent when a host connects) instead of spinning.
+fn serve(agent: &Arc<Agent>, mut port: File) -> ! {
+    let fd = port.as_raw_fd();
+    system::enable_sigio(fd);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        match port.read(&mut chunk) {
+            Ok(0) => {
+                agent.attached.store(false, Ordering::Release);
+                buf.clear();
+                system::wait_sigio(2000);
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                drain_frames(agent, &mut buf);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log(&format!("reading host port: {e}"));
+                system::wait_sigio(2000);
+            }
+        }
+    }
+}
+
+fn drain_frames(agent: &Arc<Agent>, buf: &mut Vec<u8>) {
+    let mut start = 0;
+    while buf.len() - start >= 4 {
+        let prefix: [u8; 4] = buf[start..start + 4].try_into().expect("4 bytes");
+        let len = match strata_proto::frame_len(prefix) {
+            Ok(l) => l,
+            Err(e) => {
+                log(&format!("dropping input: {e}"));
+                buf.clear();
+                return;
+            }
+        };
+        if buf.len() - start - 4 < len {
+            break;
+        }
+        let payload = &buf[start + 4..start + 4 + len];
+        match strata_proto::decode::<HostMsg>(payload) {
+            Ok(msg) => agent.handle(msg),
+            Err(e) => agent.send(&GuestMsg::Error { message: format!("bad message: {e}") }),
+        }
+        start += 4 + len;
+    }
+    buf.drain(..start);
+}

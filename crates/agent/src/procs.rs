@@ -1,0 +1,332 @@
+//! Programs on pseudo-terminals: start, feed, watch, report.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::pty::{openpty, Winsize};
+use strata_proto::{GuestMsg, ProcId, ProcState, Readiness, TerminalContext, WinSize};
+
+use crate::Agent;
+
+/// How much recent output is kept to repaint a newly attached terminal.
+const SCREEN_KEEP: usize = 64 << 10;
+
+enum Feed {
+    Data(Vec<u8>),
+    Eof,
+}
+
+#[derive(Default)]
+struct Status {
+    ready: bool,
+    exit: Option<i32>,
+    output_done: bool,
+    exit_reported: bool,
+}
+
+/// One program the agent started.
+pub struct Proc {
+    pub id: ProcId,
+    pub pid: i32,
+    master: File,
+    feed: Mutex<mpsc::Sender<Feed>>,
+    screen: Mutex<VecDeque<u8>>,
+    status: Mutex<Status>,
+    changed: Condvar,
+    /// Text whose appearance on the terminal makes the program ready.
+    ready_text: Mutex<Option<Vec<u8>>>,
+}
+
+fn winsize(s: WinSize) -> Winsize {
+    Winsize { ws_row: s.rows, ws_col: s.cols, ws_xpixel: 0, ws_ypixel: 0 }
+}
+
+fn set_cloexec(fd: &OwnedFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+}
+
+impl Proc {
+    /// Starts `argv` on a new pseudo-terminal sized from the context.
+    pub fn spawn(
+        agent: &Arc<Agent>,
+        id: ProcId,
+        argv: &[String],
+        env: &[(String, String)],
+        ctx: &TerminalContext,
+    ) -> Result<Arc<Proc>, String> {
+        let (prog, args) = argv.split_first().ok_or("empty command")?;
+        let pty = openpty(Some(&winsize(ctx.size)), None).map_err(|e| format!("openpty: {e}"))?;
+        set_cloexec(&pty.master);
+        set_cloexec(&pty.slave);
+        let slave = File::from(pty.slave);
+        let mut cmd = Command::new(prog);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root")
+            .env("SHELL", "/bin/sh")
+            .env("TERM", if ctx.term.is_empty() { "xterm-256color" } else { &ctx.term })
+            .envs(ctx.locale.as_ref().map(|l| ("LANG", l.as_str())))
+            .envs(ctx.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir("/root")
+            .stdin(Stdio::from(slave.try_clone().map_err(|e| e.to_string())?))
+            .stdout(Stdio::from(slave.try_clone().map_err(|e| e.to_string())?))
+            .stderr(Stdio::from(slave));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {prog:?}: {e}"))?;
+        let pid = child.id() as i32;
+        // The reaper thread owns waiting; dropping `Child` does not wait.
+        drop(child);
+        let master = File::from(pty.master);
+        let (tx, rx) = mpsc::channel();
+        let proc = Arc::new(Proc {
+            id,
+            pid,
+            master: master.try_clone().map_err(|e| e.to_string())?,
+            feed: Mutex::new(tx),
+            screen: Mutex::new(VecDeque::with_capacity(SCREEN_KEEP)),
+            status: Mutex::new(Status::default()),
+            changed: Condvar::new(),
+            ready_text: Mutex::new(None),
+        });
+        let writer = master.try_clone().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || feed_input(writer, rx));
+        {
+            let (proc, agent) = (proc.clone(), agent.clone());
+            std::thread::spawn(move || proc.pump_output(master, &agent));
+        }
+        Ok(proc)
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Copies the terminal's output to the host (when attached) and the screen.
+    fn pump_output(&self, mut master: File, agent: &Agent) {
+        let mut buf = vec![0u8; 16 << 10];
+        let mut tail: Vec<u8> = Vec::new();
+        let mut want: Option<Vec<u8>> = None;
+        loop {
+            let n = match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let data = &buf[..n];
+            {
+                let mut screen = self.screen.lock().unwrap_or_else(|e| e.into_inner());
+                screen.extend(data);
+                let excess = screen.len().saturating_sub(SCREEN_KEEP);
+                screen.drain(..excess);
+            }
+            if want.is_none() {
+                want = self.pending_text();
+            }
+            if let Some(text) = &want {
+                tail.extend_from_slice(data);
+                if tail.windows(text.len()).any(|w| w == text.as_slice()) {
+                    want = None;
+                    tail = Vec::new();
+                    self.mark_ready();
+                } else {
+                    let keep = tail.len().saturating_sub(text.len());
+                    tail.drain(..keep);
+                }
+            }
+            agent.send(&GuestMsg::Output { id: self.id, data: data.to_vec() });
+        }
+        let report = {
+            let mut st = self.lock_status();
+            st.output_done = true;
+            st.exit.filter(|_| !std::mem::replace(&mut st.exit_reported, true))
+        };
+        self.changed.notify_all();
+        if let Some(status) = report {
+            agent.send(&GuestMsg::Exited { id: self.id, status });
+        }
+    }
+
+    /// The text this process waits for, if its readiness is still pending.
+    fn pending_text(&self) -> Option<Vec<u8>> {
+        let st = self.lock_status();
+        if st.ready {
+            return None;
+        }
+        self.ready_text.lock().ok()?.clone()
+    }
+
+    fn mark_ready(&self) {
+        self.lock_status().ready = true;
+        self.changed.notify_all();
+    }
+
+    /// Records the exit status; reports it once the output is drained, or
+    /// after a short grace period if a descendant keeps the terminal open.
+    pub fn exited(self: &Arc<Self>, agent: &Arc<Agent>, status: i32) {
+        let report = {
+            let mut st = self.lock_status();
+            st.exit = Some(status);
+            st.output_done && !std::mem::replace(&mut st.exit_reported, true)
+        };
+        self.changed.notify_all();
+        if report {
+            agent.send(&GuestMsg::Exited { id: self.id, status });
+            return;
+        }
+        let (proc, agent) = (self.clone(), agent.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let late = !std::mem::replace(&mut proc.lock_status().exit_reported, true);
+            if late {
+                agent.send(&GuestMsg::Exited { id: proc.id, status });
+            }
+        });
+    }
+
+    /// Waits for the readiness rule in a thread of its own and reports it.
+    pub fn watch_readiness(self: &Arc<Self>, agent: Arc<Agent>, rule: Readiness, timeout_ms: u32) {
+        if let Readiness::Text(t) = &rule {
+            *self.ready_text.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.as_bytes().to_vec());
+            // Output may already hold the text.
+            let seen = {
+                let screen = self.screen.lock().unwrap_or_else(|e| e.into_inner());
+                let s: Vec<u8> = screen.iter().copied().collect();
+                s.windows(t.len().max(1)).any(|w| w == t.as_bytes())
+            };
+            if seen {
+                self.mark_ready();
+            }
+        }
+        let proc = self.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let deadline = started + Duration::from_millis(timeout_ms as u64);
+            let outcome = proc.wait_ready(&rule, started, deadline);
+            *proc.ready_text.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            agent.send(&match outcome {
+                Ok(()) => GuestMsg::Ready { id: proc.id },
+                Err(reason) => GuestMsg::Failed { id: proc.id, reason },
+            });
+        });
+    }
+
+    fn wait_ready(&self, rule: &Readiness, started: Instant, deadline: Instant) -> Result<(), String> {
+        let alive_until = match rule {
+            Readiness::AliveMs(ms) => Some(started + Duration::from_millis(*ms as u64)),
+            _ => None,
+        };
+        let mut st = self.lock_status();
+        loop {
+            if let Some(code) = st.exit {
+                return Err(format!("the program exited with status {code} before it was ready"));
+            }
+            let now = Instant::now();
+            if st.ready || alive_until.is_some_and(|t| now >= t) {
+                return Ok(());
+            }
+            if now >= deadline {
+                return Err(format!(
+                    "the program was not ready after {} ms",
+                    deadline.duration_since(started).as_millis()
+                ));
+            }
+            let mut wake = deadline;
+            if let Some(t) = alive_until {
+                wake = wake.min(t);
+            }
+            if let Readiness::Port(port) = rule {
+                drop(st);
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *port));
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return Ok(());
+                }
+                // A port has no event to wait on; check again shortly.
+                std::thread::sleep(Duration::from_millis(25));
+                st = self.lock_status();
+                continue;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, wake.saturating_duration_since(now))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Queues bytes typed at the terminal.
+    pub fn input(&self, data: Vec<u8>) {
+        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Data(data));
+    }
+
+    /// Queues an end-of-file (the terminal's EOF character).
+    pub fn eof(&self) {
+        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Eof);
+    }
+
+    /// Resizes the terminal; the kernel sends SIGWINCH to the program.
+    pub fn resize(&self, size: WinSize) {
+        let ws = winsize(size);
+        // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
+        unsafe {
+            libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+        }
+    }
+
+    /// The state sent to a newly attached terminal.
+    pub fn state(&self) -> ProcState {
+        let screen = self.screen.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+        let st = self.lock_status();
+        ProcState { id: self.id, screen, exit: st.exit }
+    }
+}
+
+/// Writes queued input to the terminal in its own thread, so a program that
+/// does not read cannot stall the host port.
+fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>) {
+    for item in rx {
+        let res = match item {
+            Feed::Data(d) => master.write_all(&d),
+            Feed::Eof => {
+                // In canonical mode VEOF ends the line; at the start of a
+                // line it reads as end-of-file, which is what a pipe's end means.
+                // SAFETY: tcgetattr into a zeroed termios we own.
+                let veof = unsafe {
+                    let mut t: libc::termios = std::mem::zeroed();
+                    if libc::tcgetattr(master.as_raw_fd(), &mut t) == 0 {
+                        t.c_cc[libc::VEOF]
+                    } else {
+                        4
+                    }
+                };
+                master.write_all(&[veof])
+            }
+        };
+        if res.is_err() {
+            break;
+        }
+    }
+}
+

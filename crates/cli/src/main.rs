@@ -1,0 +1,308 @@
+//! `strata`: run software on demand, each program in its own VM, launched
+//! from layered images in milliseconds.
+
+mod progress;
+mod terminal;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use strata_engine::context::ContextSettings;
+use strata_engine::{Config, Engine};
+use strata_vmm::Accel;
+
+use crate::progress::Bar;
+use crate::terminal::{attach, stdin_is_tty, terminal_size, AttachEnd};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Run software on demand, already running, each in its own VM")]
+struct Cli {
+    /// Where images and the catalog live.
+    #[arg(long, global = true, env = "STRATA_STATE")]
+    state: Option<PathBuf>,
+    /// Directory of package definitions.
+    #[arg(long, global = true, env = "STRATA_PACKAGES")]
+    packages: Option<PathBuf>,
+    /// Accelerator, instead of probing: kvm or tcg.
+    #[arg(long, global = true)]
+    accel: Option<Accel>,
+    /// Print no progress.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Launch a package and attach this terminal to it.
+    Run {
+        package: String,
+        /// Keep standard input attached (the default when it is a pipe).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the program this terminal (the default when stdin is a terminal).
+        #[arg(short, long)]
+        tty: bool,
+        /// Boot and start the program instead of using the launch image.
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Build the images of a package (base, install, launch) if missing.
+    Build { package: String },
+    /// Image catalog.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+    },
+    /// Package definitions.
+    Packages {
+        #[command(subcommand)]
+        cmd: PackagesCmd,
+    },
+    /// The terminal's context (what the VM is linked to).
+    Context {
+        #[command(subcommand)]
+        cmd: ContextCmd,
+    },
+    /// Show the accelerator strata uses (probing it if needed).
+    Accel,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// List images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hash every blob of every image and report the damaged ones.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum PackagesCmd {
+    /// List defined packages.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContextCmd {
+    /// Show this terminal's context and store it as a context image.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Launch latency: cold boot versus launch image, same run.
+    Launch {
+        package: String,
+        /// Launches each way.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // One thread: every QEMU is spawned from it, and the work is I/O bound.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("strata: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(with_signals(real_main(cli))) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("strata: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the command; on SIGINT/SIGTERM/SIGHUP the command is dropped, which
+/// kills its QEMU processes and removes its scratch files.
+async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        r = f => r,
+        _ = int.recv() => { eprintln!("strata: interrupted; cleaned up"); Ok(130) }
+        _ = term.recv() => Ok(143),
+        _ = hup.recv() => Ok(129),
+    }
+}
+
+fn engine(cli: &Cli) -> anyhow::Result<Engine> {
+    let mut cfg = Config::from_env();
+    if let Some(s) = &cli.state {
+        cfg.state_dir = s.clone();
+    }
+    if let Some(p) = &cli.packages {
+        cfg.packages_dir = p.clone();
+    }
+    cfg.accel = cli.accel;
+    Engine::open(cfg).context("opening the strata store")
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<u8> {
+    let eng = engine(&cli)?;
+    let bar = Bar::new(cli.quiet);
+    match &cli.cmd {
+        Cmd::Run { package, interactive, tty, cold } => {
+            let pkg = eng.package(package)?;
+            let is_tty = stdin_is_tty();
+            if *tty && !is_tty {
+                anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
+            }
+            let use_tty = is_tty && !(*interactive && !*tty);
+            let settings = ContextSettings::from_terminal(terminal_size());
+            let mut session =
+                if *cold { eng.launch_cold(&pkg, &settings, &bar).await? } else { eng.launch(&pkg, &settings, &bar).await? };
+            bar.clear();
+            let end = attach(&mut session, use_tty).await?;
+            session.close().await;
+            Ok(match end {
+                AttachEnd::Exited(code) => code.clamp(0, 255) as u8,
+                AttachEnd::Detached => {
+                    eprintln!("\r\nstrata: detached; the session was stopped (background sessions come with `strata attach`)");
+                    0
+                }
+                AttachEnd::Lost(why) => {
+                    eprintln!("\r\nstrata: session lost: {why}");
+                    1
+                }
+                AttachEnd::Interrupted => 130,
+            })
+        }
+        Cmd::Build { package } => {
+            let pkg = eng.package(package)?;
+            let set = eng.ensure_images(&pkg, &bar).await?;
+            bar.clear();
+            for rec in [&set.base, &set.install, &set.launch] {
+                println!("{:<8} {}  {}", rec.kind, &rec.digest[..12], human(rec.size));
+            }
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Ls { json } } => {
+            let images = eng.store.list_images()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                println!("{:<8} {:<12} {:<14} {:<10} {:>10}  CREATED", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE");
+                for r in images {
+                    println!(
+                        "{:<8} {:<12} {:<14} {:<10} {:>10}  {}",
+                        r.kind,
+                        &r.digest[..12],
+                        r.package.as_deref().unwrap_or("-"),
+                        r.os,
+                        human(r.size),
+                        r.created
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Verify } => {
+            let mut bad = 0;
+            for r in eng.store.list_images()? {
+                for (role, d) in &r.files {
+                    if let Err(e) = eng.store.verify_full(d) {
+                        bad += 1;
+                        println!("{} {} {role}: {e}", r.kind, &r.digest[..12]);
+                    }
+                }
+            }
+            println!("{bad} damaged blob(s)");
+            Ok(if bad == 0 { 0 } else { 1 })
+        }
+        Cmd::Packages { cmd: PackagesCmd::Ls { json } } => {
+            if *json {
+                let list: Vec<_> = eng
+                    .registry
+                    .packages
+                    .values()
+                    .map(|p| serde_json::json!({"name": p.name, "description": p.def.description, "debs": p.def.debs, "command": p.def.command}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for p in eng.registry.packages.values() {
+                    println!("{:<16} {}", p.name, p.def.description);
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Context { cmd: ContextCmd::Show { json } } => {
+            let settings = ContextSettings::from_terminal(terminal_size());
+            let rec = eng.context_image(&settings)?;
+            if *json {
+                println!("{}", serde_json::json!({"digest": rec.digest, "settings": settings}));
+            } else {
+                println!("context image {}", &rec.digest[..12]);
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            }
+            Ok(0)
+        }
+        Cmd::Accel => {
+            let base = eng.ensure_base(&bar).await?;
+            bar.clear();
+            println!("{}", eng.accel_for(&base).await?);
+            Ok(0)
+        }
+        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, json } } => {
+            if *runs == 0 || *runs > 1000 {
+                anyhow::bail!("--runs must be between 1 and 1000");
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_launch(&pkg, *runs, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("strata bench launch {} ({} runs each way, accel {})", r.package, r.runs, r.accel);
+                println!("{:<14} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
+                println!("{:<14} {:>10.1} {:>10.1}", "cold boot", r.cold_p50_ms, r.cold_p99_ms);
+                println!("{:<14} {:>10.1} {:>10.1}", "launch image", r.launch_p50_ms, r.launch_p99_ms);
+                println!("ratio p50 (cold / launch image): {:.1}x", r.ratio_p50);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

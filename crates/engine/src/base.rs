@@ -1,0 +1,228 @@
+//! The base image: Debian's root file system, kernel and strata's initramfs.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use strata_store::{ImageKind, ImageRecord};
+use tokio::process::Command;
+
+use crate::tools::{run, run_with_progress};
+use crate::{initramfs, io_err, Engine, Error, Progress, ARCH, OS};
+
+/// Debian suite of the base image.
+pub const SUITE: &str = "bookworm";
+/// Debian package whose kernel the guests run.
+pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// Static busybox from Debian's busybox-static, the initramfs's only tool.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// Size of the root file system (sparse: only what is used is stored).
+pub const ROOTFS_SIZE: &str = "8G";
+/// Kernel command line of every strata guest.
+pub const CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable no_timer_check";
+
+fn sha_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Identity of a file by size and modification time (cheap, for recipes of
+/// host tools that change only on upgrade).
+pub(crate) fn file_identity(path: &Path) -> String {
+    std::fs::metadata(path).map(|m| format!("{}:{}", m.len(), m.mtime())).unwrap_or_default()
+}
+
+/// Recipe of the root file system alone: reused when only the agent changes.
+pub fn rootfs_recipe() -> String {
+    sha_hex(&[b"rootfs-v1", SUITE.as_bytes(), b"minbase"])
+}
+
+impl Engine {
+    fn agent_bytes(&self) -> Result<Vec<u8>, Error> {
+        let p = &self.cfg.agent_binary;
+        if !p.is_file() {
+            return Err(Error::NoAgent(p.clone()));
+        }
+        std::fs::read(p).map_err(io_err(p))
+    }
+
+    /// Recipe of the base image: root file system, kernel package, init
+    /// script, agent and busybox.
+    ///
+    /// # Errors
+    /// If the agent binary is missing.
+    pub fn base_recipe(&self) -> Result<String, Error> {
+        let agent = self.agent_bytes()?;
+        Ok(sha_hex(&[
+            b"base-v1",
+            rootfs_recipe().as_bytes(),
+            KERNEL_PACKAGE.as_bytes(),
+            CMDLINE.as_bytes(),
+            initramfs::INIT_SCRIPT.as_bytes(),
+            &Sha256::digest(&agent),
+            file_identity(Path::new(BUSYBOX)).as_bytes(),
+        ]))
+    }
+
+    /// The base image, built if the catalog has none for the current recipe.
+    ///
+    /// # Errors
+    /// If building fails.
+    pub async fn ensure_base(&self, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+        let recipe = self.base_recipe()?;
+        if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
+            return Ok(rec);
+        }
+        let _lock = self.store.lock_recipe(&recipe)?;
+        if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
+            return Ok(rec);
+        }
+        self.build_base(&recipe, progress).await
+    }
+
+    /// An image of this recipe whose blobs are all intact, if any.
+    pub(crate) fn usable(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+        while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
+            match self.store.verify_image(&rec) {
+                Ok(()) => return Ok(Some(rec)),
+                // verify_image dropped the damaged image; look again, then rebuild.
+                Err(e) => tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild"),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+        let work = self.store.work_dir("base")?;
+        progress.step("base image: preparing");
+        let (rootfs, status) = match self.reusable_rootfs()? {
+            Some(found) => found,
+            None => self.build_rootfs(work.path(), progress).await?,
+        };
+        let (kernel, kernel_version, modules) = self.fetch_kernel(work.path(), progress).await?;
+        progress.step("base image: initramfs");
+        let busybox = std::fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
+        if busybox.windows(10).any(|w| w == b"ld-linux-x") {
+            return Err(Error::Config(format!("{BUSYBOX} is dynamically linked; install busybox-static")));
+        }
+        let image = initramfs::build(&busybox, &self.agent_bytes()?, &modules);
+        let initramfs = self.store.ingest_bytes(&image)?;
+        let files = BTreeMap::from([
+            ("rootfs".to_string(), rootfs),
+            ("dpkg-status".to_string(), status),
+            ("kernel".to_string(), kernel),
+            ("initramfs".to_string(), initramfs),
+        ]);
+        let meta = BTreeMap::from([
+            ("rootfs_recipe".to_string(), rootfs_recipe()),
+            ("kernel_version".to_string(), kernel_version),
+            ("cmdline".to_string(), CMDLINE.to_string()),
+            ("suite".to_string(), SUITE.to_string()),
+        ]);
+        let rec = ImageRecord::new(ImageKind::Base, None, OS, ARCH, None, recipe, files, meta, 0);
+        let rec = self.with_size(rec)?;
+        self.store.insert_image(&rec)?;
+        progress.done(&format!("base image {} ready", &rec.digest[..12]));
+        Ok(rec)
+    }
+
+    /// Sums the sizes of an image's blobs into its record.
+    pub(crate) fn with_size(&self, mut rec: ImageRecord) -> Result<ImageRecord, Error> {
+        let digests: Vec<&str> = rec.files.values().map(String::as_str).collect();
+        rec.size = self.blobs_size(&digests)?;
+        Ok(rec)
+    }
+
+    fn blobs_size(&self, digests: &[&str]) -> Result<u64, Error> {
+        let mut total = 0;
+        for d in digests {
+            let p = self.store.blob_path(d);
+            total += std::fs::metadata(&p).map_err(io_err(&p))?.len();
+        }
+        Ok(total)
+    }
+
+    /// A root file system of the current recipe from an earlier base image.
+    fn reusable_rootfs(&self) -> Result<Option<(String, String)>, Error> {
+        let want = rootfs_recipe();
+        for rec in self.store.list_images()? {
+            if rec.kind == ImageKind::Base && rec.meta.get("rootfs_recipe") == Some(&want) {
+                let (Ok(r), Ok(s)) = (rec.file("rootfs"), rec.file("dpkg-status")) else { continue };
+                if self.store.verify(r).is_ok() && self.store.verify(s).is_ok() {
+                    return Ok(Some((r.to_string(), s.to_string())));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn build_rootfs(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String), Error> {
+        let tree = work.join("rootfs");
+        progress.step("base image: mmdebstrap (Debian minbase)");
+        run_with_progress(
+            "mmdebstrap",
+            Command::new("mmdebstrap")
+                .args(["--variant=minbase", "--mode=root", "--verbose", SUITE])
+                .arg(&tree)
+                .arg(&self.cfg.mirror),
+            progress,
+        )
+        .await?;
+        let status = work.join("dpkg-status");
+        std::fs::copy(tree.join("var/lib/dpkg/status"), &status).map_err(io_err(&status))?;
+        progress.step("base image: ext4 file system");
+        let raw = work.join("rootfs.raw");
+        run(
+            "mke2fs",
+            Command::new("mke2fs")
+                .args(["-q", "-t", "ext4", "-L", "strata-root", "-E", "lazy_itable_init=0", "-d"])
+                .arg(&tree)
+                .arg(&raw)
+                .arg(ROOTFS_SIZE),
+        )
+        .await?;
+        let _ = std::fs::remove_dir_all(&tree);
+        let qcow = work.join("rootfs.qcow2");
+        progress.step("base image: qcow2");
+        run("qemu-img convert", Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&qcow)).await?;
+        let _ = std::fs::remove_file(&raw);
+        Ok((self.store.ingest_file(&qcow)?, self.store.ingest_file(&status)?))
+    }
+
+    async fn fetch_kernel(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String, Vec<(String, Vec<u8>)>), Error> {
+        progress.step(&format!("base image: downloading {KERNEL_PACKAGE}"));
+        let deps = run("apt-cache depends", Command::new("apt-cache").args(["depends", KERNEL_PACKAGE])).await?;
+        let versioned = deps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|d| d.starts_with("linux-image-"))
+            .ok_or_else(|| Error::Config(format!("cannot find the kernel package {KERNEL_PACKAGE} depends on; run apt-get update")))?
+            .to_string();
+        let dl = work.join("kernel");
+        std::fs::create_dir_all(&dl).map_err(io_err(&dl))?;
+        run(
+            "apt-get download",
+            Command::new("apt-get").args(["-q", "-o", "APT::Sandbox::User=root", "download", &versioned]).current_dir(&dl),
+        )
+        .await?;
+        let deb = std::fs::read_dir(&dl)
+            .map_err(io_err(&dl))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or_else(|| Error::Config(format!("apt-get download {versioned} produced no .deb")))?;
+        let tree = dl.join("x");
+        run("dpkg-deb", Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).await?;
+        let version = versioned.trim_start_matches("linux-image-").to_string();
+        let vmlinuz: PathBuf = tree.join(format!("boot/vmlinuz-{version}"));
+        let modules = initramfs::resolve_modules(&tree.join(format!("lib/modules/{version}")))?;
+        let kernel = self.store.ingest_file(&vmlinuz)?;
+        let _ = std::fs::remove_dir_all(&dl);
+        Ok((kernel, version, modules))
+    }
+}

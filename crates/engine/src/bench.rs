@@ -1,0 +1,94 @@
+//! Launch benchmark: cold boot versus launch image, in one run.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use strata_package::Package;
+
+use crate::context::ContextSettings;
+use crate::{Engine, Error, Progress};
+
+/// Results of `strata bench launch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchReport {
+    pub package: String,
+    pub runs: usize,
+    pub accel: String,
+    pub cold_ms: Vec<f64>,
+    pub launch_ms: Vec<f64>,
+    pub cold_p50_ms: f64,
+    pub cold_p99_ms: f64,
+    pub launch_p50_ms: f64,
+    pub launch_p99_ms: f64,
+    pub ratio_p50: f64,
+}
+
+/// The nearest-rank percentile of `values` (p in 0..=100).
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+impl Engine {
+    /// Measures `runs` launches each way, interleaved, from the request to the
+    /// program's answer to its probe line.
+    ///
+    /// # Errors
+    /// If the package has no probe, or a launch fails.
+    pub async fn bench_launch(&self, pkg: &Package, runs: usize, progress: &dyn Progress) -> Result<LaunchReport, Error> {
+        let probe = pkg.def.probe.clone().ok_or_else(|| {
+            Error::Config(format!("package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one", pkg.name))
+        })?;
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let timeout = Duration::from_secs(180);
+        let (mut cold, mut launch) = (Vec::new(), Vec::new());
+        for i in 0..runs {
+            progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
+            let t = Instant::now();
+            let mut s = self.launch_cold(pkg, &settings, progress).await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            cold.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.close().await;
+            progress.step(&format!("bench {}: run {}/{runs} from launch image", pkg.name, i + 1));
+            let t = Instant::now();
+            let mut s = self.launch(pkg, &settings, progress).await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            launch.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.close().await;
+        }
+        let (cold_p50, launch_p50) = (percentile(&cold, 50.0), percentile(&launch, 50.0));
+        progress.done("benchmark finished");
+        Ok(LaunchReport {
+            package: pkg.name.clone(),
+            runs,
+            accel: images.launch.meta.get("accel").cloned().unwrap_or_default(),
+            cold_p50_ms: cold_p50,
+            cold_p99_ms: percentile(&cold, 99.0),
+            launch_p50_ms: launch_p50,
+            launch_p99_ms: percentile(&launch, 99.0),
+            ratio_p50: cold_p50 / launch_p50,
+            cold_ms: cold,
+            launch_ms: launch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&v, 50.0), 3.0);
+        assert_eq!(percentile(&v, 99.0), 5.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+}

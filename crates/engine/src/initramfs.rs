@@ -1,0 +1,139 @@
+//! The initramfs: busybox, the virtio modules, strata's `/init` and the agent,
+//! as an uncompressed newc archive (the kernel unpacks it fastest that way).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::{io_err, Error};
+
+/// The shell script run as `/init`.
+pub const INIT_SCRIPT: &str = include_str!("assets/init.sh");
+
+/// Modules the guest needs before its root disk is reachable.
+pub const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"];
+
+/// A newc cpio archive being written in memory.
+#[derive(Default)]
+pub struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.ino += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        );
+        self.out.extend_from_slice(header.as_bytes());
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    pub fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[]);
+    }
+
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | mode, data);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.out
+    }
+}
+
+/// The `depends=` list from a module's `.modinfo` section.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(pos) = ko.windows(key.len()).position(|w| w == key) else { return Vec::new() };
+    let rest = &ko[pos + key.len()..];
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end]).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// Finds `WANTED_MODULES` and their dependencies under `modules_root`
+/// (`lib/modules/VERSION`), in load order.
+///
+/// # Errors
+/// If a module cannot be found or read.
+pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let mut index: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
+    let mut stack = vec![modules_root.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+                index.insert(name.replace('-', "_"), p);
+            }
+        }
+    }
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(name: &str, index: &BTreeMap<String, std::path::PathBuf>, order: &mut Vec<(String, Vec<u8>)>, depth: u32) -> Result<(), Error> {
+        if order.iter().any(|(n, _)| n == name) || depth > 32 {
+            return Ok(());
+        }
+        let path = index.get(name).ok_or_else(|| Error::Config(format!("kernel module {name} not found")))?;
+        let data = std::fs::read(path).map_err(io_err(path))?;
+        for dep in module_depends(&data) {
+            visit(&dep, index, order, depth + 1)?;
+        }
+        order.push((name.to_string(), data));
+        Ok(())
+    }
+    for m in WANTED_MODULES {
+        visit(m, &index, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+/// Builds the initramfs archive.
+pub fn build(busybox: &[u8], agent: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut c = Cpio::default();
+    c.dir("bin");
+    c.file("bin/busybox", 0o755, busybox);
+    c.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    c.file("strata-agent", 0o755, agent);
+    c.dir("modules");
+    let order: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
+    c.file("modules/order", 0o644, format!("{}\n", order.join("\n")).as_bytes());
+    for (name, data) in modules {
+        c.file(&format!("modules/{name}.ko"), 0o644, data);
+    }
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depends_are_read_from_modinfo() {
+        let ko = b"\x00license=GPL\x00depends=virtio_ring,virtio\x00intree=Y\x00";
+        assert_eq!(module_depends(ko), vec!["virtio_ring", "virtio"]);
+        assert!(module_depends(b"depends=\x00").is_empty());
+    }
+
+    #[test]
+    fn cpio_entries_are_aligned_and_terminated() {
+        let mut c = Cpio::default();
+        c.file("a", 0o644, b"xyz");
+        let out = c.finish();
+        assert_eq!(out.len() % 4, 0);
+        assert!(out.starts_with(b"070701"));
+        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

@@ -1,0 +1,252 @@
+//! The launch image (the program started, ready, and saved with the VM's
+//! memory and devices) and launching sessions from the four images.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use strata_package::Package;
+use strata_proto::{HostMsg, Readiness};
+use strata_store::{ImageKind, ImageRecord};
+use strata_vmm::{Accel, Disk, DiskMode, Memory, VmConfig};
+
+use crate::context::ContextSettings;
+use crate::session::{spawn_ready, start_and_attach, Attached, Session};
+use crate::tools::{create_overlay, rebase_to_digest};
+use crate::{Engine, Error, Progress, ARCH, OS};
+
+/// How long a VM may take to connect its agent (a cold boot under TCG takes seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The images a launch concatenates.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    pub base: ImageRecord,
+    pub install: ImageRecord,
+    pub launch: ImageRecord,
+}
+
+/// How a session was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchPath {
+    /// From the launch image: restored, already running.
+    LaunchImage,
+    /// Booted from base <- install, program started and awaited.
+    Cold,
+}
+
+fn readiness(pkg: &Package) -> Readiness {
+    let r = &pkg.def.ready;
+    if let Some(t) = &r.text {
+        Readiness::Text(t.clone())
+    } else if let Some(p) = r.port {
+        Readiness::Port(p)
+    } else {
+        Readiness::AliveMs(r.alive_ms.unwrap_or(1000))
+    }
+}
+
+fn env_of(pkg: &Package) -> Vec<(String, String)> {
+    pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn new_session_id() -> String {
+    let mut h = Sha256::new();
+    h.update(std::process::id().to_le_bytes());
+    h.update(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_le_bytes());
+    hex::encode(&h.finalize()[..6])
+}
+
+/// Recipe of a launch image: everything that shapes the saved VM.
+pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        "launch-v1",
+        &base.digest,
+        &install.digest,
+        &pkg.def.digest(),
+        accel.as_str(),
+        qemu,
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    hex::encode(h.finalize())
+}
+
+impl Engine {
+    /// Base, install and launch images of a package, each built if missing.
+    ///
+    /// # Errors
+    /// If a build fails.
+    pub async fn ensure_images(&self, pkg: &Package, progress: &dyn Progress) -> Result<ImageSet, Error> {
+        let base = self.ensure_base(progress).await?;
+        let install = self.ensure_install(pkg, &base, progress).await?;
+        let accel = self.accel_for(&base).await?;
+        let recipe = launch_recipe(&base, &install, pkg, accel, &crate::accel::qemu_identity());
+        let launch = match self.usable(ImageKind::Launch, &recipe)? {
+            Some(rec) => rec,
+            None => {
+                let _lock = self.store.lock_recipe(&recipe)?;
+                match self.usable(ImageKind::Launch, &recipe)? {
+                    Some(rec) => rec,
+                    None => self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?,
+                }
+            }
+        };
+        Ok(ImageSet { base, install, launch })
+    }
+
+    fn boot_config(&self, base: &ImageRecord, dir: &std::path::Path, accel: Accel, memory_mib: u32) -> Result<VmConfig, Error> {
+        Ok(VmConfig {
+            dir: dir.to_path_buf(),
+            accel,
+            memory_mib,
+            memory: Memory::Anonymous,
+            kernel: self.store.blob_path(base.file("kernel")?),
+            initramfs: self.store.blob_path(base.file("initramfs")?),
+            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
+            disks: Vec::new(),
+            incoming: None,
+        })
+    }
+
+    async fn build_launch(
+        &self,
+        pkg: &Package,
+        base: &ImageRecord,
+        install: &ImageRecord,
+        accel: Accel,
+        recipe: &str,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
+        progress.step(&format!("launch image for {}: booting and starting {}", pkg.name, pkg.def.command.join(" ")));
+        let work = self.store.work_dir("launch")?;
+        let w = work.path();
+        let overlay = w.join("disk.qcow2");
+        create_overlay(&self.store.blob_path(install.file("disk")?), &overlay).await?;
+        let memory = w.join("memory");
+        let state = w.join("state");
+        let vm_dir = self.store.work_dir("launch-vm")?;
+        let mut cfg = self.boot_config(base, vm_dir.path(), accel, pkg.def.memory_mib)?;
+        cfg.memory = Memory::SharedFile(memory.clone());
+        cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
+        let ctx = ContextSettings::from_terminal(None).to_terminal_context();
+        let mut a = start_and_attach(cfg, vm_dir, &ctx, BOOT_TIMEOUT).await?;
+        let r = &pkg.def.ready;
+        spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
+        progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
+        // Let the program finish drawing, then tell the agent nobody is attached,
+        // so the saved guest keeps its output for whoever attaches next.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.conn.send(&HostMsg::Detach).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), a.conn.recv()).await {
+                Ok(Ok(Some(strata_proto::GuestMsg::Detached))) => break,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => return Err(Error::AgentGone("detach before saving")),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(Error::Timeout { what: "the agent to detach".into(), secs: 30 }),
+            }
+        }
+        save_vm(&mut a, &state).await?;
+        drop(a);
+        rebase_to_digest(&overlay, install.file("disk")?).await?;
+        let files = BTreeMap::from([
+            ("kernel".to_string(), base.file("kernel")?.to_string()),
+            ("initramfs".to_string(), base.file("initramfs")?.to_string()),
+            ("disk".to_string(), self.store.ingest_file(&overlay)?),
+            ("memory".to_string(), self.store.ingest_file(&memory)?),
+            ("state".to_string(), self.store.ingest_file(&state)?),
+        ]);
+        let meta = BTreeMap::from([
+            ("accel".to_string(), accel.as_str().to_string()),
+            ("memory_mib".to_string(), pkg.def.memory_mib.to_string()),
+            ("cmdline".to_string(), base.meta.get("cmdline").cloned().unwrap_or_default()),
+            ("base".to_string(), base.digest.clone()),
+        ]);
+        let rec = ImageRecord::new(ImageKind::Launch, Some(pkg.name.clone()), OS, ARCH, Some(install.digest.clone()), recipe, files, meta, 0);
+        let rec = self.with_size(rec)?;
+        self.store.insert_image(&rec)?;
+        progress.done(&format!("launch image for {} ready", pkg.name));
+        Ok(rec)
+    }
+
+    /// Launches a package from its launch image (building what is missing)
+    /// and attaches the terminal's context.
+    ///
+    /// # Errors
+    /// If images cannot be built, the context is invalid, or the VM fails.
+    pub async fn launch(&self, pkg: &Package, settings: &ContextSettings, progress: &dyn Progress) -> Result<Session, Error> {
+        let images = self.ensure_images(pkg, progress).await?;
+        self.context_image(settings)?;
+        self.launch_from(pkg, &images.launch, settings).await
+    }
+
+    /// Launches from a known launch image (the hot path).
+    ///
+    /// # Errors
+    /// If the VM cannot be restored or the agent does not answer.
+    pub async fn launch_from(&self, pkg: &Package, launch: &ImageRecord, settings: &ContextSettings) -> Result<Session, Error> {
+        let dir = self.store.work_dir("session")?;
+        let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
+        let memory_mib: u32 = launch.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(pkg.def.memory_mib);
+        let cfg = VmConfig {
+            dir: dir.path().to_path_buf(),
+            accel,
+            memory_mib,
+            memory: Memory::PrivateFile(self.store.blob_path(launch.file("memory")?)),
+            kernel: self.store.blob_path(launch.file("kernel")?),
+            initramfs: self.store.blob_path(launch.file("initramfs")?),
+            cmdline: launch.meta.get("cmdline").cloned().unwrap_or_default(),
+            disks: vec![Disk { path: self.store.blob_path(launch.file("disk")?), format: "qcow2", mode: DiskMode::Throwaway }],
+            incoming: Some(self.store.blob_path(launch.file("state")?)),
+        };
+        let a = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
+        Ok(Session::new(new_session_id(), &pkg.name, a))
+    }
+
+    /// Launches a package the slow way: boot base <- install, start the
+    /// program, wait until it is ready. The baseline launch images beat.
+    ///
+    /// # Errors
+    /// If images cannot be built or the program does not become ready.
+    pub async fn launch_cold(&self, pkg: &Package, settings: &ContextSettings, progress: &dyn Progress) -> Result<Session, Error> {
+        let base = self.ensure_base(progress).await?;
+        let install = self.ensure_install(pkg, &base, progress).await?;
+        let accel = self.accel_for(&base).await?;
+        let dir = self.store.work_dir("cold")?;
+        let mut cfg = self.boot_config(&base, dir.path(), accel, pkg.def.memory_mib)?;
+        cfg.disks = vec![Disk { path: self.store.blob_path(install.file("disk")?), format: "qcow2", mode: DiskMode::Throwaway }];
+        let mut a: Attached = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
+        let screen = spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), pkg.def.ready.timeout_ms).await;
+        match screen {
+            Ok(screen) => {
+                a.screen = screen;
+                Ok(Session::new(new_session_id(), &pkg.name, a))
+            }
+            Err(e) => {
+                a.vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Pauses the VM, saves its devices to `state` (its memory is already in the
+/// shared file) and stops QEMU.
+async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error> {
+    let vm = &a.vm;
+    let mut qmp = vm.qmp()?;
+    qmp.stop()?;
+    qmp.save_state(state, Duration::from_secs(300))?;
+    qmp.quit()?;
+    drop(qmp);
+    if a.vm.wait_exit(Duration::from_secs(30)).await.is_none() {
+        a.vm.kill().await;
+    }
+    if !state.is_file() {
+        return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("no state was written") });
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! strata's core: the four images of the method and the sessions run from them.
+//!
+//! [`Engine`] ties the pieces together. A launch request resolves a package
+//! ([`strata_package`]), selects (or builds) one image of each kind from the
+//! catalog ([`strata_store`]): base, install, launch, context; then
+//! concatenates them into a VM ([`strata_vmm`]): the qcow2 chain
+//! base <- install <- launch <- throwaway overlay, the launch image's memory
+//! file mapped copy-on-write, its device state loaded, the context applied by
+//! the guest agent on attach.
+
+pub mod accel;
+pub mod base;
+pub mod bench;
+pub mod context;
+pub mod initramfs;
+pub mod install;
+pub mod launch;
+pub mod session;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use strata_package::{Package, Registry};
+use strata_store::Store;
+use strata_vmm::Accel;
+
+pub use session::{Session, SessionEvent};
+
+/// Operating system tag of the images this build makes.
+pub const OS: &str = "debian-12";
+/// Architecture tag of the images this build makes.
+pub const ARCH: &str = "x86_64";
+
+/// Errors of building images and running sessions.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Package(#[from] strata_package::Error),
+    #[error(transparent)]
+    Store(#[from] strata_store::Error),
+    #[error(transparent)]
+    Vm(#[from] strata_vmm::Error),
+    #[error("{what} failed ({status}):\n{output}")]
+    Tool { what: String, status: String, output: String },
+    #[error("cannot run {what}; is it installed? (the setup script installs it)")]
+    ToolMissing { what: String, #[source] source: std::io::Error },
+    #[error("I/O on {path}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+    #[error("installing {package} failed:\n{output}")]
+    InstallFailed { package: String, output: String },
+    #[error("{package} did not become ready: {reason}\n--- its screen:\n{screen}")]
+    NotReady { package: String, reason: String, screen: String },
+    #[error("the guest agent closed the channel during {0}")]
+    AgentGone(&'static str),
+    #[error("the guest agent reported an error: {0}")]
+    Agent(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("no guest agent binary at {0}: build it with `cargo build --release -p strata-agent` or set STRATA_AGENT")]
+    NoAgent(PathBuf),
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Reports long work to the user (the CLI draws it as a progress bar).
+pub trait Progress: Send + Sync {
+    /// A new step began.
+    fn step(&self, message: &str);
+    /// Fraction done of the current step, if known.
+    fn fraction(&self, _done: u64, _total: u64) {}
+    /// The step finished.
+    fn done(&self, message: &str);
+}
+
+/// Progress that only logs.
+pub struct LogProgress;
+
+impl Progress for LogProgress {
+    fn step(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+    fn done(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+/// Where strata keeps things, and how it runs VMs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The store: blobs, catalog, scratch space (default /var/lib/strata).
+    pub state_dir: PathBuf,
+    /// Package definitions (default: `packages/` of the source tree).
+    pub packages_dir: PathBuf,
+    /// The guest agent binary put into the initramfs.
+    pub agent_binary: PathBuf,
+    /// Force an accelerator instead of probing.
+    pub accel: Option<Accel>,
+    /// Debian mirror for the base image and packages.
+    pub mirror: String,
+}
+
+impl Config {
+    /// The defaults, overridable by `STRATA_STATE`, `STRATA_PACKAGES`,
+    /// `STRATA_AGENT` and `STRATA_MIRROR`.
+    pub fn from_env() -> Config {
+        let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        let agent_binary = std::env::var_os("STRATA_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+            exe_dir.clone().unwrap_or_default().join("strata-agent")
+        });
+        let packages_dir = std::env::var_os("STRATA_PACKAGES").map(PathBuf::from).unwrap_or_else(|| {
+            // Installed next to the binary, or the source tree's packages/.
+            let candidates = [
+                exe_dir.clone().map(|d| d.join("packages")),
+                exe_dir.clone().and_then(|d| d.ancestors().nth(2).map(|r| r.join("packages"))),
+                Some(PathBuf::from("/usr/share/strata/packages")),
+            ];
+            candidates.into_iter().flatten().find(|p| p.is_dir()).unwrap_or_else(|| PathBuf::from("packages"))
+        });
+        Config {
+            state_dir: std::env::var_os("STRATA_STATE").map(PathBuf::from).unwrap_or_else(|| "/var/lib/strata".into()),
+            packages_dir,
+            agent_binary,
+            accel: None,
+            mirror: std::env::var("STRATA_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
+        }
+    }
+}
+
+/// The engine: configuration, store, package registry.
+pub struct Engine {
+    pub cfg: Config,
+    pub store: Arc<Store>,
+    pub registry: Registry,
+}
+
+impl Engine {
+    /// Opens the store and loads the package definitions.
+    ///
+    /// # Errors
+    /// If the store cannot be opened or a definition is invalid.
+    pub fn open(cfg: Config) -> Result<Engine, Error> {
+        let store = Arc::new(Store::open(&cfg.state_dir)?);
+        let registry = if cfg.packages_dir.is_dir() { Registry::load(&cfg.packages_dir)? } else { Registry::default() };
+        Ok(Engine { cfg, store, registry })
+    }
+
+    /// Resolves a package by name: a definition, else a Debian package of
+    /// that name, else an error suggesting close names.
+    ///
+    /// # Errors
+    /// [`strata_package::Error::NotFound`] and friends.
+    pub fn package(&self, name: &str) -> Result<Package, Error> {
+        Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
+    }
+}

@@ -1,0 +1,216 @@
+//! A running session: one VM, its agent channel and the program on its terminal.
+
+use std::time::Duration;
+
+use strata_proto::{GuestMsg, HostMsg, ProcId, Readiness, TerminalContext, WinSize};
+use strata_store::WorkDir;
+use strata_vmm::{AgentConn, AgentWriter, Vm, VmConfig};
+use tokio::sync::mpsc;
+
+use crate::Error;
+
+/// The process id of a package's program inside its VM.
+pub const MAIN_PROC: ProcId = 1;
+
+/// What a session reports to its terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// Terminal output of the program.
+    Output(Vec<u8>),
+    /// The program ended with this status.
+    Exited(i32),
+    /// The VM or its agent went away without an exit status.
+    Lost(String),
+}
+
+/// A running VM with the package's program. The VM is killed and its
+/// scratch directory (sockets, throwaway overlay, logs) removed on drop.
+pub struct Session {
+    pub id: String,
+    pub package: String,
+    /// What the program's screen showed when the terminal attached.
+    pub screen: Vec<u8>,
+    vm: Vm,
+    writer: AgentWriter,
+    events: mpsc::Receiver<SessionEvent>,
+    _dir: WorkDir,
+}
+
+/// A VM booted (or restored) whose agent answered the first attach.
+pub(crate) struct Attached {
+    pub vm: Vm,
+    pub conn: AgentConn,
+    pub dir: WorkDir,
+    pub screen: Vec<u8>,
+    pub exited: Option<i32>,
+}
+
+/// Starts a VM and performs the first attach with `ctx`.
+pub(crate) async fn start_and_attach(cfg: VmConfig, dir: WorkDir, ctx: &TerminalContext, timeout: Duration) -> Result<Attached, Error> {
+    let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
+    conn.send(&HostMsg::Attach(ctx.clone())).await?;
+    let reply = tokio::time::timeout(timeout, conn.recv()).await;
+    match reply {
+        Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
+            let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
+            let (screen, exited) = main.map(|p| (p.screen, p.exit)).unwrap_or_default();
+            Ok(Attached { vm, conn, dir, screen, exited })
+        }
+        Ok(Ok(Some(other))) => Err(Error::Agent(format!("expected Attached, got {other:?}"))),
+        Ok(Ok(None)) => {
+            let diag = vm.diagnostics();
+            vm.kill().await;
+            Err(Error::Agent(format!("the guest closed the channel on attach\n{diag}")))
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            let diag = vm.diagnostics();
+            vm.kill().await;
+            Err(Error::Timeout { what: format!("the guest agent to attach\n{diag}"), secs: timeout.as_secs() })
+        }
+    }
+}
+
+/// Starts the package's program in an attached VM and waits until it is ready.
+/// Returns what the program printed meanwhile.
+pub(crate) async fn spawn_ready(
+    a: &mut Attached,
+    package: &str,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    readiness: Readiness,
+    timeout_ms: u32,
+) -> Result<Vec<u8>, Error> {
+    a.conn.send(&HostMsg::Spawn { id: MAIN_PROC, argv, env, readiness, ready_timeout_ms: timeout_ms }).await?;
+    let mut screen = Vec::new();
+    // The agent enforces the readiness time-out; this one only guards a hung guest.
+    let guard = Duration::from_millis(timeout_ms as u64) + Duration::from_secs(30);
+    let not_ready = |reason: String, screen: &[u8]| Error::NotReady {
+        package: package.into(),
+        reason,
+        screen: crate::tools::tail(&String::from_utf8_lossy(screen), 20),
+    };
+    loop {
+        let msg = match tokio::time::timeout(guard, a.conn.recv()).await {
+            Ok(m) => m?,
+            Err(_) => return Err(not_ready("the guest stopped answering".into(), &screen)),
+        };
+        match msg {
+            Some(GuestMsg::Output { data, .. }) => screen.extend_from_slice(&data),
+            Some(GuestMsg::Ready { .. }) => return Ok(screen),
+            Some(GuestMsg::Failed { reason, .. }) => return Err(not_ready(reason, &screen)),
+            Some(GuestMsg::Exited { status, .. }) => {
+                return Err(not_ready(format!("the program exited with status {status}"), &screen))
+            }
+            Some(GuestMsg::Spawned { .. }) => {}
+            Some(other) => tracing::debug!(?other, "ignored while waiting for readiness"),
+            None => return Err(Error::AgentGone("program start")),
+        }
+    }
+}
+
+impl Session {
+    /// Wraps an attached VM; a task forwards the agent's messages as events.
+    pub(crate) fn new(id: String, package: &str, a: Attached) -> Session {
+        let Attached { vm, conn, dir, screen, exited } = a;
+        let AgentConn { mut reader, writer } = conn;
+        let (tx, rx) = mpsc::channel(256);
+        if let Some(code) = exited {
+            let _ = tx.try_send(SessionEvent::Exited(code));
+        }
+        tokio::spawn(async move {
+            loop {
+                let ev = match reader.recv().await {
+                    Ok(Some(GuestMsg::Output { id: MAIN_PROC, data })) => SessionEvent::Output(data),
+                    Ok(Some(GuestMsg::Exited { id: MAIN_PROC, status })) => SessionEvent::Exited(status),
+                    Ok(Some(GuestMsg::Error { message })) => {
+                        tracing::warn!(%message, "guest agent error");
+                        continue;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => SessionEvent::Lost("the VM closed its channel".into()),
+                    Err(e) => SessionEvent::Lost(format!("agent channel: {e}")),
+                };
+                let end = !matches!(ev, SessionEvent::Output(_));
+                if tx.send(ev).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        Session { id, package: package.into(), screen, vm, writer, events: rx, _dir: dir }
+    }
+
+    /// The next thing the program did. Cancel-safe.
+    pub async fn next_event(&mut self) -> SessionEvent {
+        self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
+    }
+
+    /// Types bytes into the program.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn input(&mut self, data: &[u8]) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Input { id: MAIN_PROC, data: data.to_vec() }).await?)
+    }
+
+    /// Ends the program's input (as a closed pipe would).
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn eof(&mut self) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Eof { id: MAIN_PROC }).await?)
+    }
+
+    /// Follows the terminal's size.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn resize(&mut self, size: WinSize) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Resize { id: MAIN_PROC, size }).await?)
+    }
+
+    /// QEMU's process id.
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    /// Stops the VM now and removes everything the session created.
+    pub async fn close(mut self) {
+        self.vm.kill().await;
+    }
+
+    /// Sends input, then collects output until `expect` appears; returns the
+    /// output seen. Used by tests and benchmarks.
+    ///
+    /// # Errors
+    /// If the program ends or `timeout` passes first.
+    pub async fn expect_after(&mut self, input: &[u8], expect: &str, timeout: Duration) -> Result<String, Error> {
+        if !input.is_empty() {
+            self.input(input).await?;
+        }
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.next_event()).await {
+                Ok(SessionEvent::Output(d)) => {
+                    seen.extend_from_slice(&d);
+                    if String::from_utf8_lossy(&seen).contains(expect) {
+                        return Ok(String::from_utf8_lossy(&seen).into_owned());
+                    }
+                }
+                Ok(other) => {
+                    return Err(Error::Agent(format!(
+                        "{other:?} before {expect:?} appeared; output was {:?}",
+                        String::from_utf8_lossy(&seen)
+                    )))
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: format!("{expect:?} (output so far: {:?})", String::from_utf8_lossy(&seen)),
+                        secs: timeout.as_secs(),
+                    })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Package definitions.
+//!
+//! A package is what a terminal asks for by name: the Debian packages to
+//! install, the command to launch and how to tell it is ready. Definitions
+//! live as small TOML files (`packages/NAME.toml`); any Debian package whose
+//! main executable carries the package's name works without one, through
+//! [`Package::derived`]. See `docs/packages.md` for the format.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Errors reading, validating or resolving packages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading package definition {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("package definition {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("package definition {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0:?} is not a valid package name: use lower-case letters, digits and + - . (2 to 63 characters, starting with a letter or digit)")]
+    BadName(String),
+    #[error("no package {name:?}{}", suggestions_text(.suggestions))]
+    NotFound { name: String, suggestions: Vec<String> },
+}
+
+fn suggestions_text(s: &[String]) -> String {
+    if s.is_empty() {
+        ": it is neither defined in packages/ nor a Debian package".into()
+    } else {
+        format!("; did you mean {}?", s.join(", "))
+    }
+}
+
+/// How to tell that the launched program is ready to be snapshotted.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// Text that appears on the program's terminal when it is ready.
+    pub text: Option<String>,
+    /// A TCP port inside the guest that accepts connections when ready.
+    pub port: Option<u16>,
+    /// Ready when still alive after this many milliseconds.
+    pub alive_ms: Option<u32>,
+    /// Give up after this many milliseconds.
+    #[serde(default = "default_ready_timeout")]
+    pub timeout_ms: u32,
+}
+
+fn default_ready_timeout() -> u32 {
+    120_000
+}
+
+/// A line to type and the answer to expect: used by tests and benchmarks to
+/// measure "the program's first answer".
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub input: String,
+    pub expect: String,
+}
+
+/// A package definition as written in `packages/NAME.toml`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    /// One line for listings.
+    #[serde(default)]
+    pub description: String,
+    /// Debian packages to install (dependencies are resolved automatically).
+    pub debs: Vec<String>,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Extra environment for the program.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    pub ready: Ready,
+    pub probe: Option<Probe>,
+}
+
+fn default_memory() -> u32 {
+    512
+}
+
+/// A resolved package: a name and its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    pub name: String,
+    pub def: Definition,
+    /// Where the definition came from; `None` for a derived one.
+    pub source: Option<PathBuf>,
+}
+
+/// Checks a package name (the Debian rules, which also make it safe in paths).
+///
+/// # Errors
+/// [`Error::BadName`] if the name is not acceptable.
+pub fn check_name(name: &str) -> Result<(), Error> {
+    let ok = (2..=63).contains(&name.len())
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.to_string()))
+    }
+}
+
+impl Definition {
+    fn validate(&self) -> Result<(), String> {
+        if self.debs.is_empty() {
+            return Err("`debs` must name at least one Debian package".into());
+        }
+        for d in &self.debs {
+            check_name(d).map_err(|e| e.to_string())?;
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err("`command` must name the program to run".into());
+        }
+        if self.command.iter().chain(self.env.values()).any(|a| a.contains('\0')) {
+            return Err("`command` and `env` must not contain NUL bytes".into());
+        }
+        if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+            return Err(format!("environment name {k:?} is not valid"));
+        }
+        if !(128..=16384).contains(&self.memory_mib) {
+            return Err(format!("`memory_mib` = {} is out of range 128..=16384", self.memory_mib));
+        }
+        let r = &self.ready;
+        let rules = [r.text.is_some(), r.port.is_some(), r.alive_ms.is_some()];
+        if rules.iter().filter(|x| **x).count() != 1 {
+            return Err("`[ready]` needs exactly one of `text`, `port`, `alive_ms`".into());
+        }
+        if r.text.as_deref() == Some("") {
+            return Err("`ready.text` must not be empty".into());
+        }
+        if r.port == Some(0) {
+            return Err("`ready.port` must be a port number from 1 to 65535".into());
+        }
+        if !(100..=3_600_000).contains(&r.timeout_ms) {
+            return Err("`ready.timeout_ms` must be between 100 and 3600000".into());
+        }
+        if let Some(p) = &self.probe {
+            if p.input.is_empty() || p.expect.is_empty() {
+                return Err("`probe.input` and `probe.expect` must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// A stable digest of everything that shapes the launched program.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("definitions serialize");
+        hex::encode(Sha256::digest(json))
+    }
+}
+
+impl Package {
+    /// Parses and validates a definition file named after its package.
+    ///
+    /// # Errors
+    /// If the file cannot be read, is not valid TOML, or fails validation.
+    pub fn from_file(path: &Path) -> Result<Package, Error> {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.into(), source })?;
+        Self::from_toml(&name, &text, path)
+    }
+
+    /// Parses and validates a definition given as text.
+    ///
+    /// # Errors
+    /// If the name or the text is not valid.
+    pub fn from_toml(name: &str, text: &str, path: &Path) -> Result<Package, Error> {
+        check_name(name)?;
+        let def: Definition = toml::from_str(text)
+            .map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
+        def.validate().map_err(|message| Error::Invalid { path: path.into(), message })?;
+        Ok(Package { name: name.into(), def, source: Some(path.into()) })
+    }
+
+    /// The definition derived for a Debian package that has none: install it,
+    /// run the executable of the same name, ready when alive after 1.5 s.
+    ///
+    /// # Errors
+    /// If the name is not a valid package name.
+    pub fn derived(name: &str) -> Result<Package, Error> {
+        check_name(name)?;
+        let def = Definition {
+            description: format!("Debian package {name}"),
+            debs: vec![name.into()],
+            command: vec![name.into()],
+            env: BTreeMap::new(),
+            memory_mib: default_memory(),
+            ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
+            probe: None,
+        };
+        Ok(Package { name: name.into(), def, source: None })
+    }
+}
+
+/// The packages defined in a directory.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub packages: BTreeMap<String, Package>,
+}
+
+impl Registry {
+    /// Loads every `*.toml` file of `dir`.
+    ///
+    /// # Errors
+    /// The first definition that fails to load, with its path.
+    pub fn load(dir: &Path) -> Result<Registry, Error> {
+        let mut packages = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Read { path: dir.into(), source })?;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) == Some("toml") {
+                let p = Package::from_file(&path)?;
+                packages.insert(p.name.clone(), p);
+            }
+        }
+        Ok(Registry { packages })
+    }
+
+    /// Finds a package: a definition, else a derived one if `is_debian_package`
+    /// knows the name, else [`Error::NotFound`] with close names from both.
+    ///
+    /// # Errors
+    /// If the name is invalid or nothing matches.
+    pub fn resolve(
+        &self,
+        name: &str,
+        is_debian_package: impl Fn(&str) -> bool,
+        debian_names: impl FnOnce() -> Vec<String>,
+    ) -> Result<Package, Error> {
+        check_name(name)?;
+        if let Some(p) = self.packages.get(name) {
+            return Ok(p.clone());
+        }
+        if is_debian_package(name) {
+            return Package::derived(name);
+        }
+        let mut candidates: Vec<String> = self.packages.keys().cloned().collect();
+        candidates.extend(debian_names());
+        Err(Error::NotFound { name: name.into(), suggestions: suggest(name, &candidates) })
+    }
+}
+
+/// Up to three names closest to `name`, defined packages first on ties.
+pub fn suggest(name: &str, candidates: &[String]) -> Vec<String> {
+    let mut scored: Vec<(f64, &String)> = candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(s, _)| *s >= 0.85)
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut out: Vec<String> = Vec::new();
+    for (_, c) in scored {
+        if !out.contains(c) {
+            out.push(c.clone());
+        }
+        if out.len() == 3 {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, text: &str, expect_err: Option<&str>) {
+        let r = Package::from_toml(name, text, Path::new("t.toml"));
+        match (r, expect_err) {
+            (Ok(_), None) => {}
+            (Err(e), Some(want)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(want), "error {msg:?} lacks {want:?}");
+            }
+            (r, want) => panic!("for {text:?}: got {r:?}, wanted error {want:?}"),
+        }
+    }
+
+    const OK: &str = "debs=['python3']\ncommand=['python3']\n[ready]\ntext='>>> '\n";
+
+    #[test]
+    fn definitions_are_validated() {
+        check("python3", OK, None);
+        check("Python", OK, Some("not a valid package name"));
+        check("py", "debs=[]\ncommand=['x']\n[ready]\nalive_ms=1\n", Some("at least one"));
+        check("py", "debs=['a b']\ncommand=['x']\n[ready]\nalive_ms=1\n", Some("not a valid package name"));
+        check("py", "debs=['py']\ncommand=[]\n[ready]\nalive_ms=1\n", Some("`command`"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\n", Some("exactly one"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\ntext='a'\nport=3\n", Some("exactly one"));
+        check("py", "debs=['py']\ncommand=['x']\nmemory_mib=1\n[ready]\nalive_ms=1\n", Some("memory_mib"));
+        check("py", "debs=['py']\ncommand=['x']\nbogus=1\n[ready]\nalive_ms=1\n", Some("unknown field"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\nport=0\n", Some("port number"));
+        check("py", "not toml at all [", Some("not valid"));
+    }
+
+    #[test]
+    fn unknown_package_suggests_close_names() {
+        let reg = Registry::default();
+        let err = reg
+            .resolve("pyhton3", |_| false, || vec!["python3".into(), "htop".into(), "nano".into()])
+            .unwrap_err();
+        match err {
+            Error::NotFound { suggestions, .. } => assert_eq!(suggestions, vec!["python3".to_string()]),
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn debian_package_without_definition_is_derived() {
+        let reg = Registry::default();
+        let p = reg.resolve("sl", |n| n == "sl", Vec::new).unwrap();
+        assert_eq!(p.def.command, vec!["sl".to_string()]);
+        assert!(p.source.is_none());
+    }
+
+    #[test]
+    fn digest_changes_with_the_definition() {
+        let a = Package::from_toml("py", OK, Path::new("a")).unwrap();
+        let b = Package::from_toml("py", &OK.replace(">>> ", "$ "), Path::new("a")).unwrap();
+        assert_ne!(a.def.digest(), b.def.digest());
+        assert_eq!(a.def.digest(), a.def.clone().digest());
+    }
+}

@@ -1,0 +1,225 @@
+//! The wire protocol between the host and the guest agent.
+//!
+//! One virtio-serial port carries a stream of frames in both directions. A
+//! frame is a little-endian `u32` length followed by that many bytes of a
+//! postcard-encoded [`HostMsg`] or [`GuestMsg`]. The protocol is symmetric in
+//! framing and deliberately tiny: the agent must start in milliseconds and
+//! the launch path must not spend time encoding.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Name of the virtio-serial port the agent opens inside the guest.
+pub const AGENT_PORT_NAME: &str = "org.strata.agent";
+
+/// Largest frame either side accepts; larger ones mean a broken peer.
+pub const MAX_FRAME: usize = 8 << 20;
+
+/// Identifier of a process the agent runs on behalf of the host.
+pub type ProcId = u32;
+
+/// Errors of framing and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    FrameTooLarge(usize),
+    #[error("malformed message")]
+    Decode(#[source] postcard::Error),
+    #[error("encoding message")]
+    Encode(#[source] postcard::Error),
+    #[error("channel I/O")]
+    Io(#[from] io::Error),
+}
+
+/// A terminal's window size.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl Default for WinSize {
+    fn default() -> Self {
+        WinSize { rows: 24, cols: 80 }
+    }
+}
+
+/// How the agent decides that a freshly started program is ready.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// This text appeared in the program's terminal output.
+    Text(String),
+    /// Something accepts TCP connections on this port inside the guest.
+    Port(u16),
+    /// The program is still alive this many milliseconds after it started.
+    AliveMs(u32),
+}
+
+/// The terminal's side of a session, applied by the agent on every attach.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TerminalContext {
+    pub term: String,
+    pub size: WinSize,
+    /// IANA zone name, e.g. `Europe/Paris`; `None` leaves the guest's zone.
+    pub timezone: Option<String>,
+    /// Locale name for `LANG`, e.g. `C.UTF-8`.
+    pub locale: Option<String>,
+    /// Extra environment for processes the agent starts from now on.
+    pub env: Vec<(String, String)>,
+    /// Host wall-clock time, so a resumed guest does not live in the past.
+    pub unix_time_ms: u64,
+}
+
+/// What the host asks of the agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum HostMsg {
+    /// A terminal is connected: apply its context and replay every screen.
+    Attach(TerminalContext),
+    /// The terminal goes away (before a snapshot, or a detach): keep output.
+    Detach,
+    /// Start a program on a new pseudo-terminal.
+    Spawn {
+        id: ProcId,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        readiness: Readiness,
+        /// Give up waiting for readiness after this long.
+        ready_timeout_ms: u32,
+    },
+    /// Bytes typed at the terminal.
+    Input { id: ProcId, data: Vec<u8> },
+    /// The terminal's input ended (a pipe closed): deliver end-of-file.
+    Eof { id: ProcId },
+    /// The terminal was resized.
+    Resize { id: ProcId, size: WinSize },
+    /// Flush the file systems and power the guest off.
+    PowerOff,
+}
+
+/// The state of one process, sent on attach.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProcState {
+    pub id: ProcId,
+    /// The most recent output, so a new terminal sees the program's screen.
+    pub screen: Vec<u8>,
+    /// Exit status if the program has ended.
+    pub exit: Option<i32>,
+}
+
+/// What the agent tells the host.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum GuestMsg {
+    /// Reply to [`HostMsg::Attach`].
+    Attached { agent_version: String, procs: Vec<ProcState> },
+    /// Reply to [`HostMsg::Detach`]: nothing more is sent until the next attach.
+    Detached,
+    /// The program started; readiness is reported separately.
+    Spawned { id: ProcId, pid: i32 },
+    /// The program is ready by its readiness rule.
+    Ready { id: ProcId },
+    /// The program could not be started or did not become ready.
+    Failed { id: ProcId, reason: String },
+    /// Terminal output of a program.
+    Output { id: ProcId, data: Vec<u8> },
+    /// The program ended; `status` is its exit code, or 128 + signal number.
+    Exited { id: ProcId, status: i32 },
+    /// A request the agent could not act on.
+    Error { message: String },
+}
+
+/// Encodes one message as a frame.
+///
+/// # Errors
+/// Fails only if the message cannot be encoded or exceeds [`MAX_FRAME`].
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    let mut out = vec![0u8; 4];
+    out = postcard::to_extend(msg, out).map_err(Error::Encode)?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(Error::FrameTooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes a frame's payload (without its length prefix).
+///
+/// # Errors
+/// Fails if the bytes are not a valid message.
+pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Error> {
+    postcard::from_bytes(payload).map_err(Error::Decode)
+}
+
+/// Reads a frame's length prefix and checks it against [`MAX_FRAME`].
+///
+/// # Errors
+/// Fails if the length exceeds the limit.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Error> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::FrameTooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Writes one message to a blocking writer.
+///
+/// # Errors
+/// Fails on encoding or I/O errors.
+pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Error> {
+    w.write_all(&encode(msg)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one message from a blocking reader; `Ok(None)` at a clean end of stream.
+///
+/// # Errors
+/// Fails on I/O errors, oversized frames or malformed messages.
+pub fn read_msg<R: Read, T: for<'a> Deserialize<'a>>(r: &mut R) -> Result<Option<T>, Error> {
+    let mut prefix = [0u8; 4];
+    match r.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let mut payload = vec![0u8; frame_len(prefix)?];
+    r.read_exact(&mut payload)?;
+    decode(&payload).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_through_a_byte_stream() {
+        let msgs = vec![
+            HostMsg::Attach(TerminalContext { term: "xterm".into(), ..Default::default() }),
+            HostMsg::Input { id: 3, data: b"print(6*7)\n".to_vec() },
+            HostMsg::Eof { id: 3 },
+        ];
+        let mut buf = Vec::new();
+        for m in &msgs {
+            write_msg(&mut buf, m).unwrap();
+        }
+        let mut r = &buf[..];
+        for m in &msgs {
+            let got: HostMsg = read_msg(&mut r).unwrap().unwrap();
+            assert_eq!(&got, m);
+        }
+        assert!(read_msg::<_, HostMsg>(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused() {
+        let prefix = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(frame_len(prefix), Err(Error::FrameTooLarge(_))));
+    }
+
+    #[test]
+    fn garbage_payload_is_an_error_not_a_panic() {
+        let buf = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(read_msg::<_, GuestMsg>(&mut &buf[..]).is_err());
+    }
+}

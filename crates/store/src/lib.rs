@@ -1,0 +1,333 @@
+//! The image store: content-addressed blobs plus a catalog of images.
+//!
+//! A blob is an immutable file named by the sha256 of its content
+//! (`blobs/sha256/HEX`). An image is a small manifest naming its blobs by role
+//! (a base image has `rootfs`, `kernel`, `initramfs`; a launch image has
+//! `disk`, `memory`, `state`), recorded in the catalog (`catalog.db`, SQLite)
+//! with its kind, package, OS, architecture, parent and the *recipe* digest of
+//! the inputs it was built from. Life of a build:
+//!
+//! 1. `work_dir()` gives a private scratch directory under `tmp/`;
+//! 2. results are moved in with `ingest_file()`: hashed, made read-only,
+//!    renamed into place (atomic; an existing identical blob wins);
+//! 3. `insert_image()` records the manifest in one transaction.
+//!
+//! A crash at any point leaves the catalog as it was; scratch directories of
+//! dead processes are removed by the next `open()`, and blobs no image
+//! references are left for garbage collection.
+
+mod catalog;
+
+pub use catalog::{ImageKind, ImageRecord};
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+/// Errors of the store and the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("store I/O on {path}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+    #[error("catalog database")]
+    Db(#[from] rusqlite::Error),
+    #[error("blob {digest} is corrupt: its content hashes to {actual}")]
+    Corrupt { digest: String, actual: String },
+    #[error("blob {0} is missing from the store")]
+    Missing(String),
+    #[error("{0:?} is not a sha256 digest")]
+    BadDigest(String),
+    #[error("catalog record for {digest} is damaged: {message}")]
+    BadRecord { digest: String, message: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// A sha256 digest as 64 lower-case hex characters.
+pub fn check_digest(d: &str) -> Result<(), Error> {
+    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(Error::BadDigest(d.to_string()))
+    }
+}
+
+/// The sha256 of a byte string, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The blob store and catalog rooted at one directory.
+pub struct Store {
+    root: PathBuf,
+    db: Mutex<Connection>,
+}
+
+/// A scratch directory removed when dropped (and by the next `open()` if the
+/// process dies first).
+pub struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// An exclusive lock on a build recipe, so that identical inputs are built
+/// once even by concurrent processes. Released when dropped.
+pub struct RecipeLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+static WORK_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    ///
+    /// # Errors
+    /// If the directories cannot be created or the catalog cannot be opened.
+    pub fn open(root: &Path) -> Result<Store, Error> {
+        for sub in ["blobs/sha256", "tmp", "locks"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let db = catalog::open(&root.join("catalog.db"))?;
+        let store = Store { root: root.to_path_buf(), db: Mutex::new(db) };
+        store.remove_stale_work_dirs();
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest)
+    }
+
+    /// A fresh scratch directory on the store's file system, so that results
+    /// can be renamed into the store without copying.
+    ///
+    /// # Errors
+    /// If the directory cannot be created.
+    pub fn work_dir(&self, label: &str) -> Result<WorkDir, Error> {
+        let n = WORK_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = self.root.join("tmp").join(format!("{}.{n}.{label}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).map_err(io_err(&path))?;
+        Ok(WorkDir { path })
+    }
+
+    fn remove_stale_work_dirs(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid: i32 = name.split('.').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+            if !alive {
+                tracing::info!(dir = %e.path().display(), "removing scratch directory of a dead process");
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Takes the build lock of a recipe, waiting for another builder.
+    ///
+    /// # Errors
+    /// If the lock file cannot be opened or locked.
+    pub fn lock_recipe(&self, recipe: &str) -> Result<RecipeLock, Error> {
+        check_digest(recipe)?;
+        let path = self.root.join("locks").join(recipe);
+        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::Io { path, source: e.into() })?;
+        Ok(RecipeLock { _lock: lock })
+    }
+
+    /// Moves a file into the store under its digest and returns the digest.
+    ///
+    /// # Errors
+    /// If hashing, syncing or renaming fails (the file is then left where it was).
+    pub fn ingest_file(&self, path: &Path) -> Result<String, Error> {
+        let digest = hash_file(path)?;
+        let dest = self.blob_path(&digest);
+        if dest.exists() && self.verify(&digest).is_ok() {
+            fs::remove_file(path).map_err(io_err(path))?;
+            return Ok(digest);
+        }
+        let f = File::open(path).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
+        fs::rename(path, &dest).map_err(io_err(&dest))?;
+        if let Ok(dir) = File::open(dest.parent().expect("blob dir")) {
+            let _ = dir.sync_all();
+        }
+        self.record_check(&digest)?;
+        Ok(digest)
+    }
+
+    /// Writes bytes as a blob and returns the digest.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn ingest_bytes(&self, bytes: &[u8]) -> Result<String, Error> {
+        let digest = sha256_hex(bytes);
+        if self.blob_path(&digest).exists() && self.verify(&digest).is_ok() {
+            return Ok(digest);
+        }
+        let work = self.work_dir("bytes")?;
+        let tmp = work.path().join("blob");
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        drop(f);
+        self.ingest_file(&tmp)
+    }
+
+    /// Checks a blob before use. Cheap when its size, inode and modification
+    /// time still match those recorded when it was last hashed; otherwise the
+    /// blob is hashed again.
+    ///
+    /// # Errors
+    /// [`Error::Missing`] or [`Error::Corrupt`].
+    pub fn verify(&self, digest: &str) -> Result<(), Error> {
+        check_digest(digest)?;
+        let path = self.blob_path(digest);
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(digest.into())),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        if catalog::check_matches(&self.lock_db(), digest, &stamp(&meta))? {
+            return Ok(());
+        }
+        self.verify_full(digest)
+    }
+
+    /// Hashes a blob in full and compares it with its name.
+    ///
+    /// # Errors
+    /// [`Error::Missing`] or [`Error::Corrupt`].
+    pub fn verify_full(&self, digest: &str) -> Result<(), Error> {
+        let path = self.blob_path(digest);
+        if !path.exists() {
+            return Err(Error::Missing(digest.into()));
+        }
+        let actual = hash_file(&path)?;
+        if actual != digest {
+            return Err(Error::Corrupt { digest: digest.into(), actual });
+        }
+        self.record_check(digest)
+    }
+
+    /// Removes a blob (a corrupt one, or garbage).
+    pub fn remove_blob(&self, digest: &str) {
+        let _ = fs::remove_file(self.blob_path(digest));
+        let _ = catalog::forget_check(&self.lock_db(), digest);
+    }
+
+    fn record_check(&self, digest: &str) -> Result<(), Error> {
+        let path = self.blob_path(digest);
+        let meta = fs::metadata(&path).map_err(io_err(&path))?;
+        catalog::record_check(&self.lock_db(), digest, &stamp(&meta))
+    }
+
+    fn lock_db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an image; its blobs must already be in the store.
+    ///
+    /// # Errors
+    /// If the database refuses the record.
+    pub fn insert_image(&self, rec: &ImageRecord) -> Result<(), Error> {
+        catalog::insert(&mut self.lock_db(), rec)
+    }
+
+    /// The newest image of this kind built from this recipe.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn find_by_recipe(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+        catalog::find_by_recipe(&self.lock_db(), kind, recipe)
+    }
+
+    /// Every image, newest first.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, Error> {
+        catalog::list(&self.lock_db())
+    }
+
+    /// Removes an image record (its blobs stay until garbage collection).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn remove_image(&self, digest: &str) -> Result<(), Error> {
+        catalog::remove(&self.lock_db(), digest)
+    }
+
+    /// Checks every blob of an image; on the first bad one, removes that blob
+    /// and every image that uses it, and returns the error.
+    ///
+    /// # Errors
+    /// The first missing or corrupt blob.
+    pub fn verify_image(&self, rec: &ImageRecord) -> Result<(), Error> {
+        for digest in rec.files.values() {
+            if let Err(e) = self.verify(digest) {
+                tracing::warn!(image = %rec.digest, blob = %digest, error = %e, "dropping image with a bad blob");
+                self.remove_blob(digest);
+                for other in self.list_images()? {
+                    if other.files.values().any(|d| d == digest) {
+                        self.remove_image(&other.digest)?;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn stamp(meta: &fs::Metadata) -> String {
+    format!("{}:{}:{}.{}", meta.len(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
+/// The sha256 of a file's content, as hex.
+///
+/// # Errors
+/// On read errors.
+pub fn hash_file(path: &Path) -> Result<String, Error> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests;

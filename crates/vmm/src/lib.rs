@@ -1,0 +1,38 @@
+//! Running strata VMs with QEMU.
+//!
+//! This crate owns every QEMU process strata starts: it builds the command
+//! line (identical device layout for boot, snapshot and restore, since a
+//! saved device state only loads into the same machine), opens the agent
+//! channel (the host listens, QEMU connects, so nothing polls for a socket to
+//! appear), speaks QMP for pause and save, and probes the accelerator.
+
+pub mod accel;
+pub mod agent;
+pub mod qemu;
+
+pub use accel::Accel;
+pub use agent::{AgentConn, AgentReader, AgentWriter};
+pub use qemu::{Disk, DiskMode, Memory, Vm, VmConfig};
+
+use std::path::PathBuf;
+
+/// Errors of running VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start {program}; is QEMU installed?")]
+    Spawn { program: String, #[source] source: std::io::Error },
+    #[error("VM I/O on {path}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+    #[error("QEMU exited ({status}) before the guest agent connected; console log:\n{console}")]
+    EarlyExit { status: String, console: String },
+    #[error("the guest agent did not connect within {0} s")]
+    AgentTimeout(u64),
+    #[error("guest agent channel")]
+    Channel(#[source] std::io::Error),
+    #[error("guest agent protocol")]
+    Protocol(#[from] strata_proto::Error),
+    #[error("QMP command {command} failed")]
+    Qmp { command: &'static str, #[source] source: std::io::Error },
+    #[error("saving the VM state failed: {0}")]
+    Save(String),
+}
