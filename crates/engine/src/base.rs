@@ -107,7 +107,7 @@ impl Engine {
         let (kernel, kernel_version, modules) = self.fetch_kernel(work.path(), progress).await?;
         progress.step("base image: initramfs");
         let busybox = std::fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
-        if busybox.windows(10).any(|w| w == b"ld-linux-x") {
+        if !is_static_elf(&busybox) {
             return Err(Error::Config(format!("{BUSYBOX} is dynamically linked; install busybox-static")));
         }
         let image = initramfs::build(&busybox, &self.agent_bytes()?, &modules);
@@ -224,5 +224,33 @@ impl Engine {
         let kernel = self.store.ingest_file(&vmlinuz)?;
         let _ = std::fs::remove_dir_all(&dl);
         Ok((kernel, version, modules))
+    }
+}
+
+/// Whether an ELF executable has no program interpreter (is statically linked).
+fn is_static_elf(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    if !elf.starts_with(b"\x7fELF") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
+    (0..phnum).all(|i| {
+        let at = phoff + i * phentsize;
+        elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) != Some(PT_INTERP)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_static_elf;
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        assert!(!is_static_elf(b"not an elf"));
+        // The test binary itself is dynamically linked.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!is_static_elf(&me));
     }
 }

@@ -61,7 +61,8 @@ fn new_session_id() -> String {
 pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
     let mut h = Sha256::new();
     for part in [
-        "launch-v1",
+        "launch",
+        strata_vmm::SNAPSHOT_FORMAT,
         &base.digest,
         &install.digest,
         &pkg.def.digest(),
@@ -236,17 +237,9 @@ impl Engine {
 /// Pauses the VM, saves its devices to `state` (its memory is already in the
 /// shared file) and stops QEMU.
 async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error> {
-    let vm = &a.vm;
-    let mut qmp = vm.qmp()?;
-    qmp.stop()?;
-    qmp.save_state(state, Duration::from_secs(300))?;
-    qmp.quit()?;
-    drop(qmp);
-    if a.vm.wait_exit(Duration::from_secs(30)).await.is_none() {
-        a.vm.kill().await;
-    }
+    a.vm.save_and_quit(state, Duration::from_secs(300)).await?;
     if !state.is_file() {
-        return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("no state was written") });
+        return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("QEMU wrote no state") });
     }
     Ok(())
 }

@@ -85,6 +85,11 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        // For debugging a failed build: keep the scratch files.
+        if std::env::var_os("STRATA_KEEP_WORK").is_some() {
+            tracing::warn!(dir = %self.path.display(), "keeping scratch directory");
+            return;
+        }
         let _ = fs::remove_dir_all(&self.path);
     }
 }

@@ -16,6 +16,10 @@ pub use qemu::{Disk, DiskMode, Memory, Vm, VmConfig};
 
 use std::path::PathBuf;
 
+/// Version of the way VMs are saved and restored; launch images record it,
+/// so a change here never loads an old snapshot into an incompatible VM.
+pub const SNAPSHOT_FORMAT: &str = "2";
+
 /// Errors of running VMs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,12 +1,11 @@
 //! QEMU processes: the command line, start, QMP, save, stop.
 
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use qapi::qmp;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
 use crate::{Accel, AgentConn, Error};
@@ -83,7 +82,11 @@ impl VmConfig {
         push(&["-append", &self.cmdline]);
         let console = format!("file,id=console,path={}", dir.join("console.log").display());
         push(&["-chardev", &console, "-serial", "chardev:console"]);
-        let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join("agent.sock").display());
+        // Both channels connect to listeners the host opened before starting
+        // QEMU, so nobody waits for a socket file to appear.
+        let qmp = format!("socket,id=qmp,path={}", dir.join(QMP_SOCK).display());
+        push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
+        let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join(AGENT_SOCK).display());
         push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &agent]);
         push(&["-device", &format!("virtserialport,bus=vser.0,chardev=agent,name={}", strata_proto::AGENT_PORT_NAME)]);
         for (i, d) in self.disks.iter().enumerate() {
@@ -95,14 +98,36 @@ impl VmConfig {
             }
             push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
         }
-        let qmp = format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display());
-        push(&["-qmp", &qmp]);
-        // Shared memory is never written into a saved state: it is the memory file.
-        push(&["-global", "migration.x-ignore-shared=on"]);
-        if let Some(state) = &self.incoming {
-            push(&["-incoming", &format!("file:{}", state.display())]);
+        if self.incoming.is_some() {
+            push(&["-incoming", "defer"]);
         }
         a
+    }
+}
+
+const QMP_SOCK: &str = "qmp.sock";
+const AGENT_SOCK: &str = "agent.sock";
+
+type QmpStream = qapi::futures::QapiStream<
+    qapi::futures::QmpStreamTokio<tokio::io::ReadHalf<UnixStream>>,
+    qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>,
+>;
+
+fn listen(path: &Path) -> Result<UnixListener, Error> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
+    move |e| Error::Qmp { command, source: e.into() }
+}
+
+fn ignore_shared() -> qmp::migrate_set_capabilities {
+    qmp::migrate_set_capabilities {
+        capabilities: vec![qmp::MigrationCapabilityStatus {
+            capability: qmp::MigrationCapability::x_ignore_shared,
+            state: true,
+        }],
     }
 }
 
@@ -110,42 +135,64 @@ impl VmConfig {
 pub struct Vm {
     child: Child,
     dir: PathBuf,
+    qmp: QmpStream,
 }
 
 impl Vm {
-    /// Starts QEMU and waits for the guest agent's channel to connect.
+    /// Starts QEMU, connects QMP, loads the incoming state if any (the guest
+    /// then runs at once), and waits for the guest agent's channel.
     ///
     /// # Errors
-    /// If QEMU cannot start, exits early, or the channel does not connect in time.
+    /// If QEMU cannot start, exits early, or a channel does not connect in time.
     pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
-        let sock = cfg.dir.join("agent.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).map_err(|source| Error::Io { path: sock.clone(), source })?;
+        let qmp_listener = listen(&cfg.dir.join(QMP_SOCK))?;
+        let agent_listener = listen(&cfg.dir.join(AGENT_SOCK))?;
+        let log = cfg.dir.join("qemu.log");
         let mut cmd = Command::new(QEMU);
         cmd.args(cfg.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(cfg.dir.join("qemu.log"))
-                    .map_err(|source| Error::Io { path: cfg.dir.join("qemu.log"), source })?,
-            ))
+            .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
             .env("TMPDIR", &cfg.dir)
             .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe. QEMU dies with strata even on
+        // SIGKILL, so no VM outlives the process that owns it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         tracing::debug!(args = ?cfg.args(), "starting QEMU");
-        let child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
-        let mut vm = Vm { child, dir: cfg.dir.clone() };
-        let accepted = tokio::select! {
-            r = listener.accept() => r.map(|(s, _)| s).map_err(Error::Channel),
-            st = vm.child.wait() => Err(Error::EarlyExit {
-                status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                console: vm.diagnostics(),
-            }),
-            _ = tokio::time::sleep(connect_timeout) => Err(Error::AgentTimeout(connect_timeout.as_secs())),
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
+        let dir = cfg.dir.clone();
+        let early_exit = |st: std::io::Result<std::process::ExitStatus>| Error::EarlyExit {
+            status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            console: diagnostics(&dir),
         };
-        drop(listener);
-        let _ = std::fs::remove_file(&sock);
-        let stream = accepted?;
-        Ok((vm, AgentConn::new(stream)))
+        let setup = async {
+            let (stream, _) = qmp_listener.accept().await.map_err(Error::Channel)?;
+            let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
+            let mut qmp = neg.negotiate().await.map_err(Error::Channel)?;
+            if let Some(state) = &cfg.incoming {
+                qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+                let uri = format!("file:{}", state.display());
+                qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
+                    .await
+                    .map_err(qmp_err("migrate-incoming"))?;
+            }
+            let (agent, _) = agent_listener.accept().await.map_err(Error::Channel)?;
+            Ok::<_, Error>((qmp, agent))
+        };
+        let (qmp, agent) = tokio::select! {
+            r = setup => r?,
+            st = child.wait() => return Err(early_exit(st)),
+            _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
+        };
+        for s in [QMP_SOCK, AGENT_SOCK] {
+            let _ = std::fs::remove_file(cfg.dir.join(s));
+        }
+        Ok((Vm { child, dir: cfg.dir.clone(), qmp }, AgentConn::new(agent)))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -158,31 +205,44 @@ impl Vm {
 
     /// The end of the console log and QEMU's own messages, for error reports.
     pub fn diagnostics(&self) -> String {
-        let mut out = String::new();
-        for f in ["qemu.log", "console.log"] {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join(f)) {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(20)..];
-                if !tail.is_empty() {
-                    out.push_str(&format!("--- {f}\n{}\n", tail.join("\n")));
-                }
-            }
-        }
-        out
+        diagnostics(&self.dir)
     }
 
-    /// Connects to QMP (blocking; used on build paths, never on launch).
+    /// Saves the running guest's device state (and any memory not in a shared
+    /// file) to `path`, and stops QEMU. The guest is not paused first: the
+    /// save then records it as running, so a restore resumes it by itself
+    /// with no `cont` round trip on the launch path.
     ///
     /// # Errors
-    /// If the socket cannot be reached or the handshake fails.
-    pub fn qmp(&self) -> Result<Qmp, Error> {
-        let path = self.dir.join("qmp.sock");
-        let s = StdUnixStream::connect(&path).map_err(|source| Error::Io { path, source })?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).ok();
-        let rd = s.try_clone().map_err(|source| Error::Io { path: self.dir.join("qmp.sock"), source })?;
-        let mut q = qapi::Qmp::new(qapi::Stream::new(std::io::BufReader::new(rd), s));
-        q.handshake().map_err(|e| Error::Qmp { command: "qmp_capabilities", source: e.into() })?;
-        Ok(Qmp { q })
+    /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
+    pub async fn save_and_quit(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
+        self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+        let uri = format!("file:{}", path.display());
+        self.qmp
+            .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
+            .await
+            .map_err(qmp_err("migrate"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => break,
+                Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
+                    return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Save(format!("not complete after {} s", timeout.as_secs())));
+            }
+            // Only while building a launch image: a short pause between queries is fine.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.qmp.execute(qmp::quit {}).await;
+        if self.wait_exit(Duration::from_secs(30)).await.is_none() {
+            self.kill().await;
+        }
+        Ok(())
     }
 
     /// Waits for QEMU to exit by itself, up to `timeout`.
@@ -196,58 +256,17 @@ impl Vm {
     }
 }
 
-/// A QMP connection.
-pub struct Qmp {
-    q: qapi::Qmp<qapi::Stream<std::io::BufReader<StdUnixStream>, StdUnixStream>>,
-}
-
-impl Qmp {
-    /// Pauses the guest's CPUs.
-    ///
-    /// # Errors
-    /// If QEMU refuses.
-    pub fn stop(&mut self) -> Result<(), Error> {
-        self.q.execute(&qmp::stop {}).map(|_| ()).map_err(|e| Error::Qmp { command: "stop", source: e.into() })
-    }
-
-    /// Saves the paused VM's device state (and any memory not in a shared
-    /// file) to `path`, waiting until it is complete.
-    ///
-    /// # Errors
-    /// If the migration fails or does not finish in `timeout`.
-    pub fn save_state(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
-        let uri = format!("file:{}", path.display());
-        self.q
-            .execute(&qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
-            .map_err(|e| Error::Qmp { command: "migrate", source: e.into() })?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let info = self
-                .q
-                .execute(&qmp::query_migrate {})
-                .map_err(|e| Error::Qmp { command: "query-migrate", source: e.into() })?;
-            match info.status {
-                Some(qmp::MigrationStatus::completed) => return Ok(()),
-                Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
-                    return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
-                }
-                _ => {}
+/// The end of QEMU's messages and the console log in `dir`, for error reports.
+pub fn diagnostics(dir: &Path) -> String {
+    let mut out = String::new();
+    for f in ["qemu.log", "console.log"] {
+        if let Ok(text) = std::fs::read_to_string(dir.join(f)) {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(20)..];
+            if !tail.is_empty() {
+                out.push_str(&format!("--- {f}\n{}\n", tail.join("\n")));
             }
-            if Instant::now() > deadline {
-                return Err(Error::Save(format!("not complete after {} s", timeout.as_secs())));
-            }
-            // Saving happens only while building a launch image; a short
-            // sleep between status queries is fine there.
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
-
-    /// Asks QEMU to exit.
-    ///
-    /// # Errors
-    /// If the command cannot be sent.
-    pub fn quit(&mut self) -> Result<(), Error> {
-        let _ = self.q.execute(&qmp::quit {});
-        Ok(())
-    }
+    out
 }
