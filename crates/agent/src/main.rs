@@ -28,6 +28,8 @@ pub struct Agent {
     /// Whether a terminal is attached; output is only kept, not sent, otherwise.
     attached: AtomicBool,
     procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
+    /// Exit statuses of children reaped before their `Proc` was registered.
+    early_exits: Mutex<HashMap<i32, i32>>,
     context: Mutex<TerminalContext>,
 }
 
@@ -76,9 +78,16 @@ impl Agent {
                 let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match Proc::spawn(self, id, &argv, &env, &ctx) {
                     Ok(p) => {
-                        self.lock_procs().insert(id, p.clone());
+                        let early = {
+                            let mut procs = self.lock_procs();
+                            procs.insert(id, p.clone());
+                            self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&p.pid)
+                        };
                         self.send(&GuestMsg::Spawned { id, pid: p.pid });
                         p.watch_readiness(self.clone(), readiness, ready_timeout_ms);
+                        if let Some(status) = early {
+                            p.exited(self, status);
+                        }
                     }
                     Err(reason) => self.send(&GuestMsg::Failed { id, reason }),
                 }
@@ -104,7 +113,18 @@ impl Agent {
 
     /// Called by the reaper for every child that ended.
     fn child_exited(self: &Arc<Self>, pid: i32, status: i32) {
-        let p = self.lock_procs().values().find(|p| p.pid == pid).cloned();
+        let p = {
+            let procs = self.lock_procs();
+            let p = procs.values().find(|p| p.pid == pid).cloned();
+            if p.is_none() {
+                // Not registered yet (it exited right after exec), or not ours.
+                let mut early = self.early_exits.lock().unwrap_or_else(|e| e.into_inner());
+                if early.len() < 1024 {
+                    early.insert(pid, status);
+                }
+            }
+            p
+        };
         if let Some(p) = p {
             p.exited(self, status);
         }
@@ -136,6 +156,7 @@ fn main() {
         port_out: Mutex::new(port_out),
         attached: AtomicBool::new(false),
         procs: Mutex::new(HashMap::new()),
+        early_exits: Mutex::new(HashMap::new()),
         context: Mutex::new(TerminalContext {
             term: "xterm-256color".into(),
             locale: Some("C.UTF-8".into()),

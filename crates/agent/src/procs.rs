@@ -4,8 +4,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -68,38 +66,25 @@ impl Proc {
         let pty = openpty(Some(&winsize(ctx.size)), None).map_err(|e| format!("openpty: {e}"))?;
         set_cloexec(&pty.master);
         set_cloexec(&pty.slave);
-        let slave = File::from(pty.slave);
-        let mut cmd = Command::new(prog);
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", "/root")
-            .env("USER", "root")
-            .env("LOGNAME", "root")
-            .env("SHELL", "/bin/sh")
-            .env("TERM", if ctx.term.is_empty() { "xterm-256color" } else { &ctx.term })
-            .envs(ctx.locale.as_ref().map(|l| ("LANG", l.as_str())))
-            .envs(ctx.env.iter().map(|(k, v)| (k, v)))
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .current_dir("/root")
-            .stdin(Stdio::from(slave.try_clone().map_err(|e| e.to_string())?))
-            .stdout(Stdio::from(slave.try_clone().map_err(|e| e.to_string())?))
-            .stderr(Stdio::from(slave));
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| format!("cannot start {prog:?}: {e}"))?;
-        let pid = child.id() as i32;
-        // The reaper thread owns waiting; dropping `Child` does not wait.
-        drop(child);
+        let term = if ctx.term.is_empty() { "xterm-256color" } else { &ctx.term };
+        // Later entries override earlier ones (a map: glibc's getenv would
+        // otherwise find the first of two equal names).
+        let mut envs: std::collections::BTreeMap<String, String> = [
+            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("HOME".into(), "/root".into()),
+            ("USER".into(), "root".into()),
+            ("LOGNAME".into(), "root".into()),
+            ("SHELL".into(), "/bin/sh".into()),
+            ("TERM".into(), term.into()),
+        ]
+        .into_iter()
+        .collect();
+        envs.extend(ctx.locale.iter().map(|l| ("LANG".to_string(), l.clone())));
+        envs.extend(ctx.env.iter().cloned());
+        envs.extend(env.iter().cloned());
+        let envs: Vec<(String, String)> = envs.into_iter().collect();
+        let pid = spawn_on_pty(prog, args, &envs, pty.slave.as_raw_fd())?;
+        drop(pty.slave);
         let master = File::from(pty.master);
         let (tx, rx) = mpsc::channel();
         let proc = Arc::new(Proc {
@@ -330,3 +315,71 @@ fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>) {
     }
 }
 
+
+/// Forks and execs `prog` with the pty slave as its controlling terminal and
+/// standard streams. Not `std::process::Command`: its error path waits for
+/// the child itself, racing the PID 1 reaper, which reaps every child.
+fn spawn_on_pty(prog: &str, args: &[String], env: &[(String, String)], slave: i32) -> Result<i32, String> {
+    use std::ffi::CString;
+    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let path = resolve_program(prog, env).ok_or_else(|| format!("cannot start {prog:?}: no such program in PATH"))?;
+    let path = cstr(&path)?;
+    let argv: Vec<CString> = std::iter::once(prog).chain(args.iter().map(String::as_str)).map(cstr).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect::<Result<_, _>>()?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let root = cstr("/root")?;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: between fork and exec the child only makes async-signal-safe
+    // calls on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; the child never returns from this block.
+        unsafe {
+            let empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::setsid();
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            libc::dup2(slave, 0);
+            libc::dup2(slave, 1);
+            libc::dup2(slave, 2);
+            libc::chdir(root.as_ptr());
+            libc::execve(path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+            let err = *libc::__errno_location();
+            libc::write(fds[1], (&err as *const i32).cast(), 4);
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: closing our copy of the write end; reading the exec result.
+    let errno = unsafe {
+        libc::close(fds[1]);
+        let mut err = 0i32;
+        let n = libc::read(fds[0], (&mut err as *mut i32).cast(), 4);
+        libc::close(fds[0]);
+        if n == 4 { Some(err) } else { None }
+    };
+    match errno {
+        Some(e) => Err(format!("cannot start {prog:?}: {}", std::io::Error::from_raw_os_error(e))),
+        None => Ok(pid),
+    }
+}
+
+/// Finds a program the way a shell would, in the PATH of its environment.
+fn resolve_program(prog: &str, env: &[(String, String)]) -> Option<String> {
+    if prog.contains('/') {
+        return Some(prog.to_string());
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
+    path.split(':').map(|d| format!("{d}/{prog}")).find(|p| {
+        std::fs::metadata(p).map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0).unwrap_or(false)
+    })
+}

@@ -1,0 +1,138 @@
+//! Shared harness of the end-to-end tests: one test store per run, shared by
+//! every test (images are built once, by whichever test needs them first;
+//! the store's recipe locks make the others wait and reuse them).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use strata_engine::{Config, Engine};
+
+/// Whether the slow tests run. `./test.sh` (and so CI) sets STRATA_E2E=1.
+pub fn e2e() -> bool {
+    if std::env::var_os("STRATA_E2E").is_some() {
+        return true;
+    }
+    eprintln!("STRATA_E2E is not set: this end-to-end test boots real VMs and runs only under ./test.sh");
+    false
+}
+
+pub struct TestEnv {
+    pub state: PathBuf,
+    pub packages: PathBuf,
+    pub agent: PathBuf,
+    pub strata: PathBuf,
+}
+
+/// Package definitions only the tests use.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("never-ready", "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\ntext = 'THIS TEXT NEVER APPEARS'\ntimeout_ms = 2000\n"),
+    ("no-such-program", "debs = ['bc']\ncommand = ['strata-no-such-program']\n[ready]\nalive_ms = 100\n"),
+    ("no-such-deb", "debs = ['strata-no-such-deb']\ncommand = ['x']\n[ready]\nalive_ms = 100\n"),
+    ("bc-corrupt", "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\nalive_ms = 501\n[probe]\ninput = \"6*7\\n\"\nexpect = '42'\n"),
+];
+
+pub fn env() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let strata = PathBuf::from(env!("CARGO_BIN_EXE_strata"));
+        let bin_dir = strata.parent().unwrap().to_path_buf();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
+        let state = std::env::var_os("STRATA_STATE").map(PathBuf::from).unwrap_or_else(|| "/var/lib/strata-test".into());
+        let packages = state.join("test-packages");
+        std::fs::create_dir_all(&packages).unwrap();
+        for e in std::fs::read_dir(repo.join("packages")).unwrap().flatten() {
+            std::fs::copy(e.path(), packages.join(e.file_name())).unwrap();
+        }
+        for (name, text) in TEST_PACKAGES {
+            std::fs::write(packages.join(format!("{name}.toml")), text).unwrap();
+        }
+        TestEnv { state, packages, agent: bin_dir.join("strata-agent"), strata }
+    })
+}
+
+/// `strata` with the test store and packages.
+pub fn strata(args: &[&str]) -> Command {
+    let e = env();
+    let mut c = Command::new(&e.strata);
+    c.args(args)
+        .env("STRATA_STATE", &e.state)
+        .env("STRATA_PACKAGES", &e.packages)
+        .env("STRATA_AGENT", &e.agent)
+        .env_remove("STRATA_KEEP_WORK");
+    c
+}
+
+/// Runs `strata` with `input` on its standard input, then checks that it
+/// left no scratch directory and no QEMU process behind.
+pub fn strata_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = strata(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_no_leftovers_of(pid);
+    out
+}
+
+/// The engine, configured like the CLI in these tests.
+pub fn engine() -> Engine {
+    let e = env();
+    let mut cfg = Config::from_env();
+    cfg.state_dir = e.state.clone();
+    cfg.packages_dir = e.packages.clone();
+    cfg.agent_binary = e.agent.clone();
+    Engine::open(cfg).unwrap()
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.starts_with("qemu-system") && cmd.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Scratch directories in the store left by process `pid`.
+pub fn scratch_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("{pid}.");
+    std::fs::read_dir(env().state.join("tmp"))
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts that process `pid` (ended) left no scratch directory and no QEMU.
+pub fn assert_no_leftovers_of(pid: u32) {
+    let dir = format!("/tmp/{pid}.");
+    let state_dir = format!("{}{dir}", env().state.display());
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_processes_with(&state_dir).is_empty()),
+        "QEMU of {pid} still running"
+    );
+    assert!(scratch_of(pid).is_empty(), "scratch left by {pid}: {:?}", scratch_of(pid));
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

@@ -1,0 +1,297 @@
+//! End-to-end: real images, real QEMU, real packages.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use strata_engine::context::ContextSettings;
+use strata_engine::LogProgress;
+
+const ANSWER: Duration = Duration::from_secs(60);
+
+fn settings() -> ContextSettings {
+    ContextSettings {
+        term: "xterm-256color".into(),
+        rows: 33,
+        cols: 99,
+        timezone: Some("Asia/Tokyo".into()),
+        locale: Some("C.UTF-8".into()),
+        env: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn piped_input_reaches_python_and_its_answer_comes_back() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["run", "python3"], "print(6*7)\n");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).lines().any(|l| l.trim() == "42"), "stdout: {:?}", text(&out.stdout));
+}
+
+#[test]
+fn exit_status_of_the_program_is_strata_exit_status() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["run", "python3"], "import sys; sys.exit(7)\n");
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn bc_answers_from_its_launch_image() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["run", "bc"], "6*7\nquit\n");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("42"), "stdout: {:?}", text(&out.stdout));
+}
+
+#[tokio::test]
+async fn htop_is_already_running_when_the_session_appears() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("htop").unwrap();
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    // The screen captured in the launch image already shows htop's header.
+    let screen = text(&s.screen);
+    assert!(screen.contains("Tasks"), "htop screen: {screen:?}");
+    // It redraws for the new terminal size, and quits on 'q'.
+    s.input(b"q").await.unwrap();
+    let code = loop {
+        match tokio::time::timeout(ANSWER, s.next_event()).await.expect("htop answers") {
+            strata_engine::SessionEvent::Exited(c) => break c,
+            strata_engine::SessionEvent::Lost(w) => panic!("lost: {w}"),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 0);
+    s.close().await;
+}
+
+#[tokio::test]
+async fn two_sessions_run_at_once_and_never_see_each_others_writes() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("python3").unwrap();
+    let ctx = settings();
+    let (a, b) = tokio::join!(eng.launch(&pkg, &ctx, &LogProgress), eng.launch(&pkg, &ctx, &LogProgress));
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.vm_pid(), b.vm_pid());
+    a.expect_after(b"open('/root/mark','w').write('a'); print('wrote', 6*7)\n", "wrote 42", ANSWER).await.unwrap();
+    let seen = b
+        .expect_after(b"import os; print('mark', os.path.exists('/root/mark'))\n", "mark ", ANSWER)
+        .await
+        .unwrap();
+    let seen = seen + &b.expect_after(b"", "\n", ANSWER).await.unwrap();
+    assert!(seen.contains("mark False"), "{seen:?}");
+    // A new session starts from the launch image, not from A's disk.
+    let pid_a = a.vm_pid().unwrap();
+    a.close().await;
+    b.close().await;
+    assert!(!std::path::Path::new(&format!("/proc/{pid_a}")).exists(), "QEMU {pid_a} still alive");
+    let mut c = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let seen = c.expect_after(b"import os; print('again', os.path.exists('/root/mark'))\n", "again F", ANSWER).await.unwrap();
+    assert!(seen.contains("again False"), "{seen:?}");
+    c.close().await;
+}
+
+#[tokio::test]
+async fn context_is_applied_on_resume_without_reboot() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("python3").unwrap();
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let seen = s.expect_after(b"import os,time; print('ctx', os.get_terminal_size(), 6*7)\n", "42", ANSWER).await.unwrap();
+    assert!(seen.contains("columns=99, lines=33"), "{seen:?}");
+    // The zone is the guest's: new processes see it, and a running one does
+    // as soon as it re-reads it (tzset), with nothing restarted.
+    let seen = s
+        .expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), os.popen('date +%Z').read().strip(), 6*7)\n", "42", ANSWER)
+        .await
+        .unwrap();
+    assert!(seen.contains("zone JST JST"), "{seen:?}");
+    // The clock was set from the host on attach.
+    let host_year = 1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_557_600;
+    let seen = s.expect_after(b"print('year', time.gmtime().tm_year)\n", "year 2", ANSWER).await.unwrap();
+    let seen = seen + &s.expect_after(b"", "\n", ANSWER).await.unwrap();
+    assert!(seen.contains(&format!("year {host_year}")) || seen.contains(&format!("year {}", host_year + 1)), "{seen:?}");
+    s.close().await;
+}
+
+#[test]
+fn context_images_are_content_addressed_and_reused() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let a = eng.context_image(&settings()).unwrap();
+    let b = eng.context_image(&settings()).unwrap();
+    assert_eq!(a.digest, b.digest);
+    let mut other = settings();
+    other.rows = 40;
+    assert_ne!(eng.context_image(&other).unwrap().digest, a.digest);
+    let mut bad = settings();
+    bad.timezone = Some("../../etc/passwd".into());
+    assert!(eng.context_image(&bad).unwrap_err().to_string().contains("time zone"));
+}
+
+#[test]
+fn unknown_package_is_refused_with_close_names() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["run", "pyhton3"], "");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("no package \"pyhton3\"") && err.contains("python3"), "{err}");
+    let out = strata_with_input(&["run", "Bad/Name"], "");
+    assert!(text(&out.stderr).contains("not a valid package name"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_debian_package_that_cannot_be_installed_is_a_clear_error() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["build", "no-such-deb"], "");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("installing no-such-deb failed") && err.contains("strata-no-such-deb"), "{err}");
+    let out = strata_with_input(&["build", "no-such-program"], "");
+    let err = text(&out.stderr);
+    // Caught by the install step when it builds the install image, else
+    // (the image is shared with `bc`) when the launch image starts it.
+    assert!(
+        err.contains("installed no program called 'strata-no-such-program'")
+            || err.contains("cannot start \"strata-no-such-program\""),
+        "{err}"
+    );
+    let images = text(&strata(&["images", "ls", "--json"]).output().unwrap().stdout);
+    assert!(!images.contains("no-such-program") && !images.contains("no-such-deb"), "{images}");
+}
+
+#[test]
+fn a_program_that_never_becomes_ready_times_out_and_is_cleaned_up() {
+    if !e2e() {
+        return;
+    }
+    let out = strata_with_input(&["build", "never-ready"], "");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("never-ready did not become ready") && err.contains("not ready after 2000 ms"), "{err}");
+}
+
+#[test]
+fn a_corrupt_blob_is_detected_and_the_image_rebuilt() {
+    if !e2e() {
+        return;
+    }
+    let build = strata_with_input(&["build", "bc-corrupt"], "");
+    assert!(build.status.success(), "{}", text(&build.stderr));
+    let eng = engine();
+    let launch = eng
+        .store
+        .list_images()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.package.as_deref() == Some("bc-corrupt") && r.kind == strata_store::ImageKind::Launch)
+        .unwrap();
+    let state = eng.store.blob_path(&launch.files["state"]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let out = strata_with_input(&["run", "bc-corrupt"], "6*7\nquit\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("42"));
+    let images = eng.store.list_images().unwrap();
+    assert!(!images.iter().any(|r| r.digest == launch.digest), "the damaged image is still listed");
+    assert!(images.iter().any(|r| r.package.as_deref() == Some("bc-corrupt") && r.kind == strata_store::ImageKind::Launch));
+}
+
+#[test]
+fn kill_9_during_a_build_leaves_the_catalog_as_it_was_and_the_next_run_builds() {
+    if !e2e() {
+        return;
+    }
+    let e = env();
+    // A fresh definition each run, so its launch image is built (and killed) now.
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let def = format!("debs = ['bc']\ncommand = ['bc', '-q']\n[env]\nRUN = '{nonce}'\n[ready]\nalive_ms = 502\n");
+    let tmp_def = e.packages.join(".bc-killed.toml.tmp");
+    std::fs::write(&tmp_def, def).unwrap();
+    std::fs::rename(&tmp_def, e.packages.join("bc-killed.toml")).unwrap();
+    let launch_images = || {
+        engine().store.list_images().unwrap().into_iter().filter(|r| r.package.as_deref() == Some("bc-killed")).count()
+    };
+    let before = launch_images();
+    let mut child = strata(&["build", "bc-killed", "-q"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id();
+    let tmp = e.state.join("tmp");
+    let vm_dir_prefix = format!("{pid}.");
+    let in_vm = wait_until(Duration::from_secs(600), || {
+        std::fs::read_dir(&tmp).map(|d| d.flatten().any(|x| {
+            let n = x.file_name().to_string_lossy().to_string();
+            n.starts_with(&vm_dir_prefix) && n.ends_with("launch-vm")
+        })).unwrap_or(false)
+    });
+    assert!(in_vm, "the build never reached its launch VM");
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let needle = format!("{}/tmp/{pid}.", e.state.display());
+    assert!(wait_until(Duration::from_secs(10), || qemu_processes_with(&needle).is_empty()), "QEMU outlived strata");
+    assert_eq!(launch_images(), before, "a half-built image was recorded");
+    let again = strata_with_input(&["build", "bc-killed"], "");
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(launch_images(), before + 1);
+    assert!(scratch_of(pid).is_empty(), "scratch of the killed build remains: {:?}", scratch_of(pid));
+}
+
+#[test]
+fn a_full_disk_during_a_build_fails_clearly_and_records_nothing() {
+    if !e2e() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=96M", "tmpfs"]).arg(mnt).status().unwrap();
+    assert!(ok.success());
+    let out = strata(&["build", "bc", "-q"]).env("STRATA_STATE", mnt).output().unwrap();
+    let listed = strata(&["images", "ls", "--json"]).env("STRATA_STATE", mnt).output().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(mnt.join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
+    std::process::Command::new("umount").arg(mnt).status().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("No space left on device") || err.contains("ENOSPC") || err.contains("no space"), "{err}");
+    assert_eq!(text(&listed.stdout).trim(), "[]");
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn accelerator_is_probed_once_and_can_be_forced() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["accel", "-q"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let chosen = text(&out.stdout).trim().to_string();
+    let cached = std::fs::read_to_string(env().state.join("accel.json")).unwrap();
+    assert!(cached.contains(&format!("\"{chosen}\"")), "{cached} vs {chosen}");
+    let forced = strata(&["accel", "-q", "--accel", "tcg"]).output().unwrap();
+    assert_eq!(text(&forced.stdout).trim(), "tcg");
+    let bad = strata(&["accel", "--accel", "hvf"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("unknown accelerator"));
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what strata needs from Debian's packages (idempotent). Run as root.
+# QEMU comes from bookworm-backports (10.x): launch images rely on its
+# file: migration and socket reconnect options.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+need_update=0
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/strata-backports.list
+  need_update=1
+fi
+# Package lists are needed to resolve the packages strata installs into images.
+if [ "$need_update" = 1 ] || [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*bookworm-backports*Packages*' -mmin -1440 2>/dev/null)" ]; then
+  apt-get update -q
+fi
+
+qemu_version() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
+if [ "$(qemu_version || true)" = "" ] || [ "$(qemu_version)" -lt 9 ]; then
+  apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
+fi
+missing=()
+for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get install -y -q "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "strata: no Rust toolchain (cargo) found; install one with rustup" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, and integration tests that build real
+# images and launch real packages in real QEMU (shared by all tests of a run;
+# images already in the test store are reused by digest).
+#   sudo ./test.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root (tests run QEMU and build images)" >&2; exit 1; }
+source scripts/deps.sh
+export STRATA_E2E=1
+export STRATA_STATE="${STRATA_TEST_STATE:-/var/lib/strata-test}"
+cargo build --release --locked
+cargo test --release --locked --workspace -- --test-threads=2
