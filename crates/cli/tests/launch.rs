@@ -295,3 +295,20 @@ fn accelerator_is_probed_once_and_can_be_forced() {
     let bad = strata(&["accel", "--accel", "hvf"]).output().unwrap();
     assert!(text(&bad.stderr).contains("unknown accelerator"));
 }
+
+#[test]
+fn bench_launch_prints_both_paths_and_their_ratio() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["bench", "launch", "bc", "-n", "1", "--json", "-q"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["cold_p50_ms", "cold_p99_ms", "launch_p50_ms", "launch_p99_ms", "ratio_p50"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    // Same run, same machine: restoring a running program beats booting one.
+    assert!(v["ratio_p50"].as_f64().unwrap() > 1.0, "{v}");
+    let bad = strata(&["bench", "launch", "htop", "-n", "1"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("has no [probe]"), "{}", text(&bad.stderr));
+}
