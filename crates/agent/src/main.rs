@@ -74,14 +74,27 @@ impl Agent {
                 self.attached.store(false, Ordering::Release);
                 self.send_always(&GuestMsg::Detached);
             }
-            HostMsg::Spawn { id, argv, env, readiness, ready_timeout_ms } => {
-                let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            HostMsg::Spawn {
+                id,
+                argv,
+                env,
+                readiness,
+                ready_timeout_ms,
+            } => {
+                let ctx = self
+                    .context
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 match Proc::spawn(self, id, &argv, &env, &ctx) {
                     Ok(p) => {
                         let early = {
                             let mut procs = self.lock_procs();
                             procs.insert(id, p.clone());
-                            self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&p.pid)
+                            self.early_exits
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&p.pid)
                         };
                         self.send(&GuestMsg::Spawned { id, pid: p.pid });
                         p.watch_readiness(self.clone(), readiness, ready_timeout_ms);
@@ -103,7 +116,9 @@ impl Agent {
         let p = self.lock_procs().get(&id).cloned();
         match p {
             Some(p) => f(&p),
-            None => self.send(&GuestMsg::Error { message: format!("no process {id}") }),
+            None => self.send(&GuestMsg::Error {
+                message: format!("no process {id}"),
+            }),
         }
     }
 
@@ -180,7 +195,13 @@ fn serve(agent: &Arc<Agent>, mut port: File) -> ! {
     loop {
         match port.read(&mut chunk) {
             Ok(0) => {
-                agent.attached.store(false, Ordering::Release);
+                // The host went away. A terminal that meant to leave sends
+                // Detach first; one that vanished (its process was killed)
+                // leaves nobody to stop this VM, so it stops itself.
+                if agent.attached.swap(false, Ordering::AcqRel) {
+                    log("the host vanished while attached; powering off");
+                    system::power_off();
+                }
                 buf.clear();
                 system::wait_sigio(2000);
             }
@@ -215,7 +236,9 @@ fn drain_frames(agent: &Arc<Agent>, buf: &mut Vec<u8>) {
         let payload = &buf[start + 4..start + 4 + len];
         match strata_proto::decode::<HostMsg>(payload) {
             Ok(msg) => agent.handle(msg),
-            Err(e) => agent.send(&GuestMsg::Error { message: format!("bad message: {e}") }),
+            Err(e) => agent.send(&GuestMsg::Error {
+                message: format!("bad message: {e}"),
+            }),
         }
         start += 4 + len;
     }

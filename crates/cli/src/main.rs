@@ -17,7 +17,11 @@ use crate::progress::Bar;
 use crate::terminal::{attach, stdin_is_tty, terminal_size, AttachEnd};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Run software on demand, already running, each in its own VM")]
+#[command(
+    name = "strata",
+    version,
+    about = "Run software on demand, already running, each in its own VM"
+)]
 struct Cli {
     /// Where images and the catalog live.
     #[arg(long, global = true, env = "STRATA_STATE")]
@@ -49,6 +53,18 @@ enum Cmd {
         /// Boot and start the program instead of using the launch image.
         #[arg(long)]
         cold: bool,
+    },
+    /// Attach this terminal to a detached session.
+    Attach { id: String },
+    /// List running sessions.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sessions.
+    Kill {
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// Build the images of a package (base, install, launch) if missing.
     Build { package: String },
@@ -121,13 +137,17 @@ enum BenchCmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     // One thread: every QEMU is spawned from it, and the work is I/O bound.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("strata: cannot start the runtime: {e}");
@@ -145,7 +165,9 @@ fn main() -> ExitCode {
 
 /// Runs the command; on SIGINT/SIGTERM/SIGHUP the command is dropped, which
 /// kills its QEMU processes and removes its scratch files.
-async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
+async fn with_signals(
+    f: impl std::future::Future<Output = anyhow::Result<u8>>,
+) -> anyhow::Result<u8> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -174,31 +196,69 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
     match &cli.cmd {
-        Cmd::Run { package, interactive, tty, cold } => {
+        Cmd::Run {
+            package,
+            interactive,
+            tty,
+            cold,
+        } => {
             let pkg = eng.package(package)?;
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
-                anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
+                anyhow::bail!(
+                    "--tty needs standard input to be a terminal; leave it out to pipe input"
+                );
             }
-            let use_tty = is_tty && !(*interactive && !*tty);
+            let use_tty = is_tty && (*tty || !*interactive);
             let settings = ContextSettings::from_terminal(terminal_size());
-            let mut session =
-                if *cold { eng.launch_cold(&pkg, &settings, &bar).await? } else { eng.launch(&pkg, &settings, &bar).await? };
+            let session = if *cold {
+                eng.launch_cold(&pkg, &settings, &bar).await?
+            } else {
+                eng.launch(&pkg, &settings, &bar).await?
+            };
             bar.clear();
-            let end = attach(&mut session, use_tty).await?;
-            session.close().await;
-            Ok(match end {
-                AttachEnd::Exited(code) => code.clamp(0, 255) as u8,
-                AttachEnd::Detached => {
-                    eprintln!("\r\nstrata: detached; the session was stopped (background sessions come with `strata attach`)");
-                    0
+            finish(session, use_tty).await
+        }
+        Cmd::Attach { id } => {
+            let settings = ContextSettings::from_terminal(terminal_size());
+            let session = eng.attach_session(id, &settings).await?;
+            finish(session, stdin_is_tty()).await
+        }
+        Cmd::Ps { json } => {
+            let sessions = eng.list_sessions();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                println!(
+                    "{:<12} {:<14} {:<9} {:>8}  AGE",
+                    "SESSION", "PACKAGE", "STATE", "PID"
+                );
+                for r in sessions {
+                    let state = if r.detached { "detached" } else { "attached" };
+                    println!(
+                        "{:<12} {:<14} {:<9} {:>8}  {}",
+                        r.id,
+                        r.package,
+                        state,
+                        r.qemu_pid,
+                        age(r.created)
+                    );
                 }
-                AttachEnd::Lost(why) => {
-                    eprintln!("\r\nstrata: session lost: {why}");
-                    1
+            }
+            Ok(0)
+        }
+        Cmd::Kill { ids } => {
+            let mut code = 0;
+            for id in ids {
+                match eng.kill_session(id).await {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("strata: {id}: {e}");
+                        code = 1;
+                    }
                 }
-                AttachEnd::Interrupted => 130,
-            })
+            }
+            Ok(code)
         }
         Cmd::Build { package } => {
             let pkg = eng.package(package)?;
@@ -209,12 +269,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Images { cmd: ImagesCmd::Ls { json } } => {
+        Cmd::Images {
+            cmd: ImagesCmd::Ls { json },
+        } => {
             let images = eng.store.list_images()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
-                println!("{:<8} {:<12} {:<14} {:<10} {:>10}  CREATED", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE");
+                println!(
+                    "{:<8} {:<12} {:<14} {:<10} {:>10}  AGE",
+                    "KIND", "DIGEST", "PACKAGE", "OS", "SIZE"
+                );
                 for r in images {
                     println!(
                         "{:<8} {:<12} {:<14} {:<10} {:>10}  {}",
@@ -223,13 +288,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                         r.package.as_deref().unwrap_or("-"),
                         r.os,
                         human(r.size),
-                        r.created
+                        age(r.created)
                     );
                 }
             }
             Ok(0)
         }
-        Cmd::Images { cmd: ImagesCmd::Verify } => {
+        Cmd::Images {
+            cmd: ImagesCmd::Verify,
+        } => {
             let mut bad = 0;
             for r in eng.store.list_images()? {
                 for (role, d) in &r.files {
@@ -242,7 +309,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{bad} damaged blob(s)");
             Ok(if bad == 0 { 0 } else { 1 })
         }
-        Cmd::Packages { cmd: PackagesCmd::Ls { json } } => {
+        Cmd::Packages {
+            cmd: PackagesCmd::Ls { json },
+        } => {
             if *json {
                 let list: Vec<_> = eng
                     .registry
@@ -258,11 +327,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Context { cmd: ContextCmd::Show { json } } => {
+        Cmd::Context {
+            cmd: ContextCmd::Show { json },
+        } => {
             let settings = ContextSettings::from_terminal(terminal_size());
             let rec = eng.context_image(&settings)?;
             if *json {
-                println!("{}", serde_json::json!({"digest": rec.digest, "settings": settings}));
+                println!(
+                    "{}",
+                    serde_json::json!({"digest": rec.digest, "settings": settings})
+                );
             } else {
                 println!("context image {}", &rec.digest[..12]);
                 println!("{}", serde_json::to_string_pretty(&settings)?);
@@ -275,7 +349,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", eng.accel_for(&base).await?);
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, json } } => {
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Launch {
+                    package,
+                    runs,
+                    json,
+                },
+        } => {
             if *runs == 0 || *runs > 1000 {
                 anyhow::bail!("--runs must be between 1 and 1000");
             }
@@ -285,14 +366,69 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("strata bench launch {} ({} runs each way, accel {})", r.package, r.runs, r.accel);
+                println!(
+                    "strata bench launch {} ({} runs each way, accel {})",
+                    r.package, r.runs, r.accel
+                );
                 println!("{:<14} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
-                println!("{:<14} {:>10.1} {:>10.1}", "cold boot", r.cold_p50_ms, r.cold_p99_ms);
-                println!("{:<14} {:>10.1} {:>10.1}", "launch image", r.launch_p50_ms, r.launch_p99_ms);
+                println!(
+                    "{:<14} {:>10.1} {:>10.1}",
+                    "cold boot", r.cold_p50_ms, r.cold_p99_ms
+                );
+                println!(
+                    "{:<14} {:>10.1} {:>10.1}",
+                    "launch image", r.launch_p50_ms, r.launch_p99_ms
+                );
                 println!("ratio p50 (cold / launch image): {:.1}x", r.ratio_p50);
             }
             Ok(0)
         }
+    }
+}
+
+/// Runs the terminal until the session ends or is detached; returns
+/// strata's exit code (the program's own when it exited).
+async fn finish(mut session: strata_engine::Session, tty: bool) -> anyhow::Result<u8> {
+    let end = attach(&mut session, tty).await?;
+    Ok(match end {
+        AttachEnd::Exited(code) => {
+            session.close().await;
+            code.clamp(0, 255) as u8
+        }
+        AttachEnd::Detached if session.detachable() => {
+            let id = session.detach().await?;
+            eprintln!("\r\nstrata: detached from session {id}; `strata attach {id}` returns to it, `strata kill {id}` stops it");
+            0
+        }
+        AttachEnd::Detached => {
+            session.close().await;
+            eprintln!("\r\nstrata: this session cannot be detached; it was stopped");
+            0
+        }
+        AttachEnd::Lost(why) => {
+            session.close().await;
+            eprintln!("\r\nstrata: session lost: {why}");
+            1
+        }
+        AttachEnd::Interrupted => {
+            session.close().await;
+            130
+        }
+    })
+}
+
+/// How long ago a Unix time was, briefly.
+fn age(unix_secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let s = (now - unix_secs).max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
     }
 }
 
@@ -304,5 +440,9 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

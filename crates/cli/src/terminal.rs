@@ -1,7 +1,7 @@
 //! Attaching the user's terminal to a session, like `docker run -it` / `-i`.
 
-use std::io::Write;
 use std::io::IsTerminal;
+use std::io::Write;
 use std::os::fd::BorrowedFd;
 
 use nix::sys::termios::{self, SetArg, Termios};
@@ -60,10 +60,21 @@ pub fn stdin_is_tty() -> bool {
 /// The size of the terminal on standard input or output.
 pub fn terminal_size() -> Option<WinSize> {
     for fd in [0, 1, 2] {
-        let mut ws: libc::winsize = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        let mut ws: libc::winsize = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCGWINSZ writes into the winsize we pass.
-        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
-            return Some(WinSize { rows: ws.ws_row, cols: ws.ws_col });
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0
+            && ws.ws_row > 0
+            && ws.ws_col > 0
+        {
+            return Some(WinSize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            });
         }
     }
     None
@@ -150,6 +161,7 @@ pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEn
                 SessionEvent::Output(d) => write_out(&if tty { d } else { crlf.push(&d) }),
                 SessionEvent::Exited(code) => return Ok(AttachEnd::Exited(code)),
                 SessionEvent::Lost(why) => return Ok(AttachEnd::Lost(why)),
+                SessionEvent::Detached => {}
             },
             data = input.recv(), if input_open => match data.flatten() {
                 Some(d) => {
@@ -180,7 +192,9 @@ fn find_detach(prev: Option<u8>, data: &[u8]) -> Option<usize> {
     if prev == Some(DETACH_KEYS[0]) && data.first() == Some(&DETACH_KEYS[1]) {
         return Some(0);
     }
-    data.windows(2).position(|w| w == DETACH_KEYS).map(|i| i + 1)
+    data.windows(2)
+        .position(|w| w == DETACH_KEYS)
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]

@@ -34,7 +34,9 @@ fn sha_hex(parts: &[&[u8]]) -> String {
 /// Identity of a file by size and modification time (cheap, for recipes of
 /// host tools that change only on upgrade).
 pub(crate) fn file_identity(path: &Path) -> String {
-    std::fs::metadata(path).map(|m| format!("{}:{}", m.len(), m.mtime())).unwrap_or_default()
+    std::fs::metadata(path)
+        .map(|m| format!("{}:{}", m.len(), m.mtime()))
+        .unwrap_or_default()
 }
 
 /// Recipe of the root file system alone: reused when only the agent changes.
@@ -86,18 +88,28 @@ impl Engine {
     }
 
     /// An image of this recipe whose blobs are all intact, if any.
-    pub(crate) fn usable(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+    pub(crate) fn usable(
+        &self,
+        kind: ImageKind,
+        recipe: &str,
+    ) -> Result<Option<ImageRecord>, Error> {
         while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
             match self.store.verify_image(&rec) {
                 Ok(()) => return Ok(Some(rec)),
                 // verify_image dropped the damaged image; look again, then rebuild.
-                Err(e) => tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild"),
+                Err(e) => {
+                    tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild")
+                }
             }
         }
         Ok(None)
     }
 
-    async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+    async fn build_base(
+        &self,
+        recipe: &str,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("base")?;
         progress.step("base image: preparing");
         let (rootfs, status) = match self.reusable_rootfs()? {
@@ -108,7 +120,9 @@ impl Engine {
         progress.step("base image: initramfs");
         let busybox = std::fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
         if !is_static_elf(&busybox) {
-            return Err(Error::Config(format!("{BUSYBOX} is dynamically linked; install busybox-static")));
+            return Err(Error::Config(format!(
+                "{BUSYBOX} is dynamically linked; install busybox-static"
+            )));
         }
         let image = initramfs::build(&busybox, &self.agent_bytes()?, &modules);
         let initramfs = self.store.ingest_bytes(&image)?;
@@ -124,7 +138,17 @@ impl Engine {
             ("cmdline".to_string(), CMDLINE.to_string()),
             ("suite".to_string(), SUITE.to_string()),
         ]);
-        let rec = ImageRecord::new(ImageKind::Base, None, OS, ARCH, None, recipe, files, meta, 0);
+        let rec = ImageRecord::new(
+            ImageKind::Base,
+            None,
+            OS,
+            ARCH,
+            None,
+            recipe,
+            files,
+            meta,
+            0,
+        );
         let rec = self.with_size(rec)?;
         self.store.insert_image(&rec)?;
         progress.done(&format!("base image {} ready", &rec.digest[..12]));
@@ -152,7 +176,9 @@ impl Engine {
         let want = rootfs_recipe();
         for rec in self.store.list_images()? {
             if rec.kind == ImageKind::Base && rec.meta.get("rootfs_recipe") == Some(&want) {
-                let (Ok(r), Ok(s)) = (rec.file("rootfs"), rec.file("dpkg-status")) else { continue };
+                let (Ok(r), Ok(s)) = (rec.file("rootfs"), rec.file("dpkg-status")) else {
+                    continue;
+                };
                 if self.store.verify(r).is_ok() && self.store.verify(s).is_ok() {
                     return Ok(Some((r.to_string(), s.to_string())));
                 }
@@ -161,7 +187,11 @@ impl Engine {
         Ok(None)
     }
 
-    async fn build_rootfs(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String), Error> {
+    async fn build_rootfs(
+        &self,
+        work: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(String, String), Error> {
         let tree = work.join("rootfs");
         progress.step("base image: mmdebstrap (Debian minbase)");
         run_with_progress(
@@ -180,7 +210,16 @@ impl Engine {
         run(
             "mke2fs",
             Command::new("mke2fs")
-                .args(["-q", "-t", "ext4", "-L", "strata-root", "-E", "lazy_itable_init=0", "-d"])
+                .args([
+                    "-q",
+                    "-t",
+                    "ext4",
+                    "-L",
+                    "strata-root",
+                    "-E",
+                    "lazy_itable_init=0",
+                    "-d",
+                ])
                 .arg(&tree)
                 .arg(&raw)
                 .arg(ROOTFS_SIZE),
@@ -189,14 +228,32 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&tree);
         let qcow = work.join("rootfs.qcow2");
         progress.step("base image: qcow2");
-        run("qemu-img convert", Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&qcow)).await?;
+        run(
+            "qemu-img convert",
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&qcow),
+        )
+        .await?;
         let _ = std::fs::remove_file(&raw);
-        Ok((self.store.ingest_file(&qcow)?, self.store.ingest_file(&status)?))
+        Ok((
+            self.store.ingest_file(&qcow)?,
+            self.store.ingest_file(&status)?,
+        ))
     }
 
-    async fn fetch_kernel(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String, Vec<(String, Vec<u8>)>), Error> {
+    async fn fetch_kernel(
+        &self,
+        work: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(String, String, Vec<(String, Vec<u8>)>), Error> {
         progress.step(&format!("base image: downloading {KERNEL_PACKAGE}"));
-        let deps = run("apt-cache depends", Command::new("apt-cache").args(["depends", KERNEL_PACKAGE])).await?;
+        let deps = run(
+            "apt-cache depends",
+            Command::new("apt-cache").args(["depends", KERNEL_PACKAGE]),
+        )
+        .await?;
         let versioned = deps
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -207,7 +264,15 @@ impl Engine {
         std::fs::create_dir_all(&dl).map_err(io_err(&dl))?;
         run(
             "apt-get download",
-            Command::new("apt-get").args(["-q", "-o", "APT::Sandbox::User=root", "download", &versioned]).current_dir(&dl),
+            Command::new("apt-get")
+                .args([
+                    "-q",
+                    "-o",
+                    "APT::Sandbox::User=root",
+                    "download",
+                    &versioned,
+                ])
+                .current_dir(&dl),
         )
         .await?;
         let deb = std::fs::read_dir(&dl)
@@ -215,9 +280,15 @@ impl Engine {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| Error::Config(format!("apt-get download {versioned} produced no .deb")))?;
+            .ok_or_else(|| {
+                Error::Config(format!("apt-get download {versioned} produced no .deb"))
+            })?;
         let tree = dl.join("x");
-        run("dpkg-deb", Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).await?;
+        run(
+            "dpkg-deb",
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree),
+        )
+        .await?;
         let version = versioned.trim_start_matches("linux-image-").to_string();
         let vmlinuz: PathBuf = tree.join(format!("boot/vmlinuz-{version}"));
         let modules = initramfs::resolve_modules(&tree.join(format!("lib/modules/{version}")))?;
@@ -230,15 +301,26 @@ impl Engine {
 /// Whether an ELF executable has no program interpreter (is statically linked).
 fn is_static_elf(elf: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    };
     if !elf.starts_with(b"\x7fELF") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
     (0..phnum).all(|i| {
         let at = phoff + i * phentsize;
-        elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) != Some(PT_INTERP)
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            != Some(PT_INTERP)
     })
 }
 

@@ -40,7 +40,12 @@ impl Engine {
     ///
     /// # Errors
     /// If the package has no probe, or a launch fails.
-    pub async fn bench_launch(&self, pkg: &Package, runs: usize, progress: &dyn Progress) -> Result<LaunchReport, Error> {
+    pub async fn bench_launch(
+        &self,
+        pkg: &Package,
+        runs: usize,
+        progress: &dyn Progress,
+    ) -> Result<LaunchReport, Error> {
         let probe = pkg.def.probe.clone().ok_or_else(|| {
             Error::Config(format!("package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one", pkg.name))
         })?;
@@ -52,13 +57,19 @@ impl Engine {
             progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch_cold(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout)
+                .await?;
             cold.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
-            progress.step(&format!("bench {}: run {}/{runs} from launch image", pkg.name, i + 1));
+            progress.step(&format!(
+                "bench {}: run {}/{runs} from launch image",
+                pkg.name,
+                i + 1
+            ));
             let t = Instant::now();
             let mut s = self.launch(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout)
+                .await?;
             launch.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
         }

@@ -37,7 +37,12 @@ impl Engine {
     ///
     /// # Errors
     /// If resolving, downloading or installing fails.
-    pub async fn ensure_install(&self, pkg: &Package, base: &ImageRecord, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+    pub async fn ensure_install(
+        &self,
+        pkg: &Package,
+        base: &ImageRecord,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
         let recipe = install_recipe(base.file("rootfs")?, &pkg.def.debs);
         if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
             return Ok(rec);
@@ -49,10 +54,20 @@ impl Engine {
         self.build_install(pkg, base, &recipe, progress).await
     }
 
-    async fn build_install(&self, pkg: &Package, base: &ImageRecord, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+    async fn build_install(
+        &self,
+        pkg: &Package,
+        base: &ImageRecord,
+        recipe: &str,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("install")?;
         let w = work.path();
-        progress.step(&format!("install image for {}: resolving {}", pkg.name, pkg.def.debs.join(" ")));
+        progress.step(&format!(
+            "install image for {}: resolving {}",
+            pkg.name,
+            pkg.def.debs.join(" ")
+        ));
         let debs = w.join("debs");
         std::fs::create_dir_all(debs.join("partial")).map_err(io_err(&debs))?;
         let status = self.store.blob_path(base.file("dpkg-status")?);
@@ -61,7 +76,13 @@ impl Engine {
         let out = run(
             &format!("resolving {}", pkg.def.debs.join(" ")),
             Command::new("apt-get")
-                .args(["install", "--download-only", "-y", "-q", "--no-install-recommends"])
+                .args([
+                    "install",
+                    "--download-only",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                ])
                 .arg(format!("-oDir::State::status={}", status.display()))
                 .arg(format!("-oDir::Cache::archives={}", debs.display()))
                 .args(["-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root"])
@@ -69,7 +90,10 @@ impl Engine {
         )
         .await
         .map_err(|e| match e {
-            Error::Tool { output, .. } => Error::InstallFailed { package: pkg.name.clone(), output },
+            Error::Tool { output, .. } => Error::InstallFailed {
+                package: pkg.name.clone(),
+                output,
+            },
             e => e,
         })?;
         tracing::debug!(%out, "apt resolved");
@@ -80,12 +104,26 @@ impl Engine {
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .filter(|n| n.ends_with(".deb"))
             .collect();
-        let total: u64 = std::fs::read_dir(&debs).map_err(io_err(&debs))?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-        progress.step(&format!("install image for {}: {} .deb files, {} KiB", pkg.name, files.len(), total / 1024));
+        let total: u64 = std::fs::read_dir(&debs)
+            .map_err(io_err(&debs))?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        progress.step(&format!(
+            "install image for {}: {} .deb files, {} KiB",
+            pkg.name,
+            files.len(),
+            total / 1024
+        ));
         let debs_img = w.join("debs.img");
         run(
             "mke2fs (debs disk)",
-            Command::new("mke2fs").args(["-q", "-t", "ext4", "-d"]).arg(&debs).arg(&debs_img).arg(format!("{}K", total / 1024 * 2 + 32 * 1024)),
+            Command::new("mke2fs")
+                .args(["-q", "-t", "ext4", "-d"])
+                .arg(&debs)
+                .arg(&debs_img)
+                .arg(format!("{}K", total / 1024 * 2 + 32 * 1024)),
         )
         .await?;
         let overlay = w.join("install.qcow2");
@@ -106,17 +144,45 @@ impl Engine {
             memory: Memory::Anonymous,
             kernel: self.store.blob_path(base.file("kernel")?),
             initramfs: self.store.blob_path(base.file("initramfs")?),
-            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
+            cmdline: base
+                .meta
+                .get("cmdline")
+                .cloned()
+                .unwrap_or_else(|| crate::base::CMDLINE.into()),
             disks: vec![
-                Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
-                Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
+                Disk {
+                    path: overlay.clone(),
+                    format: "qcow2",
+                    mode: DiskMode::Writable,
+                },
+                Disk {
+                    path: debs_img.clone(),
+                    format: "raw",
+                    mode: DiskMode::ReadOnly,
+                },
             ],
             incoming: None,
+            die_with_parent: true,
         };
-        progress.step(&format!("install image for {}: installing in a VM", pkg.name));
+        progress.step(&format!(
+            "install image for {}: installing in a VM",
+            pkg.name
+        ));
         let scratch = self.store.work_dir("install-vm")?;
-        let cfg = VmConfig { dir: scratch.path().to_path_buf(), ..cfg };
-        let mut a = start_and_attach(cfg, scratch, &TerminalContext { term: "dumb".into(), ..Default::default() }, Duration::from_secs(120)).await?;
+        let cfg = VmConfig {
+            dir: scratch.path().to_path_buf(),
+            ..cfg
+        };
+        let mut a = start_and_attach(
+            cfg,
+            scratch,
+            &TerminalContext {
+                term: "dumb".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(120),
+        )
+        .await?;
         a.conn
             .send(&HostMsg::Spawn {
                 id: MAIN_PROC,
@@ -130,7 +196,10 @@ impl Engine {
         let status = loop {
             let msg = tokio::time::timeout(Duration::from_secs(1800), a.conn.recv())
                 .await
-                .map_err(|_| Error::Timeout { what: format!("installing {}", pkg.name), secs: 1800 })??;
+                .map_err(|_| Error::Timeout {
+                    what: format!("installing {}", pkg.name),
+                    secs: 1800,
+                })??;
             match msg {
                 Some(GuestMsg::Output { data, .. }) => {
                     for line in String::from_utf8_lossy(&data).lines() {
@@ -142,7 +211,12 @@ impl Engine {
                     output.extend_from_slice(&data);
                 }
                 Some(GuestMsg::Exited { status, .. }) => break status,
-                Some(GuestMsg::Failed { reason, .. }) => return Err(Error::InstallFailed { package: pkg.name.clone(), output: reason }),
+                Some(GuestMsg::Failed { reason, .. }) => {
+                    return Err(Error::InstallFailed {
+                        package: pkg.name.clone(),
+                        output: reason,
+                    })
+                }
                 Some(_) => {}
                 None => return Err(Error::AgentGone("installing")),
             }
@@ -150,12 +224,18 @@ impl Engine {
         let text = tail(&String::from_utf8_lossy(&output).replace('\r', ""), 40);
         if status != 0 {
             a.vm.kill().await;
-            return Err(Error::InstallFailed { package: pkg.name.clone(), output: text });
+            return Err(Error::InstallFailed {
+                package: pkg.name.clone(),
+                output: text,
+            });
         }
         a.conn.send(&HostMsg::PowerOff).await?;
-        if a.vm.wait_exit(Duration::from_secs(60)).await.is_none() {
+        if !a.vm.wait_exit(Duration::from_secs(60)).await {
             a.vm.kill().await;
-            return Err(Error::Timeout { what: "the install VM to power off".into(), secs: 60 });
+            return Err(Error::Timeout {
+                what: "the install VM to power off".into(),
+                secs: 60,
+            });
         }
         drop(a);
         rebase_to_digest(&overlay, base.file("rootfs")?).await?;
@@ -168,12 +248,19 @@ impl Engine {
             Some(base.digest.clone()),
             recipe,
             BTreeMap::from([("disk".to_string(), disk)]),
-            BTreeMap::from([("debs".to_string(), pkg.def.debs.join(" ")), ("deb_files".to_string(), files.len().to_string())]),
+            BTreeMap::from([
+                ("debs".to_string(), pkg.def.debs.join(" ")),
+                ("deb_files".to_string(), files.len().to_string()),
+            ]),
             0,
         );
         let rec = self.with_size(rec)?;
         self.store.insert_image(&rec)?;
-        progress.done(&format!("install image for {} ready ({} KiB)", pkg.name, rec.size / 1024));
+        progress.done(&format!(
+            "install image for {} ready ({} KiB)",
+            pkg.name,
+            rec.size / 1024
+        ));
         Ok(rec)
     }
 }
@@ -182,4 +269,3 @@ impl Engine {
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
-

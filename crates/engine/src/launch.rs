@@ -12,6 +12,7 @@ use strata_vmm::{Accel, Disk, DiskMode, Memory, VmConfig};
 
 use crate::context::ContextSettings;
 use crate::session::{spawn_ready, start_and_attach, Attached, Session};
+use crate::sessions::SessionRecord;
 use crate::tools::{create_overlay, rebase_to_digest};
 use crate::{Engine, Error, Progress, ARCH, OS};
 
@@ -47,18 +48,34 @@ fn readiness(pkg: &Package) -> Readiness {
 }
 
 fn env_of(pkg: &Package) -> Vec<(String, String)> {
-    pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    pkg.def
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
-fn new_session_id() -> String {
+pub(crate) fn new_session_id() -> String {
     let mut h = Sha256::new();
     h.update(std::process::id().to_le_bytes());
-    h.update(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_le_bytes());
+    h.update(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_le_bytes(),
+    );
     hex::encode(&h.finalize()[..6])
 }
 
 /// Recipe of a launch image: everything that shapes the saved VM.
-pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
+pub fn launch_recipe(
+    base: &ImageRecord,
+    install: &ImageRecord,
+    pkg: &Package,
+    accel: Accel,
+    qemu: &str,
+) -> String {
     let mut h = Sha256::new();
     for part in [
         "launch",
@@ -80,7 +97,11 @@ impl Engine {
     ///
     /// # Errors
     /// If a build fails.
-    pub async fn ensure_images(&self, pkg: &Package, progress: &dyn Progress) -> Result<ImageSet, Error> {
+    pub async fn ensure_images(
+        &self,
+        pkg: &Package,
+        progress: &dyn Progress,
+    ) -> Result<ImageSet, Error> {
         let base = self.ensure_base(progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
@@ -91,14 +112,27 @@ impl Engine {
                 let _lock = self.store.lock_recipe(&recipe)?;
                 match self.usable(ImageKind::Launch, &recipe)? {
                     Some(rec) => rec,
-                    None => self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?,
+                    None => {
+                        self.build_launch(pkg, &base, &install, accel, &recipe, progress)
+                            .await?
+                    }
                 }
             }
         };
-        Ok(ImageSet { base, install, launch })
+        Ok(ImageSet {
+            base,
+            install,
+            launch,
+        })
     }
 
-    fn boot_config(&self, base: &ImageRecord, dir: &std::path::Path, accel: Accel, memory_mib: u32) -> Result<VmConfig, Error> {
+    fn boot_config(
+        &self,
+        base: &ImageRecord,
+        dir: &std::path::Path,
+        accel: Accel,
+        memory_mib: u32,
+    ) -> Result<VmConfig, Error> {
         Ok(VmConfig {
             dir: dir.to_path_buf(),
             accel,
@@ -106,9 +140,14 @@ impl Engine {
             memory: Memory::Anonymous,
             kernel: self.store.blob_path(base.file("kernel")?),
             initramfs: self.store.blob_path(base.file("initramfs")?),
-            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
+            cmdline: base
+                .meta
+                .get("cmdline")
+                .cloned()
+                .unwrap_or_else(|| crate::base::CMDLINE.into()),
             disks: Vec::new(),
             incoming: None,
+            die_with_parent: true,
         })
     }
 
@@ -121,7 +160,11 @@ impl Engine {
         recipe: &str,
         progress: &dyn Progress,
     ) -> Result<ImageRecord, Error> {
-        progress.step(&format!("launch image for {}: booting and starting {}", pkg.name, pkg.def.command.join(" ")));
+        progress.step(&format!(
+            "launch image for {}: booting and starting {}",
+            pkg.name,
+            pkg.def.command.join(" ")
+        ));
         let work = self.store.work_dir("launch")?;
         let w = work.path();
         let overlay = w.join("disk.qcow2");
@@ -131,12 +174,27 @@ impl Engine {
         let vm_dir = self.store.work_dir("launch-vm")?;
         let mut cfg = self.boot_config(base, vm_dir.path(), accel, pkg.def.memory_mib)?;
         cfg.memory = Memory::SharedFile(memory.clone());
-        cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
+        cfg.disks = vec![Disk {
+            path: overlay.clone(),
+            format: "qcow2",
+            mode: DiskMode::Writable,
+        }];
         let ctx = ContextSettings::from_terminal(None).to_terminal_context();
         let mut a = start_and_attach(cfg, vm_dir, &ctx, BOOT_TIMEOUT).await?;
         let r = &pkg.def.ready;
-        spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
-        progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
+        spawn_ready(
+            &mut a,
+            &pkg.name,
+            pkg.def.command.clone(),
+            env_of(pkg),
+            readiness(pkg),
+            r.timeout_ms,
+        )
+        .await?;
+        progress.step(&format!(
+            "launch image for {}: ready, saving memory and devices",
+            pkg.name
+        ));
         // Let the program finish drawing, then tell the agent nobody is attached,
         // so the saved guest keeps its output for whoever attaches next.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -147,7 +205,12 @@ impl Engine {
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => return Err(Error::AgentGone("detach before saving")),
                 Ok(Err(e)) => return Err(e.into()),
-                Err(_) => return Err(Error::Timeout { what: "the agent to detach".into(), secs: 30 }),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: "the agent to detach".into(),
+                        secs: 30,
+                    })
+                }
             }
         }
         save_vm(&mut a, &state).await?;
@@ -163,10 +226,23 @@ impl Engine {
         let meta = BTreeMap::from([
             ("accel".to_string(), accel.as_str().to_string()),
             ("memory_mib".to_string(), pkg.def.memory_mib.to_string()),
-            ("cmdline".to_string(), base.meta.get("cmdline").cloned().unwrap_or_default()),
+            (
+                "cmdline".to_string(),
+                base.meta.get("cmdline").cloned().unwrap_or_default(),
+            ),
             ("base".to_string(), base.digest.clone()),
         ]);
-        let rec = ImageRecord::new(ImageKind::Launch, Some(pkg.name.clone()), OS, ARCH, Some(install.digest.clone()), recipe, files, meta, 0);
+        let rec = ImageRecord::new(
+            ImageKind::Launch,
+            Some(pkg.name.clone()),
+            OS,
+            ARCH,
+            Some(install.digest.clone()),
+            recipe,
+            files,
+            meta,
+            0,
+        );
         let rec = self.with_size(rec)?;
         self.store.insert_image(&rec)?;
         progress.done(&format!("launch image for {} ready", pkg.name));
@@ -178,7 +254,12 @@ impl Engine {
     ///
     /// # Errors
     /// If images cannot be built, the context is invalid, or the VM fails.
-    pub async fn launch(&self, pkg: &Package, settings: &ContextSettings, progress: &dyn Progress) -> Result<Session, Error> {
+    pub async fn launch(
+        &self,
+        pkg: &Package,
+        settings: &ContextSettings,
+        progress: &dyn Progress,
+    ) -> Result<Session, Error> {
         let images = self.ensure_images(pkg, progress).await?;
         self.context_image(settings)?;
         self.launch_from(pkg, &images.launch, settings).await
@@ -188,10 +269,24 @@ impl Engine {
     ///
     /// # Errors
     /// If the VM cannot be restored or the agent does not answer.
-    pub async fn launch_from(&self, pkg: &Package, launch: &ImageRecord, settings: &ContextSettings) -> Result<Session, Error> {
-        let dir = self.store.work_dir("session")?;
-        let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
-        let memory_mib: u32 = launch.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(pkg.def.memory_mib);
+    pub async fn launch_from(
+        &self,
+        pkg: &Package,
+        launch: &ImageRecord,
+        settings: &ContextSettings,
+    ) -> Result<Session, Error> {
+        let id = new_session_id();
+        let dir = self.new_session_dir(&id)?;
+        let accel: Accel = launch
+            .meta
+            .get("accel")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(Accel::Tcg);
+        let memory_mib: u32 = launch
+            .meta
+            .get("memory_mib")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(pkg.def.memory_mib);
         let cfg = VmConfig {
             dir: dir.path().to_path_buf(),
             accel,
@@ -200,11 +295,22 @@ impl Engine {
             kernel: self.store.blob_path(launch.file("kernel")?),
             initramfs: self.store.blob_path(launch.file("initramfs")?),
             cmdline: launch.meta.get("cmdline").cloned().unwrap_or_default(),
-            disks: vec![Disk { path: self.store.blob_path(launch.file("disk")?), format: "qcow2", mode: DiskMode::Throwaway }],
+            disks: vec![Disk {
+                path: self.store.blob_path(launch.file("disk")?),
+                format: "qcow2",
+                mode: DiskMode::Throwaway,
+            }],
             incoming: Some(self.store.blob_path(launch.file("state")?)),
+            // The session may be detached and outlive this process; the guest
+            // agent powers off if this process vanishes while attached.
+            die_with_parent: false,
         };
         let a = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
-        Ok(Session::new(new_session_id(), &pkg.name, a))
+        let record = SessionRecord::new(&id, &pkg.name, a.vm.pid(), &launch.digest);
+        self.write_session_record(&record)?;
+        let mut s = Session::new(id, &pkg.name, a);
+        s.record = Some(self.session_dir(&s.id));
+        Ok(s)
     }
 
     /// Launches a package the slow way: boot base <- install, start the
@@ -212,15 +318,33 @@ impl Engine {
     ///
     /// # Errors
     /// If images cannot be built or the program does not become ready.
-    pub async fn launch_cold(&self, pkg: &Package, settings: &ContextSettings, progress: &dyn Progress) -> Result<Session, Error> {
+    pub async fn launch_cold(
+        &self,
+        pkg: &Package,
+        settings: &ContextSettings,
+        progress: &dyn Progress,
+    ) -> Result<Session, Error> {
         let base = self.ensure_base(progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let dir = self.store.work_dir("cold")?;
         let mut cfg = self.boot_config(&base, dir.path(), accel, pkg.def.memory_mib)?;
-        cfg.disks = vec![Disk { path: self.store.blob_path(install.file("disk")?), format: "qcow2", mode: DiskMode::Throwaway }];
-        let mut a: Attached = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
-        let screen = spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), pkg.def.ready.timeout_ms).await;
+        cfg.disks = vec![Disk {
+            path: self.store.blob_path(install.file("disk")?),
+            format: "qcow2",
+            mode: DiskMode::Throwaway,
+        }];
+        let mut a: Attached =
+            start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
+        let screen = spawn_ready(
+            &mut a,
+            &pkg.name,
+            pkg.def.command.clone(),
+            env_of(pkg),
+            readiness(pkg),
+            pkg.def.ready.timeout_ms,
+        )
+        .await;
         match screen {
             Ok(screen) => {
                 a.screen = screen;
@@ -239,7 +363,10 @@ impl Engine {
 async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error> {
     a.vm.save_and_quit(state, Duration::from_secs(300)).await?;
     if !state.is_file() {
-        return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("QEMU wrote no state") });
+        return Err(Error::Io {
+            path: state.to_path_buf(),
+            source: std::io::Error::other("QEMU wrote no state"),
+        });
     }
     Ok(())
 }

@@ -21,6 +21,8 @@ pub enum SessionEvent {
     Exited(i32),
     /// The VM or its agent went away without an exit status.
     Lost(String),
+    /// The agent acknowledged a detach.
+    Detached,
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -33,7 +35,9 @@ pub struct Session {
     vm: Vm,
     writer: AgentWriter,
     events: mpsc::Receiver<SessionEvent>,
-    _dir: WorkDir,
+    dir: WorkDir,
+    /// The session's directory if it is registered (may be detached).
+    pub(crate) record: Option<std::path::PathBuf>,
 }
 
 /// A VM booted (or restored) whose agent answered the first attach.
@@ -46,7 +50,12 @@ pub(crate) struct Attached {
 }
 
 /// Starts a VM and performs the first attach with `ctx`.
-pub(crate) async fn start_and_attach(cfg: VmConfig, dir: WorkDir, ctx: &TerminalContext, timeout: Duration) -> Result<Attached, Error> {
+pub(crate) async fn start_and_attach(
+    cfg: VmConfig,
+    dir: WorkDir,
+    ctx: &TerminalContext,
+    timeout: Duration,
+) -> Result<Attached, Error> {
     let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
     conn.send(&HostMsg::Attach(ctx.clone())).await?;
     let reply = tokio::time::timeout(timeout, conn.recv()).await;
@@ -54,19 +63,30 @@ pub(crate) async fn start_and_attach(cfg: VmConfig, dir: WorkDir, ctx: &Terminal
         Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
             let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
             let (screen, exited) = main.map(|p| (p.screen, p.exit)).unwrap_or_default();
-            Ok(Attached { vm, conn, dir, screen, exited })
+            Ok(Attached {
+                vm,
+                conn,
+                dir,
+                screen,
+                exited,
+            })
         }
         Ok(Ok(Some(other))) => Err(Error::Agent(format!("expected Attached, got {other:?}"))),
         Ok(Ok(None)) => {
             let diag = vm.diagnostics();
             vm.kill().await;
-            Err(Error::Agent(format!("the guest closed the channel on attach\n{diag}")))
+            Err(Error::Agent(format!(
+                "the guest closed the channel on attach\n{diag}"
+            )))
         }
         Ok(Err(e)) => Err(e.into()),
         Err(_) => {
             let diag = vm.diagnostics();
             vm.kill().await;
-            Err(Error::Timeout { what: format!("the guest agent to attach\n{diag}"), secs: timeout.as_secs() })
+            Err(Error::Timeout {
+                what: format!("the guest agent to attach\n{diag}"),
+                secs: timeout.as_secs(),
+            })
         }
     }
 }
@@ -81,7 +101,15 @@ pub(crate) async fn spawn_ready(
     readiness: Readiness,
     timeout_ms: u32,
 ) -> Result<Vec<u8>, Error> {
-    a.conn.send(&HostMsg::Spawn { id: MAIN_PROC, argv, env, readiness, ready_timeout_ms: timeout_ms }).await?;
+    a.conn
+        .send(&HostMsg::Spawn {
+            id: MAIN_PROC,
+            argv,
+            env,
+            readiness,
+            ready_timeout_ms: timeout_ms,
+        })
+        .await?;
     let mut screen = Vec::new();
     // The agent enforces the readiness time-out; this one only guards a hung guest.
     let guard = Duration::from_millis(timeout_ms as u64) + Duration::from_secs(30);
@@ -100,7 +128,10 @@ pub(crate) async fn spawn_ready(
             Some(GuestMsg::Ready { .. }) => return Ok(screen),
             Some(GuestMsg::Failed { reason, .. }) => return Err(not_ready(reason, &screen)),
             Some(GuestMsg::Exited { status, .. }) => {
-                return Err(not_ready(format!("the program exited with status {status}"), &screen))
+                return Err(not_ready(
+                    format!("the program exited with status {status}"),
+                    &screen,
+                ))
             }
             Some(GuestMsg::Spawned { .. }) => {}
             Some(other) => tracing::debug!(?other, "ignored while waiting for readiness"),
@@ -112,7 +143,13 @@ pub(crate) async fn spawn_ready(
 impl Session {
     /// Wraps an attached VM; a task forwards the agent's messages as events.
     pub(crate) fn new(id: String, package: &str, a: Attached) -> Session {
-        let Attached { vm, conn, dir, screen, exited } = a;
+        let Attached {
+            vm,
+            conn,
+            dir,
+            screen,
+            exited,
+        } = a;
         let AgentConn { mut reader, writer } = conn;
         let (tx, rx) = mpsc::channel(256);
         if let Some(code) = exited {
@@ -121,8 +158,15 @@ impl Session {
         tokio::spawn(async move {
             loop {
                 let ev = match reader.recv().await {
-                    Ok(Some(GuestMsg::Output { id: MAIN_PROC, data })) => SessionEvent::Output(data),
-                    Ok(Some(GuestMsg::Exited { id: MAIN_PROC, status })) => SessionEvent::Exited(status),
+                    Ok(Some(GuestMsg::Output {
+                        id: MAIN_PROC,
+                        data,
+                    })) => SessionEvent::Output(data),
+                    Ok(Some(GuestMsg::Exited {
+                        id: MAIN_PROC,
+                        status,
+                    })) => SessionEvent::Exited(status),
+                    Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -131,18 +175,30 @@ impl Session {
                     Ok(None) => SessionEvent::Lost("the VM closed its channel".into()),
                     Err(e) => SessionEvent::Lost(format!("agent channel: {e}")),
                 };
-                let end = !matches!(ev, SessionEvent::Output(_));
+                let end = matches!(ev, SessionEvent::Exited(_) | SessionEvent::Lost(_));
                 if tx.send(ev).await.is_err() || end {
                     break;
                 }
             }
         });
-        Session { id, package: package.into(), screen, vm, writer, events: rx, _dir: dir }
+        Session {
+            id,
+            package: package.into(),
+            screen,
+            vm,
+            writer,
+            events: rx,
+            dir,
+            record: None,
+        }
     }
 
     /// The next thing the program did. Cancel-safe.
     pub async fn next_event(&mut self) -> SessionEvent {
-        self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
+        self.events
+            .recv()
+            .await
+            .unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
     }
 
     /// Types bytes into the program.
@@ -150,7 +206,13 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn input(&mut self, data: &[u8]) -> Result<(), Error> {
-        Ok(self.writer.send(&HostMsg::Input { id: MAIN_PROC, data: data.to_vec() }).await?)
+        Ok(self
+            .writer
+            .send(&HostMsg::Input {
+                id: MAIN_PROC,
+                data: data.to_vec(),
+            })
+            .await?)
     }
 
     /// Ends the program's input (as a closed pipe would).
@@ -166,12 +228,23 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn resize(&mut self, size: WinSize) -> Result<(), Error> {
-        Ok(self.writer.send(&HostMsg::Resize { id: MAIN_PROC, size }).await?)
+        Ok(self
+            .writer
+            .send(&HostMsg::Resize {
+                id: MAIN_PROC,
+                size,
+            })
+            .await?)
     }
 
     /// QEMU's process id.
-    pub fn vm_pid(&self) -> Option<u32> {
+    pub fn vm_pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    /// Whether the session can be detached (and re-attached later).
+    pub fn detachable(&self) -> bool {
+        self.record.is_some()
     }
 
     /// Stops the VM now and removes everything the session created.
@@ -179,12 +252,54 @@ impl Session {
         self.vm.kill().await;
     }
 
+    /// Leaves the session running without a terminal; `strata attach` returns to it.
+    ///
+    /// # Errors
+    /// If the session is not detachable or the agent does not acknowledge.
+    pub async fn detach(mut self) -> Result<String, Error> {
+        let Some(dir) = self.record.clone() else {
+            return Err(Error::Config(
+                "this session cannot be detached (it was not launched from a launch image)".into(),
+            ));
+        };
+        self.writer.send(&HostMsg::Detach).await?;
+        // Closing our end before the agent took the detach would look like a
+        // vanished terminal, which stops the VM.
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.next_event().await {
+                    SessionEvent::Detached => return Ok(()),
+                    SessionEvent::Output(_) => {}
+                    other => return Err(Error::Agent(format!("{other:?} while detaching"))),
+                }
+            }
+        })
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the agent to acknowledge the detach".into(),
+            secs: 10,
+        })?;
+        acked?;
+        crate::sessions::mark_detached(&dir)?;
+        let Session {
+            id, vm, dir: work, ..
+        } = self;
+        vm.release();
+        work.keep();
+        Ok(id)
+    }
+
     /// Sends input, then collects output until `expect` appears; returns the
     /// output seen. Used by tests and benchmarks.
     ///
     /// # Errors
     /// If the program ends or `timeout` passes first.
-    pub async fn expect_after(&mut self, input: &[u8], expect: &str, timeout: Duration) -> Result<String, Error> {
+    pub async fn expect_after(
+        &mut self,
+        input: &[u8],
+        expect: &str,
+        timeout: Duration,
+    ) -> Result<String, Error> {
         if !input.is_empty() {
             self.input(input).await?;
         }
@@ -206,7 +321,10 @@ impl Session {
                 }
                 Err(_) => {
                     return Err(Error::Timeout {
-                        what: format!("{expect:?} (output so far: {:?})", String::from_utf8_lossy(&seen)),
+                        what: format!(
+                            "{expect:?} (output so far: {:?})",
+                            String::from_utf8_lossy(&seen)
+                        ),
                         secs: timeout.as_secs(),
                     })
                 }

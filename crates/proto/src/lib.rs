@@ -110,7 +110,10 @@ pub struct ProcState {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum GuestMsg {
     /// Reply to [`HostMsg::Attach`].
-    Attached { agent_version: String, procs: Vec<ProcState> },
+    Attached {
+        agent_version: String,
+        procs: Vec<ProcState>,
+    },
     /// Reply to [`HostMsg::Detach`]: nothing more is sent until the next attach.
     Detached,
     /// The program started; readiness is reported separately.
@@ -195,8 +198,14 @@ mod tests {
     #[test]
     fn round_trip_through_a_byte_stream() {
         let msgs = vec![
-            HostMsg::Attach(TerminalContext { term: "xterm".into(), ..Default::default() }),
-            HostMsg::Input { id: 3, data: b"print(6*7)\n".to_vec() },
+            HostMsg::Attach(TerminalContext {
+                term: "xterm".into(),
+                ..Default::default()
+            }),
+            HostMsg::Input {
+                id: 3,
+                data: b"print(6*7)\n".to_vec(),
+            },
             HostMsg::Eof { id: 3 },
         ];
         let mut buf = Vec::new();

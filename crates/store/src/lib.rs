@@ -34,7 +34,11 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("store I/O on {path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("catalog database")]
     Db(#[from] rusqlite::Error),
     #[error("blob {digest} is corrupt: its content hashes to {actual}")]
@@ -48,12 +52,18 @@ pub enum Error {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A sha256 digest as 64 lower-case hex characters.
 pub fn check_digest(d: &str) -> Result<(), Error> {
-    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if d.len() == 64
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(Error::BadDigest(d.to_string()))
@@ -78,8 +88,20 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
+    /// Takes charge of an existing directory: removed when dropped.
+    pub fn adopt(path: PathBuf) -> WorkDir {
+        WorkDir { path }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps the directory after this handle is gone.
+    pub fn keep(self) -> PathBuf {
+        let path = self.path.clone();
+        std::mem::forget(self);
+        path
     }
 }
 
@@ -113,7 +135,10 @@ impl Store {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let db = catalog::open(&root.join("catalog.db"))?;
-        let store = Store { root: root.to_path_buf(), db: Mutex::new(db) };
+        let store = Store {
+            root: root.to_path_buf(),
+            db: Mutex::new(db),
+        };
         store.remove_stale_work_dirs();
         Ok(store)
     }
@@ -134,17 +159,26 @@ impl Store {
     /// If the directory cannot be created.
     pub fn work_dir(&self, label: &str) -> Result<WorkDir, Error> {
         let n = WORK_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = self.root.join("tmp").join(format!("{}.{n}.{label}", std::process::id()));
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{n}.{label}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).map_err(io_err(&path))?;
         Ok(WorkDir { path })
     }
 
     fn remove_stale_work_dirs(&self) {
-        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else { return };
+        let Ok(entries) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let pid: i32 = name.split('.').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let pid: i32 = name
+                .split('.')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             // SAFETY: kill with signal 0 only checks that the process exists.
             let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
             if !alive {
@@ -161,9 +195,19 @@ impl Store {
     pub fn lock_recipe(&self, recipe: &str) -> Result<RecipeLock, Error> {
         check_digest(recipe)?;
         let path = self.root.join("locks").join(recipe);
-        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
-        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::Io { path, source: e.into() })?;
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let lock =
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+                Error::Io {
+                    path,
+                    source: e.into(),
+                }
+            })?;
         Ok(RecipeLock { _lock: lock })
     }
 
@@ -217,7 +261,9 @@ impl Store {
         let path = self.blob_path(digest);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(digest.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Missing(digest.into()))
+            }
             Err(e) => return Err(Error::Io { path, source: e }),
         };
         if catalog::check_matches(&self.lock_db(), digest, &stamp(&meta))? {
@@ -237,7 +283,10 @@ impl Store {
         }
         let actual = hash_file(&path)?;
         if actual != digest {
-            return Err(Error::Corrupt { digest: digest.into(), actual });
+            return Err(Error::Corrupt {
+                digest: digest.into(),
+                actual,
+            });
         }
         self.record_check(digest)
     }
@@ -270,7 +319,11 @@ impl Store {
     ///
     /// # Errors
     /// On database errors.
-    pub fn find_by_recipe(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+    pub fn find_by_recipe(
+        &self,
+        kind: ImageKind,
+        recipe: &str,
+    ) -> Result<Option<ImageRecord>, Error> {
         catalog::find_by_recipe(&self.lock_db(), kind, recipe)
     }
 
@@ -313,7 +366,13 @@ impl Store {
 }
 
 fn stamp(meta: &fs::Metadata) -> String {
-    format!("{}:{}:{}.{}", meta.len(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+    format!(
+        "{}:{}:{}.{}",
+        meta.len(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
 }
 
 /// The sha256 of a file's content, as hex.

@@ -18,15 +18,23 @@ use std::path::PathBuf;
 
 /// Version of the way VMs are saved and restored; launch images record it,
 /// so a change here never loads an old snapshot into an incompatible VM.
-pub const SNAPSHOT_FORMAT: &str = "2";
+pub const SNAPSHOT_FORMAT: &str = "3";
 
 /// Errors of running VMs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot start {program}; is QEMU installed?")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM I/O on {path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("QEMU exited ({status}) before the guest agent connected; console log:\n{console}")]
     EarlyExit { status: String, console: String },
     #[error("the guest agent did not connect within {0} s")]
@@ -36,7 +44,11 @@ pub enum Error {
     #[error("guest agent protocol")]
     Protocol(#[from] strata_proto::Error),
     #[error("QMP command {command} failed")]
-    Qmp { command: &'static str, #[source] source: std::io::Error },
+    Qmp {
+        command: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("saving the VM state failed: {0}")]
     Save(String),
 }

@@ -55,6 +55,9 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// Device state to load instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Kill QEMU when the thread that started it exits, even by SIGKILL.
+    /// Off for sessions that may be detached and outlive their terminal.
+    pub die_with_parent: bool,
 }
 
 impl VmConfig {
@@ -64,8 +67,17 @@ impl VmConfig {
         let dir = &self.dir;
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        push(&["-machine", "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&[
+            "-machine",
+            "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram",
+        ]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg"]),
@@ -74,29 +86,61 @@ impl VmConfig {
         push(&["-m", &size, "-smp", "1"]);
         let ram = match &self.memory {
             Memory::Anonymous => format!("memory-backend-ram,id=ram,size={size}"),
-            Memory::SharedFile(p) => format!("memory-backend-file,id=ram,size={size},mem-path={},share=on", p.display()),
-            Memory::PrivateFile(p) => format!("memory-backend-file,id=ram,size={size},mem-path={},share=off", p.display()),
+            Memory::SharedFile(p) => format!(
+                "memory-backend-file,id=ram,size={size},mem-path={},share=on",
+                p.display()
+            ),
+            Memory::PrivateFile(p) => format!(
+                "memory-backend-file,id=ram,size={size},mem-path={},share=off",
+                p.display()
+            ),
         };
         push(&["-object", &ram]);
-        push(&["-kernel", &self.kernel.display().to_string(), "-initrd", &self.initramfs.display().to_string()]);
+        push(&[
+            "-kernel",
+            &self.kernel.display().to_string(),
+            "-initrd",
+            &self.initramfs.display().to_string(),
+        ]);
         push(&["-append", &self.cmdline]);
         let console = format!("file,id=console,path={}", dir.join("console.log").display());
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         // Both channels connect to listeners the host opened before starting
         // QEMU, so nobody waits for a socket file to appear.
-        let qmp = format!("socket,id=qmp,path={}", dir.join(QMP_SOCK).display());
+        let qmp = format!(
+            "socket,id=qmp,path={},reconnect-ms=250",
+            dir.join(QMP_SOCK).display()
+        );
         push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
-        let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join(AGENT_SOCK).display());
+        let agent = format!(
+            "socket,id=agent,path={},reconnect-ms=250",
+            dir.join(AGENT_SOCK).display()
+        );
         push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &agent]);
-        push(&["-device", &format!("virtserialport,bus=vser.0,chardev=agent,name={}", strata_proto::AGENT_PORT_NAME)]);
+        push(&[
+            "-device",
+            &format!(
+                "virtserialport,bus=vser.0,chardev=agent,name={}",
+                strata_proto::AGENT_PORT_NAME
+            ),
+        ]);
         for (i, d) in self.disks.iter().enumerate() {
-            let mut drive = format!("file={},if=none,id=disk{i},format={},cache=unsafe", d.path.display(), d.format);
+            let mut drive = format!(
+                "file={},if=none,id=disk{i},format={},cache=unsafe",
+                d.path.display(),
+                d.format
+            );
             match d.mode {
                 DiskMode::Writable => {}
                 DiskMode::ReadOnly => drive.push_str(",readonly=on"),
                 DiskMode::Throwaway => drive.push_str(",snapshot=on"),
             }
-            push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
+            push(&[
+                "-drive",
+                &drive,
+                "-device",
+                &format!("virtio-blk-pci,drive=disk{i}"),
+            ]);
         }
         if self.incoming.is_some() {
             push(&["-incoming", "defer"]);
@@ -115,11 +159,17 @@ type QmpStream = qapi::futures::QapiStream<
 
 fn listen(path: &Path) -> Result<UnixListener, Error> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    UnixListener::bind(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
-    move |e| Error::Qmp { command, source: e.into() }
+    move |e| Error::Qmp {
+        command,
+        source: e.into(),
+    }
 }
 
 fn ignore_shared() -> qmp::migrate_set_capabilities {
@@ -131,11 +181,38 @@ fn ignore_shared() -> qmp::migrate_set_capabilities {
     }
 }
 
-/// A running QEMU process. Killed when dropped.
+/// A running QEMU process. Killed when dropped, unless released.
 pub struct Vm {
-    child: Child,
+    /// Our child, or (after a re-attach from another process) just its pid.
+    child: Option<Child>,
+    pid: u32,
     dir: PathBuf,
     qmp: QmpStream,
+    released: bool,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.released {
+            kill_pid(self.pid);
+        }
+    }
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: sending a signal has no memory effects.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// Accepts QEMU's QMP connection and negotiates capabilities.
+async fn accept_qmp(listener: &UnixListener) -> Result<QmpStream, Error> {
+    let (stream, _) = listener.accept().await.map_err(Error::Channel)?;
+    let neg = qapi::futures::QmpStreamTokio::open(stream)
+        .await
+        .map_err(Error::Channel)?;
+    neg.negotiate().await.map_err(Error::Channel)
 }
 
 impl Vm {
@@ -144,7 +221,10 @@ impl Vm {
     ///
     /// # Errors
     /// If QEMU cannot start, exits early, or a channel does not connect in time.
-    pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
+    pub async fn start(
+        cfg: &VmConfig,
+        connect_timeout: Duration,
+    ) -> Result<(Vm, AgentConn), Error> {
         let qmp_listener = listen(&cfg.dir.join(QMP_SOCK))?;
         let agent_listener = listen(&cfg.dir.join(AGENT_SOCK))?;
         let log = cfg.dir.join("qemu.log");
@@ -152,51 +232,117 @@ impl Vm {
         cmd.args(cfg.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
-            .env("TMPDIR", &cfg.dir)
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe. QEMU dies with strata even on
-        // SIGKILL, so no VM outlives the process that owns it.
+            .stderr(Stdio::from(
+                std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?,
+            ))
+            .env("TMPDIR", &cfg.dir);
+        let die_with_parent = cfg.die_with_parent;
+        // SAFETY: setsid and prctl are async-signal-safe. A session of its
+        // own keeps QEMU out of the terminal's signals (a closed terminal's
+        // SIGHUP must not stop a detached VM; strata decides when VMs stop).
+        // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
         unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            cmd.pre_exec(move || {
+                libc::setsid();
+                if die_with_parent {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
                 Ok(())
             });
         }
         tracing::debug!(args = ?cfg.args(), "starting QEMU");
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: QEMU.into(),
+            source,
+        })?;
         let dir = cfg.dir.clone();
         let early_exit = |st: std::io::Result<std::process::ExitStatus>| Error::EarlyExit {
             status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
             console: diagnostics(&dir),
         };
+        let pid = child.id().unwrap_or(0);
         let setup = async {
-            let (stream, _) = qmp_listener.accept().await.map_err(Error::Channel)?;
-            let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
-            let mut qmp = neg.negotiate().await.map_err(Error::Channel)?;
+            let mut qmp = accept_qmp(&qmp_listener).await?;
             if let Some(state) = &cfg.incoming {
-                qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
-                let uri = format!("file:{}", state.display());
-                qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
+                qmp.execute(ignore_shared())
                     .await
-                    .map_err(qmp_err("migrate-incoming"))?;
+                    .map_err(qmp_err("migrate-set-capabilities"))?;
+                let uri = format!("file:{}", state.display());
+                qmp.execute(qmp::migrate_incoming {
+                    uri: Some(uri),
+                    channels: None,
+                    exit_on_error: Some(true),
+                })
+                .await
+                .map_err(qmp_err("migrate-incoming"))?;
             }
             let (agent, _) = agent_listener.accept().await.map_err(Error::Channel)?;
             Ok::<_, Error>((qmp, agent))
         };
         let (qmp, agent) = tokio::select! {
-            r = setup => r?,
+            r = setup => match r {
+                Ok(x) => x,
+                Err(e) => { kill_pid(pid); return Err(e) }
+            },
             st = child.wait() => return Err(early_exit(st)),
-            _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
+            _ = tokio::time::sleep(connect_timeout) => {
+                kill_pid(pid);
+                return Err(Error::AgentTimeout(connect_timeout.as_secs()))
+            }
         };
-        for s in [QMP_SOCK, AGENT_SOCK] {
-            let _ = std::fs::remove_file(cfg.dir.join(s));
-        }
-        Ok((Vm { child, dir: cfg.dir.clone(), qmp }, AgentConn::new(agent)))
+        Ok((
+            Vm {
+                child: Some(child),
+                pid,
+                dir: cfg.dir.clone(),
+                qmp,
+                released: false,
+            },
+            AgentConn::new(agent),
+        ))
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+    /// Reconnects to a VM started by another process (a detached session):
+    /// QEMU reconnects its QMP and agent channels to listeners opened here.
+    ///
+    /// # Errors
+    /// If QEMU does not reconnect within `timeout`.
+    pub async fn reattach(
+        dir: &Path,
+        pid: u32,
+        timeout: Duration,
+    ) -> Result<(Vm, AgentConn), Error> {
+        let qmp_listener = listen(&dir.join(QMP_SOCK))?;
+        let agent_listener = listen(&dir.join(AGENT_SOCK))?;
+        let both = async {
+            Ok::<_, Error>((
+                accept_qmp(&qmp_listener).await?,
+                agent_listener.accept().await.map_err(Error::Channel)?.0,
+            ))
+        };
+        let (qmp, agent) = tokio::time::timeout(timeout, both)
+            .await
+            .map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
+        Ok((
+            Vm {
+                child: None,
+                pid,
+                dir: dir.to_path_buf(),
+                qmp,
+                released: false,
+            },
+            AgentConn::new(agent),
+        ))
+    }
+
+    /// Leaves QEMU running when this handle is dropped (a detached session).
+    pub fn release(mut self) -> u32 {
+        self.released = true;
+        self.pid
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     pub fn dir(&self) -> &Path {
@@ -216,43 +362,81 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save_and_quit(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
-        self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+        self.qmp
+            .execute(ignore_shared())
+            .await
+            .map_err(qmp_err("migrate-set-capabilities"))?;
         let uri = format!("file:{}", path.display());
         self.qmp
-            .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
+            .execute(qmp::migrate {
+                uri: Some(uri),
+                channels: None,
+                detach: None,
+                resume: None,
+            })
             .await
             .map_err(qmp_err("migrate"))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
+            let info = self
+                .qmp
+                .execute(qmp::query_migrate {})
+                .await
+                .map_err(qmp_err("query-migrate"))?;
             match info.status {
                 Some(qmp::MigrationStatus::completed) => break,
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
-                    return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
+                    return Err(Error::Save(
+                        info.error_desc.unwrap_or_else(|| "migration failed".into()),
+                    ))
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                return Err(Error::Save(format!("not complete after {} s", timeout.as_secs())));
+                return Err(Error::Save(format!(
+                    "not complete after {} s",
+                    timeout.as_secs()
+                )));
             }
             // Only while building a launch image: a short pause between queries is fine.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = self.qmp.execute(qmp::quit {}).await;
-        if self.wait_exit(Duration::from_secs(30)).await.is_none() {
+        if !self.wait_exit(Duration::from_secs(30)).await {
             self.kill().await;
         }
         Ok(())
     }
 
-    /// Waits for QEMU to exit by itself, up to `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
+    /// Waits for QEMU (our child) to exit by itself, up to `timeout`;
+    /// `true` if it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        match &mut self.child {
+            Some(c) => tokio::time::timeout(timeout, c.wait())
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            None => false,
+        }
     }
 
-    /// Kills QEMU and waits for it.
+    /// Kills QEMU and waits for it to be gone.
     pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
+        match &mut self.child {
+            Some(c) => {
+                let _ = c.kill().await;
+            }
+            None => {
+                kill_pid(self.pid);
+                // Not our child: watch /proc, briefly and boundedly.
+                for _ in 0..100 {
+                    if !Path::new(&format!("/proc/{}", self.pid)).exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        self.released = true;
     }
 }
 

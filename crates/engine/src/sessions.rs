@@ -1,0 +1,242 @@
+//! The registry of sessions launched from launch images: a directory per
+//! session under `STATE/sessions/ID/` with its sockets, QEMU's throwaway
+//! overlay, logs and `session.json`. A session whose terminal detached keeps
+//! running there until `strata attach` or `strata kill`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strata_store::WorkDir;
+use strata_vmm::Vm;
+
+use crate::context::ContextSettings;
+use crate::session::{Attached, Session, MAIN_PROC};
+use crate::{io_err, write_atomic, Engine, Error};
+
+const RECORD: &str = "session.json";
+
+/// What `strata ps` shows of a session.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub package: String,
+    pub qemu_pid: u32,
+    /// The strata process attached to it (0 when detached).
+    pub owner_pid: u32,
+    pub detached: bool,
+    pub launch_image: String,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+impl SessionRecord {
+    pub(crate) fn new(id: &str, package: &str, qemu_pid: u32, launch_image: &str) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            package: package.into(),
+            qemu_pid,
+            owner_pid: std::process::id(),
+            detached: false,
+            launch_image: launch_image.into(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+/// Whether `pid` is the QEMU of the session in `dir` (not a reused pid).
+fn is_session_qemu(pid: u32, dir: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+        .unwrap_or(false)
+}
+
+fn read_record(dir: &Path) -> Option<SessionRecord> {
+    serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
+    let mut rec = read_record(dir)
+        .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+    rec.detached = true;
+    rec.owner_pid = 0;
+    write_atomic(
+        &dir.join(RECORD),
+        &serde_json::to_vec(&rec).expect("serializes"),
+    )
+}
+
+/// Checks a session id before it becomes part of a path.
+fn check_id(id: &str) -> Result<(), Error> {
+    if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{id:?} is not a session id (12 hex digits, as `strata ps` shows)"
+        )))
+    }
+}
+
+impl Engine {
+    fn sessions_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("sessions")
+    }
+
+    pub(crate) fn session_dir(&self, id: &str) -> PathBuf {
+        self.sessions_root().join(id)
+    }
+
+    pub(crate) fn new_session_dir(&self, id: &str) -> Result<WorkDir, Error> {
+        let dir = self.session_dir(id);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(WorkDir::adopt(dir))
+    }
+
+    pub(crate) fn write_session_record(&self, rec: &SessionRecord) -> Result<(), Error> {
+        write_atomic(
+            &self.session_dir(&rec.id).join(RECORD),
+            &serde_json::to_vec(rec).expect("serializes"),
+        )
+    }
+
+    /// Removes sessions whose VM is gone, and stops VMs whose terminal
+    /// vanished without detaching (its strata process died).
+    pub(crate) fn reap_sessions(&self) {
+        let Ok(entries) = std::fs::read_dir(self.sessions_root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let rec = read_record(&dir);
+            let vm_alive = rec
+                .as_ref()
+                .is_some_and(|r| alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir));
+            let orphan = rec
+                .as_ref()
+                .is_some_and(|r| !r.detached && !alive(r.owner_pid));
+            // A directory without a record is a launch still starting (its
+            // creator writes the record) unless its creator is dead; keep it
+            // for a minute to be safe.
+            let young = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|d| d < Duration::from_secs(60));
+            if rec.is_none() && young {
+                continue;
+            }
+            if vm_alive && orphan {
+                let pid = rec.as_ref().map(|r| r.qemu_pid).unwrap_or(0);
+                tracing::info!(session = %e.file_name().to_string_lossy(), pid, "stopping a session whose terminal vanished");
+                // SAFETY: signalling a process we verified is this session's QEMU.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+            if !vm_alive || orphan {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+
+    /// Sessions that are running, attached or detached.
+    pub fn list_sessions(&self) -> Vec<SessionRecord> {
+        self.reap_sessions();
+        let Ok(entries) = std::fs::read_dir(self.sessions_root()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<SessionRecord> = entries
+            .flatten()
+            .filter_map(|e| read_record(&e.path()))
+            .collect();
+        out.sort_by_key(|r| r.created);
+        out
+    }
+
+    /// Attaches this terminal to a detached session.
+    ///
+    /// # Errors
+    /// If there is no such session, another terminal holds it, or its VM does not answer.
+    pub async fn attach_session(
+        &self,
+        id: &str,
+        settings: &ContextSettings,
+    ) -> Result<Session, Error> {
+        check_id(id)?;
+        settings.validate()?;
+        self.reap_sessions();
+        let dir = self.session_dir(id);
+        let mut rec = read_record(&dir)
+            .ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        if !rec.detached && alive(rec.owner_pid) {
+            return Err(Error::Config(format!(
+                "session {id} is attached to another terminal (strata process {})",
+                rec.owner_pid
+            )));
+        }
+        let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        conn.send(&strata_proto::HostMsg::Attach(
+            settings.to_terminal_context(),
+        ))
+        .await?;
+        let reply = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await;
+        let (screen, exited) = match reply {
+            Ok(Ok(Some(strata_proto::GuestMsg::Attached { procs, .. }))) => {
+                let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
+                main.map(|p| (p.screen, p.exit)).unwrap_or_default()
+            }
+            _ => {
+                vm.release();
+                return Err(Error::Agent(format!(
+                    "session {id} did not answer the attach"
+                )));
+            }
+        };
+        rec.detached = false;
+        rec.owner_pid = std::process::id();
+        self.write_session_record(&rec)?;
+        let a = Attached {
+            vm,
+            conn,
+            dir: WorkDir::adopt(dir.clone()),
+            screen,
+            exited,
+        };
+        let mut s = Session::new(id.to_string(), &rec.package, a);
+        s.record = Some(dir);
+        Ok(s)
+    }
+
+    /// Stops a session and removes everything it left.
+    ///
+    /// # Errors
+    /// If there is no such session.
+    pub async fn kill_session(&self, id: &str) -> Result<(), Error> {
+        check_id(id)?;
+        let dir = self.session_dir(id);
+        let rec = read_record(&dir)
+            .ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
+            // SAFETY: signalling a process we verified is this session's QEMU.
+            unsafe {
+                libc::kill(rec.qemu_pid as i32, libc::SIGKILL);
+            }
+            for _ in 0..100 {
+                if !alive(rec.qemu_pid) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+}
