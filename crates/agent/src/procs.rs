@@ -81,7 +81,7 @@ impl Proc {
         let mut envs: std::collections::BTreeMap<String, String> = [
             (
                 "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/games:/usr/games".into(),
             ),
             ("HOME".into(), "/root".into()),
             ("USER".into(), "root".into()),

@@ -584,3 +584,28 @@ fn a_session_whose_terminal_is_killed_stops_itself() {
         "the session is still listed"
     );
 }
+
+#[test]
+fn a_debian_package_without_a_definition_launches_by_its_name() {
+    if !e2e() {
+        return;
+    }
+    // nano: no file in packages/, its program has the package's name.
+    let listed = text(&strata(&["packages", "ls"]).output().unwrap().stdout);
+    assert!(!listed.contains("nano"), "{listed}");
+    let out = strata_with_input(&["run", "nano"], "\x18");
+    // Ctrl-X quits the running editor, and its status is strata's.
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let images = engine().store.list_images().unwrap();
+    for kind in [
+        strata_store::ImageKind::Install,
+        strata_store::ImageKind::Launch,
+    ] {
+        assert!(
+            images
+                .iter()
+                .any(|r| r.kind == kind && r.package.as_deref() == Some("nano")),
+            "no {kind} image"
+        );
+    }
+}
