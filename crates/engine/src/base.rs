@@ -84,7 +84,7 @@ impl Engine {
         if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
             return Ok(rec);
         }
-        self.build_base(&recipe, progress).await
+        self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await
     }
 
     /// An image of this recipe whose blobs are all intact, if any.
@@ -95,7 +95,10 @@ impl Engine {
     ) -> Result<Option<ImageRecord>, Error> {
         while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
             match self.store.verify_image(&rec) {
-                Ok(()) => return Ok(Some(rec)),
+                Ok(()) => {
+                    crate::Stats::count(&self.stats.hits, kind);
+                    return Ok(Some(rec));
+                }
                 // verify_image dropped the damaged image; look again, then rebuild.
                 Err(e) => {
                     tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild")
@@ -334,5 +337,15 @@ mod tests {
         // The test binary itself is dynamically linked.
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(!is_static_elf(&me));
+    }
+}
+
+impl Engine {
+    /// Runs a build, counting it (and its failure) by kind.
+    pub(crate) async fn counted<T>(&self, kind: ImageKind, build: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        let r = build.await;
+        let counters = if r.is_ok() { &self.stats.builds } else { &self.stats.build_failures };
+        crate::Stats::count(counters, kind);
+        r
     }
 }

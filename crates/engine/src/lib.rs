@@ -20,10 +20,11 @@ pub mod sessions;
 mod tools;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_package::{Package, Registry};
-use strata_store::Store;
+use strata_store::{ImageKind, Store};
 use strata_vmm::Accel;
 
 pub use session::{Session, SessionEvent};
@@ -171,11 +172,39 @@ impl Config {
     }
 }
 
+/// Counters of image lookups and builds, by image kind (for metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Lookups that found a usable image, by kind (base, install, launch, context).
+    pub hits: [AtomicU64; 4],
+    /// Images built, by kind.
+    pub builds: [AtomicU64; 4],
+    /// Builds that failed, by kind.
+    pub build_failures: [AtomicU64; 4],
+}
+
+impl Stats {
+    pub(crate) fn count(counters: &[AtomicU64; 4], kind: ImageKind) {
+        counters[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Index of a kind in the [`Stats`] arrays.
+pub fn kind_index(kind: ImageKind) -> usize {
+    match kind {
+        ImageKind::Base => 0,
+        ImageKind::Install => 1,
+        ImageKind::Launch => 2,
+        ImageKind::Context => 3,
+    }
+}
+
 /// The engine: configuration, store, package registry.
 pub struct Engine {
     pub cfg: Config,
     pub store: Arc<Store>,
     pub registry: Registry,
+    pub stats: Stats,
 }
 
 impl Engine {
@@ -190,11 +219,7 @@ impl Engine {
         } else {
             Registry::default()
         };
-        let engine = Engine {
-            cfg,
-            store,
-            registry,
-        };
+        let engine = Engine { cfg, store, registry, stats: Stats::default() };
         engine.reap_sessions();
         Ok(engine)
     }

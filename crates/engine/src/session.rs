@@ -23,6 +23,8 @@ pub enum SessionEvent {
     Lost(String),
     /// The agent acknowledged a detach.
     Detached,
+    /// The agent acknowledged an attach; the program's screen so far.
+    Attached(Vec<u8>),
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -56,9 +58,11 @@ pub(crate) async fn start_and_attach(
     ctx: &TerminalContext,
     timeout: Duration,
 ) -> Result<Attached, Error> {
+    let t0 = std::time::Instant::now();
     let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
     conn.send(&HostMsg::Attach(ctx.clone())).await?;
     let reply = tokio::time::timeout(timeout, conn.recv()).await;
+    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "agent attached");
     match reply {
         Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
             let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
@@ -167,6 +171,9 @@ impl Session {
                         status,
                     })) => SessionEvent::Exited(status),
                     Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
+                    Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(
+                        procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default(),
+                    ),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -240,6 +247,64 @@ impl Session {
     /// QEMU's process id.
     pub fn vm_pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    /// Pauses the VM: its program stops where it is, using no CPU.
+    ///
+    /// # Errors
+    /// If QEMU refuses.
+    pub async fn pause(&mut self) -> Result<(), Error> {
+        Ok(self.vm.pause().await?)
+    }
+
+    /// Resumes a paused VM.
+    ///
+    /// # Errors
+    /// If QEMU refuses.
+    pub async fn resume(&mut self) -> Result<(), Error> {
+        Ok(self.vm.resume().await?)
+    }
+
+    /// Tells the agent no terminal is watching: it keeps the program's output
+    /// as its screen instead of sending it.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn quiet(&mut self) -> Result<(), Error> {
+        self.wait_for(HostMsg::Detach, |e| matches!(e, SessionEvent::Detached)).await.map(|_| ())
+    }
+
+    /// Tells the agent a terminal is watching again with `ctx`; returns the
+    /// program's screen so far, to repaint the terminal.
+    ///
+    /// # Errors
+    /// If the channel is broken or the agent does not answer.
+    pub async fn reattach(&mut self, ctx: &TerminalContext) -> Result<Vec<u8>, Error> {
+        match self.wait_for(HostMsg::Attach(ctx.clone()), |e| matches!(e, SessionEvent::Attached(_))).await? {
+            SessionEvent::Attached(screen) => Ok(screen),
+            _ => unreachable!("wait_for returns the awaited event"),
+        }
+    }
+
+    /// Sends `msg` and waits (10 s at most) for the event `done` accepts,
+    /// dropping program output meanwhile.
+    async fn wait_for(&mut self, msg: HostMsg, done: impl Fn(&SessionEvent) -> bool) -> Result<SessionEvent, Error> {
+        self.writer.send(&msg).await?;
+        let wait = async {
+            loop {
+                let ev = self.next_event().await;
+                if done(&ev) {
+                    return Ok(ev);
+                }
+                match ev {
+                    SessionEvent::Output(_) | SessionEvent::Detached | SessionEvent::Attached(_) => {}
+                    other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .map_err(|_| Error::Timeout { what: "the guest agent to answer".into(), secs: 10 })?
     }
 
     /// Whether the session can be detached (and re-attached later).

@@ -261,8 +261,10 @@ impl Vm {
             console: diagnostics(&dir),
         };
         let pid = child.id().unwrap_or(0);
+        let t0 = Instant::now();
         let setup = async {
             let mut qmp = accept_qmp(&qmp_listener).await?;
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "QMP ready");
             if let Some(state) = &cfg.incoming {
                 qmp.execute(ignore_shared())
                     .await
@@ -352,6 +354,22 @@ impl Vm {
     /// The end of the console log and QEMU's own messages, for error reports.
     pub fn diagnostics(&self) -> String {
         diagnostics(&self.dir)
+    }
+
+    /// Pauses the guest's CPUs (the VM keeps its memory and devices).
+    ///
+    /// # Errors
+    /// If QEMU refuses or the monitor is gone.
+    pub async fn pause(&mut self) -> Result<(), Error> {
+        self.qmp.execute(qmp::stop {}).await.map(|_| ()).map_err(qmp_err("stop"))
+    }
+
+    /// Resumes a paused guest.
+    ///
+    /// # Errors
+    /// If QEMU refuses or the monitor is gone.
+    pub async fn resume(&mut self) -> Result<(), Error> {
+        self.qmp.execute(qmp::cont {}).await.map(|_| ()).map_err(qmp_err("cont"))
     }
 
     /// Saves the running guest's device state (and any memory not in a shared
