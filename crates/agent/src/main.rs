@@ -27,6 +27,10 @@ pub struct Agent {
     port_out: Mutex<File>,
     /// Whether a terminal is attached; output is only kept, not sent, otherwise.
     attached: AtomicBool,
+    /// Whether a host holds the channel (attached or not).
+    host_connected: AtomicBool,
+    /// Whether the host means to stay: losing it then stops the guest.
+    held: AtomicBool,
     procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
     /// Exit statuses of children reaped before their `Proc` was registered.
     early_exits: Mutex<HashMap<i32, i32>>,
@@ -37,6 +41,15 @@ impl Agent {
     /// Sends a message if a terminal is attached.
     pub fn send(&self, msg: &GuestMsg) {
         if self.attached.load(Ordering::Acquire) {
+            self.send_always(msg);
+        }
+    }
+
+    /// Sends what a host must learn even when no terminal is attached (a
+    /// program's end), if a host holds the channel; otherwise it is in the
+    /// state sent on the next attach.
+    pub fn send_to_host(&self, msg: &GuestMsg) {
+        if self.attached.load(Ordering::Acquire) || self.host_connected.load(Ordering::Acquire) {
             self.send_always(msg);
         }
     }
@@ -69,8 +82,14 @@ impl Agent {
                     procs: states,
                 });
                 self.attached.store(true, Ordering::Release);
+                self.held.store(true, Ordering::Release);
             }
             HostMsg::Detach => {
+                self.attached.store(false, Ordering::Release);
+                self.held.store(false, Ordering::Release);
+                self.send_always(&GuestMsg::Detached);
+            }
+            HostMsg::Quiet => {
                 self.attached.store(false, Ordering::Release);
                 self.send_always(&GuestMsg::Detached);
             }
@@ -170,6 +189,8 @@ fn main() {
     let agent = Arc::new(Agent {
         port_out: Mutex::new(port_out),
         attached: AtomicBool::new(false),
+        host_connected: AtomicBool::new(false),
+        held: AtomicBool::new(false),
         procs: Mutex::new(HashMap::new()),
         early_exits: Mutex::new(HashMap::new()),
         context: Mutex::new(TerminalContext {
@@ -195,10 +216,12 @@ fn serve(agent: &Arc<Agent>, mut port: File) -> ! {
     loop {
         match port.read(&mut chunk) {
             Ok(0) => {
-                // The host went away. A terminal that meant to leave sends
-                // Detach first; one that vanished (its process was killed)
-                // leaves nobody to stop this VM, so it stops itself.
-                if agent.attached.swap(false, Ordering::AcqRel) {
+                agent.host_connected.store(false, Ordering::Release);
+                // The host went away. One that meant to leave sent Detach
+                // first; one that vanished (its process was killed) leaves
+                // nobody to stop this VM, so it stops itself.
+                agent.attached.store(false, Ordering::Release);
+                if agent.held.swap(false, Ordering::AcqRel) {
                     log("the host vanished while attached; powering off");
                     system::power_off();
                 }
@@ -206,6 +229,7 @@ fn serve(agent: &Arc<Agent>, mut port: File) -> ! {
                 system::wait_sigio(2000);
             }
             Ok(n) => {
+                agent.host_connected.store(true, Ordering::Release);
                 buf.extend_from_slice(&chunk[..n]);
                 drain_frames(agent, &mut buf);
             }

@@ -166,7 +166,7 @@ impl Proc {
         };
         self.changed.notify_all();
         if let Some(status) = report {
-            agent.send(&GuestMsg::Exited {
+            agent.send_to_host(&GuestMsg::Exited {
                 id: self.id,
                 status,
             });
@@ -197,7 +197,7 @@ impl Proc {
         };
         self.changed.notify_all();
         if report {
-            agent.send(&GuestMsg::Exited {
+            agent.send_to_host(&GuestMsg::Exited {
                 id: self.id,
                 status,
             });
@@ -208,7 +208,7 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(300));
             let late = !std::mem::replace(&mut proc.lock_status().exit_reported, true);
             if late {
-                agent.send(&GuestMsg::Exited {
+                agent.send_to_host(&GuestMsg::Exited {
                     id: proc.id,
                     status,
                 });

@@ -83,6 +83,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ContextCmd,
     },
+    /// Serve the REST API (and run its sessions) until interrupted.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Sessions the server runs at once.
+        #[arg(long, default_value_t = 64)]
+        max_sessions: usize,
+        /// Sessions one terminal may hold at once.
+        #[arg(long, default_value_t = 16)]
+        max_sessions_per_terminal: usize,
+    },
+    /// API tokens (one per terminal).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Show the accelerator strata uses (probing it if needed).
     Accel,
     /// Benchmarks.
@@ -90,6 +107,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create (or replace) the token of a terminal and print it.
+    Create { terminal: String },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +366,53 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Cmd::Serve {
+            listen,
+            max_sessions,
+            max_sessions_per_terminal,
+        } => {
+            if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
+                anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
+            }
+            let limits = strata_api::Limits {
+                max_sessions: *max_sessions,
+                max_sessions_per_terminal: *max_sessions_per_terminal,
+                ..Default::default()
+            };
+            let tokens = tokens_file(&eng);
+            let state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
+                .map_err(anyhow::Error::msg)?;
+            {
+                let mut store = state.tokens.write().unwrap_or_else(|e| e.into_inner());
+                if store.is_empty() {
+                    let token = store.create("default").map_err(anyhow::Error::msg)?;
+                    let saved = tokens.with_file_name("default-token");
+                    write_secret(&saved, &token)?;
+                    eprintln!(
+                        "strata: created the API token of terminal \"default\" (saved in {})",
+                        saved.display()
+                    );
+                }
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!(
+                "strata: serving the API on http://{}",
+                listener.local_addr()?
+            );
+            axum::serve(listener, strata_api::router(std::sync::Arc::new(state))).await?;
+            Ok(0)
+        }
+        Cmd::Token {
+            cmd: TokenCmd::Create { terminal },
+        } => {
+            let mut store = strata_api::auth::TokenStore::load(&tokens_file(&eng))
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", store.create(terminal).map_err(anyhow::Error::msg)?);
+            eprintln!("strata: a running server reads new tokens when it restarts");
+            Ok(0)
+        }
         Cmd::Accel => {
             let base = eng.ensure_base(&bar).await?;
             bar.clear();
@@ -384,6 +454,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn tokens_file(eng: &Engine) -> PathBuf {
+    eng.cfg.state_dir.join("api-tokens.json")
+}
+
+/// Writes a secret readable by its owner only.
+fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    Ok(())
 }
 
 /// Runs the terminal until the session ends or is detached; returns

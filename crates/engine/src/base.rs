@@ -84,7 +84,8 @@ impl Engine {
         if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
             return Ok(rec);
         }
-        self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await
+        self.counted(ImageKind::Base, self.build_base(&recipe, progress))
+            .await
     }
 
     /// An image of this recipe whose blobs are all intact, if any.
@@ -327,6 +328,24 @@ fn is_static_elf(elf: &[u8]) -> bool {
     })
 }
 
+impl Engine {
+    /// Runs a build, counting it (and its failure) by kind.
+    pub(crate) async fn counted<T>(
+        &self,
+        kind: ImageKind,
+        build: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let r = build.await;
+        let counters = if r.is_ok() {
+            &self.stats.builds
+        } else {
+            &self.stats.build_failures
+        };
+        crate::Stats::count(counters, kind);
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_static_elf;
@@ -337,15 +356,5 @@ mod tests {
         // The test binary itself is dynamically linked.
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(!is_static_elf(&me));
-    }
-}
-
-impl Engine {
-    /// Runs a build, counting it (and its failure) by kind.
-    pub(crate) async fn counted<T>(&self, kind: ImageKind, build: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
-        let r = build.await;
-        let counters = if r.is_ok() { &self.stats.builds } else { &self.stats.build_failures };
-        crate::Stats::count(counters, kind);
-        r
     }
 }

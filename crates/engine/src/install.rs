@@ -51,7 +51,11 @@ impl Engine {
         if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
             return Ok(rec);
         }
-        self.counted(ImageKind::Install, self.build_install(pkg, base, &recipe, progress)).await
+        self.counted(
+            ImageKind::Install,
+            self.build_install(pkg, base, &recipe, progress),
+        )
+        .await
     }
 
     async fn build_install(

@@ -219,7 +219,12 @@ impl Engine {
         } else {
             Registry::default()
         };
-        let engine = Engine { cfg, store, registry, stats: Stats::default() };
+        let engine = Engine {
+            cfg,
+            store,
+            registry,
+            stats: Stats::default(),
+        };
         engine.reap_sessions();
         Ok(engine)
     }

@@ -172,7 +172,11 @@ impl Session {
                     })) => SessionEvent::Exited(status),
                     Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
                     Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(
-                        procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default(),
+                        procs
+                            .into_iter()
+                            .find(|p| p.id == MAIN_PROC)
+                            .map(|p| p.screen)
+                            .unwrap_or_default(),
                     ),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
@@ -271,7 +275,9 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn quiet(&mut self) -> Result<(), Error> {
-        self.wait_for(HostMsg::Detach, |e| matches!(e, SessionEvent::Detached)).await.map(|_| ())
+        self.wait_for(HostMsg::Quiet, |e| matches!(e, SessionEvent::Detached))
+            .await
+            .map(|_| ())
     }
 
     /// Tells the agent a terminal is watching again with `ctx`; returns the
@@ -280,7 +286,12 @@ impl Session {
     /// # Errors
     /// If the channel is broken or the agent does not answer.
     pub async fn reattach(&mut self, ctx: &TerminalContext) -> Result<Vec<u8>, Error> {
-        match self.wait_for(HostMsg::Attach(ctx.clone()), |e| matches!(e, SessionEvent::Attached(_))).await? {
+        match self
+            .wait_for(HostMsg::Attach(ctx.clone()), |e| {
+                matches!(e, SessionEvent::Attached(_))
+            })
+            .await?
+        {
             SessionEvent::Attached(screen) => Ok(screen),
             _ => unreachable!("wait_for returns the awaited event"),
         }
@@ -288,7 +299,11 @@ impl Session {
 
     /// Sends `msg` and waits (10 s at most) for the event `done` accepts,
     /// dropping program output meanwhile.
-    async fn wait_for(&mut self, msg: HostMsg, done: impl Fn(&SessionEvent) -> bool) -> Result<SessionEvent, Error> {
+    async fn wait_for(
+        &mut self,
+        msg: HostMsg,
+        done: impl Fn(&SessionEvent) -> bool,
+    ) -> Result<SessionEvent, Error> {
         self.writer.send(&msg).await?;
         let wait = async {
             loop {
@@ -297,14 +312,23 @@ impl Session {
                     return Ok(ev);
                 }
                 match ev {
-                    SessionEvent::Output(_) | SessionEvent::Detached | SessionEvent::Attached(_) => {}
-                    other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
+                    SessionEvent::Output(_)
+                    | SessionEvent::Detached
+                    | SessionEvent::Attached(_) => {}
+                    other => {
+                        return Err(Error::Agent(format!(
+                            "{other:?} while waiting for the agent"
+                        )))
+                    }
                 }
             }
         };
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
-            .map_err(|_| Error::Timeout { what: "the guest agent to answer".into(), secs: 10 })?
+            .map_err(|_| Error::Timeout {
+                what: "the guest agent to answer".into(),
+                secs: 10,
+            })?
     }
 
     /// Whether the session can be detached (and re-attached later).

@@ -216,6 +216,15 @@ impl Engine {
         Ok(s)
     }
 
+    /// Removes blobs that no image references (and that no build is
+    /// about to record: younger than ten minutes). Returns (blobs, bytes).
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn gc(&self) -> Result<(u64, u64), Error> {
+        Ok(self.store.gc(Duration::from_secs(600))?)
+    }
+
     /// Stops a session and removes everything it left.
     ///
     /// # Errors

@@ -75,8 +75,12 @@ pub struct TerminalContext {
 pub enum HostMsg {
     /// A terminal is connected: apply its context and replay every screen.
     Attach(TerminalContext),
-    /// The terminal goes away (before a snapshot, or a detach): keep output.
+    /// The terminal goes away on purpose (before a snapshot, or a detach):
+    /// keep the output as the screen, and keep running without a host.
     Detach,
+    /// The host stays but nobody watches: keep the output as the screen.
+    /// Unlike after `Detach`, losing this host stops the guest.
+    Quiet,
     /// Start a program on a new pseudo-terminal.
     Spawn {
         id: ProcId,
@@ -114,7 +118,8 @@ pub enum GuestMsg {
         agent_version: String,
         procs: Vec<ProcState>,
     },
-    /// Reply to [`HostMsg::Detach`]: nothing more is sent until the next attach.
+    /// Reply to [`HostMsg::Detach`] and [`HostMsg::Quiet`]: no output is
+    /// sent until the next attach.
     Detached,
     /// The program started; readiness is reported separately.
     Spawned { id: ProcId, pid: i32 },

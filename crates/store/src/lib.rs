@@ -365,6 +365,42 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Removes blobs that no image references and that are older than
+    /// `min_age` (younger ones may belong to a build about to record its
+    /// image). Returns how many were removed and their bytes.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn gc(&self, min_age: std::time::Duration) -> Result<(u64, u64), Error> {
+        let referenced: std::collections::HashSet<String> = self
+            .list_images()?
+            .into_iter()
+            .flat_map(|r| r.files.into_values())
+            .collect();
+        let dir = self.root.join("blobs/sha256");
+        let (mut n, mut bytes) = (0, 0);
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if check_digest(&name).is_err() || referenced.contains(&name) {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a >= min_age);
+            if old {
+                self.remove_blob(&name);
+                n += 1;
+                bytes += meta.len();
+            }
+        }
+        Ok((n, bytes))
+    }
+}
+
 fn stamp(meta: &fs::Metadata) -> String {
     format!(
         "{}:{}:{}.{}",

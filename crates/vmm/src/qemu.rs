@@ -361,7 +361,11 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses or the monitor is gone.
     pub async fn pause(&mut self) -> Result<(), Error> {
-        self.qmp.execute(qmp::stop {}).await.map(|_| ()).map_err(qmp_err("stop"))
+        self.qmp
+            .execute(qmp::stop {})
+            .await
+            .map(|_| ())
+            .map_err(qmp_err("stop"))
     }
 
     /// Resumes a paused guest.
@@ -369,7 +373,11 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses or the monitor is gone.
     pub async fn resume(&mut self) -> Result<(), Error> {
-        self.qmp.execute(qmp::cont {}).await.map(|_| ()).map_err(qmp_err("cont"))
+        self.qmp
+            .execute(qmp::cont {})
+            .await
+            .map(|_| ())
+            .map_err(qmp_err("cont"))
     }
 
     /// Saves the running guest's device state (and any memory not in a shared

@@ -1,0 +1,84 @@
+//! strata's REST API.
+//!
+//! Handlers only translate requests into the engine's commands and the
+//! session actors' messages ([`live`]); the engine does the work. The
+//! OpenAPI document is generated from these handlers and served at
+//! `/openapi.json`. Every error has one body shape ([`error::ErrorBody`]).
+
+pub mod auth;
+pub mod error;
+pub mod live;
+pub mod metrics;
+mod routes;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use strata_engine::Engine;
+
+pub use error::ApiError;
+
+/// Limits the server enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// Sessions one terminal may hold at once.
+    pub max_sessions_per_terminal: usize,
+    /// Sessions the server runs at once.
+    pub max_sessions: usize,
+    /// Default idle time-out of a session nobody is attached to.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 64 << 10,
+            max_sessions_per_terminal: 16,
+            max_sessions: 64,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub tokens: RwLock<auth::TokenStore>,
+    pub sessions: Arc<live::Registry>,
+    pub metrics: metrics::Metrics,
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// State for a server over `engine`, with tokens from `tokens_file`.
+    ///
+    /// # Errors
+    /// If the token file cannot be read.
+    pub fn new(
+        engine: Arc<Engine>,
+        tokens_file: PathBuf,
+        limits: Limits,
+    ) -> Result<AppState, String> {
+        Ok(AppState {
+            engine,
+            tokens: RwLock::new(auth::TokenStore::load(&tokens_file)?),
+            sessions: Arc::new(live::Registry::default()),
+            metrics: metrics::Metrics::new(),
+            limits,
+        })
+    }
+}
+
+/// The router of the whole API.
+pub fn router(state: Arc<AppState>) -> Router {
+    routes::router(state)
+}
+
+/// The OpenAPI document (JSON).
+pub fn openapi_json() -> String {
+    routes::openapi_json()
+}

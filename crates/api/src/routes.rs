@@ -1,0 +1,695 @@
+//! HTTP routes: each handler turns a request into an engine command or a
+//! session actor message, and its result into JSON.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use strata_engine::context::ContextSettings;
+use strata_engine::LogProgress;
+use strata_proto::WinSize;
+use tokio::sync::{mpsc, oneshot};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::auth::{self, Caller};
+use crate::error::{error_chain, ApiError, ErrorBody};
+use crate::live::{Cmd, Live, Out, State as SessionState};
+use crate::AppState;
+
+type St = State<Arc<AppState>>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "strata",
+        description = "Run software on demand, already running, each in its own VM"
+    ),
+    paths(
+        list_packages,
+        list_images,
+        build_images,
+        delete_image,
+        gc_images,
+        create_session,
+        list_sessions,
+        get_session,
+        kill_session,
+        pause_session,
+        resume_session,
+        set_timeout,
+        attach_session
+    ),
+    components(schemas(
+        PackageInfo,
+        ImageInfo,
+        BuildRequest,
+        GcReport,
+        CreateSession,
+        ContextBody,
+        SessionInfo,
+        CreatedSession,
+        TimeoutBody,
+        ErrorBody,
+        crate::error::ErrorDetail,
+        SessionState
+    ))
+)]
+struct ApiDoc;
+
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.limits.max_body;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], openapi_json()) }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/v1/packages", get(list_packages))
+        .route("/v1/images", get(list_images).post(build_images))
+        .route("/v1/images/gc", post(gc_images))
+        .route("/v1/images/{digest}", axum::routing::delete(delete_image))
+        .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
+        .route("/v1/sessions/{id}/pause", post(pause_session))
+        .route("/v1/sessions/{id}/resume", post(resume_session))
+        .route("/v1/sessions/{id}/timeout", put(set_timeout))
+        .route("/v1/sessions/{id}/attach", get(attach_session))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A JSON body whose rejections use the API's error body.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rej) => {
+                // A body that parses but does not fit is as bad a request as
+                // one that does not parse; only size and media type differ.
+                let status = match rej.status() {
+                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "payload_too_large"
+                } else {
+                    "bad_request"
+                };
+                let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "request body too large (the limit is 64 KiB)".to_string()
+                } else {
+                    rej.body_text()
+                };
+                Err(ApiError::new(status, code, message))
+            }
+        }
+    }
+}
+
+async fn metrics(State(st): St) -> impl IntoResponse {
+    let mut counts: BTreeMap<String, i64> =
+        BTreeMap::from([("running".into(), 0), ("paused".into(), 0)]);
+    for l in st.sessions.all() {
+        let s = *l.state.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if s == SessionState::Paused {
+            "paused"
+        } else {
+            "running"
+        };
+        *counts.entry(key.into()).or_default() += 1;
+    }
+    let states: Vec<(String, i64)> = counts.into_iter().collect();
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(&st.engine, &states),
+    )
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PackageInfo {
+    name: String,
+    description: String,
+    debs: Vec<String>,
+    command: Vec<String>,
+}
+
+/// Packages defined on this server (any Debian package whose program has its
+/// name can be launched too).
+#[utoipa::path(get, path = "/v1/packages", responses((status = 200, body = [PackageInfo]), (status = 401, body = ErrorBody)))]
+async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
+    Json(
+        st.engine
+            .registry
+            .packages
+            .values()
+            .map(|p| PackageInfo {
+                name: p.name.clone(),
+                description: p.def.description.clone(),
+                debs: p.def.debs.clone(),
+                command: p.def.command.clone(),
+            })
+            .collect(),
+    )
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ImageInfo {
+    digest: String,
+    /// base, install, launch or context.
+    kind: String,
+    package: Option<String>,
+    os: String,
+    arch: String,
+    parent: Option<String>,
+    size: u64,
+    /// Unix seconds.
+    created: i64,
+}
+
+impl From<&strata_store::ImageRecord> for ImageInfo {
+    fn from(r: &strata_store::ImageRecord) -> Self {
+        ImageInfo {
+            digest: r.digest.clone(),
+            kind: r.kind.to_string(),
+            package: r.package.clone(),
+            os: r.os.clone(),
+            arch: r.arch.clone(),
+            parent: r.parent.clone(),
+            size: r.size,
+            created: r.created,
+        }
+    }
+}
+
+fn store_err(e: strata_store::Error) -> ApiError {
+    ApiError::internal(error_chain(&e))
+}
+
+/// Every image in the catalog.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = [ImageInfo]), (status = 401, body = ErrorBody)))]
+async fn list_images(State(st): St, _c: Caller) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    Ok(Json(
+        st.engine
+            .store
+            .list_images()
+            .map_err(store_err)?
+            .iter()
+            .map(ImageInfo::from)
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    package: String,
+}
+
+/// Builds what is missing of a package's base, install and launch images.
+#[utoipa::path(post, path = "/v1/images", request_body = BuildRequest,
+    responses((status = 200, body = [ImageInfo]), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn build_images(
+    State(st): St,
+    _c: Caller,
+    Body(req): Body<BuildRequest>,
+) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    let pkg = st.engine.package(&req.package)?;
+    let set = st.engine.ensure_images(&pkg, &LogProgress).await?;
+    Ok(Json(
+        [&set.base, &set.install, &set.launch]
+            .into_iter()
+            .map(ImageInfo::from)
+            .collect(),
+    ))
+}
+
+fn check_digest(d: &str) -> Result<(), ApiError> {
+    strata_store::check_digest(d)
+        .map_err(|_| ApiError::bad_request(format!("{d:?} is not an image digest (64 hex digits)")))
+}
+
+/// Removes an image from the catalog (its blobs go at the next garbage collection).
+#[utoipa::path(delete, path = "/v1/images/{digest}", params(("digest" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_image(
+    State(st): St,
+    _c: Caller,
+    Path(digest): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_digest(&digest)?;
+    let images = st.engine.store.list_images().map_err(store_err)?;
+    if !images.iter().any(|r| r.digest == digest) {
+        return Err(ApiError::not_found(format!("no image {digest}")));
+    }
+    if st
+        .engine
+        .list_sessions()
+        .iter()
+        .any(|s| s.launch_image == digest)
+    {
+        return Err(ApiError::conflict(format!(
+            "image {digest} is in use by a running session"
+        )));
+    }
+    st.engine.store.remove_image(&digest).map_err(store_err)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GcReport {
+    removed_blobs: u64,
+    freed_bytes: u64,
+}
+
+/// Removes blobs no image references.
+#[utoipa::path(post, path = "/v1/images/gc", responses((status = 200, body = GcReport)))]
+async fn gc_images(State(st): St, _c: Caller) -> Result<Json<GcReport>, ApiError> {
+    let (removed_blobs, freed_bytes) = st.engine.gc().map_err(ApiError::from)?;
+    Ok(Json(GcReport {
+        removed_blobs,
+        freed_bytes,
+    }))
+}
+
+/// A terminal's settings for a session.
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ContextBody {
+    term: Option<String>,
+    rows: Option<u16>,
+    cols: Option<u16>,
+    timezone: Option<String>,
+    locale: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+impl ContextBody {
+    fn settings(self) -> Result<ContextSettings, ApiError> {
+        let s = ContextSettings {
+            term: self.term.unwrap_or_else(|| "xterm-256color".into()),
+            rows: self.rows.unwrap_or(24),
+            cols: self.cols.unwrap_or(80),
+            timezone: self.timezone,
+            locale: Some(self.locale.unwrap_or_else(|| "C.UTF-8".into())),
+            env: self.env,
+        };
+        s.validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(s)
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    package: String,
+    context: Option<ContextBody>,
+    /// Stop the session after this long with no terminal attached.
+    idle_timeout_s: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionInfo {
+    id: String,
+    package: String,
+    state: SessionState,
+    attached: bool,
+    /// Unix seconds.
+    created: u64,
+    idle_timeout_s: Option<u64>,
+}
+
+impl From<&Live> for SessionInfo {
+    fn from(l: &Live) -> Self {
+        SessionInfo {
+            id: l.id.clone(),
+            package: l.package.clone(),
+            state: *l.state.lock().unwrap_or_else(|e| e.into_inner()),
+            attached: *l.attached.lock().unwrap_or_else(|e| e.into_inner()),
+            created: l
+                .created
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            idle_timeout_s: l
+                .idle_timeout
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|d| d.as_secs()),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedSession {
+    session: SessionInfo,
+    /// Secret for attaching this session's terminal; shown once.
+    attach_token: String,
+    /// WebSocket path: binary frames carry terminal bytes both ways; text
+    /// frames carry `{"type":"resize","rows":R,"cols":C}` and `{"type":"eof"}`
+    /// from the terminal, `{"type":"exit","status":N}` to it.
+    attach_path: String,
+}
+
+const MAX_IDLE: u64 = 7 * 24 * 3600;
+
+fn idle(seconds: Option<u64>, default: Duration) -> Result<Option<Duration>, ApiError> {
+    match seconds {
+        None => Ok(Some(default)),
+        Some(0) => Ok(None),
+        Some(s) if s <= MAX_IDLE => Ok(Some(Duration::from_secs(s))),
+        Some(s) => Err(ApiError::bad_request(format!(
+            "idle time-out {s} s is over the limit of {MAX_IDLE} s (0 means none)"
+        ))),
+    }
+}
+
+/// Launches a package: the launch request of the method.
+#[utoipa::path(post, path = "/v1/sessions", request_body = CreateSession,
+    responses((status = 201, body = CreatedSession), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn create_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Body(req): Body<CreateSession>,
+) -> Result<Response, ApiError> {
+    let limits = &st.limits;
+    if st.sessions.len() >= limits.max_sessions {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "this server runs at most {} sessions at once; end one first",
+                limits.max_sessions
+            ),
+        ));
+    }
+    if st.sessions.count_of(&owner) >= limits.max_sessions_per_terminal {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "a terminal may hold at most {} sessions at once; end one first",
+                limits.max_sessions_per_terminal
+            ),
+        ));
+    }
+    let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;
+    let settings = req.context.unwrap_or_default().settings()?;
+    let pkg = st.engine.package(&req.package)?;
+    let started = Instant::now();
+    let session = st.engine.launch(&pkg, &settings, &LogProgress).await?;
+    st.metrics
+        .launch_seconds
+        .get_or_create(&crate::metrics::LaunchLabels {
+            package: pkg.name.clone(),
+            path: "launch_image".into(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
+    let live = st
+        .sessions
+        .start(session, &owner, auth::token_hash(&token), idle);
+    tracing::info!(session = %live.id, package = %pkg.name, terminal = %owner, "session launched");
+    let body = CreatedSession {
+        session: SessionInfo::from(&*live),
+        attach_path: format!("/v1/sessions/{}/attach", live.id),
+        attach_token: token,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The caller's sessions.
+#[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = [SessionInfo])))]
+async fn list_sessions(State(st): St, Caller(owner): Caller) -> Json<Vec<SessionInfo>> {
+    Json(
+        st.sessions
+            .all()
+            .iter()
+            .filter(|l| l.owner == owner)
+            .map(|l| SessionInfo::from(&**l))
+            .collect(),
+    )
+}
+
+/// A session of the caller's; another terminal's is "not found".
+fn mine(st: &AppState, owner: &str, id: &str) -> Result<Arc<Live>, ApiError> {
+    st.sessions
+        .get(id)
+        .filter(|l| l.owner == owner)
+        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
+async fn get_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(SessionInfo::from(&*mine(&st, &owner, &id)?)))
+}
+
+async fn ask<T>(
+    live: &Live,
+    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    live.cmd
+        .send(make(tx))
+        .await
+        .map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?;
+    rx.await
+        .map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?
+        .map_err(ApiError::conflict)
+}
+
+/// Stops a session now.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn kill_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let (tx, rx) = oneshot::channel();
+    if live.cmd.send(Cmd::Kill(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Pauses a session's VM (no CPU used; memory kept).
+#[utoipa::path(post, path = "/v1/sessions/{id}/pause", params(("id" = String, Path)),
+    responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
+async fn pause_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    ask(&live, Cmd::Pause).await?;
+    Ok(Json(SessionInfo::from(&*live)))
+}
+
+/// Resumes a paused session.
+#[utoipa::path(post, path = "/v1/sessions/{id}/resume", params(("id" = String, Path)),
+    responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
+async fn resume_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    ask(&live, Cmd::Resume).await?;
+    Ok(Json(SessionInfo::from(&*live)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutBody {
+    /// Seconds with no terminal attached before the session stops; 0 for never.
+    seconds: u64,
+}
+
+/// Sets a session's idle time-out.
+#[utoipa::path(put, path = "/v1/sessions/{id}/timeout", params(("id" = String, Path)), request_body = TimeoutBody,
+    responses((status = 200, body = SessionInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_timeout(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Body(b): Body<TimeoutBody>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let t = idle(Some(b.seconds), st.limits.idle_timeout)?;
+    live.cmd
+        .send(Cmd::SetTimeout(t))
+        .await
+        .map_err(|_| ApiError::not_found(format!("session {id} has ended")))?;
+    *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    Ok(Json(SessionInfo::from(&*live)))
+}
+
+#[derive(Deserialize)]
+struct AttachQuery {
+    token: Option<String>,
+    rows: Option<u16>,
+    cols: Option<u16>,
+    term: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Control {
+    Resize { rows: u16, cols: u16 },
+    Eof,
+}
+
+/// Attaches a terminal over WebSocket. Authenticated by the owner's bearer
+/// token or by the session's attach token (`?token=`, for browsers).
+#[utoipa::path(get, path = "/v1/sessions/{id}/attach", params(("id" = String, Path), ("token" = Option<String>, Query)),
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn attach_session(
+    State(st): St,
+    Path(id): Path<String>,
+    Query(q): Query<AttachQuery>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let live = st.sessions.get(&id);
+    let by_owner = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|t| {
+            st.tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .terminal_of(t.trim())
+        });
+    let allowed = match (&live, by_owner, &q.token) {
+        (Some(l), Some(owner), _) => l.owner == owner,
+        (Some(l), None, Some(t)) => auth::matches(t, &l.attach_hash),
+        (None, Some(_), _) => false,
+        _ => return Err(ApiError::unauthorized()),
+    };
+    let live = live
+        .filter(|_| allowed)
+        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
+    let settings = ContextBody {
+        term: q.term,
+        rows: q.rows,
+        cols: q.cols,
+        ..Default::default()
+    }
+    .settings()?;
+    Ok(ws.on_upgrade(move |socket| pump(socket, live, settings)))
+}
+
+async fn pump(mut socket: WebSocket, live: Arc<Live>, settings: ContextSettings) {
+    let (out_tx, mut out_rx) = mpsc::channel(256);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let attach = Cmd::Attach {
+        ctx: settings.to_terminal_context(),
+        out: out_tx,
+        reply: reply_tx,
+    };
+    if live.cmd.send(attach).await.is_err() {
+        let _ = socket
+            .send(Message::Text(
+                r#"{"type":"lost","reason":"the session has ended"}"#.into(),
+            ))
+            .await;
+        return;
+    }
+    let screen = match reply_rx.await {
+        Ok(Ok(screen)) => screen,
+        Ok(Err(reason)) => {
+            let _ = socket
+                .send(Message::Text(
+                    serde_json::json!({"type": "error", "message": reason})
+                        .to_string()
+                        .into(),
+                ))
+                .await;
+            return;
+        }
+        Err(_) => {
+            let _ = socket
+                .send(Message::Text(
+                    r#"{"type":"lost","reason":"the session has ended"}"#.into(),
+                ))
+                .await;
+            return;
+        }
+    };
+    if socket.send(Message::Binary(screen.into())).await.is_err() {
+        let _ = live.cmd.send(Cmd::Detach).await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(d))) => { let _ = live.cmd.send(Cmd::Input(d.to_vec())).await; }
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(&t) {
+                    Ok(Control::Resize { rows, cols }) if (1..=1000).contains(&rows) && (1..=1000).contains(&cols) => {
+                        let _ = live.cmd.send(Cmd::Resize(WinSize { rows, cols })).await;
+                    }
+                    Ok(Control::Eof) => { let _ = live.cmd.send(Cmd::Eof).await; }
+                    _ => {
+                        let _ = socket.send(Message::Text(r#"{"type":"error","message":"unknown control message"}"#.into())).await;
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    let _ = live.cmd.send(Cmd::Detach).await;
+                    return;
+                }
+            },
+            out = out_rx.recv() => match out {
+                Some(Out::Data(d)) => {
+                    if socket.send(Message::Binary(d.into())).await.is_err() {
+                        let _ = live.cmd.send(Cmd::Detach).await;
+                        return;
+                    }
+                }
+                Some(Out::Exit(status)) => {
+                    let _ = socket.send(Message::Text(serde_json::json!({"type": "exit", "status": status}).to_string().into())).await;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Some(Out::Lost(reason)) => {
+                    let _ = socket.send(Message::Text(serde_json::json!({"type": "lost", "reason": reason}).to_string().into())).await;
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The REST API against a real running `strata serve` and real VMs.
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+struct Server {
+    child: Child,
+    base: String,
+    a: String,
+    b: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server stops its sessions and removes their files.
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn token(name: &str) -> String {
+    let out = strata(&["token", "create", name]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A server with two terminals' tokens (`tag` keeps tests' tokens apart).
+fn serve(tag: &str) -> Server {
+    let (a, b) = (token(&format!("{tag}-a")), token(&format!("{tag}-b")));
+    let mut child = strata(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-sessions-per-terminal",
+        "3",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    Server { child, base, a, b }
+}
+
+struct Api<'a> {
+    http: reqwest::Client,
+    s: &'a Server,
+}
+
+impl Api<'_> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rq = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.s.base));
+        if let Some(t) = token {
+            rq = rq.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rq = rq.json(&b);
+        }
+        let resp = rq.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws(s: &Server, id: &str, token: &str) -> Result<Ws, String> {
+    let url = format!(
+        "{}/v1/sessions/{id}/attach?token={token}&rows=30&cols=100",
+        s.base.replace("http", "ws")
+    );
+    tokio_tungstenite::connect_async(url)
+        .await
+        .map(|(w, _)| w)
+        .map_err(|e| e.to_string())
+}
+
+/// Reads from the socket until `want` appears in the terminal bytes.
+async fn read_until(w: &mut Ws, want: &str) -> String {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !seen.contains(want) {
+        let msg = tokio::time::timeout_at(deadline, w.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} in {seen:?}"));
+        match msg {
+            Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(Ok(Message::Text(t))) => seen.push_str(&t),
+            Some(Ok(_)) => {}
+            other => panic!("socket ended ({other:?}) before {want:?}; saw {seen:?}"),
+        }
+    }
+    seen
+}
+
+async fn type_line(w: &mut Ws, line: &str) {
+    w.send(Message::Binary(line.as_bytes().to_vec().into()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_api_launches_attaches_and_keeps_terminals_apart() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("api-main");
+    let api = Api {
+        http: reqwest::Client::new(),
+        s: &s,
+    };
+
+    // Authentication.
+    let (st, v) = api.call("GET", "/v1/packages", None, None).await;
+    assert_eq!(st, 401);
+    assert_error(&v, "unauthorized");
+    let (st, _) = api
+        .call("GET", "/v1/packages", Some("not-a-token"), None)
+        .await;
+    assert_eq!(st, 401);
+    let (st, v) = api.call("GET", "/v1/packages", Some(&s.a), None).await;
+    assert_eq!(st, 200);
+    assert!(
+        v.as_array().unwrap().iter().any(|p| p["name"] == "python3"),
+        "{v}"
+    );
+
+    // Bad input.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": "pyhton3"})),
+        )
+        .await;
+    assert_eq!(st, 404);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("python3"),
+        "{v}"
+    );
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": "python3", "bogus": 1})),
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert_error(&v, "bad_request");
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": "python3", "context": {"rows": 0}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let big = "x".repeat(100 << 10);
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": big})),
+        )
+        .await;
+    assert_eq!(st, 413);
+    assert_error(&v, "payload_too_large");
+
+    // Launch, attach, type, read the answer.
+    let (st, created) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": "python3", "context": {"rows": 30, "cols": 100}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{created}");
+    let id = created["session"]["id"].as_str().unwrap().to_string();
+    let attach = created["attach_token"].as_str().unwrap().to_string();
+    let mut w = ws(&s, &id, &attach).await.unwrap();
+    read_until(&mut w, ">>> ").await;
+    type_line(&mut w, "x = 6*7; print('answer', x)\r").await;
+    read_until(&mut w, "answer 42").await;
+
+    // Another terminal can neither see, attach to, nor kill it.
+    let (st, v) = api.call("GET", "/v1/sessions", Some(&s.b), None).await;
+    assert_eq!((st, v.as_array().unwrap().len()), (200, 0));
+    for (m, p) in [
+        ("GET", format!("/v1/sessions/{id}")),
+        ("DELETE", format!("/v1/sessions/{id}")),
+        ("POST", format!("/v1/sessions/{id}/pause")),
+    ] {
+        let (st, v) = api.call(m, &p, Some(&s.b), None).await;
+        assert_eq!(st, 404, "{m} {p}: {v}");
+    }
+    assert!(ws(&s, &id, "wrong-token").await.is_err());
+
+    // A terminal that vanishes mid-stream: the session lives on, re-attachable.
+    drop(w);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, v) = api
+        .call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["attached"], false, "{v}");
+    let mut w = ws(&s, &id, &attach).await.unwrap();
+    read_until(&mut w, "answer 42").await; // the screen is repainted
+    type_line(&mut w, "print('still', x)\r").await;
+    read_until(&mut w, "still 42").await;
+
+    // Pause and resume.
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/pause"),
+            Some(&s.a),
+            None,
+        )
+        .await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/resume"),
+            Some(&s.a),
+            None,
+        )
+        .await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
+    type_line(&mut w, "print('resumed', x)\r").await;
+    read_until(&mut w, "resumed 42").await;
+    let (st, v) = api
+        .call(
+            "PUT",
+            &format!("/v1/sessions/{id}/timeout"),
+            Some(&s.a),
+            Some(json!({"seconds": 99999999})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+
+    // The program's exit ends the session and reaches the terminal.
+    type_line(&mut w, "exit(3)\r").await;
+    let end = read_until(&mut w, "\"exit\"").await;
+    assert!(end.contains("\"status\":3"), "{end}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, _) = api
+        .call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None)
+        .await;
+    assert_eq!(st, 404);
+
+    // Limits: at most 3 sessions per terminal here.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (st, v) = api
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(&s.b),
+                Some(json!({"package": "bc"})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        ids.push(v["session"]["id"].as_str().unwrap().to_string());
+    }
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.b),
+            Some(json!({"package": "bc"})),
+        )
+        .await;
+    assert_eq!(st, 429);
+    assert_error(&v, "too_many_sessions");
+    assert!(v["error"]["message"].as_str().unwrap().contains('3'), "{v}");
+    for id in &ids {
+        let (st, _) = api
+            .call("DELETE", &format!("/v1/sessions/{id}"), Some(&s.b), None)
+            .await;
+        assert_eq!(st, 204);
+    }
+
+    // The OpenAPI document and the metrics.
+    let (st, doc) = api.call("GET", "/openapi.json", None, None).await;
+    assert_eq!(st, 200);
+    for p in [
+        "/v1/sessions",
+        "/v1/sessions/{id}/attach",
+        "/v1/images",
+        "/v1/packages",
+    ] {
+        assert!(
+            doc["paths"][p].is_object(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("strata_launch_seconds_count{package=\"python3\",path=\"launch_image\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("strata_sessions{state=\"running\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
+}
+
+/// Tiny deterministic generator of arbitrary JSON, for bodies a client
+/// might send (well-formed or not).
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn value(&mut self, depth: u32) -> Value {
+        let strings = [
+            "python3",
+            "",
+            "../../etc",
+            "bc",
+            "\u{0}",
+            "x",
+            "ß",
+            "htop; rm -rf /",
+        ];
+        match self.next() % if depth > 2 { 5 } else { 7 } {
+            0 => Value::Null,
+            1 => Value::Bool(self.next().is_multiple_of(2)),
+            2 => json!((self.next() % 100_000) as i64 - 50_000),
+            3 => json!(u64::MAX - self.next() % 3),
+            4 => json!(strings[(self.next() % strings.len() as u64) as usize]),
+            5 => Value::Array(
+                (0..self.next() % 4)
+                    .map(|_| self.value(depth + 1))
+                    .collect(),
+            ),
+            _ => {
+                let keys = [
+                    "package",
+                    "context",
+                    "rows",
+                    "cols",
+                    "term",
+                    "timezone",
+                    "idle_timeout_s",
+                    "seconds",
+                    "env",
+                    "junk",
+                ];
+                let mut m = serde_json::Map::new();
+                for _ in 0..self.next() % 4 {
+                    m.insert(
+                        keys[(self.next() % keys.len() as u64) as usize].into(),
+                        self.value(depth + 1),
+                    );
+                }
+                Value::Object(m)
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn arbitrary_bodies_and_paths_get_4xx_with_the_error_body_never_5xx() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("api-fuzz");
+    let api = Api {
+        http: reqwest::Client::new(),
+        s: &s,
+    };
+    let mut g = Gen(0x5eed_1234_abcd_ef01);
+    let routes = [
+        ("POST", "/v1/sessions"),
+        ("PUT", "/v1/sessions/000000000000/timeout"),
+        ("POST", "/v1/images"),
+        ("DELETE", "/v1/images/zz"),
+    ];
+    for i in 0..300 {
+        let (m, p) = routes[i % routes.len()];
+        let mut body = g.value(0);
+        // Keep launches out of it: a valid package name would start a VM.
+        if let Some(o) = body.as_object_mut() {
+            if o.get("package").is_some_and(|v| v.is_string()) {
+                o.insert("package".into(), json!("Not A Package"));
+            }
+        }
+        let (st, v) = api.call(m, p, Some(&s.a), Some(body.clone())).await;
+        assert!((400..500).contains(&st), "{m} {p} {body} -> {st} {v}");
+        assert!(v["error"]["code"].is_string(), "{m} {p} {body} -> {st} {v}");
+    }
+    let (st, v) = api.call("GET", "/v1/nothing/here", Some(&s.a), None).await;
+    assert_eq!(st, 404);
+    assert_error(&v, "not_found");
+}
