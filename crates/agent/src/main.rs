@@ -93,27 +93,14 @@ impl Agent {
                 self.attached.store(false, Ordering::Release);
                 self.send_always(&GuestMsg::Detached);
             }
-            HostMsg::Spawn {
-                id,
-                argv,
-                env,
-                readiness,
-                ready_timeout_ms,
-            } => {
-                let ctx = self
-                    .context
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+            HostMsg::Spawn { id, argv, env, readiness, ready_timeout_ms } => {
+                let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match Proc::spawn(self, id, &argv, &env, &ctx) {
                     Ok(p) => {
                         let early = {
                             let mut procs = self.lock_procs();
                             procs.insert(id, p.clone());
-                            self.early_exits
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&p.pid)
+                            self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&p.pid)
                         };
                         self.send(&GuestMsg::Spawned { id, pid: p.pid });
                         p.watch_readiness(self.clone(), readiness, ready_timeout_ms);
@@ -135,9 +122,7 @@ impl Agent {
         let p = self.lock_procs().get(&id).cloned();
         match p {
             Some(p) => f(&p),
-            None => self.send(&GuestMsg::Error {
-                message: format!("no process {id}"),
-            }),
+            None => self.send(&GuestMsg::Error { message: format!("no process {id}") }),
         }
     }
 
@@ -260,9 +245,7 @@ fn drain_frames(agent: &Arc<Agent>, buf: &mut Vec<u8>) {
         let payload = &buf[start + 4..start + 4 + len];
         match strata_proto::decode::<HostMsg>(payload) {
             Ok(msg) => agent.handle(msg),
-            Err(e) => agent.send(&GuestMsg::Error {
-                message: format!("bad message: {e}"),
-            }),
+            Err(e) => agent.send(&GuestMsg::Error { message: format!("bad message: {e}") }),
         }
         start += 4 + len;
     }

@@ -43,12 +43,7 @@ pub struct Proc {
 }
 
 fn winsize(s: WinSize) -> Winsize {
-    Winsize {
-        ws_row: s.rows,
-        ws_col: s.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
+    Winsize { ws_row: s.rows, ws_col: s.cols, ws_xpixel: 0, ws_ypixel: 0 }
 }
 
 fn set_cloexec(fd: &OwnedFd) {
@@ -71,11 +66,7 @@ impl Proc {
         let pty = openpty(Some(&winsize(ctx.size)), None).map_err(|e| format!("openpty: {e}"))?;
         set_cloexec(&pty.master);
         set_cloexec(&pty.slave);
-        let term = if ctx.term.is_empty() {
-            "xterm-256color"
-        } else {
-            &ctx.term
-        };
+        let term = if ctx.term.is_empty() { "xterm-256color" } else { &ctx.term };
         // Later entries override earlier ones (a map: glibc's getenv would
         // otherwise find the first of two equal names).
         let mut envs: std::collections::BTreeMap<String, String> = [
@@ -153,23 +144,16 @@ impl Proc {
                     tail.drain(..keep);
                 }
             }
-            agent.send(&GuestMsg::Output {
-                id: self.id,
-                data: data.to_vec(),
-            });
+            agent.send(&GuestMsg::Output { id: self.id, data: data.to_vec() });
         }
         let report = {
             let mut st = self.lock_status();
             st.output_done = true;
-            st.exit
-                .filter(|_| !std::mem::replace(&mut st.exit_reported, true))
+            st.exit.filter(|_| !std::mem::replace(&mut st.exit_reported, true))
         };
         self.changed.notify_all();
         if let Some(status) = report {
-            agent.send_to_host(&GuestMsg::Exited {
-                id: self.id,
-                status,
-            });
+            agent.send_to_host(&GuestMsg::Exited { id: self.id, status });
         }
     }
 
@@ -197,10 +181,7 @@ impl Proc {
         };
         self.changed.notify_all();
         if report {
-            agent.send_to_host(&GuestMsg::Exited {
-                id: self.id,
-                status,
-            });
+            agent.send_to_host(&GuestMsg::Exited { id: self.id, status });
             return;
         }
         let (proc, agent) = (self.clone(), agent.clone());
@@ -208,10 +189,7 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(300));
             let late = !std::mem::replace(&mut proc.lock_status().exit_reported, true);
             if late {
-                agent.send_to_host(&GuestMsg::Exited {
-                    id: proc.id,
-                    status,
-                });
+                agent.send_to_host(&GuestMsg::Exited { id: proc.id, status });
             }
         });
     }
@@ -219,8 +197,7 @@ impl Proc {
     /// Waits for the readiness rule in a thread of its own and reports it.
     pub fn watch_readiness(self: &Arc<Self>, agent: Arc<Agent>, rule: Readiness, timeout_ms: u32) {
         if let Readiness::Text(t) = &rule {
-            *self.ready_text.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(t.as_bytes().to_vec());
+            *self.ready_text.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.as_bytes().to_vec());
             // Output may already hold the text.
             let seen = {
                 let screen = self.screen.lock().unwrap_or_else(|e| e.into_inner());
@@ -239,20 +216,12 @@ impl Proc {
             *proc.ready_text.lock().unwrap_or_else(|e| e.into_inner()) = None;
             agent.send(&match outcome {
                 Ok(()) => GuestMsg::Ready { id: proc.id },
-                Err(reason) => GuestMsg::Failed {
-                    id: proc.id,
-                    reason,
-                },
+                Err(reason) => GuestMsg::Failed { id: proc.id, reason },
             });
         });
     }
 
-    fn wait_ready(
-        &self,
-        rule: &Readiness,
-        started: Instant,
-        deadline: Instant,
-    ) -> Result<(), String> {
+    fn wait_ready(&self, rule: &Readiness, started: Instant, deadline: Instant) -> Result<(), String> {
         let alive_until = match rule {
             Readiness::AliveMs(ms) => Some(started + Duration::from_millis(*ms as u64)),
             _ => None,
@@ -260,9 +229,7 @@ impl Proc {
         let mut st = self.lock_status();
         loop {
             if let Some(code) = st.exit {
-                return Err(format!(
-                    "the program exited with status {code} before it was ready"
-                ));
+                return Err(format!("the program exited with status {code} before it was ready"));
             }
             let now = Instant::now();
             if st.ready || alive_until.is_some_and(|t| now >= t) {
@@ -289,30 +256,19 @@ impl Proc {
                 st = self.lock_status();
                 continue;
             }
-            st = self
-                .changed
-                .wait_timeout(st, wake.saturating_duration_since(now))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st =
+                self.changed.wait_timeout(st, wake.saturating_duration_since(now)).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
     /// Queues bytes typed at the terminal.
     pub fn input(&self, data: Vec<u8>) {
-        let _ = self
-            .feed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Feed::Data(data));
+        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Data(data));
     }
 
     /// Queues an end-of-file (the terminal's EOF character).
     pub fn eof(&self) {
-        let _ = self
-            .feed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Feed::Eof);
+        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Eof);
     }
 
     /// Resizes the terminal; the kernel sends SIGWINCH to the program.
@@ -326,19 +282,9 @@ impl Proc {
 
     /// The state sent to a newly attached terminal.
     pub fn state(&self) -> ProcState {
-        let screen = self
-            .screen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let screen = self.screen.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
         let st = self.lock_status();
-        ProcState {
-            id: self.id,
-            screen,
-            exit: st.exit,
-        }
+        ProcState { id: self.id, screen, exit: st.exit }
     }
 }
 
@@ -372,25 +318,14 @@ fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>) {
 /// Forks and execs `prog` with the pty slave as its controlling terminal and
 /// standard streams. Not `std::process::Command`: its error path waits for
 /// the child itself, racing the PID 1 reaper, which reaps every child.
-fn spawn_on_pty(
-    prog: &str,
-    args: &[String],
-    env: &[(String, String)],
-    slave: i32,
-) -> Result<i32, String> {
+fn spawn_on_pty(prog: &str, args: &[String], env: &[(String, String)], slave: i32) -> Result<i32, String> {
     use std::ffi::CString;
     let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
-    let path = resolve_program(prog, env)
-        .ok_or_else(|| format!("cannot start {prog:?}: no such program in PATH"))?;
+    let path = resolve_program(prog, env).ok_or_else(|| format!("cannot start {prog:?}: no such program in PATH"))?;
     let path = cstr(&path)?;
-    let argv: Vec<CString> = std::iter::once(prog)
-        .chain(args.iter().map(String::as_str))
-        .map(cstr)
-        .collect::<Result<_, _>>()?;
-    let envp: Vec<CString> = env
-        .iter()
-        .map(|(k, v)| cstr(&format!("{k}={v}")))
-        .collect::<Result<_, _>>()?;
+    let argv: Vec<CString> =
+        std::iter::once(prog).chain(args.iter().map(String::as_str)).map(cstr).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect::<Result<_, _>>()?;
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
@@ -437,10 +372,7 @@ fn spawn_on_pty(
         }
     };
     match errno {
-        Some(e) => Err(format!(
-            "cannot start {prog:?}: {}",
-            std::io::Error::from_raw_os_error(e)
-        )),
+        Some(e) => Err(format!("cannot start {prog:?}: {}", std::io::Error::from_raw_os_error(e))),
         None => Ok(pid),
     }
 }
@@ -450,18 +382,10 @@ fn resolve_program(prog: &str, env: &[(String, String)]) -> Option<String> {
     if prog.contains('/') {
         return Some(prog.to_string());
     }
-    let path = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("/usr/bin:/bin");
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
     path.split(':').map(|d| format!("{d}/{prog}")).find(|p| {
         std::fs::metadata(p)
-            .map(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
+            .map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
             .unwrap_or(false)
     })
 }

@@ -27,27 +27,9 @@ pub fn init_system() {
     let mounts: [(&str, &str, &str, MsFlags, &str); 5] = [
         ("proc", "/proc", "proc", MsFlags::empty(), ""),
         ("sysfs", "/sys", "sysfs", MsFlags::empty(), ""),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            MsFlags::MS_NOSUID,
-            "gid=5,mode=620,ptmxmode=666",
-        ),
-        (
-            "tmpfs",
-            "/dev/shm",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
-        (
-            "tmpfs",
-            "/tmp",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID, "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
     ];
     for (src, target, fstype, flags, data) in mounts {
         let _ = fs::create_dir_all(target);
@@ -112,10 +94,7 @@ pub fn open_host_port() -> std::io::Result<File> {
         // waits at first boot, never after a snapshot restore.
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        "virtio port org.strata.agent",
-    ))
+    Err(std::io::Error::new(std::io::ErrorKind::NotFound, "virtio port org.strata.agent"))
 }
 
 /// Asks the kernel for SIGIO on the port when the host connects.
@@ -180,11 +159,8 @@ pub fn apply_context(ctx: &TerminalContext) {
 /// Points /etc/localtime at the zone; glibc re-reads it, so running programs
 /// see the new zone without restarting.
 fn set_timezone(tz: &str) {
-    let valid = !tz.is_empty()
-        && !tz.contains("..")
-        && tz
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+    let valid =
+        !tz.is_empty() && !tz.contains("..") && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
     let zone = Path::new("/usr/share/zoneinfo").join(tz);
     if !valid || !zone.is_file() {
         log(&format!("time zone {tz:?} is not installed in this guest"));

@@ -52,16 +52,11 @@ impl TokenStore {
         };
         let mut hashes = BTreeMap::new();
         for (name, h) in raw {
-            let bytes = hex::decode(&h)
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            let bytes = hex::decode(&h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
             let bytes = bytes.ok_or_else(|| format!("{}: bad hash for {name}", path.display()))?;
             hashes.insert(name, bytes);
         }
-        Ok(TokenStore {
-            path: path.into(),
-            hashes,
-        })
+        Ok(TokenStore { path: path.into(), hashes })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,15 +69,8 @@ impl TokenStore {
     /// # Errors
     /// If the name is invalid or the file cannot be written.
     pub fn create(&mut self, name: &str) -> Result<String, String> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(format!(
-                "{name:?} is not a valid terminal name (letters, digits, - _ ., up to 64)"
-            ));
+        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("{name:?} is not a valid terminal name (letters, digits, - _ ., up to 64)"));
         }
         // Other strata processes may create tokens at the same time: take
         // the lock, re-read, add, write a private temporary file, rename.
@@ -97,14 +85,8 @@ impl TokenStore {
         self.hashes = TokenStore::load(&self.path)?.hashes;
         let token = new_token().map_err(|e| e.to_string())?;
         self.hashes.insert(name.into(), token_hash(&token));
-        let raw: BTreeMap<&String, String> = self
-            .hashes
-            .iter()
-            .map(|(k, v)| (k, hex::encode(v)))
-            .collect();
-        let tmp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
+        let raw: BTreeMap<&String, String> = self.hashes.iter().map(|(k, v)| (k, hex::encode(v))).collect();
+        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
         let data = serde_json::to_vec_pretty(&raw).expect("serializes");
         {
             use std::io::Write;
@@ -141,28 +123,16 @@ pub struct Caller(pub String);
 
 /// The bearer token of a request, if any.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
 impl FromRequestParts<std::sync::Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &std::sync::Arc<AppState>,
-    ) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &std::sync::Arc<AppState>) -> Result<Caller, ApiError> {
         let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
         let tokens = state.tokens.read().unwrap_or_else(|e| e.into_inner());
-        tokens
-            .terminal_of(token)
-            .map(Caller)
-            .ok_or_else(ApiError::unauthorized)
+        tokens.terminal_of(token).map(Caller).ok_or_else(ApiError::unauthorized)
     }
 }
 

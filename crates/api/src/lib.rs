@@ -51,6 +51,9 @@ pub struct AppState {
     pub sessions: Arc<live::Registry>,
     pub metrics: metrics::Metrics,
     pub limits: Limits,
+    /// Sessions restored ahead of demand, and how many to keep per package.
+    pub pool: Arc<strata_engine::pool::Pool>,
+    pub pool_targets: std::collections::BTreeMap<String, usize>,
 }
 
 impl AppState {
@@ -58,18 +61,32 @@ impl AppState {
     ///
     /// # Errors
     /// If the token file cannot be read.
-    pub fn new(
-        engine: Arc<Engine>,
-        tokens_file: PathBuf,
-        limits: Limits,
-    ) -> Result<AppState, String> {
+    pub fn new(engine: Arc<Engine>, tokens_file: PathBuf, limits: Limits) -> Result<AppState, String> {
         Ok(AppState {
             engine,
             tokens: RwLock::new(auth::TokenStore::load(&tokens_file)?),
             sessions: Arc::new(live::Registry::default()),
             metrics: metrics::Metrics::new(),
             limits,
+            pool: Arc::default(),
+            pool_targets: Default::default(),
         })
+    }
+
+    /// Refills the pool of `package` up to its target, in the background.
+    pub fn refill(self: &Arc<Self>, package: &str) {
+        let Some(&target) = self.pool_targets.get(package) else { return };
+        let st = self.clone();
+        let name = package.to_string();
+        tokio::spawn(async move {
+            let r = async {
+                let pkg = st.engine.package(&name)?;
+                st.pool.fill(&st.engine, &pkg, target, &strata_engine::LogProgress).await
+            };
+            if let Err(e) = r.await {
+                tracing::warn!(package = %name, error = %error::error_chain(&e), "could not fill the pool");
+            }
+        });
     }
 }
 

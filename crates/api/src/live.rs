@@ -31,11 +31,7 @@ pub enum Out {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 pub enum Cmd {
-    Attach {
-        ctx: TerminalContext,
-        out: mpsc::Sender<Out>,
-        reply: Reply<Vec<u8>>,
-    },
+    Attach { ctx: TerminalContext, out: mpsc::Sender<Out>, reply: Reply<Vec<u8>> },
     Input(Vec<u8>),
     Resize(WinSize),
     Eof,

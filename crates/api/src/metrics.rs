@@ -12,13 +12,18 @@ use strata_engine::Engine;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaunchLabels {
     pub package: String,
-    /// `launch_image` or `cold`.
+    /// `pool` (restored ahead), `launch_image` or `cold`.
     pub path: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PackageLabels {
+    pub package: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,67 +38,42 @@ pub struct Metrics {
     image_hits: Family<KindLabels, Gauge>,
     image_builds: Family<KindLabels, Gauge>,
     image_build_failures: Family<KindLabels, Gauge>,
+    pool: Family<PackageLabels, Gauge>,
     registry: Registry,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let launch_seconds = Family::<LaunchLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
-            ])
+            Histogram::new([0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0])
         });
         let sessions = Family::<StateLabels, Gauge>::default();
         let image_hits = Family::<KindLabels, Gauge>::default();
         let image_builds = Family::<KindLabels, Gauge>::default();
         let image_build_failures = Family::<KindLabels, Gauge>::default();
+        let pool = Family::<PackageLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("strata");
-        registry.register(
-            "launch_seconds",
-            "Launch request to a running session",
-            launch_seconds.clone(),
-        );
+        registry.register("launch_seconds", "Launch request to a running session", launch_seconds.clone());
         registry.register("sessions", "Sessions by state", sessions.clone());
-        registry.register(
-            "image_cache_hits",
-            "Image lookups that found a usable image",
-            image_hits.clone(),
-        );
+        registry.register("image_cache_hits", "Image lookups that found a usable image", image_hits.clone());
         registry.register("image_builds", "Images built", image_builds.clone());
-        registry.register(
-            "image_build_failures",
-            "Image builds that failed",
-            image_build_failures.clone(),
-        );
-        Metrics {
-            launch_seconds,
-            sessions,
-            image_hits,
-            image_builds,
-            image_build_failures,
-            registry,
-        }
+        registry.register("image_build_failures", "Image builds that failed", image_build_failures.clone());
+        registry.register("pool_sessions", "Sessions restored ahead of demand, waiting", pool.clone());
+        Metrics { launch_seconds, sessions, image_hits, image_builds, image_build_failures, pool, registry }
     }
 
     /// Renders the exposition text, refreshing the gauges first.
-    pub fn render(&self, engine: &Engine, states: &[(String, i64)]) -> String {
+    pub fn render(&self, engine: &Engine, states: &[(String, i64)], pool: &[(String, i64)]) -> String {
+        for (package, n) in pool {
+            self.pool.get_or_create(&PackageLabels { package: package.clone() }).set(*n);
+        }
         for (state, n) in states {
-            self.sessions
-                .get_or_create(&StateLabels {
-                    state: state.clone(),
-                })
-                .set(*n);
+            self.sessions.get_or_create(&StateLabels { state: state.clone() }).set(*n);
         }
         for (i, kind) in ["base", "install", "launch", "context"].iter().enumerate() {
-            let k = KindLabels {
-                kind: kind.to_string(),
-            };
-            self.image_hits
-                .get_or_create(&k)
-                .set(engine.stats.hits[i].load(Ordering::Relaxed) as i64);
-            self.image_builds
-                .get_or_create(&k)
-                .set(engine.stats.builds[i].load(Ordering::Relaxed) as i64);
+            let k = KindLabels { kind: kind.to_string() };
+            self.image_hits.get_or_create(&k).set(engine.stats.hits[i].load(Ordering::Relaxed) as i64);
+            self.image_builds.get_or_create(&k).set(engine.stats.builds[i].load(Ordering::Relaxed) as i64);
             self.image_build_failures
                 .get_or_create(&k)
                 .set(engine.stats.build_failures[i].load(Ordering::Relaxed) as i64);

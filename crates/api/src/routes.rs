@@ -27,10 +27,7 @@ type St = State<Arc<AppState>>;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(
-        title = "strata",
-        description = "Run software on demand, already running, each in its own VM"
-    ),
+    info(title = "strata", description = "Run software on demand, already running, each in its own VM"),
     paths(
         list_packages,
         list_images,
@@ -64,19 +61,14 @@ type St = State<Arc<AppState>>;
 struct ApiDoc;
 
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serializes")
+    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes")
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.limits.max_body;
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/openapi.json",
-            get(|| async { ([("content-type", "application/json")], openapi_json()) }),
-        )
+        .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/metrics", get(metrics))
         .route("/v1/packages", get(list_packages))
         .route("/v1/images", get(list_images).post(build_images))
@@ -110,11 +102,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
                     s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
                     _ => StatusCode::BAD_REQUEST,
                 };
-                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "payload_too_large"
-                } else {
-                    "bad_request"
-                };
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
                 let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     "request body too large (the limit is 64 KiB)".to_string()
                 } else {
@@ -127,24 +115,17 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
 }
 
 async fn metrics(State(st): St) -> impl IntoResponse {
-    let mut counts: BTreeMap<String, i64> =
-        BTreeMap::from([("running".into(), 0), ("paused".into(), 0)]);
+    let mut counts: BTreeMap<String, i64> = BTreeMap::from([("running".into(), 0), ("paused".into(), 0)]);
     for l in st.sessions.all() {
         let s = *l.state.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if s == SessionState::Paused {
-            "paused"
-        } else {
-            "running"
-        };
+        let key = if s == SessionState::Paused { "paused" } else { "running" };
         *counts.entry(key.into()).or_default() += 1;
     }
     let states: Vec<(String, i64)> = counts.into_iter().collect();
+    let pool: Vec<(String, i64)> = st.pool_targets.keys().map(|p| (p.clone(), st.pool.len(p) as i64)).collect();
     (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        st.metrics.render(&st.engine, &states),
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        st.metrics.render(&st.engine, &states, &pool),
     )
 }
 
@@ -211,15 +192,7 @@ fn store_err(e: strata_store::Error) -> ApiError {
 /// Every image in the catalog.
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = [ImageInfo]), (status = 401, body = ErrorBody)))]
 async fn list_images(State(st): St, _c: Caller) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    Ok(Json(
-        st.engine
-            .store
-            .list_images()
-            .map_err(store_err)?
-            .iter()
-            .map(ImageInfo::from)
-            .collect(),
-    ))
+    Ok(Json(st.engine.store.list_images().map_err(store_err)?.iter().map(ImageInfo::from).collect()))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -238,12 +211,7 @@ async fn build_images(
 ) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let pkg = st.engine.package(&req.package)?;
     let set = st.engine.ensure_images(&pkg, &LogProgress).await?;
-    Ok(Json(
-        [&set.base, &set.install, &set.launch]
-            .into_iter()
-            .map(ImageInfo::from)
-            .collect(),
-    ))
+    Ok(Json([&set.base, &set.install, &set.launch].into_iter().map(ImageInfo::from).collect()))
 }
 
 fn check_digest(d: &str) -> Result<(), ApiError> {
@@ -254,25 +222,14 @@ fn check_digest(d: &str) -> Result<(), ApiError> {
 /// Removes an image from the catalog (its blobs go at the next garbage collection).
 #[utoipa::path(delete, path = "/v1/images/{digest}", params(("digest" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn delete_image(
-    State(st): St,
-    _c: Caller,
-    Path(digest): Path<String>,
-) -> Result<StatusCode, ApiError> {
+async fn delete_image(State(st): St, _c: Caller, Path(digest): Path<String>) -> Result<StatusCode, ApiError> {
     check_digest(&digest)?;
     let images = st.engine.store.list_images().map_err(store_err)?;
     if !images.iter().any(|r| r.digest == digest) {
         return Err(ApiError::not_found(format!("no image {digest}")));
     }
-    if st
-        .engine
-        .list_sessions()
-        .iter()
-        .any(|s| s.launch_image == digest)
-    {
-        return Err(ApiError::conflict(format!(
-            "image {digest} is in use by a running session"
-        )));
+    if st.engine.list_sessions().iter().any(|s| s.launch_image == digest) {
+        return Err(ApiError::conflict(format!("image {digest} is in use by a running session")));
     }
     st.engine.store.remove_image(&digest).map_err(store_err)?;
     Ok(StatusCode::NO_CONTENT)
@@ -288,10 +245,7 @@ pub struct GcReport {
 #[utoipa::path(post, path = "/v1/images/gc", responses((status = 200, body = GcReport)))]
 async fn gc_images(State(st): St, _c: Caller) -> Result<Json<GcReport>, ApiError> {
     let (removed_blobs, freed_bytes) = st.engine.gc().map_err(ApiError::from)?;
-    Ok(Json(GcReport {
-        removed_blobs,
-        freed_bytes,
-    }))
+    Ok(Json(GcReport { removed_blobs, freed_bytes }))
 }
 
 /// A terminal's settings for a session.
@@ -317,8 +271,7 @@ impl ContextBody {
             locale: Some(self.locale.unwrap_or_else(|| "C.UTF-8".into())),
             env: self.env,
         };
-        s.validate()
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        s.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(s)
     }
 }
@@ -350,16 +303,8 @@ impl From<&Live> for SessionInfo {
             package: l.package.clone(),
             state: *l.state.lock().unwrap_or_else(|e| e.into_inner()),
             attached: *l.attached.lock().unwrap_or_else(|e| e.into_inner()),
-            created: l
-                .created
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            idle_timeout_s: l
-                .idle_timeout
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .map(|d| d.as_secs()),
+            created: l.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            idle_timeout_s: l.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|d| d.as_secs()),
         }
     }
 }
@@ -382,9 +327,9 @@ fn idle(seconds: Option<u64>, default: Duration) -> Result<Option<Duration>, Api
         None => Ok(Some(default)),
         Some(0) => Ok(None),
         Some(s) if s <= MAX_IDLE => Ok(Some(Duration::from_secs(s))),
-        Some(s) => Err(ApiError::bad_request(format!(
-            "idle time-out {s} s is over the limit of {MAX_IDLE} s (0 means none)"
-        ))),
+        Some(s) => {
+            Err(ApiError::bad_request(format!("idle time-out {s} s is over the limit of {MAX_IDLE} s (0 means none)")))
+        }
     }
 }
 
@@ -402,38 +347,36 @@ async fn create_session(
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sessions",
-            format!(
-                "this server runs at most {} sessions at once; end one first",
-                limits.max_sessions
-            ),
+            format!("this server runs at most {} sessions at once; end one first", limits.max_sessions),
         ));
     }
     if st.sessions.count_of(&owner) >= limits.max_sessions_per_terminal {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sessions",
-            format!(
-                "a terminal may hold at most {} sessions at once; end one first",
-                limits.max_sessions_per_terminal
-            ),
+            format!("a terminal may hold at most {} sessions at once; end one first", limits.max_sessions_per_terminal),
         ));
     }
     let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;
     let settings = req.context.unwrap_or_default().settings()?;
     let pkg = st.engine.package(&req.package)?;
     let started = Instant::now();
-    let session = st.engine.launch(&pkg, &settings, &LogProgress).await?;
+    let (session, path) = match st.pool.take(&pkg.name, &settings).await {
+        Ok(Some(s)) => (s, "pool"),
+        other => {
+            if let Err(e) = other {
+                tracing::warn!(error = %e, "a pooled session failed to resume; launching anew");
+            }
+            (st.engine.launch(&pkg, &settings, &LogProgress).await?, "launch_image")
+        }
+    };
+    st.refill(&pkg.name);
     st.metrics
         .launch_seconds
-        .get_or_create(&crate::metrics::LaunchLabels {
-            package: pkg.name.clone(),
-            path: "launch_image".into(),
-        })
+        .get_or_create(&crate::metrics::LaunchLabels { package: pkg.name.clone(), path: path.into() })
         .observe(started.elapsed().as_secs_f64());
     let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
-    let live = st
-        .sessions
-        .start(session, &owner, auth::token_hash(&token), idle);
+    let live = st.sessions.start(session, &owner, auth::token_hash(&token), idle);
     tracing::info!(session = %live.id, package = %pkg.name, terminal = %owner, "session launched");
     let body = CreatedSession {
         session: SessionInfo::from(&*live),
@@ -446,22 +389,12 @@ async fn create_session(
 /// The caller's sessions.
 #[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = [SessionInfo])))]
 async fn list_sessions(State(st): St, Caller(owner): Caller) -> Json<Vec<SessionInfo>> {
-    Json(
-        st.sessions
-            .all()
-            .iter()
-            .filter(|l| l.owner == owner)
-            .map(|l| SessionInfo::from(&**l))
-            .collect(),
-    )
+    Json(st.sessions.all().iter().filter(|l| l.owner == owner).map(|l| SessionInfo::from(&**l)).collect())
 }
 
 /// A session of the caller's; another terminal's is "not found".
 fn mine(st: &AppState, owner: &str, id: &str) -> Result<Arc<Live>, ApiError> {
-    st.sessions
-        .get(id)
-        .filter(|l| l.owner == owner)
-        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))
+    st.sessions.get(id).filter(|l| l.owner == owner).ok_or_else(|| ApiError::not_found(format!("no session {id}")))
 }
 
 #[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
@@ -474,28 +407,16 @@ async fn get_session(
     Ok(Json(SessionInfo::from(&*mine(&st, &owner, &id)?)))
 }
 
-async fn ask<T>(
-    live: &Live,
-    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd,
-) -> Result<T, ApiError> {
+async fn ask<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    live.cmd
-        .send(make(tx))
-        .await
-        .map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?;
-    rx.await
-        .map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?
-        .map_err(ApiError::conflict)
+    live.cmd.send(make(tx)).await.map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?;
+    rx.await.map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?.map_err(ApiError::conflict)
 }
 
 /// Stops a session now.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn kill_session(
-    State(st): St,
-    Caller(owner): Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+async fn kill_session(State(st): St, Caller(owner): Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let live = mine(&st, &owner, &id)?;
     let (tx, rx) = oneshot::channel();
     if live.cmd.send(Cmd::Kill(tx)).await.is_ok() {
@@ -548,10 +469,7 @@ async fn set_timeout(
 ) -> Result<Json<SessionInfo>, ApiError> {
     let live = mine(&st, &owner, &id)?;
     let t = idle(Some(b.seconds), st.limits.idle_timeout)?;
-    live.cmd
-        .send(Cmd::SetTimeout(t))
-        .await
-        .map_err(|_| ApiError::not_found(format!("session {id} has ended")))?;
+    live.cmd.send(Cmd::SetTimeout(t)).await.map_err(|_| ApiError::not_found(format!("session {id} has ended")))?;
     *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
     Ok(Json(SessionInfo::from(&*live)))
 }
@@ -587,65 +505,36 @@ async fn attach_session(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| {
-            st.tokens
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .terminal_of(t.trim())
-        });
+        .and_then(|t| st.tokens.read().unwrap_or_else(|e| e.into_inner()).terminal_of(t.trim()));
     let allowed = match (&live, by_owner, &q.token) {
         (Some(l), Some(owner), _) => l.owner == owner,
         (Some(l), None, Some(t)) => auth::matches(t, &l.attach_hash),
         (None, Some(_), _) => false,
         _ => return Err(ApiError::unauthorized()),
     };
-    let live = live
-        .filter(|_| allowed)
-        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
-    let settings = ContextBody {
-        term: q.term,
-        rows: q.rows,
-        cols: q.cols,
-        ..Default::default()
-    }
-    .settings()?;
+    let live = live.filter(|_| allowed).ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
+    let settings = ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings()?;
     Ok(ws.on_upgrade(move |socket| pump(socket, live, settings)))
 }
 
 async fn pump(mut socket: WebSocket, live: Arc<Live>, settings: ContextSettings) {
     let (out_tx, mut out_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = oneshot::channel();
-    let attach = Cmd::Attach {
-        ctx: settings.to_terminal_context(),
-        out: out_tx,
-        reply: reply_tx,
-    };
+    let attach = Cmd::Attach { ctx: settings.to_terminal_context(), out: out_tx, reply: reply_tx };
     if live.cmd.send(attach).await.is_err() {
-        let _ = socket
-            .send(Message::Text(
-                r#"{"type":"lost","reason":"the session has ended"}"#.into(),
-            ))
-            .await;
+        let _ = socket.send(Message::Text(r#"{"type":"lost","reason":"the session has ended"}"#.into())).await;
         return;
     }
     let screen = match reply_rx.await {
         Ok(Ok(screen)) => screen,
         Ok(Err(reason)) => {
             let _ = socket
-                .send(Message::Text(
-                    serde_json::json!({"type": "error", "message": reason})
-                        .to_string()
-                        .into(),
-                ))
+                .send(Message::Text(serde_json::json!({"type": "error", "message": reason}).to_string().into()))
                 .await;
             return;
         }
         Err(_) => {
-            let _ = socket
-                .send(Message::Text(
-                    r#"{"type":"lost","reason":"the session has ended"}"#.into(),
-                ))
-                .await;
+            let _ = socket.send(Message::Text(r#"{"type":"lost","reason":"the session has ended"}"#.into())).await;
             return;
         }
     };

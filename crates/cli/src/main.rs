@@ -17,11 +17,7 @@ use crate::progress::Bar;
 use crate::terminal::{attach, stdin_is_tty, terminal_size, AttachEnd};
 
 #[derive(Parser)]
-#[command(
-    name = "strata",
-    version,
-    about = "Run software on demand, already running, each in its own VM"
-)]
+#[command(name = "strata", version, about = "Run software on demand, already running, each in its own VM")]
 struct Cli {
     /// Where images and the catalog live.
     #[arg(long, global = true, env = "STRATA_STATE")]
@@ -94,6 +90,10 @@ enum Cmd {
         /// Sessions one terminal may hold at once.
         #[arg(long, default_value_t = 16)]
         max_sessions_per_terminal: usize,
+        /// Keep N sessions of PACKAGE restored, warmed and paused ahead of
+        /// demand (PACKAGE=N; repeatable).
+        #[arg(long, value_parser = parse_pool_target)]
+        pool: Vec<(String, usize)>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -152,6 +152,9 @@ enum BenchCmd {
         /// Launches each way.
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
+        /// Also measure launches from a pool of restored, warmed, paused sessions.
+        #[arg(long)]
+        pool: bool,
         #[arg(long)]
         json: bool,
     },
@@ -159,18 +162,12 @@ enum BenchCmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     // One thread: every QEMU is spawned from it, and the work is I/O bound.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("strata: cannot start the runtime: {e}");
@@ -188,9 +185,7 @@ fn main() -> ExitCode {
 
 /// Runs the command; on SIGINT/SIGTERM/SIGHUP the command is dropped, which
 /// kills its QEMU processes and removes its scratch files.
-async fn with_signals(
-    f: impl std::future::Future<Output = anyhow::Result<u8>>,
-) -> anyhow::Result<u8> {
+async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -219,18 +214,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
     match &cli.cmd {
-        Cmd::Run {
-            package,
-            interactive,
-            tty,
-            cold,
-        } => {
+        Cmd::Run { package, interactive, tty, cold } => {
             let pkg = eng.package(package)?;
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
-                anyhow::bail!(
-                    "--tty needs standard input to be a terminal; leave it out to pipe input"
-                );
+                anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
             }
             let use_tty = is_tty && (*tty || !*interactive);
             let settings = ContextSettings::from_terminal(terminal_size());
@@ -252,20 +240,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&sessions)?);
             } else {
-                println!(
-                    "{:<12} {:<14} {:<9} {:>8}  AGE",
-                    "SESSION", "PACKAGE", "STATE", "PID"
-                );
+                println!("{:<12} {:<14} {:<9} {:>8}  AGE", "SESSION", "PACKAGE", "STATE", "PID");
                 for r in sessions {
                     let state = if r.detached { "detached" } else { "attached" };
-                    println!(
-                        "{:<12} {:<14} {:<9} {:>8}  {}",
-                        r.id,
-                        r.package,
-                        state,
-                        r.qemu_pid,
-                        age(r.created)
-                    );
+                    println!("{:<12} {:<14} {:<9} {:>8}  {}", r.id, r.package, state, r.qemu_pid, age(r.created));
                 }
             }
             Ok(0)
@@ -292,17 +270,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Images {
-            cmd: ImagesCmd::Ls { json },
-        } => {
+        Cmd::Images { cmd: ImagesCmd::Ls { json } } => {
             let images = eng.store.list_images()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
-                println!(
-                    "{:<8} {:<12} {:<14} {:<10} {:>10}  AGE",
-                    "KIND", "DIGEST", "PACKAGE", "OS", "SIZE"
-                );
+                println!("{:<8} {:<12} {:<14} {:<10} {:>10}  AGE", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE");
                 for r in images {
                     println!(
                         "{:<8} {:<12} {:<14} {:<10} {:>10}  {}",
@@ -317,9 +290,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Images {
-            cmd: ImagesCmd::Verify,
-        } => {
+        Cmd::Images { cmd: ImagesCmd::Verify } => {
             let mut bad = 0;
             for r in eng.store.list_images()? {
                 for (role, d) in &r.files {
@@ -332,9 +303,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{bad} damaged blob(s)");
             Ok(if bad == 0 { 0 } else { 1 })
         }
-        Cmd::Packages {
-            cmd: PackagesCmd::Ls { json },
-        } => {
+        Cmd::Packages { cmd: PackagesCmd::Ls { json } } => {
             if *json {
                 let list: Vec<_> = eng
                     .registry
@@ -350,27 +319,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Context {
-            cmd: ContextCmd::Show { json },
-        } => {
+        Cmd::Context { cmd: ContextCmd::Show { json } } => {
             let settings = ContextSettings::from_terminal(terminal_size());
             let rec = eng.context_image(&settings)?;
             if *json {
-                println!(
-                    "{}",
-                    serde_json::json!({"digest": rec.digest, "settings": settings})
-                );
+                println!("{}", serde_json::json!({"digest": rec.digest, "settings": settings}));
             } else {
                 println!("context image {}", &rec.digest[..12]);
                 println!("{}", serde_json::to_string_pretty(&settings)?);
             }
             Ok(0)
         }
-        Cmd::Serve {
-            listen,
-            max_sessions,
-            max_sessions_per_terminal,
-        } => {
+        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool } => {
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
@@ -380,35 +340,33 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 ..Default::default()
             };
             let tokens = tokens_file(&eng);
-            let state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
+            let mut state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
                 .map_err(anyhow::Error::msg)?;
+            for (package, n) in pool {
+                eng_check_package(&state.engine, package)?;
+                state.pool_targets.insert(package.clone(), *n);
+            }
             {
                 let mut store = state.tokens.write().unwrap_or_else(|e| e.into_inner());
                 if store.is_empty() {
                     let token = store.create("default").map_err(anyhow::Error::msg)?;
                     let saved = tokens.with_file_name("default-token");
                     write_secret(&saved, &token)?;
-                    eprintln!(
-                        "strata: created the API token of terminal \"default\" (saved in {})",
-                        saved.display()
-                    );
+                    eprintln!("strata: created the API token of terminal \"default\" (saved in {})", saved.display());
                 }
             }
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            println!(
-                "strata: serving the API on http://{}",
-                listener.local_addr()?
-            );
-            axum::serve(listener, strata_api::router(std::sync::Arc::new(state))).await?;
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            println!("strata: serving the API on http://{}", listener.local_addr()?);
+            let state = std::sync::Arc::new(state);
+            for package in state.pool_targets.keys() {
+                state.refill(package);
+            }
+            axum::serve(listener, strata_api::router(state)).await?;
             Ok(0)
         }
-        Cmd::Token {
-            cmd: TokenCmd::Create { terminal },
-        } => {
-            let mut store = strata_api::auth::TokenStore::load(&tokens_file(&eng))
-                .map_err(anyhow::Error::msg)?;
+        Cmd::Token { cmd: TokenCmd::Create { terminal } } => {
+            let mut store = strata_api::auth::TokenStore::load(&tokens_file(&eng)).map_err(anyhow::Error::msg)?;
             println!("{}", store.create(terminal).map_err(anyhow::Error::msg)?);
             eprintln!("strata: a running server reads new tokens when it restarts");
             Ok(0)
@@ -419,41 +377,45 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", eng.accel_for(&base).await?);
             Ok(0)
         }
-        Cmd::Bench {
-            cmd:
-                BenchCmd::Launch {
-                    package,
-                    runs,
-                    json,
-                },
-        } => {
+        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, pool, json } } => {
             if *runs == 0 || *runs > 1000 {
                 anyhow::bail!("--runs must be between 1 and 1000");
             }
             let pkg = eng.package(package)?;
-            let r = eng.bench_launch(&pkg, *runs, &bar).await?;
+            let r = eng.bench_launch(&pkg, *runs, *pool, &bar).await?;
             bar.clear();
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
-                    "strata bench launch {} ({} runs each way, accel {})",
-                    r.package, r.runs, r.accel
-                );
+                println!("strata bench launch {} ({} runs each way, accel {})", r.package, r.runs, r.accel);
                 println!("{:<14} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
-                println!(
-                    "{:<14} {:>10.1} {:>10.1}",
-                    "cold boot", r.cold_p50_ms, r.cold_p99_ms
-                );
-                println!(
-                    "{:<14} {:>10.1} {:>10.1}",
-                    "launch image", r.launch_p50_ms, r.launch_p99_ms
-                );
+                println!("{:<14} {:>10.1} {:>10.1}", "cold boot", r.cold_p50_ms, r.cold_p99_ms);
+                println!("{:<14} {:>10.1} {:>10.1}", "launch image", r.launch_p50_ms, r.launch_p99_ms);
+                if let (Some(p50), Some(p99)) = (r.pool_p50_ms, r.pool_p99_ms) {
+                    println!("{:<14} {:>10.1} {:>10.1}", "warm pool", p50, p99);
+                }
                 println!("ratio p50 (cold / launch image): {:.1}x", r.ratio_p50);
+                if let Some(ratio) = r.pool_ratio_p50 {
+                    println!("ratio p50 (cold / warm pool):    {ratio:.1}x");
+                }
             }
             Ok(0)
         }
     }
+}
+
+/// Parses `PACKAGE=N` for `serve --pool`.
+fn parse_pool_target(s: &str) -> Result<(String, usize), String> {
+    let (pkg, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected PACKAGE=N"))?;
+    let n: usize = n.parse().map_err(|_| format!("{s:?}: N must be a number"))?;
+    if n > 64 {
+        return Err(format!("{s:?}: at most 64 sessions per package may wait"));
+    }
+    Ok((pkg.to_string(), n))
+}
+
+fn eng_check_package(eng: &Engine, name: &str) -> anyhow::Result<()> {
+    eng.package(name).map(|_| ()).with_context(|| format!("--pool {name}"))
 }
 
 fn tokens_file(eng: &Engine) -> PathBuf {
@@ -464,12 +426,7 @@ fn tokens_file(eng: &Engine) -> PathBuf {
 fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(secret.as_bytes())?;
     Ok(())
 }
@@ -507,10 +464,8 @@ async fn finish(mut session: strata_engine::Session, tty: bool) -> anyhow::Resul
 
 /// How long ago a Unix time was, briefly.
 fn age(unix_secs: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let s = (now - unix_secs).max(0);
     match s {
         0..=119 => format!("{s}s"),

@@ -17,11 +17,7 @@ pub struct Bar {
 
 impl Bar {
     pub fn new(quiet: bool) -> Bar {
-        Bar {
-            bar: OnceLock::new(),
-            on_terminal: std::io::stderr().is_terminal(),
-            quiet,
-        }
+        Bar { bar: OnceLock::new(), on_terminal: std::io::stderr().is_terminal(), quiet }
     }
 
     fn spinner(&self) -> Option<&ProgressBar> {
@@ -31,8 +27,7 @@ impl Bar {
         Some(self.bar.get_or_init(|| {
             let b = ProgressBar::new_spinner();
             b.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}").expect("valid template"),
             );
             b.enable_steady_tick(Duration::from_millis(120));
             b

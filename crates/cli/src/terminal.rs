@@ -60,21 +60,10 @@ pub fn stdin_is_tty() -> bool {
 /// The size of the terminal on standard input or output.
 pub fn terminal_size() -> Option<WinSize> {
     for fd in [0, 1, 2] {
-        let mut ws: libc::winsize = libc::winsize {
-            ws_row: 0,
-            ws_col: 0,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let mut ws: libc::winsize = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCGWINSZ writes into the winsize we pass.
-        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0
-            && ws.ws_row > 0
-            && ws.ws_col > 0
-        {
-            return Some(WinSize {
-                rows: ws.ws_row,
-                cols: ws.ws_col,
-            });
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
+            return Some(WinSize { rows: ws.ws_row, cols: ws.ws_col });
         }
     }
     None
@@ -192,9 +181,7 @@ fn find_detach(prev: Option<u8>, data: &[u8]) -> Option<usize> {
     if prev == Some(DETACH_KEYS[0]) && data.first() == Some(&DETACH_KEYS[1]) {
         return Some(0);
     }
-    data.windows(2)
-        .position(|w| w == DETACH_KEYS)
-        .map(|i| i + 1)
+    data.windows(2).position(|w| w == DETACH_KEYS).map(|i| i + 1)
 }
 
 #[cfg(test)]

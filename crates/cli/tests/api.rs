@@ -42,22 +42,16 @@ fn token(name: &str) -> String {
 
 /// A server with two terminals' tokens (`tag` keeps tests' tokens apart).
 fn serve(tag: &str) -> Server {
+    serve_with(tag, &[])
+}
+
+fn serve_with(tag: &str, extra: &[&str]) -> Server {
     let (a, b) = (token(&format!("{tag}-a")), token(&format!("{tag}-b")));
-    let mut child = strata(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--max-sessions-per-terminal",
-        "3",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .unwrap();
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--max-sessions-per-terminal", "3"];
+    args.extend_from_slice(extra);
+    let mut child = strata(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
     Server { child, base, a, b }
@@ -69,16 +63,8 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut rq = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.s.base));
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut rq = self.http.request(method.parse().unwrap(), format!("{}{path}", self.s.base));
         if let Some(t) = token {
             rq = rq.bearer_auth(t);
         }
@@ -88,35 +74,20 @@ impl Api<'_> {
         let resp = rq.send().await.unwrap();
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 }
 
 fn assert_error(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(s: &Server, id: &str, token: &str) -> Result<Ws, String> {
-    let url = format!(
-        "{}/v1/sessions/{id}/attach?token={token}&rows=30&cols=100",
-        s.base.replace("http", "ws")
-    );
-    tokio_tungstenite::connect_async(url)
-        .await
-        .map(|(w, _)| w)
-        .map_err(|e| e.to_string())
+    let url = format!("{}/v1/sessions/{id}/attach?token={token}&rows=30&cols=100", s.base.replace("http", "ws"));
+    tokio_tungstenite::connect_async(url).await.map(|(w, _)| w).map_err(|e| e.to_string())
 }
 
 /// Reads from the socket until `want` appears in the terminal bytes.
@@ -124,9 +95,8 @@ async fn read_until(w: &mut Ws, want: &str) -> String {
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !seen.contains(want) {
-        let msg = tokio::time::timeout_at(deadline, w.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {want:?} in {seen:?}"));
+        let msg =
+            tokio::time::timeout_at(deadline, w.next()).await.unwrap_or_else(|_| panic!("no {want:?} in {seen:?}"));
         match msg {
             Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
             Some(Ok(Message::Text(t))) => seen.push_str(&t),
@@ -138,9 +108,7 @@ async fn read_until(w: &mut Ws, want: &str) -> String {
 }
 
 async fn type_line(w: &mut Ws, line: &str) {
-    w.send(Message::Binary(line.as_bytes().to_vec().into()))
-        .await
-        .unwrap();
+    w.send(Message::Binary(line.as_bytes().to_vec().into())).await.unwrap();
 }
 
 #[tokio::test]
@@ -149,68 +117,30 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
         return;
     }
     let s = serve("api-main");
-    let api = Api {
-        http: reqwest::Client::new(),
-        s: &s,
-    };
+    let api = Api { http: reqwest::Client::new(), s: &s };
 
     // Authentication.
     let (st, v) = api.call("GET", "/v1/packages", None, None).await;
     assert_eq!(st, 401);
     assert_error(&v, "unauthorized");
-    let (st, _) = api
-        .call("GET", "/v1/packages", Some("not-a-token"), None)
-        .await;
+    let (st, _) = api.call("GET", "/v1/packages", Some("not-a-token"), None).await;
     assert_eq!(st, 401);
     let (st, v) = api.call("GET", "/v1/packages", Some(&s.a), None).await;
     assert_eq!(st, 200);
-    assert!(
-        v.as_array().unwrap().iter().any(|p| p["name"] == "python3"),
-        "{v}"
-    );
+    assert!(v.as_array().unwrap().iter().any(|p| p["name"] == "python3"), "{v}");
 
     // Bad input.
-    let (st, v) = api
-        .call(
-            "POST",
-            "/v1/sessions",
-            Some(&s.a),
-            Some(json!({"package": "pyhton3"})),
-        )
-        .await;
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "pyhton3"}))).await;
     assert_eq!(st, 404);
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("python3"),
-        "{v}"
-    );
-    let (st, v) = api
-        .call(
-            "POST",
-            "/v1/sessions",
-            Some(&s.a),
-            Some(json!({"package": "python3", "bogus": 1})),
-        )
-        .await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("python3"), "{v}");
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "python3", "bogus": 1}))).await;
     assert_eq!(st, 400);
     assert_error(&v, "bad_request");
-    let (st, v) = api
-        .call(
-            "POST",
-            "/v1/sessions",
-            Some(&s.a),
-            Some(json!({"package": "python3", "context": {"rows": 0}})),
-        )
-        .await;
+    let (st, v) =
+        api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "python3", "context": {"rows": 0}}))).await;
     assert_eq!(st, 400, "{v}");
     let big = "x".repeat(100 << 10);
-    let (st, v) = api
-        .call(
-            "POST",
-            "/v1/sessions",
-            Some(&s.a),
-            Some(json!({"package": big})),
-        )
-        .await;
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": big}))).await;
     assert_eq!(st, 413);
     assert_error(&v, "payload_too_large");
 
@@ -247,9 +177,7 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     // A terminal that vanishes mid-stream: the session lives on, re-attachable.
     drop(w);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (st, v) = api
-        .call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None)
-        .await;
+    let (st, v) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None).await;
     assert_eq!(st, 200);
     assert_eq!(v["attached"], false, "{v}");
     let mut w = ws(&s, &id, &attach).await.unwrap();
@@ -258,34 +186,14 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     read_until(&mut w, "still 42").await;
 
     // Pause and resume.
-    let (st, v) = api
-        .call(
-            "POST",
-            &format!("/v1/sessions/{id}/pause"),
-            Some(&s.a),
-            None,
-        )
-        .await;
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{id}/pause"), Some(&s.a), None).await;
     assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
-    let (st, v) = api
-        .call(
-            "POST",
-            &format!("/v1/sessions/{id}/resume"),
-            Some(&s.a),
-            None,
-        )
-        .await;
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{id}/resume"), Some(&s.a), None).await;
     assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
     type_line(&mut w, "print('resumed', x)\r").await;
     read_until(&mut w, "resumed 42").await;
-    let (st, v) = api
-        .call(
-            "PUT",
-            &format!("/v1/sessions/{id}/timeout"),
-            Some(&s.a),
-            Some(json!({"seconds": 99999999})),
-        )
-        .await;
+    let (st, v) =
+        api.call("PUT", &format!("/v1/sessions/{id}/timeout"), Some(&s.a), Some(json!({"seconds": 99999999}))).await;
     assert_eq!(st, 400, "{v}");
 
     // The program's exit ends the session and reaches the terminal.
@@ -293,74 +201,34 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     let end = read_until(&mut w, "\"exit\"").await;
     assert!(end.contains("\"status\":3"), "{end}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (st, _) = api
-        .call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None)
-        .await;
+    let (st, _) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&s.a), None).await;
     assert_eq!(st, 404);
 
     // Limits: at most 3 sessions per terminal here.
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let (st, v) = api
-            .call(
-                "POST",
-                "/v1/sessions",
-                Some(&s.b),
-                Some(json!({"package": "bc"})),
-            )
-            .await;
+        let (st, v) = api.call("POST", "/v1/sessions", Some(&s.b), Some(json!({"package": "bc"}))).await;
         assert_eq!(st, 201, "{v}");
         ids.push(v["session"]["id"].as_str().unwrap().to_string());
     }
-    let (st, v) = api
-        .call(
-            "POST",
-            "/v1/sessions",
-            Some(&s.b),
-            Some(json!({"package": "bc"})),
-        )
-        .await;
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.b), Some(json!({"package": "bc"}))).await;
     assert_eq!(st, 429);
     assert_error(&v, "too_many_sessions");
     assert!(v["error"]["message"].as_str().unwrap().contains('3'), "{v}");
     for id in &ids {
-        let (st, _) = api
-            .call("DELETE", &format!("/v1/sessions/{id}"), Some(&s.b), None)
-            .await;
+        let (st, _) = api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&s.b), None).await;
         assert_eq!(st, 204);
     }
 
     // The OpenAPI document and the metrics.
     let (st, doc) = api.call("GET", "/openapi.json", None, None).await;
     assert_eq!(st, 200);
-    for p in [
-        "/v1/sessions",
-        "/v1/sessions/{id}/attach",
-        "/v1/images",
-        "/v1/packages",
-    ] {
-        assert!(
-            doc["paths"][p].is_object(),
-            "{p} missing from the OpenAPI document"
-        );
+    for p in ["/v1/sessions", "/v1/sessions/{id}/attach", "/v1/images", "/v1/packages"] {
+        assert!(doc["paths"][p].is_object(), "{p} missing from the OpenAPI document");
     }
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("strata_launch_seconds_count{package=\"python3\",path=\"launch_image\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("strata_sessions{state=\"running\"}"),
-        "{metrics}"
-    );
+    let metrics = api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("strata_launch_seconds_count{package=\"python3\",path=\"launch_image\"}"), "{metrics}");
+    assert!(metrics.contains("strata_sessions{state=\"running\"}"), "{metrics}");
     assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
 }
 
@@ -376,27 +244,14 @@ impl Gen {
         self.0
     }
     fn value(&mut self, depth: u32) -> Value {
-        let strings = [
-            "python3",
-            "",
-            "../../etc",
-            "bc",
-            "\u{0}",
-            "x",
-            "ß",
-            "htop; rm -rf /",
-        ];
+        let strings = ["python3", "", "../../etc", "bc", "\u{0}", "x", "ß", "htop; rm -rf /"];
         match self.next() % if depth > 2 { 5 } else { 7 } {
             0 => Value::Null,
             1 => Value::Bool(self.next().is_multiple_of(2)),
             2 => json!((self.next() % 100_000) as i64 - 50_000),
             3 => json!(u64::MAX - self.next() % 3),
             4 => json!(strings[(self.next() % strings.len() as u64) as usize]),
-            5 => Value::Array(
-                (0..self.next() % 4)
-                    .map(|_| self.value(depth + 1))
-                    .collect(),
-            ),
+            5 => Value::Array((0..self.next() % 4).map(|_| self.value(depth + 1)).collect()),
             _ => {
                 let keys = [
                     "package",
@@ -412,10 +267,7 @@ impl Gen {
                 ];
                 let mut m = serde_json::Map::new();
                 for _ in 0..self.next() % 4 {
-                    m.insert(
-                        keys[(self.next() % keys.len() as u64) as usize].into(),
-                        self.value(depth + 1),
-                    );
+                    m.insert(keys[(self.next() % keys.len() as u64) as usize].into(), self.value(depth + 1));
                 }
                 Value::Object(m)
             }
@@ -429,10 +281,7 @@ async fn arbitrary_bodies_and_paths_get_4xx_with_the_error_body_never_5xx() {
         return;
     }
     let s = serve("api-fuzz");
-    let api = Api {
-        http: reqwest::Client::new(),
-        s: &s,
-    };
+    let api = Api { http: reqwest::Client::new(), s: &s };
     let mut g = Gen(0x5eed_1234_abcd_ef01);
     let routes = [
         ("POST", "/v1/sessions"),
@@ -456,4 +305,35 @@ async fn arbitrary_bodies_and_paths_get_4xx_with_the_error_body_never_5xx() {
     let (st, v) = api.call("GET", "/v1/nothing/here", Some(&s.a), None).await;
     assert_eq!(st, 404);
     assert_error(&v, "not_found");
+}
+
+#[tokio::test]
+async fn launches_come_from_the_warm_pool_when_one_waits() {
+    if !e2e() {
+        return;
+    }
+    let s = serve_with("api-pool", &["--pool", "bc=1"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let metrics = || async { api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap() };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while !metrics().await.contains("strata_pool_sessions{package=\"bc\"} 1") {
+        assert!(tokio::time::Instant::now() < deadline, "the pool never filled: {}", metrics().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, created) = api
+        .call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "bc", "context": {"rows": 20, "cols": 60}})))
+        .await;
+    assert_eq!(st, 201, "{created}");
+    let m = metrics().await;
+    assert!(m.contains("strata_launch_seconds_count{package=\"bc\",path=\"pool\"} 1"), "{m}");
+    let id = created["session"]["id"].as_str().unwrap();
+    let mut w = ws(&s, id, created["attach_token"].as_str().unwrap()).await.unwrap();
+    type_line(&mut w, "6*7\r").await;
+    read_until(&mut w, "42").await;
+    // The pool refills itself in the background.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !metrics().await.contains("strata_pool_sessions{package=\"bc\"} 1") {
+        assert!(tokio::time::Instant::now() < deadline, "the pool did not refill");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

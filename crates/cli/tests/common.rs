@@ -16,9 +16,7 @@ pub fn e2e() -> bool {
     if std::env::var_os("STRATA_E2E").is_some() {
         return true;
     }
-    eprintln!(
-        "STRATA_E2E is not set: this end-to-end test boots real VMs and runs only under ./test.sh"
-    );
+    eprintln!("STRATA_E2E is not set: this end-to-end test boots real VMs and runs only under ./test.sh");
     false
 }
 
@@ -31,10 +29,16 @@ pub struct TestEnv {
 
 /// Package definitions only the tests use.
 const TEST_PACKAGES: &[(&str, &str)] = &[
-    ("never-ready", "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\ntext = 'THIS TEXT NEVER APPEARS'\ntimeout_ms = 2000\n"),
+    (
+        "never-ready",
+        "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\ntext = 'THIS TEXT NEVER APPEARS'\ntimeout_ms = 2000\n",
+    ),
     ("no-such-program", "debs = ['bc']\ncommand = ['strata-no-such-program']\n[ready]\nalive_ms = 100\n"),
     ("no-such-deb", "debs = ['strata-no-such-deb']\ncommand = ['x']\n[ready]\nalive_ms = 100\n"),
-    ("bc-corrupt", "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\nalive_ms = 501\n[probe]\ninput = \"6*7\\n\"\nexpect = '42'\n"),
+    (
+        "bc-corrupt",
+        "debs = ['bc']\ncommand = ['bc', '-q']\n[ready]\nalive_ms = 501\n[probe]\ninput = \"6*7\\n\"\nexpect = '42'\n",
+    ),
 ];
 
 pub fn env() -> &'static TestEnv {
@@ -42,14 +46,9 @@ pub fn env() -> &'static TestEnv {
     ENV.get_or_init(|| {
         let strata = PathBuf::from(env!("CARGO_BIN_EXE_strata"));
         let bin_dir = strata.parent().unwrap().to_path_buf();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .ancestors()
-            .nth(2)
-            .unwrap()
-            .to_path_buf();
-        let state = std::env::var_os("STRATA_STATE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/lib/strata-test".into());
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
+        let state =
+            std::env::var_os("STRATA_STATE").map(PathBuf::from).unwrap_or_else(|| "/var/lib/strata-test".into());
         let packages = state.join("test-packages");
         std::fs::create_dir_all(&packages).unwrap();
         for e in std::fs::read_dir(repo.join("packages")).unwrap().flatten() {
@@ -58,12 +57,7 @@ pub fn env() -> &'static TestEnv {
         for (name, text) in TEST_PACKAGES {
             std::fs::write(packages.join(format!("{name}.toml")), text).unwrap();
         }
-        TestEnv {
-            state,
-            packages,
-            agent: bin_dir.join("strata-agent"),
-            strata,
-        }
+        TestEnv { state, packages, agent: bin_dir.join("strata-agent"), strata }
     })
 }
 
@@ -83,19 +77,9 @@ pub fn strata(args: &[&str]) -> Command {
 /// left no scratch directory and no QEMU process behind.
 pub fn strata_with_input(args: &[&str], input: &str) -> Output {
     use std::io::Write;
-    let mut child = strata(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = strata(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_no_leftovers_of(pid);
     out
@@ -134,10 +118,7 @@ pub fn scratch_of(pid: u32) -> Vec<PathBuf> {
     let prefix = format!("{pid}.");
     std::fs::read_dir(env().state.join("tmp"))
         .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
+            d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
         })
         .unwrap_or_default()
 }
@@ -147,15 +128,10 @@ pub fn assert_no_leftovers_of(pid: u32) {
     let dir = format!("/tmp/{pid}.");
     let state_dir = format!("{}{dir}", env().state.display());
     assert!(
-        wait_until(Duration::from_secs(10), || qemu_processes_with(&state_dir)
-            .is_empty()),
+        wait_until(Duration::from_secs(10), || qemu_processes_with(&state_dir).is_empty()),
         "QEMU of {pid} still running"
     );
-    assert!(
-        scratch_of(pid).is_empty(),
-        "scratch left by {pid}: {:?}",
-        scratch_of(pid)
-    );
+    assert!(scratch_of(pid).is_empty(), "scratch left by {pid}: {:?}", scratch_of(pid));
 }
 
 /// Polls `cond` every 100 ms until it holds or `limit` passes.

@@ -29,11 +29,7 @@ fn piped_input_reaches_python_and_its_answer_comes_back() {
     }
     let out = strata_with_input(&["run", "python3"], "print(6*7)\n");
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).lines().any(|l| l.trim() == "42"),
-        "stdout: {:?}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).lines().any(|l| l.trim() == "42"), "stdout: {:?}", text(&out.stdout));
 }
 
 #[test]
@@ -52,11 +48,7 @@ fn bc_answers_from_its_launch_image() {
     }
     let out = strata_with_input(&["run", "bc"], "6*7\nquit\n");
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("42"),
-        "stdout: {:?}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("42"), "stdout: {:?}", text(&out.stdout));
 }
 
 #[tokio::test]
@@ -73,10 +65,7 @@ async fn htop_is_already_running_when_the_session_appears() {
     // It redraws for the new terminal size, and quits on 'q'.
     s.input(b"q").await.unwrap();
     let code = loop {
-        match tokio::time::timeout(ANSWER, s.next_event())
-            .await
-            .expect("htop answers")
-        {
+        match tokio::time::timeout(ANSWER, s.next_event()).await.expect("htop answers") {
             strata_engine::SessionEvent::Exited(c) => break c,
             strata_engine::SessionEvent::Lost(w) => panic!("lost: {w}"),
             _ => {}
@@ -94,46 +83,22 @@ async fn two_sessions_run_at_once_and_never_see_each_others_writes() {
     let eng = engine();
     let pkg = eng.package("python3").unwrap();
     let ctx = settings();
-    let (a, b) = tokio::join!(
-        eng.launch(&pkg, &ctx, &LogProgress),
-        eng.launch(&pkg, &ctx, &LogProgress)
-    );
+    let (a, b) = tokio::join!(eng.launch(&pkg, &ctx, &LogProgress), eng.launch(&pkg, &ctx, &LogProgress));
     let (mut a, mut b) = (a.unwrap(), b.unwrap());
     assert_ne!(a.vm_pid(), b.vm_pid());
-    a.expect_after(
-        b"open('/root/mark','w').write('a'); print('wrote', 6*7)\n",
-        "wrote 42",
-        ANSWER,
-    )
-    .await
-    .unwrap();
-    let seen = b
-        .expect_after(
-            b"import os; print('mark', os.path.exists('/root/mark'))\n",
-            "mark ",
-            ANSWER,
-        )
-        .await
-        .unwrap();
+    a.expect_after(b"open('/root/mark','w').write('a'); print('wrote', 6*7)\n", "wrote 42", ANSWER).await.unwrap();
+    let seen =
+        b.expect_after(b"import os; print('mark', os.path.exists('/root/mark'))\n", "mark ", ANSWER).await.unwrap();
     let seen = seen + &b.expect_after(b"", "\n", ANSWER).await.unwrap();
     assert!(seen.contains("mark False"), "{seen:?}");
     // A new session starts from the launch image, not from A's disk.
     let pid_a = a.vm_pid();
     a.close().await;
     b.close().await;
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid_a}")).exists(),
-        "QEMU {pid_a} still alive"
-    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid_a}")).exists(), "QEMU {pid_a} still alive");
     let mut c = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
-    let seen = c
-        .expect_after(
-            b"import os; print('again', os.path.exists('/root/mark'))\n",
-            "again F",
-            ANSWER,
-        )
-        .await
-        .unwrap();
+    let seen =
+        c.expect_after(b"import os; print('again', os.path.exists('/root/mark'))\n", "again F", ANSWER).await.unwrap();
     assert!(seen.contains("again False"), "{seen:?}");
     c.close().await;
 }
@@ -146,37 +111,27 @@ async fn context_is_applied_on_resume_without_reboot() {
     let eng = engine();
     let pkg = eng.package("python3").unwrap();
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let seen =
+        s.expect_after(b"import os,time; print('ctx', os.get_terminal_size(), 6*7)\n", "42", ANSWER).await.unwrap();
+    assert!(seen.contains("columns=99, lines=33"), "{seen:?}");
+    // The zone is the guest's: new processes see it, and a running one does
+    // as soon as it re-reads it (tzset), with nothing restarted.
     let seen = s
         .expect_after(
-            b"import os,time; print('ctx', os.get_terminal_size(), 6*7)\n",
+            b"time.tzset(); print('zone', time.strftime('%Z'), os.popen('date +%Z').read().strip(), 6*7)\n",
             "42",
             ANSWER,
         )
         .await
         .unwrap();
-    assert!(seen.contains("columns=99, lines=33"), "{seen:?}");
-    // The zone is the guest's: new processes see it, and a running one does
-    // as soon as it re-reads it (tzset), with nothing restarted.
-    let seen = s
-        .expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), os.popen('date +%Z').read().strip(), 6*7)\n", "42", ANSWER)
-        .await
-        .unwrap();
     assert!(seen.contains("zone JST JST"), "{seen:?}");
     // The clock was set from the host on attach.
-    let host_year = 1970
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            / 31_557_600;
-    let seen = s
-        .expect_after(b"print('year', time.gmtime().tm_year)\n", "year 2", ANSWER)
-        .await
-        .unwrap();
+    let host_year =
+        1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_557_600;
+    let seen = s.expect_after(b"print('year', time.gmtime().tm_year)\n", "year 2", ANSWER).await.unwrap();
     let seen = seen + &s.expect_after(b"", "\n", ANSWER).await.unwrap();
     assert!(
-        seen.contains(&format!("year {host_year}"))
-            || seen.contains(&format!("year {}", host_year + 1)),
+        seen.contains(&format!("year {host_year}")) || seen.contains(&format!("year {}", host_year + 1)),
         "{seen:?}"
     );
     s.close().await;
@@ -196,11 +151,7 @@ fn context_images_are_content_addressed_and_reused() {
     assert_ne!(eng.context_image(&other).unwrap().digest, a.digest);
     let mut bad = settings();
     bad.timezone = Some("../../etc/passwd".into());
-    assert!(eng
-        .context_image(&bad)
-        .unwrap_err()
-        .to_string()
-        .contains("time zone"));
+    assert!(eng.context_image(&bad).unwrap_err().to_string().contains("time zone"));
 }
 
 #[test]
@@ -211,16 +162,9 @@ fn unknown_package_is_refused_with_close_names() {
     let out = strata_with_input(&["run", "pyhton3"], "");
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(
-        err.contains("no package \"pyhton3\"") && err.contains("python3"),
-        "{err}"
-    );
+    assert!(err.contains("no package \"pyhton3\"") && err.contains("python3"), "{err}");
     let out = strata_with_input(&["run", "Bad/Name"], "");
-    assert!(
-        text(&out.stderr).contains("not a valid package name"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("not a valid package name"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -231,10 +175,7 @@ fn a_debian_package_that_cannot_be_installed_is_a_clear_error() {
     let out = strata_with_input(&["build", "no-such-deb"], "");
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(
-        err.contains("installing no-such-deb failed") && err.contains("strata-no-such-deb"),
-        "{err}"
-    );
+    assert!(err.contains("installing no-such-deb failed") && err.contains("strata-no-such-deb"), "{err}");
     let out = strata_with_input(&["build", "no-such-program"], "");
     let err = text(&out.stderr);
     // Caught by the install step when it builds the install image, else
@@ -245,10 +186,7 @@ fn a_debian_package_that_cannot_be_installed_is_a_clear_error() {
         "{err}"
     );
     let images = text(&strata(&["images", "ls", "--json"]).output().unwrap().stdout);
-    assert!(
-        !images.contains("no-such-program") && !images.contains("no-such-deb"),
-        "{images}"
-    );
+    assert!(!images.contains("no-such-program") && !images.contains("no-such-deb"), "{images}");
 }
 
 #[test]
@@ -259,10 +197,7 @@ fn a_program_that_never_becomes_ready_times_out_and_is_cleaned_up() {
     let out = strata_with_input(&["build", "never-ready"], "");
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(
-        err.contains("never-ready did not become ready") && err.contains("not ready after 2000 ms"),
-        "{err}"
-    );
+    assert!(err.contains("never-ready did not become ready") && err.contains("not ready after 2000 ms"), "{err}");
 }
 
 #[test]
@@ -278,9 +213,7 @@ fn a_corrupt_blob_is_detected_and_the_image_rebuilt() {
         .list_images()
         .unwrap()
         .into_iter()
-        .find(|r| {
-            r.package.as_deref() == Some("bc-corrupt") && r.kind == strata_store::ImageKind::Launch
-        })
+        .find(|r| r.package.as_deref() == Some("bc-corrupt") && r.kind == strata_store::ImageKind::Launch)
         .unwrap();
     let state = eng.store.blob_path(&launch.files["state"]);
     use std::os::unix::fs::PermissionsExt;
@@ -292,14 +225,10 @@ fn a_corrupt_blob_is_detected_and_the_image_rebuilt() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("42"));
     let images = eng.store.list_images().unwrap();
-    assert!(
-        !images.iter().any(|r| r.digest == launch.digest),
-        "the damaged image is still listed"
-    );
+    assert!(!images.iter().any(|r| r.digest == launch.digest), "the damaged image is still listed");
     assert!(images
         .iter()
-        .any(|r| r.package.as_deref() == Some("bc-corrupt")
-            && r.kind == strata_store::ImageKind::Launch));
+        .any(|r| r.package.as_deref() == Some("bc-corrupt") && r.kind == strata_store::ImageKind::Launch));
 }
 
 #[test]
@@ -309,24 +238,13 @@ fn kill_9_during_a_build_leaves_the_catalog_as_it_was_and_the_next_run_builds() 
     }
     let e = env();
     // A fresh definition each run, so its launch image is built (and killed) now.
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let def = format!(
-        "debs = ['bc']\ncommand = ['bc', '-q']\n[env]\nRUN = '{nonce}'\n[ready]\nalive_ms = 502\n"
-    );
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let def = format!("debs = ['bc']\ncommand = ['bc', '-q']\n[env]\nRUN = '{nonce}'\n[ready]\nalive_ms = 502\n");
     let tmp_def = e.packages.join(".bc-killed.toml.tmp");
     std::fs::write(&tmp_def, def).unwrap();
     std::fs::rename(&tmp_def, e.packages.join("bc-killed.toml")).unwrap();
     let launch_images = || {
-        engine()
-            .store
-            .list_images()
-            .unwrap()
-            .into_iter()
-            .filter(|r| r.package.as_deref() == Some("bc-killed"))
-            .count()
+        engine().store.list_images().unwrap().into_iter().filter(|r| r.package.as_deref() == Some("bc-killed")).count()
     };
     let before = launch_images();
     let mut child = strata(&["build", "bc-killed", "-q"])
@@ -352,20 +270,12 @@ fn kill_9_during_a_build_leaves_the_catalog_as_it_was_and_the_next_run_builds() 
     child.kill().unwrap();
     child.wait().unwrap();
     let needle = format!("{}/tmp/{pid}.", e.state.display());
-    assert!(
-        wait_until(Duration::from_secs(10), || qemu_processes_with(&needle)
-            .is_empty()),
-        "QEMU outlived strata"
-    );
+    assert!(wait_until(Duration::from_secs(10), || qemu_processes_with(&needle).is_empty()), "QEMU outlived strata");
     assert_eq!(launch_images(), before, "a half-built image was recorded");
     let again = strata_with_input(&["build", "bc-killed"], "");
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(launch_images(), before + 1);
-    assert!(
-        scratch_of(pid).is_empty(),
-        "scratch of the killed build remains: {:?}",
-        scratch_of(pid)
-    );
+    assert!(scratch_of(pid).is_empty(), "scratch of the killed build remains: {:?}", scratch_of(pid));
 }
 
 #[test]
@@ -375,37 +285,16 @@ fn a_full_disk_during_a_build_fails_clearly_and_records_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96M", "tmpfs"])
-        .arg(mnt)
-        .status()
-        .unwrap();
+    let ok =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=96M", "tmpfs"]).arg(mnt).status().unwrap();
     assert!(ok.success());
-    let out = strata(&["build", "bc", "-q"])
-        .env("STRATA_STATE", mnt)
-        .output()
-        .unwrap();
-    let listed = strata(&["images", "ls", "--json"])
-        .env("STRATA_STATE", mnt)
-        .output()
-        .unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(mnt.join("tmp"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    std::process::Command::new("umount")
-        .arg(mnt)
-        .status()
-        .unwrap();
+    let out = strata(&["build", "bc", "-q"]).env("STRATA_STATE", mnt).output().unwrap();
+    let listed = strata(&["images", "ls", "--json"]).env("STRATA_STATE", mnt).output().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(mnt.join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
+    std::process::Command::new("umount").arg(mnt).status().unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(
-        err.contains("No space left on device")
-            || err.contains("ENOSPC")
-            || err.contains("no space"),
-        "{err}"
-    );
+    assert!(err.contains("No space left on device") || err.contains("ENOSPC") || err.contains("no space"), "{err}");
     assert_eq!(text(&listed.stdout).trim(), "[]");
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
@@ -419,10 +308,7 @@ fn accelerator_is_probed_once_and_can_be_forced() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let chosen = text(&out.stdout).trim().to_string();
     let cached = std::fs::read_to_string(env().state.join("accel.json")).unwrap();
-    assert!(
-        cached.contains(&format!("\"{chosen}\"")),
-        "{cached} vs {chosen}"
-    );
+    assert!(cached.contains(&format!("\"{chosen}\"")), "{cached} vs {chosen}");
     let forced = strata(&["accel", "-q", "--accel", "tcg"]).output().unwrap();
     assert_eq!(text(&forced.stdout).trim(), "tcg");
     let bad = strata(&["accel", "--accel", "hvf"]).output().unwrap();
@@ -434,30 +320,16 @@ fn bench_launch_prints_both_paths_and_their_ratio() {
     if !e2e() {
         return;
     }
-    let out = strata(&["bench", "launch", "bc", "-n", "1", "--json", "-q"])
-        .output()
-        .unwrap();
+    let out = strata(&["bench", "launch", "bc", "-n", "1", "--json", "-q"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for k in [
-        "cold_p50_ms",
-        "cold_p99_ms",
-        "launch_p50_ms",
-        "launch_p99_ms",
-        "ratio_p50",
-    ] {
+    for k in ["cold_p50_ms", "cold_p99_ms", "launch_p50_ms", "launch_p99_ms", "ratio_p50"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
     // Same run, same machine: restoring a running program beats booting one.
     assert!(v["ratio_p50"].as_f64().unwrap() > 1.0, "{v}");
-    let bad = strata(&["bench", "launch", "htop", "-n", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        text(&bad.stderr).contains("has no [probe]"),
-        "{}",
-        text(&bad.stderr)
-    );
+    let bad = strata(&["bench", "launch", "htop", "-n", "1"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("has no [probe]"), "{}", text(&bad.stderr));
 }
 
 /// Runs `strata ARGS` on a pseudo-terminal (util-linux `script`), typing
@@ -489,9 +361,7 @@ fn strata_on_pty(args: &str, keys: &[&[u8]]) -> (Option<i32>, String) {
         stdin.flush().unwrap();
         std::thread::sleep(Duration::from_millis(1500));
     }
-    let done = wait_until(Duration::from_secs(60), || {
-        child.try_wait().unwrap().is_some()
-    });
+    let done = wait_until(Duration::from_secs(60), || child.try_wait().unwrap().is_some());
     if !done {
         let _ = child.kill();
     }
@@ -511,41 +381,21 @@ fn detach_and_attach_keep_the_program_and_its_state() {
     if !e2e() {
         return;
     }
-    let before: Vec<_> = detached_sessions()
-        .iter()
-        .map(|s| s["id"].clone())
-        .collect();
+    let before: Vec<_> = detached_sessions().iter().map(|s| s["id"].clone()).collect();
     let (code, out) = strata_on_pty("run python3", &[b"x = 6*7\r", b"\x10\x11"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("detached from session"), "{out}");
-    let new: Vec<_> = detached_sessions()
-        .into_iter()
-        .filter(|s| !before.contains(&s["id"]))
-        .collect();
+    let new: Vec<_> = detached_sessions().into_iter().filter(|s| !before.contains(&s["id"])).collect();
     assert_eq!(new.len(), 1, "{new:?}");
     let id = new[0]["id"].as_str().unwrap().to_string();
-    let (code, out) = strata_on_pty(
-        &format!("attach {id}"),
-        &[b"print('x is', x)\r", b"exit(5)\r"],
-    );
+    let (code, out) = strata_on_pty(&format!("attach {id}"), &[b"print('x is', x)\r", b"exit(5)\r"]);
     assert!(out.contains("x is 42"), "{out}");
     assert_eq!(code, Some(5), "{out}");
-    assert!(
-        !detached_sessions().iter().any(|s| s["id"] == id.as_str()),
-        "session still listed"
-    );
+    assert!(!detached_sessions().iter().any(|s| s["id"] == id.as_str()), "session still listed");
     let missing = strata(&["attach", &id]).output().unwrap();
-    assert!(
-        text(&missing.stderr).contains("no session"),
-        "{}",
-        text(&missing.stderr)
-    );
+    assert!(text(&missing.stderr).contains("no session"), "{}", text(&missing.stderr));
     let bad = strata(&["kill", "../etc"]).output().unwrap();
-    assert!(
-        text(&bad.stderr).contains("not a session id"),
-        "{}",
-        text(&bad.stderr)
-    );
+    assert!(text(&bad.stderr).contains("not a session id"), "{}", text(&bad.stderr));
 }
 
 #[test]
@@ -565,24 +415,16 @@ fn a_session_whose_terminal_is_killed_stops_itself() {
         let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
         all.into_iter().find(|s| s["owner_pid"] == pid)
     };
-    assert!(
-        wait_until(Duration::from_secs(120), || mine().is_some()),
-        "the session never started"
-    );
+    assert!(wait_until(Duration::from_secs(120), || mine().is_some()), "the session never started");
     let qemu = mine().unwrap()["qemu_pid"].as_u64().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     let gone = wait_until(Duration::from_secs(60), || {
         !std::path::Path::new(&format!("/proc/{qemu}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{qemu}/cmdline"))
-                .map(|c| c.is_empty())
-                .unwrap_or(true)
+            || std::fs::read(format!("/proc/{qemu}/cmdline")).map(|c| c.is_empty()).unwrap_or(true)
     });
     assert!(gone, "QEMU {qemu} outlived its killed terminal");
-    assert!(
-        wait_until(Duration::from_secs(10), || mine().is_none()),
-        "the session is still listed"
-    );
+    assert!(wait_until(Duration::from_secs(10), || mine().is_none()), "the session is still listed");
 }
 
 #[test]
@@ -597,15 +439,7 @@ fn a_debian_package_without_a_definition_launches_by_its_name() {
     // Ctrl-X quits the running editor, and its status is strata's.
     assert!(out.status.success(), "{}", text(&out.stderr));
     let images = engine().store.list_images().unwrap();
-    for kind in [
-        strata_store::ImageKind::Install,
-        strata_store::ImageKind::Launch,
-    ] {
-        assert!(
-            images
-                .iter()
-                .any(|r| r.kind == kind && r.package.as_deref() == Some("nano")),
-            "no {kind} image"
-        );
+    for kind in [strata_store::ImageKind::Install, strata_store::ImageKind::Launch] {
+        assert!(images.iter().any(|r| r.kind == kind && r.package.as_deref() == Some("nano")), "no {kind} image");
     }
 }

@@ -21,19 +21,13 @@ struct Verdict {
 
 /// Identity of the QEMU binary (its launch images are only valid with it).
 pub fn qemu_identity() -> String {
-    let path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(strata_vmm::qemu::QEMU))
-            .find(|p| p.is_file())
-    });
+    let path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(strata_vmm::qemu::QEMU)).find(|p| p.is_file()));
     path.map(|p| file_identity(&p)).unwrap_or_default()
 }
 
 fn host_kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
 }
 
 impl Engine {
@@ -45,37 +39,20 @@ impl Engine {
         if let Some(a) = self.cfg.accel {
             return Ok(a);
         }
-        let key = format!(
-            "{}|{}|{}",
-            qemu_identity(),
-            host_kernel(),
-            base.file("kernel")?
-        );
+        let key = format!("{}|{}|{}", qemu_identity(), host_kernel(), base.file("kernel")?);
         let cache = self.cfg.state_dir.join("accel.json");
-        if let Some(v) = std::fs::read(&cache)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Verdict>(&b).ok())
-        {
+        if let Some(v) = std::fs::read(&cache).ok().and_then(|b| serde_json::from_slice::<Verdict>(&b).ok()) {
             if v.key == key {
                 return Ok(v.accel);
             }
         }
         let kernel = self.store.blob_path(base.file("kernel")?);
         let initramfs = self.store.blob_path(base.file("initramfs")?);
-        tracing::info!(
-            "probing KVM by booting a probe guest (up to {} s)",
-            PROBE_LIMIT.as_secs()
-        );
-        let accel = if strata_vmm::accel::kvm_boots(&kernel, &initramfs, PROBE_LIMIT).await? {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        };
+        tracing::info!("probing KVM by booting a probe guest (up to {} s)", PROBE_LIMIT.as_secs());
+        let accel =
+            if strata_vmm::accel::kvm_boots(&kernel, &initramfs, PROBE_LIMIT).await? { Accel::Kvm } else { Accel::Tcg };
         tracing::info!(%accel, "accelerator chosen");
-        crate::write_atomic(
-            &cache,
-            &serde_json::to_vec(&Verdict { key, accel }).expect("serializes"),
-        )?;
+        crate::write_atomic(&cache, &serde_json::to_vec(&Verdict { key, accel }).expect("serializes"))?;
         Ok(accel)
     }
 }

@@ -34,9 +34,7 @@ fn sha_hex(parts: &[&[u8]]) -> String {
 /// Identity of a file by size and modification time (cheap, for recipes of
 /// host tools that change only on upgrade).
 pub(crate) fn file_identity(path: &Path) -> String {
-    std::fs::metadata(path)
-        .map(|m| format!("{}:{}", m.len(), m.mtime()))
-        .unwrap_or_default()
+    std::fs::metadata(path).map(|m| format!("{}:{}", m.len(), m.mtime())).unwrap_or_default()
 }
 
 /// Recipe of the root file system alone: reused when only the agent changes.
@@ -84,16 +82,11 @@ impl Engine {
         if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
             return Ok(rec);
         }
-        self.counted(ImageKind::Base, self.build_base(&recipe, progress))
-            .await
+        self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await
     }
 
     /// An image of this recipe whose blobs are all intact, if any.
-    pub(crate) fn usable(
-        &self,
-        kind: ImageKind,
-        recipe: &str,
-    ) -> Result<Option<ImageRecord>, Error> {
+    pub(crate) fn usable(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
         while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
             match self.store.verify_image(&rec) {
                 Ok(()) => {
@@ -109,11 +102,7 @@ impl Engine {
         Ok(None)
     }
 
-    async fn build_base(
-        &self,
-        recipe: &str,
-        progress: &dyn Progress,
-    ) -> Result<ImageRecord, Error> {
+    async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("base")?;
         progress.step("base image: preparing");
         let (rootfs, status) = match self.reusable_rootfs()? {
@@ -124,9 +113,7 @@ impl Engine {
         progress.step("base image: initramfs");
         let busybox = std::fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
         if !is_static_elf(&busybox) {
-            return Err(Error::Config(format!(
-                "{BUSYBOX} is dynamically linked; install busybox-static"
-            )));
+            return Err(Error::Config(format!("{BUSYBOX} is dynamically linked; install busybox-static")));
         }
         let image = initramfs::build(&busybox, &self.agent_bytes()?, &modules);
         let initramfs = self.store.ingest_bytes(&image)?;
@@ -142,17 +129,7 @@ impl Engine {
             ("cmdline".to_string(), CMDLINE.to_string()),
             ("suite".to_string(), SUITE.to_string()),
         ]);
-        let rec = ImageRecord::new(
-            ImageKind::Base,
-            None,
-            OS,
-            ARCH,
-            None,
-            recipe,
-            files,
-            meta,
-            0,
-        );
+        let rec = ImageRecord::new(ImageKind::Base, None, OS, ARCH, None, recipe, files, meta, 0);
         let rec = self.with_size(rec)?;
         self.store.insert_image(&rec)?;
         progress.done(&format!("base image {} ready", &rec.digest[..12]));
@@ -191,11 +168,7 @@ impl Engine {
         Ok(None)
     }
 
-    async fn build_rootfs(
-        &self,
-        work: &Path,
-        progress: &dyn Progress,
-    ) -> Result<(String, String), Error> {
+    async fn build_rootfs(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String), Error> {
         let tree = work.join("rootfs");
         progress.step("base image: mmdebstrap (Debian minbase)");
         run_with_progress(
@@ -214,16 +187,7 @@ impl Engine {
         run(
             "mke2fs",
             Command::new("mke2fs")
-                .args([
-                    "-q",
-                    "-t",
-                    "ext4",
-                    "-L",
-                    "strata-root",
-                    "-E",
-                    "lazy_itable_init=0",
-                    "-d",
-                ])
+                .args(["-q", "-t", "ext4", "-L", "strata-root", "-E", "lazy_itable_init=0", "-d"])
                 .arg(&tree)
                 .arg(&raw)
                 .arg(ROOTFS_SIZE),
@@ -232,19 +196,10 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&tree);
         let qcow = work.join("rootfs.qcow2");
         progress.step("base image: qcow2");
-        run(
-            "qemu-img convert",
-            Command::new("qemu-img")
-                .args(["convert", "-q", "-O", "qcow2"])
-                .arg(&raw)
-                .arg(&qcow),
-        )
-        .await?;
+        run("qemu-img convert", Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&qcow))
+            .await?;
         let _ = std::fs::remove_file(&raw);
-        Ok((
-            self.store.ingest_file(&qcow)?,
-            self.store.ingest_file(&status)?,
-        ))
+        Ok((self.store.ingest_file(&qcow)?, self.store.ingest_file(&status)?))
     }
 
     async fn fetch_kernel(
@@ -253,29 +208,21 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<(String, String, Vec<(String, Vec<u8>)>), Error> {
         progress.step(&format!("base image: downloading {KERNEL_PACKAGE}"));
-        let deps = run(
-            "apt-cache depends",
-            Command::new("apt-cache").args(["depends", KERNEL_PACKAGE]),
-        )
-        .await?;
+        let deps = run("apt-cache depends", Command::new("apt-cache").args(["depends", KERNEL_PACKAGE])).await?;
         let versioned = deps
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|d| d.starts_with("linux-image-"))
-            .ok_or_else(|| Error::Config(format!("cannot find the kernel package {KERNEL_PACKAGE} depends on; run apt-get update")))?
+            .ok_or_else(|| {
+                Error::Config(format!("cannot find the kernel package {KERNEL_PACKAGE} depends on; run apt-get update"))
+            })?
             .to_string();
         let dl = work.join("kernel");
         std::fs::create_dir_all(&dl).map_err(io_err(&dl))?;
         run(
             "apt-get download",
             Command::new("apt-get")
-                .args([
-                    "-q",
-                    "-o",
-                    "APT::Sandbox::User=root",
-                    "download",
-                    &versioned,
-                ])
+                .args(["-q", "-o", "APT::Sandbox::User=root", "download", &versioned])
                 .current_dir(&dl),
         )
         .await?;
@@ -284,15 +231,9 @@ impl Engine {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| {
-                Error::Config(format!("apt-get download {versioned} produced no .deb"))
-            })?;
+            .ok_or_else(|| Error::Config(format!("apt-get download {versioned} produced no .deb")))?;
         let tree = dl.join("x");
-        run(
-            "dpkg-deb",
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree),
-        )
-        .await?;
+        run("dpkg-deb", Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).await?;
         let version = versioned.trim_start_matches("linux-image-").to_string();
         let vmlinuz: PathBuf = tree.join(format!("boot/vmlinuz-{version}"));
         let modules = initramfs::resolve_modules(&tree.join(format!("lib/modules/{version}")))?;
@@ -305,26 +246,17 @@ impl Engine {
 /// Whether an ELF executable has no program interpreter (is statically linked).
 fn is_static_elf(elf: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| {
-        elf.get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
     if !elf.starts_with(b"\x7fELF") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
         return false;
     };
     (0..phnum).all(|i| {
         let at = phoff + i * phentsize;
-        elf.get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            != Some(PT_INTERP)
+        elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) != Some(PT_INTERP)
     })
 }
 
@@ -336,11 +268,7 @@ impl Engine {
         build: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         let r = build.await;
-        let counters = if r.is_ok() {
-            &self.stats.builds
-        } else {
-            &self.stats.build_failures
-        };
+        let counters = if r.is_ok() { &self.stats.builds } else { &self.stats.build_failures };
         crate::Stats::count(counters, kind);
         r
     }

@@ -21,6 +21,11 @@ pub struct LaunchReport {
     pub launch_p50_ms: f64,
     pub launch_p99_ms: f64,
     pub ratio_p50: f64,
+    /// From a pool of restored, warmed, paused sessions (with `--pool`).
+    pub pool_ms: Vec<f64>,
+    pub pool_p50_ms: Option<f64>,
+    pub pool_p99_ms: Option<f64>,
+    pub pool_ratio_p50: Option<f64>,
 }
 
 /// The nearest-rank percentile of `values` (p in 0..=100).
@@ -44,10 +49,14 @@ impl Engine {
         &self,
         pkg: &Package,
         runs: usize,
+        with_pool: bool,
         progress: &dyn Progress,
     ) -> Result<LaunchReport, Error> {
         let probe = pkg.def.probe.clone().ok_or_else(|| {
-            Error::Config(format!("package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one", pkg.name))
+            Error::Config(format!(
+                "package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one",
+                pkg.name
+            ))
         })?;
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
@@ -57,23 +66,31 @@ impl Engine {
             progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch_cold(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout)
-                .await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
             cold.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
-            progress.step(&format!(
-                "bench {}: run {}/{runs} from launch image",
-                pkg.name,
-                i + 1
-            ));
+            progress.step(&format!("bench {}: run {}/{runs} from launch image", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout)
-                .await?;
+            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
             launch.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
         }
+        let mut pooled = Vec::new();
+        if with_pool {
+            let pool = crate::pool::Pool::default();
+            for i in 0..runs {
+                progress.step(&format!("bench {}: run {}/{runs} from the pool (filling)", pkg.name, i + 1));
+                pool.fill(self, pkg, 1, progress).await?;
+                let t = Instant::now();
+                let mut s = pool.take(&pkg.name, &settings).await?.expect("the pool was just filled");
+                s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+                pooled.push(t.elapsed().as_secs_f64() * 1000.0);
+                s.close().await;
+            }
+        }
         let (cold_p50, launch_p50) = (percentile(&cold, 50.0), percentile(&launch, 50.0));
+        let pool_p50 = (!pooled.is_empty()).then(|| percentile(&pooled, 50.0));
         progress.done("benchmark finished");
         Ok(LaunchReport {
             package: pkg.name.clone(),
@@ -84,6 +101,10 @@ impl Engine {
             launch_p50_ms: launch_p50,
             launch_p99_ms: percentile(&launch, 99.0),
             ratio_p50: cold_p50 / launch_p50,
+            pool_p99_ms: (!pooled.is_empty()).then(|| percentile(&pooled, 99.0)),
+            pool_ratio_p50: pool_p50.map(|p| cold_p50 / p),
+            pool_p50_ms: pool_p50,
+            pool_ms: pooled,
             cold_ms: cold,
             launch_ms: launch,
         })

@@ -25,25 +25,16 @@ impl ContextSettings {
     /// The settings of the terminal this process runs in (or sane defaults).
     pub fn from_terminal(size: Option<WinSize>) -> ContextSettings {
         let size = size.unwrap_or_default();
-        let timezone = std::env::var("TZ")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/timezone")
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-            });
+        let timezone = std::env::var("TZ").ok().filter(|s| !s.is_empty()).or_else(|| {
+            std::fs::read_to_string("/etc/timezone").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        });
         let locale = std::env::var("LC_ALL")
             .or_else(|_| std::env::var("LANG"))
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "C.UTF-8".into());
         ContextSettings {
-            term: std::env::var("TERM")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "xterm-256color".into()),
+            term: std::env::var("TERM").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "xterm-256color".into()),
             rows: size.rows,
             cols: size.cols,
             timezone,
@@ -60,37 +51,23 @@ impl ContextSettings {
         let bad = |m: String| Err(Error::Config(format!("context: {m}")));
         if self.term.is_empty()
             || self.term.len() > 64
-            || !self
-                .term
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            || !self.term.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
         {
             return bad(format!("terminal type {:?} is not valid", self.term));
         }
         if !(1..=1000).contains(&self.rows) || !(1..=1000).contains(&self.cols) {
-            return bad(format!(
-                "terminal size {}x{} is out of range 1..1000",
-                self.cols, self.rows
-            ));
+            return bad(format!("terminal size {}x{} is out of range 1..1000", self.cols, self.rows));
         }
         if let Some(tz) = &self.timezone {
             if tz.is_empty()
                 || tz.contains("..")
-                || !tz
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
+                || !tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
             {
-                return bad(format!(
-                    "time zone {tz:?} is not a zone name like Europe/Paris"
-                ));
+                return bad(format!("time zone {tz:?} is not a zone name like Europe/Paris"));
             }
         }
         if let Some(l) = &self.locale {
-            if l.is_empty()
-                || !l
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
-            {
+            if l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c)) {
                 return bad(format!("locale {l:?} is not a locale name like C.UTF-8"));
             }
         }
@@ -109,17 +86,10 @@ impl ContextSettings {
     pub fn to_terminal_context(&self) -> TerminalContext {
         TerminalContext {
             term: self.term.clone(),
-            size: WinSize {
-                rows: self.rows,
-                cols: self.cols,
-            },
+            size: WinSize { rows: self.rows, cols: self.cols },
             timezone: self.timezone.clone(),
             locale: self.locale.clone(),
-            env: self
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             unix_time_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -179,10 +149,7 @@ mod tests {
         let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.rows = 0), "size"),
             (Box::new(|s| s.cols = 5000), "size"),
-            (
-                Box::new(|s| s.timezone = Some("../../etc/passwd".into())),
-                "time zone",
-            ),
+            (Box::new(|s| s.timezone = Some("../../etc/passwd".into())), "time zone"),
             (Box::new(|s| s.term = "x term".into()), "terminal type"),
             (Box::new(|s| s.locale = Some("en US".into())), "locale"),
             (

@@ -22,10 +22,21 @@ pub struct Cpio {
 impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
         self.ino += 1;
-        let header =
-            format!(
+        let header = format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
         );
         self.out.extend_from_slice(header.as_bytes());
         self.out.extend_from_slice(name.as_bytes());
@@ -63,11 +74,7 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
     };
     let rest = &ko[pos + key.len()..];
     let end = rest.iter().position(|b| *b == 0).unwrap_or(0);
-    String::from_utf8_lossy(&rest[..end])
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
+    String::from_utf8_lossy(&rest[..end]).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 /// Finds `WANTED_MODULES` and their dependencies under `modules_root`
@@ -83,11 +90,7 @@ pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Er
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(name) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
+            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
                 index.insert(name.replace('-', "_"), p);
             }
         }
@@ -102,9 +105,7 @@ pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Er
         if order.iter().any(|(n, _)| n == name) || depth > 32 {
             return Ok(());
         }
-        let path = index
-            .get(name)
-            .ok_or_else(|| Error::Config(format!("kernel module {name} not found")))?;
+        let path = index.get(name).ok_or_else(|| Error::Config(format!("kernel module {name} not found")))?;
         let data = std::fs::read(path).map_err(io_err(path))?;
         for dep in module_depends(&data) {
             visit(&dep, index, order, depth + 1)?;
@@ -127,11 +128,7 @@ pub fn build(busybox: &[u8], agent: &[u8], modules: &[(String, Vec<u8>)]) -> Vec
     c.file("strata-agent", 0o755, agent);
     c.dir("modules");
     let order: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
-    c.file(
-        "modules/order",
-        0o644,
-        format!("{}\n", order.join("\n")).as_bytes(),
-    );
+    c.file("modules/order", 0o644, format!("{}\n", order.join("\n")).as_bytes());
     for (name, data) in modules {
         c.file(&format!("modules/{name}.ko"), 0o644, data);
     }

@@ -51,11 +51,7 @@ impl Engine {
         if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
             return Ok(rec);
         }
-        self.counted(
-            ImageKind::Install,
-            self.build_install(pkg, base, &recipe, progress),
-        )
-        .await
+        self.counted(ImageKind::Install, self.build_install(pkg, base, &recipe, progress)).await
     }
 
     async fn build_install(
@@ -67,11 +63,7 @@ impl Engine {
     ) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("install")?;
         let w = work.path();
-        progress.step(&format!(
-            "install image for {}: resolving {}",
-            pkg.name,
-            pkg.def.debs.join(" ")
-        ));
+        progress.step(&format!("install image for {}: resolving {}", pkg.name, pkg.def.debs.join(" ")));
         let debs = w.join("debs");
         std::fs::create_dir_all(debs.join("partial")).map_err(io_err(&debs))?;
         let status = self.store.blob_path(base.file("dpkg-status")?);
@@ -80,13 +72,7 @@ impl Engine {
         let out = run(
             &format!("resolving {}", pkg.def.debs.join(" ")),
             Command::new("apt-get")
-                .args([
-                    "install",
-                    "--download-only",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                ])
+                .args(["install", "--download-only", "-y", "-q", "--no-install-recommends"])
                 .arg(format!("-oDir::State::status={}", status.display()))
                 .arg(format!("-oDir::Cache::archives={}", debs.display()))
                 .args(["-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root"])
@@ -94,10 +80,7 @@ impl Engine {
         )
         .await
         .map_err(|e| match e {
-            Error::Tool { output, .. } => Error::InstallFailed {
-                package: pkg.name.clone(),
-                output,
-            },
+            Error::Tool { output, .. } => Error::InstallFailed { package: pkg.name.clone(), output },
             e => e,
         })?;
         tracing::debug!(%out, "apt resolved");
@@ -114,12 +97,7 @@ impl Engine {
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
             .sum();
-        progress.step(&format!(
-            "install image for {}: {} .deb files, {} KiB",
-            pkg.name,
-            files.len(),
-            total / 1024
-        ));
+        progress.step(&format!("install image for {}: {} .deb files, {} KiB", pkg.name, files.len(), total / 1024));
         let debs_img = w.join("debs.img");
         run(
             "mke2fs (debs disk)",
@@ -148,42 +126,21 @@ impl Engine {
             memory: Memory::Anonymous,
             kernel: self.store.blob_path(base.file("kernel")?),
             initramfs: self.store.blob_path(base.file("initramfs")?),
-            cmdline: base
-                .meta
-                .get("cmdline")
-                .cloned()
-                .unwrap_or_else(|| crate::base::CMDLINE.into()),
+            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
             disks: vec![
-                Disk {
-                    path: overlay.clone(),
-                    format: "qcow2",
-                    mode: DiskMode::Writable,
-                },
-                Disk {
-                    path: debs_img.clone(),
-                    format: "raw",
-                    mode: DiskMode::ReadOnly,
-                },
+                Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
+                Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
             ],
             incoming: None,
             die_with_parent: true,
         };
-        progress.step(&format!(
-            "install image for {}: installing in a VM",
-            pkg.name
-        ));
+        progress.step(&format!("install image for {}: installing in a VM", pkg.name));
         let scratch = self.store.work_dir("install-vm")?;
-        let cfg = VmConfig {
-            dir: scratch.path().to_path_buf(),
-            ..cfg
-        };
+        let cfg = VmConfig { dir: scratch.path().to_path_buf(), ..cfg };
         let mut a = start_and_attach(
             cfg,
             scratch,
-            &TerminalContext {
-                term: "dumb".into(),
-                ..Default::default()
-            },
+            &TerminalContext { term: "dumb".into(), ..Default::default() },
             Duration::from_secs(120),
         )
         .await?;
@@ -200,10 +157,7 @@ impl Engine {
         let status = loop {
             let msg = tokio::time::timeout(Duration::from_secs(1800), a.conn.recv())
                 .await
-                .map_err(|_| Error::Timeout {
-                    what: format!("installing {}", pkg.name),
-                    secs: 1800,
-                })??;
+                .map_err(|_| Error::Timeout { what: format!("installing {}", pkg.name), secs: 1800 })??;
             match msg {
                 Some(GuestMsg::Output { data, .. }) => {
                     for line in String::from_utf8_lossy(&data).lines() {
@@ -216,10 +170,7 @@ impl Engine {
                 }
                 Some(GuestMsg::Exited { status, .. }) => break status,
                 Some(GuestMsg::Failed { reason, .. }) => {
-                    return Err(Error::InstallFailed {
-                        package: pkg.name.clone(),
-                        output: reason,
-                    })
+                    return Err(Error::InstallFailed { package: pkg.name.clone(), output: reason })
                 }
                 Some(_) => {}
                 None => return Err(Error::AgentGone("installing")),
@@ -228,18 +179,12 @@ impl Engine {
         let text = tail(&String::from_utf8_lossy(&output).replace('\r', ""), 40);
         if status != 0 {
             a.vm.kill().await;
-            return Err(Error::InstallFailed {
-                package: pkg.name.clone(),
-                output: text,
-            });
+            return Err(Error::InstallFailed { package: pkg.name.clone(), output: text });
         }
         a.conn.send(&HostMsg::PowerOff).await?;
         if !a.vm.wait_exit(Duration::from_secs(60)).await {
             a.vm.kill().await;
-            return Err(Error::Timeout {
-                what: "the install VM to power off".into(),
-                secs: 60,
-            });
+            return Err(Error::Timeout { what: "the install VM to power off".into(), secs: 60 });
         }
         drop(a);
         rebase_to_digest(&overlay, base.file("rootfs")?).await?;
@@ -260,11 +205,7 @@ impl Engine {
         );
         let rec = self.with_size(rec)?;
         self.store.insert_image(&rec)?;
-        progress.done(&format!(
-            "install image for {} ready ({} KiB)",
-            pkg.name,
-            rec.size / 1024
-        ));
+        progress.done(&format!("install image for {} ready ({} KiB)", pkg.name, rec.size / 1024));
         Ok(rec)
     }
 }

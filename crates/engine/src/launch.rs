@@ -48,11 +48,7 @@ fn readiness(pkg: &Package) -> Readiness {
 }
 
 fn env_of(pkg: &Package) -> Vec<(String, String)> {
-    pkg.def
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 pub(crate) fn new_session_id() -> String {
@@ -69,23 +65,11 @@ pub(crate) fn new_session_id() -> String {
 }
 
 /// Recipe of a launch image: everything that shapes the saved VM.
-pub fn launch_recipe(
-    base: &ImageRecord,
-    install: &ImageRecord,
-    pkg: &Package,
-    accel: Accel,
-    qemu: &str,
-) -> String {
+pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
     let mut h = Sha256::new();
-    for part in [
-        "launch",
-        strata_vmm::SNAPSHOT_FORMAT,
-        &base.digest,
-        &install.digest,
-        &pkg.def.digest(),
-        accel.as_str(),
-        qemu,
-    ] {
+    for part in
+        ["launch", strata_vmm::SNAPSHOT_FORMAT, &base.digest, &install.digest, &pkg.def.digest(), accel.as_str(), qemu]
+    {
         h.update(part.as_bytes());
         h.update(b"\0");
     }
@@ -97,11 +81,7 @@ impl Engine {
     ///
     /// # Errors
     /// If a build fails.
-    pub async fn ensure_images(
-        &self,
-        pkg: &Package,
-        progress: &dyn Progress,
-    ) -> Result<ImageSet, Error> {
+    pub async fn ensure_images(&self, pkg: &Package, progress: &dyn Progress) -> Result<ImageSet, Error> {
         let base = self.ensure_base(progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
@@ -112,18 +92,11 @@ impl Engine {
                 let _lock = self.store.lock_recipe(&recipe)?;
                 match self.usable(ImageKind::Launch, &recipe)? {
                     Some(rec) => rec,
-                    None => {
-                        self.build_launch(pkg, &base, &install, accel, &recipe, progress)
-                            .await?
-                    }
+                    None => self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?,
                 }
             }
         };
-        Ok(ImageSet {
-            base,
-            install,
-            launch,
-        })
+        Ok(ImageSet { base, install, launch })
     }
 
     fn boot_config(
@@ -140,11 +113,7 @@ impl Engine {
             memory: Memory::Anonymous,
             kernel: self.store.blob_path(base.file("kernel")?),
             initramfs: self.store.blob_path(base.file("initramfs")?),
-            cmdline: base
-                .meta
-                .get("cmdline")
-                .cloned()
-                .unwrap_or_else(|| crate::base::CMDLINE.into()),
+            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
             disks: Vec::new(),
             incoming: None,
             die_with_parent: true,
@@ -160,11 +129,7 @@ impl Engine {
         recipe: &str,
         progress: &dyn Progress,
     ) -> Result<ImageRecord, Error> {
-        progress.step(&format!(
-            "launch image for {}: booting and starting {}",
-            pkg.name,
-            pkg.def.command.join(" ")
-        ));
+        progress.step(&format!("launch image for {}: booting and starting {}", pkg.name, pkg.def.command.join(" ")));
         let work = self.store.work_dir("launch")?;
         let w = work.path();
         let overlay = w.join("disk.qcow2");
@@ -174,27 +139,12 @@ impl Engine {
         let vm_dir = self.store.work_dir("launch-vm")?;
         let mut cfg = self.boot_config(base, vm_dir.path(), accel, pkg.def.memory_mib)?;
         cfg.memory = Memory::SharedFile(memory.clone());
-        cfg.disks = vec![Disk {
-            path: overlay.clone(),
-            format: "qcow2",
-            mode: DiskMode::Writable,
-        }];
+        cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
         let ctx = ContextSettings::from_terminal(None).to_terminal_context();
         let mut a = start_and_attach(cfg, vm_dir, &ctx, BOOT_TIMEOUT).await?;
         let r = &pkg.def.ready;
-        spawn_ready(
-            &mut a,
-            &pkg.name,
-            pkg.def.command.clone(),
-            env_of(pkg),
-            readiness(pkg),
-            r.timeout_ms,
-        )
-        .await?;
-        progress.step(&format!(
-            "launch image for {}: ready, saving memory and devices",
-            pkg.name
-        ));
+        spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
+        progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
         // Let the program finish drawing, then tell the agent nobody is attached,
         // so the saved guest keeps its output for whoever attaches next.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -205,12 +155,7 @@ impl Engine {
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => return Err(Error::AgentGone("detach before saving")),
                 Ok(Err(e)) => return Err(e.into()),
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        what: "the agent to detach".into(),
-                        secs: 30,
-                    })
-                }
+                Err(_) => return Err(Error::Timeout { what: "the agent to detach".into(), secs: 30 }),
             }
         }
         save_vm(&mut a, &state).await?;
@@ -226,10 +171,7 @@ impl Engine {
         let meta = BTreeMap::from([
             ("accel".to_string(), accel.as_str().to_string()),
             ("memory_mib".to_string(), pkg.def.memory_mib.to_string()),
-            (
-                "cmdline".to_string(),
-                base.meta.get("cmdline").cloned().unwrap_or_default(),
-            ),
+            ("cmdline".to_string(), base.meta.get("cmdline").cloned().unwrap_or_default()),
             ("base".to_string(), base.digest.clone()),
         ]);
         let rec = ImageRecord::new(
@@ -277,16 +219,8 @@ impl Engine {
     ) -> Result<Session, Error> {
         let id = new_session_id();
         let dir = self.new_session_dir(&id)?;
-        let accel: Accel = launch
-            .meta
-            .get("accel")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(Accel::Tcg);
-        let memory_mib: u32 = launch
-            .meta
-            .get("memory_mib")
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(pkg.def.memory_mib);
+        let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
+        let memory_mib: u32 = launch.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(pkg.def.memory_mib);
         let cfg = VmConfig {
             dir: dir.path().to_path_buf(),
             accel,
@@ -334,8 +268,7 @@ impl Engine {
             format: "qcow2",
             mode: DiskMode::Throwaway,
         }];
-        let mut a: Attached =
-            start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
+        let mut a: Attached = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
         let screen = spawn_ready(
             &mut a,
             &pkg.name,
@@ -363,10 +296,7 @@ impl Engine {
 async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error> {
     a.vm.save_and_quit(state, Duration::from_secs(300)).await?;
     if !state.is_file() {
-        return Err(Error::Io {
-            path: state.to_path_buf(),
-            source: std::io::Error::other("QEMU wrote no state"),
-        });
+        return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("QEMU wrote no state") });
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod context;
 pub mod initramfs;
 pub mod install;
 pub mod launch;
+pub mod pool;
 pub mod session;
 pub mod sessions;
 mod tools;
@@ -44,11 +45,7 @@ pub enum Error {
     #[error(transparent)]
     Vm(#[from] strata_vmm::Error),
     #[error("{what} failed ({status}):\n{output}")]
-    Tool {
-        what: String,
-        status: String,
-        output: String,
-    },
+    Tool { what: String, status: String, output: String },
     #[error("cannot run {what}; is it installed? (the setup script installs it)")]
     ToolMissing {
         what: String,
@@ -64,11 +61,7 @@ pub enum Error {
     #[error("installing {package} failed:\n{output}")]
     InstallFailed { package: String, output: String },
     #[error("{package} did not become ready: {reason}\n--- its screen:\n{screen}")]
-    NotReady {
-        package: String,
-        reason: String,
-        screen: String,
-    },
+    NotReady { package: String, reason: String, screen: String },
     #[error("the guest agent closed the channel during {0}")]
     AgentGone(&'static str),
     #[error("the guest agent reported an error: {0}")]
@@ -82,10 +75,7 @@ pub enum Error {
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes a small file atomically (temporary file, then rename).
@@ -136,38 +126,25 @@ impl Config {
     /// The defaults, overridable by `STRATA_STATE`, `STRATA_PACKAGES`,
     /// `STRATA_AGENT` and `STRATA_MIRROR`.
     pub fn from_env() -> Config {
-        let exe_dir = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
         let agent_binary = std::env::var_os("STRATA_AGENT")
             .map(PathBuf::from)
             .unwrap_or_else(|| exe_dir.clone().unwrap_or_default().join("strata-agent"));
-        let packages_dir = std::env::var_os("STRATA_PACKAGES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                // Installed next to the binary, or the source tree's packages/.
-                let candidates = [
-                    exe_dir.clone().map(|d| d.join("packages")),
-                    exe_dir
-                        .clone()
-                        .and_then(|d| d.ancestors().nth(2).map(|r| r.join("packages"))),
-                    Some(PathBuf::from("/usr/share/strata/packages")),
-                ];
-                candidates
-                    .into_iter()
-                    .flatten()
-                    .find(|p| p.is_dir())
-                    .unwrap_or_else(|| PathBuf::from("packages"))
-            });
+        let packages_dir = std::env::var_os("STRATA_PACKAGES").map(PathBuf::from).unwrap_or_else(|| {
+            // Installed next to the binary, or the source tree's packages/.
+            let candidates = [
+                exe_dir.clone().map(|d| d.join("packages")),
+                exe_dir.clone().and_then(|d| d.ancestors().nth(2).map(|r| r.join("packages"))),
+                Some(PathBuf::from("/usr/share/strata/packages")),
+            ];
+            candidates.into_iter().flatten().find(|p| p.is_dir()).unwrap_or_else(|| PathBuf::from("packages"))
+        });
         Config {
-            state_dir: std::env::var_os("STRATA_STATE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/var/lib/strata".into()),
+            state_dir: std::env::var_os("STRATA_STATE").map(PathBuf::from).unwrap_or_else(|| "/var/lib/strata".into()),
             packages_dir,
             agent_binary,
             accel: None,
-            mirror: std::env::var("STRATA_MIRROR")
-                .unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
+            mirror: std::env::var("STRATA_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
         }
     }
 }
@@ -214,17 +191,8 @@ impl Engine {
     /// If the store cannot be opened or a definition is invalid.
     pub fn open(cfg: Config) -> Result<Engine, Error> {
         let store = Arc::new(Store::open(&cfg.state_dir)?);
-        let registry = if cfg.packages_dir.is_dir() {
-            Registry::load(&cfg.packages_dir)?
-        } else {
-            Registry::default()
-        };
-        let engine = Engine {
-            cfg,
-            store,
-            registry,
-            stats: Stats::default(),
-        };
+        let registry = if cfg.packages_dir.is_dir() { Registry::load(&cfg.packages_dir)? } else { Registry::default() };
+        let engine = Engine { cfg, store, registry, stats: Stats::default() };
         engine.reap_sessions();
         Ok(engine)
     }
@@ -235,10 +203,6 @@ impl Engine {
     /// # Errors
     /// [`strata_package::Error::NotFound`] and friends.
     pub fn package(&self, name: &str) -> Result<Package, Error> {
-        Ok(self.registry.resolve(
-            name,
-            tools::debian_package_exists,
-            tools::debian_package_names,
-        )?)
+        Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
     }
 }

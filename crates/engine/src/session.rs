@@ -67,30 +67,19 @@ pub(crate) async fn start_and_attach(
         Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
             let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
             let (screen, exited) = main.map(|p| (p.screen, p.exit)).unwrap_or_default();
-            Ok(Attached {
-                vm,
-                conn,
-                dir,
-                screen,
-                exited,
-            })
+            Ok(Attached { vm, conn, dir, screen, exited })
         }
         Ok(Ok(Some(other))) => Err(Error::Agent(format!("expected Attached, got {other:?}"))),
         Ok(Ok(None)) => {
             let diag = vm.diagnostics();
             vm.kill().await;
-            Err(Error::Agent(format!(
-                "the guest closed the channel on attach\n{diag}"
-            )))
+            Err(Error::Agent(format!("the guest closed the channel on attach\n{diag}")))
         }
         Ok(Err(e)) => Err(e.into()),
         Err(_) => {
             let diag = vm.diagnostics();
             vm.kill().await;
-            Err(Error::Timeout {
-                what: format!("the guest agent to attach\n{diag}"),
-                secs: timeout.as_secs(),
-            })
+            Err(Error::Timeout { what: format!("the guest agent to attach\n{diag}"), secs: timeout.as_secs() })
         }
     }
 }
@@ -105,15 +94,7 @@ pub(crate) async fn spawn_ready(
     readiness: Readiness,
     timeout_ms: u32,
 ) -> Result<Vec<u8>, Error> {
-    a.conn
-        .send(&HostMsg::Spawn {
-            id: MAIN_PROC,
-            argv,
-            env,
-            readiness,
-            ready_timeout_ms: timeout_ms,
-        })
-        .await?;
+    a.conn.send(&HostMsg::Spawn { id: MAIN_PROC, argv, env, readiness, ready_timeout_ms: timeout_ms }).await?;
     let mut screen = Vec::new();
     // The agent enforces the readiness time-out; this one only guards a hung guest.
     let guard = Duration::from_millis(timeout_ms as u64) + Duration::from_secs(30);
@@ -132,10 +113,7 @@ pub(crate) async fn spawn_ready(
             Some(GuestMsg::Ready { .. }) => return Ok(screen),
             Some(GuestMsg::Failed { reason, .. }) => return Err(not_ready(reason, &screen)),
             Some(GuestMsg::Exited { status, .. }) => {
-                return Err(not_ready(
-                    format!("the program exited with status {status}"),
-                    &screen,
-                ))
+                return Err(not_ready(format!("the program exited with status {status}"), &screen))
             }
             Some(GuestMsg::Spawned { .. }) => {}
             Some(other) => tracing::debug!(?other, "ignored while waiting for readiness"),
@@ -147,13 +125,7 @@ pub(crate) async fn spawn_ready(
 impl Session {
     /// Wraps an attached VM; a task forwards the agent's messages as events.
     pub(crate) fn new(id: String, package: &str, a: Attached) -> Session {
-        let Attached {
-            vm,
-            conn,
-            dir,
-            screen,
-            exited,
-        } = a;
+        let Attached { vm, conn, dir, screen, exited } = a;
         let AgentConn { mut reader, writer } = conn;
         let (tx, rx) = mpsc::channel(256);
         if let Some(code) = exited {
@@ -162,21 +134,11 @@ impl Session {
         tokio::spawn(async move {
             loop {
                 let ev = match reader.recv().await {
-                    Ok(Some(GuestMsg::Output {
-                        id: MAIN_PROC,
-                        data,
-                    })) => SessionEvent::Output(data),
-                    Ok(Some(GuestMsg::Exited {
-                        id: MAIN_PROC,
-                        status,
-                    })) => SessionEvent::Exited(status),
+                    Ok(Some(GuestMsg::Output { id: MAIN_PROC, data })) => SessionEvent::Output(data),
+                    Ok(Some(GuestMsg::Exited { id: MAIN_PROC, status })) => SessionEvent::Exited(status),
                     Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
                     Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(
-                        procs
-                            .into_iter()
-                            .find(|p| p.id == MAIN_PROC)
-                            .map(|p| p.screen)
-                            .unwrap_or_default(),
+                        procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default(),
                     ),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
@@ -192,24 +154,12 @@ impl Session {
                 }
             }
         });
-        Session {
-            id,
-            package: package.into(),
-            screen,
-            vm,
-            writer,
-            events: rx,
-            dir,
-            record: None,
-        }
+        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None }
     }
 
     /// The next thing the program did. Cancel-safe.
     pub async fn next_event(&mut self) -> SessionEvent {
-        self.events
-            .recv()
-            .await
-            .unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
+        self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
     }
 
     /// Types bytes into the program.
@@ -217,13 +167,7 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn input(&mut self, data: &[u8]) -> Result<(), Error> {
-        Ok(self
-            .writer
-            .send(&HostMsg::Input {
-                id: MAIN_PROC,
-                data: data.to_vec(),
-            })
-            .await?)
+        Ok(self.writer.send(&HostMsg::Input { id: MAIN_PROC, data: data.to_vec() }).await?)
     }
 
     /// Ends the program's input (as a closed pipe would).
@@ -239,13 +183,7 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn resize(&mut self, size: WinSize) -> Result<(), Error> {
-        Ok(self
-            .writer
-            .send(&HostMsg::Resize {
-                id: MAIN_PROC,
-                size,
-            })
-            .await?)
+        Ok(self.writer.send(&HostMsg::Resize { id: MAIN_PROC, size }).await?)
     }
 
     /// QEMU's process id.
@@ -275,9 +213,7 @@ impl Session {
     /// # Errors
     /// If the channel is broken.
     pub async fn quiet(&mut self) -> Result<(), Error> {
-        self.wait_for(HostMsg::Quiet, |e| matches!(e, SessionEvent::Detached))
-            .await
-            .map(|_| ())
+        self.wait_for(HostMsg::Quiet, |e| matches!(e, SessionEvent::Detached)).await.map(|_| ())
     }
 
     /// Tells the agent a terminal is watching again with `ctx`; returns the
@@ -286,12 +222,7 @@ impl Session {
     /// # Errors
     /// If the channel is broken or the agent does not answer.
     pub async fn reattach(&mut self, ctx: &TerminalContext) -> Result<Vec<u8>, Error> {
-        match self
-            .wait_for(HostMsg::Attach(ctx.clone()), |e| {
-                matches!(e, SessionEvent::Attached(_))
-            })
-            .await?
-        {
+        match self.wait_for(HostMsg::Attach(ctx.clone()), |e| matches!(e, SessionEvent::Attached(_))).await? {
             SessionEvent::Attached(screen) => Ok(screen),
             _ => unreachable!("wait_for returns the awaited event"),
         }
@@ -299,11 +230,7 @@ impl Session {
 
     /// Sends `msg` and waits (10 s at most) for the event `done` accepts,
     /// dropping program output meanwhile.
-    async fn wait_for(
-        &mut self,
-        msg: HostMsg,
-        done: impl Fn(&SessionEvent) -> bool,
-    ) -> Result<SessionEvent, Error> {
+    async fn wait_for(&mut self, msg: HostMsg, done: impl Fn(&SessionEvent) -> bool) -> Result<SessionEvent, Error> {
         self.writer.send(&msg).await?;
         let wait = async {
             loop {
@@ -312,23 +239,14 @@ impl Session {
                     return Ok(ev);
                 }
                 match ev {
-                    SessionEvent::Output(_)
-                    | SessionEvent::Detached
-                    | SessionEvent::Attached(_) => {}
-                    other => {
-                        return Err(Error::Agent(format!(
-                            "{other:?} while waiting for the agent"
-                        )))
-                    }
+                    SessionEvent::Output(_) | SessionEvent::Detached | SessionEvent::Attached(_) => {}
+                    other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }
         };
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
-            .map_err(|_| Error::Timeout {
-                what: "the guest agent to answer".into(),
-                secs: 10,
-            })?
+            .map_err(|_| Error::Timeout { what: "the guest agent to answer".into(), secs: 10 })?
     }
 
     /// Whether the session can be detached (and re-attached later).
@@ -364,15 +282,10 @@ impl Session {
             }
         })
         .await
-        .map_err(|_| Error::Timeout {
-            what: "the agent to acknowledge the detach".into(),
-            secs: 10,
-        })?;
+        .map_err(|_| Error::Timeout { what: "the agent to acknowledge the detach".into(), secs: 10 })?;
         acked?;
         crate::sessions::mark_detached(&dir)?;
-        let Session {
-            id, vm, dir: work, ..
-        } = self;
+        let Session { id, vm, dir: work, .. } = self;
         vm.release();
         work.keep();
         Ok(id)
@@ -383,12 +296,7 @@ impl Session {
     ///
     /// # Errors
     /// If the program ends or `timeout` passes first.
-    pub async fn expect_after(
-        &mut self,
-        input: &[u8],
-        expect: &str,
-        timeout: Duration,
-    ) -> Result<String, Error> {
+    pub async fn expect_after(&mut self, input: &[u8], expect: &str, timeout: Duration) -> Result<String, Error> {
         if !input.is_empty() {
             self.input(input).await?;
         }
@@ -410,10 +318,7 @@ impl Session {
                 }
                 Err(_) => {
                     return Err(Error::Timeout {
-                        what: format!(
-                            "{expect:?} (output so far: {:?})",
-                            String::from_utf8_lossy(&seen)
-                        ),
+                        what: format!("{expect:?} (output so far: {:?})", String::from_utf8_lossy(&seen)),
                         secs: timeout.as_secs(),
                     })
                 }

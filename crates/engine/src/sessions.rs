@@ -64,14 +64,10 @@ fn read_record(dir: &Path) -> Option<SessionRecord> {
 }
 
 pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
-    let mut rec = read_record(dir)
-        .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+    let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
     rec.detached = true;
     rec.owner_pid = 0;
-    write_atomic(
-        &dir.join(RECORD),
-        &serde_json::to_vec(&rec).expect("serializes"),
-    )
+    write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
 }
 
 /// Checks a session id before it becomes part of a path.
@@ -79,9 +75,7 @@ fn check_id(id: &str) -> Result<(), Error> {
     if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
     } else {
-        Err(Error::Config(format!(
-            "{id:?} is not a session id (12 hex digits, as `strata ps` shows)"
-        )))
+        Err(Error::Config(format!("{id:?} is not a session id (12 hex digits, as `strata ps` shows)")))
     }
 }
 
@@ -101,10 +95,7 @@ impl Engine {
     }
 
     pub(crate) fn write_session_record(&self, rec: &SessionRecord) -> Result<(), Error> {
-        write_atomic(
-            &self.session_dir(&rec.id).join(RECORD),
-            &serde_json::to_vec(rec).expect("serializes"),
-        )
+        write_atomic(&self.session_dir(&rec.id).join(RECORD), &serde_json::to_vec(rec).expect("serializes"))
     }
 
     /// Removes sessions whose VM is gone, and stops VMs whose terminal
@@ -116,12 +107,8 @@ impl Engine {
         for e in entries.flatten() {
             let dir = e.path();
             let rec = read_record(&dir);
-            let vm_alive = rec
-                .as_ref()
-                .is_some_and(|r| alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir));
-            let orphan = rec
-                .as_ref()
-                .is_some_and(|r| !r.detached && !alive(r.owner_pid));
+            let vm_alive = rec.as_ref().is_some_and(|r| alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir));
+            let orphan = rec.as_ref().is_some_and(|r| !r.detached && !alive(r.owner_pid));
             // A directory without a record is a launch still starting (its
             // creator writes the record) unless its creator is dead; keep it
             // for a minute to be safe.
@@ -154,10 +141,7 @@ impl Engine {
         let Ok(entries) = std::fs::read_dir(self.sessions_root()) else {
             return Vec::new();
         };
-        let mut out: Vec<SessionRecord> = entries
-            .flatten()
-            .filter_map(|e| read_record(&e.path()))
-            .collect();
+        let mut out: Vec<SessionRecord> = entries.flatten().filter_map(|e| read_record(&e.path())).collect();
         out.sort_by_key(|r| r.created);
         out
     }
@@ -166,17 +150,13 @@ impl Engine {
     ///
     /// # Errors
     /// If there is no such session, another terminal holds it, or its VM does not answer.
-    pub async fn attach_session(
-        &self,
-        id: &str,
-        settings: &ContextSettings,
-    ) -> Result<Session, Error> {
+    pub async fn attach_session(&self, id: &str, settings: &ContextSettings) -> Result<Session, Error> {
         check_id(id)?;
         settings.validate()?;
         self.reap_sessions();
         let dir = self.session_dir(id);
-        let mut rec = read_record(&dir)
-            .ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        let mut rec =
+            read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if !rec.detached && alive(rec.owner_pid) {
             return Err(Error::Config(format!(
                 "session {id} is attached to another terminal (strata process {})",
@@ -184,10 +164,7 @@ impl Engine {
             )));
         }
         let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
-        conn.send(&strata_proto::HostMsg::Attach(
-            settings.to_terminal_context(),
-        ))
-        .await?;
+        conn.send(&strata_proto::HostMsg::Attach(settings.to_terminal_context())).await?;
         let reply = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await;
         let (screen, exited) = match reply {
             Ok(Ok(Some(strata_proto::GuestMsg::Attached { procs, .. }))) => {
@@ -196,21 +173,13 @@ impl Engine {
             }
             _ => {
                 vm.release();
-                return Err(Error::Agent(format!(
-                    "session {id} did not answer the attach"
-                )));
+                return Err(Error::Agent(format!("session {id} did not answer the attach")));
             }
         };
         rec.detached = false;
         rec.owner_pid = std::process::id();
         self.write_session_record(&rec)?;
-        let a = Attached {
-            vm,
-            conn,
-            dir: WorkDir::adopt(dir.clone()),
-            screen,
-            exited,
-        };
+        let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen, exited };
         let mut s = Session::new(id.to_string(), &rec.package, a);
         s.record = Some(dir);
         Ok(s)
@@ -232,8 +201,7 @@ impl Engine {
     pub async fn kill_session(&self, id: &str) -> Result<(), Error> {
         check_id(id)?;
         let dir = self.session_dir(id);
-        let rec = read_record(&dir)
-            .ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
             // SAFETY: signalling a process we verified is this session's QEMU.
             unsafe {

@@ -28,10 +28,7 @@ pub enum Error {
     #[error("{0:?} is not a valid package name: use lower-case letters, digits and + - . (2 to 63 characters, starting with a letter or digit)")]
     BadName(String),
     #[error("no package {name:?}{}", suggestions_text(.suggestions))]
-    NotFound {
-        name: String,
-        suggestions: Vec<String>,
-    },
+    NotFound { name: String, suggestions: Vec<String> },
 }
 
 fn suggestions_text(s: &[String]) -> String {
@@ -110,13 +107,8 @@ pub struct Package {
 /// [`Error::BadName`] if the name is not acceptable.
 pub fn check_name(name: &str) -> Result<(), Error> {
     let ok = (2..=63).contains(&name.len())
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
     if ok {
         Ok(())
     } else {
@@ -135,26 +127,14 @@ impl Definition {
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err("`command` must name the program to run".into());
         }
-        if self
-            .command
-            .iter()
-            .chain(self.env.values())
-            .any(|a| a.contains('\0'))
-        {
+        if self.command.iter().chain(self.env.values()).any(|a| a.contains('\0')) {
             return Err("`command` and `env` must not contain NUL bytes".into());
         }
-        if let Some(k) = self
-            .env
-            .keys()
-            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-        {
+        if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
             return Err(format!("environment name {k:?} is not valid"));
         }
         if !(128..=16384).contains(&self.memory_mib) {
-            return Err(format!(
-                "`memory_mib` = {} is out of range 128..=16384",
-                self.memory_mib
-            ));
+            return Err(format!("`memory_mib` = {} is out of range 128..=16384", self.memory_mib));
         }
         let r = &self.ready;
         let rules = [r.text.is_some(), r.port.is_some(), r.alive_ms.is_some()];
@@ -191,15 +171,8 @@ impl Package {
     /// # Errors
     /// If the file cannot be read, is not valid TOML, or fails validation.
     pub fn from_file(path: &Path) -> Result<Package, Error> {
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
         Self::from_toml(&name, &text, path)
     }
 
@@ -209,19 +182,10 @@ impl Package {
     /// If the name or the text is not valid.
     pub fn from_toml(name: &str, text: &str, path: &Path) -> Result<Package, Error> {
         check_name(name)?;
-        let def: Definition = toml::from_str(text).map_err(|e| Error::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        def.validate().map_err(|message| Error::Invalid {
-            path: path.into(),
-            message,
-        })?;
-        Ok(Package {
-            name: name.into(),
-            def,
-            source: Some(path.into()),
-        })
+        let def: Definition =
+            toml::from_str(text).map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
+        def.validate().map_err(|message| Error::Invalid { path: path.into(), message })?;
+        Ok(Package { name: name.into(), def, source: Some(path.into()) })
     }
 
     /// The definition derived for a Debian package that has none: install it,
@@ -237,19 +201,10 @@ impl Package {
             command: vec![name.into()],
             env: BTreeMap::new(),
             memory_mib: default_memory(),
-            ready: Ready {
-                text: None,
-                port: None,
-                alive_ms: Some(1500),
-                timeout_ms: 60_000,
-            },
+            ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
             probe: None,
         };
-        Ok(Package {
-            name: name.into(),
-            def,
-            source: None,
-        })
+        Ok(Package { name: name.into(), def, source: None })
     }
 }
 
@@ -266,10 +221,7 @@ impl Registry {
     /// The first definition that fails to load, with its path.
     pub fn load(dir: &Path) -> Result<Registry, Error> {
         let mut packages = BTreeMap::new();
-        let entries = std::fs::read_dir(dir).map_err(|source| Error::Read {
-            path: dir.into(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Read { path: dir.into(), source })?;
         for e in entries.flatten() {
             let path = e.path();
             if path.extension().and_then(|x| x.to_str()) == Some("toml") {
@@ -300,20 +252,14 @@ impl Registry {
         }
         let mut candidates: Vec<String> = self.packages.keys().cloned().collect();
         candidates.extend(debian_names());
-        Err(Error::NotFound {
-            name: name.into(),
-            suggestions: suggest(name, &candidates),
-        })
+        Err(Error::NotFound { name: name.into(), suggestions: suggest(name, &candidates) })
     }
 }
 
 /// Up to three names closest to `name`, defined packages first on ties.
 pub fn suggest(name: &str, candidates: &[String]) -> Vec<String> {
-    let mut scored: Vec<(f64, &String)> = candidates
-        .iter()
-        .map(|c| (strsim::jaro_winkler(name, c), c))
-        .filter(|(s, _)| *s >= 0.85)
-        .collect();
+    let mut scored: Vec<(f64, &String)> =
+        candidates.iter().map(|c| (strsim::jaro_winkler(name, c), c)).filter(|(s, _)| *s >= 0.85).collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut out: Vec<String> = Vec::new();
     for (_, c) in scored {
@@ -349,59 +295,22 @@ mod tests {
     fn definitions_are_validated() {
         check("python3", OK, None);
         check("Python", OK, Some("not a valid package name"));
-        check(
-            "py",
-            "debs=[]\ncommand=['x']\n[ready]\nalive_ms=1\n",
-            Some("at least one"),
-        );
-        check(
-            "py",
-            "debs=['a b']\ncommand=['x']\n[ready]\nalive_ms=1\n",
-            Some("not a valid package name"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=[]\n[ready]\nalive_ms=1\n",
-            Some("`command`"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=['x']\n[ready]\n",
-            Some("exactly one"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=['x']\n[ready]\ntext='a'\nport=3\n",
-            Some("exactly one"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=['x']\nmemory_mib=1\n[ready]\nalive_ms=1\n",
-            Some("memory_mib"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=['x']\nbogus=1\n[ready]\nalive_ms=1\n",
-            Some("unknown field"),
-        );
-        check(
-            "py",
-            "debs=['py']\ncommand=['x']\n[ready]\nport=0\n",
-            Some("port number"),
-        );
+        check("py", "debs=[]\ncommand=['x']\n[ready]\nalive_ms=1\n", Some("at least one"));
+        check("py", "debs=['a b']\ncommand=['x']\n[ready]\nalive_ms=1\n", Some("not a valid package name"));
+        check("py", "debs=['py']\ncommand=[]\n[ready]\nalive_ms=1\n", Some("`command`"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\n", Some("exactly one"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\ntext='a'\nport=3\n", Some("exactly one"));
+        check("py", "debs=['py']\ncommand=['x']\nmemory_mib=1\n[ready]\nalive_ms=1\n", Some("memory_mib"));
+        check("py", "debs=['py']\ncommand=['x']\nbogus=1\n[ready]\nalive_ms=1\n", Some("unknown field"));
+        check("py", "debs=['py']\ncommand=['x']\n[ready]\nport=0\n", Some("port number"));
         check("py", "not toml at all [", Some("not valid"));
     }
 
     #[test]
     fn unknown_package_suggests_close_names() {
         let reg = Registry::default();
-        let err = reg
-            .resolve(
-                "pyhton3",
-                |_| false,
-                || vec!["python3".into(), "htop".into(), "nano".into()],
-            )
-            .unwrap_err();
+        let err =
+            reg.resolve("pyhton3", |_| false, || vec!["python3".into(), "htop".into(), "nano".into()]).unwrap_err();
         match err {
             Error::NotFound { suggestions, .. } => {
                 assert_eq!(suggestions, vec!["python3".to_string()])

@@ -114,10 +114,7 @@ pub struct ProcState {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum GuestMsg {
     /// Reply to [`HostMsg::Attach`].
-    Attached {
-        agent_version: String,
-        procs: Vec<ProcState>,
-    },
+    Attached { agent_version: String, procs: Vec<ProcState> },
     /// Reply to [`HostMsg::Detach`] and [`HostMsg::Quiet`]: no output is
     /// sent until the next attach.
     Detached,
@@ -203,14 +200,8 @@ mod tests {
     #[test]
     fn round_trip_through_a_byte_stream() {
         let msgs = vec![
-            HostMsg::Attach(TerminalContext {
-                term: "xterm".into(),
-                ..Default::default()
-            }),
-            HostMsg::Input {
-                id: 3,
-                data: b"print(6*7)\n".to_vec(),
-            },
+            HostMsg::Attach(TerminalContext { term: "xterm".into(), ..Default::default() }),
+            HostMsg::Input { id: 3, data: b"print(6*7)\n".to_vec() },
             HostMsg::Eof { id: 3 },
         ];
         let mut buf = Vec::new();

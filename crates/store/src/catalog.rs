@@ -98,22 +98,11 @@ impl ImageRecord {
         meta: BTreeMap<String, String>,
         size: u64,
     ) -> ImageRecord {
-        let manifest = Manifest {
-            kind,
-            package: &package,
-            os,
-            arch,
-            parent: &parent,
-            recipe,
-            files: &files,
-            meta: &meta,
-        };
-        let digest =
-            crate::sha256_hex(&serde_json::to_vec(&manifest).expect("manifest serializes"));
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let manifest =
+            Manifest { kind, package: &package, os, arch, parent: &parent, recipe, files: &files, meta: &meta };
+        let digest = crate::sha256_hex(&serde_json::to_vec(&manifest).expect("manifest serializes"));
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         ImageRecord {
             digest,
             kind,
@@ -137,10 +126,7 @@ impl ImageRecord {
         self.files
             .get(role)
             .map(String::as_str)
-            .ok_or_else(|| Error::BadRecord {
-                digest: self.digest.clone(),
-                message: format!("no {role} file"),
-            })
+            .ok_or_else(|| Error::BadRecord { digest: self.digest.clone(), message: format!("no {role} file") })
     }
 }
 
@@ -198,10 +184,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<(ImageRecord, String, String, Str
 
 fn finish(raw: (ImageRecord, String, String, String)) -> Result<ImageRecord, Error> {
     let (mut rec, kind, files, meta) = raw;
-    let bad = |message: String| Error::BadRecord {
-        digest: rec.digest.clone(),
-        message,
-    };
+    let bad = |message: String| Error::BadRecord { digest: rec.digest.clone(), message };
     rec.kind = ImageKind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind:?}")))?;
     rec.files = serde_json::from_str(&files).map_err(|e| bad(e.to_string()))?;
     rec.meta = serde_json::from_str(&meta).map_err(|e| bad(e.to_string()))?;
@@ -232,11 +215,7 @@ pub(crate) fn insert(db: &mut Connection, rec: &ImageRecord) -> Result<(), Error
     Ok(())
 }
 
-pub(crate) fn find_by_recipe(
-    db: &Connection,
-    kind: ImageKind,
-    recipe: &str,
-) -> Result<Option<ImageRecord>, Error> {
+pub(crate) fn find_by_recipe(db: &Connection, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
     let raw = db
         .query_row(
             &format!("SELECT {COLUMNS} FROM images WHERE kind = ?1 AND recipe = ?2 ORDER BY created DESC LIMIT 1"),
@@ -248,9 +227,7 @@ pub(crate) fn find_by_recipe(
 }
 
 pub(crate) fn list(db: &Connection) -> Result<Vec<ImageRecord>, Error> {
-    let mut stmt = db.prepare(&format!(
-        "SELECT {COLUMNS} FROM images ORDER BY created DESC, kind"
-    ))?;
+    let mut stmt = db.prepare(&format!("SELECT {COLUMNS} FROM images ORDER BY created DESC, kind"))?;
     let rows = stmt.query_map([], from_row)?;
     rows.map(|r| finish(r?)).collect()
 }
@@ -261,21 +238,13 @@ pub(crate) fn remove(db: &Connection, digest: &str) -> Result<(), Error> {
 }
 
 pub(crate) fn check_matches(db: &Connection, digest: &str, stamp: &str) -> Result<bool, Error> {
-    let known: Option<String> = db
-        .query_row(
-            "SELECT stamp FROM blob_checks WHERE digest = ?1",
-            params![digest],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let known: Option<String> =
+        db.query_row("SELECT stamp FROM blob_checks WHERE digest = ?1", params![digest], |r| r.get(0)).optional()?;
     Ok(known.as_deref() == Some(stamp))
 }
 
 pub(crate) fn record_check(db: &Connection, digest: &str, stamp: &str) -> Result<(), Error> {
-    db.execute(
-        "INSERT OR REPLACE INTO blob_checks (digest, stamp) VALUES (?1, ?2)",
-        params![digest, stamp],
-    )?;
+    db.execute("INSERT OR REPLACE INTO blob_checks (digest, stamp) VALUES (?1, ?2)", params![digest, stamp])?;
     Ok(())
 }
 

@@ -52,18 +52,12 @@ pub enum Error {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// A sha256 digest as 64 lower-case hex characters.
 pub fn check_digest(d: &str) -> Result<(), Error> {
-    if d.len() == 64
-        && d.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(())
     } else {
         Err(Error::BadDigest(d.to_string()))
@@ -135,10 +129,7 @@ impl Store {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let db = catalog::open(&root.join("catalog.db"))?;
-        let store = Store {
-            root: root.to_path_buf(),
-            db: Mutex::new(db),
-        };
+        let store = Store { root: root.to_path_buf(), db: Mutex::new(db) };
         store.remove_stale_work_dirs();
         Ok(store)
     }
@@ -159,10 +150,7 @@ impl Store {
     /// If the directory cannot be created.
     pub fn work_dir(&self, label: &str) -> Result<WorkDir, Error> {
         let n = WORK_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{n}.{label}", std::process::id()));
+        let path = self.root.join("tmp").join(format!("{}.{n}.{label}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).map_err(io_err(&path))?;
         Ok(WorkDir { path })
@@ -174,11 +162,7 @@ impl Store {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let pid: i32 = name
-                .split('.')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
+            let pid: i32 = name.split('.').next().and_then(|p| p.parse().ok()).unwrap_or(0);
             // SAFETY: kill with signal 0 only checks that the process exists.
             let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
             if !alive {
@@ -195,19 +179,9 @@ impl Store {
     pub fn lock_recipe(&self, recipe: &str) -> Result<RecipeLock, Error> {
         check_digest(recipe)?;
         let path = self.root.join("locks").join(recipe);
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        let lock =
-            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-                Error::Io {
-                    path,
-                    source: e.into(),
-                }
-            })?;
+        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::Io { path, source: e.into() })?;
         Ok(RecipeLock { _lock: lock })
     }
 
@@ -261,9 +235,7 @@ impl Store {
         let path = self.blob_path(digest);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Missing(digest.into()))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(digest.into())),
             Err(e) => return Err(Error::Io { path, source: e }),
         };
         if catalog::check_matches(&self.lock_db(), digest, &stamp(&meta))? {
@@ -283,10 +255,7 @@ impl Store {
         }
         let actual = hash_file(&path)?;
         if actual != digest {
-            return Err(Error::Corrupt {
-                digest: digest.into(),
-                actual,
-            });
+            return Err(Error::Corrupt { digest: digest.into(), actual });
         }
         self.record_check(digest)
     }
@@ -319,11 +288,7 @@ impl Store {
     ///
     /// # Errors
     /// On database errors.
-    pub fn find_by_recipe(
-        &self,
-        kind: ImageKind,
-        recipe: &str,
-    ) -> Result<Option<ImageRecord>, Error> {
+    pub fn find_by_recipe(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
         catalog::find_by_recipe(&self.lock_db(), kind, recipe)
     }
 
@@ -373,11 +338,8 @@ impl Store {
     /// # Errors
     /// If the catalog cannot be read.
     pub fn gc(&self, min_age: std::time::Duration) -> Result<(u64, u64), Error> {
-        let referenced: std::collections::HashSet<String> = self
-            .list_images()?
-            .into_iter()
-            .flat_map(|r| r.files.into_values())
-            .collect();
+        let referenced: std::collections::HashSet<String> =
+            self.list_images()?.into_iter().flat_map(|r| r.files.into_values()).collect();
         let dir = self.root.join("blobs/sha256");
         let (mut n, mut bytes) = (0, 0);
         for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
@@ -386,11 +348,7 @@ impl Store {
                 continue;
             }
             let Ok(meta) = e.metadata() else { continue };
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a >= min_age);
+            let old = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a >= min_age);
             if old {
                 self.remove_blob(&name);
                 n += 1;
@@ -402,13 +360,7 @@ impl Store {
 }
 
 fn stamp(meta: &fs::Metadata) -> String {
-    format!(
-        "{}:{}:{}.{}",
-        meta.len(),
-        meta.ino(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    )
+    format!("{}:{}:{}.{}", meta.len(), meta.ino(), meta.mtime(), meta.mtime_nsec())
 }
 
 /// The sha256 of a file's content, as hex.

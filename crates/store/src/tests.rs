@@ -56,21 +56,12 @@ fn image_records_round_trip_and_bad_blobs_drop_their_images() {
         4,
     );
     s.insert_image(&rec).unwrap();
-    let found = s
-        .find_by_recipe(ImageKind::Install, &recipe)
-        .unwrap()
-        .unwrap();
+    let found = s.find_by_recipe(ImageKind::Install, &recipe).unwrap().unwrap();
     assert_eq!(found, rec);
-    assert!(s
-        .find_by_recipe(ImageKind::Launch, &recipe)
-        .unwrap()
-        .is_none());
+    assert!(s.find_by_recipe(ImageKind::Launch, &recipe).unwrap().is_none());
     fs::remove_file(s.blob_path(&blob)).unwrap();
     assert!(s.verify_image(&found).is_err());
-    assert!(s
-        .find_by_recipe(ImageKind::Install, &recipe)
-        .unwrap()
-        .is_none());
+    assert!(s.find_by_recipe(ImageKind::Install, &recipe).unwrap().is_none());
 }
 
 #[test]

@@ -61,16 +61,8 @@ pub async fn kvm_boots(kernel: &Path, initramfs: &Path, limit: Duration) -> Resu
         return Ok(false);
     }
     let mut child = Command::new(QEMU)
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio",
-        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -81,10 +73,7 @@ pub async fn kvm_boots(kernel: &Path, initramfs: &Path, limit: Duration) -> Resu
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| Error::Spawn {
-            program: QEMU.into(),
-            source,
-        })?;
+        .map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
     let mut out = child.stdout.take().expect("piped stdout");
     let found = tokio::time::timeout(limit, async {
         let mut seen = Vec::new();
@@ -94,10 +83,7 @@ pub async fn kvm_boots(kernel: &Path, initramfs: &Path, limit: Duration) -> Resu
                 Ok(0) | Err(_) => return false,
                 Ok(n) => {
                     seen.extend_from_slice(&buf[..n]);
-                    if seen
-                        .windows(PROBE_MARKER.len())
-                        .any(|w| w == PROBE_MARKER.as_bytes())
-                    {
+                    if seen.windows(PROBE_MARKER.len()).any(|w| w == PROBE_MARKER.as_bytes()) {
                         return true;
                     }
                 }

@@ -26,12 +26,7 @@ pub struct AgentWriter {
 impl AgentConn {
     pub(crate) fn new(stream: UnixStream) -> AgentConn {
         let (rd, wr) = stream.into_split();
-        AgentConn {
-            reader: AgentReader {
-                rd: BufReader::with_capacity(64 << 10, rd),
-            },
-            writer: AgentWriter { wr },
-        }
+        AgentConn { reader: AgentReader { rd: BufReader::with_capacity(64 << 10, rd) }, writer: AgentWriter { wr } }
     }
 
     /// Sends one message.
@@ -75,10 +70,7 @@ impl AgentReader {
             Err(e) => return Err(Error::Channel(e)),
         }
         let mut payload = vec![0u8; strata_proto::frame_len(prefix)?];
-        self.rd
-            .read_exact(&mut payload)
-            .await
-            .map_err(Error::Channel)?;
+        self.rd.read_exact(&mut payload).await.map_err(Error::Channel)?;
         Ok(Some(strata_proto::decode(&payload)?))
     }
 }

@@ -67,17 +67,8 @@ impl VmConfig {
         let dir = &self.dir;
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
-        push(&[
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]);
-        push(&[
-            "-machine",
-            "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram",
-        ]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&["-machine", "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg"]),
@@ -86,61 +77,33 @@ impl VmConfig {
         push(&["-m", &size, "-smp", "1"]);
         let ram = match &self.memory {
             Memory::Anonymous => format!("memory-backend-ram,id=ram,size={size}"),
-            Memory::SharedFile(p) => format!(
-                "memory-backend-file,id=ram,size={size},mem-path={},share=on",
-                p.display()
-            ),
-            Memory::PrivateFile(p) => format!(
-                "memory-backend-file,id=ram,size={size},mem-path={},share=off",
-                p.display()
-            ),
+            Memory::SharedFile(p) => {
+                format!("memory-backend-file,id=ram,size={size},mem-path={},share=on", p.display())
+            }
+            Memory::PrivateFile(p) => {
+                format!("memory-backend-file,id=ram,size={size},mem-path={},share=off", p.display())
+            }
         };
         push(&["-object", &ram]);
-        push(&[
-            "-kernel",
-            &self.kernel.display().to_string(),
-            "-initrd",
-            &self.initramfs.display().to_string(),
-        ]);
+        push(&["-kernel", &self.kernel.display().to_string(), "-initrd", &self.initramfs.display().to_string()]);
         push(&["-append", &self.cmdline]);
         let console = format!("file,id=console,path={}", dir.join("console.log").display());
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         // Both channels connect to listeners the host opened before starting
         // QEMU, so nobody waits for a socket file to appear.
-        let qmp = format!(
-            "socket,id=qmp,path={},reconnect-ms=250",
-            dir.join(QMP_SOCK).display()
-        );
+        let qmp = format!("socket,id=qmp,path={},reconnect-ms=250", dir.join(QMP_SOCK).display());
         push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
-        let agent = format!(
-            "socket,id=agent,path={},reconnect-ms=250",
-            dir.join(AGENT_SOCK).display()
-        );
+        let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join(AGENT_SOCK).display());
         push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &agent]);
-        push(&[
-            "-device",
-            &format!(
-                "virtserialport,bus=vser.0,chardev=agent,name={}",
-                strata_proto::AGENT_PORT_NAME
-            ),
-        ]);
+        push(&["-device", &format!("virtserialport,bus=vser.0,chardev=agent,name={}", strata_proto::AGENT_PORT_NAME)]);
         for (i, d) in self.disks.iter().enumerate() {
-            let mut drive = format!(
-                "file={},if=none,id=disk{i},format={},cache=unsafe",
-                d.path.display(),
-                d.format
-            );
+            let mut drive = format!("file={},if=none,id=disk{i},format={},cache=unsafe", d.path.display(), d.format);
             match d.mode {
                 DiskMode::Writable => {}
                 DiskMode::ReadOnly => drive.push_str(",readonly=on"),
                 DiskMode::Throwaway => drive.push_str(",snapshot=on"),
             }
-            push(&[
-                "-drive",
-                &drive,
-                "-device",
-                &format!("virtio-blk-pci,drive=disk{i}"),
-            ]);
+            push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
         }
         if self.incoming.is_some() {
             push(&["-incoming", "defer"]);
@@ -159,17 +122,11 @@ type QmpStream = qapi::futures::QapiStream<
 
 fn listen(path: &Path) -> Result<UnixListener, Error> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
 fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
-    move |e| Error::Qmp {
-        command,
-        source: e.into(),
-    }
+    move |e| Error::Qmp { command, source: e.into() }
 }
 
 fn ignore_shared() -> qmp::migrate_set_capabilities {
@@ -209,9 +166,7 @@ fn kill_pid(pid: u32) {
 /// Accepts QEMU's QMP connection and negotiates capabilities.
 async fn accept_qmp(listener: &UnixListener) -> Result<QmpStream, Error> {
     let (stream, _) = listener.accept().await.map_err(Error::Channel)?;
-    let neg = qapi::futures::QmpStreamTokio::open(stream)
-        .await
-        .map_err(Error::Channel)?;
+    let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
     neg.negotiate().await.map_err(Error::Channel)
 }
 
@@ -221,10 +176,7 @@ impl Vm {
     ///
     /// # Errors
     /// If QEMU cannot start, exits early, or a channel does not connect in time.
-    pub async fn start(
-        cfg: &VmConfig,
-        connect_timeout: Duration,
-    ) -> Result<(Vm, AgentConn), Error> {
+    pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
         let qmp_listener = listen(&cfg.dir.join(QMP_SOCK))?;
         let agent_listener = listen(&cfg.dir.join(AGENT_SOCK))?;
         let log = cfg.dir.join("qemu.log");
@@ -232,9 +184,7 @@ impl Vm {
         cmd.args(cfg.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?,
-            ))
+            .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
             .env("TMPDIR", &cfg.dir);
         let die_with_parent = cfg.die_with_parent;
         // SAFETY: setsid and prctl are async-signal-safe. A session of its
@@ -251,10 +201,7 @@ impl Vm {
             });
         }
         tracing::debug!(args = ?cfg.args(), "starting QEMU");
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-            program: QEMU.into(),
-            source,
-        })?;
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
         let dir = cfg.dir.clone();
         let early_exit = |st: std::io::Result<std::process::ExitStatus>| Error::EarlyExit {
             status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
@@ -266,17 +213,11 @@ impl Vm {
             let mut qmp = accept_qmp(&qmp_listener).await?;
             tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "QMP ready");
             if let Some(state) = &cfg.incoming {
-                qmp.execute(ignore_shared())
-                    .await
-                    .map_err(qmp_err("migrate-set-capabilities"))?;
+                qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
                 let uri = format!("file:{}", state.display());
-                qmp.execute(qmp::migrate_incoming {
-                    uri: Some(uri),
-                    channels: None,
-                    exit_on_error: Some(true),
-                })
-                .await
-                .map_err(qmp_err("migrate-incoming"))?;
+                qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
+                    .await
+                    .map_err(qmp_err("migrate-incoming"))?;
             }
             let (agent, _) = agent_listener.accept().await.map_err(Error::Channel)?;
             Ok::<_, Error>((qmp, agent))
@@ -292,16 +233,7 @@ impl Vm {
                 return Err(Error::AgentTimeout(connect_timeout.as_secs()))
             }
         };
-        Ok((
-            Vm {
-                child: Some(child),
-                pid,
-                dir: cfg.dir.clone(),
-                qmp,
-                released: false,
-            },
-            AgentConn::new(agent),
-        ))
+        Ok((Vm { child: Some(child), pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))
     }
 
     /// Reconnects to a VM started by another process (a detached session):
@@ -309,32 +241,15 @@ impl Vm {
     ///
     /// # Errors
     /// If QEMU does not reconnect within `timeout`.
-    pub async fn reattach(
-        dir: &Path,
-        pid: u32,
-        timeout: Duration,
-    ) -> Result<(Vm, AgentConn), Error> {
+    pub async fn reattach(dir: &Path, pid: u32, timeout: Duration) -> Result<(Vm, AgentConn), Error> {
         let qmp_listener = listen(&dir.join(QMP_SOCK))?;
         let agent_listener = listen(&dir.join(AGENT_SOCK))?;
         let both = async {
-            Ok::<_, Error>((
-                accept_qmp(&qmp_listener).await?,
-                agent_listener.accept().await.map_err(Error::Channel)?.0,
-            ))
+            Ok::<_, Error>((accept_qmp(&qmp_listener).await?, agent_listener.accept().await.map_err(Error::Channel)?.0))
         };
-        let (qmp, agent) = tokio::time::timeout(timeout, both)
-            .await
-            .map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
-        Ok((
-            Vm {
-                child: None,
-                pid,
-                dir: dir.to_path_buf(),
-                qmp,
-                released: false,
-            },
-            AgentConn::new(agent),
-        ))
+        let (qmp, agent) =
+            tokio::time::timeout(timeout, both).await.map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
+        Ok((Vm { child: None, pid, dir: dir.to_path_buf(), qmp, released: false }, AgentConn::new(agent)))
     }
 
     /// Leaves QEMU running when this handle is dropped (a detached session).
@@ -361,11 +276,7 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses or the monitor is gone.
     pub async fn pause(&mut self) -> Result<(), Error> {
-        self.qmp
-            .execute(qmp::stop {})
-            .await
-            .map(|_| ())
-            .map_err(qmp_err("stop"))
+        self.qmp.execute(qmp::stop {}).await.map(|_| ()).map_err(qmp_err("stop"))
     }
 
     /// Resumes a paused guest.
@@ -373,11 +284,7 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses or the monitor is gone.
     pub async fn resume(&mut self) -> Result<(), Error> {
-        self.qmp
-            .execute(qmp::cont {})
-            .await
-            .map(|_| ())
-            .map_err(qmp_err("cont"))
+        self.qmp.execute(qmp::cont {}).await.map(|_| ()).map_err(qmp_err("cont"))
     }
 
     /// Saves the running guest's device state (and any memory not in a shared
@@ -388,41 +295,24 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save_and_quit(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
-        self.qmp
-            .execute(ignore_shared())
-            .await
-            .map_err(qmp_err("migrate-set-capabilities"))?;
+        self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let uri = format!("file:{}", path.display());
         self.qmp
-            .execute(qmp::migrate {
-                uri: Some(uri),
-                channels: None,
-                detach: None,
-                resume: None,
-            })
+            .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
             .await
             .map_err(qmp_err("migrate"))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let info = self
-                .qmp
-                .execute(qmp::query_migrate {})
-                .await
-                .map_err(qmp_err("query-migrate"))?;
+            let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
             match info.status {
                 Some(qmp::MigrationStatus::completed) => break,
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
-                    return Err(Error::Save(
-                        info.error_desc.unwrap_or_else(|| "migration failed".into()),
-                    ))
+                    return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                return Err(Error::Save(format!(
-                    "not complete after {} s",
-                    timeout.as_secs()
-                )));
+                return Err(Error::Save(format!("not complete after {} s", timeout.as_secs())));
             }
             // Only while building a launch image: a short pause between queries is fine.
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -438,9 +328,7 @@ impl Vm {
     /// `true` if it did.
     pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
         match &mut self.child {
-            Some(c) => tokio::time::timeout(timeout, c.wait())
-                .await
-                .is_ok_and(|r| r.is_ok()),
+            Some(c) => tokio::time::timeout(timeout, c.wait()).await.is_ok_and(|r| r.is_ok()),
             None => false,
         }
     }

@@ -1,0 +1,109 @@
+//! A pool of sessions restored ahead of demand: already resumed from the
+//! launch image, warmed, then paused. Taking one only resumes it and
+//! attaches the terminal's context, which hides both QEMU's start and the
+//! first, slow moments of a restored guest (under TCG its translation cache
+//! starts empty).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use strata_package::Package;
+
+use crate::context::ContextSettings;
+use crate::{Engine, Error, Progress, Session};
+
+/// How long a restored VM runs before it is paused into the pool.
+const WARM_UP: Duration = Duration::from_millis(400);
+
+/// Paused, warmed sessions by package name.
+#[derive(Default)]
+pub struct Pool {
+    ready: Mutex<HashMap<String, VecDeque<Session>>>,
+    /// Packages being filled now (one filler each, so targets hold).
+    filling: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Unmarks a package as being filled, however the fill ends.
+struct Filling<'a>(&'a Pool, String);
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.0.filling.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
+}
+
+impl Pool {
+    /// Sessions waiting for `package`.
+    pub fn len(&self, package: &str) -> usize {
+        self.lock().get(package).map_or(0, VecDeque::len)
+    }
+
+    /// Whether no session waits for `package`.
+    pub fn is_empty(&self, package: &str) -> bool {
+        self.len(package) == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Session>>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds sessions for `pkg` until `target` wait.
+    ///
+    /// # Errors
+    /// If images cannot be built or a VM cannot be restored.
+    pub async fn fill(
+        &self,
+        engine: &Engine,
+        pkg: &Package,
+        target: usize,
+        progress: &dyn Progress,
+    ) -> Result<(), Error> {
+        if !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(pkg.name.clone()) {
+            return Ok(());
+        }
+        let _filling = Filling(self, pkg.name.clone());
+        let images = engine.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        while self.len(&pkg.name) < target {
+            let mut s = engine.launch_from(pkg, &images.launch, &settings).await?;
+            s.quiet().await?;
+            tokio::time::sleep(WARM_UP).await;
+            s.pause().await?;
+            self.lock().entry(pkg.name.clone()).or_default().push_back(s);
+        }
+        Ok(())
+    }
+
+    /// Takes a waiting session of `package`, resumes it and attaches the
+    /// terminal's context; `None` if none waits.
+    ///
+    /// # Errors
+    /// If the session cannot be resumed (it is then stopped).
+    pub async fn take(&self, package: &str, settings: &ContextSettings) -> Result<Option<Session>, Error> {
+        let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
+        let Some(mut s) = s else { return Ok(None) };
+        let resumed = async {
+            s.resume().await?;
+            s.reattach(&settings.to_terminal_context()).await
+        };
+        match resumed.await {
+            Ok(screen) => {
+                s.screen = screen;
+                Ok(Some(s))
+            }
+            Err(e) => {
+                s.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops every waiting session.
+    pub async fn drain(&self) {
+        let all: Vec<Session> = self.lock().drain().flat_map(|(_, q)| q).collect();
+        for s in all {
+            s.close().await;
+        }
+    }
+}
