@@ -20,7 +20,7 @@ if [ "$(qemu_version || true)" = "" ] || [ "$(qemu_version)" -lt 9 ]; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 fi
 missing=()
-for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config; do
+for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -33,4 +33,14 @@ if ! command -v cargo >/dev/null; then
     echo "strata: no Rust toolchain (cargo) found; install one with rustup" >&2
     exit 1
   fi
+fi
+
+# The web page's libraries (xterm.js) and its browser test's driver come from
+# npm, pinned by web/package-lock.json.
+if ! command -v npm >/dev/null; then
+  apt-get install -y -q nodejs npm
+fi
+web_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/web"
+if [ ! -f "$web_dir/node_modules/.package-lock.json" ] || ! cmp -s "$web_dir/package-lock.json" "$web_dir/node_modules/.strata-lock"; then
+  (cd "$web_dir" && npm ci --no-audit --no-fund && cp package-lock.json node_modules/.strata-lock)
 fi

@@ -10,6 +10,7 @@ pub mod error;
 pub mod live;
 pub mod metrics;
 mod routes;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -54,6 +55,8 @@ pub struct AppState {
     /// Sessions restored ahead of demand, and how many to keep per package.
     pub pool: Arc<strata_engine::pool::Pool>,
     pub pool_targets: std::collections::BTreeMap<String, usize>,
+    /// The `web/` directory (its `node_modules` holds xterm.js), if found.
+    pub web_dir: Option<PathBuf>,
 }
 
 impl AppState {
@@ -70,6 +73,7 @@ impl AppState {
             limits,
             pool: Arc::default(),
             pool_targets: Default::default(),
+            web_dir: None,
         })
     }
 

@@ -67,6 +67,10 @@ pub fn openapi_json() -> String {
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.limits.max_body;
     Router::new()
+        .route("/", get(crate::web::index))
+        .route("/app.js", get(crate::web::app))
+        .route("/style.css", get(crate::web::style))
+        .route("/vendor/{name}", get(crate::web::vendor))
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/metrics", get(metrics))

@@ -358,6 +358,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             println!("strata: serving the API on http://{}", listener.local_addr()?);
+            state.web_dir = web_dir();
             let state = std::sync::Arc::new(state);
             for package in state.pool_targets.keys() {
                 state.refill(package);
@@ -402,6 +403,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The web page's directory: `STRATA_WEB`, or `web/` of the source tree the
+/// binary was built in.
+fn web_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("STRATA_WEB") {
+        return Some(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors().map(|a| a.join("web")).find(|w| w.join("package.json").is_file())
 }
 
 /// Parses `PACKAGE=N` for `serve --pool`.

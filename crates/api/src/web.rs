@@ -1,0 +1,45 @@
+//! The web page: our own files are built into the binary; xterm.js comes
+//! from the npm packages the setup installs under `web/node_modules`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+const INDEX: &str = include_str!("../../../web/index.html");
+const APP: &str = include_str!("../../../web/app.js");
+const STYLE: &str = include_str!("../../../web/style.css");
+
+pub async fn index() -> Response {
+    ([(CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response()
+}
+
+pub async fn app() -> Response {
+    ([(CONTENT_TYPE, "text/javascript; charset=utf-8")], APP).into_response()
+}
+
+pub async fn style() -> Response {
+    ([(CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
+}
+
+/// The front-end libraries the page loads, by the name the page uses.
+const VENDOR: &[(&str, &str, &str)] = &[
+    ("xterm.mjs", "@xterm/xterm/lib/xterm.mjs", "text/javascript; charset=utf-8"),
+    ("xterm.css", "@xterm/xterm/css/xterm.css", "text/css; charset=utf-8"),
+    ("addon-fit.mjs", "@xterm/addon-fit/lib/addon-fit.mjs", "text/javascript; charset=utf-8"),
+];
+
+pub async fn vendor(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (_, rel, mime) =
+        VENDOR.iter().find(|(n, _, _)| *n == name).ok_or_else(|| ApiError::not_found(format!("no file {name}")))?;
+    let dir = st.web_dir.as_ref().ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let path = dir.join("node_modules").join(rel);
+    let body = tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::not_found(format!("{}: {e}; run `npm ci` in web/ (setup.sh does)", path.display())))?;
+    Ok(([(CONTENT_TYPE, *mime)], body).into_response())
+}

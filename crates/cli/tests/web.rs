@@ -1,0 +1,34 @@
+//! The web page in a real browser (Debian's headless chromium, driven by
+//! playwright-core from web/node_modules) against a real `strata serve`.
+
+mod common;
+
+use std::io::BufRead;
+use std::process::Stdio;
+
+use common::*;
+
+#[test]
+fn the_web_page_launches_a_console_package_and_its_terminal_works() {
+    if !e2e() {
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
+    let token = text(&strata(&["token", "create", "web-test"]).output().unwrap().stdout).trim().to_string();
+    let mut server = strata(&["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    let shot = env().state.join("web-test.png");
+    let out = std::process::Command::new("node")
+        .arg(repo.join("web/test/e2e.mjs"))
+        .args([&base, &token])
+        .arg(&shot)
+        .current_dir(repo.join("web"))
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("kill").arg(server.id().to_string()).status();
+    let _ = server.wait();
+    assert!(out.status.success(), "browser test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot at {}", shot.display());
+}

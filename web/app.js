@@ -1,0 +1,162 @@
+// strata's web page: the package catalog, a terminal (xterm.js) attached to
+// a session over WebSocket, and the list of my sessions.
+import { Terminal } from '/vendor/xterm.mjs';
+import { FitAddon } from '/vendor/addon-fit.mjs';
+
+const $ = (id) => document.getElementById(id);
+const attachTokens = JSON.parse(sessionStorage.getItem('strata-attach') || '{}');
+let token = null;
+let socket = null;
+let attachedId = null;
+
+const term = new Terminal({ cursorBlink: true, fontSize: 14, convertEol: false });
+const fit = new FitAddon();
+term.loadAddon(fit);
+
+function showError(message) {
+  $('error').textContent = message;
+  $('error').hidden = !message;
+}
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (res.status === 204) return null;
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    if (res.status === 401) signOut();
+    throw new Error(data.error ? data.error.message : `HTTP ${res.status}`);
+  }
+  return data;
+}
+
+function button(label, onClick, attrs = {}) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.textContent = label;
+  for (const [k, v] of Object.entries(attrs)) b.setAttribute(k, v);
+  b.addEventListener('click', async () => {
+    b.disabled = true;
+    try { showError(''); await onClick(); } catch (e) { showError(e.message); } finally { b.disabled = false; }
+  });
+  return b;
+}
+
+async function loadPackages() {
+  const list = $('packages');
+  list.replaceChildren();
+  for (const p of await api('GET', '/v1/packages')) {
+    const li = document.createElement('li');
+    const name = document.createElement('span');
+    name.innerHTML = `<strong></strong><span class="desc"></span>`;
+    name.querySelector('strong').textContent = p.name;
+    name.querySelector('.desc').textContent = p.description;
+    li.append(name, button('Launch', () => launch(p.name), { 'data-launch': p.name }));
+    list.append(li);
+  }
+}
+
+async function loadSessions() {
+  const rows = $('sessions');
+  const sessions = await api('GET', '/v1/sessions');
+  rows.replaceChildren();
+  for (const s of sessions) {
+    const tr = document.createElement('tr');
+    tr.dataset.session = s.id;
+    for (const text of [s.id, s.package, s.state + (s.attached ? ', attached' : '')]) {
+      const td = document.createElement('td');
+      td.textContent = text;
+      tr.append(td);
+    }
+    const actions = document.createElement('td');
+    if (attachTokens[s.id] && s.id !== attachedId) actions.append(button('Attach', () => attach(s.id, s.package)));
+    if (s.state === 'running') actions.append(button('Pause', () => api('POST', `/v1/sessions/${s.id}/pause`).then(loadSessions), { 'data-pause': s.id }));
+    else actions.append(button('Resume', () => api('POST', `/v1/sessions/${s.id}/resume`).then(loadSessions), { 'data-resume': s.id }));
+    actions.append(button('Kill', () => api('DELETE', `/v1/sessions/${s.id}`).then(loadSessions), { 'data-kill': s.id }));
+    tr.append(actions);
+    rows.append(tr);
+  }
+}
+
+async function launch(name) {
+  $('term-status').textContent = `Launching ${name}…`;
+  const created = await api('POST', '/v1/sessions', {
+    package: name,
+    context: {
+      rows: term.rows, cols: term.cols, term: 'xterm-256color',
+      timezone: Intl.DateTimeFormat().resolvedOptions().timeZone || undefined,
+    },
+  });
+  attachTokens[created.session.id] = created.attach_token;
+  sessionStorage.setItem('strata-attach', JSON.stringify(attachTokens));
+  attach(created.session.id, name);
+  loadSessions();
+}
+
+function attach(id, name) {
+  if (socket) socket.close();
+  attachedId = id;
+  term.reset();
+  $('term-title').textContent = `${name} — session ${id}`;
+  $('term-status').textContent = 'Attaching…';
+  const proto = location.protocol === 'https:' ? 'wss' : 'ws';
+  const q = new URLSearchParams({ token: attachTokens[id], rows: term.rows, cols: term.cols, term: 'xterm-256color' });
+  const ws = new WebSocket(`${proto}://${location.host}/v1/sessions/${id}/attach?${q}`);
+  ws.binaryType = 'arraybuffer';
+  socket = ws;
+  ws.onopen = () => { $('term-status').textContent = 'Attached.'; term.focus(); };
+  ws.onmessage = (ev) => {
+    if (ev.data instanceof ArrayBuffer) { term.write(new Uint8Array(ev.data)); return; }
+    const msg = JSON.parse(ev.data);
+    if (msg.type === 'exit') $('term-status').textContent = `The program exited with status ${msg.status}.`;
+    else if (msg.type === 'lost') $('term-status').textContent = `Session lost: ${msg.reason}`;
+    else if (msg.type === 'error') showError(msg.message);
+  };
+  ws.onclose = () => { if (socket === ws) { socket = null; attachedId = null; loadSessions().catch(() => {}); } };
+}
+
+term.onData((d) => { if (socket && socket.readyState === WebSocket.OPEN) socket.send(new TextEncoder().encode(d)); });
+term.onResize(({ rows, cols }) => {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: 'resize', rows, cols }));
+});
+window.addEventListener('resize', () => fit.fit());
+
+function signOut() {
+  localStorage.removeItem('strata-token');
+  token = null;
+  $('app').hidden = true; $('who').hidden = true; $('login').hidden = false;
+}
+
+async function signIn(t) {
+  token = t;
+  try {
+    await loadPackages();
+  } catch (e) {
+    showError(e.message);
+    signOut();
+    return;
+  }
+  localStorage.setItem('strata-token', t);
+  $('login').hidden = true; $('who').hidden = false; $('app').hidden = false;
+  term.open($('terminal'));
+  fit.fit();
+  await loadSessions();
+  setInterval(() => loadSessions().catch(() => {}), 3000);
+}
+
+$('login').addEventListener('submit', (ev) => { ev.preventDefault(); showError(''); signIn($('token').value.trim()); });
+$('logout').addEventListener('click', signOut);
+$('any').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const name = $('any-name').value.trim();
+  if (name) launch(name).catch((e) => { showError(e.message); $('term-status').textContent = ''; });
+});
+
+// A token can come in the address (#token=...), e.g. from `strata serve`'s output.
+const fromHash = new URLSearchParams(location.hash.slice(1)).get('token');
+if (fromHash) history.replaceState(null, '', location.pathname);
+const saved = fromHash || localStorage.getItem('strata-token');
+if (saved) signIn(saved); else $('login').hidden = false;

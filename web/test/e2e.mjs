@@ -1,0 +1,67 @@
+// Browser test of strata's web page, in Debian's headless chromium:
+// sign in, launch a console package, type into its terminal, read the
+// answer, pause/resume/kill it from the session list.
+//   node test/e2e.mjs BASE_URL TOKEN SCREENSHOT.png
+import { chromium } from 'playwright-core';
+
+const [base, token, shot] = process.argv.slice(2);
+if (!base || !token || !shot) {
+  console.error('usage: node test/e2e.mjs BASE_URL TOKEN SCREENSHOT.png');
+  process.exit(2);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync'],
+});
+const step = (m) => console.log(`e2e: ${m}`);
+try {
+  const refused = await browser.newPage();
+  let page = refused;
+  const screen = () => page.evaluate(() => document.querySelector('.xterm-rows')?.textContent ?? '');
+  const waitScreen = (text, timeout = 60000) =>
+    page.waitForFunction((t) => (document.querySelector('.xterm-rows')?.textContent ?? '').includes(t), text, { timeout });
+
+  step('a wrong token is refused');
+  await refused.goto(`${base}/`);
+  await refused.fill('#token', 'not-a-token');
+  await refused.click('#login button[type=submit]');
+  await refused.waitForFunction(() => !document.getElementById('error').hidden, null, { timeout: 10000 });
+  await refused.close();
+
+  step('sign in and see the catalog');
+  page = await browser.newPage({ viewport: { width: 1200, height: 800 } });
+  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
+  await page.goto(`${base}/#token=${token}`);
+  await page.waitForSelector('button[data-launch="python3"]', { timeout: 10000 });
+
+  step('launch python3 and wait for its prompt');
+  await page.click('button[data-launch="python3"]');
+  await waitScreen('>>>');
+
+  step('type into the terminal and read the answer');
+  await page.click('#terminal');
+  await page.keyboard.type('print(6*7, "from the browser")');
+  await page.keyboard.press('Enter');
+  await waitScreen('42 from the browser');
+  await page.screenshot({ path: shot });
+
+  step('the session is listed; pause, resume, kill');
+  const row = page.locator('#sessions tr[data-session]').first();
+  await row.waitFor({ timeout: 10000 });
+  const id = await row.getAttribute('data-session');
+  await page.click(`button[data-pause="${id}"]`);
+  await page.waitForSelector(`button[data-resume="${id}"]`, { timeout: 10000 });
+  await page.click(`button[data-resume="${id}"]`);
+  await page.waitForSelector(`button[data-pause="${id}"]`, { timeout: 10000 });
+  await page.click('#terminal');
+  await page.keyboard.type('print("after", 6*7)');
+  await page.keyboard.press('Enter');
+  await waitScreen('after 42');
+  await page.click(`button[data-kill="${id}"]`);
+  await page.waitForFunction((i) => !document.querySelector(`tr[data-session="${i}"]`), id, { timeout: 10000 });
+  step(`ok (screen: ${JSON.stringify((await screen()).slice(0, 80))}...)`);
+} finally {
+  await browser.close();
+}
