@@ -101,7 +101,10 @@ impl Proc {
             ready_text: Mutex::new(None),
         });
         let writer = master.try_clone().map_err(|e| e.to_string())?;
-        std::thread::spawn(move || feed_input(writer, rx));
+        {
+            let proc = proc.clone();
+            std::thread::spawn(move || feed_input(writer, rx, &proc));
+        }
         {
             let (proc, agent) = (proc.clone(), agent.clone());
             std::thread::spawn(move || proc.pump_output(master, &agent));
@@ -290,29 +293,84 @@ impl Proc {
 
 /// Writes queued input to the terminal in its own thread, so a program that
 /// does not read cannot stall the host port.
-fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>) {
+fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>, proc: &Proc) {
     for item in rx {
         let res = match item {
             Feed::Data(d) => master.write_all(&d),
-            Feed::Eof => {
-                // In canonical mode VEOF ends the line; at the start of a
-                // line it reads as end-of-file, which is what a pipe's end means.
-                // SAFETY: tcgetattr into a zeroed termios we own.
-                let veof = unsafe {
-                    let mut t: libc::termios = std::mem::zeroed();
-                    if libc::tcgetattr(master.as_raw_fd(), &mut t) == 0 {
-                        t.c_cc[libc::VEOF]
-                    } else {
-                        4
-                    }
-                };
-                master.write_all(&[veof])
-            }
+            Feed::Eof => deliver_eof(&mut master, proc),
         };
         if res.is_err() {
             break;
         }
     }
+}
+
+/// The slave side's line mode: `Some(true)` when canonical (line editing by
+/// the kernel), `Some(false)` when raw (the program reads key by key).
+fn slave_mode(master: &File) -> Option<(bool, u8)> {
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: ptsname_r writes a NUL-terminated name into our buffer; the
+    // slave is opened without becoming our controlling terminal and closed.
+    unsafe {
+        if libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) != 0 {
+            return None;
+        }
+        let fd = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let mut t: libc::termios = std::mem::zeroed();
+        let ok = libc::tcgetattr(fd, &mut t) == 0;
+        libc::close(fd);
+        ok.then(|| (t.c_lflag & libc::ICANON != 0, t.c_cc[libc::VEOF]))
+    }
+}
+
+/// Delivers the end of a pipe's input to a program on a terminal.
+///
+/// A terminal has no end of input, only the EOF character, and its meaning
+/// depends on the mode the program *reads* in: in canonical mode the kernel
+/// turns it into end-of-file, in raw mode the program sees the byte (line
+/// editors such as readline treat it as end-of-file on an empty line). Sent
+/// while a REPL runs a line in canonical mode and then reads the next one in
+/// raw mode, it is lost. So it is sent when the program reads raw, or has
+/// stayed canonical for a while, and again if the program has not ended.
+fn deliver_eof(master: &mut File, proc: &Proc) -> std::io::Result<()> {
+    const SETTLE: Duration = Duration::from_millis(150);
+    let exited = || proc.lock_status().exit.is_some();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut canonical_since: Option<Instant> = None;
+        let mut veof = 4u8;
+        while !exited() && start.elapsed() < Duration::from_secs(5) {
+            match slave_mode(master) {
+                Some((false, v)) => {
+                    veof = v;
+                    break;
+                }
+                Some((true, v)) => {
+                    veof = v;
+                    if canonical_since.get_or_insert_with(Instant::now).elapsed() >= SETTLE {
+                        break;
+                    }
+                }
+                None => break,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if exited() {
+            return Ok(());
+        }
+        master.write_all(&[veof])?;
+        let sent = Instant::now();
+        while !exited() && sent.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if exited() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Forks and execs `prog` with the pty slave as its controlling terminal and

@@ -52,6 +52,7 @@ impl AgentWriter {
     /// # Errors
     /// If the channel is broken.
     pub async fn send(&mut self, msg: &HostMsg) -> Result<(), Error> {
+        tracing::trace!(?msg, "to agent");
         let frame = strata_proto::encode(msg)?;
         self.wr.write_all(&frame).await.map_err(Error::Channel)
     }
@@ -71,6 +72,8 @@ impl AgentReader {
         }
         let mut payload = vec![0u8; strata_proto::frame_len(prefix)?];
         self.rd.read_exact(&mut payload).await.map_err(Error::Channel)?;
-        Ok(Some(strata_proto::decode(&payload)?))
+        let msg = strata_proto::decode(&payload)?;
+        tracing::trace!(?msg, "from agent");
+        Ok(Some(msg))
     }
 }

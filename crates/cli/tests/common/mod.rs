@@ -80,7 +80,25 @@ pub fn strata_with_input(args: &[&str], input: &str) -> Output {
     let mut child = strata(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id();
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    // Bounded: a run that hangs is killed and fails the test.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < end {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            true
+        })
+    };
     let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    assert!(!watchdog.join().unwrap(), "strata {args:?} hung; stdout so far: {:?}", text(&out.stdout));
     assert_no_leftovers_of(pid);
     out
 }
