@@ -47,8 +47,11 @@ enum Cmd {
         #[arg(short, long)]
         tty: bool,
         /// Boot and start the program instead of using the launch image.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "detach")]
         cold: bool,
+        /// Start it in the background and print its session id.
+        #[arg(short, long)]
+        detach: bool,
     },
     /// Attach this terminal to a detached session.
     Attach { id: String },
@@ -100,6 +103,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Show the accelerator strata uses (probing it if needed).
     Accel,
     /// Benchmarks.
@@ -124,6 +129,13 @@ enum ImagesCmd {
     },
     /// Hash every blob of every image and report the damaged ones.
     Verify,
+    /// Remove images from the catalog (their blobs go with `images gc`).
+    Rm {
+        #[arg(required = true)]
+        digests: Vec<String>,
+    },
+    /// Remove blobs no image references.
+    Gc,
 }
 
 #[derive(Subcommand)]
@@ -211,10 +223,15 @@ fn engine(cli: &Cli) -> anyhow::Result<Engine> {
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<u8> {
+    if let Cmd::Completions { shell } = &cli.cmd {
+        use clap::CommandFactory;
+        clap_complete::generate(*shell, &mut Cli::command(), "strata", &mut std::io::stdout());
+        return Ok(0);
+    }
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
     match &cli.cmd {
-        Cmd::Run { package, interactive, tty, cold } => {
+        Cmd::Run { package, interactive, tty, cold, detach } => {
             let pkg = eng.package(package)?;
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
@@ -228,6 +245,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 eng.launch(&pkg, &settings, &bar).await?
             };
             bar.clear();
+            if *detach {
+                println!("{}", session.detach().await?);
+                return Ok(0);
+            }
             finish(session, use_tty).await
         }
         Cmd::Attach { id } => {
@@ -288,6 +309,37 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     );
                 }
             }
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Rm { digests } } => {
+            let images = eng.store.list_images()?;
+            let in_use: Vec<String> = eng.list_sessions().into_iter().map(|s| s.launch_image).collect();
+            let mut code = 0;
+            for d in digests {
+                // A unique prefix of at least 12 digits names an image, as `images ls` shows it.
+                let found: Vec<_> =
+                    images.iter().filter(|r| d.len() >= 12 && r.digest.starts_with(d.as_str())).collect();
+                let err = match found.as_slice() {
+                    [r] if in_use.contains(&r.digest) => {
+                        Some("in use by a running session; `strata kill` it first".to_string())
+                    }
+                    [r] => eng.store.remove_image(&r.digest).err().map(|e| e.to_string()),
+                    [] => Some("no such image (give at least 12 digits, as `strata images ls` shows)".into()),
+                    _ => Some("ambiguous: give more digits".into()),
+                };
+                match err {
+                    None => println!("{d}"),
+                    Some(e) => {
+                        eprintln!("strata: {d}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Cmd::Images { cmd: ImagesCmd::Gc } => {
+            let (n, bytes) = eng.gc()?;
+            println!("removed {n} blob(s), {}", human(bytes));
             Ok(0)
         }
         Cmd::Images { cmd: ImagesCmd::Verify } => {
@@ -372,6 +424,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             eprintln!("strata: a running server reads new tokens when it restarts");
             Ok(0)
         }
+        Cmd::Completions { .. } => Ok(0),
         Cmd::Accel => {
             let base = eng.ensure_base(&bar).await?;
             bar.clear();
