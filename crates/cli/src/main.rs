@@ -158,6 +158,14 @@ enum ContextCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Memory per idle session: N sessions from the launch image at once.
+    Density {
+        package: String,
+        #[arg(short = 'n', long, default_value_t = 10)]
+        sessions: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Launch latency: cold boot versus launch image, same run.
     Launch {
         package: String,
@@ -425,6 +433,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Completions { .. } => Ok(0),
+        Cmd::Bench { cmd: BenchCmd::Density { package, sessions, json } } => {
+            if *sessions == 0 || *sessions > 1000 {
+                anyhow::bail!("--sessions must be between 1 and 1000");
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_density(&pkg, *sessions, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "strata bench density {} ({} idle sessions, {} MiB guests)",
+                    r.package, r.sessions, r.guest_memory_mib
+                );
+                println!(
+                    "private memory per session: mean {:.1} MiB, max {:.1} MiB",
+                    r.private_mean_mib, r.private_max_mib
+                );
+                println!("RSS per session (shared pages counted in each): mean {:.1} MiB", r.rss_mean_mib);
+                println!("host memory used by all of them: {:.0} MiB", r.host_memory_used_mib);
+            }
+            Ok(0)
+        }
         Cmd::Accel => {
             let base = eng.ensure_base(&bar).await?;
             bar.clear();

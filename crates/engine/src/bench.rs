@@ -124,3 +124,82 @@ mod tests {
         assert!(percentile(&[], 50.0).is_nan());
     }
 }
+
+/// Results of `strata bench density`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DensityReport {
+    pub package: String,
+    pub sessions: usize,
+    pub guest_memory_mib: u32,
+    /// Private memory of each idle session's QEMU: the larger of its
+    /// Private_Dirty and Anonymous (from /proc/PID/smaps_rollup), MiB.
+    pub private_mib: Vec<f64>,
+    pub private_mean_mib: f64,
+    pub private_max_mib: f64,
+    pub rss_mean_mib: f64,
+    /// MemAvailable before the sessions started minus after, MiB.
+    pub host_memory_used_mib: f64,
+}
+
+fn kib_field(text: &str, field: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+fn mem_available_mib() -> f64 {
+    kib_field(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "MemAvailable:") / 1024.0
+}
+
+impl Engine {
+    /// Starts `count` sessions from the launch image, lets them go idle, and
+    /// measures what each costs the host.
+    ///
+    /// # Errors
+    /// If a launch fails (the sessions started so far are stopped).
+    pub async fn bench_density(
+        &self,
+        pkg: &Package,
+        count: usize,
+        progress: &dyn Progress,
+    ) -> Result<DensityReport, Error> {
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let before = mem_available_mib();
+        let mut sessions = Vec::new();
+        for i in 0..count {
+            progress.step(&format!("bench density {}: session {}/{count}", pkg.name, i + 1));
+            let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
+            s.quiet().await?;
+            sessions.push(s);
+        }
+        progress.step("bench density: letting the sessions go idle");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = mem_available_mib();
+        let (mut private, mut rss) = (Vec::new(), Vec::new());
+        for s in &sessions {
+            let text = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", s.vm_pid())).unwrap_or_default();
+            let dirty = kib_field(&text, "Private_Dirty:");
+            let anon = kib_field(&text, "Anonymous:");
+            private.push(dirty.max(anon) / 1024.0);
+            rss.push(kib_field(&text, "Rss:") / 1024.0);
+        }
+        for s in sessions {
+            s.close().await;
+        }
+        let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+        progress.done("density benchmark finished");
+        Ok(DensityReport {
+            package: pkg.name.clone(),
+            sessions: count,
+            guest_memory_mib: pkg.def.memory_mib,
+            private_mean_mib: mean(&private),
+            private_max_mib: private.iter().copied().fold(0.0, f64::max),
+            rss_mean_mib: mean(&rss),
+            host_memory_used_mib: before - after,
+            private_mib: private,
+        })
+    }
+}

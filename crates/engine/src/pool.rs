@@ -67,6 +67,13 @@ impl Pool {
         let settings = ContextSettings::from_terminal(None);
         while self.len(&pkg.name) < target {
             let mut s = engine.launch_from(pkg, &images.launch, &settings).await?;
+            // Warm what every launch from the pool runs: an attach with a
+            // new terminal size (the program redraws), then going quiet.
+            let mut other = settings.clone();
+            other.rows = other.rows.saturating_add(1);
+            s.reattach(&other.to_terminal_context()).await?;
+            s.quiet().await?;
+            s.reattach(&settings.to_terminal_context()).await?;
             s.quiet().await?;
             tokio::time::sleep(WARM_UP).await;
             s.pause().await?;
