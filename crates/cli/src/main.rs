@@ -158,6 +158,21 @@ enum ContextCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Latency and throughput while launch requests arrive at a steady rate.
+    Load {
+        package: String,
+        /// Launch requests per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// How long requests keep arriving.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Warm sessions kept ready (0: every launch restores on demand).
+        #[arg(long, default_value_t = 4)]
+        pool: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Memory per idle session: N sessions from the launch image at once.
     Density {
         package: String,
@@ -433,6 +448,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Completions { .. } => Ok(0),
+        Cmd::Bench { cmd: BenchCmd::Load { package, rate, seconds, pool, json } } => {
+            if !(0.1..=100.0).contains(rate) || *seconds == 0 || *seconds > 3600 || *pool > 64 {
+                anyhow::bail!("--rate must be 0.1..100, --seconds 1..3600, --pool 0..64");
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_load(&pkg, *rate, *seconds, *pool, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "strata bench load {} ({} launches at {}/s, pool {})",
+                    r.package, r.requests, r.rate, r.pool_size
+                );
+                println!("latency p50 {:.1} ms, p99 {:.1} ms", r.latency_p50_ms, r.latency_p99_ms);
+                println!(
+                    "throughput {:.2} launches/s; {} from the pool, {} failed",
+                    r.throughput, r.from_pool, r.failed
+                );
+            }
+            Ok(0)
+        }
         Cmd::Bench { cmd: BenchCmd::Density { package, sessions, json } } => {
             if *sessions == 0 || *sessions > 1000 {
                 anyhow::bail!("--sessions must be between 1 and 1000");

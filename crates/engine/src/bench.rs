@@ -203,3 +203,120 @@ impl Engine {
         })
     }
 }
+
+/// Results of `strata bench load`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub package: String,
+    /// Launch requests per second asked for, and for how long.
+    pub rate: f64,
+    pub seconds: u64,
+    pub pool_size: usize,
+    pub requests: usize,
+    pub failed: usize,
+    /// Launches served from the warm pool (the rest restored on demand).
+    pub from_pool: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    /// Completed launches per second over the whole run.
+    pub throughput: f64,
+}
+
+impl Engine {
+    /// Sends launch requests at `rate` per second for `seconds`, each timed
+    /// from the request to the program's probe answer, served from a pool of
+    /// `pool_size` warm sessions refilled meanwhile (or restored on demand
+    /// when the pool is empty).
+    ///
+    /// # Errors
+    /// If the package has no probe or its images cannot be built.
+    pub async fn bench_load(
+        &self,
+        pkg: &Package,
+        rate: f64,
+        seconds: u64,
+        pool_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<LoadReport, Error> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let probe =
+            pkg.def.probe.clone().ok_or_else(|| {
+                Error::Config(format!("package {} has no [probe]; the benchmark needs one", pkg.name))
+            })?;
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let pool = crate::pool::Pool::default();
+        if pool_size > 0 {
+            progress.step(&format!("bench load {}: filling the pool ({pool_size})", pkg.name));
+            pool.fill(self, pkg, pool_size, progress).await?;
+        }
+        let total = ((rate * seconds as f64).round() as usize).clamp(1, 100_000);
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let one = |_: usize| {
+            let (pool, settings, probe, launch) = (&pool, &settings, &probe, &images.launch);
+            async move {
+                let t = Instant::now();
+                let (mut s, pooled) = match pool.take(&pkg.name, settings).await {
+                    Ok(Some(s)) => (s, true),
+                    _ => (self.launch_from(pkg, launch, settings).await?, false),
+                };
+                let answered = s.expect_after(probe.input.as_bytes(), &probe.expect, Duration::from_secs(120)).await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                s.close().await;
+                answered.map(|_| (ms, pooled))
+            }
+        };
+        let refill = async {
+            loop {
+                if pool_size > 0 {
+                    if let Err(e) = pool.fill(self, pkg, pool_size, &crate::LogProgress).await {
+                        tracing::warn!(error = %e, "pool refill failed");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::pin!(refill);
+        let start = tokio::time::Instant::now();
+        let mut next = start;
+        let (mut issued, mut failed, mut from_pool) = (0, 0, 0);
+        let mut latencies = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        progress.step(&format!("bench load {}: {total} launches at {rate}/s", pkg.name));
+        while issued < total || !inflight.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next), if issued < total => {
+                    inflight.push(one(issued));
+                    issued += 1;
+                    next += interval;
+                }
+                Some(r) = inflight.next(), if !inflight.is_empty() => match r {
+                    Ok((ms, pooled)) => {
+                        latencies.push(ms);
+                        from_pool += usize::from(pooled);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(error = %e, "a launch under load failed");
+                    }
+                },
+                _ = &mut refill => {}
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        pool.drain().await;
+        progress.done("load benchmark finished");
+        Ok(LoadReport {
+            package: pkg.name.clone(),
+            rate,
+            seconds,
+            pool_size,
+            requests: total,
+            failed,
+            from_pool,
+            latency_p50_ms: percentile(&latencies, 50.0),
+            latency_p99_ms: percentile(&latencies, 99.0),
+            throughput: latencies.len() as f64 / elapsed,
+        })
+    }
+}

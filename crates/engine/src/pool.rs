@@ -16,6 +16,30 @@ use crate::{Engine, Error, Progress, Session};
 /// How long a restored VM runs before it is paused into the pool.
 const WARM_UP: Duration = Duration::from_millis(400);
 
+/// Sessions restored at once while filling.
+const FILL_PARALLEL: usize = 4;
+
+/// Restores one session, warms it and pauses it.
+async fn warm(
+    engine: &Engine,
+    pkg: &Package,
+    launch: &strata_store::ImageRecord,
+    settings: &ContextSettings,
+) -> Result<Session, Error> {
+    let mut s = engine.launch_from(pkg, launch, settings).await?;
+    // Warm what every launch from the pool runs: an attach with a new
+    // terminal size (the program redraws), then going quiet.
+    let mut other = settings.clone();
+    other.rows = other.rows.saturating_add(1);
+    s.reattach(&other.to_terminal_context()).await?;
+    s.quiet().await?;
+    s.reattach(&settings.to_terminal_context()).await?;
+    s.quiet().await?;
+    tokio::time::sleep(WARM_UP).await;
+    s.pause().await?;
+    Ok(s)
+}
+
 /// Paused, warmed sessions by package name.
 #[derive(Default)]
 pub struct Pool {
@@ -65,19 +89,15 @@ impl Pool {
         let _filling = Filling(self, pkg.name.clone());
         let images = engine.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
+        // Restore several at once: most of a warm-up is waiting.
         while self.len(&pkg.name) < target {
-            let mut s = engine.launch_from(pkg, &images.launch, &settings).await?;
-            // Warm what every launch from the pool runs: an attach with a
-            // new terminal size (the program redraws), then going quiet.
-            let mut other = settings.clone();
-            other.rows = other.rows.saturating_add(1);
-            s.reattach(&other.to_terminal_context()).await?;
-            s.quiet().await?;
-            s.reattach(&settings.to_terminal_context()).await?;
-            s.quiet().await?;
-            tokio::time::sleep(WARM_UP).await;
-            s.pause().await?;
-            self.lock().entry(pkg.name.clone()).or_default().push_back(s);
+            let missing = (target - self.len(&pkg.name)).min(FILL_PARALLEL);
+            let warmed =
+                futures_util::future::join_all((0..missing).map(|_| warm(engine, pkg, &images.launch, &settings)))
+                    .await;
+            for s in warmed {
+                self.lock().entry(pkg.name.clone()).or_default().push_back(s?);
+            }
         }
         Ok(())
     }
