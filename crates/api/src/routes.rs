@@ -30,6 +30,7 @@ type St = State<Arc<AppState>>;
     info(title = "strata", description = "Run software on demand, already running, each in its own VM"),
     paths(
         list_packages,
+        list_servers,
         list_images,
         build_images,
         delete_image,
@@ -45,6 +46,7 @@ type St = State<Arc<AppState>>;
     ),
     components(schemas(
         PackageInfo,
+        ServerInfo,
         ImageInfo,
         BuildRequest,
         GcReport,
@@ -78,6 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images", get(list_images).post(build_images))
         .route("/v1/images/gc", post(gc_images))
         .route("/v1/images/{digest}", axum::routing::delete(delete_image))
+        .route("/v1/servers", get(list_servers))
         .route("/v1/sessions", get(list_sessions).post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
         .route("/v1/sessions/{id}/pause", post(pause_session))
@@ -158,6 +161,37 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
             })
             .collect(),
     )
+}
+
+/// A server that runs sessions and the load placement weighs.
+#[derive(Serialize, ToSchema)]
+pub struct ServerInfo {
+    name: String,
+    cpus: usize,
+    load1: f64,
+    memory_total_mib: u64,
+    memory_available_mib: u64,
+    guest_memory_committed_mib: u64,
+    sessions: usize,
+    images: usize,
+    blobs_bytes: u64,
+}
+
+/// The servers running sessions (in single-machine mode: this one).
+#[utoipa::path(get, path = "/v1/servers", responses((status = 200, body = [ServerInfo]), (status = 401, body = ErrorBody)))]
+async fn list_servers(State(st): St, _c: Caller) -> Result<Json<Vec<ServerInfo>>, ApiError> {
+    let h = st.engine.server_status()?;
+    Ok(Json(vec![ServerInfo {
+        name: h.name,
+        cpus: h.cpus,
+        load1: h.load1,
+        memory_total_mib: h.memory_total_mib,
+        memory_available_mib: h.memory_available_mib,
+        guest_memory_committed_mib: h.guest_memory_committed_mib,
+        sessions: h.sessions,
+        images: h.images,
+        blobs_bytes: h.blobs_bytes,
+    }]))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -67,6 +67,11 @@ enum Cmd {
     },
     /// Build the images of a package (base, install, launch) if missing.
     Build { package: String },
+    /// Servers running sessions (in single-machine mode: this one).
+    Servers {
+        #[command(subcommand)]
+        cmd: ServersCmd,
+    },
     /// Image catalog.
     Images {
         #[command(subcommand)]
@@ -111,6 +116,15 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServersCmd {
+    /// List servers and their load.
+    Ls {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -448,6 +462,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Completions { .. } => Ok(0),
+        Cmd::Servers { cmd: ServersCmd::Ls { json } } => {
+            let h = eng.server_status()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&[&h])?);
+            } else {
+                println!(
+                    "{:<16} {:>4} {:>6} {:>12} {:>14} {:>9} {:>7} {:>10}",
+                    "SERVER", "CPUS", "LOAD", "MEM FREE", "GUEST MEM", "SESSIONS", "IMAGES", "STORED"
+                );
+                println!(
+                    "{:<16} {:>4} {:>6.2} {:>8} MiB {:>10} MiB {:>9} {:>7} {:>10}",
+                    h.name,
+                    h.cpus,
+                    h.load1,
+                    h.memory_available_mib,
+                    h.guest_memory_committed_mib,
+                    h.sessions,
+                    h.images,
+                    human(h.blobs_bytes)
+                );
+            }
+            Ok(0)
+        }
         Cmd::Bench { cmd: BenchCmd::Load { package, rate, seconds, pool, json } } => {
             if !(0.1..=100.0).contains(rate) || *seconds == 0 || *seconds > 3600 || *pool > 64 {
                 anyhow::bail!("--rate must be 0.1..100, --seconds 1..3600, --pool 0..64");

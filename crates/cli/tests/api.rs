@@ -220,10 +220,17 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
         assert_eq!(st, 204);
     }
 
+    // This server and its load.
+    let (st, servers) = api.call("GET", "/v1/servers", Some(&s.a), None).await;
+    assert_eq!(st, 200);
+    let me = &servers[0];
+    assert!(me["cpus"].as_u64().unwrap() >= 1 && me["memory_total_mib"].as_u64().unwrap() > 0, "{servers}");
+    assert!(me["images"].as_u64().unwrap() >= 3, "{servers}");
+
     // The OpenAPI document and the metrics.
     let (st, doc) = api.call("GET", "/openapi.json", None, None).await;
     assert_eq!(st, 200);
-    for p in ["/v1/sessions", "/v1/sessions/{id}/attach", "/v1/images", "/v1/packages"] {
+    for p in ["/v1/sessions", "/v1/sessions/{id}/attach", "/v1/images", "/v1/packages", "/v1/servers"] {
         assert!(doc["paths"][p].is_object(), "{p} missing from the OpenAPI document");
     }
     let metrics = api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();

@@ -1,0 +1,67 @@
+//! What this server reports about itself: the load a placement rule weighs
+//! (sessions, CPU, memory free and committed to guests, images cached).
+
+use serde::Serialize;
+
+use crate::Engine;
+
+/// One server's load.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub cpus: usize,
+    /// 1-minute load average.
+    pub load1: f64,
+    pub memory_total_mib: u64,
+    pub memory_available_mib: u64,
+    /// Guest memory of the sessions running here.
+    pub guest_memory_committed_mib: u64,
+    pub sessions: usize,
+    /// Images in the local catalog, and the bytes of all blobs stored.
+    pub images: usize,
+    pub blobs_bytes: u64,
+}
+
+fn meminfo_mib(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+impl Engine {
+    /// This server's status.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn server_status(&self) -> Result<ServerStatus, crate::Error> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let load1 = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0.0);
+        let images = self.store.list_images()?;
+        let sessions = self.list_sessions();
+        let committed = sessions
+            .iter()
+            .filter_map(|s| images.iter().find(|i| i.digest == s.launch_image))
+            .filter_map(|i| i.meta.get("memory_mib").and_then(|m| m.parse::<u64>().ok()))
+            .sum();
+        let blobs_bytes = std::fs::read_dir(self.store.root().join("blobs/sha256"))
+            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        Ok(ServerStatus {
+            name: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            load1,
+            memory_total_mib: meminfo_mib(&meminfo, "MemTotal:"),
+            memory_available_mib: meminfo_mib(&meminfo, "MemAvailable:"),
+            guest_memory_committed_mib: committed,
+            sessions: sessions.len(),
+            images: images.len(),
+            blobs_bytes,
+        })
+    }
+}
