@@ -2,6 +2,7 @@
 //! from layered images in milliseconds.
 
 mod progress;
+mod remote;
 mod terminal;
 
 use std::path::PathBuf;
@@ -31,6 +32,13 @@ struct Cli {
     /// Print no progress.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// A strata server to talk to (`strata serve`), e.g. http://127.0.0.1:7070;
+    /// without it, strata works on this machine directly.
+    #[arg(long, global = true, env = "STRATA_ADDR")]
+    addr: Option<String>,
+    /// API token for --addr.
+    #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -55,6 +63,16 @@ enum Cmd {
     },
     /// Attach this terminal to a detached session.
     Attach { id: String },
+    /// Pause sessions (with --addr).
+    Pause {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Resume paused sessions (with --addr).
+    Resume {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// List running sessions.
     Ps {
         #[arg(long)]
@@ -265,6 +283,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         clap_complete::generate(*shell, &mut Cli::command(), "strata", &mut std::io::stdout());
         return Ok(0);
     }
+    if let Some(addr) = &cli.addr {
+        let remote = remote::Remote::new(addr, cli.token.clone())?;
+        return remote_main(&remote, &cli.cmd).await;
+    }
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
     match &cli.cmd {
@@ -462,6 +484,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Completions { .. } => Ok(0),
+        Cmd::Pause { .. } | Cmd::Resume { .. } => {
+            anyhow::bail!("pause and resume act on a server's sessions: give --addr (see `strata serve`)")
+        }
         Cmd::Servers { cmd: ServersCmd::Ls { json } } => {
             let h = eng.server_status()?;
             if *json {
@@ -560,6 +585,118 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+    }
+}
+
+/// The commands that go to a server (`--addr`).
+async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
+    let print = |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let each = |ids: &[String], method: &'static str, suffix: &'static str| {
+        let ids = ids.to_vec();
+        async move {
+            let mut code = 0;
+            for id in ids {
+                match r.call(method, &format!("/v1/sessions/{id}{suffix}"), None).await {
+                    Ok(_) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("strata: {id}: {e:#}");
+                        code = 1;
+                    }
+                }
+            }
+            code
+        }
+    };
+    match cmd {
+        Cmd::Run { package, interactive, tty, cold, detach } => {
+            if *cold {
+                anyhow::bail!("--cold runs on this machine only; leave out --addr");
+            }
+            let is_tty = stdin_is_tty();
+            if *tty && !is_tty {
+                anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
+            }
+            r.run(package, is_tty && (*tty || !*interactive), *detach).await
+        }
+        Cmd::Attach { id } => r.attach(id, stdin_is_tty()).await,
+        Cmd::Kill { ids } => Ok(each(ids, "DELETE", "").await),
+        Cmd::Pause { ids } => Ok(each(ids, "POST", "/pause").await),
+        Cmd::Resume { ids } => Ok(each(ids, "POST", "/resume").await),
+        Cmd::Ps { json } => {
+            let v = r.call("GET", "/v1/sessions", None).await?;
+            if *json {
+                print(&v);
+            } else {
+                println!("{:<12} {:<14} {:<9} {:<9} AGE", "SESSION", "PACKAGE", "STATE", "ATTACHED");
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<12} {:<14} {:<9} {:<9} {}",
+                        s["id"].as_str().unwrap_or(""),
+                        s["package"].as_str().unwrap_or(""),
+                        s["state"].as_str().unwrap_or(""),
+                        if s["attached"] == true { "yes" } else { "no" },
+                        age(s["created"].as_i64().unwrap_or(0))
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Build { package } => {
+            print(&r.call("POST", "/v1/images", Some(serde_json::json!({ "package": package }))).await?);
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Ls { json } } => {
+            let v = r.call("GET", "/v1/images", None).await?;
+            if *json {
+                print(&v);
+            } else {
+                println!("{:<8} {:<12} {:<14} {:>10}  AGE", "KIND", "DIGEST", "PACKAGE", "SIZE");
+                for i in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<8} {:<12} {:<14} {:>10}  {}",
+                        i["kind"].as_str().unwrap_or(""),
+                        i["digest"].as_str().unwrap_or("").get(..12).unwrap_or(""),
+                        i["package"].as_str().unwrap_or("-"),
+                        human(i["size"].as_u64().unwrap_or(0)),
+                        age(i["created"].as_i64().unwrap_or(0))
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Rm { digests } } => {
+            let mut code = 0;
+            for d in digests {
+                if let Err(e) = r.call("DELETE", &format!("/v1/images/{d}"), None).await {
+                    eprintln!("strata: {d}: {e:#}");
+                    code = 1;
+                } else {
+                    println!("{d}");
+                }
+            }
+            Ok(code)
+        }
+        Cmd::Images { cmd: ImagesCmd::Gc } => {
+            let v = r.call("POST", "/v1/images/gc", None).await?;
+            println!("removed {} blob(s), {}", v["removed_blobs"], human(v["freed_bytes"].as_u64().unwrap_or(0)));
+            Ok(0)
+        }
+        Cmd::Packages { cmd: PackagesCmd::Ls { json } } => {
+            let v = r.call("GET", "/v1/packages", None).await?;
+            if *json {
+                print(&v);
+            } else {
+                for p in v.as_array().into_iter().flatten() {
+                    println!("{:<16} {}", p["name"].as_str().unwrap_or(""), p["description"].as_str().unwrap_or(""));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Servers { cmd: ServersCmd::Ls { .. } } => {
+            print(&r.call("GET", "/v1/servers", None).await?);
+            Ok(0)
+        }
+        _ => anyhow::bail!("this command works on this machine only; leave out --addr"),
     }
 }
 

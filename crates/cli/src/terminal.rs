@@ -71,7 +71,7 @@ pub fn terminal_size() -> Option<WinSize> {
 
 /// Reads standard input in a thread of its own (a blocking read cannot be
 /// cancelled); `None` marks end of input.
-fn stdin_channel() -> mpsc::Receiver<Option<Vec<u8>>> {
+pub fn stdin_channel() -> mpsc::Receiver<Option<Vec<u8>>> {
     let (tx, rx) = mpsc::channel(64);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 16 << 10];
@@ -177,7 +177,7 @@ pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEn
 }
 
 /// Index just past the detach sequence in `data`, given the previous key.
-fn find_detach(prev: Option<u8>, data: &[u8]) -> Option<usize> {
+pub fn find_detach(prev: Option<u8>, data: &[u8]) -> Option<usize> {
     if prev == Some(DETACH_KEYS[0]) && data.first() == Some(&DETACH_KEYS[1]) {
         return Some(0);
     }

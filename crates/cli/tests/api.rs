@@ -344,3 +344,39 @@ async fn launches_come_from_the_warm_pool_when_one_waits() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[test]
+fn the_cli_talks_to_a_server_by_address() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("api-cli");
+    let remote = |args: &[&str]| {
+        let mut c = strata(args);
+        c.env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", &s.a);
+        c
+    };
+    let run = {
+        use std::io::Write;
+        let mut c = remote(&["run", "python3"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(b"print(6*7)\n").unwrap();
+        c.wait_with_output().unwrap()
+    };
+    assert!(run.status.success());
+    assert!(text(&run.stdout).lines().any(|l| l.trim() == "42"), "{}", text(&run.stdout));
+    let id = text(&remote(&["run", "-d", "bc"]).output().unwrap().stdout).trim().to_string();
+    assert_eq!(id.len(), 12, "{id}");
+    let ps = |c: &dyn Fn(&[&str]) -> std::process::Command| -> Value {
+        serde_json::from_slice(&c(&["ps", "--json"]).output().unwrap().stdout).unwrap()
+    };
+    assert!(ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str()));
+    assert!(remote(&["pause", &id]).status().unwrap().success());
+    assert!(ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str() && x["state"] == "paused"));
+    assert!(remote(&["resume", &id]).status().unwrap().success());
+    assert!(remote(&["kill", &id]).status().unwrap().success());
+    assert!(!ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str()));
+    let other = remote(&["kill", &id]).output().unwrap();
+    assert!(!other.status.success() && text(&other.stderr).contains("no session"), "{}", text(&other.stderr));
+    let bad = strata(&["ps"]).env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", "nope").output().unwrap();
+    assert!(text(&bad.stderr).contains("valid API token"), "{}", text(&bad.stderr));
+}

@@ -1,0 +1,152 @@
+//! Talking to a strata server by address (`--addr`): the same verbs, over
+//! the REST API, with the terminal attached over WebSocket.
+
+use std::io::Write;
+
+use anyhow::{bail, Context as _};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::terminal::{self, CrlfToLf, RawMode};
+
+/// A strata server and the token this terminal uses with it.
+pub struct Remote {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Remote {
+    /// Checks the address and token (nothing is sent yet).
+    ///
+    /// # Errors
+    /// If the address is not an http URL or the token is missing.
+    pub fn new(addr: &str, token: Option<String>) -> anyhow::Result<Remote> {
+        let base = addr.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            bail!("--addr must be an http:// URL, like http://127.0.0.1:7070");
+        }
+        let token = token.filter(|t| !t.is_empty()).context("--addr needs a token: --token or STRATA_TOKEN")?;
+        Ok(Remote { http: reqwest::Client::new(), base, token })
+    }
+
+    /// One API call; an error body becomes an error with its message.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut rq = self.http.request(method.parse()?, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            rq = rq.json(&b);
+        }
+        let resp = rq.send().await.with_context(|| format!("cannot reach the strata server at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = v["error"]["message"].as_str().unwrap_or("no error message");
+            bail!("{msg} ({status})");
+        }
+        Ok(v)
+    }
+
+    /// Launches a package on the server and attaches this terminal.
+    pub async fn run(&self, package: &str, tty: bool, detach: bool) -> anyhow::Result<u8> {
+        let size = terminal::terminal_size().unwrap_or_default();
+        let ctx = json!({
+            "rows": size.rows,
+            "cols": size.cols,
+            "term": std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+        });
+        let created = self.call("POST", "/v1/sessions", Some(json!({"package": package, "context": ctx}))).await?;
+        let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
+        if detach {
+            println!("{id}");
+            return Ok(0);
+        }
+        self.attach(&id, tty).await
+    }
+
+    /// Attaches this terminal to a session on the server.
+    pub async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
+        let size = terminal::terminal_size().unwrap_or_default();
+        let url = format!(
+            "{}/v1/sessions/{id}/attach?rows={}&cols={}",
+            self.base.replacen("http", "ws", 1),
+            size.rows,
+            size.cols
+        );
+        let mut request = url.into_client_request()?;
+        request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot attach to session {id}: {e}"))?;
+        let _raw = if tty { Some(RawMode::enter()?) } else { None };
+        let mut input = terminal::stdin_channel();
+        let mut input_open = true;
+        let mut winch = signal(SignalKind::window_change())?;
+        let mut crlf = CrlfToLf::default();
+        let mut last_key: Option<u8> = None;
+        // The first frame repaints the program's screen: for a terminal, not a pipe.
+        let mut repaint = true;
+        let out = |d: &[u8]| {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(d);
+            let _ = o.flush();
+        };
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(d))) => {
+                        if tty {
+                            out(&d);
+                        } else if !std::mem::replace(&mut repaint, false) {
+                            out(&crlf.push(&d));
+                        }
+                        repaint = false;
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        match v["type"].as_str() {
+                            Some("exit") => return Ok(v["status"].as_i64().unwrap_or(0).clamp(0, 255) as u8),
+                            Some("lost") | Some("error") => {
+                                drop(_raw);
+                                bail!("session {id}: {}", v["reason"].as_str().or(v["message"].as_str()).unwrap_or("ended"));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("session {id}: {e}"),
+                    None => bail!("session {id}: the server closed the connection"),
+                },
+                data = input.recv(), if input_open => match data.flatten() {
+                    Some(d) => {
+                        if tty {
+                            if let Some(pos) = terminal::find_detach(last_key, &d) {
+                                if pos > 0 {
+                                    ws.send(Message::Binary(d[..pos - 1].to_vec().into())).await?;
+                                }
+                                let _ = ws.close(None).await;
+                                drop(_raw);
+                                eprintln!("\r\nstrata: detached from session {id}; `strata --addr {} attach {id}` returns to it", self.base);
+                                return Ok(0);
+                            }
+                            last_key = d.last().copied();
+                        }
+                        ws.send(Message::Binary(d.into())).await?;
+                    }
+                    None => {
+                        input_open = false;
+                        if !tty {
+                            ws.send(Message::Text(r#"{"type":"eof"}"#.into())).await?;
+                        }
+                    }
+                },
+                _ = winch.recv() => if let Some(s) = terminal::terminal_size() {
+                    ws.send(Message::Text(json!({"type": "resize", "rows": s.rows, "cols": s.cols}).to_string().into())).await?;
+                },
+            }
+        }
+    }
+}
