@@ -222,6 +222,9 @@ enum BenchCmd {
         /// Also measure launches from a pool of restored, warmed, paused sessions.
         #[arg(long)]
         pool: bool,
+        /// Also draw the latencies as an SVG plot into this file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -561,13 +564,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", eng.accel_for(&base).await?);
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, pool, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, pool, svg, json } } => {
             if *runs == 0 || *runs > 1000 {
                 anyhow::bail!("--runs must be between 1 and 1000");
             }
             let pkg = eng.package(package)?;
             let r = eng.bench_launch(&pkg, *runs, *pool, &bar).await?;
             bar.clear();
+            if let Some(path) = svg {
+                std::fs::write(path, strata_engine::bench::latency_svg(&r))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -116,6 +116,31 @@ mod tests {
     use super::percentile;
 
     #[test]
+    fn the_latency_plot_has_a_row_per_measured_path() {
+        let r = super::LaunchReport {
+            package: "p".into(),
+            runs: 2,
+            accel: "tcg".into(),
+            cold_ms: vec![4000.0, 5000.0],
+            launch_ms: vec![200.0, 210.0],
+            cold_p50_ms: 4000.0,
+            cold_p99_ms: 5000.0,
+            launch_p50_ms: 200.0,
+            launch_p99_ms: 210.0,
+            ratio_p50: 20.0,
+            pool_ms: vec![],
+            pool_p50_ms: None,
+            pool_p99_ms: None,
+            pool_ratio_p50: None,
+        };
+        let svg = super::latency_svg(&r);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("cold boot") && svg.contains("launch image") && !svg.contains("warm pool"));
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("p50 4000") && svg.contains("p50 200"));
+    }
+
+    #[test]
     fn nearest_rank_percentiles() {
         let v = [5.0, 1.0, 3.0, 2.0, 4.0];
         assert_eq!(percentile(&v, 50.0), 3.0);
@@ -319,4 +344,69 @@ impl Engine {
             throughput: latencies.len() as f64 / elapsed,
         })
     }
+}
+
+/// Draws the launch latencies of a report as an SVG strip plot on a
+/// logarithmic axis: one row per path, one dot per launch, p50 marked.
+pub fn latency_svg(r: &LaunchReport) -> String {
+    let rows: Vec<(&str, &[f64], &str)> = [
+        ("cold boot", r.cold_ms.as_slice(), "#c0392b"),
+        ("launch image", r.launch_ms.as_slice(), "#2471a3"),
+        ("warm pool", r.pool_ms.as_slice(), "#1e8449"),
+    ]
+    .into_iter()
+    .filter(|(_, v, _)| !v.is_empty())
+    .collect();
+    let all: Vec<f64> = rows.iter().flat_map(|(_, v, _)| v.iter().copied()).filter(|v| *v > 0.0).collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
+    let (lo_d, hi_d) = (lo.log10().floor(), hi.log10().ceil());
+    let (left, right, top, row_h) = (130.0, 760.0, 50.0, 60.0);
+    let x = |ms: f64| left + (ms.max(1.0).log10() - lo_d) / (hi_d - lo_d) * (right - left);
+    let height = top + row_h * rows.len() as f64 + 50.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"400\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">{} launch latency, request to first answer ({} runs, {})</text>\n",
+        r.package, r.runs, r.accel
+    );
+    let axis_y = top + row_h * rows.len() as f64;
+    let mut d = lo_d;
+    while d <= hi_d {
+        let px = x(10f64.powf(d));
+        svg += &format!(
+            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{axis_y}\" stroke=\"#ddd\"/>\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{} ms</text>\n",
+            axis_y + 18.0,
+            10f64.powf(d)
+        );
+        d += 1.0;
+    }
+    for (i, (name, values, color)) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64 + row_h / 2.0;
+        svg += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{name}</text>\n", left - 10.0, y + 4.0);
+        for (j, v) in values.iter().enumerate() {
+            let jitter = ((j * 7919) % 17) as f64 - 8.0;
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\" fill-opacity=\"0.6\"/>\n",
+                x(*v),
+                y + jitter
+            );
+        }
+        let p50 = percentile(values, 50.0);
+        svg += &format!(
+            "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"black\" stroke-width=\"2\"/>\
+             <text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">p50 {4:.0}</text>\n",
+            x(p50),
+            y - 14.0,
+            y + 14.0,
+            y - 18.0,
+            p50
+        );
+    }
+    svg += &format!(
+        "<text x=\"400\" y=\"{:.1}\" text-anchor=\"middle\">milliseconds (log scale)</text>\n</svg>\n",
+        axis_y + 40.0
+    );
+    svg
 }
