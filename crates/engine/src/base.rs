@@ -85,23 +85,6 @@ impl Engine {
         self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await
     }
 
-    /// An image of this recipe whose blobs are all intact, if any.
-    pub(crate) fn usable(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
-        while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
-            match self.store.verify_image(&rec) {
-                Ok(()) => {
-                    crate::Stats::count(&self.stats.hits, kind);
-                    return Ok(Some(rec));
-                }
-                // verify_image dropped the damaged image; look again, then rebuild.
-                Err(e) => {
-                    tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild")
-                }
-            }
-        }
-        Ok(None)
-    }
-
     async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("base")?;
         progress.step("base image: preparing");
@@ -258,20 +241,6 @@ fn is_static_elf(elf: &[u8]) -> bool {
         let at = phoff + i * phentsize;
         elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) != Some(PT_INTERP)
     })
-}
-
-impl Engine {
-    /// Runs a build, counting it (and its failure) by kind.
-    pub(crate) async fn counted<T>(
-        &self,
-        kind: ImageKind,
-        build: impl std::future::Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let r = build.await;
-        let counters = if r.is_ok() { &self.stats.builds } else { &self.stats.build_failures };
-        crate::Stats::count(counters, kind);
-        r
-    }
 }
 
 #[cfg(test)]

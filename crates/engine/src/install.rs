@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use strata_package::Package;
 use strata_proto::{GuestMsg, HostMsg, Readiness, TerminalContext};
 use strata_store::{ImageKind, ImageRecord};
-use strata_vmm::{Disk, DiskMode, Memory, VmConfig};
+use strata_vmm::{Disk, DiskMode};
 use tokio::process::Command;
 
 use crate::session::{start_and_attach, MAIN_PROC};
@@ -119,24 +119,13 @@ impl Engine {
              sync",
             prog = shell_quote(&pkg.def.command[0]),
         );
-        let cfg = VmConfig {
-            dir: w.to_path_buf(),
-            accel: self.accel_for(base).await?,
-            memory_mib: 1024,
-            memory: Memory::Anonymous,
-            kernel: self.store.blob_path(base.file("kernel")?),
-            initramfs: self.store.blob_path(base.file("initramfs")?),
-            cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
-            disks: vec![
-                Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
-                Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
-            ],
-            incoming: None,
-            die_with_parent: true,
-        };
         progress.step(&format!("install image for {}: installing in a VM", pkg.name));
         let scratch = self.store.work_dir("install-vm")?;
-        let cfg = VmConfig { dir: scratch.path().to_path_buf(), ..cfg };
+        let mut cfg = self.boot_config(base, scratch.path(), self.accel_for(base).await?, 1024)?;
+        cfg.disks = vec![
+            Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
+            Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
+        ];
         let mut a = start_and_attach(
             cfg,
             scratch,

@@ -99,7 +99,8 @@ impl Engine {
         Ok(ImageSet { base, install, launch })
     }
 
-    fn boot_config(
+    /// A VM booting the base image's kernel (disks and memory to be set).
+    pub(crate) fn boot_config(
         &self,
         base: &ImageRecord,
         dir: &std::path::Path,

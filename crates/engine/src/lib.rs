@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_package::{Package, Registry};
-use strata_store::{ImageKind, Store};
+use strata_store::{ImageKind, ImageRecord, Store};
 use strata_vmm::Accel;
 
 pub use session::{Session, SessionEvent};
@@ -205,5 +205,36 @@ impl Engine {
     /// [`strata_package::Error::NotFound`] and friends.
     pub fn package(&self, name: &str) -> Result<Package, Error> {
         Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
+    }
+}
+
+impl Engine {
+    /// An image of this recipe whose blobs are all intact, if any.
+    pub(crate) fn usable(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+        while let Some(rec) = self.store.find_by_recipe(kind, recipe)? {
+            match self.store.verify_image(&rec) {
+                Ok(()) => {
+                    crate::Stats::count(&self.stats.hits, kind);
+                    return Ok(Some(rec));
+                }
+                // verify_image dropped the damaged image; look again, then rebuild.
+                Err(e) => {
+                    tracing::warn!(image = %rec.digest, error = %e, "image unusable, will rebuild")
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs a build, counting it (and its failure) by kind.
+    pub(crate) async fn counted<T>(
+        &self,
+        kind: ImageKind,
+        build: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let r = build.await;
+        let counters = if r.is_ok() { &self.stats.builds } else { &self.stats.build_failures };
+        crate::Stats::count(counters, kind);
+        r
     }
 }

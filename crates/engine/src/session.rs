@@ -60,27 +60,35 @@ pub(crate) async fn start_and_attach(
 ) -> Result<Attached, Error> {
     let t0 = std::time::Instant::now();
     let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
-    conn.send(&HostMsg::Attach(ctx.clone())).await?;
-    let reply = tokio::time::timeout(timeout, conn.recv()).await;
+    let reply = first_attach(&mut conn, ctx, timeout).await;
     tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "agent attached");
     match reply {
+        Ok((screen, exited)) => Ok(Attached { vm, conn, dir, screen, exited }),
+        Err(e) => {
+            let diag = vm.diagnostics();
+            vm.kill().await;
+            Err(Error::Agent(format!("{e}\n{diag}")))
+        }
+    }
+}
+
+/// Attaches a terminal's context to a freshly connected agent and returns
+/// the main program's screen and exit status, if it has ended.
+pub(crate) async fn first_attach(
+    conn: &mut AgentConn,
+    ctx: &TerminalContext,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Option<i32>), Error> {
+    conn.send(&HostMsg::Attach(ctx.clone())).await?;
+    match tokio::time::timeout(timeout, conn.recv()).await {
         Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
             let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
-            let (screen, exited) = main.map(|p| (p.screen, p.exit)).unwrap_or_default();
-            Ok(Attached { vm, conn, dir, screen, exited })
+            Ok(main.map(|p| (p.screen, p.exit)).unwrap_or_default())
         }
         Ok(Ok(Some(other))) => Err(Error::Agent(format!("expected Attached, got {other:?}"))),
-        Ok(Ok(None)) => {
-            let diag = vm.diagnostics();
-            vm.kill().await;
-            Err(Error::Agent(format!("the guest closed the channel on attach\n{diag}")))
-        }
+        Ok(Ok(None)) => Err(Error::AgentGone("attach")),
         Ok(Err(e)) => Err(e.into()),
-        Err(_) => {
-            let diag = vm.diagnostics();
-            vm.kill().await;
-            Err(Error::Timeout { what: format!("the guest agent to attach\n{diag}"), secs: timeout.as_secs() })
-        }
+        Err(_) => Err(Error::Timeout { what: "the guest agent to attach".into(), secs: timeout.as_secs() }),
     }
 }
 

@@ -11,7 +11,7 @@ use strata_store::WorkDir;
 use strata_vmm::Vm;
 
 use crate::context::ContextSettings;
-use crate::session::{Attached, Session, MAIN_PROC};
+use crate::session::{first_attach, Attached, Session};
 use crate::{io_err, write_atomic, Engine, Error};
 
 const RECORD: &str = "session.json";
@@ -164,18 +164,14 @@ impl Engine {
             )));
         }
         let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
-        conn.send(&strata_proto::HostMsg::Attach(settings.to_terminal_context())).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await;
-        let (screen, exited) = match reply {
-            Ok(Ok(Some(strata_proto::GuestMsg::Attached { procs, .. }))) => {
-                let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
-                main.map(|p| (p.screen, p.exit)).unwrap_or_default()
-            }
-            _ => {
-                vm.release();
-                return Err(Error::Agent(format!("session {id} did not answer the attach")));
-            }
-        };
+        let (screen, exited) =
+            match first_attach(&mut conn, &settings.to_terminal_context(), Duration::from_secs(10)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    vm.release();
+                    return Err(Error::Agent(format!("session {id} did not answer the attach: {e}")));
+                }
+            };
         rec.detached = false;
         rec.owner_pid = std::process::id();
         self.write_session_record(&rec)?;
