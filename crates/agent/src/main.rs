@@ -114,6 +114,10 @@ impl Agent {
             HostMsg::Input { id, data } => self.with_proc(id, |p| p.input(data)),
             HostMsg::Eof { id } => self.with_proc(id, |p| p.eof()),
             HostMsg::Resize { id, size } => self.with_proc(id, |p| p.resize(size)),
+            HostMsg::Screen => {
+                let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
+                self.send_always(&GuestMsg::Screens { procs: procs.iter().map(|p| p.state()).collect() });
+            }
             HostMsg::PowerOff => system::power_off(),
         }
     }

@@ -36,6 +36,7 @@ pub enum Cmd {
     Resize(WinSize),
     Eof,
     Detach,
+    Screen(Reply<Vec<u8>>),
     Pause(Reply<()>),
     Resume(Reply<()>),
     SetTimeout(Option<Duration>),
@@ -158,7 +159,7 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                     if let Some(c) = &client { let _ = c.send(Out::Lost(why)).await; }
                     break;
                 }
-                SessionEvent::Detached | SessionEvent::Attached(_) => {}
+                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) => {}
             },
             cmd = rx.recv() => match cmd {
                 None => break,
@@ -184,6 +185,9 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                     set(&live.attached, false);
                     idle_since = tokio::time::Instant::now();
                     let _ = session.quiet().await;
+                }
+                Some(Cmd::Screen(reply)) => {
+                    let _ = reply.send(session.screen().await.map_err(|e| e.to_string()));
                 }
                 Some(Cmd::Pause(reply)) => {
                     let r = session.pause().await.map_err(|e| e.to_string());

@@ -39,6 +39,7 @@ type St = State<Arc<AppState>>;
         list_sessions,
         get_session,
         kill_session,
+        session_logs,
         pause_session,
         resume_session,
         set_timeout,
@@ -83,6 +84,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/servers", get(list_servers))
         .route("/v1/sessions", get(list_sessions).post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
+        .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
@@ -461,6 +463,15 @@ async fn kill_session(State(st): St, Caller(owner): Caller, Path(id): Path<Strin
         let _ = rx.await;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The program's recent output (up to 64 KiB, as a terminal attaching now would see it).
+#[utoipa::path(get, path = "/v1/sessions/{id}/logs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn session_logs(State(st): St, Caller(owner): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let screen = ask(&live, Cmd::Screen).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], screen).into_response())
 }
 
 /// Pauses a session's VM (no CPU used; memory kept).

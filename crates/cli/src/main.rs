@@ -63,6 +63,8 @@ enum Cmd {
     },
     /// Attach this terminal to a detached session.
     Attach { id: String },
+    /// Print a session's recent output (what attaching would show).
+    Logs { id: String },
     /// Pause sessions (with --addr).
     Pause {
         #[arg(required = true)]
@@ -487,6 +489,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Completions { .. } => Ok(0),
+        Cmd::Logs { id } => {
+            let bytes = eng.session_logs(id).await?;
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+            Ok(0)
+        }
         Cmd::Pause { .. } | Cmd::Resume { .. } => {
             anyhow::bail!("pause and resume act on a server's sessions: give --addr (see `strata serve`)")
         }
@@ -626,6 +633,11 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
             r.run(package, is_tty && (*tty || !*interactive), *detach).await
         }
         Cmd::Attach { id } => r.attach(id, stdin_is_tty()).await,
+        Cmd::Logs { id } => {
+            let bytes = r.raw("GET", &format!("/v1/sessions/{id}/logs")).await?;
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+            Ok(0)
+        }
         Cmd::Kill { ids } => Ok(each(ids, "DELETE", "").await),
         Cmd::Pause { ids } => Ok(each(ids, "POST", "/pause").await),
         Cmd::Resume { ids } => Ok(each(ids, "POST", "/resume").await),

@@ -50,6 +50,24 @@ impl Remote {
         Ok(v)
     }
 
+    /// One API call answering raw bytes.
+    pub async fn raw(&self, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self
+            .http
+            .request(method.parse()?, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the strata server at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?.to_vec();
+        if !status.is_success() {
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            bail!("{} ({status})", v["error"]["message"].as_str().unwrap_or("no error message"));
+        }
+        Ok(bytes)
+    }
+
     /// Launches a package on the server and attaches this terminal.
     pub async fn run(&self, package: &str, tty: bool, detach: bool) -> anyhow::Result<u8> {
         let size = terminal::terminal_size().unwrap_or_default();

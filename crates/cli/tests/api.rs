@@ -370,6 +370,10 @@ fn the_cli_talks_to_a_server_by_address() {
         serde_json::from_slice(&c(&["ps", "--json"]).output().unwrap().stdout).unwrap()
     };
     assert!(ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str()));
+    let py = text(&remote(&["run", "-d", "python3"]).output().unwrap().stdout).trim().to_string();
+    let logs = remote(&["logs", &py]).output().unwrap();
+    assert!(text(&logs.stdout).contains("Python 3"), "{:?} {}", text(&logs.stdout), text(&logs.stderr));
+    assert!(remote(&["kill", &py]).status().unwrap().success());
     assert!(remote(&["pause", &id]).status().unwrap().success());
     assert!(ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str() && x["state"] == "paused"));
     assert!(remote(&["resume", &id]).status().unwrap().success());

@@ -387,6 +387,8 @@ fn detach_and_attach_keep_the_program_and_its_state() {
     let new: Vec<_> = detached_sessions().into_iter().filter(|s| !before.contains(&s["id"])).collect();
     assert_eq!(new.len(), 1, "{new:?}");
     let id = new[0]["id"].as_str().unwrap().to_string();
+    let logs = strata(&["logs", &id]).output().unwrap();
+    assert!(text(&logs.stdout).contains("x = 6*7"), "logs: {:?} {}", text(&logs.stdout), text(&logs.stderr));
     let (code, out) = strata_on_pty(&format!("attach {id}"), &[b"print('x is', x)\r", b"exit(5)\r"]);
     assert!(out.contains("x is 42"), "{out}");
     assert_eq!(code, Some(5), "{out}");

@@ -25,6 +25,8 @@ pub enum SessionEvent {
     Detached,
     /// The agent acknowledged an attach; the program's screen so far.
     Attached(Vec<u8>),
+    /// The program's screen, as asked for.
+    Screen(Vec<u8>),
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -68,6 +70,24 @@ pub(crate) async fn start_and_attach(
             let diag = vm.diagnostics();
             vm.kill().await;
             Err(Error::Agent(format!("{e}\n{diag}")))
+        }
+    }
+}
+
+fn main_screen(procs: Vec<strata_proto::ProcState>) -> Vec<u8> {
+    procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default()
+}
+
+/// The program's recent output from an agent connected but not attached.
+pub(crate) async fn peek_screen(conn: &mut AgentConn, timeout: Duration) -> Result<Vec<u8>, Error> {
+    conn.send(&HostMsg::Screen).await?;
+    loop {
+        match tokio::time::timeout(timeout, conn.recv()).await {
+            Ok(Ok(Some(GuestMsg::Screens { procs }))) => return Ok(main_screen(procs)),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Err(Error::AgentGone("reading the screen")),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(Error::Timeout { what: "the program's screen".into(), secs: timeout.as_secs() }),
         }
     }
 }
@@ -145,9 +165,8 @@ impl Session {
                     Ok(Some(GuestMsg::Output { id: MAIN_PROC, data })) => SessionEvent::Output(data),
                     Ok(Some(GuestMsg::Exited { id: MAIN_PROC, status })) => SessionEvent::Exited(status),
                     Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
-                    Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(
-                        procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default(),
-                    ),
+                    Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(main_screen(procs)),
+                    Ok(Some(GuestMsg::Screens { procs })) => SessionEvent::Screen(main_screen(procs)),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -236,6 +255,17 @@ impl Session {
         }
     }
 
+    /// The program's recent output (what a terminal attaching now would see).
+    ///
+    /// # Errors
+    /// If the agent does not answer.
+    pub async fn screen(&mut self) -> Result<Vec<u8>, Error> {
+        match self.wait_for(HostMsg::Screen, |e| matches!(e, SessionEvent::Screen(_))).await? {
+            SessionEvent::Screen(s) => Ok(s),
+            _ => unreachable!("wait_for returns the awaited event"),
+        }
+    }
+
     /// Sends `msg` and waits (10 s at most) for the event `done` accepts,
     /// dropping program output meanwhile.
     async fn wait_for(&mut self, msg: HostMsg, done: impl Fn(&SessionEvent) -> bool) -> Result<SessionEvent, Error> {
@@ -247,7 +277,10 @@ impl Session {
                     return Ok(ev);
                 }
                 match ev {
-                    SessionEvent::Output(_) | SessionEvent::Detached | SessionEvent::Attached(_) => {}
+                    SessionEvent::Output(_)
+                    | SessionEvent::Detached
+                    | SessionEvent::Attached(_)
+                    | SessionEvent::Screen(_) => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }

@@ -190,6 +190,27 @@ impl Engine {
         Ok(self.store.gc(Duration::from_secs(600))?)
     }
 
+    /// The recent output of a detached session, changing nothing in it.
+    ///
+    /// # Errors
+    /// If there is no such session, a terminal holds it, or it does not answer.
+    pub async fn session_logs(&self, id: &str) -> Result<Vec<u8>, Error> {
+        check_id(id)?;
+        self.reap_sessions();
+        let dir = self.session_dir(id);
+        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        if !rec.detached && alive(rec.owner_pid) {
+            return Err(Error::Config(format!(
+                "session {id} is attached to a terminal (strata process {}); its output is there",
+                rec.owner_pid
+            )));
+        }
+        let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        let screen = crate::session::peek_screen(&mut conn, Duration::from_secs(10)).await;
+        vm.release();
+        screen
+    }
+
     /// Stops a session and removes everything it left.
     ///
     /// # Errors

@@ -96,6 +96,8 @@ pub enum HostMsg {
     Eof { id: ProcId },
     /// The terminal was resized.
     Resize { id: ProcId, size: WinSize },
+    /// Send every program's screen, changing nothing else.
+    Screen,
     /// Flush the file systems and power the guest off.
     PowerOff,
 }
@@ -115,6 +117,8 @@ pub struct ProcState {
 pub enum GuestMsg {
     /// Reply to [`HostMsg::Attach`].
     Attached { agent_version: String, procs: Vec<ProcState> },
+    /// Reply to [`HostMsg::Screen`].
+    Screens { procs: Vec<ProcState> },
     /// Reply to [`HostMsg::Detach`] and [`HostMsg::Quiet`]: no output is
     /// sent until the next attach.
     Detached,
