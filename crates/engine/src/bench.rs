@@ -166,7 +166,8 @@ pub struct DensityReport {
     pub host_memory_used_mib: f64,
 }
 
-fn kib_field(text: &str, field: &str) -> f64 {
+/// A `Field:   N kB` value of /proc files such as meminfo and smaps_rollup, in KiB.
+pub(crate) fn kib_field(text: &str, field: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))

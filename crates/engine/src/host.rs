@@ -23,12 +23,7 @@ pub struct ServerStatus {
 }
 
 fn meminfo_mib(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024
+    (crate::bench::kib_field(text, field) / 1024.0) as u64
 }
 
 impl Engine {
