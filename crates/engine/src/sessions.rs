@@ -59,6 +59,17 @@ fn is_session_qemu(pid: u32, dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// QEMU processes whose command line names `dir`.
+fn qemu_using(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"qemu-system")))
+        .filter(|pid| is_session_qemu(*pid, dir))
+        .collect()
+}
+
 fn read_record(dir: &Path) -> Option<SessionRecord> {
     serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
 }
@@ -120,6 +131,15 @@ impl Engine {
                 .is_some_and(|d| d < Duration::from_secs(60));
             if rec.is_none() && young {
                 continue;
+            }
+            if rec.is_none() {
+                // Its creator died before recording it: stop any QEMU still using it.
+                for pid in qemu_using(&dir) {
+                    // SAFETY: signalling a QEMU whose command line names this directory.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                }
             }
             if vm_alive && orphan {
                 let pid = rec.as_ref().map(|r| r.qemu_pid).unwrap_or(0);

@@ -156,6 +156,18 @@ impl Drop for Vm {
     }
 }
 
+/// Kills a QEMU that never became a [`Vm`] (start failed or was cancelled),
+/// unless disarmed.
+struct KillUnlessDisarmed(u32, bool);
+
+impl Drop for KillUnlessDisarmed {
+    fn drop(&mut self) {
+        if !self.1 {
+            kill_pid(self.0);
+        }
+    }
+}
+
 fn kill_pid(pid: u32) {
     // SAFETY: sending a signal has no memory effects.
     unsafe {
@@ -208,6 +220,9 @@ impl Vm {
             console: diagnostics(&dir),
         };
         let pid = child.id().unwrap_or(0);
+        // If this future is dropped before the Vm exists (a cancelled launch),
+        // the process must not outlive it.
+        let mut guard = KillUnlessDisarmed(pid, false);
         let t0 = Instant::now();
         let setup = async {
             let mut qmp = accept_qmp(&qmp_listener).await?;
@@ -233,6 +248,7 @@ impl Vm {
                 return Err(Error::AgentTimeout(connect_timeout.as_secs()))
             }
         };
+        guard.1 = true;
         Ok((Vm { child: Some(child), pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))
     }
 
