@@ -57,8 +57,11 @@ impl Engine {
     /// # Errors
     /// If the agent binary is missing.
     pub fn base_recipe(&self) -> Result<String, Error> {
+        if let Some(r) = self.base_recipe.get() {
+            return Ok(r.clone());
+        }
         let agent = self.agent_bytes()?;
-        Ok(sha_hex(&[
+        let recipe = sha_hex(&[
             b"base-v1",
             rootfs_recipe().as_bytes(),
             KERNEL_PACKAGE.as_bytes(),
@@ -66,7 +69,8 @@ impl Engine {
             initramfs::INIT_SCRIPT.as_bytes(),
             &Sha256::digest(&agent),
             file_identity(Path::new(BUSYBOX)).as_bytes(),
-        ]))
+        ]);
+        Ok(self.base_recipe.get_or_init(|| recipe).clone())
     }
 
     /// The base image, built if the catalog has none for the current recipe.
@@ -113,16 +117,17 @@ impl Engine {
             ("suite".to_string(), SUITE.to_string()),
         ]);
         let rec = ImageRecord::new(ImageKind::Base, None, OS, ARCH, None, recipe, files, meta, 0);
-        let rec = self.with_size(rec)?;
-        self.store.insert_image(&rec)?;
+        let rec = self.record_image(rec)?;
         progress.done(&format!("base image {} ready", &rec.digest[..12]));
         Ok(rec)
     }
 
-    /// Sums the sizes of an image's blobs into its record.
-    pub(crate) fn with_size(&self, mut rec: ImageRecord) -> Result<ImageRecord, Error> {
+    /// Records a built image in the catalog, with the sizes of its blobs
+    /// summed; its blobs must already be in the store.
+    pub(crate) fn record_image(&self, mut rec: ImageRecord) -> Result<ImageRecord, Error> {
         let digests: Vec<&str> = rec.files.values().map(String::as_str).collect();
         rec.size = self.blobs_size(&digests)?;
+        self.store.insert_image(&rec)?;
         Ok(rec)
     }
 

@@ -192,8 +192,7 @@ impl Engine {
             ]),
             0,
         );
-        let rec = self.with_size(rec)?;
-        self.store.insert_image(&rec)?;
+        let rec = self.record_image(rec)?;
         progress.done(&format!("install image for {} ready ({} KiB)", pkg.name, rec.size / 1024));
         Ok(rec)
     }

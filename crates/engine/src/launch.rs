@@ -186,8 +186,7 @@ impl Engine {
             meta,
             0,
         );
-        let rec = self.with_size(rec)?;
-        self.store.insert_image(&rec)?;
+        let rec = self.record_image(rec)?;
         progress.done(&format!("launch image for {} ready", pkg.name));
         Ok(rec)
     }

@@ -183,6 +183,9 @@ pub struct Engine {
     pub store: Arc<Store>,
     pub registry: Registry,
     pub stats: Stats,
+    /// The base recipe, computed once: it hashes the agent binary, which
+    /// does not change while this process runs, and launches need it.
+    base_recipe: std::sync::OnceLock<String>,
 }
 
 impl Engine {
@@ -193,7 +196,7 @@ impl Engine {
     pub fn open(cfg: Config) -> Result<Engine, Error> {
         let store = Arc::new(Store::open(&cfg.state_dir)?);
         let registry = if cfg.packages_dir.is_dir() { Registry::load(&cfg.packages_dir)? } else { Registry::default() };
-        let engine = Engine { cfg, store, registry, stats: Stats::default() };
+        let engine = Engine { cfg, store, registry, stats: Stats::default(), base_recipe: Default::default() };
         engine.reap_sessions();
         Ok(engine)
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use strata_store::WorkDir;
+use strata_store::{process_alive as alive, WorkDir};
 use strata_vmm::Vm;
 
 use crate::context::ContextSettings;
@@ -47,9 +47,12 @@ impl SessionRecord {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+/// Kills a session's QEMU (the caller checked the pid is that QEMU).
+fn kill_qemu(pid: u32) {
+    // SAFETY: sending a signal has no memory effects.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
 }
 
 /// Whether `pid` is the QEMU of the session in `dir` (not a reused pid).
@@ -135,19 +138,13 @@ impl Engine {
             if rec.is_none() {
                 // Its creator died before recording it: stop any QEMU still using it.
                 for pid in qemu_using(&dir) {
-                    // SAFETY: signalling a QEMU whose command line names this directory.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    }
+                    kill_qemu(pid);
                 }
             }
             if vm_alive && orphan {
                 let pid = rec.as_ref().map(|r| r.qemu_pid).unwrap_or(0);
                 tracing::info!(session = %e.file_name().to_string_lossy(), pid, "stopping a session whose terminal vanished");
-                // SAFETY: signalling a process we verified is this session's QEMU.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
+                kill_qemu(pid);
             }
             if !vm_alive || orphan {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -240,10 +237,7 @@ impl Engine {
         let dir = self.session_dir(id);
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
-            // SAFETY: signalling a process we verified is this session's QEMU.
-            unsafe {
-                libc::kill(rec.qemu_pid as i32, libc::SIGKILL);
-            }
+            kill_qemu(rec.qemu_pid);
             for _ in 0..100 {
                 if !alive(rec.qemu_pid) {
                     break;

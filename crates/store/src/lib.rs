@@ -64,6 +64,12 @@ pub fn check_digest(d: &str) -> Result<(), Error> {
     }
 }
 
+/// Whether a process with this id exists.
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
 /// The sha256 of a byte string, as hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -163,9 +169,7 @@ impl Store {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let pid: i32 = name.split('.').next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-            if !alive {
+            if !process_alive(pid.max(0) as u32) {
                 tracing::info!(dir = %e.path().display(), "removing scratch directory of a dead process");
                 let _ = fs::remove_dir_all(e.path());
             }
