@@ -7,6 +7,8 @@
 //! snapshot of the guest captures it whole, and a restored copy simply goes on
 //! serving whoever attaches next.
 
+mod devices;
+mod files;
 mod procs;
 mod system;
 
@@ -71,6 +73,13 @@ impl Agent {
         match msg {
             HostMsg::Attach(ctx) => {
                 system::apply_context(&ctx);
+                let mut problems = Vec::new();
+                if let Some(net) = &ctx.network {
+                    problems.extend(devices::apply_network(net).err());
+                }
+                for m in &ctx.mounts {
+                    problems.extend(devices::apply_mount(m).err());
+                }
                 let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
                 for p in &procs {
                     p.resize(ctx.size);
@@ -80,6 +89,7 @@ impl Agent {
                 self.send_always(&GuestMsg::Attached {
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     procs: states,
+                    problems,
                 });
                 self.attached.store(true, Ordering::Release);
                 self.held.store(true, Ordering::Release);
@@ -119,6 +129,12 @@ impl Agent {
                 self.send_always(&GuestMsg::Screens { procs: procs.iter().map(|p| p.state()).collect() });
             }
             HostMsg::PowerOff => system::power_off(),
+            HostMsg::FileRead { path, offset, len } => {
+                self.send_always(&GuestMsg::File(files::read(&path, offset, len)));
+            }
+            HostMsg::FileWrite { path, offset, data, last, mode } => {
+                self.send_always(&GuestMsg::File(files::write(&path, offset, &data, last, mode)));
+            }
         }
     }
 

@@ -31,7 +31,11 @@ pub enum Out {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 pub enum Cmd {
-    Attach { ctx: TerminalContext, out: mpsc::Sender<Out>, reply: Reply<Vec<u8>> },
+    Attach {
+        ctx: TerminalContext,
+        out: mpsc::Sender<Out>,
+        reply: Reply<Vec<u8>>,
+    },
     Input(Vec<u8>),
     Resize(WinSize),
     Eof,
@@ -41,6 +45,13 @@ pub enum Cmd {
     Resume(Reply<()>),
     SetTimeout(Option<Duration>),
     Kill(oneshot::Sender<()>),
+    /// Copy a host file into the guest, or a guest file out to the host.
+    Copy {
+        host: std::path::PathBuf,
+        guest: String,
+        into_guest: bool,
+        reply: Reply<u64>,
+    },
 }
 
 /// A session as the server tracks it.
@@ -159,7 +170,7 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                     if let Some(c) = &client { let _ = c.send(Out::Lost(why)).await; }
                     break;
                 }
-                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) => {}
+                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) => {}
             },
             cmd = rx.recv() => match cmd {
                 None => break,
@@ -202,6 +213,10 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                 Some(Cmd::SetTimeout(t)) => {
                     set(&live.idle_timeout, t);
                     idle_since = tokio::time::Instant::now();
+                }
+                Some(Cmd::Copy { host, guest, into_guest, reply }) => {
+                    let r = if into_guest { session.copy_in(&host, &guest).await } else { session.copy_out(&guest, &host).await };
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
                 }
                 Some(Cmd::Kill(done)) => {
                     session.close().await;

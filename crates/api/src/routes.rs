@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use strata_engine::context::ContextSettings;
+use strata_engine::context::{ContextSettings, NetworkSettings, PortForward, Share};
 use strata_engine::LogProgress;
 use strata_proto::WinSize;
 use tokio::sync::{mpsc, oneshot};
@@ -43,7 +43,9 @@ type St = State<Arc<AppState>>;
         pause_session,
         resume_session,
         set_timeout,
-        attach_session
+        attach_session,
+        read_file,
+        write_file
     ),
     components(schemas(
         PackageInfo,
@@ -53,6 +55,8 @@ type St = State<Arc<AppState>>;
         GcReport,
         CreateSession,
         ContextBody,
+        PortBody,
+        ShareBody,
         SessionInfo,
         CreatedSession,
         TimeoutBody,
@@ -89,6 +93,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
+        .route(
+            "/v1/sessions/{id}/files",
+            get(read_file).put(write_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE)),
+        )
         .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -299,10 +307,40 @@ pub struct ContextBody {
     locale: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// The guest may open connections out (user-mode NAT). Off by default:
+    /// no network device at all.
+    #[serde(default)]
+    outbound: bool,
+    /// Ports of the server (on 127.0.0.1) forwarded into the guest.
+    #[serde(default)]
+    ports: Vec<PortBody>,
+    /// Folders of the server shared into the guest; each must lie inside
+    /// one of the folders the server allows (`--share-root`).
+    #[serde(default)]
+    shares: Vec<ShareBody>,
+    /// Mount this terminal's persistent home at /root.
+    #[serde(default)]
+    home: bool,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortBody {
+    host: u16,
+    guest: u16,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShareBody {
+    host: String,
+    guest: String,
+    #[serde(default)]
+    readonly: bool,
 }
 
 impl ContextBody {
-    fn settings(self) -> Result<ContextSettings, ApiError> {
+    fn settings(self, terminal: &str) -> Result<ContextSettings, ApiError> {
         let s = ContextSettings {
             term: self.term.unwrap_or_else(|| "xterm-256color".into()),
             rows: self.rows.unwrap_or(24),
@@ -310,6 +348,16 @@ impl ContextBody {
             timezone: self.timezone,
             locale: Some(self.locale.unwrap_or_else(|| "C.UTF-8".into())),
             env: self.env,
+            network: NetworkSettings {
+                outbound: self.outbound,
+                ports: self.ports.iter().map(|p| PortForward { host: p.host, guest: p.guest }).collect(),
+            },
+            shares: self
+                .shares
+                .into_iter()
+                .map(|sh| Share { host: sh.host.into(), guest: sh.guest, readonly: sh.readonly })
+                .collect(),
+            home: self.home.then(|| terminal.to_string()),
         };
         s.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(s)
@@ -398,7 +446,7 @@ async fn create_session(
         ));
     }
     let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;
-    let settings = req.context.unwrap_or_default().settings()?;
+    let settings = req.context.unwrap_or_default().settings(&owner)?;
     let pkg = st.engine.package(&req.package)?;
     let started = Instant::now();
     let (session, path) = match st.pool.take(&pkg.name, &settings).await {
@@ -472,6 +520,61 @@ async fn session_logs(State(st): St, Caller(owner): Caller, Path(id): Path<Strin
     let live = mine(&st, &owner, &id)?;
     let screen = ask(&live, Cmd::Screen).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], screen).into_response())
+}
+
+/// Largest file `PUT /v1/sessions/{id}/files` takes.
+const MAX_FILE: usize = 256 << 20;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuery {
+    /// Absolute path of the file in the guest.
+    path: String,
+}
+
+fn guest_path(q: &FileQuery) -> Result<String, ApiError> {
+    if !q.path.starts_with('/') || q.path.len() > 4096 || q.path.contains('\0') {
+        return Err(ApiError::bad_request(format!("path {:?} must be an absolute guest path", q.path)));
+    }
+    Ok(q.path.clone())
+}
+
+/// Copies a file out of a running session.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", params(("id" = String, Path), FileQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn read_file(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let guest = guest_path(&q)?;
+    let work = st.engine.store.work_dir("copy-out").map_err(|e| ApiError::internal(e.to_string()))?;
+    let host = work.path().join("file");
+    ask(&live, |reply| Cmd::Copy { host: host.clone(), guest, into_guest: false, reply }).await?;
+    let data = tokio::fs::read(&host).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+/// Copies a file into a running session (replacing it atomically there).
+#[utoipa::path(put, path = "/v1/sessions/{id}/files", params(("id" = String, Path), FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn write_file(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let guest = guest_path(&q)?;
+    let work = st.engine.store.work_dir("copy-in").map_err(|e| ApiError::internal(e.to_string()))?;
+    let host = work.path().join("file");
+    tokio::fs::write(&host, &body).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    ask(&live, |reply| Cmd::Copy { host: host.clone(), guest, into_guest: true, reply }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Pauses a session's VM (no CPU used; memory kept).
@@ -562,7 +665,8 @@ async fn attach_session(
         _ => return Err(ApiError::unauthorized()),
     };
     let live = live.filter(|_| allowed).ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
-    let settings = ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings()?;
+    let settings =
+        ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings(&live.owner)?;
     Ok(ws.on_upgrade(move |socket| pump(socket, live, settings)))
 }
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use strata_engine::context::ContextSettings;
+use strata_engine::context::{ContextSettings, PortForward, Share};
 use strata_engine::{Config, Engine};
 use strata_vmm::Accel;
 
@@ -39,6 +39,9 @@ struct Cli {
     /// API token for --addr.
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// This terminal's name: it owns a context and a persistent home.
+    #[arg(long, global = true, env = "STRATA_TERMINAL", default_value = "local")]
+    terminal: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -60,7 +63,11 @@ enum Cmd {
         /// Start it in the background and print its session id.
         #[arg(short, long)]
         detach: bool,
+        #[command(flatten)]
+        devices: DeviceArgs,
     },
+    /// Copy a file into or out of a session: `cp FILE ID:/path` or `cp ID:/path FILE`.
+    Cp { src: String, dst: String },
     /// Attach this terminal to a detached session.
     Attach { id: String },
     /// Print a session's recent output (what attaching would show).
@@ -122,6 +129,10 @@ enum Cmd {
         /// demand (PACKAGE=N; repeatable).
         #[arg(long, value_parser = parse_pool_target)]
         pool: Vec<(String, usize)>,
+        /// A folder terminals may share into their VMs, with its subfolders
+        /// (repeatable; replaces the default: $HOME, /home, /srv, /tmp).
+        #[arg(long)]
+        share_root: Vec<PathBuf>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -139,6 +150,129 @@ enum Cmd {
     },
 }
 
+/// What `run` links into the VM besides the console.
+#[derive(clap::Args, Clone, Default)]
+struct DeviceArgs {
+    /// Forward a port of this host (127.0.0.1) into the VM: HOST:GUEST (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
+    ports: Vec<PortForward>,
+    /// Share a folder into the VM: HOST_DIR:GUEST_DIR[:ro] (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    shares: Vec<Share>,
+    /// Let the VM open connections out (user-mode NAT); off by default.
+    #[arg(long)]
+    net: bool,
+    /// Mount this terminal's persistent home at /root.
+    #[arg(long)]
+    home: bool,
+}
+
+impl DeviceArgs {
+    /// Adds these to a context.
+    fn apply(&self, s: &mut ContextSettings, terminal: &str) {
+        s.network.ports.extend(self.ports.iter().copied());
+        s.network.outbound |= self.net;
+        for sh in &self.shares {
+            s.shares.push(Share { host: strata_engine::context::absolute(&sh.host), ..sh.clone() });
+        }
+        if self.home {
+            s.home = Some(terminal.to_string());
+        }
+    }
+
+    /// The same, as the API's context fields.
+    fn to_json(&self, terminal: &str) -> anyhow::Result<serde_json::Value> {
+        let mut s = ContextSettings::from_terminal(None);
+        self.apply(&mut s, terminal);
+        Ok(serde_json::json!({
+            "outbound": s.network.outbound,
+            "ports": s.network.ports,
+            "shares": s.shares,
+            "home": s.home.is_some(),
+        }))
+    }
+}
+
+/// The context a launch from this terminal uses: its stored context (or
+/// one read from the terminal), sized to the terminal now, plus `devices`.
+fn launch_settings(eng: &Engine, terminal: &str, devices: &DeviceArgs) -> anyhow::Result<ContextSettings> {
+    let live = ContextSettings::from_terminal(terminal_size());
+    let mut s = match eng.terminal_context(terminal)? {
+        Some((_, mut stored)) => {
+            stored.rows = live.rows;
+            stored.cols = live.cols;
+            stored
+        }
+        None => live,
+    };
+    devices.apply(&mut s, terminal);
+    Ok(s)
+}
+
+/// Changes one context setting from `KEY=VALUE`.
+fn set_context_key(s: &mut ContextSettings, kv: &str, terminal: &str) -> anyhow::Result<()> {
+    let (k, v) = kv.split_once('=').with_context(|| format!("{kv:?} is not KEY=VALUE"))?;
+    let on = |v: &str| match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => anyhow::bail!("{k} takes on or off, not {v:?}"),
+    };
+    let opt = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    match k {
+        "term" => s.term = v.to_string(),
+        "timezone" => s.timezone = opt(v),
+        "locale" => s.locale = opt(v),
+        "outbound" => s.network.outbound = on(v)?,
+        "home" => s.home = on(v)?.then(|| terminal.to_string()),
+        "ports" => {
+            s.network.ports = v
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?
+        }
+        "shares" => {
+            s.shares = v
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse::<Share>().map(|sh| Share { host: strata_engine::context::absolute(&sh.host), ..sh }))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?
+        }
+        _ if k.starts_with("env.") => {
+            let name = &k[4..];
+            if v.is_empty() {
+                s.env.remove(name);
+            } else {
+                s.env.insert(name.to_string(), v.to_string());
+            }
+        }
+        _ => anyhow::bail!(
+            "unknown context setting {k:?}; known: term, timezone, locale, outbound, home, ports, shares, env.NAME"
+        ),
+    }
+    Ok(())
+}
+
+/// Splits `ID:/path` into a session id and a guest path.
+fn session_path(arg: &str) -> Option<(&str, &str)> {
+    let (id, path) = arg.split_once(':')?;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && path.starts_with('/')).then_some((id, path))
+}
+
+/// `cp` arguments: (session, guest path, host path, into the guest?).
+fn copy_plan<'a>(src: &'a str, dst: &'a str) -> anyhow::Result<(&'a str, &'a str, &'a str, bool)> {
+    match (session_path(src), session_path(dst)) {
+        (None, Some((id, guest))) => Ok((id, guest, src, true)),
+        (Some((id, guest)), None) => Ok((id, guest, dst, false)),
+        (Some(_), Some(_)) => anyhow::bail!("copy between two sessions through this host, in two steps"),
+        (None, None) => {
+            anyhow::bail!("one side must be SESSION:/absolute/path (the session id as `strata ps` shows it)")
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum ServersCmd {
     /// List servers and their load.
@@ -151,7 +285,13 @@ enum ServersCmd {
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Create (or replace) the token of a terminal and print it.
-    Create { terminal: String },
+    Create {
+        terminal: String,
+        /// The token stops working after this long: 90s, 30m, 12h, 7d
+        /// (default: never).
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,10 +323,17 @@ enum PackagesCmd {
 
 #[derive(Subcommand)]
 enum ContextCmd {
-    /// Show this terminal's context and store it as a context image.
+    /// Show this terminal's context (stored as a context image).
     Show {
         #[arg(long)]
         json: bool,
+    },
+    /// Change settings of this terminal's context (a new version if anything
+    /// changed): term, timezone, locale, outbound=on|off, home=on|off,
+    /// ports=8080:80,..., shares=/host:/guest[:ro],..., env.NAME=VALUE.
+    Set {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
     },
 }
 
@@ -279,6 +426,14 @@ fn engine(cli: &Cli) -> anyhow::Result<Engine> {
         cfg.packages_dir = p.clone();
     }
     cfg.accel = cli.accel;
+    if let Cmd::Serve { share_root, .. } = &cli.cmd {
+        if !share_root.is_empty() {
+            if let Some(bad) = share_root.iter().find(|p| !p.is_absolute()) {
+                anyhow::bail!("--share-root {} must be an absolute path", bad.display());
+            }
+            cfg.share_roots = share_root.clone();
+        }
+    }
     Engine::open(cfg).context("opening the strata store")
 }
 
@@ -295,14 +450,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
     match &cli.cmd {
-        Cmd::Run { package, interactive, tty, cold, detach } => {
+        Cmd::Run { package, interactive, tty, cold, detach, devices } => {
             let pkg = eng.package(package)?;
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
                 anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
             }
             let use_tty = is_tty && (*tty || !*interactive);
-            let settings = ContextSettings::from_terminal(terminal_size());
+            let settings = launch_settings(&eng, &cli.terminal, devices)?;
             let session = if *cold {
                 eng.launch_cold(&pkg, &settings, &bar).await?
             } else {
@@ -436,17 +591,46 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Context { cmd: ContextCmd::Show { json } } => {
-            let settings = ContextSettings::from_terminal(terminal_size());
-            let rec = eng.context_image(&settings)?;
+            let (version, settings, digest) = match eng.terminal_context(&cli.terminal)? {
+                Some((rec, settings)) => (rec.version(), settings, rec.current),
+                None => {
+                    // Nothing stored yet: the terminal's own settings are version 1.
+                    let settings = ContextSettings::from_terminal(terminal_size());
+                    let (rec, _) = eng.set_terminal_context(&cli.terminal, &settings)?;
+                    (rec.version(), settings, rec.current)
+                }
+            };
             if *json {
-                println!("{}", serde_json::json!({"digest": rec.digest, "settings": settings}));
+                let v = serde_json::json!({"terminal": cli.terminal, "version": version, "digest": digest, "settings": settings});
+                println!("{v}");
             } else {
-                println!("context image {}", &rec.digest[..12]);
+                println!("terminal {}: context image {} (version {version})", cli.terminal, &digest[..12]);
                 println!("{}", serde_json::to_string_pretty(&settings)?);
             }
             Ok(0)
         }
-        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool } => {
+        Cmd::Context { cmd: ContextCmd::Set { settings: kvs } } => {
+            let mut settings = match eng.terminal_context(&cli.terminal)? {
+                Some((_, s)) => s,
+                None => ContextSettings::from_terminal(terminal_size()),
+            };
+            for kv in kvs {
+                set_context_key(&mut settings, kv, &cli.terminal)?;
+            }
+            let (rec, _) = eng.set_terminal_context(&cli.terminal, &settings)?;
+            println!("terminal {}: context image {} (version {})", cli.terminal, &rec.current[..12], rec.version());
+            Ok(0)
+        }
+        Cmd::Cp { src, dst } => {
+            let (id, guest, host, into_guest) = copy_plan(src, dst)?;
+            let host = strata_engine::context::absolute(std::path::Path::new(host));
+            let n = eng.copy_file(id, &host, guest, into_guest).await?;
+            if !cli.quiet {
+                eprintln!("strata: copied {}", human(n));
+            }
+            Ok(0)
+        }
+        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool, .. } => {
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
@@ -465,7 +649,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             {
                 let mut store = state.tokens.write().unwrap_or_else(|e| e.into_inner());
                 if store.is_empty() {
-                    let token = store.create("default").map_err(anyhow::Error::msg)?;
+                    let token = store.create("default", None).map_err(anyhow::Error::msg)?;
                     let saved = tokens.with_file_name("default-token");
                     write_secret(&saved, &token)?;
                     eprintln!("strata: created the API token of terminal \"default\" (saved in {})", saved.display());
@@ -482,9 +666,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             axum::serve(listener, strata_api::router(state)).await?;
             Ok(0)
         }
-        Cmd::Token { cmd: TokenCmd::Create { terminal } } => {
+        Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in } } => {
             let mut store = strata_api::auth::TokenStore::load(&tokens_file(&eng)).map_err(anyhow::Error::msg)?;
-            println!("{}", store.create(terminal).map_err(anyhow::Error::msg)?);
+            println!("{}", store.create(terminal, *expires_in).map_err(anyhow::Error::msg)?);
             eprintln!("strata: a running server reads new tokens when it restarts");
             Ok(0)
         }
@@ -622,7 +806,7 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
         }
     };
     match cmd {
-        Cmd::Run { package, interactive, tty, cold, detach } => {
+        Cmd::Run { package, interactive, tty, cold, detach, devices } => {
             if *cold {
                 anyhow::bail!("--cold runs on this machine only; leave out --addr");
             }
@@ -630,11 +814,25 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
             if *tty && !is_tty {
                 anyhow::bail!("--tty needs standard input to be a terminal; leave it out to pipe input");
             }
-            r.run(package, is_tty && (*tty || !*interactive), *detach).await
+            r.run(package, devices.to_json("remote")?, is_tty && (*tty || !*interactive), *detach).await
+        }
+        Cmd::Cp { src, dst } => {
+            let (id, guest, host, into_guest) = copy_plan(src, dst)?;
+            let path = format!("/v1/sessions/{id}/files?path={}", urlencode(guest));
+            if into_guest {
+                let data = std::fs::read(host).with_context(|| format!("reading {host}"))?;
+                r.raw("PUT", &path, Some(data)).await?;
+            } else {
+                let data = r.raw("GET", &path, None).await?;
+                let tmp = format!("{host}.strata-part");
+                std::fs::write(&tmp, &data).with_context(|| format!("writing {tmp}"))?;
+                std::fs::rename(&tmp, host).with_context(|| format!("writing {host}"))?;
+            }
+            Ok(0)
         }
         Cmd::Attach { id } => r.attach(id, stdin_is_tty()).await,
         Cmd::Logs { id } => {
-            let bytes = r.raw("GET", &format!("/v1/sessions/{id}/logs")).await?;
+            let bytes = r.raw("GET", &format!("/v1/sessions/{id}/logs"), None).await?;
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
             Ok(0)
         }
@@ -813,4 +1011,32 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// Percent-encodes a guest path for a query string.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Parses `90s`, `30m`, `12h` or `7d`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 90s, 30m, 12h or 7d");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        "d" => n.checked_mul(86400).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if secs == 0 || secs > 10 * 365 * 86400 {
+        return Err(format!("{s:?} is out of range (1s to 3650d)"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }

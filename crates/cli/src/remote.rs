@@ -50,15 +50,13 @@ impl Remote {
         Ok(v)
     }
 
-    /// One API call answering raw bytes.
-    pub async fn raw(&self, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
-        let resp = self
-            .http
-            .request(method.parse()?, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the strata server at {}", self.base))?;
+    /// One API call answering raw bytes, with an optional raw body.
+    pub async fn raw(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Vec<u8>> {
+        let mut rq = self.http.request(method.parse()?, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            rq = rq.header("content-type", "application/octet-stream").body(b);
+        }
+        let resp = rq.send().await.with_context(|| format!("cannot reach the strata server at {}", self.base))?;
         let status = resp.status();
         let bytes = resp.bytes().await?.to_vec();
         if !status.is_success() {
@@ -69,13 +67,17 @@ impl Remote {
     }
 
     /// Launches a package on the server and attaches this terminal.
-    pub async fn run(&self, package: &str, tty: bool, detach: bool) -> anyhow::Result<u8> {
+    /// `devices` holds the context's network, shares and home, as the API names them.
+    pub async fn run(&self, package: &str, devices: Value, tty: bool, detach: bool) -> anyhow::Result<u8> {
         let size = terminal::terminal_size().unwrap_or_default();
-        let ctx = json!({
+        let mut ctx = json!({
             "rows": size.rows,
             "cols": size.cols,
             "term": std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
         });
+        if let (Some(c), Value::Object(d)) = (ctx.as_object_mut(), devices) {
+            c.extend(d);
+        }
         let created = self.call("POST", "/v1/sessions", Some(json!({"package": package, "context": ctx}))).await?;
         let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
         if detach {

@@ -384,3 +384,67 @@ fn the_cli_talks_to_a_server_by_address() {
     let bad = strata(&["ps"]).env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", "nope").output().unwrap();
     assert!(text(&bad.stderr).contains("valid API token"), "{}", text(&bad.stderr));
 }
+
+#[tokio::test]
+async fn the_api_forwards_ports_shares_folders_and_copies_files() {
+    if !e2e() {
+        return;
+    }
+    let shared = std::path::PathBuf::from(format!("/tmp/strata-api-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&shared);
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("index.html"), "served from the host's folder").unwrap();
+    let root = shared.display().to_string();
+    let short = strata(&["token", "create", "ctx-short", "--expires-in", "1s"]).output().unwrap();
+    assert!(short.status.success(), "{}", text(&short.stderr));
+    let short = text(&short.stdout).trim().to_string();
+    let s = serve_with("ctx", &["--share-root", &root]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    // An expired token is refused, and told apart from an unknown one.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = api.call("GET", "/v1/sessions", Some(&short), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("token_expired")), "{body}");
+    let (status, body) = api.call("GET", "/v1/sessions", Some("0123abcd"), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
+    // A folder outside the server's share roots is refused, and nothing runs.
+    let (status, body) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&s.a),
+            Some(json!({"package": "lighttpd", "context": {"shares": [{"host": "/srv", "guest": "/var/www/html"}]}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("outside the folders"), "{body}");
+    // lighttpd serves the shared folder through the forwarded port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ctx = json!({"ports": [{"host": port, "guest": 80}], "shares": [{"host": root, "guest": "/var/www/html", "readonly": true}]});
+    let (status, body) =
+        api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "lighttpd", "context": ctx}))).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["session"]["id"].as_str().unwrap().to_string();
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/index.html")).await.unwrap().text().await.unwrap();
+    assert_eq!(page, "served from the host's folder");
+    // Files in and out of the session.
+    let files = format!("{}/v1/sessions/{id}/files?path=/tmp/up.txt", s.base);
+    let put = api.http.put(&files).bearer_auth(&s.a).body("uploaded").send().await.unwrap();
+    assert_eq!(put.status().as_u16(), 204);
+    let got = api.http.get(&files).bearer_auth(&s.a).send().await.unwrap();
+    assert_eq!(got.status().as_u16(), 200);
+    assert_eq!(got.text().await.unwrap(), "uploaded");
+    // Another terminal cannot reach them.
+    let other = api.http.get(&files).bearer_auth(&s.b).send().await.unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    let missing = api
+        .http
+        .get(format!("{}/v1/sessions/{id}/files?path=/no/such", s.base))
+        .bearer_auth(&s.a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 409);
+    let (status, _) = api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&s.a), None).await;
+    assert_eq!(status, 204);
+    let _ = std::fs::remove_dir_all(&shared);
+}

@@ -19,6 +19,7 @@ fn settings() -> ContextSettings {
         timezone: Some("Asia/Tokyo".into()),
         locale: Some("C.UTF-8".into()),
         env: BTreeMap::new(),
+        ..ContextSettings::from_terminal(None)
     }
 }
 

@@ -14,7 +14,9 @@ use crate::{initramfs, io_err, Engine, Error, Progress, ARCH, OS};
 /// Debian suite of the base image.
 pub const SUITE: &str = "bookworm";
 /// Debian package whose kernel the guests run.
-pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// The generic kernel: the cloud flavour lacks 9p (shared folders) and DRM
+/// (graphical packages).
+pub const KERNEL_PACKAGE: &str = "linux-image-amd64";
 /// Static busybox from Debian's busybox-static, the initramfs's only tool.
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Size of the root file system (sparse: only what is used is stored).
@@ -65,6 +67,7 @@ impl Engine {
             b"base-v1",
             rootfs_recipe().as_bytes(),
             KERNEL_PACKAGE.as_bytes(),
+            initramfs::WANTED_MODULES.join(",").as_bytes(),
             CMDLINE.as_bytes(),
             initramfs::INIT_SCRIPT.as_bytes(),
             &Sha256::digest(&agent),

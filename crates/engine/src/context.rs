@@ -1,9 +1,10 @@
 //! Context images: a terminal's settings, content-addressed like every image.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use strata_proto::{TerminalContext, WinSize};
+use strata_proto::{GuestMount, GuestNetwork, MountSource, TerminalContext, WinSize};
 use strata_store::{ImageKind, ImageRecord};
 
 use crate::{Engine, Error, ARCH, OS};
@@ -19,6 +20,122 @@ pub struct ContextSettings {
     pub locale: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// None by default: the VM has no network device at all.
+    #[serde(default)]
+    pub network: NetworkSettings,
+    /// Folders of the terminal's side shared into the VM.
+    #[serde(default)]
+    pub shares: Vec<Share>,
+    /// The terminal whose persistent home is mounted at [`HOME_PATH`].
+    #[serde(default)]
+    pub home: Option<String>,
+}
+
+/// Where the persistent home appears in the guest.
+pub const HOME_PATH: &str = "/root";
+/// The home disk's serial number, by which the guest agent finds it.
+pub const HOME_SERIAL: &str = "strata-home";
+/// At most this many shared folders and port forwards per context.
+const MAX_SHARES: usize = 16;
+const MAX_PORTS: usize = 32;
+
+/// The VM's network: user-mode NAT, port forwards from the terminal's side.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// The guest may open connections out.
+    #[serde(default)]
+    pub outbound: bool,
+    /// Ports of the host (on 127.0.0.1) forwarded into the guest.
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+}
+
+impl NetworkSettings {
+    /// Whether the VM gets a network device.
+    pub fn enabled(&self) -> bool {
+        self.outbound || !self.ports.is_empty()
+    }
+}
+
+/// A TCP port of the host forwarded to one of the guest.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+    /// `HOST:GUEST`, as in `docker run -p 8080:80`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port forward; write HOST:GUEST, e.g. 8080:80");
+        let (h, g) = s.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        Ok(PortForward { host: port(h)?, guest: port(g)? })
+    }
+}
+
+/// A folder of the terminal's side shared into the VM.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    /// The folder on the host (absolute).
+    pub host: PathBuf,
+    /// Where it appears in the guest (absolute).
+    pub guest: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+    /// `HOST:GUEST[:ro|:rw]`, as in `docker run -v`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a shared folder; write HOST_DIR:GUEST_DIR[:ro], e.g. /srv/data:/data:ro");
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host, guest, readonly) = match parts.as_slice() {
+            [h, g] => (h, g, false),
+            [h, g, "ro"] => (h, g, true),
+            [h, g, "rw"] => (h, g, false),
+            _ => return Err(bad()),
+        };
+        if host.is_empty() || guest.is_empty() {
+            return Err(bad());
+        }
+        Ok(Share { host: PathBuf::from(host), guest: guest.to_string(), readonly })
+    }
+}
+
+/// Guest paths a share or the home must not cover: the system itself.
+const SYSTEM_PATHS: &[&str] =
+    &["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr", "/var"];
+
+fn check_guest_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.len() > 256 {
+        return Err(format!("guest path {p:?} must be absolute (and under 256 bytes)"));
+    }
+    if p.split('/').any(|c| c == ".." || c == ".") || p.contains("//") || p.contains('\0') || p.contains(',') {
+        return Err(format!("guest path {p:?} must be a plain path, without '.', '..', '//' or ','"));
+    }
+    let trimmed = p.trim_end_matches('/');
+    if SYSTEM_PATHS.contains(&trimmed) || SYSTEM_PATHS.contains(&p) || trimmed == HOME_PATH {
+        return Err(format!("guest path {p:?} would hide part of the system; choose e.g. /mnt/NAME"));
+    }
+    Ok(())
+}
+
+/// Checks a terminal's name (it names its home on disk).
+pub fn check_terminal_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        return Err(format!("terminal name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(())
 }
 
 impl ContextSettings {
@@ -40,7 +157,15 @@ impl ContextSettings {
             timezone,
             locale: Some(locale),
             env: BTreeMap::new(),
+            network: NetworkSettings::default(),
+            shares: Vec::new(),
+            home: None,
         }
+    }
+
+    /// Whether the VM needs devices plugged in for this context.
+    pub fn needs_devices(&self) -> bool {
+        self.network.enabled() || !self.shares.is_empty() || self.home.is_some()
     }
 
     /// Checks every field.
@@ -79,10 +204,101 @@ impl ContextSettings {
         if self.env.values().any(|v| v.contains('\0')) {
             return bad("environment values must not contain NUL".into());
         }
+        if self.network.ports.len() > MAX_PORTS {
+            return bad(format!("{} port forwards; at most {MAX_PORTS}", self.network.ports.len()));
+        }
+        let mut hosts = std::collections::BTreeSet::new();
+        for p in &self.network.ports {
+            if p.host == 0 || p.guest == 0 {
+                return bad("port 0 cannot be forwarded".into());
+            }
+            if !hosts.insert(p.host) {
+                return bad(format!("host port {} is forwarded twice", p.host));
+            }
+        }
+        if self.shares.len() > MAX_SHARES {
+            return bad(format!("{} shared folders; at most {MAX_SHARES}", self.shares.len()));
+        }
+        let mut guests = std::collections::BTreeSet::new();
+        for sh in &self.shares {
+            if !sh.host.is_absolute() {
+                return bad(format!("shared folder {} must be an absolute path", sh.host.display()));
+            }
+            check_guest_path(&sh.guest).or_else(bad)?;
+            if !guests.insert(sh.guest.trim_end_matches('/')) {
+                return bad(format!("two shared folders appear at {}", sh.guest));
+            }
+        }
+        if let Some(t) = &self.home {
+            check_terminal_name(t).or_else(bad)?;
+        }
         Ok(())
     }
 
-    /// What the agent applies, with the current time.
+    /// Checks what depends on this host: each shared folder exists, is a
+    /// directory and lies inside one of `roots` (after resolving symlinks).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the folder and what to do.
+    pub fn check_on_host(&self, roots: &[PathBuf]) -> Result<(), Error> {
+        for sh in &self.shares {
+            let real = std::fs::canonicalize(&sh.host).map_err(|e| {
+                Error::Config(format!("context: shared folder {} cannot be used: {e}", sh.host.display()))
+            })?;
+            if !real.is_dir() {
+                return Err(Error::Config(format!("context: shared folder {} is not a directory", sh.host.display())));
+            }
+            let inside = roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).any(|r| real.starts_with(&r));
+            if !inside {
+                let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+                return Err(Error::Config(format!(
+                    "context: shared folder {} lies outside the folders this server shares ({}); \
+                     move it there or start the server with --share-root",
+                    sh.host.display(),
+                    if list.is_empty() { "none".to_string() } else { list.join(", ") }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The 9p tag of the `i`th shared folder.
+    pub fn share_tag(i: usize) -> String {
+        format!("share{i}")
+    }
+
+    /// What the agent applies at launch: the console context plus the
+    /// devices plugged in for it.
+    pub fn launch_context(&self) -> TerminalContext {
+        let mut ctx = self.to_terminal_context();
+        if self.network.enabled() {
+            ctx.network = Some(GuestNetwork {
+                address: strata_vmm::USER_NET_GUEST,
+                prefix_len: 24,
+                gateway: strata_vmm::USER_NET_GATEWAY,
+                dns: self.network.outbound.then_some(strata_vmm::USER_NET_DNS),
+            });
+        }
+        for (i, sh) in self.shares.iter().enumerate() {
+            ctx.mounts.push(GuestMount {
+                source: MountSource::Share(Self::share_tag(i)),
+                path: sh.guest.clone(),
+                readonly: sh.readonly,
+            });
+        }
+        if self.home.is_some() {
+            ctx.mounts.push(GuestMount {
+                source: MountSource::Disk(HOME_SERIAL.into()),
+                path: HOME_PATH.into(),
+                readonly: false,
+            });
+        }
+        ctx
+    }
+
+    /// What the agent applies on every attach (console, clock, zone,
+    /// environment), with the current time. Devices are plugged only at
+    /// launch ([`Self::launch_context`]) and stay for the session.
     pub fn to_terminal_context(&self) -> TerminalContext {
         TerminalContext {
             term: self.term.clone(),
@@ -94,11 +310,91 @@ impl ContextSettings {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            network: None,
+            mounts: Vec::new(),
         }
     }
 }
 
+/// Resolves a path relative to the current directory, for CLI arguments.
+pub fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// A terminal's stored context: its current context image and the ones
+/// before it, oldest first (each change makes a new, content-addressed one).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TerminalRecord {
+    pub current: String,
+    pub history: Vec<String>,
+}
+
+impl TerminalRecord {
+    /// The current context's version number (1 for the first).
+    pub fn version(&self) -> usize {
+        self.history.len()
+    }
+}
+
 impl Engine {
+    fn terminal_path(&self, terminal: &str) -> Result<std::path::PathBuf, Error> {
+        check_terminal_name(terminal).map_err(Error::Config)?;
+        Ok(self.cfg.state_dir.join("terminals").join(format!("{terminal}.json")))
+    }
+
+    /// A terminal's stored context, if it has one.
+    ///
+    /// # Errors
+    /// If the record or its context image cannot be read.
+    pub fn terminal_context(&self, terminal: &str) -> Result<Option<(TerminalRecord, ContextSettings)>, Error> {
+        let path = self.terminal_path(terminal)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        let rec: TerminalRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Config(format!("{} is damaged ({e}); remove it to start afresh", path.display())))?;
+        let image = self
+            .store
+            .list_images()?
+            .into_iter()
+            .find(|i| i.digest == rec.current)
+            .ok_or_else(|| Error::Config(format!("terminal {terminal}: context image {} is gone", rec.current)))?;
+        let blob = self.store.blob_path(image.file("context")?);
+        let settings = serde_json::from_slice(&std::fs::read(&blob).map_err(crate::io_err(&blob))?)
+            .map_err(|e| Error::Config(format!("context image {} does not parse: {e}", rec.current)))?;
+        Ok(Some((rec, settings)))
+    }
+
+    /// Makes `settings` the terminal's context: a new version if they
+    /// changed, the same one otherwise. Nothing changes if they are invalid.
+    ///
+    /// # Errors
+    /// If the settings are invalid for this host or the store fails.
+    pub fn set_terminal_context(
+        &self,
+        terminal: &str,
+        settings: &ContextSettings,
+    ) -> Result<(TerminalRecord, ImageRecord), Error> {
+        let path = self.terminal_path(terminal)?;
+        settings.check_on_host(&self.cfg.share_roots)?;
+        let image = self.context_image(settings)?;
+        let mut rec = self.terminal_context(terminal)?.map(|(r, _)| r).unwrap_or_default();
+        if rec.current != image.digest {
+            rec.current = image.digest.clone();
+            rec.history.push(image.digest.clone());
+            let dir = path.parent().expect("terminals dir");
+            std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
+            crate::write_atomic(&path, &serde_json::to_vec_pretty(&rec).expect("serializes"))?;
+        }
+        Ok((rec, image))
+    }
+
     /// Stores the settings as a context image, reusing an identical one.
     ///
     /// # Errors
@@ -139,6 +435,9 @@ mod tests {
             timezone: Some("Europe/Paris".into()),
             locale: Some("C.UTF-8".into()),
             env: BTreeMap::new(),
+            network: NetworkSettings::default(),
+            shares: Vec::new(),
+            home: None,
         }
     }
 

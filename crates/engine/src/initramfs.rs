@@ -9,8 +9,24 @@ use crate::{io_err, Error};
 /// The shell script run as `/init`.
 pub const INIT_SCRIPT: &str = include_str!("assets/init.sh");
 
-/// Modules the guest needs before its root disk is reachable.
-pub const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"];
+/// Modules loaded at boot, so that they are already in every launch image's
+/// memory: the root disk and the host channel, and the devices a terminal's
+/// context may hot-plug later (network, shared folders, a home disk) or a
+/// graphical package uses (display, tablet).
+pub const WANTED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    // ext4 checksums need crc32c, which ext4 does not name in depends=.
+    "crc32c_generic",
+    "ext4",
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "bochs",
+    "virtio_input",
+    "evdev",
+];
 
 /// A newc cpio archive being written in memory.
 #[derive(Default)]

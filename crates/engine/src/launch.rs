@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use strata_package::Package;
 use strata_proto::{HostMsg, Readiness};
 use strata_store::{ImageKind, ImageRecord};
-use strata_vmm::{Accel, Disk, DiskMode, Memory, VmConfig};
+use strata_vmm::{Accel, Disk, DiskMode, Memory, Plug, VmConfig};
 
 use crate::context::ContextSettings;
 use crate::session::{spawn_ready, start_and_attach, Attached, Session};
@@ -117,6 +117,7 @@ impl Engine {
             cmdline: base.meta.get("cmdline").cloned().unwrap_or_else(|| crate::base::CMDLINE.into()),
             disks: Vec::new(),
             incoming: None,
+            plugs: Vec::new(),
             die_with_parent: true,
         })
     }
@@ -217,6 +218,26 @@ impl Engine {
         launch: &ImageRecord,
         settings: &ContextSettings,
     ) -> Result<Session, Error> {
+        // Everything the context asks of this host is checked before a VM starts.
+        settings.validate()?;
+        settings.check_on_host(&self.cfg.share_roots)?;
+        check_ports_free(settings)?;
+        let claim = match &settings.home {
+            Some(t) => Some((self.claim_home(t)?, self.home_disk(t).await?)),
+            None => None,
+        };
+        let mut plugs = Vec::new();
+        if settings.network.enabled() {
+            let forwards = settings.network.ports.iter().map(|p| (p.host, p.guest)).collect();
+            plugs.push(Plug::Network { outbound: settings.network.outbound, forwards });
+        }
+        for (i, sh) in settings.shares.iter().enumerate() {
+            let path = std::fs::canonicalize(&sh.host).map_err(crate::io_err(&sh.host))?;
+            plugs.push(Plug::Share { tag: ContextSettings::share_tag(i), path, readonly: sh.readonly });
+        }
+        if let Some((_, disk)) = &claim {
+            plugs.push(Plug::Disk { path: disk.clone(), serial: crate::context::HOME_SERIAL.into() });
+        }
         let id = new_session_id();
         let dir = self.new_session_dir(&id)?;
         let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
@@ -235,13 +256,17 @@ impl Engine {
                 mode: DiskMode::Throwaway,
             }],
             incoming: Some(self.store.blob_path(launch.file("state")?)),
+            plugs,
             // The session may be detached and outlive this process; the guest
             // agent powers off if this process vanishes while attached.
             die_with_parent: false,
         };
-        let a = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
-        let record = SessionRecord::new(&id, &pkg.name, a.vm.pid(), &launch.digest);
+        let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
+        let mut record = SessionRecord::new(&id, &pkg.name, a.vm.pid(), &launch.digest);
+        record.home = settings.home.clone();
+        record.ports = settings.network.ports.clone();
         self.write_session_record(&record)?;
+        drop(claim);
         let mut s = Session::new(id, &pkg.name, a);
         s.record = Some(self.session_dir(&s.id));
         Ok(s)
@@ -262,6 +287,11 @@ impl Engine {
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let dir = self.store.work_dir("cold")?;
+        if settings.needs_devices() {
+            return Err(Error::Config(
+                "a cold launch takes no network, shared folders or home; launch from the launch image".into(),
+            ));
+        }
         let mut cfg = self.boot_config(&base, dir.path(), accel, pkg.def.memory_mib)?;
         cfg.disks = vec![Disk {
             path: self.store.blob_path(install.file("disk")?),
@@ -289,6 +319,21 @@ impl Engine {
             }
         }
     }
+}
+
+/// Refuses host ports something already listens on, before QEMU would fail.
+fn check_ports_free(settings: &ContextSettings) -> Result<(), Error> {
+    for p in &settings.network.ports {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", p.host)) {
+            return Err(Error::Config(format!(
+                "context: port {} on 127.0.0.1 cannot be forwarded ({e}); choose another, e.g. -p {}:{}",
+                p.host,
+                p.host.wrapping_add(1).max(1024),
+                p.guest
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Pauses the VM, saves its devices to `state` (its memory is already in the

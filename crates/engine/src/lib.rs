@@ -12,6 +12,7 @@ pub mod accel;
 pub mod base;
 pub mod bench;
 pub mod context;
+pub mod home;
 pub mod host;
 pub mod initramfs;
 pub mod install;
@@ -121,11 +122,14 @@ pub struct Config {
     pub accel: Option<Accel>,
     /// Debian mirror for the base image and packages.
     pub mirror: String,
+    /// Host folders a context may share into VMs (their subfolders too).
+    pub share_roots: Vec<PathBuf>,
 }
 
 impl Config {
     /// The defaults, overridable by `STRATA_STATE`, `STRATA_PACKAGES`,
-    /// `STRATA_AGENT` and `STRATA_MIRROR`.
+    /// `STRATA_AGENT`, `STRATA_MIRROR` and `STRATA_SHARE_ROOTS` (a
+    /// colon-separated list; by default the user's home, /home, /srv, /tmp).
     pub fn from_env() -> Config {
         let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
         let agent_binary = std::env::var_os("STRATA_AGENT")
@@ -146,6 +150,14 @@ impl Config {
             agent_binary,
             accel: None,
             mirror: std::env::var("STRATA_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
+            share_roots: match std::env::var("STRATA_SHARE_ROOTS") {
+                Ok(list) => std::env::split_paths(&list).filter(|p| p.is_absolute()).collect(),
+                Err(_) => std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .into_iter()
+                    .chain(["/home", "/srv", "/tmp"].map(PathBuf::from))
+                    .collect(),
+            },
         }
     }
 }

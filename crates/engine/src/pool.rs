@@ -108,6 +108,11 @@ impl Pool {
     /// # Errors
     /// If the session cannot be resumed (it is then stopped).
     pub async fn take(&self, package: &str, settings: &ContextSettings) -> Result<Option<Session>, Error> {
+        // Pooled VMs have no context devices, and plugging them costs more
+        // than the pool saves: such launches restore their own VM.
+        if settings.needs_devices() {
+            return Ok(None);
+        }
         let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
         let Some(mut s) = s else { return Ok(None) };
         let resumed = async {

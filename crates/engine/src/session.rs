@@ -27,6 +27,8 @@ pub enum SessionEvent {
     Attached(Vec<u8>),
     /// The program's screen, as asked for.
     Screen(Vec<u8>),
+    /// The agent's answer to a file read or write.
+    File(Result<strata_proto::FilePart, String>),
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -62,6 +64,13 @@ pub(crate) async fn start_and_attach(
 ) -> Result<Attached, Error> {
     let t0 = std::time::Instant::now();
     let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
+    // The context's devices go in once the guest runs, before the attach
+    // that tells the agent to set them up.
+    if let Err(e) = vm.plug(&cfg.plugs).await {
+        let diag = vm.diagnostics();
+        vm.kill().await;
+        return Err(Error::Agent(format!("plugging in the context's devices: {e}\n{diag}")));
+    }
     let reply = first_attach(&mut conn, ctx, timeout).await;
     tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "agent attached");
     match reply {
@@ -101,7 +110,10 @@ pub(crate) async fn first_attach(
 ) -> Result<(Vec<u8>, Option<i32>), Error> {
     conn.send(&HostMsg::Attach(ctx.clone())).await?;
     match tokio::time::timeout(timeout, conn.recv()).await {
-        Ok(Ok(Some(GuestMsg::Attached { procs, .. }))) => {
+        Ok(Ok(Some(GuestMsg::Attached { procs, problems, .. }))) => {
+            if !problems.is_empty() {
+                return Err(Error::Agent(format!("the context could not be applied: {}", problems.join("; "))));
+            }
             let main = procs.into_iter().find(|p| p.id == MAIN_PROC);
             Ok(main.map(|p| (p.screen, p.exit)).unwrap_or_default())
         }
@@ -167,6 +179,7 @@ impl Session {
                     Ok(Some(GuestMsg::Detached)) => SessionEvent::Detached,
                     Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(main_screen(procs)),
                     Ok(Some(GuestMsg::Screens { procs })) => SessionEvent::Screen(main_screen(procs)),
+                    Ok(Some(GuestMsg::File(r))) => SessionEvent::File(r),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -266,6 +279,92 @@ impl Session {
         }
     }
 
+    async fn file_op(&mut self, msg: HostMsg) -> Result<strata_proto::FilePart, Error> {
+        match self.wait_for(msg, |e| matches!(e, SessionEvent::File(_))).await? {
+            SessionEvent::File(r) => r.map_err(|m| Error::Config(format!("in the guest: {m}"))),
+            _ => unreachable!("wait_for returns the awaited event"),
+        }
+    }
+
+    /// Copies a host file into the guest at `guest` (replaced atomically
+    /// there); returns the bytes copied.
+    ///
+    /// # Errors
+    /// If the host file cannot be read or the guest refuses the write.
+    pub async fn copy_in(&mut self, host: &std::path::Path, guest: &str) -> Result<u64, Error> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = std::fs::File::open(host).map_err(crate::io_err(host))?;
+        let meta = f.metadata().map_err(crate::io_err(host))?;
+        if !meta.is_file() {
+            return Err(Error::Config(format!("{} is not a file; copy files one at a time", host.display())));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; strata_proto::FILE_CHUNK];
+        loop {
+            let mut n = 0;
+            while n < buf.len() {
+                match f.read(&mut buf[n..]).map_err(crate::io_err(host))? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            let last = n < buf.len();
+            let msg = HostMsg::FileWrite { path: guest.into(), offset, data: buf[..n].to_vec(), last, mode };
+            self.file_op(msg).await?;
+            offset += n as u64;
+            if last {
+                return Ok(offset);
+            }
+        }
+    }
+
+    /// Copies the guest file `guest` to `host` (written to a temporary
+    /// file first, then renamed); returns the bytes copied.
+    ///
+    /// # Errors
+    /// If the guest cannot read the file or the host file cannot be written.
+    pub async fn copy_out(&mut self, guest: &str, host: &std::path::Path) -> Result<u64, Error> {
+        use std::io::Write;
+        let name = host.file_name().ok_or_else(|| Error::Config(format!("{} names no file", host.display())))?;
+        let tmp = host.with_file_name(format!(".{}.strata-part", name.to_string_lossy()));
+        let mut f = std::fs::File::create(&tmp).map_err(crate::io_err(&tmp))?;
+        let mut offset = 0u64;
+        let copied = async {
+            loop {
+                let part = self
+                    .file_op(HostMsg::FileRead { path: guest.into(), offset, len: strata_proto::FILE_CHUNK as u32 })
+                    .await?;
+                f.write_all(&part.data).map_err(crate::io_err(&tmp))?;
+                offset += part.data.len() as u64;
+                if part.eof {
+                    f.sync_all().map_err(crate::io_err(&tmp))?;
+                    return Ok::<_, Error>(offset);
+                }
+            }
+        }
+        .await;
+        match copied {
+            Ok(n) => {
+                std::fs::rename(&tmp, host).map_err(crate::io_err(host))?;
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Lets go of a session this process only borrowed (to copy files),
+    /// leaving it running and detached as it was.
+    pub(crate) fn release(self) {
+        let Session { vm, dir, .. } = self;
+        vm.release();
+        dir.keep();
+    }
+
     /// Sends `msg` and waits (10 s at most) for the event `done` accepts,
     /// dropping program output meanwhile.
     async fn wait_for(&mut self, msg: HostMsg, done: impl Fn(&SessionEvent) -> bool) -> Result<SessionEvent, Error> {
@@ -280,7 +379,8 @@ impl Session {
                     SessionEvent::Output(_)
                     | SessionEvent::Detached
                     | SessionEvent::Attached(_)
-                    | SessionEvent::Screen(_) => {}
+                    | SessionEvent::Screen(_)
+                    | SessionEvent::File(_) => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }

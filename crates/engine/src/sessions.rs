@@ -28,6 +28,12 @@ pub struct SessionRecord {
     pub launch_image: String,
     /// Unix seconds.
     pub created: i64,
+    /// The terminal whose persistent home the session mounts.
+    #[serde(default)]
+    pub home: Option<String>,
+    /// Host ports forwarded into the session.
+    #[serde(default)]
+    pub ports: Vec<crate::context::PortForward>,
 }
 
 impl SessionRecord {
@@ -43,6 +49,8 @@ impl SessionRecord {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
+            home: None,
+            ports: Vec::new(),
         }
     }
 }
@@ -228,6 +236,30 @@ impl Engine {
         screen
     }
 
+    /// Copies a file between this host and a detached session: into the
+    /// guest when `into_guest`, out of it otherwise. Returns the bytes copied.
+    ///
+    /// # Errors
+    /// If there is no such session, a terminal holds it, or the copy fails.
+    pub async fn copy_file(&self, id: &str, host: &Path, guest: &str, into_guest: bool) -> Result<u64, Error> {
+        check_id(id)?;
+        self.reap_sessions();
+        let dir = self.session_dir(id);
+        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        if !rec.detached && alive(rec.owner_pid) {
+            return Err(Error::Config(format!(
+                "session {id} is attached to a terminal (strata process {}); detach it first (Ctrl-P Ctrl-Q)",
+                rec.owner_pid
+            )));
+        }
+        let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
+        let mut s = Session::new(id.to_string(), &rec.package, a);
+        let r = if into_guest { s.copy_in(host, guest).await } else { s.copy_out(guest, host).await };
+        s.release();
+        r
+    }
+
     /// Stops a session and removes everything it left.
     ///
     /// # Errors
@@ -245,6 +277,10 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
+        match std::fs::remove_dir_all(&dir) {
+            // Another strata process reaped it as soon as its VM was gone.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(io_err(&dir)),
+        }
     }
 }

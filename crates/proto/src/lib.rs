@@ -55,7 +55,9 @@ pub enum Readiness {
     AliveMs(u32),
 }
 
-/// The terminal's side of a session, applied by the agent on every attach.
+/// The terminal's side of a session, applied by the agent on every attach:
+/// console, clock, zone, environment, and the devices the host plugged in
+/// for it (network, shared folders, the persistent home).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct TerminalContext {
     pub term: String,
@@ -68,7 +70,49 @@ pub struct TerminalContext {
     pub env: Vec<(String, String)>,
     /// Host wall-clock time, so a resumed guest does not live in the past.
     pub unix_time_ms: u64,
+    /// The network interface the host plugged in, if any; `None` means the
+    /// guest has no network at all.
+    pub network: Option<GuestNetwork>,
+    /// File systems the host plugged in, to mount (idempotent on re-attach).
+    pub mounts: Vec<GuestMount>,
 }
+
+/// Static IPv4 settings for the one network interface the host plugs in.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GuestNetwork {
+    pub address: [u8; 4],
+    pub prefix_len: u8,
+    pub gateway: [u8; 4],
+    pub dns: Option<[u8; 4]>,
+}
+
+/// Where a mount's file system comes from.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A 9p share with this mount tag.
+    Share(String),
+    /// An ext4 disk whose virtio serial number is this.
+    Disk(String),
+}
+
+/// A file system to mount at `path` in the guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub source: MountSource,
+    pub path: String,
+    pub readonly: bool,
+}
+
+/// Part of a file, read from or written to the guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FilePart {
+    pub data: Vec<u8>,
+    /// Reading: no bytes follow. Writing: the file is complete and in place.
+    pub eof: bool,
+}
+
+/// Largest piece of a file one message carries.
+pub const FILE_CHUNK: usize = 1 << 20;
 
 /// What the host asks of the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -100,6 +144,11 @@ pub enum HostMsg {
     Screen,
     /// Flush the file systems and power the guest off.
     PowerOff,
+    /// Read up to `len` bytes of a guest file from `offset`.
+    FileRead { path: String, offset: u64, len: u32 },
+    /// Write `data` at `offset` of a new version of a guest file; with
+    /// `last`, the new version replaces the file atomically.
+    FileWrite { path: String, offset: u64, data: Vec<u8>, last: bool, mode: u32 },
 }
 
 /// The state of one process, sent on attach.
@@ -116,7 +165,7 @@ pub struct ProcState {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum GuestMsg {
     /// Reply to [`HostMsg::Attach`].
-    Attached { agent_version: String, procs: Vec<ProcState> },
+    Attached { agent_version: String, procs: Vec<ProcState>, problems: Vec<String> },
     /// Reply to [`HostMsg::Screen`].
     Screens { procs: Vec<ProcState> },
     /// Reply to [`HostMsg::Detach`] and [`HostMsg::Quiet`]: no output is
@@ -134,6 +183,8 @@ pub enum GuestMsg {
     Exited { id: ProcId, status: i32 },
     /// A request the agent could not act on.
     Error { message: String },
+    /// Reply to [`HostMsg::FileRead`] and [`HostMsg::FileWrite`].
+    File(Result<FilePart, String>),
 }
 
 /// Encodes one message as a frame.

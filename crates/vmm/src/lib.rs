@@ -12,7 +12,7 @@ pub mod qemu;
 
 pub use accel::Accel;
 pub use agent::{AgentConn, AgentReader, AgentWriter};
-pub use qemu::{Disk, DiskMode, Memory, Vm, VmConfig};
+pub use qemu::{Disk, DiskMode, Memory, Plug, Vm, VmConfig, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST};
 
 use std::path::PathBuf;
 
@@ -51,4 +51,6 @@ pub enum Error {
     },
     #[error("saving the VM state failed: {0}")]
     Save(String),
+    #[error("the VM is {0}, not running, 30 s after its start; its devices cannot be plugged in")]
+    NotRunning(String),
 }

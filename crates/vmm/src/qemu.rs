@@ -41,6 +41,88 @@ pub struct Disk {
     pub mode: DiskMode,
 }
 
+/// A device a terminal's context plugs in after the restore. Its host-side
+/// backend is on the command line (backends are not part of the saved
+/// device state, so the launch image still loads); the device itself is
+/// added over QMP once the guest runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plug {
+    /// User-mode networking. Without `outbound` the guest reaches nothing,
+    /// only the forwards reach it: (host port on 127.0.0.1, guest port).
+    Network { outbound: bool, forwards: Vec<(u16, u16)> },
+    /// A host folder shared over 9p, mounted by its tag.
+    Share { tag: String, path: PathBuf, readonly: bool },
+    /// A qcow2 disk, found in the guest by its serial number.
+    Disk { path: PathBuf, serial: String },
+}
+
+/// The guest's address on user-mode networking (QEMU's fixed layout).
+pub const USER_NET_GUEST: [u8; 4] = [10, 0, 2, 15];
+/// The gateway, which is also how the guest reaches the host.
+pub const USER_NET_GATEWAY: [u8; 4] = [10, 0, 2, 2];
+/// QEMU's DNS forwarder on user-mode networking.
+pub const USER_NET_DNS: [u8; 4] = [10, 0, 2, 3];
+
+/// Escapes a value for QEMU's `key=value,...` option syntax.
+fn opt(value: &Path) -> String {
+    value.display().to_string().replace(',', ",,")
+}
+
+impl Plug {
+    fn id(&self, i: usize) -> String {
+        match self {
+            Plug::Network { .. } => format!("ctx-net{i}"),
+            Plug::Share { .. } => format!("ctx-share{i}"),
+            Plug::Disk { .. } => format!("ctx-disk{i}"),
+        }
+    }
+
+    /// The backend's command-line arguments, if it goes on the command line.
+    fn backend(&self, id: &str) -> Option<[String; 2]> {
+        match self {
+            Plug::Network { outbound, forwards } => {
+                let mut v = format!("user,id={id},restrict={}", if *outbound { "off" } else { "on" });
+                for (host, guest) in forwards {
+                    v.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+                }
+                Some(["-netdev".into(), v])
+            }
+            Plug::Share { path, readonly, .. } => {
+                let ro = if *readonly { ",readonly=on" } else { "" };
+                Some(["-fsdev".into(), format!("local,id={id},path={},security_model=none{ro}", opt(path))])
+            }
+            // A block node on the command line stays inactive after an
+            // incoming migration; disks are added once the guest runs.
+            Plug::Disk { .. } => None,
+        }
+    }
+
+    /// The HMP command that adds the backend once the guest runs, if any.
+    fn late_backend(&self, id: &str) -> Option<String> {
+        match self {
+            Plug::Disk { path, .. } => {
+                Some(format!("drive_add 0 if=none,id={id},format=qcow2,cache=writeback,file={}", opt(path)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The QMP `device_add` that plugs the device into the running guest.
+    fn device(&self, id: &str) -> qmp::device_add {
+        let s = |v: &str| qapi::Any::from(v.to_string());
+        let (driver, props) = match self {
+            Plug::Network { .. } => ("virtio-net-pci", vec![("netdev".to_string(), s(id))]),
+            Plug::Share { tag, .. } => {
+                ("virtio-9p-pci", vec![("fsdev".to_string(), s(id)), ("mount_tag".to_string(), s(tag))])
+            }
+            Plug::Disk { serial, .. } => {
+                ("virtio-blk-pci", vec![("drive".to_string(), s(id)), ("serial".to_string(), s(serial))])
+            }
+        };
+        qmp::device_add::new(driver, Some(format!("{id}-dev")), None, props)
+    }
+}
+
 /// Everything that defines one QEMU process.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -55,6 +137,9 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// Device state to load instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Devices plugged in after the start ([`Vm::plug`]); only their
+    /// backends are on the command line.
+    pub plugs: Vec<Plug>,
     /// Kill QEMU when the thread that started it exits, even by SIGKILL.
     /// Off for sessions that may be detached and outlive their terminal.
     pub die_with_parent: bool,
@@ -105,8 +190,11 @@ impl VmConfig {
             }
             push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
         }
+        for (i, p) in self.plugs.iter().enumerate() {
+            a.extend(p.backend(&p.id(i)).into_iter().flatten());
+        }
         if self.incoming.is_some() {
-            push(&["-incoming", "defer"]);
+            a.extend(["-incoming".to_string(), "defer".to_string()]);
         }
         a
     }
@@ -285,6 +373,50 @@ impl Vm {
     /// The end of the console log and QEMU's own messages, for error reports.
     pub fn diagnostics(&self) -> String {
         diagnostics(&self.dir)
+    }
+
+    /// Plugs the devices of `plugs` (the same list the VM was started with,
+    /// whose backends are on its command line) into the running guest.
+    ///
+    /// # Errors
+    /// If QEMU refuses a device.
+    pub async fn plug(&mut self, plugs: &[Plug]) -> Result<(), Error> {
+        if plugs.is_empty() {
+            return Ok(());
+        }
+        // The agent's channel connects before an incoming state is loaded;
+        // devices can only be added once the guest runs. Only sessions with
+        // devices wait here, a few milliseconds at most.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.qmp.execute(qmp::query_status {}).await.map_err(qmp_err("query-status"))?;
+            if st.status == qmp::RunState::running {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotRunning(format!("{:?}", st.status)));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for (i, p) in plugs.iter().enumerate() {
+            let id = p.id(i);
+            if let Some(cmd) = p.late_backend(&id) {
+                let out = self
+                    .qmp
+                    .execute(qmp::human_monitor_command { command_line: cmd, cpu_index: None })
+                    .await
+                    .map_err(qmp_err("drive_add"))?;
+                // HMP reports failure as text, not as a QMP error.
+                if !out.trim().is_empty() && !out.trim().eq_ignore_ascii_case("OK") {
+                    return Err(Error::Qmp {
+                        command: "drive_add",
+                        source: std::io::Error::other(out.trim().to_string()),
+                    });
+                }
+            }
+            self.qmp.execute(p.device(&id)).await.map_err(qmp_err("device_add"))?;
+        }
+        Ok(())
     }
 
     /// Pauses the guest's CPUs (the VM keeps its memory and devices).

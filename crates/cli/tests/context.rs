@@ -1,0 +1,297 @@
+//! End-to-end: the context's devices (shared folders, network, persistent
+//! home), `strata cp` and `strata context`, on real VMs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use strata_engine::context::{ContextSettings, PortForward, Share};
+use strata_engine::{Engine, LogProgress, Session};
+
+const ANSWER: Duration = Duration::from_secs(90);
+
+fn plain() -> ContextSettings {
+    ContextSettings::from_terminal(None)
+}
+
+/// A fresh directory under /tmp (one of the default share roots).
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/strata-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Processes that have `file` open.
+fn processes_with_open(file: &std::path::Path) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == file)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn launch(eng: &Engine, package: &str, settings: &ContextSettings) -> Session {
+    let pkg = eng.package(package).unwrap();
+    eng.launch(&pkg, settings, &LogProgress).await.unwrap()
+}
+
+/// Types a line of Python and waits for the sentinel it prints last.
+async fn python(s: &mut Session, code: &str) -> String {
+    s.expect_after(format!("{code}; print(6*7)\n").as_bytes(), "\n42", ANSWER).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_shared_folder_carries_files_both_ways_and_a_readonly_one_refuses_writes() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let rw = scratch("rw");
+    let ro = scratch("ro");
+    std::fs::write(rw.join("from-host.txt"), "written on the host").unwrap();
+    std::fs::write(ro.join("keep.txt"), "read-only").unwrap();
+    let mut settings = plain();
+    settings.shares = vec![
+        Share { host: rw.clone(), guest: "/mnt/rw".into(), readonly: false },
+        Share { host: ro.clone(), guest: "/srv/ro".into(), readonly: true },
+    ];
+    let mut s = launch(&eng, "python3", &settings).await;
+    let out = python(
+        &mut s,
+        "print('HOST:' + open('/mnt/rw/from-host.txt').read()); open('/mnt/rw/from-guest.txt','w').write('written in the guest')",
+    )
+    .await;
+    assert!(out.contains("HOST:written on the host"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(rw.join("from-guest.txt")).unwrap(), "written in the guest");
+    let out = python(
+        &mut s,
+        // One line: the REPL would need a blank line after a compound statement.
+        r#"import errno; exec("try:\n open('/srv/ro/new.txt','w')\nexcept OSError as e:\n print('REFUSED', errno.errorcode[e.errno])")"#,
+    )
+    .await;
+    assert!(out.contains("REFUSED EROFS"), "{out:?}");
+    assert!(!ro.join("new.txt").exists());
+    s.close().await;
+    let _ = std::fs::remove_dir_all(&rw);
+    let _ = std::fs::remove_dir_all(&ro);
+}
+
+#[tokio::test]
+async fn no_network_by_default_and_a_forwarded_port_answers_at_once() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let mut s = launch(&eng, "python3", &plain()).await;
+    let out = python(&mut s, "import os; print('NICS', sorted(os.listdir('/sys/class/net')))").await;
+    assert!(out.contains("NICS ['lo']"), "a VM without a network context has a network device: {out:?}");
+    s.close().await;
+
+    // lighttpd is already listening in its launch image: the forward answers
+    // as soon as the session exists.
+    let port = free_port();
+    let mut settings = plain();
+    settings.network.ports = vec![PortForward { host: port, guest: 80 }];
+    let s = launch(&eng, "lighttpd", &settings).await;
+    let page = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap();
+    assert!(page.starts_with("HTTP/1.0 200"), "{page:?}");
+    assert!(page.contains("<html"), "{page:?}");
+    s.close().await;
+}
+
+#[tokio::test]
+async fn outbound_access_reaches_the_host_through_nat() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut settings = plain();
+    settings.network.outbound = true;
+    let mut s = launch(&eng, "python3", &settings).await;
+    // 10.0.2.2 is the host's loopback as user-mode networking shows it.
+    s.input(
+        format!("import socket; socket.create_connection(('10.0.2.2', {port})).sendall(b'hello from the guest')\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut conn, _) = tokio::time::timeout(ANSWER, listener.accept()).await.expect("the guest connects").unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(ANSWER, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut got))
+        .await
+        .expect("the guest sends")
+        .unwrap();
+    assert_eq!(text(&got), "hello from the guest");
+    s.close().await;
+}
+
+#[tokio::test]
+async fn the_persistent_home_survives_into_the_next_session_and_is_claimed_once() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let terminal = format!("test-home-{}", std::process::id());
+    let mut settings = plain();
+    settings.home = Some(terminal.clone());
+    let mut s = launch(&eng, "python3", &settings).await;
+    python(&mut s, "open('/root/note.txt','w').write('kept across sessions')").await;
+    // Stopped hard: what the program wrote must already be on the host.
+    s.close().await;
+
+    // Another package, same terminal: the file is there.
+    let mut web = launch(&eng, "lighttpd", &settings).await;
+    let out = std::env::temp_dir().join(format!("strata-note-{}", std::process::id()));
+    web.copy_out("/root/note.txt", &out).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "kept across sessions");
+    let _ = std::fs::remove_file(&out);
+
+    // While it runs, nobody else gets that home, and no VM starts for trying.
+    let home = env().state.join("homes").join(&terminal);
+    let pkg = eng.package("python3").unwrap();
+    let err = eng.launch(&pkg, &settings, &LogProgress).await.err().expect("a second claim is refused").to_string();
+    assert!(err.contains("in use by session"), "{err}");
+    let disk = home.join("debian-12.qcow2");
+    assert_eq!(processes_with_open(&disk).len(), 1, "only the first session has the home open");
+    web.close().await;
+}
+
+#[tokio::test]
+async fn bad_contexts_are_refused_before_any_vm_starts() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("bc").unwrap();
+    // No other test of this file launches bc: a QEMU mapping its memory
+    // file would be one this test started.
+    let images = eng.ensure_images(&pkg, &LogProgress).await.unwrap();
+    let memory = images.launch.file("memory").unwrap().to_string();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let ok = scratch("ok");
+    type Mutation = Box<dyn Fn(&mut ContextSettings)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(|s| {
+                s.shares =
+                    vec![Share { host: "/tmp/strata-no-such-dir".into(), guest: "/mnt/x".into(), readonly: false }]
+            }),
+            "cannot be used",
+        ),
+        (
+            Box::new(|s| s.shares = vec![Share { host: "/etc".into(), guest: "/mnt/x".into(), readonly: true }]),
+            "outside the folders",
+        ),
+        (
+            Box::new(move |s| s.shares = vec![Share { host: "/tmp".into(), guest: "/etc".into(), readonly: false }]),
+            "hide part of the system",
+        ),
+        (Box::new(move |s| s.network.ports = vec![PortForward { host: busy_port, guest: 80 }]), "cannot be forwarded"),
+        (
+            Box::new(|s| {
+                s.network.ports = vec![PortForward { host: 40123, guest: 80 }, PortForward { host: 40123, guest: 81 }]
+            }),
+            "forwarded twice",
+        ),
+        (Box::new(|s| s.home = Some("../escape".into())), "terminal name"),
+    ];
+    for (mutate, want) in cases {
+        let mut s = plain();
+        mutate(&mut s);
+        let err = eng.launch(&pkg, &s, &LogProgress).await.err().expect("refused").to_string();
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+        assert!(qemu_processes_with(&memory).is_empty(), "a refused launch started a VM");
+    }
+    drop(busy);
+    let _ = std::fs::remove_dir_all(&ok);
+}
+
+#[test]
+fn cp_copies_files_into_and_out_of_a_detached_session() {
+    if !e2e() {
+        return;
+    }
+    let run = strata(&["run", "-d", "python3"]).output().unwrap();
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let id = text(&run.stdout).trim().to_string();
+    let dir = scratch("cp");
+    // Bigger than one message, so it travels in pieces.
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.join("in.bin"), &data).unwrap();
+    let into =
+        strata(&["cp", dir.join("in.bin").to_str().unwrap(), &format!("{id}:/tmp/copied.bin")]).output().unwrap();
+    assert!(into.status.success(), "{}", text(&into.stderr));
+    let out =
+        strata(&["cp", &format!("{id}:/tmp/copied.bin"), dir.join("out.bin").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(dir.join("out.bin")).unwrap() == data, "the copy came back different");
+    let missing = strata(&["cp", &format!("{id}:/no/such/file"), dir.join("x").to_str().unwrap()]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("No such file"), "{}", text(&missing.stderr));
+    assert!(!dir.join("x").exists() && !dir.join(".x.strata-part").exists(), "a failed copy left a file");
+    let kill = strata(&["kill", &id]).output().unwrap();
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn context_set_versions_a_terminals_context_and_refuses_bad_settings() {
+    if !e2e() {
+        return;
+    }
+    let terminal = format!("test-ctx-{}", std::process::id());
+    let show = || {
+        let out = strata(&["--terminal", &terminal, "context", "show", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let set = |kv: &[&str]| {
+        let mut args = vec!["--terminal", terminal.as_str(), "context", "set"];
+        args.extend(kv);
+        strata(&args).output().unwrap()
+    };
+    let v1 = show();
+    assert!(set(&["timezone=Europe/Paris"]).status.success());
+    let v2 = show();
+    assert_eq!(v2["version"].as_u64(), v1["version"].as_u64().map(|v| v + 1));
+    assert_eq!(v2["settings"]["timezone"], "Europe/Paris");
+    // The same settings again: the same context image, no new version.
+    assert!(set(&["timezone=Europe/Paris"]).status.success());
+    assert_eq!(show()["digest"], v2["digest"]);
+    assert!(set(&["ports=18080:80", "outbound=on"]).status.success());
+    let v3 = show();
+    assert_eq!(v3["settings"]["network"]["ports"][0]["guest"], 80);
+    assert_eq!(v3["version"].as_u64(), v2["version"].as_u64().map(|v| v + 1));
+    // Bad settings change nothing.
+    for bad in [&["shares=/tmp/strata-no-such-dir:/mnt/x"][..], &["ports=99999:80"], &["colour=blue"]] {
+        let out = set(bad);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(!text(&out.stderr).is_empty());
+        assert_eq!(show()["digest"], v3["digest"], "{bad:?} changed the context");
+    }
+}
