@@ -154,3 +154,33 @@ pub fn apply_mount(m: &GuestMount) -> Result<(), String> {
         }
     }
 }
+
+/// Applies a graphical session's screen size and keyboard layout with
+/// xrandr and setxkbmap. It runs in the background (the reaper collects it)
+/// and its complaints go to the console log; the names were checked by the
+/// host, and are checked again here before they reach a shell.
+pub fn apply_display(d: &strata_proto::GuestDisplay) {
+    if !Path::new("/tmp/.X11-unix/X0").exists() {
+        return;
+    }
+    let mut script = String::from("export DISPLAY=:0; ");
+    if let Some((w, h)) = d.size {
+        // A mode the display lacks is made from the CVT timings first.
+        script.push_str(&format!(
+            "o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); \
+             xrandr --output \"$o\" --mode {w}x{h} 2>/dev/null || {{ \
+             m=$(cvt {w} {h} 60 | sed -n 's/^Modeline //p' | tr -d '\"'); n=$(echo $m | cut -d' ' -f1); \
+             xrandr --newmode $m; xrandr --addmode \"$o\" $n; xrandr --output \"$o\" --mode $n; }}; "
+        ));
+    }
+    if let Some(k) = &d.keyboard {
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            script.push_str(&format!("setxkbmap {k}; "));
+        }
+    }
+    // What took effect, for whoever wants to check (tests, `strata cp`).
+    script.push_str("{ xrandr --current | head -n1; setxkbmap -query; } > /run/strata/display 2>&1");
+    if let Err(e) = std::process::Command::new("/bin/sh").args(["-c", &script]).spawn() {
+        crate::log(&format!("display settings: {e}"));
+    }
+}

@@ -11,6 +11,7 @@ mod devices;
 mod files;
 mod procs;
 mod system;
+mod x11;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -79,6 +80,9 @@ impl Agent {
                 }
                 for m in &ctx.mounts {
                     problems.extend(devices::apply_mount(m).err());
+                }
+                if let Some(d) = &ctx.display {
+                    devices::apply_display(d);
                 }
                 let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
                 for p in &procs {
@@ -176,6 +180,11 @@ pub fn log(msg: &str) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("x11") {
+        let rest = if args.get(2).map(String::as_str) == Some("--") { &args[3..] } else { &args[2..] };
+        x11::main(rest);
+    }
     system::block_async_signals();
     if std::process::id() == 1 {
         system::init_system();

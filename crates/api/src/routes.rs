@@ -321,6 +321,10 @@ pub struct ContextBody {
     /// Mount this terminal's persistent home at /root.
     #[serde(default)]
     home: bool,
+    /// Screen size of a graphical session, `WIDTHxHEIGHT`.
+    screen: Option<String>,
+    /// Keyboard layout of a graphical session (XKB name, e.g. `de`).
+    keyboard: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -358,6 +362,8 @@ impl ContextBody {
                 .map(|sh| Share { host: sh.host.into(), guest: sh.guest, readonly: sh.readonly })
                 .collect(),
             home: self.home.then(|| terminal.to_string()),
+            screen: self.screen.as_deref().map(str::parse).transpose().map_err(ApiError::bad_request)?,
+            keyboard: self.keyboard,
         };
         s.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(s)

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use strata_engine::context::{ContextSettings, PortForward, Share};
+use strata_engine::context::{ContextSettings, PortForward, Resolution, Share};
 use strata_engine::{Config, Engine};
 use strata_vmm::Accel;
 
@@ -165,6 +165,12 @@ struct DeviceArgs {
     /// Mount this terminal's persistent home at /root.
     #[arg(long)]
     home: bool,
+    /// Screen size of a graphical package: WIDTHxHEIGHT.
+    #[arg(long, value_name = "WxH")]
+    screen: Option<Resolution>,
+    /// Keyboard layout of a graphical package (XKB name, e.g. de).
+    #[arg(long)]
+    keyboard: Option<String>,
 }
 
 impl DeviceArgs {
@@ -178,6 +184,12 @@ impl DeviceArgs {
         if self.home {
             s.home = Some(terminal.to_string());
         }
+        if self.screen.is_some() {
+            s.screen = self.screen;
+        }
+        if self.keyboard.is_some() {
+            s.keyboard = self.keyboard.clone();
+        }
     }
 
     /// The same, as the API's context fields.
@@ -189,6 +201,8 @@ impl DeviceArgs {
             "ports": s.network.ports,
             "shares": s.shares,
             "home": s.home.is_some(),
+            "screen": s.screen.map(|r| format!("{}x{}", r.width, r.height)),
+            "keyboard": s.keyboard,
         }))
     }
 }
@@ -224,6 +238,8 @@ fn set_context_key(s: &mut ContextSettings, kv: &str, terminal: &str) -> anyhow:
         "locale" => s.locale = opt(v),
         "outbound" => s.network.outbound = on(v)?,
         "home" => s.home = on(v)?.then(|| terminal.to_string()),
+        "screen" => s.screen = opt(v).map(|v| v.parse()).transpose().map_err(anyhow::Error::msg)?,
+        "keyboard" => s.keyboard = opt(v),
         "ports" => {
             s.network.ports = v
                 .split(',')
@@ -249,7 +265,7 @@ fn set_context_key(s: &mut ContextSettings, kv: &str, terminal: &str) -> anyhow:
             }
         }
         _ => anyhow::bail!(
-            "unknown context setting {k:?}; known: term, timezone, locale, outbound, home, ports, shares, env.NAME"
+            "unknown context setting {k:?}; known: term, timezone, locale, outbound, home, ports, shares, screen, keyboard, env.NAME"
         ),
     }
     Ok(())

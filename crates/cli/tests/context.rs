@@ -295,3 +295,37 @@ fn context_set_versions_a_terminals_context_and_refuses_bad_settings() {
         assert_eq!(show()["digest"], v3["digest"], "{bad:?} changed the context");
     }
 }
+
+#[tokio::test]
+async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_and_keyboard() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let mut st = plain();
+    st.screen = Some(strata_engine::context::Resolution { width: 1024, height: 768 });
+    st.keyboard = Some("de".into());
+    let mut s = launch(&eng, "xeyes", &st).await;
+    // Already drawn in the launch image: the first frame is not blank.
+    let (w, h, lit) = s.screen_pixels().await.unwrap();
+    assert!(lit > 500, "the screen is blank ({w}x{h}, {lit} pixels lit)");
+    s.screenshot(std::path::Path::new("/tmp/strata-xeyes.png")).await.unwrap();
+    // The context's size and layout are applied after the resume, no reboot.
+    let state = std::env::temp_dir().join(format!("strata-display-{}", std::process::id()));
+    let mut applied = String::new();
+    for _ in 0..60 {
+        if s.copy_out("/run/strata/display", &state).await.is_ok() {
+            applied = std::fs::read_to_string(&state).unwrap_or_default();
+            if applied.contains("layout") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = std::fs::remove_file(&state);
+    assert!(applied.contains("current 1024 x 768"), "{applied:?}");
+    assert!(applied.lines().any(|l| l.starts_with("layout:") && l.trim_end().ends_with("de")), "{applied:?}");
+    let (w, h, _) = s.screen_pixels().await.unwrap();
+    assert_eq!((w, h), (1024, 768));
+    s.close().await;
+}

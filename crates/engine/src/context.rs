@@ -29,7 +29,43 @@ pub struct ContextSettings {
     /// The terminal whose persistent home is mounted at [`HOME_PATH`].
     #[serde(default)]
     pub home: Option<String>,
+    /// Screen size of graphical sessions (`WIDTHxHEIGHT`); `None` keeps the VM's.
+    #[serde(default)]
+    pub screen: Option<Resolution>,
+    /// Keyboard layout of graphical sessions (an XKB layout such as `de`).
+    #[serde(default)]
+    pub keyboard: Option<String>,
 }
+
+/// A screen size in pixels.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Resolution {
+    pub width: u16,
+    pub height: u16,
+}
+
+/// Screen sizes the VM's display can show (its 32 MiB of video memory).
+const WIDTHS: std::ops::RangeInclusive<u16> = 640..=2560;
+const HEIGHTS: std::ops::RangeInclusive<u16> = 480..=1600;
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+    /// `WIDTHxHEIGHT`, e.g. `1280x800`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a screen size; write WIDTHxHEIGHT, e.g. 1280x800");
+        let (w, h) = s.split_once('x').ok_or_else(bad)?;
+        Ok(Resolution { width: w.parse().map_err(|_| bad())?, height: h.parse().map_err(|_| bad())? })
+    }
+}
+
+/// XKB keyboard layouts a context may name (those of Debian's xkb-data
+/// most people use; the guest checks nothing else reaches its shell).
+pub const KEYBOARD_LAYOUTS: &[&str] = &[
+    "us", "gb", "de", "fr", "es", "it", "pt", "br", "nl", "be", "ch", "at", "dk", "no", "se", "fi", "is", "ie", "pl",
+    "cz", "sk", "hu", "si", "hr", "rs", "ro", "bg", "gr", "tr", "ru", "ua", "by", "lt", "lv", "ee", "il", "ara", "ir",
+    "in", "jp", "kr", "cn", "tw", "th", "vn", "ca", "latam", "mx", "au", "nz", "za",
+];
 
 /// Where the persistent home appears in the guest.
 pub const HOME_PATH: &str = "/root";
@@ -160,6 +196,8 @@ impl ContextSettings {
             network: NetworkSettings::default(),
             shares: Vec::new(),
             home: None,
+            screen: None,
+            keyboard: None,
         }
     }
 
@@ -231,6 +269,24 @@ impl ContextSettings {
         }
         if let Some(t) = &self.home {
             check_terminal_name(t).or_else(bad)?;
+        }
+        if let Some(r) = self.screen {
+            if !WIDTHS.contains(&r.width) || !HEIGHTS.contains(&r.height) {
+                return bad(format!(
+                    "screen size {}x{} is out of range ({}x{} to {}x{})",
+                    r.width,
+                    r.height,
+                    WIDTHS.start(),
+                    HEIGHTS.start(),
+                    WIDTHS.end(),
+                    HEIGHTS.end()
+                ));
+            }
+        }
+        if let Some(k) = &self.keyboard {
+            if !KEYBOARD_LAYOUTS.contains(&k.as_str()) {
+                return bad(format!("keyboard layout {k:?} is unknown; known: {}", KEYBOARD_LAYOUTS.join(" ")));
+            }
         }
         Ok(())
     }
@@ -312,6 +368,10 @@ impl ContextSettings {
                 .unwrap_or(0),
             network: None,
             mounts: Vec::new(),
+            display: (self.screen.is_some() || self.keyboard.is_some()).then(|| strata_proto::GuestDisplay {
+                size: self.screen.map(|r| (r.width, r.height)),
+                keyboard: self.keyboard.clone(),
+            }),
         }
     }
 }
@@ -438,6 +498,8 @@ mod tests {
             network: NetworkSettings::default(),
             shares: Vec::new(),
             home: None,
+            screen: None,
+            keyboard: None,
         }
     }
 
@@ -451,6 +513,10 @@ mod tests {
             (Box::new(|s| s.timezone = Some("../../etc/passwd".into())), "time zone"),
             (Box::new(|s| s.term = "x term".into()), "terminal type"),
             (Box::new(|s| s.locale = Some("en US".into())), "locale"),
+            (Box::new(|s| s.screen = Some(Resolution { width: 100, height: 800 })), "screen size"),
+            (Box::new(|s| s.screen = Some(Resolution { width: 1280, height: 9000 })), "screen size"),
+            (Box::new(|s| s.keyboard = Some("klingon".into())), "keyboard layout"),
+            (Box::new(|s| s.keyboard = Some("de; rm -rf /".into())), "keyboard layout"),
             (
                 Box::new(|s| {
                     s.env.insert("A=B".into(), "c".into());

@@ -43,7 +43,7 @@ impl Engine {
         base: &ImageRecord,
         progress: &dyn Progress,
     ) -> Result<ImageRecord, Error> {
-        let recipe = install_recipe(base.file("rootfs")?, &pkg.def.debs);
+        let recipe = install_recipe(base.file("rootfs")?, &pkg.def.all_debs());
         if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
             return Ok(rec);
         }
@@ -63,20 +63,20 @@ impl Engine {
     ) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("install")?;
         let w = work.path();
-        progress.step(&format!("install image for {}: resolving {}", pkg.name, pkg.def.debs.join(" ")));
+        progress.step(&format!("install image for {}: resolving {}", pkg.name, pkg.def.all_debs().join(" ")));
         let debs = w.join("debs");
         std::fs::create_dir_all(debs.join("partial")).map_err(io_err(&debs))?;
         let status = self.store.blob_path(base.file("dpkg-status")?);
         // Resolve against the base image's own dpkg state, so exactly what the
         // base lacks is downloaded.
         let out = run(
-            &format!("resolving {}", pkg.def.debs.join(" ")),
+            &format!("resolving {}", pkg.def.all_debs().join(" ")),
             Command::new("apt-get")
                 .args(["install", "--download-only", "-y", "-q", "--no-install-recommends"])
                 .arg(format!("-oDir::State::status={}", status.display()))
                 .arg(format!("-oDir::Cache::archives={}", debs.display()))
                 .args(["-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root"])
-                .args(&pkg.def.debs),
+                .args(pkg.def.all_debs()),
         )
         .await
         .map_err(|e| match e {
@@ -187,7 +187,7 @@ impl Engine {
             recipe,
             BTreeMap::from([("disk".to_string(), disk)]),
             BTreeMap::from([
-                ("debs".to_string(), pkg.def.debs.join(" ")),
+                ("debs".to_string(), pkg.def.all_debs().join(" ")),
                 ("deb_files".to_string(), files.len().to_string()),
             ]),
             0,

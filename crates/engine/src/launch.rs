@@ -38,6 +38,10 @@ pub enum LaunchPath {
 
 fn readiness(pkg: &Package) -> Readiness {
     let r = &pkg.def.ready;
+    if pkg.def.graphical {
+        // The X launcher says when the program has had its time to draw.
+        return Readiness::Text(strata_proto::X11_READY.into());
+    }
     if let Some(t) = &r.text {
         Readiness::Text(t.clone())
     } else if let Some(p) = r.port {
@@ -47,8 +51,25 @@ fn readiness(pkg: &Package) -> Readiness {
     }
 }
 
+/// The program's command line; a graphical program is started by the
+/// agent's X launcher, which brings up the X server on the VM's display first.
+fn argv_of(pkg: &Package) -> Vec<String> {
+    let mut argv = Vec::new();
+    if pkg.def.graphical {
+        argv.extend(["/run/strata/agent", "x11", "--"].map(String::from));
+    }
+    argv.extend(pkg.def.command.iter().cloned());
+    argv
+}
+
 fn env_of(pkg: &Package) -> Vec<(String, String)> {
-    pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    let mut env: Vec<(String, String)> = pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if pkg.def.graphical {
+        let settle = pkg.def.ready.alive_ms.unwrap_or(1000);
+        env.push(("STRATA_X11_SETTLE_MS".into(), settle.to_string()));
+        env.push(("DISPLAY".into(), ":0".into()));
+    }
+    env
 }
 
 pub(crate) fn new_session_id() -> String {
@@ -118,6 +139,7 @@ impl Engine {
             disks: Vec::new(),
             incoming: None,
             plugs: Vec::new(),
+            display: false,
             die_with_parent: true,
         })
     }
@@ -142,10 +164,11 @@ impl Engine {
         let mut cfg = self.boot_config(base, vm_dir.path(), accel, pkg.def.memory_mib)?;
         cfg.memory = Memory::SharedFile(memory.clone());
         cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
+        cfg.display = pkg.def.graphical;
         let ctx = ContextSettings::from_terminal(None).to_terminal_context();
         let mut a = start_and_attach(cfg, vm_dir, &ctx, BOOT_TIMEOUT).await?;
         let r = &pkg.def.ready;
-        spawn_ready(&mut a, &pkg.name, pkg.def.command.clone(), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
+        spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
         progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
         // Let the program finish drawing, then tell the agent nobody is attached,
         // so the saved guest keeps its output for whoever attaches next.
@@ -175,6 +198,7 @@ impl Engine {
             ("memory_mib".to_string(), pkg.def.memory_mib.to_string()),
             ("cmdline".to_string(), base.meta.get("cmdline").cloned().unwrap_or_default()),
             ("base".to_string(), base.digest.clone()),
+            ("graphical".to_string(), pkg.def.graphical.to_string()),
         ]);
         let rec = ImageRecord::new(
             ImageKind::Launch,
@@ -257,6 +281,7 @@ impl Engine {
             }],
             incoming: Some(self.store.blob_path(launch.file("state")?)),
             plugs,
+            display: launch.meta.get("graphical").is_some_and(|g| g == "true"),
             // The session may be detached and outlive this process; the guest
             // agent powers off if this process vanishes while attached.
             die_with_parent: false,
@@ -298,16 +323,10 @@ impl Engine {
             format: "qcow2",
             mode: DiskMode::Throwaway,
         }];
+        cfg.display = pkg.def.graphical;
         let mut a: Attached = start_and_attach(cfg, dir, &settings.to_terminal_context(), BOOT_TIMEOUT).await?;
-        let screen = spawn_ready(
-            &mut a,
-            &pkg.name,
-            pkg.def.command.clone(),
-            env_of(pkg),
-            readiness(pkg),
-            pkg.def.ready.timeout_ms,
-        )
-        .await;
+        let screen =
+            spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), pkg.def.ready.timeout_ms).await;
         match screen {
             Ok(screen) => {
                 a.screen = screen;

@@ -231,6 +231,31 @@ impl Session {
         self.vm.pid()
     }
 
+    /// Writes the VM's display (graphical packages) to `path` as a PNG.
+    ///
+    /// # Errors
+    /// If the VM has no display or the file cannot be written.
+    pub async fn screenshot(&mut self, path: &std::path::Path) -> Result<(), Error> {
+        Ok(self.vm.screenshot(path, false).await?)
+    }
+
+    /// The VM's display now: (width, height, pixels not black).
+    ///
+    /// # Errors
+    /// If the VM has no display.
+    pub async fn screen_pixels(&mut self) -> Result<(u32, u32, u64), Error> {
+        let work = tempdir_in(self.vm.dir());
+        self.vm.screenshot(&work, true).await?;
+        let data = std::fs::read(&work).map_err(crate::io_err(&work))?;
+        let _ = std::fs::remove_file(&work);
+        parse_ppm(&data).ok_or_else(|| Error::Agent("QEMU wrote an unreadable screen dump".into()))
+    }
+
+    /// The VNC socket of a graphical session's display.
+    pub fn vnc_socket(&self) -> std::path::PathBuf {
+        self.vm.dir().join(strata_vmm::VNC_SOCK)
+    }
+
     /// Pauses the VM: its program stops where it is, using no CPU.
     ///
     /// # Errors
@@ -465,5 +490,44 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+fn tempdir_in(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(format!("screen.{}.ppm", std::process::id()))
+}
+
+/// (width, height, pixels not black) of a binary PPM (P6, 8 bits).
+fn parse_ppm(data: &[u8]) -> Option<(u32, u32, u64)> {
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while data.get(i)?.is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while !data.get(i)?.is_ascii_whitespace() {
+            i += 1;
+        }
+        fields.push(std::str::from_utf8(&data[start..i]).ok()?.to_string());
+    }
+    if fields[0] != "P6" || fields[3] != "255" {
+        return None;
+    }
+    let (w, h): (u32, u32) = (fields[1].parse().ok()?, fields[2].parse().ok()?);
+    let pixels = data.get(i + 1..)?;
+    let lit = pixels.chunks_exact(3).filter(|p| p.iter().any(|b| *b != 0)).count() as u64;
+    Some((w, h, lit))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ppm_pixels_are_counted() {
+        let mut img = b"P6\n2 1\n255\n".to_vec();
+        img.extend_from_slice(&[0, 0, 0, 9, 0, 0]);
+        assert_eq!(super::parse_ppm(&img), Some((2, 1, 1)));
+        assert_eq!(super::parse_ppm(b"P3\n1 1\n255\n"), None);
+        assert_eq!(super::parse_ppm(b"P6"), None);
     }
 }

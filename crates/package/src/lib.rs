@@ -86,6 +86,28 @@ pub struct Definition {
     pub memory_mib: u32,
     pub ready: Ready,
     pub probe: Option<Probe>,
+    /// A graphical program: its VM has a display, and an X server is
+    /// installed and started for it (see [`X_DEBS`]).
+    /// (Not serialized when false, so console packages keep their digests.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub graphical: bool,
+}
+
+/// What a graphical package's VM gets besides its own debs: the X server on
+/// the VM's display, input through evdev, xrandr and setxkbmap (the context
+/// sets resolution and keyboard layout with them), fonts.
+pub const X_DEBS: &[&str] =
+    &["xserver-xorg-core", "xserver-xorg-input-evdev", "x11-xserver-utils", "x11-xkb-utils", "fonts-dejavu-core"];
+
+impl Definition {
+    /// Every Debian package the install image needs.
+    pub fn all_debs(&self) -> Vec<String> {
+        let mut debs = self.debs.clone();
+        if self.graphical {
+            debs.extend(X_DEBS.iter().map(|d| d.to_string()).filter(|d| !self.debs.contains(d)));
+        }
+        debs
+    }
 }
 
 fn default_memory() -> u32 {
@@ -140,6 +162,9 @@ impl Definition {
         let rules = [r.text.is_some(), r.port.is_some(), r.alive_ms.is_some()];
         if rules.iter().filter(|x| **x).count() != 1 {
             return Err("`[ready]` needs exactly one of `text`, `port`, `alive_ms`".into());
+        }
+        if self.graphical && r.alive_ms.is_none() {
+            return Err("a graphical package is ready once its window has drawn: give `ready.alive_ms`, the time it takes to draw after the X server is up".into());
         }
         if r.text.as_deref() == Some("") {
             return Err("`ready.text` must not be empty".into());
@@ -203,6 +228,7 @@ impl Package {
             memory_mib: default_memory(),
             ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
             probe: None,
+            graphical: false,
         };
         Ok(Package { name: name.into(), def, source: None })
     }

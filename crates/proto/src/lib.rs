@@ -75,6 +75,17 @@ pub struct TerminalContext {
     pub network: Option<GuestNetwork>,
     /// File systems the host plugged in, to mount (idempotent on re-attach).
     pub mounts: Vec<GuestMount>,
+    /// Screen size and keyboard layout of a graphical session.
+    pub display: Option<GuestDisplay>,
+}
+
+/// What a graphical session's display follows from the terminal.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GuestDisplay {
+    /// Resolution in pixels; `None` keeps the current one.
+    pub size: Option<(u16, u16)>,
+    /// XKB layout name, e.g. `de`; `None` keeps the current one.
+    pub keyboard: Option<String>,
 }
 
 /// Static IPv4 settings for the one network interface the host plugs in.
@@ -110,6 +121,10 @@ pub struct FilePart {
     /// Reading: no bytes follow. Writing: the file is complete and in place.
     pub eof: bool,
 }
+
+/// What the agent's X launcher prints when a graphical program has drawn:
+/// the readiness text of graphical packages.
+pub const X11_READY: &str = "strata-x11: ready";
 
 /// Largest piece of a file one message carries.
 pub const FILE_CHUNK: usize = 1 << 20;

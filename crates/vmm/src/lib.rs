@@ -12,7 +12,7 @@ pub mod qemu;
 
 pub use accel::Accel;
 pub use agent::{AgentConn, AgentReader, AgentWriter};
-pub use qemu::{Disk, DiskMode, Memory, Plug, Vm, VmConfig, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST};
+pub use qemu::{Disk, DiskMode, Memory, Plug, Vm, VmConfig, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST, VNC_SOCK};
 
 use std::path::PathBuf;
 

@@ -140,6 +140,10 @@ pub struct VmConfig {
     /// Devices plugged in after the start ([`Vm::plug`]); only their
     /// backends are on the command line.
     pub plugs: Vec<Plug>,
+    /// A graphical VM: a VGA display, a tablet and a keyboard, shown over
+    /// VNC on a Unix socket in `dir` ([`VNC_SOCK`]). Part of the machine:
+    /// a launch image made with a display restores only with one.
+    pub display: bool,
     /// Kill QEMU when the thread that started it exits, even by SIGKILL.
     /// Off for sessions that may be detached and outlive their terminal.
     pub die_with_parent: bool,
@@ -181,6 +185,13 @@ impl VmConfig {
         let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join(AGENT_SOCK).display());
         push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &agent]);
         push(&["-device", &format!("virtserialport,bus=vser.0,chardev=agent,name={}", strata_proto::AGENT_PORT_NAME)]);
+        if self.display {
+            // std VGA (the guest's bochs DRM driver), absolute pointer, keyboard;
+            // -display none above only means no window on this host.
+            push(&["-device", "VGA,vgamem_mb=32", "-device", "virtio-tablet-pci", "-device", "virtio-keyboard-pci"]);
+            let vnc = format!("unix:{},lossy=on", dir.join(VNC_SOCK).display());
+            push(&["-vnc", &vnc]);
+        }
         for (i, d) in self.disks.iter().enumerate() {
             let mut drive = format!("file={},if=none,id=disk{i},format={},cache=unsafe", d.path.display(), d.format);
             match d.mode {
@@ -201,6 +212,8 @@ impl VmConfig {
 }
 
 const QMP_SOCK: &str = "qmp.sock";
+/// The VNC socket of a graphical VM, in its directory.
+pub const VNC_SOCK: &str = "vnc.sock";
 const AGENT_SOCK: &str = "agent.sock";
 
 type QmpStream = qapi::futures::QapiStream<
@@ -417,6 +430,21 @@ impl Vm {
             self.qmp.execute(p.device(&id)).await.map_err(qmp_err("device_add"))?;
         }
         Ok(())
+    }
+
+    /// Writes what the VM's display shows to `path`: a PNG, or with `raw`
+    /// a PPM (a header and the pixels as they are, for checking them).
+    ///
+    /// # Errors
+    /// If the VM has no display or QEMU cannot write the file.
+    pub async fn screenshot(&mut self, path: &Path, raw: bool) -> Result<(), Error> {
+        let cmd = qmp::screendump {
+            filename: path.display().to_string(),
+            format: Some(if raw { qmp::ImageFormat::ppm } else { qmp::ImageFormat::png }),
+            device: None,
+            head: None,
+        };
+        self.qmp.execute(cmd).await.map(|_| ()).map_err(qmp_err("screendump"))
     }
 
     /// Pauses the guest's CPUs (the VM keeps its memory and devices).
