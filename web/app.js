@@ -2,12 +2,15 @@
 // a session over WebSocket, and the list of my sessions.
 import { Terminal } from '/vendor/xterm.mjs';
 import { FitAddon } from '/vendor/addon-fit.mjs';
+import RFB from '/vendor/novnc/core/rfb.js';
 
 const $ = (id) => document.getElementById(id);
 const attachTokens = JSON.parse(sessionStorage.getItem('strata-attach') || '{}');
 let token = null;
 let socket = null;
 let attachedId = null;
+let viewer = null;
+const graphical = new Set();
 
 const term = new Terminal({ cursorBlink: true, fontSize: 14, convertEol: false });
 const fit = new FitAddon();
@@ -49,6 +52,7 @@ async function loadPackages() {
   const list = $('packages');
   list.replaceChildren();
   for (const p of await api('GET', '/v1/packages')) {
+    if (p.graphical) graphical.add(p.name);
     const li = document.createElement('li');
     const name = document.createElement('span');
     name.innerHTML = `<strong></strong><span class="desc"></span>`;
@@ -96,7 +100,32 @@ async function launch(name) {
   loadSessions();
 }
 
+// A graphical session's display, through noVNC over the display WebSocket.
+function showDisplay(id, name) {
+  if (socket) socket.close();
+  if (viewer) { viewer.disconnect(); viewer = null; }
+  attachedId = id;
+  $('terminal').hidden = true;
+  $('display').hidden = false;
+  $('display').replaceChildren();
+  $('term-title').textContent = `${name} — session ${id}`;
+  $('term-status').textContent = 'Connecting to the display…';
+  const proto = location.protocol === 'https:' ? 'wss' : 'ws';
+  const q = new URLSearchParams({ token: attachTokens[id] });
+  const rfb = new RFB($('display'), `${proto}://${location.host}/v1/sessions/${id}/display?${q}`);
+  rfb.scaleViewport = true;
+  rfb.addEventListener('connect', () => { $('term-status').textContent = 'Display connected.'; rfb.focus(); });
+  rfb.addEventListener('disconnect', () => {
+    if (viewer === rfb) { viewer = null; attachedId = null; $('term-status').textContent = 'Display closed.'; }
+  });
+  viewer = rfb;
+}
+
 function attach(id, name) {
+  if (graphical.has(name)) { showDisplay(id, name); return; }
+  if (viewer) { viewer.disconnect(); viewer = null; }
+  $('display').hidden = true;
+  $('terminal').hidden = false;
   if (socket) socket.close();
   attachedId = id;
   term.reset();

@@ -65,6 +65,8 @@ pub struct Live {
     pub attached: Mutex<bool>,
     pub idle_timeout: Mutex<Option<Duration>>,
     pub cmd: mpsc::Sender<Cmd>,
+    /// QEMU's VNC socket, for a graphical session.
+    pub vnc: Option<std::path::PathBuf>,
 }
 
 /// Every live session, by id.
@@ -119,6 +121,7 @@ impl Registry {
             attached: Mutex::new(false),
             idle_timeout: Mutex::new(idle),
             cmd: tx,
+            vnc: session.graphical.then(|| session.vnc_socket()),
         });
         self.lock().insert(live.id.clone(), live.clone());
         let (reg, l) = (self.clone(), live.clone());

@@ -44,6 +44,7 @@ type St = State<Arc<AppState>>;
         resume_session,
         set_timeout,
         attach_session,
+        session_display,
         read_file,
         write_file
     ),
@@ -93,6 +94,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
+        .route("/v1/sessions/{id}/display", get(session_display))
+        .route("/vendor/novnc/{*path}", get(crate::web::novnc))
         .route(
             "/v1/sessions/{id}/files",
             get(read_file).put(write_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE)),
@@ -152,6 +155,8 @@ pub struct PackageInfo {
     description: String,
     debs: Vec<String>,
     command: Vec<String>,
+    /// It shows a display (`/v1/sessions/{id}/display`) rather than a terminal.
+    graphical: bool,
 }
 
 /// Packages defined on this server (any Debian package whose program has its
@@ -168,6 +173,7 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
                 description: p.def.description.clone(),
                 debs: p.def.debs.clone(),
                 command: p.def.command.clone(),
+                graphical: p.def.graphical,
             })
             .collect(),
     )
@@ -388,6 +394,8 @@ pub struct SessionInfo {
     /// Unix seconds.
     created: u64,
     idle_timeout_s: Option<u64>,
+    /// Its display is at `/v1/sessions/{id}/display` (a graphical package).
+    graphical: bool,
 }
 
 impl From<&Live> for SessionInfo {
@@ -399,6 +407,7 @@ impl From<&Live> for SessionInfo {
             attached: *l.attached.lock().unwrap_or_else(|e| e.into_inner()),
             created: l.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             idle_timeout_s: l.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|d| d.as_secs()),
+            graphical: l.vnc.is_some(),
         }
     }
 }
@@ -647,6 +656,77 @@ enum Control {
     Eof,
 }
 
+/// The session a WebSocket may reach: by the owner's bearer token, or by the
+/// session's attach token (`?token=`, since browsers cannot set headers on
+/// a WebSocket). Someone else's session is "not found".
+fn authorize_stream(
+    st: &AppState,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+    token: Option<&str>,
+) -> Result<Arc<Live>, ApiError> {
+    let live = st.sessions.get(id);
+    let by_owner = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|t| st.tokens.read().unwrap_or_else(|e| e.into_inner()).terminal_of(t.trim()));
+    let allowed = match (&live, by_owner, token) {
+        (Some(l), Some(owner), _) => l.owner == owner,
+        (Some(l), None, Some(t)) => auth::matches(t, &l.attach_hash),
+        (None, Some(_), _) => false,
+        _ => return Err(ApiError::unauthorized()),
+    };
+    live.filter(|_| allowed).ok_or_else(|| ApiError::not_found(format!("no session {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplayQuery {
+    token: Option<String>,
+}
+
+/// The display of a graphical session over WebSocket: binary frames carry
+/// the RFB (VNC) protocol both ways, for a viewer such as noVNC. The bytes
+/// go between this socket and QEMU's VNC socket of the session.
+#[utoipa::path(get, path = "/v1/sessions/{id}/display", params(("id" = String, Path), ("token" = Option<String>, Query)),
+    responses((status = 101, description = "WebSocket carrying RFB"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn session_display(
+    State(st): St,
+    Path(id): Path<String>,
+    Query(q): Query<DisplayQuery>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let live = authorize_stream(&st, &id, &headers, q.token.as_deref())?;
+    let vnc =
+        live.vnc.clone().ok_or_else(|| ApiError::conflict(format!("{} is not a graphical package", live.package)))?;
+    let stream = tokio::net::UnixStream::connect(&vnc)
+        .await
+        .map_err(|e| ApiError::conflict(format!("the display of session {id} is not available: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| relay_display(socket, stream)))
+}
+
+async fn relay_display(mut socket: WebSocket, stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() { break },
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) => if wr.write_all(&b).await.is_err() { break },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
 /// Attaches a terminal over WebSocket. Authenticated by the owner's bearer
 /// token or by the session's attach token (`?token=`, for browsers).
 #[utoipa::path(get, path = "/v1/sessions/{id}/attach", params(("id" = String, Path), ("token" = Option<String>, Query)),
@@ -658,19 +738,7 @@ async fn attach_session(
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let live = st.sessions.get(&id);
-    let by_owner = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .and_then(|t| st.tokens.read().unwrap_or_else(|e| e.into_inner()).terminal_of(t.trim()));
-    let allowed = match (&live, by_owner, &q.token) {
-        (Some(l), Some(owner), _) => l.owner == owner,
-        (Some(l), None, Some(t)) => auth::matches(t, &l.attach_hash),
-        (None, Some(_), _) => false,
-        _ => return Err(ApiError::unauthorized()),
-    };
-    let live = live.filter(|_| allowed).ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
+    let live = authorize_stream(&st, &id, &headers, q.token.as_deref())?;
     let settings =
         ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings(&live.owner)?;
     Ok(ws.on_upgrade(move |socket| pump(socket, live, settings)))

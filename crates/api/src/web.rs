@@ -43,3 +43,17 @@ pub async fn vendor(State(st): State<Arc<AppState>>, Path(name): Path<String>) -
         .map_err(|e| ApiError::not_found(format!("{}: {e}; run `npm ci` in web/ (setup.sh does)", path.display())))?;
     Ok(([(CONTENT_TYPE, *mime)], body).into_response())
 }
+
+/// noVNC's modules (the display viewer), from its npm package: only
+/// JavaScript files under `core/` and `vendor/`, by plain relative paths.
+pub async fn novnc(State(st): State<Arc<AppState>>, Path(path): Path<String>) -> Result<Response, ApiError> {
+    let plain = path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && path.chars().all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+    if !plain || !(path.starts_with("core/") || path.starts_with("vendor/")) || !path.ends_with(".js") {
+        return Err(ApiError::not_found(format!("no file {path}")));
+    }
+    let dir = st.web_dir.as_ref().ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let file = dir.join("node_modules/@novnc/novnc").join(&path);
+    let body = tokio::fs::read(&file).await.map_err(|e| ApiError::not_found(format!("{}: {e}", file.display())))?;
+    Ok(([(CONTENT_TYPE, "text/javascript; charset=utf-8")], body).into_response())
+}

@@ -480,6 +480,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 eng.launch(&pkg, &settings, &bar).await?
             };
             bar.clear();
+            if session.graphical && !cli.quiet {
+                eprintln!(
+                    "strata: {} shows its display over VNC at unix:{} (a VNC viewer opens it; `strata serve` shows it in the browser)",
+                    pkg.name,
+                    session.vnc_socket().display()
+                );
+            }
             if *detach {
                 println!("{}", session.detach().await?);
                 return Ok(0);

@@ -264,6 +264,7 @@ impl Engine {
         }
         let id = new_session_id();
         let dir = self.new_session_dir(&id)?;
+        let graphical = launch.meta.get("graphical").is_some_and(|g| g == "true");
         let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
         let memory_mib: u32 = launch.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(pkg.def.memory_mib);
         let cfg = VmConfig {
@@ -281,7 +282,7 @@ impl Engine {
             }],
             incoming: Some(self.store.blob_path(launch.file("state")?)),
             plugs,
-            display: launch.meta.get("graphical").is_some_and(|g| g == "true"),
+            display: graphical,
             // The session may be detached and outlive this process; the guest
             // agent powers off if this process vanishes while attached.
             die_with_parent: false,
@@ -294,6 +295,7 @@ impl Engine {
         drop(claim);
         let mut s = Session::new(id, &pkg.name, a);
         s.record = Some(self.session_dir(&s.id));
+        s.graphical = graphical;
         Ok(s)
     }
 
@@ -330,7 +332,9 @@ impl Engine {
         match screen {
             Ok(screen) => {
                 a.screen = screen;
-                Ok(Session::new(new_session_id(), &pkg.name, a))
+                let mut s = Session::new(new_session_id(), &pkg.name, a);
+                s.graphical = pkg.def.graphical;
+                Ok(s)
             }
             Err(e) => {
                 a.vm.kill().await;

@@ -44,6 +44,8 @@ pub struct Session {
     dir: WorkDir,
     /// The session's directory if it is registered (may be detached).
     pub(crate) record: Option<std::path::PathBuf>,
+    /// Its VM has a display ([`Session::vnc_socket`]).
+    pub graphical: bool,
 }
 
 /// A VM booted (or restored) whose agent answered the first attach.
@@ -194,7 +196,7 @@ impl Session {
                 }
             }
         });
-        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None }
+        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None, graphical: false }
     }
 
     /// The next thing the program did. Cancel-safe.

@@ -1,0 +1,68 @@
+// Browser test of a graphical package's display, in Debian's headless
+// chromium: launch xeyes from the page, see its first frame through noVNC
+// (not blank), move the pointer over it and see the screen change.
+//   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
+import { chromium } from 'playwright-core';
+
+const [base, token, shot] = process.argv.slice(2);
+if (!base || !token || !shot) {
+  console.error('usage: node test/display.mjs BASE_URL TOKEN SCREENSHOT.png');
+  process.exit(2);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync'],
+});
+const step = (m) => console.log(`display: ${m}`);
+// Pixels of the viewer's canvas: how many are lit, and a checksum.
+const pixels = () => page.evaluate(() => {
+  const c = document.querySelector('#display canvas');
+  if (!c || !c.width) return { lit: 0, sum: 0 };
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let lit = 0, sum = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i] || d[i + 1] || d[i + 2]) lit++;
+    sum = (sum * 31 + d[i] + d[i + 1] * 7 + d[i + 2] * 13) >>> 0;
+  }
+  return { lit, sum };
+});
+let page;
+try {
+  page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
+  await page.goto(`${base}/#token=${token}`);
+  await page.waitForSelector('button[data-launch="xeyes"]', { timeout: 10000 });
+
+  step('launch xeyes; its first frame arrives through the viewer');
+  const t0 = Date.now();
+  await page.click('button[data-launch="xeyes"]');
+  await page.waitForFunction(() => {
+    const c = document.querySelector('#display canvas');
+    if (!c || !c.width) return false;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) return true;
+    return false;
+  }, null, { timeout: 60000, polling: 20 });
+  console.log(`first frame after ${Date.now() - t0} ms`);
+  const before = await pixels();
+  if (before.lit < 500) throw new Error(`the screen is nearly blank: ${before.lit} pixels lit`);
+  await page.screenshot({ path: shot });
+
+  step('move the pointer over the display: the eyes follow it');
+  const box = await page.locator('#display canvas').boundingBox();
+  let changed = false;
+  for (let i = 0; i < 20 && !changed; i++) {
+    const x = box.x + (i % 2 ? box.width * 0.9 : 5);
+    const y = box.y + (i % 2 ? box.height * 0.9 : 5);
+    await page.mouse.move(x, y, { steps: 5 });
+    await page.mouse.click(x, y);
+    await page.waitForTimeout(500);
+    changed = (await pixels()).sum !== before.sum;
+  }
+  if (!changed) throw new Error('the display did not change when the pointer moved');
+  step('ok');
+} finally {
+  await browser.close();
+}
