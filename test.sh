@@ -12,7 +12,7 @@ export STRATA_STATE="${STRATA_TEST_STATE:-/var/lib/strata-test}"
 cargo build --release --locked
 # Build the shipped packages' images once, up front, with progress; the tests
 # share them (and skip nothing: what is already built is reused by digest).
-for p in python3 bc htop lighttpd xeyes; do
+for p in python3 bc htop lighttpd xeyes mousepad; do
   STRATA_AGENT="$PWD/target/release/strata-agent" ./target/release/strata build "$p"
 done
 cargo test --release --locked --workspace -- --test-threads=2

@@ -1,6 +1,7 @@
-// Browser test of a graphical package's display, in Debian's headless
+// Browser test of graphical packages' displays, in Debian's headless
 // chromium: launch xeyes from the page, see its first frame through noVNC
-// (not blank), move the pointer over it and see the screen change.
+// (not blank), move the pointer over it and see the screen change; then
+// launch mousepad, type into it and see the text appear.
 //   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
 import { chromium } from 'playwright-core';
 
@@ -62,6 +63,32 @@ try {
     changed = (await pixels()).sum !== before.sum;
   }
   if (!changed) throw new Error('the display did not change when the pointer moved');
+
+  step('launch mousepad; type into it');
+  await page.click('button[data-launch="mousepad"]');
+  await page.waitForFunction(() => document.getElementById('term-title').textContent.startsWith('mousepad'),
+    null, { timeout: 60000 });
+  await page.waitForFunction(() => {
+    const c = document.querySelector('#display canvas');
+    if (!c || !c.width) return false;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let lit = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) lit++;
+    return lit > 10000;
+  }, null, { timeout: 60000, polling: 50 });
+  const editor = await page.locator('#display canvas').boundingBox();
+  // The text area: below the menu bar, inside the window at the top left.
+  await page.mouse.click(editor.x + editor.width * 0.15, editor.y + editor.height * 0.3);
+  await page.waitForTimeout(500);
+  const empty = await pixels();
+  await page.keyboard.type('strata types here', { delay: 30 });
+  let typed = false;
+  for (let i = 0; i < 40 && !typed; i++) {
+    await page.waitForTimeout(250);
+    typed = (await pixels()).sum !== empty.sum;
+  }
+  await page.screenshot({ path: shot.replace(/\.png$/, '-typed.png') });
+  if (!typed) throw new Error('typing did not change the display');
   step('ok');
 } finally {
   await browser.close();

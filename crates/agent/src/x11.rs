@@ -1,7 +1,8 @@
 //! `strata-agent x11 -- PROGRAM [ARGS]`: runs a graphical program on the
 //! VM's display. It writes an X server configuration for the devices this
 //! VM has (no udev in strata guests, so input devices are listed by hand),
-//! starts the X server, waits for its socket, starts the program, gives it
+//! starts the X server, waits for its socket, starts a window manager and
+//! the program, gives it
 //! `STRATA_X11_SETTLE_MS` to draw, prints [`READY`] (the readiness text of
 //! graphical packages) and then waits for the program, exiting as it does.
 
@@ -76,6 +77,17 @@ pub fn main(args: &[String]) -> ! {
         }
         // Only while capturing a launch image: the program starts after X.
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // The window manager: full-screen windows that get the keyboard.
+    let wm = Command::new("matchbox-window-manager")
+        .args(["-use_titlebar", "no", "-use_cursor", "no"])
+        .env("DISPLAY", DISPLAY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    if let Err(e) = wm {
+        eprintln!("strata-x11: no window manager ({e}); the program may not get the keyboard");
     }
     let mut child = Command::new(program)
         .args(&args[1..])

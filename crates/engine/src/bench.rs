@@ -39,9 +39,50 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank.min(v.len()) - 1]
 }
 
+/// What "the program answered" means for a package in the benchmarks.
+enum FirstAnswer {
+    /// A console program printed the answer to its probe line.
+    Probe(strata_package::Probe),
+    /// A graphical program's first frame: the display is not blank.
+    Frame,
+}
+
+impl FirstAnswer {
+    fn of(pkg: &Package) -> Result<FirstAnswer, Error> {
+        if pkg.def.graphical {
+            return Ok(FirstAnswer::Frame);
+        }
+        pkg.def.probe.clone().map(FirstAnswer::Probe).ok_or_else(|| {
+            Error::Config(format!(
+                "package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one",
+                pkg.name
+            ))
+        })
+    }
+
+    async fn wait(&self, s: &mut crate::Session) -> Result<(), Error> {
+        let timeout = Duration::from_secs(180);
+        match self {
+            FirstAnswer::Probe(p) => s.expect_after(p.input.as_bytes(), &p.expect, timeout).await.map(|_| ()),
+            FirstAnswer::Frame => {
+                let deadline = Instant::now() + timeout;
+                // A screen dump is the frame a viewer would get first.
+                while s.screen_pixels().await?.2 < 100 {
+                    if Instant::now() > deadline {
+                        return Err(Error::Timeout { what: "a first frame".into(), secs: timeout.as_secs() });
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Engine {
     /// Measures `runs` launches each way, interleaved, from the request to the
-    /// program's answer to its probe line.
+    /// program's answer to its probe line (console packages) or its first
+    /// frame on the display (graphical packages).
     ///
     /// # Errors
     /// If the package has no probe, or a launch fails.
@@ -52,27 +93,21 @@ impl Engine {
         with_pool: bool,
         progress: &dyn Progress,
     ) -> Result<LaunchReport, Error> {
-        let probe = pkg.def.probe.clone().ok_or_else(|| {
-            Error::Config(format!(
-                "package {} has no [probe] (a line to type and the answer to expect); the benchmark needs one",
-                pkg.name
-            ))
-        })?;
+        let answer = FirstAnswer::of(pkg)?;
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
-        let timeout = Duration::from_secs(180);
         let (mut cold, mut launch) = (Vec::new(), Vec::new());
         for i in 0..runs {
             progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch_cold(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            answer.wait(&mut s).await?;
             cold.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
             progress.step(&format!("bench {}: run {}/{runs} from launch image", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch(pkg, &settings, progress).await?;
-            s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+            answer.wait(&mut s).await?;
             launch.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
         }
@@ -84,7 +119,7 @@ impl Engine {
                 pool.fill(self, pkg, 1, progress).await?;
                 let t = Instant::now();
                 let mut s = pool.take(&pkg.name, &settings).await?.expect("the pool was just filled");
-                s.expect_after(probe.input.as_bytes(), &probe.expect, timeout).await?;
+                answer.wait(&mut s).await?;
                 pooled.push(t.elapsed().as_secs_f64() * 1000.0);
                 s.close().await;
             }

@@ -95,9 +95,17 @@ pub struct Definition {
 
 /// What a graphical package's VM gets besides its own debs: the X server on
 /// the VM's display, input through evdev, xrandr and setxkbmap (the context
-/// sets resolution and keyboard layout with them), fonts.
-pub const X_DEBS: &[&str] =
-    &["xserver-xorg-core", "xserver-xorg-input-evdev", "x11-xserver-utils", "x11-xkb-utils", "fonts-dejavu-core"];
+/// sets resolution and keyboard layout with them), fonts, and a window
+/// manager that shows the program full-screen and gives it the keyboard
+/// (toolkits such as GTK take no typing without one).
+pub const X_DEBS: &[&str] = &[
+    "xserver-xorg-core",
+    "xserver-xorg-input-evdev",
+    "x11-xserver-utils",
+    "x11-xkb-utils",
+    "fonts-dejavu-core",
+    "matchbox-window-manager",
+];
 
 impl Definition {
     /// Every Debian package the install image needs.
