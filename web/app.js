@@ -107,6 +107,7 @@ function showDisplay(id, name) {
   attachedId = id;
   $('terminal').hidden = true;
   $('display').hidden = false;
+  $('clipboard').hidden = false;
   $('display').replaceChildren();
   $('term-title').textContent = `${name} — session ${id}`;
   $('term-status').textContent = 'Connecting to the display…';
@@ -125,6 +126,7 @@ function attach(id, name) {
   if (graphical.has(name)) { showDisplay(id, name); return; }
   if (viewer) { viewer.disconnect(); viewer = null; }
   $('display').hidden = true;
+  $('clipboard').hidden = true;
   $('terminal').hidden = false;
   if (socket) socket.close();
   attachedId = id;
@@ -146,6 +148,33 @@ function attach(id, name) {
   };
   ws.onclose = () => { if (socket === ws) { socket = null; attachedId = null; loadSessions().catch(() => {}); } };
 }
+
+// The VM's clipboard, through the agent (the VNC protocol's own clipboard
+// needs an agent QEMU does not have here).
+async function clipboard(method, text) {
+  const res = await fetch(`/v1/sessions/${attachedId}/clipboard`, {
+    method, headers: { Authorization: `Bearer ${token}`, 'content-type': 'text/plain; charset=utf-8' }, body: text,
+  });
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({}));
+    throw new Error(data.error ? data.error.message : `HTTP ${res.status}`);
+  }
+  return res.status === 204 ? null : res.text();
+}
+$('clip-send').addEventListener('click', () => {
+  clipboard('PUT', $('clip').value)
+    .then(() => { $('term-status').textContent = 'Clipboard sent to the VM.'; })
+    .catch((e) => showError(e.message));
+});
+$('clip-get').addEventListener('click', () => {
+  clipboard('GET')
+    .then((t) => {
+      $('clip').value = t;
+      $('term-status').textContent = 'Clipboard copied from the VM.';
+      navigator.clipboard?.writeText(t).catch(() => {});
+    })
+    .catch((e) => showError(e.message));
+});
 
 term.onData((d) => { if (socket && socket.readyState === WebSocket.OPEN) socket.send(new TextEncoder().encode(d)); });
 term.onResize(({ rows, cols }) => {

@@ -1,7 +1,8 @@
 // Browser test of graphical packages' displays, in Debian's headless
 // chromium: launch xeyes from the page, see its first frame through noVNC
 // (not blank), move the pointer over it and see the screen change; then
-// launch mousepad, type into it and see the text appear.
+// launch mousepad, type into it and see the text appear; paste text sent
+// from the page, copy the whole text in mousepad and read it on the page.
 //   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
 import { chromium } from 'playwright-core';
 
@@ -89,6 +90,38 @@ try {
   }
   await page.screenshot({ path: shot.replace(/\.png$/, '-typed.png') });
   if (!typed) throw new Error('typing did not change the display');
+
+  step('clipboard, page to VM: paste into mousepad');
+  await page.fill('#clip', ' and pasted from the page');
+  await page.click('#clip-send');
+  await page.waitForFunction(() => document.getElementById('term-status').textContent.includes('sent'), null, { timeout: 20000 });
+  const beforePaste = await pixels();
+  await page.mouse.click(editor.x + editor.width * 0.6, editor.y + editor.height * 0.6);
+  await page.keyboard.press('Control+End');
+  await page.keyboard.press('Control+v');
+  let pasted = false;
+  for (let i = 0; i < 40 && !pasted; i++) {
+    await page.waitForTimeout(250);
+    pasted = (await pixels()).sum !== beforePaste.sum;
+  }
+  if (!pasted) throw new Error('pasting did not change the display');
+
+  step('clipboard, VM to page: copy everything in mousepad');
+  // The paste lands when mousepad has fetched the text: copy until it shows.
+  const want = 'strata types here and pasted from the page';
+  let copied = '';
+  for (let i = 0; i < 20 && copied !== want; i++) {
+    await page.waitForTimeout(500);
+    await page.keyboard.press('Control+a');
+    await page.keyboard.press('Control+c');
+    await page.waitForTimeout(300);
+    await page.fill('#clip', '');
+    await page.click('#clip-get');
+    await page.waitForFunction(() => document.getElementById('term-status').textContent.includes('copied'), null, { timeout: 20000 });
+    copied = await page.inputValue('#clip');
+    await page.evaluate(() => { document.getElementById('term-status').textContent = ''; });
+  }
+  if (copied !== want) throw new Error(`the VM's clipboard holds ${JSON.stringify(copied)}`);
   step('ok');
 } finally {
   await browser.close();

@@ -139,6 +139,16 @@ impl Agent {
             HostMsg::FileWrite { path, offset, data, last, mode } => {
                 self.send_always(&GuestMsg::File(files::write(&path, offset, &data, last, mode)));
             }
+            // On a thread of their own: xclip talks to the X server, which
+            // may take a moment, and the channel must keep flowing.
+            HostMsg::ClipboardGet => {
+                let agent = self.clone();
+                std::thread::spawn(move || agent.send_always(&GuestMsg::Clipboard(x11::clipboard_get())));
+            }
+            HostMsg::ClipboardSet { text } => {
+                let agent = self.clone();
+                std::thread::spawn(move || agent.send_always(&GuestMsg::Clipboard(x11::clipboard_set(&text))));
+            }
         }
     }
 

@@ -103,3 +103,44 @@ pub fn main(args: &[String]) -> ! {
     let status = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
     std::process::exit(status);
 }
+
+/// Largest clipboard text carried either way.
+pub const MAX_CLIPBOARD: usize = 1 << 20;
+
+/// The X clipboard's text, read with xclip. The reaper collects xclip; its
+/// output ends when it exits.
+pub fn clipboard_get() -> Result<String, String> {
+    use std::io::Read;
+    let mut child = Command::new("xclip")
+        .args(["-o", "-selection", "clipboard"])
+        .env("DISPLAY", DISPLAY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run xclip: {e}"))?;
+    let mut out = Vec::new();
+    let stdout = child.stdout.take().ok_or("xclip has no output")?;
+    stdout.take(MAX_CLIPBOARD as u64).read_to_end(&mut out).map_err(|e| format!("reading the clipboard: {e}"))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Puts `text` on the X clipboard: xclip keeps serving it until another
+/// program takes the clipboard.
+pub fn clipboard_set(text: &str) -> Result<String, String> {
+    use std::io::Write;
+    if text.len() > MAX_CLIPBOARD {
+        return Err(format!("clipboard text of {} bytes is over the limit of {MAX_CLIPBOARD}", text.len()));
+    }
+    let mut child = Command::new("xclip")
+        .args(["-i", "-selection", "clipboard", "-quiet"])
+        .env("DISPLAY", DISPLAY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run xclip: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("xclip has no input")?;
+    stdin.write_all(text.as_bytes()).map_err(|e| format!("writing the clipboard: {e}"))?;
+    Ok(text.to_string())
+}

@@ -45,6 +45,11 @@ pub enum Cmd {
     Resume(Reply<()>),
     SetTimeout(Option<Duration>),
     Kill(oneshot::Sender<()>),
+    /// Read the display's clipboard, or set it (`Some`).
+    Clipboard {
+        set: Option<String>,
+        reply: Reply<String>,
+    },
     /// Copy a host file into the guest, or a guest file out to the host.
     Copy {
         host: std::path::PathBuf,
@@ -173,7 +178,7 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                     if let Some(c) = &client { let _ = c.send(Out::Lost(why)).await; }
                     break;
                 }
-                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) => {}
+                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
             },
             cmd = rx.recv() => match cmd {
                 None => break,
@@ -216,6 +221,13 @@ async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
                 Some(Cmd::SetTimeout(t)) => {
                     set(&live.idle_timeout, t);
                     idle_since = tokio::time::Instant::now();
+                }
+                Some(Cmd::Clipboard { set, reply }) => {
+                    let r = match set {
+                        Some(text) => session.set_clipboard(&text).await.map(|_| text),
+                        None => session.clipboard().await,
+                    };
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
                 }
                 Some(Cmd::Copy { host, guest, into_guest, reply }) => {
                     let r = if into_guest { session.copy_in(&host, &guest).await } else { session.copy_out(&guest, &host).await };

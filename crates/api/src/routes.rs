@@ -45,6 +45,8 @@ type St = State<Arc<AppState>>;
         set_timeout,
         attach_session,
         session_display,
+        get_clipboard,
+        set_clipboard,
         read_file,
         write_file
     ),
@@ -95,6 +97,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
         .route("/v1/sessions/{id}/display", get(session_display))
+        .route(
+            "/v1/sessions/{id}/clipboard",
+            get(get_clipboard).put(set_clipboard).layer(axum::extract::DefaultBodyLimit::max(MAX_CLIPBOARD)),
+        )
         .route("/vendor/novnc/{*path}", get(crate::web::novnc))
         .route(
             "/v1/sessions/{id}/files",
@@ -535,6 +541,34 @@ async fn session_logs(State(st): St, Caller(owner): Caller, Path(id): Path<Strin
     let live = mine(&st, &owner, &id)?;
     let screen = ask(&live, Cmd::Screen).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], screen).into_response())
+}
+
+/// Largest text `PUT /v1/sessions/{id}/clipboard` takes.
+const MAX_CLIPBOARD: usize = 1 << 20;
+
+/// The text on a graphical session's clipboard.
+#[utoipa::path(get, path = "/v1/sessions/{id}/clipboard", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn get_clipboard(State(st): St, Caller(owner): Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let text = ask(&live, |reply| Cmd::Clipboard { set: None, reply }).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// Puts text on a graphical session's clipboard (as if copied in the VM).
+#[utoipa::path(put, path = "/v1/sessions/{id}/clipboard", params(("id" = String, Path)),
+    request_body(content = String, content_type = "text/plain"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn set_clipboard(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let text = String::from_utf8(body.to_vec()).map_err(|_| ApiError::bad_request("clipboard text must be UTF-8"))?;
+    ask(&live, |reply| Cmd::Clipboard { set: Some(text), reply }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Largest file `PUT /v1/sessions/{id}/files` takes.

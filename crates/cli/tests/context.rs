@@ -219,6 +219,11 @@ async fn bad_contexts_are_refused_before_any_vm_starts() {
             "forwarded twice",
         ),
         (Box::new(|s| s.home = Some("../escape".into())), "terminal name"),
+        (
+            Box::new(|s| s.screen = Some(strata_engine::context::Resolution { width: 20000, height: 600 })),
+            "screen size",
+        ),
+        (Box::new(|s| s.keyboard = Some("qwertz-klingon".into())), "keyboard layout"),
     ];
     for (mutate, want) in cases {
         let mut s = plain();
@@ -327,5 +332,13 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     assert!(applied.lines().any(|l| l.starts_with("layout:") && l.trim_end().ends_with("de")), "{applied:?}");
     let (w, h, _) = s.screen_pixels().await.unwrap();
     assert_eq!((w, h), (1024, 768));
+    // The clipboard, through the agent.
+    s.set_clipboard("from the host \u{2713}").await.unwrap();
+    assert_eq!(s.clipboard().await.unwrap(), "from the host \u{2713}");
     s.close().await;
+    // A console session has none.
+    let mut console = launch(&eng, "bc", &plain()).await;
+    let err = console.clipboard().await.unwrap_err().to_string();
+    assert!(err.contains("not a graphical package"), "{err}");
+    console.close().await;
 }

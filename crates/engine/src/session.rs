@@ -29,6 +29,8 @@ pub enum SessionEvent {
     Screen(Vec<u8>),
     /// The agent's answer to a file read or write.
     File(Result<strata_proto::FilePart, String>),
+    /// The agent's answer about the clipboard.
+    Clipboard(Result<String, String>),
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -182,6 +184,7 @@ impl Session {
                     Ok(Some(GuestMsg::Attached { procs, .. })) => SessionEvent::Attached(main_screen(procs)),
                     Ok(Some(GuestMsg::Screens { procs })) => SessionEvent::Screen(main_screen(procs)),
                     Ok(Some(GuestMsg::File(r))) => SessionEvent::File(r),
+                    Ok(Some(GuestMsg::Clipboard(r))) => SessionEvent::Clipboard(r),
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -313,6 +316,32 @@ impl Session {
         }
     }
 
+    /// The text on a graphical session's clipboard.
+    ///
+    /// # Errors
+    /// If the session has no display or the agent cannot read it.
+    pub async fn clipboard(&mut self) -> Result<String, Error> {
+        self.clipboard_op(HostMsg::ClipboardGet).await
+    }
+
+    /// Puts text on a graphical session's clipboard.
+    ///
+    /// # Errors
+    /// If the session has no display or the agent cannot set it.
+    pub async fn set_clipboard(&mut self, text: &str) -> Result<(), Error> {
+        self.clipboard_op(HostMsg::ClipboardSet { text: text.into() }).await.map(|_| ())
+    }
+
+    async fn clipboard_op(&mut self, msg: HostMsg) -> Result<String, Error> {
+        if !self.graphical {
+            return Err(Error::Config(format!("{} is not a graphical package: it has no clipboard", self.package)));
+        }
+        match self.wait_for(msg, |e| matches!(e, SessionEvent::Clipboard(_))).await? {
+            SessionEvent::Clipboard(r) => r.map_err(|m| Error::Config(format!("in the guest: {m}"))),
+            _ => unreachable!("wait_for returns the awaited event"),
+        }
+    }
+
     /// Copies a host file into the guest at `guest` (replaced atomically
     /// there); returns the bytes copied.
     ///
@@ -407,7 +436,8 @@ impl Session {
                     | SessionEvent::Detached
                     | SessionEvent::Attached(_)
                     | SessionEvent::Screen(_)
-                    | SessionEvent::File(_) => {}
+                    | SessionEvent::File(_)
+                    | SessionEvent::Clipboard(_) => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }

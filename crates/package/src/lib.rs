@@ -97,7 +97,8 @@ pub struct Definition {
 /// the VM's display, input through evdev, xrandr and setxkbmap (the context
 /// sets resolution and keyboard layout with them), fonts, and a window
 /// manager that shows the program full-screen and gives it the keyboard
-/// (toolkits such as GTK take no typing without one).
+/// (toolkits such as GTK take no typing without one), and xclip, through
+/// which the agent reads and sets the clipboard.
 pub const X_DEBS: &[&str] = &[
     "xserver-xorg-core",
     "xserver-xorg-input-evdev",
@@ -105,6 +106,7 @@ pub const X_DEBS: &[&str] = &[
     "x11-xkb-utils",
     "fonts-dejavu-core",
     "matchbox-window-manager",
+    "xclip",
 ];
 
 impl Definition {

@@ -164,6 +164,10 @@ pub enum HostMsg {
     /// Write `data` at `offset` of a new version of a guest file; with
     /// `last`, the new version replaces the file atomically.
     FileWrite { path: String, offset: u64, data: Vec<u8>, last: bool, mode: u32 },
+    /// Read the text of the display's clipboard (graphical sessions).
+    ClipboardGet,
+    /// Put text on the display's clipboard, as if copied there.
+    ClipboardSet { text: String },
 }
 
 /// The state of one process, sent on attach.
@@ -200,6 +204,9 @@ pub enum GuestMsg {
     Error { message: String },
     /// Reply to [`HostMsg::FileRead`] and [`HostMsg::FileWrite`].
     File(Result<FilePart, String>),
+    /// Reply to [`HostMsg::ClipboardGet`] and [`HostMsg::ClipboardSet`]: the
+    /// clipboard's text.
+    Clipboard(Result<String, String>),
 }
 
 /// Encodes one message as a frame.
