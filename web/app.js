@@ -214,7 +214,22 @@ $('any').addEventListener('submit', (ev) => {
 });
 
 // A token can come in the address (#token=...), e.g. from `strata serve`'s output.
-const fromHash = new URLSearchParams(location.hash.slice(1)).get('token');
-if (fromHash) history.replaceState(null, '', location.pathname);
-const saved = fromHash || localStorage.getItem('strata-token');
-if (saved) signIn(saved); else $('login').hidden = false;
+const hash = new URLSearchParams(location.hash.slice(1));
+const fromHash = hash.get('token');
+if (fromHash || hash.get('attach')) history.replaceState(null, '', location.pathname);
+if (hash.get('session') && hash.get('attach')) {
+  // A viewer for one session (the address `strata run` prints for a
+  // graphical package): its attach token opens its display, nothing else.
+  const id = hash.get('session');
+  attachTokens[id] = hash.get('attach');
+  sessionStorage.setItem('strata-attach', JSON.stringify(attachTokens));
+  $('app').hidden = false;
+  $('catalog').hidden = true;
+  $('sessions-box').hidden = true;
+  showDisplay(id, hash.get('package') || 'session');
+  // The clipboard needs the terminal's API token, which a viewer lacks.
+  $('clipboard').hidden = true;
+} else {
+  const saved = fromHash || localStorage.getItem('strata-token');
+  if (saved) signIn(saved); else $('login').hidden = false;
+}

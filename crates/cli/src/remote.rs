@@ -80,6 +80,12 @@ impl Remote {
         }
         let created = self.call("POST", "/v1/sessions", Some(json!({"package": package, "context": ctx}))).await?;
         let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
+        if created["session"]["graphical"].as_bool() == Some(true) {
+            let attach = created["attach_token"].as_str().unwrap_or_default();
+            let viewer = format!("{}/#session={id}&attach={attach}&package={package}", self.base);
+            eprintln!("strata: {package} shows its display at {viewer}");
+            open_in_browser(&viewer);
+        }
         if detach {
             println!("{id}");
             return Ok(0);
@@ -168,5 +174,22 @@ impl Remote {
                 },
             }
         }
+    }
+}
+
+/// Opens `url` in the desktop's browser, where there is a desktop.
+fn open_in_browser(url: &str) {
+    let desktop = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    if !desktop {
+        return;
+    }
+    let opened = std::process::Command::new("xdg-open")
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if opened.is_err() {
+        eprintln!("strata: no xdg-open here; open the address above in a browser");
     }
 }

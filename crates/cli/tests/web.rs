@@ -59,3 +59,37 @@ fn the_web_page_shows_a_graphical_package_and_passes_the_pointer_to_it() {
     eprintln!("{}", text(&out.stdout));
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot at {}", shot.display());
 }
+
+#[test]
+fn strata_run_of_a_graphical_package_prints_a_viewer_address_that_shows_it() {
+    if !e2e() {
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
+    let token = text(&strata(&["token", "create", "web-viewer"]).output().unwrap().stdout).trim().to_string();
+    let mut server = strata(&["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    let run =
+        strata(&["--addr", &base, "--token", &token, "run", "-d", "xeyes"]).env_remove("DISPLAY").output().unwrap();
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let stderr = text(&run.stderr);
+    let viewer = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with(&format!("{base}/#session=")))
+        .unwrap_or_else(|| panic!("no viewer address in {stderr:?}"))
+        .to_string();
+    let shot = env().state.join("web-viewer.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = std::process::Command::new("node")
+        .arg(repo.join("web/test/viewer.mjs"))
+        .arg(&viewer)
+        .arg(&shot)
+        .current_dir(repo.join("web"))
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("kill").arg(server.id().to_string()).status();
+    let _ = server.wait();
+    assert!(out.status.success(), "viewer test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+}
