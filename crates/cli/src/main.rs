@@ -370,6 +370,15 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Placement decision time over a simulated fleet, for every rule.
+    Placement {
+        #[arg(long, default_value_t = 1000)]
+        servers: usize,
+        #[arg(long, default_value_t = 10000)]
+        decisions: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Memory per idle session: N sessions from the launch image at once.
     Density {
         package: String,
@@ -746,6 +755,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "throughput {:.2} launches/s; {} from the pool, {} failed",
                     r.throughput, r.from_pool, r.failed
                 );
+            }
+            Ok(0)
+        }
+        Cmd::Bench { cmd: BenchCmd::Placement { servers, decisions, json } } => {
+            if *servers == 0 || *decisions == 0 || *servers > 1_000_000 || *decisions > 10_000_000 {
+                anyhow::bail!("--servers must be 1..=1000000 and --decisions 1..=10000000");
+            }
+            let timings = strata_placement::simulate(*servers, *decisions, 42);
+            if *json {
+                println!("{}", serde_json::json!({"servers": servers, "rules": timings}));
+            } else {
+                println!("strata bench placement ({servers} simulated servers, {decisions} decisions per rule)");
+                println!("{:<14} {:>10} {:>10} {:>12}", "rule", "p50 us", "p99 us", "on a cache");
+                for t in timings {
+                    println!("{:<14} {:>10.2} {:>10.2} {:>11.1}%", t.rule, t.p50_us, t.p99_us, t.local_share * 100.0);
+                }
             }
             Ok(0)
         }
