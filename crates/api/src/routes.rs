@@ -112,6 +112,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Query parameters whose rejections use the API's error body.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Params(v)),
+            Err(rej) => Err(ApiError::bad_request(format!("query parameters: {}", rej.body_text()))),
+        }
+    }
+}
+
 /// A JSON body whose rejections use the API's error body.
 pub struct Body<T>(pub T);
 
@@ -595,7 +609,7 @@ async fn read_file(
     State(st): St,
     Caller(owner): Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Params(q): Params<FileQuery>,
 ) -> Result<Response, ApiError> {
     let live = mine(&st, &owner, &id)?;
     let guest = guest_path(&q)?;
@@ -614,7 +628,7 @@ async fn write_file(
     State(st): St,
     Caller(owner): Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Params(q): Params<FileQuery>,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     let live = mine(&st, &owner, &id)?;
@@ -728,7 +742,7 @@ pub struct DisplayQuery {
 async fn session_display(
     State(st): St,
     Path(id): Path<String>,
-    Query(q): Query<DisplayQuery>,
+    Params(q): Params<DisplayQuery>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -768,7 +782,7 @@ async fn relay_display(mut socket: WebSocket, stream: tokio::net::UnixStream) {
 async fn attach_session(
     State(st): St,
     Path(id): Path<String>,
-    Query(q): Query<AttachQuery>,
+    Params(q): Params<AttachQuery>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -239,77 +240,109 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
 }
 
-/// Tiny deterministic generator of arbitrary JSON, for bodies a client
-/// might send (well-formed or not).
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn value(&mut self, depth: u32) -> Value {
-        let strings = ["python3", "", "../../etc", "bc", "\u{0}", "x", "ß", "htop; rm -rf /"];
-        match self.next() % if depth > 2 { 5 } else { 7 } {
-            0 => Value::Null,
-            1 => Value::Bool(self.next().is_multiple_of(2)),
-            2 => json!((self.next() % 100_000) as i64 - 50_000),
-            3 => json!(u64::MAX - self.next() % 3),
-            4 => json!(strings[(self.next() % strings.len() as u64) as usize]),
-            5 => Value::Array((0..self.next() % 4).map(|_| self.value(depth + 1)).collect()),
-            _ => {
-                let keys = [
-                    "package",
-                    "context",
-                    "rows",
-                    "cols",
-                    "term",
-                    "timezone",
-                    "idle_timeout_s",
-                    "seconds",
-                    "env",
-                    "junk",
-                ];
-                let mut m = serde_json::Map::new();
-                for _ in 0..self.next() % 4 {
-                    m.insert(keys[(self.next() % keys.len() as u64) as usize].into(), self.value(depth + 1));
-                }
-                Value::Object(m)
-            }
-        }
-    }
+/// Arbitrary JSON, biased towards the API's own field names and nasty strings.
+fn json_value() -> impl Strategy<Value = Value> {
+    let key = prop_oneof![
+        Just("package".to_string()),
+        Just("context".to_string()),
+        Just("rows".to_string()),
+        Just("cols".to_string()),
+        Just("term".to_string()),
+        Just("timezone".to_string()),
+        Just("idle_timeout_s".to_string()),
+        Just("seconds".to_string()),
+        Just("env".to_string()),
+        Just("ports".to_string()),
+        Just("shares".to_string()),
+        Just("home".to_string()),
+        Just("outbound".to_string()),
+        Just("screen".to_string()),
+        Just("keyboard".to_string()),
+        "[a-z_]{1,8}",
+    ];
+    let text = prop_oneof![
+        Just("python3".to_string()),
+        Just("../../etc".to_string()),
+        Just("\u{0}".to_string()),
+        Just("htop; rm -rf /".to_string()),
+        Just("/etc".to_string()),
+        Just("99999x1".to_string()),
+        any::<String>(),
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        text.prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(key.clone(), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
 }
 
-#[tokio::test]
-async fn arbitrary_bodies_and_paths_get_4xx_with_the_error_body_never_5xx() {
+/// Query strings: the API's parameter names with arbitrary values.
+fn query() -> impl Strategy<Value = String> {
+    let name = prop_oneof![Just("path"), Just("token"), Just("rows"), Just("cols"), Just("term"), Just("x")];
+    prop::collection::vec((name, any::<String>()), 0..4).prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", v.bytes().map(|b| format!("%{b:02X}")).collect::<String>()))
+            .collect::<Vec<_>>()
+            .join("&")
+    })
+}
+
+#[test]
+fn arbitrary_bodies_and_query_parameters_get_4xx_with_the_error_body_never_5xx() {
     if !e2e() {
         return;
     }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let s = serve("api-fuzz");
     let api = Api { http: reqwest::Client::new(), s: &s };
-    let mut g = Gen(0x5eed_1234_abcd_ef01);
     let routes = [
         ("POST", "/v1/sessions"),
         ("PUT", "/v1/sessions/000000000000/timeout"),
         ("POST", "/v1/images"),
         ("DELETE", "/v1/images/zz"),
     ];
-    for i in 0..300 {
-        let (m, p) = routes[i % routes.len()];
-        let mut body = g.value(0);
-        // Keep launches out of it: a valid package name would start a VM.
-        if let Some(o) = body.as_object_mut() {
-            if o.get("package").is_some_and(|v| v.is_string()) {
-                o.insert("package".into(), json!("Not A Package"));
+    let config = ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() };
+    let mut runner = proptest::test_runner::TestRunner::new(config.clone());
+    runner
+        .run(&(0..routes.len(), json_value()), |(r, mut body)| {
+            let (m, p) = routes[r];
+            // Keep launches out of it: a valid package name would start a VM.
+            if let Some(o) = body.as_object_mut() {
+                if o.get("package").is_some_and(|v| v.is_string()) {
+                    o.insert("package".into(), json!("Not A Package"));
+                }
             }
-        }
-        let (st, v) = api.call(m, p, Some(&s.a), Some(body.clone())).await;
-        assert!((400..500).contains(&st), "{m} {p} {body} -> {st} {v}");
-        assert!(v["error"]["code"].is_string(), "{m} {p} {body} -> {st} {v}");
-    }
-    let (st, v) = api.call("GET", "/v1/nothing/here", Some(&s.a), None).await;
+            let (st, v) = rt.block_on(api.call(m, p, Some(&s.a), Some(body.clone())));
+            prop_assert!((400..500).contains(&st), "{} {} {} -> {} {}", m, p, body, st, v);
+            prop_assert!(v["error"]["code"].is_string(), "{} {} {} -> {} {}", m, p, body, st, v);
+            Ok(())
+        })
+        .unwrap();
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let paths =
+        ["/v1/sessions/000000000000/files", "/v1/sessions/000000000000/clipboard", "/v1/sessions", "/v1/images"];
+    runner
+        .run(&(0..paths.len(), query()), |(p, q)| {
+            let path = format!("{}?{q}", paths[p]);
+            let (st, v) = rt.block_on(api.call("GET", &path, Some(&s.a), None));
+            prop_assert!(st < 500, "GET {} -> {} {}", path, st, v);
+            if st >= 400 {
+                prop_assert!(v["error"]["code"].is_string(), "GET {} -> {} {}", path, st, v);
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (st, v) = rt.block_on(api.call("GET", "/v1/nothing/here", Some(&s.a), None));
     assert_eq!(st, 404);
     assert_error(&v, "not_found");
 }

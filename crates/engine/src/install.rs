@@ -11,7 +11,7 @@ use strata_store::{ImageKind, ImageRecord};
 use strata_vmm::{Disk, DiskMode};
 use tokio::process::Command;
 
-use crate::session::{start_and_attach, MAIN_PROC};
+use crate::session::{boot_for_build, MAIN_PROC};
 use crate::tools::{create_overlay, rebase_to_digest, run, tail};
 use crate::{io_err, Engine, Error, Progress, ARCH, OS};
 
@@ -120,19 +120,17 @@ impl Engine {
             prog = shell_quote(&pkg.def.command[0]),
         );
         progress.step(&format!("install image for {}: installing in a VM", pkg.name));
-        let scratch = self.store.work_dir("install-vm")?;
-        let mut cfg = self.boot_config(base, scratch.path(), self.accel_for(base).await?, 1024)?;
-        cfg.disks = vec![
-            Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
-            Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
-        ];
-        let mut a = start_and_attach(
-            cfg,
-            scratch,
-            &TerminalContext { term: "dumb".into(), ..Default::default() },
-            Duration::from_secs(120),
-        )
-        .await?;
+        let accel = self.accel_for(base).await?;
+        let make = |dir: &std::path::Path| {
+            let mut cfg = self.boot_config(base, dir, accel, 1024)?;
+            cfg.disks = vec![
+                Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable },
+                Disk { path: debs_img.clone(), format: "raw", mode: DiskMode::ReadOnly },
+            ];
+            Ok(cfg)
+        };
+        let ctx = TerminalContext { term: "dumb".into(), ..Default::default() };
+        let mut a = boot_for_build(&self.store, "install-vm", make, || {}, &ctx, Duration::from_secs(120)).await?;
         a.conn
             .send(&HostMsg::Spawn {
                 id: MAIN_PROC,

@@ -11,7 +11,7 @@ use strata_store::{ImageKind, ImageRecord};
 use strata_vmm::{Accel, Disk, DiskMode, Memory, Plug, VmConfig};
 
 use crate::context::ContextSettings;
-use crate::session::{spawn_ready, start_and_attach, Attached, Session};
+use crate::session::{boot_for_build, spawn_ready, start_and_attach, Attached, Session};
 use crate::sessions::SessionRecord;
 use crate::tools::{create_overlay, rebase_to_digest};
 use crate::{Engine, Error, Progress, ARCH, OS};
@@ -160,13 +160,18 @@ impl Engine {
         create_overlay(&self.store.blob_path(install.file("disk")?), &overlay).await?;
         let memory = w.join("memory");
         let state = w.join("state");
-        let vm_dir = self.store.work_dir("launch-vm")?;
-        let mut cfg = self.boot_config(base, vm_dir.path(), accel, pkg.def.memory_mib)?;
-        cfg.memory = Memory::SharedFile(memory.clone());
-        cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
-        cfg.display = pkg.def.graphical;
+        let make = |dir: &std::path::Path| {
+            let mut cfg = self.boot_config(base, dir, accel, pkg.def.memory_mib)?;
+            cfg.memory = Memory::SharedFile(memory.clone());
+            cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
+            cfg.display = pkg.def.graphical;
+            Ok(cfg)
+        };
+        let fresh = || {
+            let _ = std::fs::remove_file(&memory);
+        };
         let ctx = ContextSettings::from_terminal(None).to_terminal_context();
-        let mut a = start_and_attach(cfg, vm_dir, &ctx, BOOT_TIMEOUT).await?;
+        let mut a = boot_for_build(&self.store, "launch-vm", make, fresh, &ctx, BOOT_TIMEOUT).await?;
         let r = &pkg.def.ready;
         spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
         progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));

@@ -87,6 +87,34 @@ pub(crate) async fn start_and_attach(
     }
 }
 
+/// Boots a VM for an image build in a new scratch directory `label`; if the
+/// guest does not answer, boots it once more. A guest that hangs early is
+/// rare under TCG but must not fail a build (the second boot starts from the
+/// same disks; `fresh` clears what the first one may have left, such as a
+/// memory file).
+pub(crate) async fn boot_for_build(
+    store: &strata_store::Store,
+    label: &str,
+    make: impl Fn(&std::path::Path) -> Result<VmConfig, Error>,
+    fresh: impl Fn(),
+    ctx: &TerminalContext,
+    timeout: Duration,
+) -> Result<Attached, Error> {
+    let mut attempt = 1;
+    loop {
+        let dir = store.work_dir(label)?;
+        let cfg = make(dir.path())?;
+        match start_and_attach(cfg, dir, ctx, timeout).await {
+            Err(e @ (Error::Agent(_) | Error::Vm(strata_vmm::Error::AgentTimeout(_)))) if attempt == 1 => {
+                tracing::warn!(error = %e, "a build VM did not answer; booting it again");
+                fresh();
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn main_screen(procs: Vec<strata_proto::ProcState>) -> Vec<u8> {
     procs.into_iter().find(|p| p.id == MAIN_PROC).map(|p| p.screen).unwrap_or_default()
 }
