@@ -73,6 +73,9 @@ impl Agent {
     fn handle(self: &Arc<Self>, msg: HostMsg) {
         match msg {
             HostMsg::Attach(ctx) => {
+                if let Some(id) = &ctx.request_id {
+                    log(&format!("attach for request {id}"));
+                }
                 system::apply_context(&ctx);
                 let mut problems = Vec::new();
                 if let Some(net) = &ctx.network {

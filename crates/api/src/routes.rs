@@ -108,8 +108,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(request_id))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The header carrying a request's id, both ways.
+const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every request an id (the caller's `x-request-id` if it is a plain
+/// one, else a new one), logs under it, hands it to the engine (and from
+/// there to the guest agent's log), and returns it in the response.
+async fn request_id(req: Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let given = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| {
+        !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    });
+    let id = match given {
+        Some(v) => v.to_string(),
+        None => auth::new_token().map(|t| t[..16].to_string()).unwrap_or_else(|_| "unknown".into()),
+    };
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = strata_engine::with_request_id(id.clone(), next.run(req)).instrument(span).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
 }
 
 /// Query parameters whose rejections use the API's error body.

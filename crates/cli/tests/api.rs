@@ -453,10 +453,27 @@ async fn the_api_forwards_ports_shares_folders_and_copies_files() {
     // lighttpd serves the shared folder through the forwarded port.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ctx = json!({"ports": [{"host": port, "guest": 80}], "shares": [{"host": root, "guest": "/var/www/html", "readonly": true}]});
-    let (status, body) =
-        api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "lighttpd", "context": ctx}))).await;
-    assert_eq!(status, 201, "{body}");
+    // With a request id: it comes back, and reaches the guest agent's log.
+    let resp = api
+        .http
+        .post(format!("{}/v1/sessions", s.base))
+        .bearer_auth(&s.a)
+        .header("x-request-id", "strata-test-req-1")
+        .json(&json!({"package": "lighttpd", "context": ctx}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(resp.headers()["x-request-id"], "strata-test-req-1");
+    let body: Value = resp.json().await.unwrap();
     let id = body["session"]["id"].as_str().unwrap().to_string();
+    let console = env().state.join("sessions").join(&id).join("console.log");
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&console)
+            .is_ok_and(|c| c.contains("attach for request strata-test-req-1"))),
+        "the request id is not in the guest's log {}",
+        console.display()
+    );
     let page = reqwest::get(format!("http://127.0.0.1:{port}/index.html")).await.unwrap().text().await.unwrap();
     assert_eq!(page, "served from the host's folder");
     // Files in and out of the session.

@@ -68,6 +68,7 @@ impl Engine {
             rootfs_recipe().as_bytes(),
             KERNEL_PACKAGE.as_bytes(),
             initramfs::WANTED_MODULES.join(",").as_bytes(),
+            initramfs::LAYOUT.as_bytes(),
             CMDLINE.as_bytes(),
             initramfs::INIT_SCRIPT.as_bytes(),
             &Sha256::digest(&agent),

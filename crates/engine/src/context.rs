@@ -368,6 +368,7 @@ impl ContextSettings {
                 .unwrap_or(0),
             network: None,
             mounts: Vec::new(),
+            request_id: crate::request_id(),
             display: (self.screen.is_some() || self.keyboard.is_some()).then(|| strata_proto::GuestDisplay {
                 size: self.screen.map(|r| (r.width, r.height)),
                 keyboard: self.keyboard.clone(),

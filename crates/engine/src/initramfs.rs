@@ -6,6 +6,10 @@ use std::path::Path;
 
 use crate::{io_err, Error};
 
+/// Version of the archive's layout (what `build` puts where); part of the
+/// base recipe, so a change here builds a new base image.
+pub const LAYOUT: &str = "2";
+
 /// The shell script run as `/init`.
 pub const INIT_SCRIPT: &str = include_str!("assets/init.sh");
 
@@ -37,6 +41,10 @@ pub struct Cpio {
 
 impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry_dev(name, mode, data, (0, 0));
+    }
+
+    fn entry_dev(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
         self.ino += 1;
         let header = format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
@@ -49,8 +57,8 @@ impl Cpio {
             data.len(),
             0,
             0,
-            0,
-            0,
+            rdev.0,
+            rdev.1,
             name.len() + 1,
             0
         );
@@ -70,6 +78,11 @@ impl Cpio {
 
     pub fn dir(&mut self, name: &str) {
         self.entry(name, 0o040755, &[]);
+    }
+
+    /// A character device node.
+    pub fn char_dev(&mut self, name: &str, mode: u32, major: u32, minor: u32) {
+        self.entry_dev(name, 0o020000 | mode, &[], (major, minor));
     }
 
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
@@ -138,6 +151,11 @@ pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Er
 /// Builds the initramfs archive.
 pub fn build(busybox: &[u8], agent: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut c = Cpio::default();
+    // The kernel opens /dev/console for init before /init mounts devtmpfs:
+    // without this node PID 1 (the agent) would have no stdout or stderr,
+    // and its log would never reach the console log on the host.
+    c.dir("dev");
+    c.char_dev("dev/console", 0o600, 5, 1);
     c.dir("bin");
     c.file("bin/busybox", 0o755, busybox);
     c.file("init", 0o755, INIT_SCRIPT.as_bytes());

@@ -32,6 +32,22 @@ use strata_vmm::Accel;
 
 pub use session::{Session, SessionEvent};
 
+tokio::task_local! {
+    /// The API request being served by this task, if any: it goes into the
+    /// logs and, with each attach, to the guest agent's log.
+    static REQUEST_ID: String;
+}
+
+/// Runs `f` as part of the request `id` (see [`request_id`]).
+pub async fn with_request_id<F: std::future::Future>(id: String, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The request this task serves, if any.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 /// Operating system tag of the images this build makes.
 pub const OS: &str = "debian-12";
 /// Architecture tag of the images this build makes.

@@ -77,6 +77,8 @@ pub struct TerminalContext {
     pub mounts: Vec<GuestMount>,
     /// Screen size and keyboard layout of a graphical session.
     pub display: Option<GuestDisplay>,
+    /// The API request behind this attach, for the guest's log.
+    pub request_id: Option<String>,
 }
 
 /// What a graphical session's display follows from the terminal.
