@@ -157,8 +157,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
+        match Json::<serde_json::Value>::from_request(req, state).await {
+            // Only an object: serde would also read a struct from an array
+            // (`["python3"]`), which no client means.
+            Ok(Json(v)) if !v.is_object() => Err(ApiError::bad_request("the request body must be a JSON object")),
+            Ok(Json(v)) => serde_json::from_value(v).map(Body).map_err(|e| ApiError::bad_request(e.to_string())),
             Err(rej) => {
                 // A body that parses but does not fit is as bad a request as
                 // one that does not parse; only size and media type differ.
