@@ -5,6 +5,7 @@
 // from the page, copy the whole text in mousepad and read it on the page.
 //   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
 import { chromium } from 'playwright-core';
+import { litPixels } from './canvas.mjs';
 
 const [base, token, shot] = process.argv.slice(2);
 if (!base || !token || !shot) {
@@ -40,13 +41,7 @@ try {
   step('launch xeyes; its first frame arrives through the viewer');
   const t0 = Date.now();
   await page.click('button[data-launch="xeyes"]');
-  await page.waitForFunction(() => {
-    const c = document.querySelector('#display canvas');
-    if (!c || !c.width) return false;
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) return true;
-    return false;
-  }, null, { timeout: 60000, polling: 20 });
+  await page.waitForFunction(`(${litPixels})() > 0`, null, { timeout: 60000, polling: 20 });
   console.log(`first frame after ${Date.now() - t0} ms`);
   const before = await pixels();
   if (before.lit < 500) throw new Error(`the screen is nearly blank: ${before.lit} pixels lit`);
@@ -69,14 +64,7 @@ try {
   await page.click('button[data-launch="mousepad"]');
   await page.waitForFunction(() => document.getElementById('term-title').textContent.startsWith('mousepad'),
     null, { timeout: 60000 });
-  await page.waitForFunction(() => {
-    const c = document.querySelector('#display canvas');
-    if (!c || !c.width) return false;
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let lit = 0;
-    for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) lit++;
-    return lit > 10000;
-  }, null, { timeout: 60000, polling: 50 });
+  await page.waitForFunction(`(${litPixels})() > 10000`, null, { timeout: 60000, polling: 50 });
   const editor = await page.locator('#display canvas').boundingBox();
   // The text area: below the menu bar, inside the window at the top left.
   await page.mouse.click(editor.x + editor.width * 0.15, editor.y + editor.height * 0.3);

@@ -215,21 +215,28 @@ impl Engine {
         Ok(self.store.gc(Duration::from_secs(600))?)
     }
 
-    /// The recent output of a detached session, changing nothing in it.
-    ///
-    /// # Errors
-    /// If there is no such session, a terminal holds it, or it does not answer.
-    pub async fn session_logs(&self, id: &str) -> Result<Vec<u8>, Error> {
+    /// A session no terminal holds: its directory and record. `hint` says
+    /// what to do when a terminal does hold it.
+    fn unheld_session(&self, id: &str, hint: &str) -> Result<(PathBuf, SessionRecord), Error> {
         check_id(id)?;
         self.reap_sessions();
         let dir = self.session_dir(id);
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if !rec.detached && alive(rec.owner_pid) {
             return Err(Error::Config(format!(
-                "session {id} is attached to a terminal (strata process {}); its output is there",
+                "session {id} is attached to a terminal (strata process {}); {hint}",
                 rec.owner_pid
             )));
         }
+        Ok((dir, rec))
+    }
+
+    /// The recent output of a detached session, changing nothing in it.
+    ///
+    /// # Errors
+    /// If there is no such session, a terminal holds it, or it does not answer.
+    pub async fn session_logs(&self, id: &str) -> Result<Vec<u8>, Error> {
+        let (dir, rec) = self.unheld_session(id, "its output is there")?;
         let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
         let screen = crate::session::peek_screen(&mut conn, Duration::from_secs(10)).await;
         vm.release();
@@ -242,16 +249,7 @@ impl Engine {
     /// # Errors
     /// If there is no such session, a terminal holds it, or the copy fails.
     pub async fn copy_file(&self, id: &str, host: &Path, guest: &str, into_guest: bool) -> Result<u64, Error> {
-        check_id(id)?;
-        self.reap_sessions();
-        let dir = self.session_dir(id);
-        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
-        if !rec.detached && alive(rec.owner_pid) {
-            return Err(Error::Config(format!(
-                "session {id} is attached to a terminal (strata process {}); detach it first (Ctrl-P Ctrl-Q)",
-                rec.owner_pid
-            )));
-        }
+        let (dir, rec) = self.unheld_session(id, "detach it first (Ctrl-P Ctrl-Q)")?;
         let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
         let mut s = Session::new(id.to_string(), &rec.package, a);
