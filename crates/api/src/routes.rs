@@ -629,6 +629,30 @@ fn guest_path(q: &FileQuery) -> Result<String, ApiError> {
     Ok(q.path.clone())
 }
 
+/// Copies a file through a scratch file on this server: `upload` into the
+/// session's guest, or (without it) the guest file out, returned.
+async fn copy_through_scratch(
+    st: &AppState,
+    owner: &str,
+    id: &str,
+    q: &FileQuery,
+    upload: Option<&[u8]>,
+) -> Result<Vec<u8>, ApiError> {
+    let live = mine(st, owner, id)?;
+    let guest = guest_path(q)?;
+    let work = st.engine.store.work_dir("copy").map_err(|e| ApiError::internal(e.to_string()))?;
+    let host = work.path().join("file");
+    if let Some(data) = upload {
+        tokio::fs::write(&host, data).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    }
+    let into_guest = upload.is_some();
+    ask(&live, |reply| Cmd::Copy { host: host.clone(), guest, into_guest, reply }).await?;
+    if into_guest {
+        return Ok(Vec::new());
+    }
+    tokio::fs::read(&host).await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// Copies a file out of a running session.
 #[utoipa::path(get, path = "/v1/sessions/{id}/files", params(("id" = String, Path), FileQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -638,12 +662,7 @@ async fn read_file(
     Path(id): Path<String>,
     Params(q): Params<FileQuery>,
 ) -> Result<Response, ApiError> {
-    let live = mine(&st, &owner, &id)?;
-    let guest = guest_path(&q)?;
-    let work = st.engine.store.work_dir("copy-out").map_err(|e| ApiError::internal(e.to_string()))?;
-    let host = work.path().join("file");
-    ask(&live, |reply| Cmd::Copy { host: host.clone(), guest, into_guest: false, reply }).await?;
-    let data = tokio::fs::read(&host).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let data = copy_through_scratch(&st, &owner, &id, &q, None).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
@@ -658,12 +677,7 @@ async fn write_file(
     Params(q): Params<FileQuery>,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let live = mine(&st, &owner, &id)?;
-    let guest = guest_path(&q)?;
-    let work = st.engine.store.work_dir("copy-in").map_err(|e| ApiError::internal(e.to_string()))?;
-    let host = work.path().join("file");
-    tokio::fs::write(&host, &body).await.map_err(|e| ApiError::internal(e.to_string()))?;
-    ask(&live, |reply| Cmd::Copy { host: host.clone(), guest, into_guest: true, reply }).await?;
+    copy_through_scratch(&st, &owner, &id, &q, Some(&body)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -44,12 +44,11 @@ impl Engine {
                 .arg(HOME_SIZE),
         )
         .await?;
-        let tmp = work.path().join("home.qcow2");
-        run("qemu-img convert", Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&tmp))
+        // Made in scratch space on the same file system, then renamed: a
+        // crash before the rename leaves no half-made home behind.
+        let staged = work.path().join("home.qcow2");
+        run("qemu-img convert", Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&staged))
             .await?;
-        // A crash before the rename leaves no half-made home behind.
-        let staged = dir.join(format!(".{OS}.qcow2.{}", std::process::id()));
-        std::fs::copy(&tmp, &staged).map_err(io_err(&staged))?;
         std::fs::File::open(&staged).and_then(|f| f.sync_all()).map_err(io_err(&staged))?;
         std::fs::rename(&staged, &disk).map_err(io_err(&disk))?;
         Ok(disk)

@@ -277,7 +277,7 @@ impl Session {
     /// # Errors
     /// If the VM has no display.
     pub async fn screen_pixels(&mut self) -> Result<(u32, u32, u64), Error> {
-        let work = tempdir_in(self.vm.dir());
+        let work = screen_dump_path(self.vm.dir());
         self.vm.screenshot(&work, true).await?;
         let data = std::fs::read(&work).map_err(crate::io_err(&work))?;
         let _ = std::fs::remove_file(&work);
@@ -553,7 +553,8 @@ impl Session {
     }
 }
 
-fn tempdir_in(dir: &std::path::Path) -> std::path::PathBuf {
+/// Where a screen dump is written for reading back, in the VM's directory.
+fn screen_dump_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join(format!("screen.{}.ppm", std::process::id()))
 }
 
