@@ -107,25 +107,20 @@ pub fn main(args: &[String]) -> ! {
 /// Largest clipboard text carried either way.
 pub const MAX_CLIPBOARD: usize = 1 << 20;
 
-/// Starts xclip on the display with `args`, one end piped: its output
-/// (`read`) or its input. The reaper collects it when it exits.
-fn xclip(args: &[&str], read: bool) -> Result<std::process::Child, String> {
-    let (stdin, stdout) = if read { (Stdio::null(), Stdio::piped()) } else { (Stdio::piped(), Stdio::null()) };
-    Command::new("xclip")
-        .args(args)
-        .env("DISPLAY", DISPLAY)
-        .stdin(stdin)
-        .stdout(stdout)
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run xclip: {e}"))
-}
-
-/// The X clipboard's text; xclip's output ends when it exits.
+/// The X clipboard's text, read with xclip. The reaper collects xclip; its
+/// output ends when it exits.
 pub fn clipboard_get() -> Result<String, String> {
     use std::io::Read;
-    let stdout = xclip(&["-o", "-selection", "clipboard"], true)?.stdout.take().ok_or("xclip has no output")?;
+    let mut child = Command::new("xclip")
+        .args(["-o", "-selection", "clipboard"])
+        .env("DISPLAY", DISPLAY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run xclip: {e}"))?;
     let mut out = Vec::new();
+    let stdout = child.stdout.take().ok_or("xclip has no output")?;
     stdout.take(MAX_CLIPBOARD as u64).read_to_end(&mut out).map_err(|e| format!("reading the clipboard: {e}"))?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
@@ -137,8 +132,15 @@ pub fn clipboard_set(text: &str) -> Result<String, String> {
     if text.len() > MAX_CLIPBOARD {
         return Err(format!("clipboard text of {} bytes is over the limit of {MAX_CLIPBOARD}", text.len()));
     }
-    let mut stdin =
-        xclip(&["-i", "-selection", "clipboard", "-quiet"], false)?.stdin.take().ok_or("xclip has no input")?;
+    let mut child = Command::new("xclip")
+        .args(["-i", "-selection", "clipboard", "-quiet"])
+        .env("DISPLAY", DISPLAY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run xclip: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("xclip has no input")?;
     stdin.write_all(text.as_bytes()).map_err(|e| format!("writing the clipboard: {e}"))?;
     Ok(text.to_string())
 }
