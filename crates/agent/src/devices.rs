@@ -103,13 +103,6 @@ fn configure_interface(name: &str, net: &GuestNetwork) -> std::io::Result<()> {
     }
 }
 
-/// The mount point of `path` if something is mounted exactly there.
-fn mounted_at(path: &str) -> bool {
-    fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(path)))
-        .unwrap_or(false)
-}
-
 /// The block device whose virtio serial number is `serial`.
 fn disk_with_serial(serial: &str) -> Option<String> {
     fs::read_dir("/sys/block").ok()?.flatten().find_map(|e| {
@@ -123,7 +116,7 @@ pub fn apply_mount(m: &GuestMount) -> Result<(), String> {
     if !m.path.starts_with('/') || m.path.contains("/../") || m.path.ends_with("/..") {
         return Err(format!("mount point {:?} is not an absolute path", m.path));
     }
-    if mounted_at(&m.path) {
+    if crate::system::is_mountpoint(&m.path) {
         return Ok(());
     }
     fs::create_dir_all(&m.path).map_err(|e| format!("creating {}: {e}", m.path))?;

@@ -46,7 +46,8 @@ pub fn init_system() {
     }
 }
 
-fn is_mountpoint(path: &str) -> bool {
+/// Whether something is mounted exactly at `path`.
+pub fn is_mountpoint(path: &str) -> bool {
     fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(path)))
         .unwrap_or(false)

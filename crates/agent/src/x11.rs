@@ -2,9 +2,12 @@
 //! VM's display. It writes an X server configuration for the devices this
 //! VM has (no udev in strata guests, so input devices are listed by hand),
 //! starts the X server, waits for its socket, starts a window manager and
-//! the program, gives it
-//! `STRATA_X11_SETTLE_MS` to draw, prints [`READY`] (the readiness text of
-//! graphical packages) and then waits for the program, exiting as it does.
+//! the program, waits until the program's window is drawn (the screen
+//! holds lit pixels and two looks in a row see the same picture) and at
+//! least `STRATA_X11_SETTLE_MS` have passed, prints [`READY`] (the
+//! readiness text of graphical packages) and then waits for the program,
+//! exiting as it does. Waiting for the picture, not only for the time, is
+//! what makes a launch image hold the window and never a black screen.
 
 use std::fs;
 use std::process::{Command, Stdio};
@@ -94,8 +97,13 @@ pub fn main(args: &[String]) -> ! {
         .env("DISPLAY", DISPLAY)
         .spawn()
         .unwrap_or_else(|e| fail(format!("cannot run {program}: {e}")));
+    let started = Instant::now();
     let settle: u64 = std::env::var("STRATA_X11_SETTLE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    std::thread::sleep(Duration::from_millis(settle.min(600_000)));
+    let settle = Duration::from_millis(settle.min(600_000));
+    if let Err(e) = wait_until_drawn(&mut child, started + settle + Duration::from_secs(300)) {
+        fail(format!("{program}: {e}"));
+    }
+    std::thread::sleep(settle.saturating_sub(started.elapsed()));
     if let Ok(Some(st)) = child.try_wait() {
         fail(format!("{program} exited before it was ready ({st})"));
     }
@@ -104,23 +112,74 @@ pub fn main(args: &[String]) -> ! {
     std::process::exit(status);
 }
 
+/// Waits until the screen shows something (a lit pixel) and two looks
+/// [`LOOK_EVERY`] apart see the same picture, so the program has drawn its
+/// window and is not in the middle of drawing it. Fails if the program
+/// exits or `deadline` passes first.
+fn wait_until_drawn(child: &mut std::process::Child, deadline: Instant) -> Result<(), String> {
+    use x11rb::connection::Connection;
+    use x11rb::protocol::xproto::{ConnectionExt, ImageFormat};
+    const LOOK_EVERY: Duration = Duration::from_millis(150);
+    let (conn, screen) = x11rb::connect(Some(DISPLAY)).map_err(|e| format!("cannot reach the X server: {e}"))?;
+    let root = &conn.setup().roots[screen];
+    let (window, width, height) = (root.root, root.width_in_pixels, root.height_in_pixels);
+    let mut previous: Option<u64> = None;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("exited before its window was drawn ({st})"));
+        }
+        let image = conn
+            .get_image(ImageFormat::Z_PIXMAP, window, 0, 0, width, height, !0)
+            .map_err(|e| format!("reading the screen: {e}"))?
+            .reply()
+            .map_err(|e| format!("reading the screen: {e}"))?;
+        let picture = lit_picture(&image.data);
+        if picture.is_some() && picture == previous {
+            return Ok(());
+        }
+        previous = picture;
+        if Instant::now() > deadline {
+            return Err("its window was not drawn in time (the screen stayed black or kept changing)".into());
+        }
+        // Only while capturing a launch image: nothing to wait on but the picture.
+        std::thread::sleep(LOOK_EVERY);
+    }
+}
+
+/// A fingerprint of a 32-bit-per-pixel screen image, or None while every
+/// pixel is black.
+fn lit_picture(pixels: &[u8]) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let lit = pixels.chunks_exact(4).any(|p| p[0] | p[1] | p[2] != 0);
+    lit.then(|| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pixels.hash(&mut h);
+        h.finish()
+    })
+}
+
 /// Largest clipboard text carried either way.
 pub const MAX_CLIPBOARD: usize = 1 << 20;
 
-/// The X clipboard's text, read with xclip. The reaper collects xclip; its
-/// output ends when it exits.
-pub fn clipboard_get() -> Result<String, String> {
-    use std::io::Read;
-    let mut child = Command::new("xclip")
-        .args(["-o", "-selection", "clipboard"])
+/// Starts xclip on the display with `args`, one end piped: its output
+/// (`read`) or its input. The reaper collects it when it exits.
+fn xclip(args: &[&str], read: bool) -> Result<std::process::Child, String> {
+    let (stdin, stdout) = if read { (Stdio::null(), Stdio::piped()) } else { (Stdio::piped(), Stdio::null()) };
+    Command::new("xclip")
+        .args(args)
         .env("DISPLAY", DISPLAY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdin(stdin)
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run xclip: {e}"))?;
+        .map_err(|e| format!("cannot run xclip: {e}"))
+}
+
+/// The X clipboard's text; xclip's output ends when it exits.
+pub fn clipboard_get() -> Result<String, String> {
+    use std::io::Read;
+    let stdout = xclip(&["-o", "-selection", "clipboard"], true)?.stdout.take().ok_or("xclip has no output")?;
     let mut out = Vec::new();
-    let stdout = child.stdout.take().ok_or("xclip has no output")?;
     stdout.take(MAX_CLIPBOARD as u64).read_to_end(&mut out).map_err(|e| format!("reading the clipboard: {e}"))?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
@@ -132,15 +191,29 @@ pub fn clipboard_set(text: &str) -> Result<String, String> {
     if text.len() > MAX_CLIPBOARD {
         return Err(format!("clipboard text of {} bytes is over the limit of {MAX_CLIPBOARD}", text.len()));
     }
-    let mut child = Command::new("xclip")
-        .args(["-i", "-selection", "clipboard", "-quiet"])
-        .env("DISPLAY", DISPLAY)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run xclip: {e}"))?;
-    let mut stdin = child.stdin.take().ok_or("xclip has no input")?;
+    let mut stdin =
+        xclip(&["-i", "-selection", "clipboard", "-quiet"], false)?.stdin.take().ok_or("xclip has no input")?;
     stdin.write_all(text.as_bytes()).map_err(|e| format!("writing the clipboard: {e}"))?;
     Ok(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lit_picture;
+
+    #[test]
+    fn a_black_screen_is_no_picture() {
+        assert_eq!(lit_picture(&[0; 64]), None);
+        // The fourth byte of a pixel is padding, not colour.
+        assert_eq!(lit_picture(&[0, 0, 0, 255, 0, 0, 0, 255]), None);
+    }
+
+    #[test]
+    fn pictures_differ_when_pixels_do() {
+        let a = lit_picture(&[0, 0, 9, 0, 0, 0, 0, 0]);
+        let b = lit_picture(&[0, 0, 0, 0, 9, 0, 0, 0]);
+        assert!(a.is_some() && b.is_some());
+        assert_ne!(a, b);
+        assert_eq!(a, lit_picture(&[0, 0, 9, 0, 0, 0, 0, 0]));
+    }
 }
