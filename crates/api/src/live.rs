@@ -3,12 +3,13 @@
 //! terminal that vanishes mid-stream only drops its end, and the program
 //! goes on (its output is kept by the guest agent as its screen).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use strata_engine::{Session, SessionEvent};
+use strata_engine::context::ContextSettings;
+use strata_engine::{Engine, Session, SessionEvent};
 use strata_proto::{TerminalContext, WinSize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -107,31 +108,67 @@ impl Registry {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the actor of a launched session and registers it.
+    /// Starts the actor of a launched session and registers it. The
+    /// session's record keeps its terminal and attach-token hash, so a
+    /// restarted server can take it back once it is paused to an image.
     pub fn start(
         self: &Arc<Self>,
         session: Session,
         owner: &str,
         attach_hash: [u8; 32],
         idle: Option<Duration>,
+        engine: Arc<Engine>,
+        settings: ContextSettings,
     ) -> Arc<Live> {
-        let (tx, rx) = mpsc::channel(64);
-        let live = Arc::new(Live {
-            id: session.id.clone(),
-            package: session.package.clone(),
-            owner: owner.into(),
-            attach_hash,
-            created: SystemTime::now(),
-            state: Mutex::new(State::Running),
-            attached: Mutex::new(false),
-            idle_timeout: Mutex::new(idle),
-            cmd: tx,
-            vnc: session.graphical.then(|| session.vnc_socket()),
-        });
+        let labels = BTreeMap::from([
+            (TERMINAL_LABEL.to_string(), owner.to_string()),
+            (ATTACH_LABEL.to_string(), hex::encode(attach_hash)),
+        ]);
+        if let Err(e) = engine.label_session(&session.id, labels) {
+            tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
+        }
+        let vnc = session.graphical.then(|| session.vnc_socket());
+        let live = Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
+        self.run_actor(live, Some(session), engine, settings)
+    }
+
+    /// Takes back the sessions paused to images by an earlier server (their
+    /// records carry the terminal and attach-token hash); returns how many.
+    pub fn adopt_paused(self: &Arc<Self>, engine: &Arc<Engine>, idle: Option<Duration>) -> usize {
+        let mut n = 0;
+        for rec in engine.paused_sessions() {
+            let (Some(owner), Some(hash)) = (rec.labels.get(TERMINAL_LABEL), rec.labels.get(ATTACH_LABEL)) else {
+                continue;
+            };
+            let Some(attach_hash) = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+                tracing::warn!(session = %rec.id, "paused session with a malformed attach label; not adopted");
+                continue;
+            };
+            let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
+            let vnc = engine.paused_is_graphical(&rec).then(|| engine.vnc_socket_of(&rec.id));
+            let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
+            set(&live.0.state, State::Paused);
+            let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+            self.run_actor(live, None, engine.clone(), settings);
+            n += 1;
+        }
+        n
+    }
+
+    fn run_actor(
+        self: &Arc<Self>,
+        live: (Live, mpsc::Receiver<Cmd>),
+        session: Option<Session>,
+        engine: Arc<Engine>,
+        settings: ContextSettings,
+    ) -> Arc<Live> {
+        let (live, rx) = live;
+        let live = Arc::new(live);
         self.lock().insert(live.id.clone(), live.clone());
         let (reg, l) = (self.clone(), live.clone());
         tokio::spawn(async move {
-            run(session, rx, &l).await;
+            let actor = Actor { held: session, client: None, live: &l, engine, settings };
+            actor.run(rx).await;
             reg.lock().remove(&l.id);
             tracing::info!(session = %l.id, "session ended");
         });
@@ -139,111 +176,233 @@ impl Registry {
     }
 }
 
+/// Labels of a session's record that let a restarted server adopt it.
+const TERMINAL_LABEL: &str = "terminal";
+const ATTACH_LABEL: &str = "attach_sha256";
+
+impl Live {
+    fn new(
+        id: String,
+        package: String,
+        owner: &str,
+        attach_hash: [u8; 32],
+        created: SystemTime,
+        idle: Option<Duration>,
+        vnc: Option<std::path::PathBuf>,
+    ) -> (Live, mpsc::Receiver<Cmd>) {
+        let (tx, rx) = mpsc::channel(64);
+        let live = Live {
+            id,
+            package,
+            owner: owner.into(),
+            attach_hash,
+            created,
+            state: Mutex::new(State::Running),
+            attached: Mutex::new(false),
+            idle_timeout: Mutex::new(idle),
+            cmd: tx,
+            vnc,
+        };
+        (live, rx)
+    }
+}
+
 fn set<T: Copy>(m: &Mutex<T>, v: T) {
     *m.lock().unwrap_or_else(|e| e.into_inner()) = v;
 }
 
-/// The actor: owns the session until the program ends, it is killed, or it
-/// stays unattached past its idle time-out.
-async fn run(mut session: Session, mut rx: mpsc::Receiver<Cmd>, live: &Live) {
-    let mut client: Option<mpsc::Sender<Out>> = None;
-    // Nobody watches yet: the agent keeps output as the screen.
-    if let Err(e) = session.quiet().await {
-        tracing::warn!(session = %live.id, error = %e, "could not quiet the new session");
+/// The actor of one session. It holds the running [`Session`], or nothing
+/// while the session is paused to an image; it ends when the program ends,
+/// the session is killed, or it cannot be paused at its idle time-out.
+struct Actor<'a> {
+    held: Option<Session>,
+    /// The attached terminal and the context it attached with.
+    client: Option<(mpsc::Sender<Out>, TerminalContext)>,
+    live: &'a Live,
+    engine: Arc<Engine>,
+    settings: ContextSettings,
+}
+
+const PAUSED: &str = "the session is paused; resume it first";
+
+impl Actor<'_> {
+    async fn next_event(&mut self) -> SessionEvent {
+        match self.held.as_mut() {
+            Some(s) => s.next_event().await,
+            None => std::future::pending().await,
+        }
     }
-    let mut idle_since = tokio::time::Instant::now();
-    loop {
-        let idle_limit = *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        let idle_deadline = match (&client, idle_limit) {
-            (None, Some(d)) => Some(idle_since + d),
-            _ => None,
-        };
-        tokio::select! {
-            ev = session.next_event() => match ev {
-                SessionEvent::Output(d) => {
-                    if let Some(c) = &client {
-                        if c.send(Out::Data(d)).await.is_err() {
-                            client = None;
-                            set(&live.attached, false);
-                            idle_since = tokio::time::Instant::now();
-                            let _ = session.quiet().await;
-                        }
-                    }
-                }
-                SessionEvent::Exited(code) => {
-                    if let Some(c) = &client { let _ = c.send(Out::Exit(code)).await; }
-                    break;
-                }
-                SessionEvent::Lost(why) => {
-                    if let Some(c) = &client { let _ = c.send(Out::Lost(why)).await; }
-                    break;
-                }
-                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
-            },
-            cmd = rx.recv() => match cmd {
-                None => break,
-                Some(Cmd::Attach { ctx, out, reply }) => {
-                    if client.as_ref().is_some_and(|c| !c.is_closed()) {
-                        let _ = reply.send(Err("another terminal is attached to this session".into()));
-                        continue;
-                    }
-                    match session.reattach(&ctx).await {
-                        Ok(screen) => {
-                            client = Some(out);
-                            set(&live.attached, true);
-                            let _ = reply.send(Ok(screen));
-                        }
-                        Err(e) => { let _ = reply.send(Err(e.to_string())); }
-                    }
-                }
-                Some(Cmd::Input(d)) => { let _ = session.input(&d).await; }
-                Some(Cmd::Resize(s)) => { let _ = session.resize(s).await; }
-                Some(Cmd::Eof) => { let _ = session.eof().await; }
-                Some(Cmd::Detach) => {
-                    client = None;
-                    set(&live.attached, false);
-                    idle_since = tokio::time::Instant::now();
-                    let _ = session.quiet().await;
-                }
-                Some(Cmd::Screen(reply)) => {
-                    let _ = reply.send(session.screen().await.map_err(|e| e.to_string()));
-                }
-                Some(Cmd::Pause(reply)) => {
-                    let r = session.pause().await.map_err(|e| e.to_string());
-                    if r.is_ok() { set(&live.state, State::Paused); }
-                    let _ = reply.send(r);
-                }
-                Some(Cmd::Resume(reply)) => {
-                    let r = session.resume().await.map_err(|e| e.to_string());
-                    if r.is_ok() { set(&live.state, State::Running); }
-                    let _ = reply.send(r);
-                }
-                Some(Cmd::SetTimeout(t)) => {
-                    set(&live.idle_timeout, t);
-                    idle_since = tokio::time::Instant::now();
-                }
-                Some(Cmd::Clipboard { set, reply }) => {
-                    let r = match set {
-                        Some(text) => session.set_clipboard(&text).await.map(|_| text),
-                        None => session.clipboard().await,
-                    };
-                    let _ = reply.send(r.map_err(|e| e.to_string()));
-                }
-                Some(Cmd::Copy { host, guest, into_guest, reply }) => {
-                    let r = if into_guest { session.copy_in(&host, &guest).await } else { session.copy_out(&guest, &host).await };
-                    let _ = reply.send(r.map_err(|e| e.to_string()));
-                }
-                Some(Cmd::Kill(done)) => {
-                    session.close().await;
-                    let _ = done.send(());
-                    return;
-                }
-            },
-            _ = async { match idle_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                tracing::info!(session = %live.id, "idle time-out: stopping the session");
-                break;
+
+    /// Lets the agent keep output as the screen: nobody watches.
+    async fn quiet(&mut self) {
+        set(&self.live.attached, self.client.is_some());
+        if let Some(s) = self.held.as_mut() {
+            if let Err(e) = s.quiet().await {
+                tracing::warn!(session = %self.live.id, error = %e, "could not quiet the session");
             }
         }
     }
-    session.close().await;
+
+    /// Pauses the session to an image (nothing to do if it is paused).
+    async fn pause(&mut self) -> Result<(), String> {
+        let Some(mut s) = self.held.take() else { return Ok(()) };
+        match self.engine.pause_to_image(&mut s).await {
+            Ok(_) => {
+                drop(s);
+                set(&self.live.state, State::Paused);
+                Ok(())
+            }
+            Err(e) => {
+                self.held = Some(s);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Resumes a paused session from its image and gives it back to the
+    /// attached terminal, if any (nothing to do if it runs).
+    async fn resume(&mut self) -> Result<(), String> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        let s = self.engine.resume_session(&self.live.id, Some(&self.settings)).await.map_err(|e| e.to_string())?;
+        self.held = Some(s);
+        set(&self.live.state, State::Running);
+        let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
+        match (ctx, self.held.as_mut()) {
+            (Some(ctx), Some(s)) => {
+                // The terminal saw the screen before the pause; it goes on from there.
+                if let Err(e) = s.reattach(&ctx).await {
+                    tracing::warn!(session = %self.live.id, error = %e, "could not re-attach after the resume");
+                    self.client = None;
+                }
+                set(&self.live.attached, self.client.is_some());
+            }
+            _ => self.quiet().await,
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        self.quiet().await;
+        let mut idle_since = tokio::time::Instant::now();
+        loop {
+            let idle_limit = *self.live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+            let idle_deadline = match (&self.client, &self.held, idle_limit) {
+                (None, Some(_), Some(d)) => Some(idle_since + d),
+                _ => None,
+            };
+            tokio::select! {
+                ev = self.next_event() => match ev {
+                    SessionEvent::Output(d) => {
+                        if let Some((c, _)) = &self.client {
+                            if c.send(Out::Data(d)).await.is_err() {
+                                self.client = None;
+                                idle_since = tokio::time::Instant::now();
+                                self.quiet().await;
+                            }
+                        }
+                    }
+                    SessionEvent::Exited(code) => {
+                        if let Some((c, _)) = &self.client { let _ = c.send(Out::Exit(code)).await; }
+                        break;
+                    }
+                    SessionEvent::Lost(why) => {
+                        if let Some((c, _)) = &self.client { let _ = c.send(Out::Lost(why)).await; }
+                        break;
+                    }
+                    SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
+                },
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(Cmd::Attach { ctx, out, reply }) => {
+                        if self.client.as_ref().is_some_and(|(c, _)| !c.is_closed()) {
+                            let _ = reply.send(Err("another terminal is attached to this session".into()));
+                            continue;
+                        }
+                        // Attaching to a paused session resumes it.
+                        if let Err(e) = self.resume().await {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                        let Some(s) = self.held.as_mut() else { continue };
+                        match s.reattach(&ctx).await {
+                            Ok(screen) => {
+                                self.client = Some((out, ctx));
+                                set(&self.live.attached, true);
+                                let _ = reply.send(Ok(screen));
+                            }
+                            Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                        }
+                    }
+                    Some(Cmd::Input(d)) => if let Some(s) = self.held.as_mut() { let _ = s.input(&d).await; },
+                    Some(Cmd::Resize(size)) => {
+                        if let Some((_, ctx)) = self.client.as_mut() { ctx.size = size; }
+                        if let Some(s) = self.held.as_mut() { let _ = s.resize(size).await; }
+                    }
+                    Some(Cmd::Eof) => if let Some(s) = self.held.as_mut() { let _ = s.eof().await; },
+                    Some(Cmd::Detach) => {
+                        self.client = None;
+                        idle_since = tokio::time::Instant::now();
+                        self.quiet().await;
+                    }
+                    Some(Cmd::Screen(reply)) => {
+                        let r = match self.held.as_mut() {
+                            Some(s) => s.screen().await.map_err(|e| e.to_string()),
+                            None => Err(PAUSED.into()),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Pause(reply)) => { let _ = reply.send(self.pause().await); }
+                    Some(Cmd::Resume(reply)) => {
+                        let r = self.resume().await;
+                        idle_since = tokio::time::Instant::now();
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::SetTimeout(t)) => {
+                        set(&self.live.idle_timeout, t);
+                        idle_since = tokio::time::Instant::now();
+                    }
+                    Some(Cmd::Clipboard { set, reply }) => {
+                        let r = match (self.held.as_mut(), set) {
+                            (None, _) => Err(PAUSED.into()),
+                            (Some(s), Some(text)) => s.set_clipboard(&text).await.map(|_| text).map_err(|e| e.to_string()),
+                            (Some(s), None) => s.clipboard().await.map_err(|e| e.to_string()),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Copy { host, guest, into_guest, reply }) => {
+                        let r = match self.held.as_mut() {
+                            None => Err(PAUSED.into()),
+                            Some(s) if into_guest => s.copy_in(&host, &guest).await.map_err(|e| e.to_string()),
+                            Some(s) => s.copy_out(&guest, &host).await.map_err(|e| e.to_string()),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Kill(done)) => {
+                        match self.held.take() {
+                            Some(s) => s.close().await,
+                            None => if let Err(e) = self.engine.kill_session(&self.live.id).await {
+                                tracing::warn!(session = %self.live.id, error = %e, "could not forget the paused session");
+                            },
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                },
+                _ = async { match idle_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    match self.pause().await {
+                        Ok(()) => tracing::info!(session = %self.live.id, "idle time-out: paused the session to an image"),
+                        Err(e) => {
+                            tracing::info!(session = %self.live.id, error = %e, "idle time-out: the session cannot be paused to an image, stopping it");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = self.held.take() {
+            s.close().await;
+        }
+    }
 }

@@ -70,7 +70,8 @@ impl Metrics {
         for (state, n) in states {
             self.sessions.get_or_create(&StateLabels { state: state.clone() }).set(*n);
         }
-        for (i, kind) in ["base", "install", "launch", "context"].iter().enumerate() {
+        for kind in strata_store::ImageKind::ALL {
+            let i = strata_engine::kind_index(kind);
             let k = KindLabels { kind: kind.to_string() };
             self.image_hits.get_or_create(&k).set(engine.stats.hits[i].load(Ordering::Relaxed) as i64);
             self.image_builds.get_or_create(&k).set(engine.stats.builds[i].load(Ordering::Relaxed) as i64);

@@ -526,7 +526,7 @@ async fn create_session(
         .get_or_create(&crate::metrics::LaunchLabels { package: pkg.name.clone(), path: path.into() })
         .observe(started.elapsed().as_secs_f64());
     let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
-    let live = st.sessions.start(session, &owner, auth::token_hash(&token), idle);
+    let live = st.sessions.start(session, &owner, auth::token_hash(&token), idle, st.engine.clone(), settings);
     tracing::info!(session = %live.id, package = %pkg.name, terminal = %owner, "session launched");
     let body = CreatedSession {
         session: SessionInfo::from(&*live),
@@ -681,7 +681,9 @@ async fn write_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Pauses a session's VM (no CPU used; memory kept).
+/// Pauses a session to an image: its memory, devices and disk are saved,
+/// chained on the image it ran from, and its VM stops. It survives a restart
+/// of the server; resuming or attaching brings it back where it was.
 #[utoipa::path(post, path = "/v1/sessions/{id}/pause", params(("id" = String, Path)),
     responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
 async fn pause_session(
@@ -694,7 +696,7 @@ async fn pause_session(
     Ok(Json(SessionInfo::from(&*live)))
 }
 
-/// Resumes a paused session.
+/// Resumes a paused session from its image.
 #[utoipa::path(post, path = "/v1/sessions/{id}/resume", params(("id" = String, Path)),
     responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
 async fn resume_session(

@@ -72,17 +72,17 @@ enum Cmd {
     Attach { id: String },
     /// Print a session's recent output (what attaching would show).
     Logs { id: String },
-    /// Pause sessions (with --addr).
+    /// Pause sessions to images (they stop using memory and CPU, and survive restarts).
     Pause {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Resume paused sessions (with --addr).
+    /// Resume paused sessions (they run on, detached; `attach` also resumes).
     Resume {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// List running sessions.
+    /// List sessions: running (attached or detached) and paused.
     Ps {
         #[arg(long)]
         json: bool,
@@ -410,6 +410,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // A listing piped into `head` ends quietly, as other tools' do. Only
+    // listings: commands that talk to VMs over Unix sockets need EPIPE.
+    if matches!(cli.cmd, Cmd::Ps { .. } | Cmd::Images { cmd: ImagesCmd::Ls { .. } } | Cmd::Packages { .. } | Cmd::Servers { .. } | Cmd::Completions { .. })
+    {
+        // SAFETY: restoring a signal's default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // One thread: every QEMU is spawned from it, and the work is I/O bound.
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -514,8 +523,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 println!("{:<12} {:<14} {:<9} {:>8}  AGE", "SESSION", "PACKAGE", "STATE", "PID");
                 for r in sessions {
-                    let state = if r.detached { "detached" } else { "attached" };
-                    println!("{:<12} {:<14} {:<9} {:>8}  {}", r.id, r.package, state, r.qemu_pid, age(r.created));
+                    let state = match (&r.paused_image, r.detached) {
+                        (Some(_), _) => "paused",
+                        (None, true) => "detached",
+                        (None, false) => "attached",
+                    };
+                    let pid = if r.qemu_pid == 0 { "-".to_string() } else { r.qemu_pid.to_string() };
+                    println!("{:<12} {:<14} {:<9} {:>8}  {}", r.id, r.package, state, pid, age(r.created));
                 }
             }
             Ok(0)
@@ -692,6 +706,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("strata: serving the API on http://{}", listener.local_addr()?);
             state.web_dir = web_dir();
             let state = std::sync::Arc::new(state);
+            let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));
+            if adopted > 0 {
+                eprintln!("strata: {adopted} paused session(s) from before are listed again");
+            }
             for package in state.pool_targets.keys() {
                 state.refill(package);
             }
@@ -710,8 +728,32 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
             Ok(0)
         }
-        Cmd::Pause { .. } | Cmd::Resume { .. } => {
-            anyhow::bail!("pause and resume act on a server's sessions: give --addr (see `strata serve`)")
+        Cmd::Pause { ids } => {
+            let mut code = 0;
+            for id in ids {
+                match eng.pause_detached(id).await {
+                    Ok(image) => println!("{id} paused to image {}", &image.digest[..12]),
+                    Err(e) => {
+                        eprintln!("strata: {id}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Cmd::Resume { ids } => {
+            let mut code = 0;
+            for id in ids {
+                let resumed = async { eng.resume_session(id, None).await?.detach().await };
+                match resumed.await {
+                    Ok(id) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("strata: {id}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
         }
         Cmd::Servers { cmd: ServersCmd::Ls { json } } => {
             let h = eng.server_status()?;

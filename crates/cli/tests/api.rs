@@ -240,6 +240,85 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
 }
 
+/// QEMU processes of session `id`.
+fn qemu_of(id: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.starts_with(b"qemu-system") && String::from_utf8_lossy(c).contains(&format!("sessions/{id}")))
+        .count()
+}
+
+#[tokio::test]
+async fn an_idle_session_is_paused_to_an_image_and_survives_a_restart_of_strata() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("api-pause");
+    let (a, b) = (s.a.clone(), s.b.clone());
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let (st, created) =
+        api.call("POST", "/v1/sessions", Some(&a), Some(json!({"package": "python3", "idle_timeout_s": 1}))).await;
+    assert_eq!(st, 201, "{created}");
+    let id = created["session"]["id"].as_str().unwrap().to_string();
+    let attach = created["attach_token"].as_str().unwrap().to_string();
+    let mut w = ws(&s, &id, &attach).await.unwrap();
+    read_until(&mut w, ">>> ").await;
+    type_line(&mut w, "x = 41; n = open('/root/note', 'w').write('kept on disk'); print('set', x)\r").await;
+    read_until(&mut w, "set 41").await;
+    // The terminal goes away; a second later the idle time-out pauses the
+    // session to an image and its VM stops.
+    drop(w);
+    let mut state = Value::Null;
+    for _ in 0..120 {
+        state = api.call("GET", &format!("/v1/sessions/{id}"), Some(&a), None).await.1;
+        if state["state"] == "paused" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(state["state"], "paused", "{state}");
+    assert_eq!(qemu_of(&id), 0, "a paused session has no VM");
+    drop(api);
+
+    // strata restarts: the paused session is listed again, to its terminal only.
+    drop(s);
+    let s = serve("api-pause-again");
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let (st, list) = api.call("GET", "/v1/sessions", Some(&a), None).await;
+    assert_eq!(st, 200);
+    let mine: Vec<&Value> = list.as_array().unwrap().iter().filter(|v| v["id"] == id.as_str()).collect();
+    assert_eq!(mine.len(), 1, "{list}");
+    assert_eq!(mine[0]["state"], "paused", "{list}");
+    let (st, _) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&b), None).await;
+    assert_eq!(st, 404, "another terminal sees the paused session");
+    assert!(ws(&s, &id, "wrong-token").await.is_err());
+
+    // Attaching resumes it: the screen, the program's state and the file are there.
+    let mut w = ws(&s, &id, &attach).await.unwrap();
+    read_until(&mut w, "set 41").await;
+    type_line(&mut w, "print('again', x + 1, open('/root/note').read())\r").await;
+    read_until(&mut w, "again 42 kept on disk").await;
+    let (_, v) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&a), None).await;
+    assert_eq!((v["state"].as_str(), v["attached"].as_bool()), (Some("running"), Some(true)), "{v}");
+    assert_eq!(qemu_of(&id), 1);
+
+    // Paused again by hand, then killed while paused: nothing is left.
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{id}/pause"), Some(&a), None).await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (st, v) = api.call("GET", &format!("/v1/sessions/{id}/logs"), Some(&a), None).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("paused"), "{v}");
+    let (st, _) = api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&a), None).await;
+    assert_eq!(st, 204);
+    let (st, _) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&a), None).await;
+    assert_eq!(st, 404);
+    assert!(!env().state.join(format!("paused/{id}.json")).exists());
+    assert_eq!(qemu_of(&id), 0);
+}
+
 /// Arbitrary JSON, biased towards the API's own field names and nasty strings.
 fn json_value() -> impl Strategy<Value = Value> {
     let key = prop_oneof![

@@ -237,7 +237,7 @@ async fn bad_contexts_are_refused_before_any_vm_starts() {
 }
 
 #[test]
-fn cp_copies_files_into_and_out_of_a_detached_session() {
+fn cp_copies_files_into_and_out_of_a_detached_session_and_pause_keeps_them() {
     if !e2e() {
         return;
     }
@@ -259,6 +259,21 @@ fn cp_copies_files_into_and_out_of_a_detached_session() {
     assert!(!missing.status.success());
     assert!(text(&missing.stderr).contains("No such file"), "{}", text(&missing.stderr));
     assert!(!dir.join("x").exists() && !dir.join(".x.strata-part").exists(), "a failed copy left a file");
+    // `strata pause` saves it to an image; `resume` brings it back with the file.
+    let pause = strata(&["pause", &id]).output().unwrap();
+    assert!(pause.status.success(), "{}", text(&pause.stderr));
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("paused")), "{ps}");
+    let refused =
+        strata(&["cp", &format!("{id}:/tmp/copied.bin"), dir.join("x").to_str().unwrap()]).output().unwrap();
+    assert!(!refused.status.success() && text(&refused.stderr).contains("paused"), "{}", text(&refused.stderr));
+    let resume = strata(&["resume", &id]).output().unwrap();
+    assert!(resume.status.success(), "{}", text(&resume.stderr));
+    let _ = std::fs::remove_file(dir.join("out.bin"));
+    let out =
+        strata(&["cp", &format!("{id}:/tmp/copied.bin"), dir.join("out.bin").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(dir.join("out.bin")).unwrap() == data, "the file changed across pause and resume");
     let kill = strata(&["kill", &id]).output().unwrap();
     assert!(kill.status.success(), "{}", text(&kill.stderr));
     let _ = std::fs::remove_dir_all(&dir);
@@ -334,6 +349,18 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     assert_eq!((w, h), (1024, 768));
     // The clipboard, through the agent.
     s.set_clipboard("from the host \u{2713}").await.unwrap();
+    assert_eq!(s.clipboard().await.unwrap(), "from the host \u{2713}");
+    // Paused to an image (its VM stops) and resumed from it: the same
+    // screen, and the clipboard's owner still running.
+    let id = s.id.clone();
+    let image = eng.pause_to_image(&mut s).await.unwrap();
+    assert_eq!(image.kind, strata_store::ImageKind::Paused);
+    let qemu = s.vm_pid();
+    drop(s);
+    assert!(!std::path::Path::new(&format!("/proc/{qemu}")).exists(), "the paused session's QEMU still runs");
+    let mut s = eng.resume_session(&id, Some(&st)).await.unwrap();
+    let (w, h, lit) = s.screen_pixels().await.unwrap();
+    assert!((w, h) == (1024, 768) && lit > 500, "after the resume: {w}x{h}, {lit} pixels lit");
     assert_eq!(s.clipboard().await.unwrap(), "from the host \u{2713}");
     s.close().await;
     // A console session has none.

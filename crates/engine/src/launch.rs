@@ -247,6 +247,22 @@ impl Engine {
         launch: &ImageRecord,
         settings: &ContextSettings,
     ) -> Result<Session, Error> {
+        let id = new_session_id();
+        let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
+        self.restore(&id, &pkg.name, launch, memory, settings).await
+    }
+
+    /// Restores a session `id` of `package` from a saved image (a launch
+    /// image, or a paused session's image) with `memory`, plugs in the
+    /// context's devices, attaches it, and records it as running from `image`.
+    pub(crate) async fn restore(
+        &self,
+        id: &str,
+        package: &str,
+        image: &ImageRecord,
+        memory: Memory,
+        settings: &ContextSettings,
+    ) -> Result<Session, Error> {
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
@@ -267,25 +283,28 @@ impl Engine {
         if let Some((_, disk)) = &claim {
             plugs.push(Plug::Disk { path: disk.clone(), serial: crate::context::HOME_SERIAL.into() });
         }
-        let id = new_session_id();
-        let dir = self.new_session_dir(&id)?;
-        let graphical = launch.meta.get("graphical").is_some_and(|g| g == "true");
-        let accel: Accel = launch.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
-        let memory_mib: u32 = launch.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(pkg.def.memory_mib);
+        let dir = self.new_session_dir(id)?;
+        let graphical = image.meta.get("graphical").is_some_and(|g| g == "true");
+        let accel: Accel = image.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
+        let memory_mib: u32 = image
+            .meta
+            .get("memory_mib")
+            .and_then(|m| m.parse().ok())
+            .ok_or_else(|| Error::Config(format!("image {} does not say its memory size", image.digest)))?;
         let cfg = VmConfig {
             dir: dir.path().to_path_buf(),
             accel,
             memory_mib,
-            memory: Memory::PrivateFile(self.store.blob_path(launch.file("memory")?)),
-            kernel: self.store.blob_path(launch.file("kernel")?),
-            initramfs: self.store.blob_path(launch.file("initramfs")?),
-            cmdline: launch.meta.get("cmdline").cloned().unwrap_or_default(),
+            memory,
+            kernel: self.store.blob_path(image.file("kernel")?),
+            initramfs: self.store.blob_path(image.file("initramfs")?),
+            cmdline: image.meta.get("cmdline").cloned().unwrap_or_default(),
             disks: vec![Disk {
-                path: self.store.blob_path(launch.file("disk")?),
+                path: self.store.blob_path(image.file("disk")?),
                 format: "qcow2",
                 mode: DiskMode::Throwaway,
             }],
-            incoming: Some(self.store.blob_path(launch.file("state")?)),
+            incoming: Some(self.store.blob_path(image.file("state")?)),
             plugs,
             display: graphical,
             // The session may be detached and outlive this process; the guest
@@ -293,14 +312,16 @@ impl Engine {
             die_with_parent: false,
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
-        let mut record = SessionRecord::new(&id, &pkg.name, a.vm.pid(), &launch.digest);
+        let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);
         record.home = settings.home.clone();
         record.ports = settings.network.ports.clone();
+        record.settings = Some(settings.clone());
         self.write_session_record(&record)?;
         drop(claim);
-        let mut s = Session::new(id, &pkg.name, a);
-        s.record = Some(self.session_dir(&s.id));
+        let mut s = Session::new(id.to_string(), package, a);
+        s.record = Some(self.session_dir(id));
         s.graphical = graphical;
+        s.has_devices = settings.needs_devices();
         Ok(s)
     }
 

@@ -17,6 +17,7 @@ pub mod host;
 pub mod initramfs;
 pub mod install;
 pub mod launch;
+pub mod paused;
 pub mod pool;
 pub mod session;
 pub mod sessions;
@@ -182,15 +183,15 @@ impl Config {
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Lookups that found a usable image, by kind (base, install, launch, context).
-    pub hits: [AtomicU64; 4],
+    pub hits: [AtomicU64; 5],
     /// Images built, by kind.
-    pub builds: [AtomicU64; 4],
+    pub builds: [AtomicU64; 5],
     /// Builds that failed, by kind.
-    pub build_failures: [AtomicU64; 4],
+    pub build_failures: [AtomicU64; 5],
 }
 
 impl Stats {
-    pub(crate) fn count(counters: &[AtomicU64; 4], kind: ImageKind) {
+    pub(crate) fn count(counters: &[AtomicU64; 5], kind: ImageKind) {
         counters[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -202,6 +203,7 @@ pub fn kind_index(kind: ImageKind) -> usize {
         ImageKind::Install => 1,
         ImageKind::Launch => 2,
         ImageKind::Context => 3,
+        ImageKind::Paused => 4,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Session {
     pub(crate) record: Option<std::path::PathBuf>,
     /// Its VM has a display ([`Session::vnc_socket`]).
     pub graphical: bool,
+    /// Its context plugged devices in (network, shared folders, home).
+    pub has_devices: bool,
 }
 
 /// A VM booted (or restored) whose agent answered the first attach.
@@ -227,7 +229,7 @@ impl Session {
                 }
             }
         });
-        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None, graphical: false }
+        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None, graphical: false, has_devices: false }
     }
 
     /// The next thing the program did. Cancel-safe.
@@ -443,6 +445,10 @@ impl Session {
 
     /// Lets go of a session this process only borrowed (to copy files),
     /// leaving it running and detached as it was.
+    pub(crate) fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
     pub(crate) fn release(self) {
         let Session { vm, dir, .. } = self;
         vm.release();

@@ -34,6 +34,17 @@ pub struct SessionRecord {
     /// Host ports forwarded into the session.
     #[serde(default)]
     pub ports: Vec<crate::context::PortForward>,
+    /// The context it was launched with (and is resumed with).
+    #[serde(default)]
+    pub settings: Option<ContextSettings>,
+    /// Set while the session is paused to an image: that image's digest.
+    /// Its VM is gone then; `resume_session` restores it.
+    #[serde(default)]
+    pub paused_image: Option<String>,
+    /// What the program driving the session keeps with it (the API server's
+    /// terminal and attach-token hash), so it outlives that program.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl SessionRecord {
@@ -51,6 +62,9 @@ impl SessionRecord {
                 .unwrap_or(0),
             home: None,
             ports: Vec::new(),
+            settings: None,
+            paused_image: None,
+            labels: Default::default(),
         }
     }
 }
@@ -81,7 +95,7 @@ fn qemu_using(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn read_record(dir: &Path) -> Option<SessionRecord> {
+pub(crate) fn read_record(dir: &Path) -> Option<SessionRecord> {
     serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
 }
 
@@ -93,7 +107,7 @@ pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
 }
 
 /// Checks a session id before it becomes part of a path.
-fn check_id(id: &str) -> Result<(), Error> {
+pub(crate) fn check_id(id: &str) -> Result<(), Error> {
     if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
     } else {
@@ -120,6 +134,23 @@ impl Engine {
         write_atomic(&self.session_dir(&rec.id).join(RECORD), &serde_json::to_vec(rec).expect("serializes"))
     }
 
+    /// Adds `labels` to a running session's record (kept when it is paused).
+    ///
+    /// # Errors
+    /// If the session has no record or it cannot be written.
+    pub fn label_session(&self, id: &str, labels: std::collections::BTreeMap<String, String>) -> Result<(), Error> {
+        check_id(id)?;
+        let dir = self.session_dir(id);
+        let mut rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record for {id}")))?;
+        rec.labels.extend(labels);
+        self.write_session_record(&rec)
+    }
+
+    /// Where a session's display is served (its VNC socket), running or not.
+    pub fn vnc_socket_of(&self, id: &str) -> PathBuf {
+        self.session_dir(id).join(strata_vmm::VNC_SOCK)
+    }
+
     /// Removes sessions whose VM is gone, and stops VMs whose terminal
     /// vanished without detaching (its strata process died).
     pub(crate) fn reap_sessions(&self) {
@@ -129,6 +160,20 @@ impl Engine {
         for e in entries.flatten() {
             let dir = e.path();
             let rec = read_record(&dir);
+            // Paused, but its VM outlived the pause (the pausing process died
+            // before stopping it): the image is the session now. The lock
+            // tells it from a resume in progress.
+            if let Some(r) = rec.as_ref().filter(|r| self.paused_record(&r.id).is_some()) {
+                if let Ok(_lock) = self.lock_paused(&r.id) {
+                    if self.paused_record(&r.id).is_some() {
+                        if alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir) {
+                            kill_qemu(r.qemu_pid);
+                        }
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+                continue;
+            }
             let vm_alive = rec.as_ref().is_some_and(|r| alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir));
             let orphan = rec.as_ref().is_some_and(|r| !r.detached && !alive(r.owner_pid));
             // A directory without a record is a launch still starting (its
@@ -160,24 +205,32 @@ impl Engine {
         }
     }
 
-    /// Sessions that are running, attached or detached.
+    /// Sessions that are running (attached or detached) or paused.
     pub fn list_sessions(&self) -> Vec<SessionRecord> {
         self.reap_sessions();
         let Ok(entries) = std::fs::read_dir(self.sessions_root()) else {
-            return Vec::new();
+            return self.paused_sessions();
         };
         let mut out: Vec<SessionRecord> = entries.flatten().filter_map(|e| read_record(&e.path())).collect();
+        out.extend(self.paused_sessions());
         out.sort_by_key(|r| r.created);
         out
     }
 
-    /// Attaches this terminal to a detached session.
+    /// Attaches this terminal to a detached session, resuming it first if it
+    /// is paused.
     ///
     /// # Errors
     /// If there is no such session, another terminal holds it, or its VM does not answer.
     pub async fn attach_session(&self, id: &str, settings: &ContextSettings) -> Result<Session, Error> {
         check_id(id)?;
         settings.validate()?;
+        if let Some(rec) = self.paused_record(id) {
+            // Resumed with the context it was launched with, sized to this terminal.
+            let mut resume = rec.settings.unwrap_or_else(|| settings.clone());
+            (resume.term, resume.rows, resume.cols) = (settings.term.clone(), settings.rows, settings.cols);
+            return self.resume_session(id, Some(&resume)).await;
+        }
         self.reap_sessions();
         let dir = self.session_dir(id);
         let mut rec =
@@ -212,6 +265,7 @@ impl Engine {
     /// # Errors
     /// If the catalog cannot be read.
     pub fn gc(&self) -> Result<(u64, u64), Error> {
+        self.drop_paused_images()?;
         Ok(self.store.gc(Duration::from_secs(600))?)
     }
 
@@ -249,13 +303,28 @@ impl Engine {
     /// # Errors
     /// If there is no such session, a terminal holds it, or the copy fails.
     pub async fn copy_file(&self, id: &str, host: &Path, guest: &str, into_guest: bool) -> Result<u64, Error> {
-        let (dir, rec) = self.unheld_session(id, "detach it first (Ctrl-P Ctrl-Q)")?;
-        let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
-        let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
-        let mut s = Session::new(id.to_string(), &rec.package, a);
+        let mut s = self.reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q)").await?;
         let r = if into_guest { s.copy_in(host, guest).await } else { s.copy_out(guest, host).await };
         s.release();
         r
+    }
+
+    /// A running session no terminal holds, connected to this process (not
+    /// attached: release it to leave it as it was).
+    pub(crate) async fn reattach_unheld(&self, id: &str, hint: &str) -> Result<Session, Error> {
+        if self.paused_record(id).is_some() {
+            return Err(Error::Config(format!("session {id} is paused; resume it first (`strata resume {id}`)")));
+        }
+        let (dir, rec) = self.unheld_session(id, hint)?;
+        let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
+        let mut s = Session::new(id.to_string(), &rec.package, a);
+        s.record = Some(dir);
+        s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
+            || rec.home.is_some()
+            || !rec.ports.is_empty();
+        s.graphical = read_image_is_graphical(self, &rec.launch_image);
+        Ok(s)
     }
 
     /// Stops a session and removes everything it left.
@@ -264,6 +333,9 @@ impl Engine {
     /// If there is no such session.
     pub async fn kill_session(&self, id: &str) -> Result<(), Error> {
         check_id(id)?;
+        if self.forget_paused(id)? {
+            return Ok(());
+        }
         let dir = self.session_dir(id);
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
@@ -281,4 +353,9 @@ impl Engine {
             r => r.map_err(io_err(&dir)),
         }
     }
+}
+
+/// Whether the image a session runs from has a display.
+fn read_image_is_graphical(engine: &Engine, digest: &str) -> bool {
+    engine.store.image(digest).ok().flatten().is_some_and(|i| i.meta.get("graphical").is_some_and(|g| g == "true"))
 }

@@ -21,15 +21,23 @@ pub enum ImageKind {
     Launch,
     /// The terminal's settings, applied on resume.
     Context,
+    /// A session paused to disk: its disk delta and its saved memory and
+    /// devices, chained on the image the session ran from.
+    Paused,
 }
 
 impl ImageKind {
+    /// Every kind, in the order of the method's images.
+    pub const ALL: [ImageKind; 5] =
+        [ImageKind::Base, ImageKind::Install, ImageKind::Launch, ImageKind::Context, ImageKind::Paused];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ImageKind::Base => "base",
             ImageKind::Install => "install",
             ImageKind::Launch => "launch",
             ImageKind::Context => "context",
+            ImageKind::Paused => "paused",
         }
     }
 
@@ -39,6 +47,7 @@ impl ImageKind {
             "install" => ImageKind::Install,
             "launch" => ImageKind::Launch,
             "context" => ImageKind::Context,
+            "paused" => ImageKind::Paused,
             _ => return None,
         })
     }

@@ -296,6 +296,14 @@ impl Store {
         catalog::find_by_recipe(&self.lock_db(), kind, recipe)
     }
 
+    /// The image with this digest, if the catalog has it.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn image(&self, digest: &str) -> Result<Option<ImageRecord>, Error> {
+        Ok(self.list_images()?.into_iter().find(|r| r.digest == digest))
+    }
+
     /// Every image, newest first.
     ///
     /// # Errors

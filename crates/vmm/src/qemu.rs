@@ -471,6 +471,18 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save_and_quit(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
+        self.save(path, timeout).await?;
+        self.quit().await;
+        Ok(())
+    }
+
+    /// Saves the guest's state to `path` as [`Vm::save_and_quit`] does, but
+    /// leaves QEMU alive, stopped, its disks flushed and released (so their
+    /// files can be copied) until [`Vm::quit`].
+    ///
+    /// # Errors
+    /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
+    pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
         self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let uri = format!("file:{}", path.display());
         self.qmp
@@ -481,7 +493,7 @@ impl Vm {
         loop {
             let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
             match info.status {
-                Some(qmp::MigrationStatus::completed) => break,
+                Some(qmp::MigrationStatus::completed) => return Ok(()),
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
                     return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
                 }
@@ -490,14 +502,48 @@ impl Vm {
             if Instant::now() > deadline {
                 return Err(Error::Save(format!("not complete after {} s", timeout.as_secs())));
             }
-            // Only while building a launch image: a short pause between queries is fine.
+            // Only while saving an image, never on the launch path.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Asks QEMU to quit and waits for it (killing it after 30 s).
+    pub async fn quit(&mut self) {
         let _ = self.qmp.execute(qmp::quit {}).await;
         if !self.wait_exit(Duration::from_secs(30)).await {
             self.kill().await;
         }
-        Ok(())
+        self.released = true;
+    }
+
+    /// Where to read the throwaway overlay of disk `index` (a
+    /// [`DiskMode::Throwaway`] drive): QEMU's own temporary qcow2, unlinked
+    /// as soon as it was opened, so it is read through QEMU's open file in
+    /// /proc, and only while QEMU lives. Its backing file is the disk's path.
+    ///
+    /// # Errors
+    /// If QEMU has no such drive, or it is not a throwaway overlay.
+    pub async fn throwaway_overlay(&mut self, index: usize) -> Result<PathBuf, Error> {
+        let device = format!("disk{index}");
+        let blocks = self.qmp.execute(qmp::query_block {}).await.map_err(qmp_err("query-block"))?;
+        let file = blocks
+            .into_iter()
+            .find(|b| b.device == device)
+            .and_then(|b| b.inserted)
+            .map(|i| i.file)
+            .ok_or_else(|| Error::Save(format!("QEMU has no drive {device}")))?;
+        let path = overlay_file_name(&file)
+            .ok_or_else(|| Error::Save(format!("drive {device} is not a throwaway overlay ({file})")))?;
+        let fds = PathBuf::from(format!("/proc/{}/fd", self.pid));
+        let entries = std::fs::read_dir(&fds).map_err(|source| Error::Io { path: fds.clone(), source })?;
+        for e in entries.flatten() {
+            let Ok(target) = std::fs::read_link(e.path()) else { continue };
+            let target = target.to_string_lossy();
+            if target == path || target.strip_suffix(" (deleted)") == Some(&path) {
+                return Ok(e.path());
+            }
+        }
+        Err(Error::Save(format!("QEMU holds no open file {path} for drive {device}")))
     }
 
     /// Waits for QEMU (our child) to exit by itself, up to `timeout`;
@@ -530,6 +576,17 @@ impl Vm {
     }
 }
 
+/// The file of a `snapshot=on` drive's temporary overlay, from the name
+/// QEMU reports for the drive: `json:{"driver": "qcow2", "file": {"driver":
+/// "file", "filename": PATH}, "backing": ...}`.
+fn overlay_file_name(reported: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(reported.strip_prefix("json:")?).ok()?;
+    if v["driver"] != "qcow2" || v["file"]["driver"] != "file" {
+        return None;
+    }
+    v["file"]["filename"].as_str().map(str::to_string)
+}
+
 /// The end of QEMU's messages and the console log in `dir`, for error reports.
 pub fn diagnostics(dir: &Path) -> String {
     let mut out = String::new();
@@ -543,4 +600,19 @@ pub fn diagnostics(dir: &Path) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlay_file_name;
+
+    #[test]
+    fn the_temporary_overlay_is_found_in_the_name_qemu_reports() {
+        // As QEMU 10 reports a `snapshot=on` drive in query-block.
+        let reported = r#"json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/s/blobs/ab"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "/var/tmp/vl.IRM8Y3"}}"#;
+        assert_eq!(overlay_file_name(reported).as_deref(), Some("/var/tmp/vl.IRM8Y3"));
+        assert_eq!(overlay_file_name("/s/blobs/ab"), None);
+        assert_eq!(overlay_file_name(r#"json:{"driver": "raw", "file": {"driver": "file", "filename": "/x"}}"#), None);
+        assert_eq!(overlay_file_name("json:{not json"), None);
+    }
 }

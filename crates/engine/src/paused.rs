@@ -1,0 +1,275 @@
+//! Sessions paused to an image. Pausing saves a running session's memory,
+//! devices and disk writes as a `paused` image chained on the image it ran
+//! from (its launch image, or its previous paused image), stops its VM and
+//! keeps a record in `STATE/paused/ID.json`. Resuming restores the session
+//! from that image under the same id, on this server or on any other that
+//! shares the store. A paused session uses no memory or CPU and outlives the
+//! process that paused it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use strata_store::{ImageKind, ImageRecord};
+use strata_vmm::Memory;
+
+use crate::context::ContextSettings;
+use crate::session::Session;
+use crate::sessions::SessionRecord;
+use crate::tools::{rebase_to_digest, run};
+use crate::{io_err, write_atomic, Engine, Error, ARCH, OS};
+
+/// How long saving a session's state may take (its memory goes to the file).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Holds a session id while it is paused or resumed, so two of these never
+/// act on one session at once.
+pub(crate) struct PauseLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl Engine {
+    fn paused_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("paused")
+    }
+
+    fn paused_record_path(&self, id: &str) -> PathBuf {
+        self.paused_root().join(format!("{id}.json"))
+    }
+
+    pub(crate) fn lock_paused(&self, id: &str) -> Result<PauseLock, Error> {
+        let root = self.paused_root();
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let path = root.join(format!("{id}.lock"));
+        let f = std::fs::File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map(PauseLock)
+            .map_err(|_| Error::Config(format!("session {id} is being paused or resumed right now; try again")))
+    }
+
+    /// The record of a paused session, if `id` is one.
+    pub(crate) fn paused_record(&self, id: &str) -> Option<SessionRecord> {
+        serde_json::from_slice(&std::fs::read(self.paused_record_path(id)).ok()?).ok()
+    }
+
+    /// Whether a paused session has a display.
+    pub fn paused_is_graphical(&self, rec: &SessionRecord) -> bool {
+        let image = rec.paused_image.as_deref().and_then(|d| self.store.image(d).ok().flatten());
+        image.is_some_and(|i| i.meta.get("graphical").is_some_and(|g| g == "true"))
+    }
+
+    /// Every paused session, oldest first.
+    pub fn paused_sessions(&self) -> Vec<SessionRecord> {
+        let Ok(entries) = std::fs::read_dir(self.paused_root()) else { return Vec::new() };
+        let mut out: Vec<SessionRecord> = entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect();
+        out.sort_by_key(|r| r.created);
+        out
+    }
+
+    /// Pauses a running session to an image: its memory, devices and disk
+    /// writes are saved as an image chained on the one it runs from, its
+    /// record moves to the paused sessions, and its VM stops. Drop the
+    /// session afterwards. On failure the session keeps running.
+    ///
+    /// # Errors
+    /// If the session has devices plugged in (network, shared folders, home),
+    /// is not registered, or the save fails.
+    pub async fn pause_to_image(&self, s: &mut Session) -> Result<ImageRecord, Error> {
+        let Some(dir) = s.record.clone() else {
+            return Err(Error::Config(format!("session {} was not launched from a launch image; it cannot be paused", s.id)));
+        };
+        if s.has_devices {
+            return Err(Error::Config(format!(
+                "session {} has network, shared folders or a home plugged in: such a session cannot be paused to an \
+                 image yet; keep it running, or launch without them",
+                s.id
+            )));
+        }
+        let _lock = self.lock_paused(&s.id)?;
+        let mut rec = crate::sessions::read_record(&dir)
+            .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+        let parent = self
+            .store
+            .image(&rec.launch_image)?
+            .ok_or_else(|| Error::Config(format!("the image session {} runs from is gone from the catalog", s.id)))?;
+        // Nobody watches while it is paused: the agent keeps the program's
+        // output as its screen, for whoever attaches after the resume.
+        s.quiet().await?;
+        let work = self.store.work_dir("pause")?;
+        let state = work.path().join("state");
+        let disk = work.path().join("disk.qcow2");
+        let t0 = std::time::Instant::now();
+        s.vm_mut().save(&state, SAVE_TIMEOUT).await?;
+        // The guest is stopped now; if anything below fails, it runs on.
+        let saved = async {
+            let overlay = s.vm_mut().throwaway_overlay(0).await?;
+            run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
+            rebase_to_digest(&disk, parent.file("disk")?).await?;
+            let mut files = BTreeMap::new();
+            for role in ["kernel", "initramfs"] {
+                files.insert(role.to_string(), parent.file(role)?.to_string());
+            }
+            files.insert("disk".to_string(), self.store.ingest_file(&disk)?);
+            files.insert("state".to_string(), self.store.ingest_file(&state)?);
+            let mut meta: BTreeMap<String, String> = parent
+                .meta
+                .iter()
+                .filter(|(k, _)| ["accel", "memory_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            meta.insert("session".into(), s.id.clone());
+            let image = ImageRecord::new(
+                ImageKind::Paused,
+                Some(s.package.clone()),
+                OS,
+                ARCH,
+                Some(parent.digest.clone()),
+                &paused_recipe(&s.id, &parent.digest),
+                files,
+                meta,
+                0,
+            );
+            let image = self.record_image(image)?;
+            rec.paused_image = Some(image.digest.clone());
+            rec.qemu_pid = 0;
+            rec.owner_pid = 0;
+            rec.detached = true;
+            write_atomic(&self.paused_record_path(&s.id), &serde_json::to_vec(&rec).expect("serializes"))?;
+            Ok::<_, Error>(image)
+        }
+        .await;
+        match saved {
+            Ok(image) => {
+                s.vm_mut().quit().await;
+                tracing::info!(session = %s.id, image = %image.digest, ms = t0.elapsed().as_millis() as u64, "session paused to an image");
+                Ok(image)
+            }
+            Err(e) => {
+                if let Err(r) = s.vm_mut().resume().await {
+                    tracing::warn!(session = %s.id, error = %r, "could not resume the guest after a failed pause");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Pauses a detached session (no terminal holds it) to an image.
+    ///
+    /// # Errors
+    /// As [`Engine::pause_to_image`], or if a terminal holds the session.
+    pub async fn pause_detached(&self, id: &str) -> Result<ImageRecord, Error> {
+        let mut s = self.reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q)").await?;
+        let r = self.pause_to_image(&mut s).await;
+        match r {
+            Ok(image) => {
+                drop(s);
+                Ok(image)
+            }
+            Err(e) => {
+                s.release();
+                Err(e)
+            }
+        }
+    }
+
+    /// Resumes a paused session from its image, under the same id, with
+    /// `settings` (by default the context it was launched with), and
+    /// attaches it. Its record becomes a running session's again.
+    ///
+    /// # Errors
+    /// If `id` is not a paused session, its image is gone or damaged, or
+    /// the VM cannot be restored.
+    pub async fn resume_session(&self, id: &str, settings: Option<&ContextSettings>) -> Result<crate::Session, Error> {
+        crate::sessions::check_id(id)?;
+        let _lock = self.lock_paused(id)?;
+        let rec = self.paused_record(id).ok_or_else(|| {
+            Error::Config(format!("session {id} is not paused; `strata ps` lists sessions and their state"))
+        })?;
+        let digest = rec.paused_image.clone().unwrap_or_default();
+        let image = self.store.image(&digest)?.ok_or_else(|| {
+            Error::Config(format!("the image of paused session {id} ({digest}) is gone; the session cannot be resumed"))
+        })?;
+        self.verify_chain(&image)?;
+        let fallback = ContextSettings::from_terminal(None);
+        let settings = settings.or(rec.settings.as_ref()).unwrap_or(&fallback);
+        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, settings).await?;
+        // Carry the labels over, then the session is running, not paused.
+        let dir = self.session_dir(id);
+        if let Some(mut running) = crate::sessions::read_record(&dir) {
+            running.labels = rec.labels.clone();
+            running.created = rec.created;
+            self.write_session_record(&running)?;
+        }
+        let path = self.paused_record_path(id);
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        tracing::info!(session = %id, image = %digest, "session resumed from its image");
+        Ok(s)
+    }
+
+    /// Checks every blob of an image and of the images under it.
+    fn verify_chain(&self, image: &ImageRecord) -> Result<(), Error> {
+        let mut next = Some(image.clone());
+        // Bounded: base, install, launch and a chain of pauses.
+        for _ in 0..1000 {
+            let Some(img) = next else { return Ok(()) };
+            self.store.verify_image(&img)?;
+            next = match &img.parent {
+                Some(p) => Some(self.store.image(p)?.ok_or_else(|| {
+                    Error::Config(format!("image {} is built on {p}, which is gone from the catalog", img.digest))
+                })?),
+                None => None,
+            };
+        }
+        Err(Error::Config(format!("image {} has a chain of parents too long to follow", image.digest)))
+    }
+
+    /// Forgets a paused session and the images it was paused to.
+    pub(crate) fn forget_paused(&self, id: &str) -> Result<bool, Error> {
+        let path = self.paused_record_path(id);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let _lock = self.lock_paused(id)?;
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        self.drop_paused_images()?;
+        Ok(true)
+    }
+
+    /// Removes the catalog records of paused images no session needs any
+    /// more: their session is neither paused nor running. Their blobs go at
+    /// the next garbage collection.
+    pub(crate) fn drop_paused_images(&self) -> Result<(), Error> {
+        let images = self.store.list_images()?;
+        let mut needed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let in_use = self.paused_sessions().into_iter().filter_map(|r| r.paused_image);
+        let running = self.list_sessions().into_iter().map(|r| r.launch_image);
+        // Everything under a needed image is needed too.
+        for digest in in_use.chain(running) {
+            let mut d = Some(digest);
+            for _ in 0..1000 {
+                let Some(cur) = d.take() else { break };
+                if !needed.insert(cur.clone()) {
+                    break;
+                }
+                d = images.iter().find(|i| i.digest == cur).and_then(|i| i.parent.clone());
+            }
+        }
+        // A pause records its image a moment before the session's record.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let settled = |i: &ImageRecord| now - i.created > 60;
+        for img in images.iter().filter(|i| i.kind == ImageKind::Paused && !needed.contains(&i.digest) && settled(i)) {
+            tracing::info!(image = %img.digest, "dropping the image of a session that ended");
+            self.store.remove_image(&img.digest)?;
+        }
+        Ok(())
+    }
+}
+
+/// A paused image's recipe: unique to one pause of one session.
+fn paused_recipe(id: &str, parent: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    hex::encode(Sha256::digest(format!("paused\0{id}\0{parent}\0{now}")))
+}
