@@ -10,6 +10,7 @@ pub mod error;
 pub mod live;
 pub mod metrics;
 mod routes;
+pub mod tls;
 mod web;
 
 use std::path::PathBuf;

@@ -128,7 +128,8 @@ impl Registry {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
         }
         let vnc = session.graphical.then(|| session.vnc_socket());
-        let live = Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
+        let live =
+            Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
         self.run_actor(live, Some(session), engine, settings)
     }
 

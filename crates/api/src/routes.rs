@@ -832,13 +832,15 @@ async fn attach_session(
     let live = authorize_stream(&st, &id, &headers, q.token.as_deref())?;
     let settings =
         ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings(&live.owner)?;
-    Ok(ws.on_upgrade(move |socket| pump(socket, live, settings)))
+    // Made here, in the request's scope, so it carries the request id to the guest.
+    let ctx = settings.to_terminal_context();
+    Ok(ws.on_upgrade(move |socket| pump(socket, live, ctx)))
 }
 
-async fn pump(mut socket: WebSocket, live: Arc<Live>, settings: ContextSettings) {
+async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::TerminalContext) {
     let (out_tx, mut out_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = oneshot::channel();
-    let attach = Cmd::Attach { ctx: settings.to_terminal_context(), out: out_tx, reply: reply_tx };
+    let attach = Cmd::Attach { ctx, out: out_tx, reply: reply_tx };
     if live.cmd.send(attach).await.is_err() {
         let _ = socket.send(Message::Text(r#"{"type":"lost","reason":"the session has ended"}"#.into())).await;
         return;

@@ -39,6 +39,10 @@ struct Cli {
     /// API token for --addr.
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM certificate to trust for an https:// --addr, besides the
+    /// system's (e.g. the self-signed one `strata serve --tls` prints).
+    #[arg(long, global = true, env = "STRATA_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// This terminal's name: it owns a context and a persistent home.
     #[arg(long, global = true, env = "STRATA_TERMINAL", default_value = "local")]
     terminal: String,
@@ -133,6 +137,16 @@ enum Cmd {
         /// (repeatable; replaces the default: $HOME, /home, /srv, /tmp).
         #[arg(long)]
         share_root: Vec<PathBuf>,
+        /// Serve HTTPS: with --tls-cert and --tls-key, else with a
+        /// self-signed certificate kept in the state directory.
+        #[arg(long)]
+        tls: bool,
+        /// PEM certificate chain for HTTPS (implies --tls).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for HTTPS (implies --tls).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -412,8 +426,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A listing piped into `head` ends quietly, as other tools' do. Only
     // listings: commands that talk to VMs over Unix sockets need EPIPE.
-    if matches!(cli.cmd, Cmd::Ps { .. } | Cmd::Images { cmd: ImagesCmd::Ls { .. } } | Cmd::Packages { .. } | Cmd::Servers { .. } | Cmd::Completions { .. })
-    {
+    if matches!(
+        cli.cmd,
+        Cmd::Ps { .. }
+            | Cmd::Images { cmd: ImagesCmd::Ls { .. } }
+            | Cmd::Packages { .. }
+            | Cmd::Servers { .. }
+            | Cmd::Completions { .. }
+    ) {
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -478,7 +498,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         return Ok(0);
     }
     if let Some(addr) = &cli.addr {
-        let remote = remote::Remote::new(addr, cli.token.clone())?;
+        let remote = remote::Remote::new(addr, cli.token.clone(), cli.ca_cert.as_deref())?;
         return remote_main(&remote, &cli.cmd).await;
     }
     let eng = engine(&cli)?;
@@ -676,7 +696,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool, .. } => {
+        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool, tls, tls_cert, tls_key, .. } => {
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
@@ -701,9 +721,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     eprintln!("strata: created the API token of terminal \"default\" (saved in {})", saved.display());
                 }
             }
-            let listener =
-                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-            println!("strata: serving the API on http://{}", listener.local_addr()?);
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                _ if *tls => {
+                    let (cert, key) = strata_api::tls::self_signed(
+                        &state.engine.cfg.state_dir.join("tls"),
+                        &[listen.ip().to_string()],
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    eprintln!(
+                        "strata: HTTPS with a self-signed certificate; clients trust it with --ca-cert {}",
+                        cert.display()
+                    );
+                    Some((cert, key))
+                }
+                _ => None,
+            };
+            let tls = tls
+                .map(|(cert, key)| strata_api::tls::server_config(&cert, &key))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let listener = std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+            listener.set_nonblocking(true)?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            println!("strata: serving the API on {scheme}://{}", listener.local_addr()?);
             state.web_dir = web_dir();
             let state = std::sync::Arc::new(state);
             let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));
@@ -713,7 +754,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             for package in state.pool_targets.keys() {
                 state.refill(package);
             }
-            axum::serve(listener, strata_api::router(state)).await?;
+            let app = strata_api::router(state);
+            match tls {
+                Some(cfg) => {
+                    let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
+                    axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?
+                }
+                None => axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?,
+            }
             Ok(0)
         }
         Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in } } => {

@@ -17,20 +17,70 @@ pub struct Remote {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// For https:// addresses: the roots this terminal trusts.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration trusting the system's roots and `ca_cert`.
+fn client_tls(ca_cert: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped, not fatal: --ca-cert may be all that is needed.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_cert {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading --ca-cert {}", path.display()))?;
+        if certs.is_empty() {
+            bail!("--ca-cert {} holds no PEM certificate", path.display());
+        }
+        for c in certs {
+            roots.add(c).with_context(|| format!("--ca-cert {}", path.display()))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(strata_api::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 impl Remote {
     /// Checks the address and token (nothing is sent yet).
     ///
     /// # Errors
-    /// If the address is not an http URL or the token is missing.
-    pub fn new(addr: &str, token: Option<String>) -> anyhow::Result<Remote> {
+    /// If the address is not an http(s) URL, the token is missing, or the
+    /// certificate to trust cannot be read.
+    pub fn new(addr: &str, token: Option<String>, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Remote> {
         let base = addr.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            bail!("--addr must be an http:// URL, like http://127.0.0.1:7070");
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
+            bail!("--addr must be an http:// or https:// URL, like https://127.0.0.1:7070");
+        }
+        if ca_cert.is_some() && !https {
+            bail!("--ca-cert is for an https:// --addr");
         }
         let token = token.filter(|t| !t.is_empty()).context("--addr needs a token: --token or STRATA_TOKEN")?;
-        Ok(Remote { http: reqwest::Client::new(), base, token })
+        let tls = if https { Some(std::sync::Arc::new(client_tls(ca_cert)?)) } else { None };
+        let mut http = reqwest::Client::builder();
+        if let Some(cfg) = &tls {
+            http = http.use_preconfigured_tls((**cfg).clone());
+        }
+        Ok(Remote { http: http.build()?, base, token, tls })
+    }
+
+    /// Why the server could not be reached, with the underlying cause (a
+    /// certificate this terminal does not trust shows up here).
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        let hint = if why.contains("certificate") { " (trust its certificate with --ca-cert FILE)" } else { "" };
+        anyhow::anyhow!("cannot reach the strata server at {}: {why}{hint}", self.base)
     }
 
     /// One API call; an error body becomes an error with its message.
@@ -39,7 +89,7 @@ impl Remote {
         if let Some(b) = body {
             rq = rq.json(&b);
         }
-        let resp = rq.send().await.with_context(|| format!("cannot reach the strata server at {}", self.base))?;
+        let resp = rq.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let bytes = resp.bytes().await?;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -56,7 +106,7 @@ impl Remote {
         if let Some(b) = body {
             rq = rq.header("content-type", "application/octet-stream").body(b);
         }
-        let resp = rq.send().await.with_context(|| format!("cannot reach the strata server at {}", self.base))?;
+        let resp = rq.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let bytes = resp.bytes().await?.to_vec();
         if !status.is_success() {
@@ -104,7 +154,8 @@ impl Remote {
         );
         let mut request = url.into_client_request()?;
         request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
             .await
             .map_err(|e| anyhow::anyhow!("cannot attach to session {id}: {e}"))?;
         let _raw = if tty { Some(RawMode::enter()?) } else { None };

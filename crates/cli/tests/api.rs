@@ -54,7 +54,7 @@ fn serve_with(tag: &str, extra: &[&str]) -> Server {
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    assert!(base.starts_with("http://127.0.0.1:") || base.starts_with("https://127.0.0.1:"), "{line}");
     Server { child, base, a, b }
 }
 
@@ -296,14 +296,25 @@ async fn an_idle_session_is_paused_to_an_image_and_survives_a_restart_of_strata(
     assert_eq!(st, 404, "another terminal sees the paused session");
     assert!(ws(&s, &id, "wrong-token").await.is_err());
 
-    // Attaching resumes it: the screen, the program's state and the file are there.
-    let mut w = ws(&s, &id, &attach).await.unwrap();
+    // Attaching resumes it: the screen, the program's state and the file are
+    // there; the attach's request id reaches the guest's log.
+    let url = format!("{}/v1/sessions/{id}/attach?token={attach}&rows=30&cols=100", s.base.replace("http", "ws"));
+    let mut rq = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    rq.headers_mut().insert("x-request-id", "strata-test-resume-1".parse().unwrap());
+    let (mut w, _) = tokio_tungstenite::connect_async(rq).await.unwrap();
     read_until(&mut w, "set 41").await;
     type_line(&mut w, "print('again', x + 1, open('/root/note').read())\r").await;
     read_until(&mut w, "again 42 kept on disk").await;
     let (_, v) = api.call("GET", &format!("/v1/sessions/{id}"), Some(&a), None).await;
     assert_eq!((v["state"].as_str(), v["attached"].as_bool()), (Some("running"), Some(true)), "{v}");
     assert_eq!(qemu_of(&id), 1);
+    let console = env().state.join("sessions").join(&id).join("console.log");
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&console)
+            .is_ok_and(|c| c.contains("attach for request strata-test-resume-1"))),
+        "the attach's request id is not in the guest's log {}",
+        console.display()
+    );
 
     // Paused again by hand, then killed while paused: nothing is left.
     let (st, v) = api.call("POST", &format!("/v1/sessions/{id}/pause"), Some(&a), None).await;
@@ -505,6 +516,45 @@ fn the_cli_talks_to_a_server_by_address() {
     assert!(!other.status.success() && text(&other.stderr).contains("no session"), "{}", text(&other.stderr));
     let bad = strata(&["ps"]).env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", "nope").output().unwrap();
     assert!(text(&bad.stderr).contains("valid API token"), "{}", text(&bad.stderr));
+}
+
+#[test]
+fn the_cli_talks_https_to_a_server_with_a_certificate_it_trusts() {
+    if !e2e() {
+        return;
+    }
+    let s = serve_with("api-tls", &["--tls"]);
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+    let cert = env().state.join("tls/cert.pem");
+    let remote = |args: &[&str], ca: Option<&std::path::Path>| {
+        let mut c = strata(args);
+        c.env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", &s.a).env_remove("STRATA_CA_CERT");
+        if let Some(ca) = ca {
+            c.env("STRATA_CA_CERT", ca);
+        }
+        c
+    };
+    // Trusting the server's certificate: the API and the terminal's WebSocket over TLS.
+    let ps = remote(&["ps", "--json"], Some(&cert)).output().unwrap();
+    assert!(ps.status.success(), "{}", text(&ps.stderr));
+    let run = {
+        use std::io::Write;
+        let mut c =
+            remote(&["run", "python3"], Some(&cert)).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(b"print(6*7)\n").unwrap();
+        c.wait_with_output().unwrap()
+    };
+    assert!(run.status.success());
+    assert!(text(&run.stdout).lines().any(|l| l.trim() == "42"), "{}", text(&run.stdout));
+    // Not trusting it: refused, with what to do.
+    let untrusted = remote(&["ps"], None).output().unwrap();
+    assert!(!untrusted.status.success());
+    assert!(text(&untrusted.stderr).contains("--ca-cert"), "{}", text(&untrusted.stderr));
+    // Plain HTTP to it gets nowhere; a certificate file that is not one is refused.
+    let plain = strata(&["ps"]).env("STRATA_ADDR", s.base.replace("https", "http")).env("STRATA_TOKEN", &s.a).output();
+    assert!(!plain.unwrap().status.success());
+    let junk = remote(&["ps"], Some(std::path::Path::new("/etc/hostname"))).output().unwrap();
+    assert!(text(&junk.stderr).contains("no PEM certificate"), "{}", text(&junk.stderr));
 }
 
 #[tokio::test]

@@ -264,8 +264,7 @@ fn cp_copies_files_into_and_out_of_a_detached_session_and_pause_keeps_them() {
     assert!(pause.status.success(), "{}", text(&pause.stderr));
     let ps = text(&strata(&["ps"]).output().unwrap().stdout);
     assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("paused")), "{ps}");
-    let refused =
-        strata(&["cp", &format!("{id}:/tmp/copied.bin"), dir.join("x").to_str().unwrap()]).output().unwrap();
+    let refused = strata(&["cp", &format!("{id}:/tmp/copied.bin"), dir.join("x").to_str().unwrap()]).output().unwrap();
     assert!(!refused.status.success() && text(&refused.stderr).contains("paused"), "{}", text(&refused.stderr));
     let resume = strata(&["resume", &id]).output().unwrap();
     assert!(resume.status.success(), "{}", text(&resume.stderr));

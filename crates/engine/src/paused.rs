@@ -79,7 +79,10 @@ impl Engine {
     /// is not registered, or the save fails.
     pub async fn pause_to_image(&self, s: &mut Session) -> Result<ImageRecord, Error> {
         let Some(dir) = s.record.clone() else {
-            return Err(Error::Config(format!("session {} was not launched from a launch image; it cannot be paused", s.id)));
+            return Err(Error::Config(format!(
+                "session {} was not launched from a launch image; it cannot be paused",
+                s.id
+            )));
         };
         if s.has_devices {
             return Err(Error::Config(format!(

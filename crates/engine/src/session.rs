@@ -229,7 +229,18 @@ impl Session {
                 }
             }
         });
-        Session { id, package: package.into(), screen, vm, writer, events: rx, dir, record: None, graphical: false, has_devices: false }
+        Session {
+            id,
+            package: package.into(),
+            screen,
+            vm,
+            writer,
+            events: rx,
+            dir,
+            record: None,
+            graphical: false,
+            has_devices: false,
+        }
     }
 
     /// The next thing the program did. Cancel-safe.
