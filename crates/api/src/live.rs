@@ -213,8 +213,8 @@ fn set<T: Copy>(m: &Mutex<T>, v: T) {
 }
 
 /// The actor of one session. It holds the running [`Session`], or nothing
-/// while the session is paused to an image; it ends when the program ends,
-/// the session is killed, or it cannot be paused at its idle time-out.
+/// while the session is paused to an image; it ends when the program ends
+/// or the session is killed.
 struct Actor<'a> {
     held: Option<Session>,
     /// The attached terminal and the context it attached with.
@@ -395,8 +395,9 @@ impl Actor<'_> {
                     match self.pause().await {
                         Ok(()) => tracing::info!(session = %self.live.id, "idle time-out: paused the session to an image"),
                         Err(e) => {
-                            tracing::info!(session = %self.live.id, error = %e, "idle time-out: the session cannot be paused to an image, stopping it");
-                            break;
+                            // Nothing is lost: it runs on, and no time-out fires again.
+                            tracing::warn!(session = %self.live.id, error = %e, "idle time-out: the session cannot be paused to an image; it keeps running");
+                            set(&self.live.idle_timeout, None);
                         }
                     }
                 }

@@ -180,6 +180,76 @@ async fn the_persistent_home_survives_into_the_next_session_and_is_claimed_once(
     web.close().await;
 }
 
+/// An HTTP GET of `path` on 127.0.0.1:`port`: the whole answer, or the error.
+async fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        c.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        Ok(body)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_session_with_a_home_and_a_forwarded_port_is_paused_and_resumed_with_them() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let terminal = format!("test-pause-home-{}", std::process::id());
+    let port = free_port();
+    let mut settings = plain();
+    settings.home = Some(terminal.clone());
+    settings.network.ports = vec![PortForward { host: port, guest: 8000 }];
+    let mut s = launch(&eng, "python3", &settings).await;
+    // A web server thread in the program, serving the home.
+    python(
+        &mut s,
+        "import http.server, threading, functools; open('/root/hello.txt','w').write('from the home'); \
+         h = functools.partial(http.server.SimpleHTTPRequestHandler, directory='/root'); \
+         srv = http.server.ThreadingHTTPServer(('', 8000), h); \
+         threading.Thread(target=srv.serve_forever, daemon=True).start(); x = 41",
+    )
+    .await;
+    assert!(http_get(port, "/hello.txt").await.unwrap().ends_with("from the home"));
+
+    let id = s.id.clone();
+    eng.pause_to_image(&mut s).await.unwrap();
+    drop(s);
+    // Paused: nothing listens, and its home is still taken (its guest has it mounted).
+    assert!(http_get(port, "/hello.txt").await.is_err(), "a paused session answers");
+    let pkg = eng.package("python3").unwrap();
+    let mut other = settings.clone();
+    other.network.ports.clear();
+    let err = eng.launch(&pkg, &other, &LogProgress).await.err().expect("the home is refused").to_string();
+    assert!(err.contains(&format!("in use by session {id}")), "{err}");
+
+    // Resumed: the same thread serves the same home on the same port, the
+    // program's state is there, and the home takes new writes.
+    let mut s = eng.resume_session(&id, None).await.unwrap();
+    assert!(http_get(port, "/hello.txt").await.unwrap().ends_with("from the home"));
+    let out = python(&mut s, "print('x is', x + 1); open('/root/after.txt','w').write('after the resume')").await;
+    assert!(out.contains("x is 42"), "{out:?}");
+    assert!(http_get(port, "/after.txt").await.unwrap().ends_with("after the resume"));
+    s.close().await;
+
+    // Shared folders cannot be saved by QEMU while mounted: refused, and the session runs on.
+    let dir = scratch("pause-share");
+    let mut shared = plain();
+    shared.shares = vec![strata_engine::context::Share { host: dir.clone(), guest: "/mnt/s".into(), readonly: false }];
+    let mut s = launch(&eng, "python3", &shared).await;
+    let err = eng.pause_to_image(&mut s).await.unwrap_err().to_string();
+    assert!(err.contains("shared folders"), "{err}");
+    python(&mut s, "print('still running')").await;
+    s.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn bad_contexts_are_refused_before_any_vm_starts() {
     if !e2e() {

@@ -73,6 +73,8 @@ pub const HOME_PATH: &str = "/root";
 pub const HOME_SERIAL: &str = "strata-home";
 /// At most this many shared folders and port forwards per context.
 const MAX_SHARES: usize = 16;
+// Shares, a network and a home must fit the VM's slots for plugged devices.
+const _: () = assert!(MAX_SHARES + 2 <= strata_vmm::MAX_PLUGS);
 const MAX_PORTS: usize = 32;
 
 /// The VM's network: user-mode NAT, port forwards from the terminal's side.

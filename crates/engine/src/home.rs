@@ -59,7 +59,7 @@ impl Engine {
     ///
     /// # Errors
     /// [`Error::Config`] naming the session that holds the home.
-    pub(crate) fn claim_home(&self, terminal: &str) -> Result<HomeClaim, Error> {
+    pub(crate) fn claim_home(&self, terminal: &str, session: &str) -> Result<HomeClaim, Error> {
         let dir = self.home_dir(terminal);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join("claim.lock");
@@ -69,7 +69,10 @@ impl Engine {
                 "the home of terminal {terminal} is being claimed by a session starting now; try again"
             ))
         })?;
-        if let Some(s) = self.list_sessions().into_iter().find(|s| s.home.as_deref() == Some(terminal)) {
+        // Paused sessions count: their guest has the home mounted. The
+        // session being resumed is the one exception.
+        let holder = self.list_sessions().into_iter().find(|s| s.home.as_deref() == Some(terminal) && s.id != session);
+        if let Some(s) = holder {
             return Err(Error::Config(format!(
                 "the home of terminal {terminal} is in use by session {}; stop it (`strata kill {}`) or launch without --home",
                 s.id, s.id

@@ -139,6 +139,7 @@ impl Engine {
             disks: Vec::new(),
             incoming: None,
             plugs: Vec::new(),
+            plugs_in_state: false,
             display: false,
             die_with_parent: true,
         })
@@ -249,12 +250,14 @@ impl Engine {
     ) -> Result<Session, Error> {
         let id = new_session_id();
         let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
-        self.restore(&id, &pkg.name, launch, memory, settings).await
+        self.restore(&id, &pkg.name, launch, memory, settings, false).await
     }
 
     /// Restores a session `id` of `package` from a saved image (a launch
     /// image, or a paused session's image) with `memory`, plugs in the
-    /// context's devices, attaches it, and records it as running from `image`.
+    /// context's devices (or, with `plugs_in_state`, declares those the
+    /// saved state already holds), attaches it, and records it as running
+    /// from `image`.
     pub(crate) async fn restore(
         &self,
         id: &str,
@@ -262,13 +265,14 @@ impl Engine {
         image: &ImageRecord,
         memory: Memory,
         settings: &ContextSettings,
+        plugs_in_state: bool,
     ) -> Result<Session, Error> {
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
         check_ports_free(settings)?;
         let claim = match &settings.home {
-            Some(t) => Some((self.claim_home(t)?, self.home_disk(t).await?)),
+            Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),
             None => None,
         };
         let mut plugs = Vec::new();
@@ -306,6 +310,7 @@ impl Engine {
             }],
             incoming: Some(self.store.blob_path(image.file("state")?)),
             plugs,
+            plugs_in_state,
             display: graphical,
             // The session may be detached and outlive this process; the guest
             // agent powers off if this process vanishes while attached.

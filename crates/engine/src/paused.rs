@@ -84,16 +84,19 @@ impl Engine {
                 s.id
             )));
         };
-        if s.has_devices {
-            return Err(Error::Config(format!(
-                "session {} has network, shared folders or a home plugged in: such a session cannot be paused to an \
-                 image yet; keep it running, or launch without them",
-                s.id
-            )));
-        }
         let _lock = self.lock_paused(&s.id)?;
         let mut rec = crate::sessions::read_record(&dir)
             .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+        // Its network and home stay in the saved state and come back on the
+        // resume; a mounted 9p share cannot be saved (QEMU refuses).
+        let shares = rec.settings.as_ref().map_or(0, |c| c.shares.len());
+        if shares > 0 || (s.has_devices && rec.settings.is_none()) {
+            return Err(Error::Config(format!(
+                "session {} has shared folders: a session with shared folders cannot be paused to an image \
+                 (QEMU cannot save a mounted 9p share); it keeps running",
+                s.id
+            )));
+        }
         let parent = self
             .store
             .image(&rec.launch_image)?
@@ -178,14 +181,15 @@ impl Engine {
         }
     }
 
-    /// Resumes a paused session from its image, under the same id, with
-    /// `settings` (by default the context it was launched with), and
-    /// attaches it. Its record becomes a running session's again.
+    /// Resumes a paused session from its image, under the same id, with the
+    /// context it was launched with (its devices are in the saved state),
+    /// sized to `terminal` if given, and attaches it. Its record becomes a
+    /// running session's again.
     ///
     /// # Errors
     /// If `id` is not a paused session, its image is gone or damaged, or
     /// the VM cannot be restored.
-    pub async fn resume_session(&self, id: &str, settings: Option<&ContextSettings>) -> Result<crate::Session, Error> {
+    pub async fn resume_session(&self, id: &str, terminal: Option<&ContextSettings>) -> Result<crate::Session, Error> {
         crate::sessions::check_id(id)?;
         let _lock = self.lock_paused(id)?;
         let rec = self.paused_record(id).ok_or_else(|| {
@@ -196,9 +200,14 @@ impl Engine {
             Error::Config(format!("the image of paused session {id} ({digest}) is gone; the session cannot be resumed"))
         })?;
         self.verify_chain(&image)?;
-        let fallback = ContextSettings::from_terminal(None);
-        let settings = settings.or(rec.settings.as_ref()).unwrap_or(&fallback);
-        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, settings).await?;
+        // The devices are those it was paused with (they are in its saved
+        // state); the terminal attaching now brings only its type and size.
+        let mut resumed = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+        if let Some(t) = terminal {
+            (resumed.term, resumed.rows, resumed.cols) = (t.term.clone(), t.rows, t.cols);
+        }
+        let plugs_in_state = resumed.needs_devices();
+        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, plugs_in_state).await?;
         // Carry the labels over, then the session is running, not paused.
         let dir = self.session_dir(id);
         if let Some(mut running) = crate::sessions::read_record(&dir) {

@@ -71,8 +71,9 @@ pub(crate) async fn start_and_attach(
     let t0 = std::time::Instant::now();
     let (mut vm, mut conn) = Vm::start(&cfg, timeout).await?;
     // The context's devices go in once the guest runs, before the attach
-    // that tells the agent to set them up.
-    if let Err(e) = vm.plug(&cfg.plugs).await {
+    // that tells the agent to set them up (unless the state holds them).
+    let plugs: &[strata_vmm::Plug] = if cfg.plugs_in_state { &[] } else { &cfg.plugs };
+    if let Err(e) = vm.plug(plugs).await {
         let diag = vm.diagnostics();
         vm.kill().await;
         return Err(Error::Agent(format!("plugging in the context's devices: {e}\n{diag}")));
@@ -370,7 +371,17 @@ impl Session {
     /// # Errors
     /// If the session has no display or the agent cannot set it.
     pub async fn set_clipboard(&mut self, text: &str) -> Result<(), Error> {
-        self.clipboard_op(HostMsg::ClipboardSet { text: text.into() }).await.map(|_| ())
+        self.clipboard_op(HostMsg::ClipboardSet { text: text.into() }).await?;
+        // The guest's xclip takes the selection a moment after it read the
+        // text; answer once the clipboard holds it, so a paste right after
+        // this call gets it. Bounded: 50 looks, 40 ms apart.
+        for _ in 0..50 {
+            if self.clipboard().await? == text {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        Err(Error::Agent("the guest's clipboard did not take the text within 2 s".into()))
     }
 
     async fn clipboard_op(&mut self, msg: HostMsg) -> Result<String, Error> {

@@ -225,11 +225,9 @@ impl Engine {
     pub async fn attach_session(&self, id: &str, settings: &ContextSettings) -> Result<Session, Error> {
         check_id(id)?;
         settings.validate()?;
-        if let Some(rec) = self.paused_record(id) {
+        if self.paused_record(id).is_some() {
             // Resumed with the context it was launched with, sized to this terminal.
-            let mut resume = rec.settings.unwrap_or_else(|| settings.clone());
-            (resume.term, resume.rows, resume.cols) = (settings.term.clone(), settings.rows, settings.cols);
-            return self.resume_session(id, Some(&resume)).await;
+            return self.resume_session(id, Some(settings)).await;
         }
         self.reap_sessions();
         let dir = self.session_dir(id);

@@ -107,21 +107,54 @@ impl Plug {
         }
     }
 
-    /// The QMP `device_add` that plugs the device into the running guest.
-    fn device(&self, id: &str) -> qmp::device_add {
-        let s = |v: &str| qapi::Any::from(v.to_string());
-        let (driver, props) = match self {
-            Plug::Network { .. } => ("virtio-net-pci", vec![("netdev".to_string(), s(id))]),
-            Plug::Share { tag, .. } => {
-                ("virtio-9p-pci", vec![("fsdev".to_string(), s(id)), ("mount_tag".to_string(), s(tag))])
-            }
+    /// The device's driver and properties. Each plug sits in a fixed PCI
+    /// slot by its index, so a VM restored from a state saved with the
+    /// plugs in it can declare them on its command line exactly as they were.
+    fn device_props(&self, id: &str, index: usize) -> (&'static str, Vec<(&'static str, String)>) {
+        let (driver, mut props) = match self {
+            Plug::Network { .. } => ("virtio-net-pci", vec![("netdev", id.to_string())]),
+            Plug::Share { tag, .. } => ("virtio-9p-pci", vec![("fsdev", id.to_string()), ("mount_tag", tag.clone())]),
             Plug::Disk { serial, .. } => {
-                ("virtio-blk-pci", vec![("drive".to_string(), s(id)), ("serial".to_string(), s(serial))])
+                ("virtio-blk-pci", vec![("drive", id.to_string()), ("serial", serial.clone())])
             }
         };
+        props.push(("addr", format!("{:#x}", PLUG_SLOT0 + index)));
+        (driver, props)
+    }
+
+    /// The QMP `device_add` that plugs the device into the running guest.
+    fn device(&self, id: &str, index: usize) -> qmp::device_add {
+        let (driver, props) = self.device_props(id, index);
+        let props: Vec<(String, qapi::Any)> =
+            props.into_iter().map(|(k, v)| (k.to_string(), qapi::Any::from(v))).collect();
         qmp::device_add::new(driver, Some(format!("{id}-dev")), None, props)
     }
+
+    /// The device and every backend on the command line, for a VM whose
+    /// incoming state already holds the device.
+    fn on_command_line(&self, id: &str, index: usize) -> Vec<String> {
+        let mut a: Vec<String> = match (self, self.backend(id)) {
+            (_, Some(b)) => b.to_vec(),
+            (Plug::Disk { path, .. }, None) => {
+                vec!["-drive".into(), format!("if=none,id={id},format=qcow2,cache=writeback,file={}", opt(path))]
+            }
+            _ => Vec::new(),
+        };
+        let (driver, props) = self.device_props(id, index);
+        let mut dev = driver.to_string();
+        for (k, v) in props {
+            dev.push_str(&format!(",{k}={}", v.replace(',', ",,")));
+        }
+        dev.push_str(&format!(",id={id}-dev"));
+        a.extend(["-device".to_string(), dev]);
+        a
+    }
 }
+
+/// PCI slot of the first plugged device; the machine's own devices sit below.
+const PLUG_SLOT0: usize = 0x0c;
+/// At most this many devices are plugged into one VM (slots up to 0x1f).
+pub const MAX_PLUGS: usize = 0x20 - PLUG_SLOT0;
 
 /// Everything that defines one QEMU process.
 #[derive(Debug, Clone)]
@@ -140,6 +173,10 @@ pub struct VmConfig {
     /// Devices plugged in after the start ([`Vm::plug`]); only their
     /// backends are on the command line.
     pub plugs: Vec<Plug>,
+    /// The incoming state already holds the plugs' devices (it was saved
+    /// with them): they go on the command line, in the slots they were
+    /// plugged into, and [`Vm::plug`] has nothing to do.
+    pub plugs_in_state: bool,
     /// A graphical VM: a VGA display, a tablet and a keyboard, shown over
     /// VNC on a Unix socket in `dir` ([`VNC_SOCK`]). Part of the machine:
     /// a launch image made with a display restores only with one.
@@ -202,7 +239,11 @@ impl VmConfig {
             push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
         }
         for (i, p) in self.plugs.iter().enumerate() {
-            a.extend(p.backend(&p.id(i)).into_iter().flatten());
+            if self.plugs_in_state {
+                a.extend(p.on_command_line(&p.id(i), i));
+            } else {
+                a.extend(p.backend(&p.id(i)).into_iter().flatten());
+            }
         }
         if self.incoming.is_some() {
             a.extend(["-incoming".to_string(), "defer".to_string()]);
@@ -427,7 +468,7 @@ impl Vm {
                     });
                 }
             }
-            self.qmp.execute(p.device(&id)).await.map_err(qmp_err("device_add"))?;
+            self.qmp.execute(p.device(&id, i)).await.map_err(qmp_err("device_add"))?;
         }
         Ok(())
     }
