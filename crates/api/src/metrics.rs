@@ -36,6 +36,7 @@ pub struct Metrics {
     pub launch_seconds: Family<LaunchLabels, Histogram>,
     sessions: Family<StateLabels, Gauge>,
     image_hits: Family<KindLabels, Gauge>,
+    image_misses: Family<KindLabels, Gauge>,
     image_builds: Family<KindLabels, Gauge>,
     image_build_failures: Family<KindLabels, Gauge>,
     pool: Family<PackageLabels, Gauge>,
@@ -49,17 +50,35 @@ impl Metrics {
         });
         let sessions = Family::<StateLabels, Gauge>::default();
         let image_hits = Family::<KindLabels, Gauge>::default();
+        let image_misses = Family::<KindLabels, Gauge>::default();
         let image_builds = Family::<KindLabels, Gauge>::default();
         let image_build_failures = Family::<KindLabels, Gauge>::default();
         let pool = Family::<PackageLabels, Gauge>::default();
-        let mut registry = Registry::with_prefix("strata");
+        // Every series names the server it comes from, for a fleet's dashboards.
+        let server =
+            [(std::borrow::Cow::Borrowed("server"), std::borrow::Cow::Owned(strata_engine::host::host_name()))];
+        let mut registry = Registry::with_prefix_and_labels("strata", server.into_iter());
         registry.register("launch_seconds", "Launch request to a running session", launch_seconds.clone());
         registry.register("sessions", "Sessions by state", sessions.clone());
         registry.register("image_cache_hits", "Image lookups that found a usable image", image_hits.clone());
+        registry.register(
+            "image_cache_misses",
+            "Image lookups that found none usable (a build follows)",
+            image_misses.clone(),
+        );
         registry.register("image_builds", "Images built", image_builds.clone());
         registry.register("image_build_failures", "Image builds that failed", image_build_failures.clone());
         registry.register("pool_sessions", "Sessions restored ahead of demand, waiting", pool.clone());
-        Metrics { launch_seconds, sessions, image_hits, image_builds, image_build_failures, pool, registry }
+        Metrics {
+            launch_seconds,
+            sessions,
+            image_hits,
+            image_misses,
+            image_builds,
+            image_build_failures,
+            pool,
+            registry,
+        }
     }
 
     /// Renders the exposition text, refreshing the gauges first.
@@ -74,6 +93,7 @@ impl Metrics {
             let i = strata_engine::kind_index(kind);
             let k = KindLabels { kind: kind.to_string() };
             self.image_hits.get_or_create(&k).set(engine.stats.hits[i].load(Ordering::Relaxed) as i64);
+            self.image_misses.get_or_create(&k).set(engine.stats.misses[i].load(Ordering::Relaxed) as i64);
             self.image_builds.get_or_create(&k).set(engine.stats.builds[i].load(Ordering::Relaxed) as i64);
             self.image_build_failures
                 .get_or_create(&k)

@@ -235,8 +235,15 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
         assert!(doc["paths"][p].is_object(), "{p} missing from the OpenAPI document");
     }
     let metrics = api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("strata_launch_seconds_count{package=\"python3\",path=\"launch_image\"}"), "{metrics}");
-    assert!(metrics.contains("strata_sessions{state=\"running\"}"), "{metrics}");
+    let series = |name: &str, labels: &[&str]| {
+        metrics.lines().any(|l| {
+            l.starts_with(&format!("{name}{{")) && l.contains("server=\"") && labels.iter().all(|x| l.contains(x))
+        })
+    };
+    assert!(series("strata_launch_seconds_count", &["package=\"python3\"", "path=\"launch_image\""]), "{metrics}");
+    assert!(series("strata_sessions", &["state=\"running\""]), "{metrics}");
+    assert!(series("strata_sessions", &["state=\"paused\""]), "{metrics}");
+    assert!(series("strata_image_cache_misses", &["kind=\"launch\""]), "{metrics}");
     assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
 }
 

@@ -39,8 +39,10 @@ impl Engine {
             .unwrap_or(0.0);
         let images = self.store.list_images()?;
         let sessions = self.list_sessions();
+        // Paused sessions hold no guest memory.
         let committed = sessions
             .iter()
+            .filter(|s| s.paused_image.is_none())
             .filter_map(|s| images.iter().find(|i| i.digest == s.launch_image))
             .filter_map(|i| i.meta.get("memory_mib").and_then(|m| m.parse::<u64>().ok()))
             .sum();
@@ -48,7 +50,7 @@ impl Engine {
             .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0);
         Ok(ServerStatus {
-            name: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+            name: host_name(),
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             load1,
             memory_total_mib: meminfo_mib(&meminfo, "MemTotal:"),
@@ -59,4 +61,9 @@ impl Engine {
             blobs_bytes,
         })
     }
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
 }

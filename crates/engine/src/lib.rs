@@ -182,8 +182,10 @@ impl Config {
 /// Counters of image lookups and builds, by image kind (for metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Lookups that found a usable image, by kind (base, install, launch, context).
+    /// Lookups that found a usable image, by kind (see [`kind_index`]).
     pub hits: [AtomicU64; 5],
+    /// Lookups that found none (so the image is built), by kind.
+    pub misses: [AtomicU64; 5],
     /// Images built, by kind.
     pub builds: [AtomicU64; 5],
     /// Builds that failed, by kind.
@@ -256,6 +258,7 @@ impl Engine {
                 }
             }
         }
+        crate::Stats::count(&self.stats.misses, kind);
         Ok(None)
     }
 
