@@ -44,3 +44,13 @@ web_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/web"
 if [ ! -f "$web_dir/node_modules/.package-lock.json" ] || ! cmp -s "$web_dir/package-lock.json" "$web_dir/node_modules/.strata-lock"; then
   (cd "$web_dir" && npm ci --no-audit --no-fund && cp package-lock.json node_modules/.strata-lock)
 fi
+
+# Garage, the S3-compatible object store that shares images between servers
+# (cluster mode and its tests). Debian has no package: built from crates.io
+# once (about 11 minutes on 2 cores), pinned.
+garage_version=2.5.0
+if ! /opt/strata-tools/bin/garage --version 2>/dev/null | grep -q ":$garage_version "; then
+  echo "strata: building Garage $garage_version (once)" >&2
+  cargo install --locked "garage@$garage_version" --no-default-features --features bundled-libs,sqlite \
+    --root /opt/strata-tools
+fi

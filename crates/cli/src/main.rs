@@ -340,6 +340,12 @@ enum ImagesCmd {
     },
     /// Remove blobs no image references.
     Gc,
+    /// Publish packages' images (built first if missing) to the object store
+    /// shared by servers (STRATA_S3_ENDPOINT and the rest; see scripts/garage.sh).
+    Push {
+        #[arg(required = true)]
+        packages: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -381,6 +387,16 @@ enum BenchCmd {
         /// Warm sessions kept ready (0: every launch restores on demand).
         #[arg(long, default_value_t = 4)]
         pool: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Launch to first answer on a server whose cache is cold (images fetched
+    /// from the shared store) versus warm, same run.
+    Cache {
+        package: String,
+        /// Cold servers, and warm launches on each.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
         #[arg(long)]
         json: bool,
     },
@@ -627,6 +643,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("removed {n} blob(s), {}", human(bytes));
             Ok(0)
         }
+        Cmd::Images { cmd: ImagesCmd::Push { packages } } => {
+            for name in packages {
+                let pkg = eng.package(name)?;
+                eng.publish_package(&pkg, &bar).await?;
+            }
+            bar.clear();
+            Ok(0)
+        }
         Cmd::Images { cmd: ImagesCmd::Verify } => {
             let mut bad = 0;
             for r in eng.store.list_images()? {
@@ -844,6 +868,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 println!(
                     "throughput {:.2} launches/s; {} from the pool, {} failed",
                     r.throughput, r.from_pool, r.failed
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Bench { cmd: BenchCmd::Cache { package, runs, json } } => {
+            if *runs == 0 || *runs > 100 {
+                anyhow::bail!("--runs must be between 1 and 100");
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_cache(&pkg, *runs, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("strata bench cache {} ({} cold servers, {} warm launches each)", r.package, r.runs, r.runs);
+                println!("{:<12} {:>10} {:>10}", "cache", "p50 ms", "p99 ms");
+                println!("{:<12} {:>10.1} {:>10.1}", "cold", r.cold_p50_ms, r.cold_p99_ms);
+                println!("{:<12} {:>10.1} {:>10.1}", "warm", r.warm_p50_ms, r.warm_p99_ms);
+                println!(
+                    "cold/warm p50: {:.1}x; a cold server fetched {:.1} MiB",
+                    r.ratio_p50,
+                    r.fetched_bytes as f64 / (1u64 << 20) as f64
                 );
             }
             Ok(0)

@@ -83,14 +83,16 @@ impl Engine {
     /// If building fails.
     pub async fn ensure_base(&self, progress: &dyn Progress) -> Result<ImageRecord, Error> {
         let recipe = self.base_recipe()?;
-        if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
+        if let Some(rec) = self.find_image(ImageKind::Base, &recipe).await? {
             return Ok(rec);
         }
         let _lock = self.store.lock_recipe(&recipe)?;
-        if let Some(rec) = self.usable(ImageKind::Base, &recipe)? {
+        if let Some(rec) = self.find_image(ImageKind::Base, &recipe).await? {
             return Ok(rec);
         }
-        self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await
+        let rec = self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await?;
+        self.share(&rec).await;
+        Ok(rec)
     }
 
     async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {

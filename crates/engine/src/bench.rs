@@ -446,3 +446,91 @@ pub fn latency_svg(r: &LaunchReport) -> String {
     );
     svg
 }
+
+/// Results of `strata bench cache`: launches on a server whose local cache
+/// is cold (its images come from the shared store) versus warm.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    pub package: String,
+    pub runs: usize,
+    /// Bytes of blobs one cold server fetched.
+    pub fetched_bytes: u64,
+    pub cold_ms: Vec<f64>,
+    pub warm_ms: Vec<f64>,
+    pub cold_p50_ms: f64,
+    pub cold_p99_ms: f64,
+    pub warm_p50_ms: f64,
+    pub warm_p99_ms: f64,
+    pub ratio_p50: f64,
+}
+
+impl Engine {
+    /// Publishes a package's images (base, install, launch; built first if
+    /// missing) to the shared store.
+    ///
+    /// # Errors
+    /// If there is no shared store, a build fails, or the upload fails.
+    pub async fn publish_package(&self, pkg: &Package, progress: &dyn Progress) -> Result<(), Error> {
+        let remote = self.remote.as_ref().ok_or_else(|| {
+            Error::Config("no shared store: set STRATA_S3_ENDPOINT and the rest (see scripts/garage.sh)".into())
+        })?;
+        let images = self.ensure_images(pkg, progress).await?;
+        for rec in [&images.base, &images.install, &images.launch] {
+            progress.step(&format!("publishing the {} image {}", rec.kind, &rec.digest[..12]));
+            remote.publish(rec).await?;
+        }
+        progress.done(&format!("{} published", pkg.name));
+        Ok(())
+    }
+
+    /// Launch to first answer on a server with an empty local store (a new
+    /// one per run, in `STATE/tmp`), which fetches the images from the
+    /// shared store, versus launches on that server once its cache is warm.
+    ///
+    /// # Errors
+    /// If there is no shared store, or a launch fails.
+    pub async fn bench_cache(&self, pkg: &Package, runs: usize, progress: &dyn Progress) -> Result<CacheReport, Error> {
+        let answer = FirstAnswer::of(pkg)?;
+        self.publish_package(pkg, progress).await?;
+        let remote_cfg = self.remote.as_ref().map(|r| r.config().clone());
+        let accel = self.accel_for(&self.ensure_base(progress).await?).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let (mut cold, mut warm, mut fetched_bytes) = (Vec::new(), Vec::new(), 0);
+        for run in 0..runs {
+            let work = self.store.work_dir("cold-server")?;
+            let mut cfg = self.cfg.clone();
+            cfg.state_dir = work.path().to_path_buf();
+            cfg.remote = remote_cfg.clone();
+            cfg.accel = Some(accel);
+            let server = Engine::open(cfg)?;
+            progress.step(&format!("cold server {}/{runs}: fetching and launching {}", run + 1, pkg.name));
+            let t0 = Instant::now();
+            let mut s = server.launch(pkg, &settings, progress).await?;
+            answer.wait(&mut s).await?;
+            cold.push(t0.elapsed().as_secs_f64() * 1e3);
+            s.close().await;
+            fetched_bytes = server.store.list_images()?.iter().map(|i| i.size).sum();
+            for _ in 0..runs {
+                let t0 = Instant::now();
+                let mut s = server.launch(pkg, &settings, progress).await?;
+                answer.wait(&mut s).await?;
+                warm.push(t0.elapsed().as_secs_f64() * 1e3);
+                s.close().await;
+            }
+        }
+        progress.done("cache benchmark done");
+        let (c50, w50) = (percentile(&cold, 50.0), percentile(&warm, 50.0));
+        Ok(CacheReport {
+            package: pkg.name.clone(),
+            runs,
+            fetched_bytes,
+            cold_p50_ms: c50,
+            cold_p99_ms: percentile(&cold, 99.0),
+            warm_p50_ms: w50,
+            warm_p99_ms: percentile(&warm, 99.0),
+            ratio_p50: c50 / w50,
+            cold_ms: cold,
+            warm_ms: warm,
+        })
+    }
+}

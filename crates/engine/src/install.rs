@@ -44,14 +44,16 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<ImageRecord, Error> {
         let recipe = install_recipe(base.file("rootfs")?, &pkg.def.all_debs());
-        if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
+        if let Some(rec) = self.find_image(ImageKind::Install, &recipe).await? {
             return Ok(rec);
         }
         let _lock = self.store.lock_recipe(&recipe)?;
-        if let Some(rec) = self.usable(ImageKind::Install, &recipe)? {
+        if let Some(rec) = self.find_image(ImageKind::Install, &recipe).await? {
             return Ok(rec);
         }
-        self.counted(ImageKind::Install, self.build_install(pkg, base, &recipe, progress)).await
+        let rec = self.counted(ImageKind::Install, self.build_install(pkg, base, &recipe, progress)).await?;
+        self.share(&rec).await;
+        Ok(rec)
     }
 
     async fn build_install(

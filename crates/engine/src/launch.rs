@@ -107,13 +107,17 @@ impl Engine {
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let recipe = launch_recipe(&base, &install, pkg, accel, &crate::accel::qemu_identity());
-        let launch = match self.usable(ImageKind::Launch, &recipe)? {
+        let launch = match self.find_image(ImageKind::Launch, &recipe).await? {
             Some(rec) => rec,
             None => {
                 let _lock = self.store.lock_recipe(&recipe)?;
-                match self.usable(ImageKind::Launch, &recipe)? {
+                match self.find_image(ImageKind::Launch, &recipe).await? {
                     Some(rec) => rec,
-                    None => self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?,
+                    None => {
+                        let rec = self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?;
+                        self.share(&rec).await;
+                        rec
+                    }
                 }
             }
         };

@@ -63,6 +63,8 @@ pub enum Error {
     Store(#[from] strata_store::Error),
     #[error(transparent)]
     Vm(#[from] strata_vmm::Error),
+    #[error(transparent)]
+    Remote(#[from] strata_remote::Error),
     #[error("{what} failed ({status}):\n{output}")]
     Tool { what: String, status: String, output: String },
     #[error("cannot run {what}; is it installed? (the setup script installs it)")]
@@ -141,6 +143,10 @@ pub struct Config {
     pub mirror: String,
     /// Host folders a context may share into VMs (their subfolders too).
     pub share_roots: Vec<PathBuf>,
+    /// The object store shared with other servers; `None` reads it from the
+    /// environment when the engine opens (see [`strata_remote::RemoteConfig::from_env`]),
+    /// and without it images stay on this machine.
+    pub remote: Option<strata_remote::RemoteConfig>,
 }
 
 impl Config {
@@ -175,6 +181,7 @@ impl Config {
                     .chain(["/home", "/srv", "/tmp"].map(PathBuf::from))
                     .collect(),
             },
+            remote: None,
         }
     }
 }
@@ -215,6 +222,8 @@ pub struct Engine {
     pub store: Arc<Store>,
     pub registry: Registry,
     pub stats: Stats,
+    /// The object store shared with other servers, if configured.
+    pub remote: Option<Arc<strata_remote::Remote>>,
     /// The base recipe, computed once: it hashes the agent binary, which
     /// does not change while this process runs, and launches need it.
     base_recipe: std::sync::OnceLock<String>,
@@ -228,7 +237,12 @@ impl Engine {
     pub fn open(cfg: Config) -> Result<Engine, Error> {
         let store = Arc::new(Store::open(&cfg.state_dir)?);
         let registry = if cfg.packages_dir.is_dir() { Registry::load(&cfg.packages_dir)? } else { Registry::default() };
-        let engine = Engine { cfg, store, registry, stats: Stats::default(), base_recipe: Default::default() };
+        let remote = match cfg.remote.clone() {
+            Some(c) => Some(c),
+            None => strata_remote::RemoteConfig::from_env()?,
+        };
+        let remote = remote.map(|c| strata_remote::Remote::new(c, store.clone())).transpose()?.map(Arc::new);
+        let engine = Engine { cfg, store, registry, stats: Stats::default(), remote, base_recipe: Default::default() };
         engine.reap_sessions();
         Ok(engine)
     }
@@ -260,6 +274,32 @@ impl Engine {
         }
         crate::Stats::count(&self.stats.misses, kind);
         Ok(None)
+    }
+
+    /// An image of this recipe: a usable local one, else one the shared
+    /// store has (fetched into the local store with the images under it).
+    ///
+    /// # Errors
+    /// If the catalog or the shared store fails.
+    pub(crate) async fn find_image(&self, kind: ImageKind, recipe: &str) -> Result<Option<ImageRecord>, Error> {
+        if let Some(rec) = self.usable(kind, recipe)? {
+            return Ok(Some(rec));
+        }
+        let Some(remote) = &self.remote else { return Ok(None) };
+        let Some(rec) = remote.find_by_recipe(kind, recipe).await? else { return Ok(None) };
+        remote.fetch_with_parents(&rec).await?;
+        tracing::info!(image = %rec.digest, %kind, "image fetched from the shared store");
+        Ok(Some(rec))
+    }
+
+    /// Publishes a new image to the shared store, if there is one. A
+    /// failure only means other servers build it themselves: logged.
+    pub(crate) async fn share(&self, rec: &ImageRecord) {
+        if let Some(remote) = &self.remote {
+            if let Err(e) = remote.publish(rec).await {
+                tracing::error!(image = %rec.digest, error = %e, "could not publish the image to the shared store");
+            }
+        }
     }
 
     /// Runs a build, counting it (and its failure) by kind.

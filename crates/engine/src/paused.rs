@@ -150,6 +150,8 @@ impl Engine {
         match saved {
             Ok(image) => {
                 s.vm_mut().quit().await;
+                // Other servers can resume it once its image is shared.
+                self.share(&image).await;
                 tracing::info!(session = %s.id, image = %image.digest, ms = t0.elapsed().as_millis() as u64, "session paused to an image");
                 Ok(image)
             }
@@ -196,7 +198,19 @@ impl Engine {
             Error::Config(format!("session {id} is not paused; `strata ps` lists sessions and their state"))
         })?;
         let digest = rec.paused_image.clone().unwrap_or_default();
-        let image = self.store.image(&digest)?.ok_or_else(|| {
+        let image = match (self.store.image(&digest)?, &self.remote) {
+            (Some(local), _) => Some(local),
+            // Paused on another server: its image is in the shared store.
+            (None, Some(remote)) => match remote.image(&digest).await? {
+                Some(shared) => {
+                    remote.fetch_with_parents(&shared).await?;
+                    Some(shared)
+                }
+                None => None,
+            },
+            (None, None) => None,
+        };
+        let image = image.ok_or_else(|| {
             Error::Config(format!("the image of paused session {id} ({digest}) is gone; the session cannot be resumed"))
         })?;
         self.verify_chain(&image)?;

@@ -162,6 +162,10 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         CREATE TABLE IF NOT EXISTS blob_checks (
             digest TEXT PRIMARY KEY,
             stamp TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS blob_uses (
+            digest TEXT PRIMARY KEY,
+            last_used INTEGER NOT NULL
         );",
     )?;
     Ok(db)
@@ -257,7 +261,26 @@ pub(crate) fn record_check(db: &Connection, digest: &str, stamp: &str) -> Result
     Ok(())
 }
 
+/// Notes that a blob is used now; written at most once a second per blob,
+/// so a burst of launches does not write the database for each.
+pub(crate) fn note_use(db: &Connection, digest: &str) -> Result<(), Error> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    db.execute(
+        "INSERT INTO blob_uses (digest, last_used) VALUES (?1, ?2)
+         ON CONFLICT(digest) DO UPDATE SET last_used = ?2 WHERE last_used < ?2",
+        params![digest, now],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn blob_uses(db: &Connection) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let mut stmt = db.prepare("SELECT digest, last_used FROM blob_uses")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    rows.collect::<Result<_, _>>().map_err(Error::from)
+}
+
 pub(crate) fn forget_check(db: &Connection, digest: &str) -> Result<(), Error> {
     db.execute("DELETE FROM blob_checks WHERE digest = ?1", params![digest])?;
+    db.execute("DELETE FROM blob_uses WHERE digest = ?1", params![digest])?;
     Ok(())
 }

@@ -189,6 +189,45 @@ impl Store {
         Ok(RecipeLock { _lock: lock })
     }
 
+    /// Takes the lock of one blob, waiting for its holder: one process (or
+    /// task) fetches a blob while the others wait for it.
+    ///
+    /// # Errors
+    /// If the lock file cannot be opened or locked.
+    pub fn lock_blob(&self, digest: &str) -> Result<RecipeLock, Error> {
+        check_digest(digest)?;
+        let path = self.root.join("locks").join(format!("blob-{digest}"));
+        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::Io { path, source: e.into() })?;
+        Ok(RecipeLock { _lock: lock })
+    }
+
+    /// Moves a file that should hold blob `digest` into the store. If its
+    /// content hashes to something else, the file is removed and nothing
+    /// enters the store.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] on a mismatch; I/O errors.
+    pub fn ingest_expected(&self, path: &Path, digest: &str) -> Result<(), Error> {
+        check_digest(digest)?;
+        let actual = hash_file(path)?;
+        if actual != digest {
+            let _ = fs::remove_file(path);
+            return Err(Error::Corrupt { digest: digest.into(), actual });
+        }
+        self.ingest_file(path).map(|_| ())
+    }
+
+    /// When each blob was last used (unix seconds), for evicting the least
+    /// recently used first. A blob never used has no entry.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn blob_last_used(&self) -> Result<std::collections::HashMap<String, i64>, Error> {
+        catalog::blob_uses(&self.lock_db())
+    }
+
     /// Moves a file into the store under its digest and returns the digest.
     ///
     /// # Errors
@@ -242,9 +281,12 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Missing(digest.into())),
             Err(e) => return Err(Error::Io { path, source: e }),
         };
-        if catalog::check_matches(&self.lock_db(), digest, &stamp(&meta))? {
+        let db = self.lock_db();
+        catalog::note_use(&db, digest)?;
+        if catalog::check_matches(&db, digest, &stamp(&meta))? {
             return Ok(());
         }
+        drop(db);
         self.verify_full(digest)
     }
 
