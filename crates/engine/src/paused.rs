@@ -235,21 +235,24 @@ impl Engine {
         Ok(s)
     }
 
-    /// Checks every blob of an image and of the images under it.
+    /// Checks every blob of an image and of the images it needs.
     fn verify_chain(&self, image: &ImageRecord) -> Result<(), Error> {
-        let mut next = Some(image.clone());
+        let mut todo = vec![image.clone()];
+        let mut seen = std::collections::HashSet::new();
         // Bounded: base, install, launch and a chain of pauses.
         for _ in 0..1000 {
-            let Some(img) = next else { return Ok(()) };
+            let Some(img) = todo.pop() else { return Ok(()) };
+            if !seen.insert(img.digest.clone()) {
+                continue;
+            }
             self.store.verify_image(&img)?;
-            next = match &img.parent {
-                Some(p) => Some(self.store.image(p)?.ok_or_else(|| {
-                    Error::Config(format!("image {} is built on {p}, which is gone from the catalog", img.digest))
-                })?),
-                None => None,
-            };
+            for need in img.needs() {
+                todo.push(self.store.image(need)?.ok_or_else(|| {
+                    Error::Config(format!("image {} needs image {need}, which is gone from the catalog", img.digest))
+                })?);
+            }
         }
-        Err(Error::Config(format!("image {} has a chain of parents too long to follow", image.digest)))
+        Err(Error::Config(format!("image {} has a chain of images too long to follow", image.digest)))
     }
 
     /// Forgets a paused session and the images it was paused to.

@@ -294,28 +294,33 @@ impl Remote {
         Ok(())
     }
 
-    /// An image and every image under it (its parents), made usable locally.
+    /// An image and every image it needs ([`ImageRecord::needs`]: the
+    /// images under it and its base), made usable locally.
     ///
     /// # Errors
-    /// As [`Remote::fetch`], or if a parent is in neither store.
+    /// As [`Remote::fetch`], or if a needed image is in neither store.
     pub async fn fetch_with_parents(&self, rec: &ImageRecord) -> Result<(), Error> {
-        let mut next = Some(rec.clone());
+        let mut todo = vec![rec.clone()];
+        let mut seen = HashSet::new();
         // Bounded: the images of the method and a chain of pauses.
         for _ in 0..1000 {
-            let Some(img) = next.take() else { return Ok(()) };
+            let Some(img) = todo.pop() else { return Ok(()) };
+            if !seen.insert(img.digest.clone()) {
+                continue;
+            }
             self.fetch(&img).await?;
-            if let Some(parent) = &img.parent {
-                let found = match self.local.image(parent)? {
+            for need in img.needs() {
+                let found = match self.local.image(need)? {
                     Some(local) => Some(local),
-                    None => self.image(parent).await?,
+                    None => self.image(need).await?,
                 };
-                next = Some(found.ok_or_else(|| Error::BadRecord {
+                todo.push(found.ok_or_else(|| Error::BadRecord {
                     digest: img.digest.clone(),
-                    message: format!("its parent {parent} is in neither the local nor the shared store"),
+                    message: format!("it needs image {need}, which is in neither the local nor the shared store"),
                 })?);
             }
         }
-        Err(Error::BadRecord { digest: rec.digest.clone(), message: "its chain of parents is too long".into() })
+        Err(Error::BadRecord { digest: rec.digest.clone(), message: "its chain of images is too long".into() })
     }
 
     /// One blob into the local store, downloaded once: whoever holds the

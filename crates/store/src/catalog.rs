@@ -127,6 +127,24 @@ impl ImageRecord {
         }
     }
 
+    /// The images this one needs besides its own blobs: its parent (the
+    /// image it is a delta of) and the base it runs on. An install image's
+    /// parent is only the base it was first built on (any base with the same
+    /// root file system serves), so it is not a need; a launch image names
+    /// its base in `meta.base`, and paused images keep that.
+    pub fn needs(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        if self.kind != ImageKind::Install {
+            out.extend(self.parent.as_deref());
+        }
+        if let Some(base) = self.meta.get("base") {
+            if Some(base.as_str()) != self.parent.as_deref() {
+                out.push(base);
+            }
+        }
+        out
+    }
+
     /// The blob digest of a role, or a damaged-record error.
     ///
     /// # Errors

@@ -72,3 +72,16 @@ fn stale_scratch_dirs_are_removed_on_open() {
     let _s = Store::open(dir.path()).unwrap();
     assert!(!stale.exists());
 }
+
+#[test]
+fn an_image_needs_its_parent_and_base_but_an_install_image_only_its_base() {
+    use std::collections::BTreeMap;
+    let rec = |kind, parent: Option<&str>, base: Option<&str>| {
+        let meta: BTreeMap<String, String> = base.map(|b| ("base".to_string(), b.to_string())).into_iter().collect();
+        ImageRecord::new(kind, None, "debian-12", "x86_64", parent.map(String::from), "r", BTreeMap::new(), meta, 0)
+    };
+    assert_eq!(rec(ImageKind::Install, Some("oldbase"), None).needs(), Vec::<&str>::new());
+    assert_eq!(rec(ImageKind::Launch, Some("install"), Some("base")).needs(), vec!["install", "base"]);
+    assert_eq!(rec(ImageKind::Paused, Some("launch"), Some("base")).needs(), vec!["launch", "base"]);
+    assert_eq!(rec(ImageKind::Base, None, None).needs(), Vec::<&str>::new());
+}
