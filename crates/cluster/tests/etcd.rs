@@ -185,7 +185,7 @@ async fn session_records_outlive_a_control_plane_and_an_etcd_restart() {
     let err = c.sessions().await.unwrap_err();
     assert!(matches!(err, Error::Etcd { .. }), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(15), "an unreachable etcd took {:?} to fail", t0.elapsed());
-    let err = Cluster::connect(&[e.url.clone()], "/strata-test/sessions/").await.err().unwrap();
+    let err = Cluster::connect(std::slice::from_ref(&e.url), "/strata-test/sessions/").await.err().unwrap();
     assert!(matches!(err, Error::Unreachable { .. }) && err.to_string().contains(&e.url), "{err}");
 
     // Back: nothing was lost.
