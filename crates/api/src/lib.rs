@@ -53,7 +53,8 @@ pub struct AppState {
     pub sessions: Arc<live::Registry>,
     pub metrics: metrics::Metrics,
     pub limits: Limits,
-    /// Sessions restored ahead of demand, and how many to keep per package.
+    /// Sessions restored ahead of demand, and the most kept per package
+    /// (the pool's size follows demand up to that).
     pub pool: Arc<strata_engine::pool::Pool>,
     pub pool_targets: std::collections::BTreeMap<String, usize>,
     /// The `web/` directory (its `node_modules` holds xterm.js), if found.
@@ -80,7 +81,11 @@ impl AppState {
 
     /// Refills the pool of `package` up to its target, in the background.
     pub fn refill(self: &Arc<Self>, package: &str) {
-        let Some(&target) = self.pool_targets.get(package) else { return };
+        if !self.pool_targets.contains_key(package) {
+            return;
+        }
+        // The size its demand calls for now (between its floor and cap).
+        let target = self.pool.target(package);
         let st = self.clone();
         let name = package.to_string();
         tokio::spawn(async move {

@@ -129,10 +129,12 @@ enum Cmd {
         /// Sessions one terminal may hold at once.
         #[arg(long, default_value_t = 16)]
         max_sessions_per_terminal: usize,
-        /// Keep N sessions of PACKAGE restored, warmed and paused ahead of
-        /// demand (PACKAGE=N; repeatable).
+        /// Keep sessions of PACKAGE restored, warmed and paused ahead of
+        /// demand: PACKAGE=MAX (at least one waits) or PACKAGE=MIN-MAX; the
+        /// size follows the launch rate and gives memory back when it drops
+        /// (repeatable).
         #[arg(long, value_parser = parse_pool_target)]
-        pool: Vec<(String, usize)>,
+        pool: Vec<(String, (usize, usize))>,
         /// A folder terminals may share into their VMs, with its subfolders
         /// (repeatable; replaces the default: $HOME, /home, /srv, /tmp).
         #[arg(long)]
@@ -732,9 +734,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let tokens = tokens_file(&eng);
             let mut state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
                 .map_err(anyhow::Error::msg)?;
-            for (package, n) in pool {
+            for (package, (min, max)) in pool {
                 eng_check_package(&state.engine, package)?;
-                state.pool_targets.insert(package.clone(), *n);
+                state.pool_targets.insert(package.clone(), *max);
+                state.pool.follow(package, *min, *max);
             }
             {
                 let mut store = state.tokens.write().unwrap_or_else(|e| e.into_inner());
@@ -777,6 +780,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             for package in state.pool_targets.keys() {
                 state.refill(package);
+            }
+            if !state.pool_targets.is_empty() {
+                // Pools follow demand: grown on launches, trimmed here.
+                let st = state.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                    loop {
+                        tick.tick().await;
+                        for package in st.pool_targets.keys() {
+                            st.pool.give_back(package).await;
+                            st.refill(package);
+                        }
+                    }
+                });
             }
             let app = strata_api::router(state);
             match tls {
@@ -1111,14 +1128,21 @@ fn web_dir() -> Option<PathBuf> {
     exe.ancestors().map(|a| a.join("web")).find(|w| w.join("package.json").is_file())
 }
 
-/// Parses `PACKAGE=N` for `serve --pool`.
-fn parse_pool_target(s: &str) -> Result<(String, usize), String> {
-    let (pkg, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected PACKAGE=N"))?;
-    let n: usize = n.parse().map_err(|_| format!("{s:?}: N must be a number"))?;
-    if n > 64 {
-        return Err(format!("{s:?}: at most 64 sessions per package may wait"));
+/// Parses `PACKAGE=MAX` or `PACKAGE=MIN-MAX` for `serve --pool`.
+fn parse_pool_target(s: &str) -> Result<(String, (usize, usize)), String> {
+    let (pkg, range) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected PACKAGE=MAX or PACKAGE=MIN-MAX"))?;
+    let number = |n: &str| n.parse::<usize>().map_err(|_| format!("{s:?}: {n:?} is not a number of sessions"));
+    let (min, max) = match range.split_once('-') {
+        Some((lo, hi)) => (number(lo)?, number(hi)?),
+        None => {
+            let max = number(range)?;
+            (max.min(1), max)
+        }
+    };
+    if max > 64 || min > max {
+        return Err(format!("{s:?}: MIN-MAX must have MIN <= MAX <= 64"));
     }
-    Ok((pkg.to_string(), n))
+    Ok((pkg.to_string(), (min, max)))
 }
 
 fn eng_check_package(eng: &Engine, name: &str) -> anyhow::Result<()> {

@@ -79,6 +79,17 @@ impl Api<'_> {
     }
 }
 
+/// Whether the metrics text has a series `name` (labelled with its server)
+/// with all of `labels`, and (if given) this value.
+fn has_series(metrics: &str, name: &str, labels: &[&str], value: Option<&str>) -> bool {
+    metrics.lines().any(|l| {
+        l.starts_with(&format!("{name}{{"))
+            && l.contains("server=\"")
+            && labels.iter().all(|x| l.contains(x))
+            && value.is_none_or(|v| l.rsplit(' ').next() == Some(v))
+    })
+}
+
 fn assert_error(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
@@ -235,11 +246,7 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
         assert!(doc["paths"][p].is_object(), "{p} missing from the OpenAPI document");
     }
     let metrics = api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
-    let series = |name: &str, labels: &[&str]| {
-        metrics.lines().any(|l| {
-            l.starts_with(&format!("{name}{{")) && l.contains("server=\"") && labels.iter().all(|x| l.contains(x))
-        })
-    };
+    let series = |name: &str, labels: &[&str]| has_series(&metrics, name, labels, None);
     assert!(series("strata_launch_seconds_count", &["package=\"python3\"", "path=\"launch_image\""]), "{metrics}");
     assert!(series("strata_sessions", &["state=\"running\""]), "{metrics}");
     assert!(series("strata_sessions", &["state=\"paused\""]), "{metrics}");
@@ -463,7 +470,8 @@ async fn launches_come_from_the_warm_pool_when_one_waits() {
     let api = Api { http: reqwest::Client::new(), s: &s };
     let metrics = || async { api.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap() };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    while !metrics().await.contains("strata_pool_sessions{package=\"bc\"} 1") {
+    let pooled = |m: &str| has_series(m, "strata_pool_sessions", &["package=\"bc\""], Some("1"));
+    while !pooled(&metrics().await) {
         assert!(tokio::time::Instant::now() < deadline, "the pool never filled: {}", metrics().await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -472,14 +480,14 @@ async fn launches_come_from_the_warm_pool_when_one_waits() {
         .await;
     assert_eq!(st, 201, "{created}");
     let m = metrics().await;
-    assert!(m.contains("strata_launch_seconds_count{package=\"bc\",path=\"pool\"} 1"), "{m}");
+    assert!(has_series(&m, "strata_launch_seconds_count", &["package=\"bc\"", "path=\"pool\""], Some("1")), "{m}");
     let id = created["session"]["id"].as_str().unwrap();
     let mut w = ws(&s, id, created["attach_token"].as_str().unwrap()).await.unwrap();
     type_line(&mut w, "6*7\r").await;
     read_until(&mut w, "42").await;
     // The pool refills itself in the background.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while !metrics().await.contains("strata_pool_sessions{package=\"bc\"} 1") {
+    while !pooled(&metrics().await) {
         assert!(tokio::time::Instant::now() < deadline, "the pool did not refill");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

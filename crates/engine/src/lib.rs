@@ -12,6 +12,7 @@ pub mod accel;
 pub mod base;
 pub mod bench;
 pub mod context;
+pub mod demand;
 pub mod home;
 pub mod host;
 pub mod initramfs;

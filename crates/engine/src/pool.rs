@@ -6,12 +6,20 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_package::Package;
 
 use crate::context::ContextSettings;
+use crate::demand::Demand;
 use crate::{Engine, Error, Progress, Session};
+
+/// How long a session beyond the pool's aim may wait unused before it is
+/// stopped and its memory given back.
+pub const GIVE_BACK_AFTER: Duration = Duration::from_secs(30);
+
+/// How far back launches count towards a pool's size.
+const DEMAND_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long a restored VM runs before it is paused into the pool.
 const WARM_UP: Duration = Duration::from_millis(400);
@@ -40,10 +48,12 @@ async fn warm(
     Ok(s)
 }
 
-/// Paused, warmed sessions by package name.
+/// Paused, warmed sessions by package name, each with when it joined.
 #[derive(Default)]
 pub struct Pool {
-    ready: Mutex<HashMap<String, VecDeque<Session>>>,
+    ready: Mutex<HashMap<String, VecDeque<(Instant, Session)>>>,
+    /// The demand of packages whose pool follows it.
+    demand: Mutex<HashMap<String, Demand>>,
     /// Packages being filled now (one filler each, so targets hold).
     filling: Mutex<std::collections::HashSet<String>>,
 }
@@ -68,8 +78,45 @@ impl Pool {
         self.len(package) == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Session>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<(Instant, Session)>>> {
         self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn demand(&self) -> std::sync::MutexGuard<'_, HashMap<String, Demand>> {
+        self.demand.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sizes `package`'s pool by its demand, between `floor` and `cap`.
+    pub fn follow(&self, package: &str, floor: usize, cap: usize) {
+        self.demand().insert(package.to_string(), Demand::new(floor, cap, DEMAND_WINDOW));
+    }
+
+    /// How many sessions `package`'s pool aims at now (0 if it has no pool).
+    pub fn target(&self, package: &str) -> usize {
+        self.demand().get_mut(package).map_or(0, |d| d.target(Instant::now()))
+    }
+
+    /// Stops sessions beyond the pool's aim that waited unused longer than
+    /// [`GIVE_BACK_AFTER`], oldest first; returns how many.
+    pub async fn give_back(&self, package: &str) -> usize {
+        let target = self.target(package);
+        let extra: Vec<Session> = {
+            let mut ready = self.lock();
+            let Some(q) = ready.get_mut(package) else { return 0 };
+            let mut out = Vec::new();
+            while q.len() > target && q.front().is_some_and(|(t, _)| t.elapsed() > GIVE_BACK_AFTER) {
+                out.extend(q.pop_front().map(|(_, s)| s));
+            }
+            out
+        };
+        let n = extra.len();
+        for s in extra {
+            s.close().await;
+        }
+        if n > 0 {
+            tracing::info!(package, sessions = n, target, "pool gave memory back");
+        }
+        n
     }
 
     /// Adds sessions for `pkg` until `target` wait.
@@ -92,11 +139,15 @@ impl Pool {
         // Restore several at once: most of a warm-up is waiting.
         while self.len(&pkg.name) < target {
             let missing = (target - self.len(&pkg.name)).min(FILL_PARALLEL);
+            let t0 = Instant::now();
             let warmed =
                 futures_util::future::join_all((0..missing).map(|_| warm(engine, pkg, &images.launch, &settings)))
                     .await;
+            if let Some(d) = self.demand().get_mut(&pkg.name) {
+                d.refilled(t0.elapsed());
+            }
             for s in warmed {
-                self.lock().entry(pkg.name.clone()).or_default().push_back(s?);
+                self.lock().entry(pkg.name.clone()).or_default().push_back((Instant::now(), s?));
             }
         }
         Ok(())
@@ -110,11 +161,14 @@ impl Pool {
     pub async fn take(&self, package: &str, settings: &ContextSettings) -> Result<Option<Session>, Error> {
         // Pooled VMs have no context devices, and plugging them costs more
         // than the pool saves: such launches restore their own VM.
+        if let Some(d) = self.demand().get_mut(package) {
+            d.arrived(Instant::now());
+        }
         if settings.needs_devices() {
             return Ok(None);
         }
         let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
-        let Some(mut s) = s else { return Ok(None) };
+        let Some((_, mut s)) = s else { return Ok(None) };
         let resumed = async {
             s.resume().await?;
             s.reattach(&settings.to_terminal_context()).await
@@ -133,7 +187,7 @@ impl Pool {
 
     /// Stops every waiting session.
     pub async fn drain(&self) {
-        let all: Vec<Session> = self.lock().drain().flat_map(|(_, q)| q).collect();
+        let all: Vec<Session> = self.lock().drain().flat_map(|(_, q)| q).map(|(_, s)| s).collect();
         for s in all {
             s.close().await;
         }
