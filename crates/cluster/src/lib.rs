@@ -59,6 +59,7 @@ pub struct Cluster {
     client: Client,
     prefix: String,
     endpoints: String,
+    endpoint_list: Vec<String>,
 }
 
 /// A server's registration: its lease is kept alive and its load
@@ -78,9 +79,6 @@ pub struct Leadership {
     key: etcd_client::LeaderKey,
     cluster: Cluster,
 }
-
-/// gRPC's status code for a call cut short (here: by the request time-out).
-const GRPC_CANCELLED: i32 = 1;
 
 /// How long a connection attempt or one request may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -114,7 +112,7 @@ impl Cluster {
         let unreachable = |source| Error::Unreachable { endpoints: joined.clone(), source };
         let mut client = Client::connect(endpoints, Some(opts)).await.map_err(unreachable)?;
         client.status().await.map_err(unreachable)?;
-        Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined })
+        Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined, endpoint_list: endpoints.to_vec() })
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
@@ -261,22 +259,23 @@ impl Cluster {
                 }
             }
         });
-        // A campaign waits as long as another leads; each attempt is bounded
-        // by the request time-out and renewed (the key is the lease's, so a
-        // renewed attempt is the same candidacy).
-        let won = loop {
-            match client.campaign(self.key("leader"), candidate, lease).await {
-                Ok(won) => break won,
-                Err(etcd_client::Error::GRpcStatus(s)) if i32::from(s.code()) == GRPC_CANCELLED => {
-                    if task.is_finished() {
-                        return Err(Error::Config("the campaign's lease could not be kept alive".into()));
-                    }
-                }
-                Err(e) => {
-                    let _ = stop.send(true);
-                    task.abort();
-                    return Err(self.err("campaigning")(e));
-                }
+        // A campaign waits as long as another leads, so it goes over a
+        // connection without the request time-out: etcd withdraws a
+        // cancelled campaign's key, which would race with a retry. HTTP/2
+        // keep-alives still notice an etcd that went away.
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let campaigned = async {
+            let mut waiting = Client::connect(&self.endpoint_list, Some(opts)).await?;
+            waiting.campaign(self.key("leader"), candidate, lease).await
+        };
+        let won = match campaigned.await {
+            Ok(won) => won,
+            Err(e) => {
+                let _ = stop.send(true);
+                task.abort();
+                return Err(self.err("campaigning")(e));
             }
         };
         let key = won.leader().cloned().ok_or_else(|| Error::BadRecord {

@@ -2,13 +2,15 @@
 //! this test binary (and restarted by one test) and killed with it.
 
 use std::collections::BTreeSet;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use strata_cluster::{Cluster, Error, ServerLoad, SessionEntry};
+
+#[path = "../../remote/tests/support/tied.rs"]
+mod tied;
 
 fn e2e() -> bool {
     if std::env::var_os("STRATA_E2E").is_some() {
@@ -47,26 +49,7 @@ fn spawn_etcd(dir: &std::path::Path, port: u16) -> Child {
         .args(["--initial-cluster", &format!("t={peer}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: only an async-signal-safe prctl between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            extern "C" {
-                fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
-            }
-            prctl(1 /* PR_SET_PDEATHSIG */, 9, 0, 0, 0);
-            Ok(())
-        });
-    }
-    // PR_SET_PDEATHSIG fires when the spawning thread ends: spawn from one
-    // that lives as long as this test binary.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        tx.send(cmd.spawn()).unwrap();
-        loop {
-            std::thread::park();
-        }
-    });
-    let child = rx.recv().unwrap().expect("etcd is installed by scripts/deps.sh (etcd-server)");
+    let child = tied::spawn_tied(cmd).expect("etcd is installed by scripts/deps.sh (etcd-server)");
     let end = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < end, "etcd did not listen within 30 s");

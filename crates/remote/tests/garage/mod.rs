@@ -3,12 +3,14 @@
 
 #![allow(dead_code)]
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 use strata_remote::RemoteConfig;
+
+#[path = "../support/tied.rs"]
+mod tied;
 
 pub fn e2e() -> bool {
     if std::env::var_os("STRATA_E2E").is_some() {
@@ -57,23 +59,7 @@ pub fn garage() -> &'static Garage {
         let bin = std::env::var("STRATA_GARAGE").unwrap_or_else(|_| "/opt/strata-tools/bin/garage".into());
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(dir.join("garage.toml")).arg("server").stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: only an async-signal-safe prctl between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc_prctl_pdeathsig();
-                Ok(())
-            });
-        }
-        // PR_SET_PDEATHSIG fires when the spawning *thread* ends: spawn from
-        // one that lives as long as this test binary.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            tx.send(cmd.spawn()).unwrap();
-            loop {
-                std::thread::park();
-            }
-        });
-        let server = rx.recv().unwrap().expect("Garage is installed by scripts/deps.sh");
+        let server = tied::spawn_tied(cmd).expect("Garage is installed by scripts/deps.sh");
         let env = run("setup");
         let get = |k: &str| {
             env.split_whitespace()
@@ -91,17 +77,6 @@ pub fn garage() -> &'static Garage {
         };
         Garage { cfg, dir, _server: Mutex::new(server) }
     })
-}
-
-fn libc_prctl_pdeathsig() {
-    extern "C" {
-        fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
-    }
-    const PR_SET_PDEATHSIG: i32 = 1;
-    // SAFETY: prctl with plain integer arguments.
-    unsafe {
-        prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0);
-    }
 }
 
 const PREFIX: &str = "/tmp/strata-garage-test-";
