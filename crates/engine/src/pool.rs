@@ -19,7 +19,7 @@ use crate::{Engine, Error, Progress, Session};
 pub const GIVE_BACK_AFTER: Duration = Duration::from_secs(30);
 
 /// How far back launches count towards a pool's size.
-const DEMAND_WINDOW: Duration = Duration::from_secs(60);
+const DEMAND_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long a restored VM runs before it is paused into the pool.
 const WARM_UP: Duration = Duration::from_millis(400);
