@@ -103,6 +103,7 @@ impl Engine {
     /// # Errors
     /// If a build fails.
     pub async fn ensure_images(&self, pkg: &Package, progress: &dyn Progress) -> Result<ImageSet, Error> {
+        let fetched_before = self.remote.as_ref().map(|r| r.downloads());
         let base = self.ensure_base(progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
@@ -121,6 +122,10 @@ impl Engine {
                 }
             }
         };
+        // Fetches grew the local cache: trimmed once all three are here.
+        if self.remote.as_ref().map(|r| r.downloads()) != fetched_before {
+            self.trim_cache(&[&base, &install, &launch]).await?;
+        }
         Ok(ImageSet { base, install, launch })
     }
 

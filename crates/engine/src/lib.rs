@@ -293,6 +293,35 @@ impl Engine {
         Ok(Some(rec))
     }
 
+    /// Brings the local cache back within its limit after fetches, keeping
+    /// the images `roots` and those of every session (running or paused),
+    /// with all they need.
+    ///
+    /// # Errors
+    /// If the catalog or the shared store fails.
+    pub(crate) async fn trim_cache(&self, roots: &[&ImageRecord]) -> Result<(), Error> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let images = self.store.list_images()?;
+        let mut todo: Vec<String> = roots.iter().map(|r| r.digest.clone()).collect();
+        for s in self.list_sessions() {
+            todo.extend([Some(s.launch_image), s.paused_image].into_iter().flatten());
+        }
+        let (mut keep, mut seen) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        // Bounded by the catalog's size: each image is visited once.
+        while let Some(d) = todo.pop() {
+            let Some(img) = images.iter().find(|i| i.digest == d) else { continue };
+            if seen.insert(d) {
+                keep.extend(img.files.values().cloned());
+                todo.extend(img.needs().into_iter().map(String::from));
+            }
+        }
+        let evicted = remote.evict(&keep).await?;
+        if evicted.blobs > 0 {
+            tracing::info!(blobs = evicted.blobs, bytes = evicted.bytes, "local cache trimmed to its limit");
+        }
+        Ok(())
+    }
+
     /// Publishes a new image to the shared store, if there is one. A
     /// failure only means other servers build it themselves: logged.
     pub(crate) async fn share(&self, rec: &ImageRecord) {

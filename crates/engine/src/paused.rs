@@ -204,6 +204,7 @@ impl Engine {
             (None, Some(remote)) => match remote.image(&digest).await? {
                 Some(shared) => {
                     remote.fetch_with_parents(&shared).await?;
+                    self.trim_cache(&[&shared]).await?;
                     Some(shared)
                 }
                 None => None,
