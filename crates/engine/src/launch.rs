@@ -297,7 +297,7 @@ impl Engine {
             plugs.push(Plug::Disk { path: disk.clone(), serial: crate::context::HOME_SERIAL.into() });
         }
         let dir = self.new_session_dir(id)?;
-        let graphical = image.meta.get("graphical").is_some_and(|g| g == "true");
+        let graphical = crate::is_graphical(image);
         let accel: Accel = image.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
         let memory_mib: u32 = image
             .meta

@@ -187,6 +187,11 @@ impl Config {
     }
 }
 
+/// Whether an image's VM has a display (a graphical package's).
+pub(crate) fn is_graphical(image: &ImageRecord) -> bool {
+    image.meta.get("graphical").is_some_and(|g| g == "true")
+}
+
 /// Counters of image lookups and builds, by image kind (for metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -301,20 +306,12 @@ impl Engine {
     /// If the catalog or the shared store fails.
     pub(crate) async fn trim_cache(&self, roots: &[&ImageRecord]) -> Result<(), Error> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        let images = self.store.list_images()?;
-        let mut todo: Vec<String> = roots.iter().map(|r| r.digest.clone()).collect();
+        let mut roots: Vec<String> = roots.iter().map(|r| r.digest.clone()).collect();
         for s in self.list_sessions() {
-            todo.extend([Some(s.launch_image), s.paused_image].into_iter().flatten());
+            roots.extend([Some(s.launch_image), s.paused_image].into_iter().flatten());
         }
-        let (mut keep, mut seen) = (std::collections::HashSet::new(), std::collections::HashSet::new());
-        // Bounded by the catalog's size: each image is visited once.
-        while let Some(d) = todo.pop() {
-            let Some(img) = images.iter().find(|i| i.digest == d) else { continue };
-            if seen.insert(d) {
-                keep.extend(img.files.values().cloned());
-                todo.extend(img.needs().into_iter().map(String::from));
-            }
-        }
+        let (needed, _) = self.store.image_closure(roots)?;
+        let keep = needed.iter().flat_map(|i| i.files.values().cloned()).collect();
         let evicted = remote.evict(&keep).await?;
         if evicted.blobs > 0 {
             tracing::info!(blobs = evicted.blobs, bytes = evicted.bytes, "local cache trimmed to its limit");

@@ -53,8 +53,7 @@ impl Engine {
 
     /// Whether a paused session has a display.
     pub fn paused_is_graphical(&self, rec: &SessionRecord) -> bool {
-        let image = rec.paused_image.as_deref().and_then(|d| self.store.image(d).ok().flatten());
-        image.is_some_and(|i| i.meta.get("graphical").is_some_and(|g| g == "true"))
+        rec.paused_image.as_deref().is_some_and(|d| self.image_is_graphical(d))
     }
 
     /// Every paused session, oldest first.
@@ -238,22 +237,17 @@ impl Engine {
 
     /// Checks every blob of an image and of the images it needs.
     fn verify_chain(&self, image: &ImageRecord) -> Result<(), Error> {
-        let mut todo = vec![image.clone()];
-        let mut seen = std::collections::HashSet::new();
-        // Bounded: base, install, launch and a chain of pauses.
-        for _ in 0..1000 {
-            let Some(img) = todo.pop() else { return Ok(()) };
-            if !seen.insert(img.digest.clone()) {
-                continue;
-            }
-            self.store.verify_image(&img)?;
-            for need in img.needs() {
-                todo.push(self.store.image(need)?.ok_or_else(|| {
-                    Error::Config(format!("image {} needs image {need}, which is gone from the catalog", img.digest))
-                })?);
-            }
+        let (images, missing) = self.store.image_closure([image.digest.clone()])?;
+        if let Some(gone) = missing.first() {
+            return Err(Error::Config(format!(
+                "image {} needs image {gone}, which is gone from the catalog",
+                image.digest
+            )));
         }
-        Err(Error::Config(format!("image {} has a chain of images too long to follow", image.digest)))
+        for img in &images {
+            self.store.verify_image(img)?;
+        }
+        Ok(())
     }
 
     /// Forgets a paused session and the images it was paused to.
@@ -272,21 +266,11 @@ impl Engine {
     /// more: their session is neither paused nor running. Their blobs go at
     /// the next garbage collection.
     pub(crate) fn drop_paused_images(&self) -> Result<(), Error> {
+        // Every session's images, paused ones included, with all they need.
+        let roots = self.list_sessions().into_iter().flat_map(|r| [Some(r.launch_image), r.paused_image]).flatten();
+        let needed: std::collections::HashSet<String> =
+            self.store.image_closure(roots)?.0.into_iter().map(|i| i.digest).collect();
         let images = self.store.list_images()?;
-        let mut needed: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let in_use = self.paused_sessions().into_iter().filter_map(|r| r.paused_image);
-        let running = self.list_sessions().into_iter().map(|r| r.launch_image);
-        // Everything under a needed image is needed too.
-        for digest in in_use.chain(running) {
-            let mut d = Some(digest);
-            for _ in 0..1000 {
-                let Some(cur) = d.take() else { break };
-                if !needed.insert(cur.clone()) {
-                    break;
-                }
-                d = images.iter().find(|i| i.digest == cur).and_then(|i| i.parent.clone());
-            }
-        }
         // A pause records its image a moment before the session's record.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let settled = |i: &ImageRecord| now - i.created > 60;

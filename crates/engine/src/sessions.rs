@@ -146,6 +146,11 @@ impl Engine {
         self.write_session_record(&rec)
     }
 
+    /// Whether the image `digest` (in the catalog) has a display.
+    pub(crate) fn image_is_graphical(&self, digest: &str) -> bool {
+        self.store.image(digest).ok().flatten().is_some_and(|i| crate::is_graphical(&i))
+    }
+
     /// Where a session's display is served (its VNC socket), running or not.
     pub fn vnc_socket_of(&self, id: &str) -> PathBuf {
         self.session_dir(id).join(strata_vmm::VNC_SOCK)
@@ -321,7 +326,7 @@ impl Engine {
         s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
             || rec.home.is_some()
             || !rec.ports.is_empty();
-        s.graphical = read_image_is_graphical(self, &rec.launch_image);
+        s.graphical = self.image_is_graphical(&rec.launch_image);
         Ok(s)
     }
 
@@ -351,9 +356,4 @@ impl Engine {
             r => r.map_err(io_err(&dir)),
         }
     }
-}
-
-/// Whether the image a session runs from has a display.
-fn read_image_is_graphical(engine: &Engine, digest: &str) -> bool {
-    engine.store.image(digest).ok().flatten().is_some_and(|i| i.meta.get("graphical").is_some_and(|g| g == "true"))
 }

@@ -346,6 +346,35 @@ impl Store {
         Ok(self.list_images()?.into_iter().find(|r| r.digest == digest))
     }
 
+    /// The images reachable from `roots` through what each needs
+    /// ([`ImageRecord::needs`]), each once, and the digests among them the
+    /// catalog does not have.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn image_closure(
+        &self,
+        roots: impl IntoIterator<Item = String>,
+    ) -> Result<(Vec<ImageRecord>, Vec<String>), Error> {
+        let images = self.list_images()?;
+        let (mut found, mut missing, mut seen) = (Vec::new(), Vec::new(), std::collections::HashSet::new());
+        let mut todo: Vec<String> = roots.into_iter().collect();
+        // Bounded by the catalog's size: each digest is visited once.
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            match images.iter().find(|i| i.digest == d) {
+                Some(img) => {
+                    todo.extend(img.needs().into_iter().map(String::from));
+                    found.push(img.clone());
+                }
+                None => missing.push(d),
+            }
+        }
+        Ok((found, missing))
+    }
+
     /// Every image, newest first.
     ///
     /// # Errors
