@@ -7,6 +7,7 @@
 # stops it. A third argument runs one step: `config` (write garage.toml) or
 # `setup` (layout, key, bucket, print the settings) around a server started
 # by the caller (`garage -c DIR/garage.toml server`), as the tests do.
+# GARAGE_ADDR (default 127.0.0.1) is the address it listens on.
 set -euo pipefail
 dir="${1:?usage: garage.sh DIR [S3_PORT|stop] [config|setup]}"
 arg="${2:-3900}"
@@ -20,6 +21,7 @@ if [ "$arg" = stop ]; then
   exit 0
 fi
 s3_port="$arg"
+addr="${GARAGE_ADDR:-127.0.0.1}"
 rpc_port=$((s3_port + 1))
 admin_port=$((s3_port + 3))
 mkdir -p "$dir/meta" "$dir/data"
@@ -29,17 +31,17 @@ metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "sqlite"
 replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$rpc_port"
-rpc_public_addr = "127.0.0.1:$rpc_port"
+rpc_bind_addr = "$addr:$rpc_port"
+rpc_public_addr = "$addr:$rpc_port"
 rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:$s3_port"
+api_bind_addr = "$addr:$s3_port"
 root_domain = ".s3.garage.localhost"
 
 [admin]
-api_bind_addr = "127.0.0.1:$admin_port"
+api_bind_addr = "$addr:$admin_port"
 TOML
   mv "$cfg.tmp" "$cfg"
 fi
@@ -70,4 +72,4 @@ if [ ! -f "$dir/configured" ]; then
 fi
 # shellcheck disable=SC1091
 . "$dir/credentials"
-echo "export STRATA_S3_ENDPOINT=http://127.0.0.1:$s3_port STRATA_S3_BUCKET=strata STRATA_S3_REGION=garage AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY"
+echo "export STRATA_S3_ENDPOINT=http://$addr:$s3_port STRATA_S3_BUCKET=strata STRATA_S3_REGION=garage AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY"

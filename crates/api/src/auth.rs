@@ -101,7 +101,7 @@ impl TokenStore {
     /// # Errors
     /// If the name is invalid or the file cannot be written.
     pub fn create(&mut self, name: &str, valid_for: Option<std::time::Duration>) -> Result<String, String> {
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if !valid_terminal(name) {
             return Err(format!("{name:?} is not a valid terminal name (letters, digits, - _ ., up to 64)"));
         }
         // Other strata processes may create tokens at the same time: take
@@ -171,6 +171,11 @@ impl TokenStore {
     }
 }
 
+/// Whether `name` may name a terminal: 1-64 of letters, digits, `-_.`.
+pub fn valid_terminal(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// The authenticated caller: the terminal its token names.
 pub struct Caller(pub String);
 
@@ -184,6 +189,21 @@ impl FromRequestParts<std::sync::Arc<AppState>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &std::sync::Arc<AppState>) -> Result<Caller, ApiError> {
         let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        // A control plane, acting for the terminal it names.
+        if state.cluster.as_ref().is_some_and(|l| l.is_secret(token)) {
+            let name = parts
+                .headers
+                .get(crate::cluster::TERMINAL_HEADER)
+                .and_then(|h| h.to_str().ok())
+                .filter(|n| valid_terminal(n))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "a control plane's request must name its terminal in {}",
+                        crate::cluster::TERMINAL_HEADER
+                    ))
+                })?;
+            return Ok(Caller(name.to_string()));
+        }
         let tokens = state.tokens.read().unwrap_or_else(|e| e.into_inner());
         match tokens.check(token) {
             Ok(name) => Ok(Caller(name)),

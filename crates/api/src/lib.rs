@@ -6,6 +6,7 @@
 //! `/openapi.json`. Every error has one body shape ([`error::ErrorBody`]).
 
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod live;
 pub mod metrics;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub pool_targets: std::collections::BTreeMap<String, usize>,
     /// The `web/` directory (its `node_modules` holds xterm.js), if found.
     pub web_dir: Option<PathBuf>,
+    /// This server's place in a cluster (`serve --etcd`), if it has one.
+    pub cluster: Option<Arc<cluster::ClusterLink>>,
 }
 
 impl AppState {
@@ -76,6 +79,7 @@ impl AppState {
             pool: Arc::default(),
             pool_targets: Default::default(),
             web_dir: None,
+            cluster: None,
         })
     }
 

@@ -136,24 +136,28 @@ impl Registry {
     /// Takes back the sessions paused to images by an earlier server (their
     /// records carry the terminal and attach-token hash); returns how many.
     pub fn adopt_paused(self: &Arc<Self>, engine: &Arc<Engine>, idle: Option<Duration>) -> usize {
-        let mut n = 0;
-        for rec in engine.paused_sessions() {
-            let (Some(owner), Some(hash)) = (rec.labels.get(TERMINAL_LABEL), rec.labels.get(ATTACH_LABEL)) else {
-                continue;
-            };
-            let Some(attach_hash) = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
-                tracing::warn!(session = %rec.id, "paused session with a malformed attach label; not adopted");
-                continue;
-            };
-            let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
-            let vnc = engine.paused_is_graphical(&rec).then(|| engine.vnc_socket_of(&rec.id));
-            let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
-            set(&live.0.state, State::Paused);
-            let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
-            self.run_actor(live, None, engine.clone(), settings);
-            n += 1;
-        }
-        n
+        engine.paused_sessions().into_iter().filter(|rec| self.adopt_one(rec, engine, idle).is_some()).count()
+    }
+
+    /// Takes one paused session (its record labelled by an API server) as a
+    /// live one, paused; `None` if its labels are missing or malformed.
+    pub fn adopt_one(
+        self: &Arc<Self>,
+        rec: &strata_engine::sessions::SessionRecord,
+        engine: &Arc<Engine>,
+        idle: Option<Duration>,
+    ) -> Option<Arc<Live>> {
+        let (owner, hash) = (rec.labels.get(TERMINAL_LABEL)?, rec.labels.get(ATTACH_LABEL)?);
+        let Some(attach_hash) = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+            tracing::warn!(session = %rec.id, "paused session with a malformed attach label; not adopted");
+            return None;
+        };
+        let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
+        let vnc = engine.paused_is_graphical(rec).then(|| engine.vnc_socket_of(&rec.id));
+        let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
+        set(&live.0.state, State::Paused);
+        let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+        Some(self.run_actor(live, None, engine.clone(), settings))
     }
 
     fn run_actor(

@@ -44,6 +44,8 @@ type St = State<Arc<AppState>>;
         resume_session,
         set_timeout,
         attach_session,
+        attach_ticket,
+        import_session,
         session_display,
         get_clipboard,
         set_clipboard,
@@ -63,6 +65,8 @@ type St = State<Arc<AppState>>;
         SessionInfo,
         CreatedSession,
         TimeoutBody,
+        AttachTicket,
+        ImportSession,
         ErrorBody,
         crate::error::ErrorDetail,
         SessionState
@@ -96,6 +100,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
+        .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
+        .route("/v1/sessions/import", post(import_session))
         .route("/v1/sessions/{id}/display", get(session_display))
         .route(
             "/v1/sessions/{id}/clipboard",
@@ -709,6 +715,60 @@ async fn resume_session(
     Ok(Json(SessionInfo::from(&*live)))
 }
 
+/// Where to attach a session's terminal.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AttachTicket {
+    /// WebSocket URL to attach at; `null` means this server's own
+    /// `/v1/sessions/{id}/attach`, with the caller's token.
+    pub url: Option<String>,
+}
+
+/// Where to attach. A single server answers "here"; a control plane answers
+/// with the URL of the server running the session and a short-lived ticket.
+#[utoipa::path(post, path = "/v1/sessions/{id}/attach-ticket", params(("id" = String, Path)),
+    responses((status = 200, body = AttachTicket), (status = 404, body = ErrorBody)))]
+async fn attach_ticket(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<AttachTicket>, ApiError> {
+    mine(&st, &owner, &id)?;
+    Ok(Json(AttachTicket { url: None }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSession {
+    /// The paused session's record, as the cluster keeps it.
+    #[schema(value_type = Object)]
+    record: serde_json::Value,
+}
+
+/// Takes in a session paused on another server of the cluster (a control
+/// plane's order): it is listed here, paused, and resumes from the shared
+/// store.
+#[utoipa::path(post, path = "/v1/sessions/import", request_body = ImportSession,
+    responses((status = 201, body = SessionInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn import_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Body(req): Body<ImportSession>,
+) -> Result<Response, ApiError> {
+    if st.cluster.is_none() {
+        return Err(ApiError::bad_request("only a server in a cluster (serve --etcd) takes in sessions"));
+    }
+    let rec: strata_engine::sessions::SessionRecord = serde_json::from_value(req.record)
+        .map_err(|e| ApiError::bad_request(format!("the session record is malformed: {e}")))?;
+    if rec.labels.get("terminal") != Some(&owner) {
+        return Err(ApiError::not_found(format!("no session {} of this terminal", rec.id)));
+    }
+    st.engine.import_paused(&rec)?;
+    let Some(live) = st.sessions.adopt_one(&rec, &st.engine, Some(st.limits.idle_timeout)) else {
+        return Err(ApiError::bad_request("the session record lacks its terminal or attach labels"));
+    };
+    Ok((StatusCode::CREATED, Json(SessionInfo::from(&*live))).into_response())
+}
+
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutBody {
@@ -735,6 +795,8 @@ async fn set_timeout(
 #[derive(Deserialize)]
 struct AttachQuery {
     token: Option<String>,
+    /// A control plane's ticket (cluster mode).
+    ticket: Option<String>,
     rows: Option<u16>,
     cols: Option<u16>,
     term: Option<String>,
@@ -755,8 +817,15 @@ fn authorize_stream(
     id: &str,
     headers: &axum::http::HeaderMap,
     token: Option<&str>,
+    ticket: Option<&str>,
 ) -> Result<Arc<Live>, ApiError> {
     let live = st.sessions.get(id);
+    // In a cluster, a control plane's ticket opens the session it names.
+    if let (Some(link), Some(ticket)) = (&st.cluster, ticket) {
+        return live.filter(|l| link.ticket_opens(id, &l.owner, ticket)).ok_or_else(|| {
+            ApiError::not_found(format!("no session {id} (or the ticket has expired; ask for a new one)"))
+        });
+    }
     let by_owner = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -775,6 +844,7 @@ fn authorize_stream(
 #[serde(deny_unknown_fields)]
 pub struct DisplayQuery {
     token: Option<String>,
+    ticket: Option<String>,
 }
 
 /// The display of a graphical session over WebSocket: binary frames carry
@@ -789,7 +859,7 @@ async fn session_display(
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let live = authorize_stream(&st, &id, &headers, q.token.as_deref())?;
+    let live = authorize_stream(&st, &id, &headers, q.token.as_deref(), q.ticket.as_deref())?;
     let vnc =
         live.vnc.clone().ok_or_else(|| ApiError::conflict(format!("{} is not a graphical package", live.package)))?;
     let stream = tokio::net::UnixStream::connect(&vnc)
@@ -829,7 +899,7 @@ async fn attach_session(
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let live = authorize_stream(&st, &id, &headers, q.token.as_deref())?;
+    let live = authorize_stream(&st, &id, &headers, q.token.as_deref(), q.ticket.as_deref())?;
     let settings =
         ContextBody { term: q.term, rows: q.rows, cols: q.cols, ..Default::default() }.settings(&live.owner)?;
     // Made here, in the request's scope, so it carries the request id to the guest.

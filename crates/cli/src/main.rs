@@ -1,6 +1,7 @@
 //! `strata`: run software on demand, each program in its own VM, launched
 //! from layered images in milliseconds.
 
+mod cluster;
 mod progress;
 mod remote;
 mod terminal;
@@ -149,6 +150,38 @@ enum Cmd {
         /// PEM private key for HTTPS (implies --tls).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Join a cluster: its etcd endpoints, comma-separated. Control
+        /// planes then place launches here; STRATA_CLUSTER_TOKEN must hold
+        /// the cluster's secret.
+        #[arg(long, env = "STRATA_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// The address other machines reach this server's API at (default:
+        /// http://LISTEN).
+        #[arg(long, requires = "etcd")]
+        advertise: Option<String>,
+        /// This server's id in the cluster (default: HOSTNAME-PORT).
+        #[arg(long, requires = "etcd")]
+        server_id: Option<String>,
+    },
+    /// Run a control plane of a cluster: it places launches on the servers
+    /// registered in etcd (`serve --etcd`) and tells terminals where to
+    /// attach. Several may run; one leads.
+    Control {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7000")]
+        listen: std::net::SocketAddr,
+        /// The cluster's etcd endpoints, comma-separated.
+        #[arg(long, env = "STRATA_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Placement rule: sample-2, sample-3, least-loaded, round-robin.
+        #[arg(long, default_value = "sample-2")]
+        rule: String,
+        /// Guest memory a server may commit, as a multiple of its memory.
+        #[arg(long, default_value_t = 1.0)]
+        overcommit: f64,
+        /// This plane's name in the leader election (default: HOSTNAME-PORT).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -323,7 +356,13 @@ enum TokenCmd {
         /// (default: never).
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<std::time::Duration>,
+        /// Keep it in the cluster's etcd (endpoints, comma-separated), for
+        /// its control planes, instead of this server's token file.
+        #[arg(long, env = "STRATA_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
     },
+    /// Print a new random secret, for a cluster's STRATA_CLUSTER_TOKEN.
+    Secret,
 }
 
 #[derive(Subcommand)]
@@ -489,6 +528,11 @@ async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) 
     }
 }
 
+/// Where package definitions are read from.
+fn packages_dir(cli: &Cli) -> PathBuf {
+    cli.packages.clone().unwrap_or_else(|| Config::from_env().packages_dir)
+}
+
 fn engine(cli: &Cli) -> anyhow::Result<Engine> {
     let mut cfg = Config::from_env();
     if let Some(s) = &cli.state {
@@ -514,6 +558,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         use clap::CommandFactory;
         clap_complete::generate(*shell, &mut Cli::command(), "strata", &mut std::io::stdout());
         return Ok(0);
+    }
+    // Cluster commands that need no store of their own.
+    match &cli.cmd {
+        Cmd::Control { listen, etcd, rule, overcommit, name } => {
+            return cluster::control(*listen, etcd, rule, *overcommit, name.clone(), &packages_dir(&cli)).await;
+        }
+        Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in, etcd } } if !etcd.is_empty() => {
+            return cluster::create_token(etcd, terminal, *expires_in).await;
+        }
+        Cmd::Token { cmd: TokenCmd::Secret } => {
+            println!("{}", strata_api::auth::new_token()?);
+            return Ok(0);
+        }
+        _ => {}
     }
     if let Some(addr) = &cli.addr {
         let remote = remote::Remote::new(addr, cli.token.clone(), cli.ca_cert.as_deref())?;
@@ -722,7 +780,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Serve { listen, max_sessions, max_sessions_per_terminal, pool, tls, tls_cert, tls_key, .. } => {
+        Cmd::Serve {
+            listen,
+            max_sessions,
+            max_sessions_per_terminal,
+            pool,
+            tls,
+            tls_cert,
+            tls_key,
+            etcd,
+            advertise,
+            server_id,
+            ..
+        } => {
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
@@ -773,11 +843,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let scheme = if tls.is_some() { "https" } else { "http" };
             println!("strata: serving the API on {scheme}://{}", listener.local_addr()?);
             state.web_dir = web_dir();
+            if !etcd.is_empty() {
+                let bound = listener.local_addr()?;
+                state.cluster = Some(cluster::link(etcd, advertise.clone(), server_id.clone(), bound, scheme).await?);
+            }
             let state = std::sync::Arc::new(state);
             let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));
             if adopted > 0 {
                 eprintln!("strata: {adopted} paused session(s) from before are listed again");
             }
+            // Kept for as long as the server runs; its lease lapses when it stops.
+            let _registration = match state.cluster {
+                Some(_) => Some(strata_api::cluster::join(state.clone()).await?),
+                None => None,
+            };
             for package in state.pool_targets.keys() {
                 state.refill(package);
             }
@@ -805,7 +884,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in } } => {
+        Cmd::Control { .. } | Cmd::Token { cmd: TokenCmd::Secret } => Ok(0),
+        Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in, .. } } => {
             let mut store = strata_api::auth::TokenStore::load(&tokens_file(&eng)).map_err(anyhow::Error::msg)?;
             println!("{}", store.create(terminal, *expires_in).map_err(anyhow::Error::msg)?);
             eprintln!("strata: a running server reads new tokens when it restarts");

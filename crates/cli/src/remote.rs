@@ -146,14 +146,27 @@ impl Remote {
     /// Attaches this terminal to a session on the server.
     pub async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
         let size = terminal::terminal_size().unwrap_or_default();
-        let url = format!(
-            "{}/v1/sessions/{id}/attach?rows={}&cols={}",
-            self.base.replacen("http", "ws", 1),
-            size.rows,
-            size.cols
-        );
+        // A control plane answers with the server running the session (the
+        // terminal's bytes go there, not through the plane) and a ticket; a
+        // single server answers "here".
+        let ticket = self.call("POST", &format!("/v1/sessions/{id}/attach-ticket"), None).await?;
+        let (url, bearer) = match ticket["url"].as_str() {
+            Some(at) => (format!("{at}&rows={}&cols={}", size.rows, size.cols), false),
+            None => (
+                format!(
+                    "{}/v1/sessions/{id}/attach?rows={}&cols={}",
+                    self.base.replacen("http", "ws", 1),
+                    size.rows,
+                    size.cols
+                ),
+                true,
+            ),
+        };
+        tracing::debug!(url = %url.split("ticket=").next().unwrap_or_default(), "attaching");
         let mut request = url.into_client_request()?;
-        request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
+        if bearer {
+            request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
+        }
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
             .await

@@ -6,7 +6,9 @@
 //!
 //! Keys, under a prefix (default `/strata/`): `servers/ID` (a
 //! [`ServerLoad`] as JSON, leased), `sessions/ID` (a [`SessionEntry`]),
-//! `leader` (the election).
+//! `leader` (the election), `tokens/TERMINAL` (a [`TokenEntry`]).
+
+pub mod ticket;
 
 use std::time::Duration;
 
@@ -51,6 +53,24 @@ pub struct SessionEntry {
     /// The image it is paused to, if paused.
     #[serde(default)]
     pub image: Option<String>,
+    /// A paused session's record as its server keeps it (opaque here): what
+    /// another server needs to resume it when its own is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: u64,
+}
+
+/// A terminal's API token as the cluster keeps it: only its sha256.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub terminal: String,
+    /// sha256 of the token, hex.
+    pub hash: String,
+    /// Unix seconds; `None` never expires.
+    #[serde(default)]
+    pub expires: Option<u64>,
 }
 
 /// A connection to the cluster's etcd.
@@ -172,6 +192,7 @@ impl Cluster {
         let every = Duration::from_millis((secs as u64 * 1000 / 3).max(200));
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut lease = lease;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -181,7 +202,14 @@ impl Cluster {
                     let (mut keeper, mut stream) =
                         me.client.clone().lease_keep_alive(lease).await.map_err(me.err("keeping a lease"))?;
                     keeper.keep_alive().await.map_err(me.err("keeping a lease"))?;
-                    let _ = stream.message().await.map_err(me.err("keeping a lease"))?;
+                    let answer = stream.message().await.map_err(me.err("keeping a lease"))?;
+                    // A lease that expired while etcd was out of reach is
+                    // gone for good (its TTL comes back as 0): take a new one.
+                    if answer.is_none_or(|a| a.ttl() <= 0) {
+                        lease =
+                            me.client.clone().lease_grant(secs, None).await.map_err(me.err("granting a lease"))?.id();
+                        tracing::info!("this server's lease had expired; registered again");
+                    }
                     me.put_json(&key, &report(), Some(lease)).await
                 };
                 if let Err(e) = kept.await {
@@ -230,6 +258,28 @@ impl Cluster {
         let key = self.key(&format!("sessions/{id}"));
         self.client.clone().delete(key, None).await.map_err(self.err("a delete"))?;
         Ok(())
+    }
+
+    /// Stores a terminal's token (its hash), replacing any earlier one.
+    ///
+    /// # Errors
+    /// If the terminal name is malformed or etcd fails.
+    pub async fn put_token(&self, entry: &TokenEntry) -> Result<(), Error> {
+        check_id("terminal", &entry.terminal)?;
+        self.put_json(&self.key(&format!("tokens/{}", entry.terminal)), entry, None).await
+    }
+
+    /// Every terminal's token entry.
+    ///
+    /// # Errors
+    /// If etcd fails or a record is damaged.
+    pub async fn tokens(&self) -> Result<Vec<TokenEntry>, Error> {
+        self.list_json("tokens/").await
+    }
+
+    /// The etcd endpoints, as given.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
     }
 
     /// Campaigns to lead as `candidate`, waiting until elected. The

@@ -89,6 +89,7 @@ fn load(id: &str, sessions: u32) -> ServerLoad {
         memory_free_mib: 20 << 10,
         memory_committed_mib: 512,
         cached_images: BTreeSet::new(),
+        address: format!("http://127.0.0.1:7{sessions:03}"),
     }
 }
 
@@ -148,13 +149,18 @@ async fn session_records_outlive_a_control_plane_and_an_etcd_restart() {
         state: "running".into(),
         owner: "alice".into(),
         image: None,
+        record: None,
+        created: 1_700_000_000,
     };
     c.put_session(&entry("aaaaaaaaaaaa")).await.unwrap();
     c.put_session(&entry("bbbbbbbbbbbb")).await.unwrap();
     let mut paused = entry("bbbbbbbbbbbb");
     paused.state = "paused".into();
     paused.image = Some("f".repeat(64));
+    paused.record = Some(serde_json::json!({"id": "bbbbbbbbbbbb", "paused_image": "f".repeat(64)}));
     c.put_session(&paused).await.unwrap();
+    let token = strata_cluster::TokenEntry { terminal: "alice".into(), hash: "ab".repeat(32), expires: Some(1) };
+    c.put_token(&token).await.unwrap();
     drop(c);
     // A new control plane sees them.
     let c = connect().await.unwrap();
@@ -175,6 +181,7 @@ async fn session_records_outlive_a_control_plane_and_an_etcd_restart() {
     *e.child.lock().unwrap() = Some(spawn_etcd(&e.dir, e.port));
     let c = connect().await.unwrap();
     assert_eq!(c.sessions().await.unwrap(), vec![entry("aaaaaaaaaaaa"), paused]);
+    assert_eq!(c.tokens().await.unwrap(), vec![token]);
     c.remove_session("aaaaaaaaaaaa").await.unwrap();
     assert_eq!(c.sessions().await.unwrap().len(), 1);
     if let Some(mut child) = e.child.lock().unwrap().take() {

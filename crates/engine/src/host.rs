@@ -63,6 +63,23 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The packages whose launch image this server holds: what placement
+    /// weighs as image locality.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn cached_packages(&self) -> Result<std::collections::BTreeSet<String>, crate::Error> {
+        Ok(self
+            .store
+            .list_images()?
+            .into_iter()
+            .filter(|i| i.kind == strata_store::ImageKind::Launch)
+            .filter_map(|i| i.package)
+            .collect())
+    }
+}
+
 /// This machine's host name.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()

@@ -47,7 +47,7 @@ impl Engine {
     }
 
     /// The record of a paused session, if `id` is one.
-    pub(crate) fn paused_record(&self, id: &str) -> Option<SessionRecord> {
+    pub fn paused_record(&self, id: &str) -> Option<SessionRecord> {
         serde_json::from_slice(&std::fs::read(self.paused_record_path(id)).ok()?).ok()
     }
 
@@ -233,6 +233,35 @@ impl Engine {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
         tracing::info!(session = %id, image = %digest, "session resumed from its image");
         Ok(s)
+    }
+
+    /// Takes in a session paused on another server (its record, as that
+    /// server kept it), so that [`Engine::resume_session`] resumes it here
+    /// from the shared store.
+    ///
+    /// # Errors
+    /// If the record is not a paused session's, the id is in use here, or
+    /// it mounts a persistent home (homes stay on the server that has them).
+    pub fn import_paused(&self, rec: &SessionRecord) -> Result<(), Error> {
+        crate::sessions::check_id(&rec.id)?;
+        if rec.paused_image.is_none() {
+            return Err(Error::Config(format!("session {} is not paused; only paused sessions move", rec.id)));
+        }
+        if let Some(home) = &rec.home {
+            return Err(Error::Config(format!(
+                "session {} mounts the persistent home of {home}, which stays on the server that holds it; resume it there",
+                rec.id
+            )));
+        }
+        let _lock = self.lock_paused(&rec.id)?;
+        let path = self.paused_record_path(&rec.id);
+        if path.exists() || crate::sessions::read_record(&self.session_dir(&rec.id)).is_some() {
+            return Err(Error::Config(format!("session {} already exists on this server", rec.id)));
+        }
+        let data = serde_json::to_vec_pretty(rec).map_err(|e| Error::Config(e.to_string()))?;
+        write_atomic(&path, &data)?;
+        tracing::info!(session = %rec.id, "took in a session paused on another server");
+        Ok(())
     }
 
     /// Checks every blob of an image and of the images it needs.

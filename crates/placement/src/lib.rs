@@ -44,8 +44,13 @@ pub struct ServerLoad {
     pub memory_free_mib: u64,
     /// Guest memory of the sessions it runs.
     pub memory_committed_mib: u64,
-    /// Digests of the images it holds in its local cache.
+    /// What it holds in its local cache: image digests, and `package/NAME`
+    /// for each package whose launch image it holds (a control plane knows
+    /// package names, not the digests a server's recipes come to).
     pub cached_images: BTreeSet<String>,
+    /// Where its API answers (`http://ADDR:PORT`); empty in simulations.
+    #[serde(default)]
+    pub address: String,
 }
 
 /// A launch request as placement sees it.
@@ -228,6 +233,7 @@ pub fn simulate(servers: usize, decisions: usize, seed: u64) -> Vec<RuleTiming> 
                 } else {
                     BTreeSet::new()
                 },
+                address: String::new(),
             }
         })
         .collect();

@@ -13,6 +13,7 @@ fn srv(id: &str, free: u64, committed: u64, load1: f64, cached: &[&str]) -> Serv
         memory_free_mib: free,
         memory_committed_mib: committed,
         cached_images: cached.iter().map(|s| s.to_string()).collect(),
+        address: String::new(),
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use strata_remote::RemoteConfig;
 
 #[path = "../support/tied.rs"]
-mod tied;
+pub mod tied;
 
 pub fn e2e() -> bool {
     if std::env::var_os("STRATA_E2E").is_some() {
@@ -31,9 +31,9 @@ fn repo() -> PathBuf {
 }
 
 /// Three free ports in a row from `base` (S3, RPC, and admin at +3).
-fn free_ports_from(mut base: u16) -> u16 {
+fn free_ports_from(addr: &str, mut base: u16) -> u16 {
     for _ in 0..200 {
-        let free = [0, 1, 3].iter().all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        let free = [0, 1, 3].iter().all(|o| std::net::TcpListener::bind((addr, base + o)).is_ok());
         if free {
             return base;
         }
@@ -42,16 +42,30 @@ fn free_ports_from(mut base: u16) -> u16 {
     panic!("no free ports for Garage");
 }
 
+/// The Garage of this test binary, on loopback.
 pub fn garage() -> &'static Garage {
     static G: OnceLock<Garage> = OnceLock::new();
-    G.get_or_init(|| {
+    G.get_or_init(|| start_garage("127.0.0.1", 39_100))
+}
+
+/// A Garage listening on `addr`, on free ports from `base_port`, killed
+/// with the test binary.
+pub fn start_garage(addr: &str, base_port: u16) -> Garage {
+    {
         remove_stale_dirs();
-        let dir = PathBuf::from(format!("{PREFIX}{}", std::process::id()));
+        let dir = PathBuf::from(format!("{PREFIX}{}-{addr}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let port = free_ports_from(39_100).to_string();
+        let port = free_ports_from(addr, base_port).to_string();
         let script = repo().join("scripts/garage.sh");
         let run = |step: &str| {
-            let out = Command::new("bash").arg(&script).arg(&dir).arg(&port).arg(step).output().unwrap();
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg(&dir)
+                .arg(&port)
+                .arg(step)
+                .env("GARAGE_ADDR", addr)
+                .output()
+                .unwrap();
             assert!(out.status.success(), "garage.sh {step}: {}", String::from_utf8_lossy(&out.stderr));
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
@@ -76,7 +90,7 @@ pub fn garage() -> &'static Garage {
             cache_limit: u64::MAX,
         };
         Garage { cfg, dir, _server: Mutex::new(server) }
-    })
+    }
 }
 
 const PREFIX: &str = "/tmp/strata-garage-test-";
@@ -86,7 +100,8 @@ fn remove_stale_dirs() {
     let Ok(entries) = std::fs::read_dir("/tmp") else { return };
     for e in entries.flatten() {
         let path = e.path();
-        let Some(pid) = path.to_str().and_then(|p| p.strip_prefix(PREFIX)) else { continue };
+        let Some(rest) = path.to_str().and_then(|p| p.strip_prefix(PREFIX)) else { continue };
+        let pid = rest.split('-').next().unwrap_or(rest);
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(&path);
         }

@@ -1,0 +1,163 @@
+//! A server in a cluster: `strata serve --etcd` registers this server in
+//! etcd with its address and load (under a lease it keeps alive), keeps the
+//! records of its sessions there, and takes orders from control planes,
+//! which authenticate with the cluster's shared secret and act for a
+//! terminal named in `x-strata-terminal`. Terminals attach here directly,
+//! with a ticket a control plane signed (see `strata_cluster::ticket`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use strata_cluster::{Cluster, Registration, ServerLoad, SessionEntry};
+use subtle::ConstantTimeEq;
+
+use crate::live::State;
+use crate::AppState;
+
+/// The header naming the terminal a control plane acts for.
+pub const TERMINAL_HEADER: &str = "x-strata-terminal";
+
+/// How long this server's registration outlives its last refresh.
+const LEASE: Duration = Duration::from_secs(3);
+/// How often this server's session records are brought up to date.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// This server's place in a cluster.
+pub struct ClusterLink {
+    pub cluster: Cluster,
+    /// Its id among the cluster's servers.
+    pub server_id: String,
+    /// Where its API answers, as other machines reach it.
+    pub address: String,
+    secret: String,
+}
+
+impl ClusterLink {
+    /// # Errors
+    /// If the secret is too short to be one.
+    pub fn new(cluster: Cluster, server_id: String, address: String, secret: String) -> Result<ClusterLink, String> {
+        if secret.len() < 16 {
+            return Err("the cluster token (STRATA_CLUSTER_TOKEN) must be at least 16 characters; \
+                        `strata token secret` makes one"
+                .into());
+        }
+        Ok(ClusterLink { cluster, server_id, address, secret })
+    }
+
+    /// Whether `token` is the cluster's secret (constant time).
+    pub fn is_secret(&self, token: &str) -> bool {
+        crate::auth::matches(token, &crate::auth::token_hash(&self.secret))
+            && token.len().ct_eq(&self.secret.len()).into()
+    }
+
+    /// Whether `ticket` lets `terminal` attach to `session`.
+    pub fn ticket_opens(&self, session: &str, terminal: &str, ticket: &str) -> bool {
+        strata_cluster::ticket::verify(&self.secret, session, terminal, ticket)
+    }
+}
+
+/// This server's load as placement reads it.
+fn load(st: &AppState, link: &ClusterLink) -> ServerLoad {
+    let status = st.engine.server_status();
+    let mut cached = st.engine.cached_packages().unwrap_or_default();
+    cached = cached.into_iter().map(|p| format!("package/{p}")).collect();
+    match status {
+        Ok(s) => ServerLoad {
+            id: link.server_id.clone(),
+            healthy: true,
+            sessions: s.sessions as u32,
+            cpus: s.cpus as u32,
+            load1: s.load1,
+            memory_total_mib: s.memory_total_mib,
+            memory_free_mib: s.memory_available_mib,
+            memory_committed_mib: s.guest_memory_committed_mib,
+            cached_images: cached,
+            address: link.address.clone(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this server's status; reporting it full");
+            ServerLoad {
+                id: link.server_id.clone(),
+                healthy: true,
+                sessions: 0,
+                cpus: 1,
+                load1: 0.0,
+                memory_total_mib: 0,
+                memory_free_mib: 0,
+                memory_committed_mib: 0,
+                cached_images: cached,
+                address: link.address.clone(),
+            }
+        }
+    }
+}
+
+/// Registers this server and keeps its session records in etcd until the
+/// process ends.
+///
+/// # Errors
+/// If etcd cannot be reached now.
+pub async fn join(st: Arc<AppState>) -> Result<Registration, strata_cluster::Error> {
+    let link = st.cluster.clone().expect("join is called in cluster mode");
+    let (st2, link2) = (st.clone(), link.clone());
+    let registration = link.cluster.register(LEASE, move || load(&st2, &link2)).await?;
+    tracing::info!(server = %link.server_id, address = %link.address, etcd = %link.cluster.endpoints(), "joined the cluster");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = reconcile(&st, &link).await {
+                tracing::warn!(error = %e, "could not bring this server's session records up to date; retrying");
+            }
+        }
+    });
+    Ok(registration)
+}
+
+/// Makes etcd's records of this server's sessions match what it runs: a
+/// record for each live session (with a paused one's record, so another
+/// server can resume it), none for ended ones. A paused session whose record
+/// names another server has moved there: it is forgotten here.
+pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_cluster::Error> {
+    let entries = link.cluster.sessions().await?;
+    let by_id: HashMap<&str, &SessionEntry> = entries.iter().map(|e| (e.id.as_str(), e)).collect();
+    let live = st.sessions.all();
+    for l in &live {
+        let state = *l.state.lock().unwrap_or_else(|e| e.into_inner());
+        let known = by_id.get(l.id.as_str());
+        if let Some(e) = known.filter(|e| e.server != link.server_id) {
+            if state == State::Paused {
+                tracing::info!(session = %l.id, server = %e.server, "a paused session moved to another server; forgetting it here");
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if l.cmd.send(crate::live::Cmd::Kill(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+            continue;
+        }
+        let record = st.engine.paused_record(&l.id);
+        let entry = SessionEntry {
+            id: l.id.clone(),
+            server: link.server_id.clone(),
+            package: l.package.clone(),
+            state: match state {
+                State::Running => "running".into(),
+                State::Paused => "paused".into(),
+            },
+            owner: l.owner.clone(),
+            image: record.as_ref().and_then(|r| r.paused_image.clone()),
+            record: record.filter(|_| state == State::Paused).and_then(|r| serde_json::to_value(r).ok()),
+            created: l.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        if known.is_none_or(|k| **k != entry) {
+            link.cluster.put_session(&entry).await?;
+        }
+    }
+    for e in entries.iter().filter(|e| e.server == link.server_id) {
+        if !live.iter().any(|l| l.id == e.id) {
+            link.cluster.remove_session(&e.id).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! The cluster side of the CLI: joining `serve` to a cluster, running a
+//! control plane, keeping terminals' tokens in etcd.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+/// The prefix of strata's keys in etcd.
+const PREFIX: &str = "/strata/";
+
+/// The cluster's shared secret, from the environment only (never argv,
+/// where `ps` shows it).
+fn secret() -> anyhow::Result<String> {
+    let s = std::env::var("STRATA_CLUSTER_TOKEN").map_err(|_| {
+        anyhow::anyhow!("a cluster needs its secret in STRATA_CLUSTER_TOKEN (`strata token secret` makes one)")
+    })?;
+    if s.len() < 16 {
+        anyhow::bail!("STRATA_CLUSTER_TOKEN must be at least 16 characters (`strata token secret` makes one)");
+    }
+    Ok(s)
+}
+
+fn check_endpoints(etcd: &[String]) -> anyhow::Result<()> {
+    for e in etcd {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            anyhow::bail!("etcd endpoint {e:?} must be a URL: http://HOST:PORT");
+        }
+    }
+    Ok(())
+}
+
+/// This server's link to the cluster, for `serve --etcd`.
+pub async fn link(
+    etcd: &[String],
+    advertise: Option<String>,
+    server_id: Option<String>,
+    bound: SocketAddr,
+    scheme: &str,
+) -> anyhow::Result<Arc<strata_api::cluster::ClusterLink>> {
+    check_endpoints(etcd)?;
+    let secret = secret()?;
+    let address = advertise.unwrap_or_else(|| format!("{scheme}://{bound}"));
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        anyhow::bail!("--advertise {address:?} must be a URL: http://HOST:PORT");
+    }
+    let address = address.trim_end_matches('/').to_string();
+    let id = server_id.unwrap_or_else(|| format!("{}-{}", strata_engine::host::host_name(), bound.port()));
+    let cluster = strata_cluster::Cluster::connect(etcd, PREFIX).await?;
+    let link = strata_api::cluster::ClusterLink::new(cluster, id, address, secret).map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(link))
+}
+
+/// `strata control`: a control plane until interrupted.
+pub async fn control(
+    listen: SocketAddr,
+    etcd: &[String],
+    rule: &str,
+    overcommit: f64,
+    name: Option<String>,
+    packages: &Path,
+) -> anyhow::Result<u8> {
+    check_endpoints(etcd)?;
+    let policy = strata_placement::Policy::new(rule.parse()?, overcommit)?;
+    let secret = secret()?;
+    let cluster = strata_cluster::Cluster::connect(etcd, PREFIX).await?;
+    let name = name.unwrap_or_else(|| format!("{}-{}", strata_engine::host::host_name(), listen.port()));
+    let packages_dir =
+        if packages.is_dir() { packages.to_path_buf() } else { std::env::temp_dir().join("strata-no-packages") };
+    std::fs::create_dir_all(&packages_dir).ok();
+    let cp = Arc::new(strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir)?);
+    tokio::spawn(cp.clone().lead());
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    println!("strata: control plane {} on http://{}", cp.name, listener.local_addr()?);
+    axum::serve(listener, strata_control::router(cp)).await?;
+    Ok(0)
+}
+
+/// `strata token create NAME --etcd ...`: a token the control planes know.
+pub async fn create_token(
+    etcd: &[String],
+    terminal: &str,
+    valid_for: Option<std::time::Duration>,
+) -> anyhow::Result<u8> {
+    check_endpoints(etcd)?;
+    if !strata_api::auth::valid_terminal(terminal) {
+        anyhow::bail!("{terminal:?} is not a valid terminal name (letters, digits, - _ ., up to 64)");
+    }
+    let cluster = strata_cluster::Cluster::connect(etcd, PREFIX).await?;
+    let token = strata_api::auth::new_token()?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let entry = strata_cluster::TokenEntry {
+        terminal: terminal.to_string(),
+        hash: hex_of(&strata_api::auth::token_hash(&token)),
+        expires: valid_for.map(|d| now.saturating_add(d.as_secs())),
+    };
+    cluster.put_token(&entry).await?;
+    println!("{token}");
+    Ok(0)
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

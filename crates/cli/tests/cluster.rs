@@ -1,0 +1,496 @@
+//! A cluster on one machine: a real etcd, a real S3 server (Garage), two
+//! control planes and three server agents, each agent in a network
+//! namespace of its own with its own address on a bridge. Launches spread
+//! by the placement rule, images travel through the object store, terminals
+//! attach to the agents directly, and the faults of a fleet are played out:
+//! a control plane killed, an agent killed with sessions, an agent killed
+//! mid-launch, etcd down and back. Traffic stays on the bridge and loopback.
+
+mod common;
+#[path = "../../remote/tests/garage/mod.rs"]
+mod garage;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use garage::tied;
+use serde_json::Value;
+use strata_engine::{Config, Engine, LogProgress};
+use tokio_tungstenite::tungstenite::Message;
+
+const BRIDGE: &str = "strtbr0";
+const NET: &str = "10.231.7";
+const HOST_IP: &str = "10.231.7.1";
+const AGENTS: usize = 3;
+const SECRET: &str = "cluster-test-secret-0123456789";
+
+fn ns(i: usize) -> String {
+    format!("strata-t{i}")
+}
+
+fn agent_ip(i: usize) -> String {
+    format!("{NET}.{}", 10 + i)
+}
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Kills what runs in an agent's namespace (the agent and its QEMUs).
+fn kill_namespace(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else { return };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+}
+
+/// The bridge and the agents' namespaces; removed on drop (and before
+/// setting up, in case an earlier run was killed).
+struct Network;
+
+impl Network {
+    fn up() -> Network {
+        Network::down();
+        assert!(sh(&["ip", "link", "add", BRIDGE, "type", "bridge"]), "cannot create bridge {BRIDGE}");
+        assert!(sh(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE]));
+        assert!(sh(&["ip", "link", "set", BRIDGE, "up"]));
+        for i in 1..=AGENTS {
+            let (n, veth, peer) = (ns(i), format!("stv{i}"), format!("stv{i}p"));
+            assert!(sh(&["ip", "netns", "add", &n]), "cannot create namespace {n}");
+            assert!(sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer]));
+            assert!(sh(&["ip", "link", "set", &peer, "netns", &n]));
+            assert!(sh(&["ip", "link", "set", &veth, "master", BRIDGE, "up"]));
+            assert!(sh(&["ip", "-n", &n, "addr", "add", &format!("{}/24", agent_ip(i)), "dev", &peer]));
+            assert!(sh(&["ip", "-n", &n, "link", "set", &peer, "up"]));
+            assert!(sh(&["ip", "-n", &n, "link", "set", "lo", "up"]));
+        }
+        Network
+    }
+
+    fn down() {
+        for i in 1..=AGENTS {
+            kill_namespace(&ns(i));
+            sh(&["ip", "netns", "del", &ns(i)]);
+        }
+        sh(&["ip", "link", "del", BRIDGE]);
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        Network::down();
+    }
+}
+
+/// A process killed on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(mut cmd: Command, log: &Path) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    cmd.stdout(Stdio::null()).stderr(f);
+    Proc { child: tied::spawn_tied(cmd).unwrap(), log: log.to_path_buf() }
+}
+
+fn free_port(ip: &str, mut port: u16) -> u16 {
+    for _ in 0..200 {
+        if [0, 1].iter().all(|o| std::net::TcpListener::bind((ip, port + o)).is_ok()) {
+            return port;
+        }
+        port += 10;
+    }
+    panic!("no free port on {ip}");
+}
+
+fn etcd(dir: &Path, port: u16, log: &Path) -> Proc {
+    let client = format!("http://{HOST_IP}:{port}");
+    let peer = format!("http://{HOST_IP}:{}", port + 1);
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "c", "--data-dir"])
+        .arg(dir)
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("c={peer}")]);
+    let p = spawn(cmd, log);
+    assert!(
+        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((HOST_IP, port)).is_ok()),
+        "etcd did not listen"
+    );
+    p
+}
+
+struct Cluster {
+    etcd_url: String,
+    cps: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn api(&self, cp: usize, method: &str, path: &str, token: &str) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = self
+            .http
+            .request(m, format!("{}{path}", self.cps[cp]))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .timeout(Duration::from_secs(300));
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    async fn launch(&self, cp: usize, token: &str, package: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sessions", self.cps[cp]))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "package": package }))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn sessions(&self, cp: usize, token: &str) -> Vec<Value> {
+        let (status, body) = self.api(cp, "GET", "/v1/sessions", token).await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array().unwrap().clone()
+    }
+
+    /// Attaches through a ticket (to the agent directly), types `input`,
+    /// waits for `expect`, and goes away without a word, as a vanishing
+    /// client would: the session lives on.
+    async fn exchange(&self, cp: usize, token: &str, id: &str, input: &str, expect: &str) -> String {
+        let (status, t) = self.api(cp, "POST", &format!("/v1/sessions/{id}/attach-ticket"), token).await;
+        assert_eq!(status, 200, "{t}");
+        let url = t["url"].as_str().unwrap().to_string();
+        assert!(url.starts_with(&format!("ws://{NET}.1")), "the terminal attaches to an agent, not the plane: {url}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::Binary(input.as_bytes().to_vec().into())).await.unwrap();
+        let mut seen = String::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        while !seen.contains(expect) {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no {expect:?} from session {id} (saw {seen:?}): {other:?}"),
+            }
+        }
+        seen
+    }
+}
+
+/// Polls an async condition every 200 ms until it holds or `limit` passes.
+async fn eventually<F: std::future::Future<Output = bool>>(limit: Duration, mut cond: impl FnMut() -> F) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cond().await
+}
+
+fn server_of(sessions: &[Value], id: &str) -> String {
+    sessions.iter().find(|s| s["id"] == id).map(|s| s["server"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+fn state_of(sessions: &[Value], id: &str) -> String {
+    sessions.iter().find(|s| s["id"] == id).map(|s| s["state"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
+    if !e2e() {
+        return;
+    }
+    let _net = Network::up();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let g = garage::start_garage(HOST_IP, 39_600);
+
+    // The images of bc and python3, built by the test run, go to the object
+    // store; the agents start empty and fetch them.
+    let e = env();
+    let seed = {
+        let mut cfg = Config::from_env();
+        cfg.state_dir = e.state.clone();
+        cfg.packages_dir = e.packages.clone();
+        cfg.agent_binary = e.agent.clone();
+        cfg.remote = Some(g.cfg.clone());
+        Engine::open(cfg).unwrap()
+    };
+    let mut accel = String::new();
+    for name in ["bc", "python3"] {
+        let pkg = seed.package(name).unwrap();
+        seed.publish_package(&pkg, &LogProgress).await.unwrap();
+        accel = seed.ensure_images(&pkg, &LogProgress).await.unwrap().launch.meta["accel"].clone();
+    }
+
+    let etcd_port = free_port(HOST_IP, 39_700);
+    let etcd_dir = dir.path().join("etcd");
+    let mut etcd_proc = etcd(&etcd_dir, etcd_port, &logs.join("etcd.log"));
+    let etcd_url = format!("http://{HOST_IP}:{etcd_port}");
+
+    let s3 = &g.cfg;
+    let mut agents: Vec<Proc> = (1..=AGENTS)
+        .map(|i| {
+            let state = dir.path().join(format!("agent{i}"));
+            let listen = format!("{}:7070", agent_ip(i));
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &ns(i)])
+                .arg(&e.strata)
+                .args(["--accel", &accel, "serve", "--listen", &listen, "--server-id", &format!("agent{i}")])
+                .args(["--etcd", &etcd_url])
+                .env("STRATA_STATE", &state)
+                .env("STRATA_PACKAGES", &e.packages)
+                .env("STRATA_AGENT", &e.agent)
+                .env("STRATA_CLUSTER_TOKEN", SECRET)
+                .env("STRATA_LOG", "info")
+                .env("STRATA_S3_ENDPOINT", &s3.endpoint)
+                .env("STRATA_S3_BUCKET", &s3.bucket)
+                .env("STRATA_S3_REGION", &s3.region)
+                .env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
+                .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key);
+            spawn(cmd, &logs.join(format!("agent{i}.log")))
+        })
+        .collect();
+
+    // Two control planes on loopback, placing round-robin.
+    let mut cps: Vec<Proc> = Vec::new();
+    let mut cp_urls = Vec::new();
+    for i in 0..2 {
+        let port = free_port("127.0.0.1", 39_740 + 10 * i);
+        let mut cmd = Command::new(&e.strata);
+        cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
+            .args(["--etcd", &etcd_url, "--name", &format!("plane{i}")])
+            .env("STRATA_PACKAGES", &e.packages)
+            .env("STRATA_CLUSTER_TOKEN", SECRET)
+            .env("STRATA_LOG", "info");
+        cps.push(spawn(cmd, &logs.join(format!("plane{i}.log"))));
+        cp_urls.push(format!("http://127.0.0.1:{port}"));
+        assert!(
+            wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            "control plane {i} did not listen: {}",
+            cps[i as usize].log()
+        );
+    }
+    let c = Cluster { etcd_url: etcd_url.clone(), cps: cp_urls, http: reqwest::Client::new() };
+
+    let token = |name: &str| {
+        let out = strata(&["token", "create", name, "--etcd", &c.etcd_url]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let servers = |cp: usize| {
+        let c = &c;
+        let alice = alice.clone();
+        async move {
+            let (status, body) = c.api(cp, "GET", "/v1/servers", &alice).await;
+            if status != 200 {
+                return Vec::new();
+            }
+            let mut ids: Vec<String> =
+                body.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { servers(0).await.len() == AGENTS }).await,
+        "the agents did not register: {:?}\n{}",
+        servers(0).await,
+        agents[0].log()
+    );
+    // Authentication: no token, a wrong one.
+    assert_eq!(c.api(0, "GET", "/v1/sessions", "wrong").await.0, 401);
+
+    // Round-robin over the three agents: four launches, 1-2-3-1. Each agent
+    // started empty: it fetched bc's images from the object store.
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (status, created) = c.launch(0, &alice, "bc").await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["session"]["id"].as_str().unwrap().to_string());
+    }
+    let listed = c.sessions(0, &alice).await;
+    let placed: Vec<String> = ids.iter().map(|id| server_of(&listed, id)).collect();
+    assert_eq!(placed, ["agent1", "agent2", "agent3", "agent1"], "{listed:?}");
+    for i in 1..=AGENTS {
+        let log = agents[i - 1].log();
+        assert!(log.contains("fetched from the object store"), "agent{i} did not fetch bc's images:\n{log}");
+    }
+    // Another terminal sees none of them.
+    assert!(c.sessions(0, &bob).await.is_empty());
+    assert_eq!(c.api(0, "GET", &format!("/v1/sessions/{}", ids[0]), &bob).await.0, 404);
+    assert_eq!(c.api(0, "POST", &format!("/v1/sessions/{}/attach-ticket", ids[0]), &bob).await.0, 404);
+    // A ticket opens its own session only.
+    let (_, t) = c.api(0, "POST", &format!("/v1/sessions/{}/attach-ticket", ids[0]), &alice).await;
+    let forged = t["url"].as_str().unwrap().replace(&ids[0], &ids[3]);
+    assert!(tokio_tungstenite::connect_async(&forged).await.is_err(), "a ticket opened another session");
+
+    // The CLI through a control plane: run, and attach to the agent.
+    let out = strata_with_input(&["--addr", &c.cps[0], "--token", &alice, "attach", &ids[1]], "x=6*7\nx\n");
+    assert!(text(&out.stdout).contains("42"), "{}{}", text(&out.stdout), text(&out.stderr));
+
+    // A control plane dies: the other lists the sessions, leads, and
+    // attaches go on.
+    cps[0].kill();
+    let leader = || async {
+        let (status, body) = c.api(1, "GET", "/v1/cluster", &alice).await;
+        if status == 200 {
+            body["leader"].as_str().unwrap_or_default().to_string()
+        } else {
+            String::new()
+        }
+    };
+    assert!(eventually(Duration::from_secs(20), || async { leader().await == "plane1" }).await, "plane1 did not lead");
+    let listed = c.sessions(1, &alice).await;
+    assert!(ids.iter().filter(|id| *id != &ids[1]).all(|id| state_of(&listed, id) == "running"), "{listed:?}");
+    c.exchange(1, &alice, &ids[0], "x=41\n", "x=41").await;
+    c.exchange(1, &alice, &ids[0], "x+1\n", "42").await;
+
+    // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
+    let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            c.sessions(1, &alice).await.iter().any(|s| s["id"] == ids[0] && s["movable"] == true)
+        })
+        .await,
+        "the paused session's record did not reach etcd"
+    );
+    agents[0].kill();
+    kill_namespace(&ns(1));
+    assert!(
+        eventually(Duration::from_secs(15), || async { servers(1).await == ["agent2", "agent3"] }).await,
+        "agent1 did not drop out: {:?}",
+        servers(1).await
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async { state_of(&c.sessions(1, &alice).await, &ids[3]) == "lost" })
+            .await,
+        "a session of the dead agent is not reported lost"
+    );
+    let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/resume", ids[3]), &alice).await;
+    assert_eq!(status, 410, "{body}");
+    // The paused one resumes elsewhere, from the object store, state intact.
+    let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/resume", ids[0]), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    let moved_to = body["server"].as_str().unwrap().to_string();
+    assert_ne!(moved_to, "agent1");
+    c.exchange(1, &alice, &ids[0], "x+1\n", "42").await;
+    // New launches go to the living.
+    let (status, created) = c.launch(1, &alice, "bc").await;
+    assert_eq!(status, 201, "{created}");
+    assert_ne!(created["session"]["server"], "agent1");
+    // The lost session is forgotten by kill.
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{}", ids[3]), &alice).await.0, 204);
+
+    // An agent killed mid-launch (python3's images are still to fetch):
+    // the plane tries the other agent.
+    let launch = {
+        let http = c.http.clone();
+        let url = format!("{}/v1/sessions", c.cps[1]);
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(alice)
+                .json(&serde_json::json!({"package": "python3"}))
+                .timeout(Duration::from_secs(600))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    // A single-threaded runtime: the launch proceeds while this polls.
+    let placed_on = || {
+        cps[1]
+            .log()
+            .lines()
+            .filter(|l| l.contains("launch placed") && l.contains("python3"))
+            .find_map(|l| ["agent2", "agent3"].into_iter().find(|a| l.contains(a)))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { placed_on().is_some() }).await,
+        "the python3 launch was not placed"
+    );
+    let victim = placed_on().unwrap();
+    let vi: usize = victim[5..].parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agents[vi - 1].kill();
+    kill_namespace(&ns(vi));
+    let (status, created) = tokio::time::timeout(Duration::from_secs(600), launch).await.unwrap().unwrap();
+    assert_eq!(status, 201, "{created}");
+    let survivor = created["session"]["server"].as_str().unwrap().to_string();
+    assert!(survivor != victim && survivor != "agent1", "{created}");
+    let python = created["session"]["id"].as_str().unwrap().to_string();
+
+    // etcd goes down: clear errors, sessions keep running; back, nothing lost.
+    let running_before: Vec<String> = c
+        .sessions(1, &alice)
+        .await
+        .iter()
+        .filter(|s| s["state"] == "running")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(running_before.contains(&python), "{running_before:?}");
+    etcd_proc.kill();
+    let (status, body) = c.api(1, "GET", "/v1/sessions", &alice).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&etcd_url), "{body}");
+    let (status, body) = c.launch(1, &alice, "bc").await;
+    assert_eq!(status, 503, "{body}");
+    etcd_proc = etcd(&etcd_dir, etcd_port, &logs.join("etcd2.log"));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let (status, body) = c.api(1, "GET", "/v1/sessions", &alice).await;
+            status == 200
+                && running_before
+                    .iter()
+                    .all(|id| body.as_array().unwrap().iter().any(|s| s["id"] == *id && s["state"] == "running"))
+        })
+        .await,
+        "sessions were lost with etcd: {:?}",
+        c.api(1, "GET", "/v1/sessions", &alice).await
+    );
+    assert!(eventually(Duration::from_secs(30), || async { servers(1).await == [survivor.clone()] }).await);
+    let (status, body) = c.launch(1, &alice, "bc").await;
+    assert_eq!(status, 201, "{body}");
+    drop(etcd_proc);
+}

@@ -1,0 +1,539 @@
+//! The control plane (`strata control`): the cluster's front door. It takes
+//! a terminal's launch request, picks a server by the placement rule over
+//! the load the servers report in etcd, orders the launch from that server
+//! (HTTP, authenticated with the cluster's secret, acting for the
+//! terminal), records the session in etcd and answers where to attach.
+//! Terminal bytes never pass through it: a terminal attaches to the server
+//! running its session, with a short-lived ticket signed here.
+//!
+//! A control plane keeps nothing of its own: tokens, servers and sessions
+//! are in etcd, so any number can run; one is elected leader and marks the
+//! running sessions of servers that went silent as lost.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path as UrlPath, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use strata_api::ApiError;
+use strata_cluster::{Cluster, ServerLoad, SessionEntry};
+use strata_placement::{Placer, Policy, Request};
+
+/// What can stop a control plane from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cluster(#[from] strata_cluster::Error),
+    #[error("package definitions: {0}")]
+    Packages(#[from] strata_package::Error),
+    #[error(
+        "the cluster token (STRATA_CLUSTER_TOKEN) must be at least 16 characters; `strata token secret` makes one"
+    )]
+    WeakSecret,
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// How many servers a launch is tried on before it fails.
+const LAUNCH_ATTEMPTS: usize = 3;
+/// A launch may build or fetch images first: minutes under TCG.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Other orders (kill, pause, resume, list) take seconds.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// The leader's housekeeping period.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+
+/// A control plane.
+pub struct ControlPlane {
+    cluster: Cluster,
+    secret: String,
+    /// This plane's name in the election.
+    pub name: String,
+    placer: Mutex<Placer>,
+    http: reqwest::Client,
+    packages: strata_package::Registry,
+}
+
+impl ControlPlane {
+    /// A control plane over `cluster`, placing by `policy`, with package
+    /// definitions (for their memory sizes) from `packages_dir`.
+    ///
+    /// # Errors
+    /// If the secret is weak or the definitions do not load.
+    pub fn new(
+        cluster: Cluster,
+        secret: String,
+        name: String,
+        policy: Policy,
+        packages_dir: &Path,
+    ) -> Result<ControlPlane, Error> {
+        if secret.len() < 16 {
+            return Err(Error::WeakSecret);
+        }
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).build()?;
+        let packages = strata_package::Registry::load(packages_dir)?;
+        Ok(ControlPlane { cluster, secret, name, placer: Mutex::new(Placer::new(policy, seed)), http, packages })
+    }
+
+    /// Campaigns for leadership and, once elected, keeps the session
+    /// records honest: running sessions of servers gone silent are marked
+    /// lost. Runs until the process ends; another plane takes over then.
+    pub async fn lead(self: Arc<Self>) {
+        // Held for as long as this process runs: its lease is kept alive.
+        let _leadership = loop {
+            match self.cluster.campaign(&self.name, Duration::from_secs(3)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not campaign for leadership; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tracing::info!(plane = %self.name, "this control plane leads");
+        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.mark_lost().await {
+                tracing::warn!(error = %e, "housekeeping failed; retrying");
+            }
+        }
+    }
+
+    async fn mark_lost(&self) -> Result<(), strata_cluster::Error> {
+        let alive: BTreeSet<String> = self.cluster.servers().await?.into_iter().map(|s| s.id).collect();
+        for mut e in self.cluster.sessions().await? {
+            if e.state == "running" && !alive.contains(&e.server) {
+                tracing::warn!(session = %e.id, server = %e.server, "the session's server went silent; marking it lost");
+                e.state = "lost".into();
+                self.cluster.put_session(&e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn request_for(&self, package: &str) -> Result<Request, ApiError> {
+        let pkg = match self.packages.packages.get(package) {
+            Some(p) => p.clone(),
+            None => strata_package::Package::derived(package).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        };
+        Ok(Request { memory_mib: u64::from(pkg.def.memory_mib), images: vec![format!("package/{package}")] })
+    }
+
+    /// A server for `req`, among those not in `exclude`.
+    async fn place(&self, req: &Request, exclude: &[String]) -> Result<ServerLoad, ApiError> {
+        let servers: Vec<ServerLoad> = self
+            .cluster
+            .servers()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .filter(|s| !exclude.contains(&s.id))
+            .collect();
+        let i = self.placer.lock().unwrap_or_else(|e| e.into_inner()).choose(&servers, req).map_err(|e| {
+            let tried = if exclude.is_empty() { String::new() } else { format!(" (tried: {})", exclude.join(", ")) };
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_server", format!("{e}{tried}"))
+        })?;
+        Ok(servers[i].clone())
+    }
+
+    /// Sends an order to a server, acting for `terminal`.
+    async fn order(
+        &self,
+        server: &ServerLoad,
+        terminal: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Value), reqwest::Error> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", server.address))
+            .bearer_auth(&self.secret)
+            .header(strata_api::cluster::TERMINAL_HEADER, terminal)
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Ok((status, value))
+    }
+
+    /// The caller's session record, and its server if that is alive.
+    async fn session_of(&self, terminal: &str, id: &str) -> Result<(SessionEntry, Option<ServerLoad>), ApiError> {
+        let entry = self
+            .cluster
+            .sessions()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|e| e.id == id && e.owner == terminal)
+            .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
+        let server = self.cluster.servers().await.map_err(unavailable)?.into_iter().find(|s| s.id == entry.server);
+        Ok((entry, server))
+    }
+
+    /// The server that can run the caller's session now: its own, or, for
+    /// a paused session whose server is gone, another one that takes it in
+    /// from the shared store.
+    async fn server_for(&self, terminal: &str, id: &str) -> Result<(SessionEntry, ServerLoad), ApiError> {
+        let (mut entry, server) = self.session_of(terminal, id).await?;
+        if let Some(s) = server {
+            return Ok((entry, s));
+        }
+        let Some(record) = entry.record.clone().filter(|_| entry.state == "paused") else {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "lost",
+                format!("session {id} was lost with its server {}; `kill` forgets it", entry.server),
+            ));
+        };
+        let req = self.request_for(&entry.package)?;
+        let mut tried = vec![entry.server.clone()];
+        for _ in 0..LAUNCH_ATTEMPTS {
+            let target = self.place(&req, &tried).await?;
+            let body = json!({ "record": record });
+            match self.order(&target, terminal, Method::POST, "/v1/sessions/import", Some(body), ORDER_TIMEOUT).await {
+                Ok((status, _)) if status.is_success() => {
+                    tracing::info!(session = %id, from = %entry.server, to = %target.id, "moved a paused session to another server");
+                    entry.server = target.id.clone();
+                    self.cluster.put_session(&entry).await.map_err(unavailable)?;
+                    return Ok((entry, target));
+                }
+                Ok((status, body)) => return Err(passed_on(status, body)),
+                Err(e) => {
+                    tracing::warn!(server = %target.id, error = %e, "server unreachable while taking in a session");
+                    tried.push(target.id);
+                }
+            }
+        }
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_server",
+            format!("no server could take in session {id}"),
+        ))
+    }
+}
+
+/// etcd out of reach: a clear 503.
+fn unavailable(e: strata_cluster::Error) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", e.to_string())
+}
+
+/// A server's own answer, passed on as it is.
+fn passed_on(status: StatusCode, body: Value) -> ApiError {
+    let code = body["error"]["code"].as_str().unwrap_or("server_error");
+    let message = body["error"]["message"].as_str().map_or_else(|| body.to_string(), str::to_string);
+    // The code must be 'static: keep the known ones, else a generic one.
+    let code: &'static str = match code {
+        "bad_request" => "bad_request",
+        "not_found" => "not_found",
+        "conflict" => "conflict",
+        "too_many_sessions" => "too_many_sessions",
+        "payload_too_large" => "payload_too_large",
+        "launch_failed" => "launch_failed",
+        _ => "server_error",
+    };
+    ApiError::new(status, code, message)
+}
+
+fn unreachable(server: &ServerLoad, e: &reqwest::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "server_unreachable",
+        format!("server {} at {} did not answer: {e}", server.id, server.address),
+    )
+}
+
+type St = State<Arc<ControlPlane>>;
+
+/// The caller: the terminal its API token (kept hashed in etcd) names.
+pub struct User(pub String);
+
+impl FromRequestParts<Arc<ControlPlane>> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, cp: &Arc<ControlPlane>) -> Result<User, ApiError> {
+        let token = strata_api::auth::bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut found = None;
+        // Every entry is compared, each in constant time.
+        for t in cp.cluster.tokens().await.map_err(unavailable)? {
+            let hash = hex::decode(&t.hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
+            if hash.is_some_and(|h| strata_api::auth::matches(token, &h)) {
+                found = Some(t);
+            }
+        }
+        match found {
+            None => Err(ApiError::unauthorized()),
+            Some(t) if t.expires.is_some_and(|e| e <= now) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "this API token has expired; create a new one with `strata token create TERMINAL --etcd ...`",
+            )),
+            Some(t) => Ok(User(t.terminal)),
+        }
+    }
+}
+
+/// The control plane's API: the session verbs of a single server's API,
+/// placed on the cluster's servers.
+pub fn router(cp: Arc<ControlPlane>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/cluster", get(cluster_info))
+        .route("/v1/servers", get(list_servers))
+        .route("/v1/packages", get(list_packages))
+        .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
+        .route("/v1/sessions/{id}/pause", post(pause_session))
+        .route("/v1/sessions/{id}/resume", post(resume_session))
+        .route("/v1/sessions/{id}/logs", get(session_logs))
+        .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
+        .with_state(cp)
+}
+
+async fn cluster_info(State(cp): St) -> Result<Json<Value>, ApiError> {
+    let leader = cp.cluster.leader().await.map_err(unavailable)?;
+    let servers = cp.cluster.servers().await.map_err(unavailable)?.len();
+    Ok(Json(json!({ "plane": cp.name, "leader": leader, "servers": servers, "etcd": cp.cluster.endpoints() })))
+}
+
+async fn list_servers(State(cp): St, _u: User) -> Result<Json<Vec<Value>>, ApiError> {
+    let servers = cp.cluster.servers().await.map_err(unavailable)?;
+    let sessions = cp.cluster.sessions().await.map_err(unavailable)?;
+    Ok(Json(
+        servers
+            .into_iter()
+            .map(|s| {
+                // The same fields a single server reports about itself.
+                json!({
+                    "name": s.id,
+                    "address": s.address,
+                    "cpus": s.cpus,
+                    "load1": s.load1,
+                    "memory_total_mib": s.memory_total_mib,
+                    "memory_available_mib": s.memory_free_mib,
+                    "guest_memory_committed_mib": s.memory_committed_mib,
+                    "sessions": sessions.iter().filter(|e| e.server == s.id).count(),
+                    "images": s.cached_images.len(),
+                    "blobs_bytes": 0,
+                    "cached_packages": s.cached_images.iter().filter_map(|c| c.strip_prefix("package/")).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+async fn list_packages(State(cp): St, User(terminal): User) -> Result<Response, ApiError> {
+    let servers = cp.cluster.servers().await.map_err(unavailable)?;
+    let server = servers
+        .first()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_server", "no server is registered"))?;
+    let (status, body) = cp
+        .order(server, &terminal, Method::GET, "/v1/packages", None, ORDER_TIMEOUT)
+        .await
+        .map_err(|e| unreachable(server, &e))?;
+    Ok((status, Json(body)).into_response())
+}
+
+/// A session as the cluster lists it (a single server's fields, plus where).
+fn session_json(e: &SessionEntry, alive: &BTreeSet<String>) -> Value {
+    let state = if e.state == "running" && !alive.contains(&e.server) { "lost" } else { e.state.as_str() };
+    json!({
+        "id": e.id,
+        "package": e.package,
+        "state": state,
+        "server": e.server,
+        "created": e.created,
+        "attached": false,
+        "idle_timeout_s": null,
+        "graphical": false,
+        // Paused with its record in etcd: it can resume on another server.
+        "movable": e.state == "paused" && e.record.is_some(),
+    })
+}
+
+async fn alive(cp: &ControlPlane) -> Result<BTreeSet<String>, ApiError> {
+    Ok(cp.cluster.servers().await.map_err(unavailable)?.into_iter().map(|s| s.id).collect())
+}
+
+async fn list_sessions(State(cp): St, User(terminal): User) -> Result<Json<Vec<Value>>, ApiError> {
+    let alive = alive(&cp).await?;
+    let mut mine: Vec<SessionEntry> =
+        cp.cluster.sessions().await.map_err(unavailable)?.into_iter().filter(|e| e.owner == terminal).collect();
+    mine.sort_by_key(|e| e.created);
+    Ok(Json(mine.iter().map(|e| session_json(e, &alive)).collect()))
+}
+
+async fn get_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (entry, _) = cp.session_of(&terminal, &id).await?;
+    Ok(Json(session_json(&entry, &alive(&cp).await?)))
+}
+
+/// Places a launch and orders it; a server that dies or cannot be reached
+/// mid-launch is left out and the launch tried on another.
+async fn create_session(State(cp): St, User(terminal): User, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    if body.len() > 64 << 10 {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over 64 KiB"));
+    }
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let package = body["package"]
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request("the body must name a `package` (a string)"))?
+        .to_string();
+    strata_package::check_name(&package).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let req = cp.request_for(&package)?;
+    let mut tried: Vec<String> = Vec::new();
+    for _ in 0..LAUNCH_ATTEMPTS {
+        let server = cp.place(&req, &tried).await?;
+        tracing::info!(package, server = %server.id, "launch placed");
+        match cp.order(&server, &terminal, Method::POST, "/v1/sessions", Some(body.clone()), LAUNCH_TIMEOUT).await {
+            Ok((status, mut created)) if status.is_success() => {
+                let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
+                let entry = SessionEntry {
+                    id,
+                    server: server.id.clone(),
+                    package: package.clone(),
+                    state: "running".into(),
+                    owner: terminal.clone(),
+                    image: None,
+                    record: None,
+                    created: created["session"]["created"].as_u64().unwrap_or(0),
+                };
+                // The server records it too, within seconds; this makes it listed at once.
+                if let Err(e) = cp.cluster.put_session(&entry).await {
+                    tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
+                }
+                created["session"]["server"] = json!(server.id);
+                return Ok((status, Json(created)).into_response());
+            }
+            Ok((status, answer)) => return Err(passed_on(status, answer)),
+            Err(e) => {
+                tracing::warn!(server = %server.id, error = %e, "server failed mid-launch; trying another");
+                tried.push(server.id);
+            }
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "launch_failed",
+        format!(
+            "the launch of {package} failed on {} servers in turn ({}); see `strata servers ls`",
+            tried.len(),
+            tried.join(", ")
+        ),
+    ))
+}
+
+async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let (entry, server) = cp.session_of(&terminal, &id).await?;
+    if let Some(server) = server {
+        let path = format!("/v1/sessions/{id}");
+        let (status, body) = cp
+            .order(&server, &terminal, Method::DELETE, &path, None, ORDER_TIMEOUT)
+            .await
+            .map_err(|e| unreachable(&server, &e))?;
+        if !status.is_success() && status != StatusCode::NOT_FOUND {
+            return Err(passed_on(status, body));
+        }
+    }
+    // A lost session (or one its server no longer knows) is only forgotten.
+    cp.cluster.remove_session(&entry.id).await.map_err(unavailable)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Passes an order on to the server of the caller's session.
+async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
+    let (entry, server) = cp.session_of(terminal, id).await?;
+    let server = server.ok_or_else(|| {
+        ApiError::new(StatusCode::GONE, "lost", format!("session {id} was lost with its server {}", entry.server))
+    })?;
+    let path = format!("/v1/sessions/{id}/{what}");
+    let (status, mut body) =
+        cp.order(&server, terminal, method, &path, None, ORDER_TIMEOUT).await.map_err(|e| unreachable(&server, &e))?;
+    if !status.is_success() {
+        return Err(passed_on(status, body));
+    }
+    // Listed in its new state at once; its server records the rest.
+    if let Some(state) = body["state"].as_str().filter(|s| *s != entry.state) {
+        let mut updated = entry.clone();
+        updated.state = state.to_string();
+        if let Err(e) = cp.cluster.put_session(&updated).await {
+            tracing::warn!(session = %id, error = %e, "could not record the session's state yet; its server will");
+        }
+    }
+    if body.is_object() {
+        body["server"] = json!(server.id);
+    }
+    Ok((status, Json(body)).into_response())
+}
+
+async fn pause_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    pass(&cp, &terminal, &id, Method::POST, "pause").await
+}
+
+async fn session_logs(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let (entry, server) = cp.session_of(&terminal, &id).await?;
+    let server = server.ok_or_else(|| {
+        ApiError::new(StatusCode::GONE, "lost", format!("session {id} was lost with its server {}", entry.server))
+    })?;
+    let resp = cp
+        .http
+        .get(format!("{}/v1/sessions/{id}/logs", server.address))
+        .bearer_auth(&cp.secret)
+        .header(strata_api::cluster::TERMINAL_HEADER, &terminal)
+        .timeout(ORDER_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| unreachable(&server, &e))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| unreachable(&server, &e))?;
+    Ok((status, bytes).into_response())
+}
+
+/// Resumes a paused session: on its server, or, if that is gone, on
+/// another one, from the shared store.
+async fn resume_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    cp.server_for(&terminal, &id).await?;
+    pass(&cp, &terminal, &id, Method::POST, "resume").await
+}
+
+/// Where the caller attaches: the session's server, with a ticket good for
+/// a minute. A paused session whose server is gone moves first.
+async fn attach_ticket(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (_, server) = cp.server_for(&terminal, &id).await?;
+    let ticket = strata_cluster::ticket::sign(&cp.secret, &id, &terminal);
+    let base = server.address.replacen("http", "ws", 1);
+    Ok(Json(json!({ "url": format!("{base}/v1/sessions/{id}/attach?ticket={ticket}"), "server": server.id })))
+}
