@@ -384,8 +384,9 @@ enum ImagesCmd {
     /// Publish packages' images (built first if missing) to the object store
     /// shared by servers (STRATA_S3_ENDPOINT and the rest; see scripts/garage.sh).
     Push {
-        #[arg(required = true)]
-        packages: Vec<String>,
+        // Not `packages`: that is the global --packages directory.
+        #[arg(required = true, value_name = "PACKAGE")]
+        names: Vec<String>,
     },
 }
 
@@ -703,8 +704,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("removed {n} blob(s), {}", human(bytes));
             Ok(0)
         }
-        Cmd::Images { cmd: ImagesCmd::Push { packages } } => {
-            for name in packages {
+        Cmd::Images { cmd: ImagesCmd::Push { names } } => {
+            for name in names {
                 let pkg = eng.package(name)?;
                 eng.publish_package(&pkg, &bar).await?;
             }
@@ -1125,14 +1126,26 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
             if *json {
                 print(&v);
             } else {
-                println!("{:<12} {:<14} {:<9} {:<9} AGE", "SESSION", "PACKAGE", "STATE", "ATTACHED");
-                for s in v.as_array().into_iter().flatten() {
+                // A control plane says which server runs each session.
+                let sessions: Vec<&serde_json::Value> = v.as_array().into_iter().flatten().collect();
+                let clustered = sessions.iter().any(|s| s["server"].is_string());
+                let server = |s: &serde_json::Value| {
+                    if clustered {
+                        format!(" {:<16}", s["server"].as_str().unwrap_or(""))
+                    } else {
+                        String::new()
+                    }
+                };
+                let header = if clustered { format!(" {:<16}", "SERVER") } else { String::new() };
+                println!("{:<12} {:<14} {:<9} {:<9}{header} AGE", "SESSION", "PACKAGE", "STATE", "ATTACHED");
+                for s in sessions {
                     println!(
-                        "{:<12} {:<14} {:<9} {:<9} {}",
+                        "{:<12} {:<14} {:<9} {:<9}{} {}",
                         s["id"].as_str().unwrap_or(""),
                         s["package"].as_str().unwrap_or(""),
                         s["state"].as_str().unwrap_or(""),
                         if s["attached"] == true { "yes" } else { "no" },
+                        server(s),
                         age(s["created"].as_i64().unwrap_or(0))
                     );
                 }
@@ -1190,8 +1203,30 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Servers { cmd: ServersCmd::Ls { .. } } => {
-            print(&r.call("GET", "/v1/servers", None).await?);
+        Cmd::Servers { cmd: ServersCmd::Ls { json } } => {
+            let v = r.call("GET", "/v1/servers", None).await?;
+            if *json {
+                print(&v);
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:<26} {:>8} {:>12} {:>10} {:>6}  CACHED",
+                "SERVER", "ADDRESS", "SESSIONS", "MEM FREE", "GUEST MEM", "LOAD"
+            );
+            for s in v.as_array().into_iter().flatten() {
+                let cached: Vec<&str> =
+                    s["cached_packages"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+                println!(
+                    "{:<16} {:<26} {:>8} {:>8} MiB {:>6} MiB {:>6.2}  {}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["address"].as_str().unwrap_or("(this server)"),
+                    s["sessions"].as_u64().unwrap_or(0),
+                    s["memory_available_mib"].as_u64().unwrap_or(0),
+                    s["guest_memory_committed_mib"].as_u64().unwrap_or(0),
+                    s["load1"].as_f64().unwrap_or(0.0),
+                    if cached.is_empty() { "-".to_string() } else { cached.join(",") }
+                );
+            }
             Ok(0)
         }
         _ => anyhow::bail!("this command works on this machine only; leave out --addr"),
@@ -1327,4 +1362,27 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is out of range (1s to 3650d)"));
     }
     Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Cmd, ImagesCmd};
+
+    #[test]
+    fn every_command_line_parses_without_clashing_with_global_options() {
+        Cli::command().debug_assert();
+        // `images push` once shared its field's name with the global --packages.
+        let cli = Cli::try_parse_from(["strata", "--packages", "/p", "images", "push", "bc", "python3"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Images { cmd: ImagesCmd::Push { ref names } } if names == &["bc", "python3"]));
+        for args in [
+            &["strata", "serve", "--etcd", "http://127.0.0.1:2379", "--server-id", "a"][..],
+            &["strata", "control", "--etcd", "http://127.0.0.1:2379", "--rule", "least-loaded"],
+            &["strata", "token", "create", "alice", "--etcd", "http://127.0.0.1:2379"],
+            &["strata", "token", "secret"],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
 }
