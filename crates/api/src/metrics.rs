@@ -44,7 +44,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Metrics labelled with this machine's host name.
     pub fn new() -> Metrics {
+        Metrics::for_server(strata_engine::host::host_name())
+    }
+
+    /// Metrics whose every series names `server` (in a cluster: its id,
+    /// since several servers may share a host).
+    pub fn for_server(server: String) -> Metrics {
         let launch_seconds = Family::<LaunchLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0])
         });
@@ -55,8 +62,7 @@ impl Metrics {
         let image_build_failures = Family::<KindLabels, Gauge>::default();
         let pool = Family::<PackageLabels, Gauge>::default();
         // Every series names the server it comes from, for a fleet's dashboards.
-        let server =
-            [(std::borrow::Cow::Borrowed("server"), std::borrow::Cow::Owned(strata_engine::host::host_name()))];
+        let server = [(std::borrow::Cow::Borrowed("server"), std::borrow::Cow::Owned(server))];
         let mut registry = Registry::with_prefix_and_labels("strata", server.into_iter());
         registry.register("launch_seconds", "Launch request to a running session", launch_seconds.clone());
         registry.register("sessions", "Sessions by state", sessions.clone());

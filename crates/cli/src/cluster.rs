@@ -2,7 +2,6 @@
 //! control plane, keeping terminals' tokens in etcd.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -52,28 +51,60 @@ pub async fn link(
     Ok(Arc::new(link))
 }
 
+/// How `strata control` was asked to run.
+pub struct Plane<'a> {
+    pub listen: SocketAddr,
+    pub etcd: &'a [String],
+    pub rule: &'a str,
+    pub overcommit: f64,
+    pub name: Option<String>,
+    pub packages: std::path::PathBuf,
+    /// Certificate chain and key to serve HTTPS with.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A CA to trust for servers that serve HTTPS (`serve --tls`).
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
 /// `strata control`: a control plane until interrupted.
-pub async fn control(
-    listen: SocketAddr,
-    etcd: &[String],
-    rule: &str,
-    overcommit: f64,
-    name: Option<String>,
-    packages: &Path,
-) -> anyhow::Result<u8> {
-    check_endpoints(etcd)?;
-    let policy = strata_placement::Policy::new(rule.parse()?, overcommit)?;
+pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
+    check_endpoints(p.etcd)?;
+    let policy = strata_placement::Policy::new(p.rule.parse()?, p.overcommit)?;
     let secret = secret()?;
-    let cluster = strata_cluster::Cluster::connect(etcd, PREFIX).await?;
-    let name = name.unwrap_or_else(|| format!("{}-{}", strata_engine::host::host_name(), listen.port()));
-    let packages_dir =
-        if packages.is_dir() { packages.to_path_buf() } else { std::env::temp_dir().join("strata-no-packages") };
-    std::fs::create_dir_all(&packages_dir).ok();
-    let cp = Arc::new(strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir)?);
+    let tls = p
+        .tls
+        .as_ref()
+        .map(|(cert, key)| strata_api::tls::server_config(cert, key))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let ca = match &p.ca_cert {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read --ca-cert {}", path.display()))?),
+        None => None,
+    };
+    let cluster = strata_cluster::Cluster::connect(p.etcd, PREFIX).await?;
+    let name = p.name.unwrap_or_else(|| format!("{}-{}", strata_engine::host::host_name(), p.listen.port()));
+    let packages_dir = if p.packages.is_dir() {
+        p.packages.clone()
+    } else {
+        let empty = std::env::temp_dir().join("strata-no-packages");
+        std::fs::create_dir_all(&empty)?;
+        empty
+    };
+    let cp = Arc::new(strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir, ca.as_deref())?);
     tokio::spawn(cp.clone().lead());
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    println!("strata: control plane {} on http://{}", cp.name, listener.local_addr()?);
-    axum::serve(listener, strata_control::router(cp)).await?;
+    let listener = std::net::TcpListener::bind(p.listen).with_context(|| format!("cannot listen on {}", p.listen))?;
+    listener.set_nonblocking(true)?;
+    let app = strata_control::router(cp.clone());
+    match tls {
+        Some(cfg) => {
+            println!("strata: control plane {} on https://{}", cp.name, listener.local_addr()?);
+            let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
+            axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?;
+        }
+        None => {
+            println!("strata: control plane {} on http://{}", cp.name, listener.local_addr()?);
+            axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?;
+        }
+    }
     Ok(0)
 }
 

@@ -182,6 +182,12 @@ enum Cmd {
         /// This plane's name in the leader election (default: HOSTNAME-PORT).
         #[arg(long)]
         name: Option<String>,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -562,8 +568,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     }
     // Cluster commands that need no store of their own.
     match &cli.cmd {
-        Cmd::Control { listen, etcd, rule, overcommit, name } => {
-            return cluster::control(*listen, etcd, rule, *overcommit, name.clone(), &packages_dir(&cli)).await;
+        Cmd::Control { listen, etcd, rule, overcommit, name, tls_cert, tls_key } => {
+            let plane = cluster::Plane {
+                listen: *listen,
+                etcd,
+                rule,
+                overcommit: *overcommit,
+                name: name.clone(),
+                packages: packages_dir(&cli),
+                tls: tls_cert.clone().zip(tls_key.clone()),
+                ca_cert: cli.ca_cert.clone(),
+            };
+            return cluster::control(plane).await;
         }
         Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in, etcd } } if !etcd.is_empty() => {
             return cluster::create_token(etcd, terminal, *expires_in).await;
@@ -846,7 +862,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             state.web_dir = web_dir();
             if !etcd.is_empty() {
                 let bound = listener.local_addr()?;
-                state.cluster = Some(cluster::link(etcd, advertise.clone(), server_id.clone(), bound, scheme).await?);
+                let link = cluster::link(etcd, advertise.clone(), server_id.clone(), bound, scheme).await?;
+                state.metrics = strata_api::metrics::Metrics::for_server(link.server_id.clone());
+                state.cluster = Some(link);
             }
             let state = std::sync::Arc::new(state);
             let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));

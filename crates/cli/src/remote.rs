@@ -58,11 +58,10 @@ impl Remote {
         if !https && !base.starts_with("http://") {
             bail!("--addr must be an http:// or https:// URL, like https://127.0.0.1:7070");
         }
-        if ca_cert.is_some() && !https {
-            bail!("--ca-cert is for an https:// --addr");
-        }
         let token = token.filter(|t| !t.is_empty()).context("--addr needs a token: --token or STRATA_TOKEN")?;
-        let tls = if https { Some(std::sync::Arc::new(client_tls(ca_cert)?)) } else { None };
+        // Also with a plain-HTTP control plane: the servers it sends
+        // terminals to may serve HTTPS (wss://).
+        let tls = if https || ca_cert.is_some() { Some(std::sync::Arc::new(client_tls(ca_cert)?)) } else { None };
         let mut http = reqwest::Client::builder();
         if let Some(cfg) = &tls {
             http = http.use_preconfigured_tls((**cfg).clone());
@@ -170,7 +169,14 @@ impl Remote {
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot attach to session {id}: {e}"))?;
+            .map_err(|e| {
+                let hint = if e.to_string().contains("certificate") {
+                    "; to trust a server's own certificate, pass it with --ca-cert (STRATA_CA_CERT)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("cannot attach to session {id}: {e}{hint}")
+            })?;
         let _raw = if tty { Some(RawMode::enter()?) } else { None };
         let mut input = terminal::stdin_channel();
         let mut input_open = true;

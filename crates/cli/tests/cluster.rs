@@ -353,6 +353,14 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         let log = agents[i - 1].log();
         assert!(log.contains("fetched from the object store"), "agent{i} did not fetch bc's images:\n{log}");
     }
+    // The plane counts where launches went.
+    let metrics = c.http.get(format!("{}/metrics", c.cps[0])).send().await.unwrap().text().await.unwrap();
+    let placed = metrics
+        .lines()
+        .find(|l| l.starts_with("strata_control_placements_total{") && l.contains("server=\"agent1\""))
+        .unwrap_or_else(|| panic!("no placements of agent1 in:\n{metrics}"));
+    assert!(placed.contains("outcome=\"launched\"") && placed.ends_with(" 2"), "{placed}");
+    assert!(metrics.contains("strata_control_servers{plane=\"plane0\"} 3"), "{metrics}");
     // Another terminal sees none of them.
     assert!(c.sessions(0, &bob).await.is_empty());
     assert_eq!(c.api(0, "GET", &format!("/v1/sessions/{}", ids[0]), &bob).await.0, 404);

@@ -26,6 +26,8 @@ use strata_api::ApiError;
 use strata_cluster::{Cluster, ServerLoad, SessionEntry};
 use strata_placement::{Placer, Policy, Request};
 
+pub mod metrics;
+
 /// What can stop a control plane from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,11 +61,13 @@ pub struct ControlPlane {
     placer: Mutex<Placer>,
     http: reqwest::Client,
     packages: strata_package::Registry,
+    metrics: metrics::Metrics,
 }
 
 impl ControlPlane {
     /// A control plane over `cluster`, placing by `policy`, with package
-    /// definitions (for their memory sizes) from `packages_dir`.
+    /// definitions (for their memory sizes) from `packages_dir`, trusting
+    /// servers' HTTPS certificates signed by `ca_pem`.
     ///
     /// # Errors
     /// If the secret is weak or the definitions do not load.
@@ -73,15 +77,30 @@ impl ControlPlane {
         name: String,
         policy: Policy,
         packages_dir: &Path,
+        ca_pem: Option<&[u8]>,
     ) -> Result<ControlPlane, Error> {
         if secret.len() < 16 {
             return Err(Error::WeakSecret);
         }
         let seed =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).build()?;
+        // Servers that serve HTTPS are trusted through the given CA only.
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        if let Some(pem) = ca_pem {
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+        }
+        let http = http.build()?;
         let packages = strata_package::Registry::load(packages_dir)?;
-        Ok(ControlPlane { cluster, secret, name, placer: Mutex::new(Placer::new(policy, seed)), http, packages })
+        let metrics = metrics::Metrics::new(&name);
+        Ok(ControlPlane {
+            cluster,
+            secret,
+            name,
+            placer: Mutex::new(Placer::new(policy, seed)),
+            http,
+            packages,
+            metrics,
+        })
     }
 
     /// Campaigns for leadership and, once elected, keeps the session
@@ -295,6 +314,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/cluster", get(cluster_info))
+        .route("/metrics", get(render_metrics))
         .route("/v1/servers", get(list_servers))
         .route("/v1/packages", get(list_packages))
         .route("/v1/sessions", get(list_sessions).post(create_session))
@@ -310,6 +330,24 @@ async fn cluster_info(State(cp): St) -> Result<Json<Value>, ApiError> {
     let leader = cp.cluster.leader().await.map_err(unavailable)?;
     let servers = cp.cluster.servers().await.map_err(unavailable)?.len();
     Ok(Json(json!({ "plane": cp.name, "leader": leader, "servers": servers, "etcd": cp.cluster.endpoints() })))
+}
+
+async fn render_metrics(State(cp): St) -> Result<Response, ApiError> {
+    let servers = cp.cluster.servers().await.map_err(unavailable)?.len() as i64;
+    let mut states: std::collections::BTreeMap<String, i64> =
+        ["running", "paused", "lost"].iter().map(|s| (s.to_string(), 0)).collect();
+    let alive = alive(&cp).await?;
+    for e in cp.cluster.sessions().await.map_err(unavailable)? {
+        let state = session_json(&e, &alive)["state"].as_str().unwrap_or_default().to_string();
+        *states.entry(state).or_default() += 1;
+    }
+    let leader = cp.cluster.leader().await.map_err(unavailable)?.as_deref() == Some(cp.name.as_str());
+    let states: Vec<(String, i64)> = states.into_iter().collect();
+    Ok((
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        cp.metrics.render(servers, &states, leader),
+    )
+        .into_response())
 }
 
 async fn list_servers(State(cp): St, _u: User) -> Result<Json<Vec<Value>>, ApiError> {
@@ -402,6 +440,11 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
         .to_string();
     strata_package::check_name(&package).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let req = cp.request_for(&package)?;
+    let started = std::time::Instant::now();
+    let observe = || {
+        let labels = metrics::PackageLabels { package: package.clone() };
+        cp.metrics.launch_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    };
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..LAUNCH_ATTEMPTS {
         let server = cp.place(&req, &tried).await?;
@@ -424,11 +467,17 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
                     tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
                 }
                 created["session"]["server"] = json!(server.id);
+                cp.metrics.count(&server.id, "launched");
+                observe();
                 return Ok((status, Json(created)).into_response());
             }
-            Ok((status, answer)) => return Err(passed_on(status, answer)),
+            Ok((status, answer)) => {
+                cp.metrics.count(&server.id, "refused");
+                return Err(passed_on(status, answer));
+            }
             Err(e) => {
                 tracing::warn!(server = %server.id, error = %e, "server failed mid-launch; trying another");
+                cp.metrics.count(&server.id, "unreachable");
                 tried.push(server.id);
             }
         }
