@@ -309,7 +309,7 @@ impl Engine {
             accel,
             memory_mib,
             memory,
-            kernel: self.store.blob_path(image.file("kernel")?),
+            kernel: self.restore_kernel(image.file("kernel")?)?,
             initramfs: self.store.blob_path(image.file("initramfs")?),
             cmdline: image.meta.get("cmdline").cloned().unwrap_or_default(),
             disks: vec![Disk {
@@ -337,6 +337,46 @@ impl Engine {
         s.graphical = graphical;
         s.has_devices = settings.needs_devices();
         Ok(s)
+    }
+
+    /// The kernel a restored VM is given: the base's kernel cut to its
+    /// setup header and one sector. QEMU reads `-kernel` into memory it
+    /// keeps for the VM's life (~8 MiB of every session), but a restored
+    /// guest never boots it: its kernel is in the saved memory. The machine
+    /// is the same (the boot ROM and firmware tables do not depend on the
+    /// kernel's size), so the saved state loads. Anything that is not a
+    /// bzImage is passed through whole.
+    fn restore_kernel(&self, digest: &str) -> Result<std::path::PathBuf, Error> {
+        let full = self.store.blob_path(digest);
+        let stub = self.cfg.state_dir.join("restore-kernels").join(digest);
+        if stub.is_file() {
+            return Ok(stub);
+        }
+        let mut header = [0u8; 0x210];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&full).map_err(crate::io_err(&full))?;
+            if f.read_exact(&mut header).is_err() {
+                return Ok(full);
+            }
+        }
+        // "HdrS" at 0x202: the Linux boot protocol's header.
+        if &header[0x202..0x206] != b"HdrS" {
+            return Ok(full);
+        }
+        let setup_sects = match header[0x1f1] {
+            0 => 4,
+            n => usize::from(n),
+        };
+        let setup_size = (setup_sects + 1) * 512;
+        let bytes = std::fs::read(&full).map_err(crate::io_err(&full))?;
+        if bytes.len() <= setup_size + 512 {
+            return Ok(full);
+        }
+        let dir = stub.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
+        crate::write_atomic(&stub, &bytes[..setup_size + 512])?;
+        Ok(stub)
     }
 
     /// Launches a package the slow way: boot base <- install, start the

@@ -341,6 +341,10 @@ impl Vm {
             .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
             .env("TMPDIR", &cfg.dir);
         let die_with_parent = cfg.die_with_parent;
+        // Under TCG, transparent huge pages back the translation buffer in
+        // 2 MiB steps, a few MiB of private memory per VM for code it never
+        // fills; under KVM, guests want them.
+        let no_thp = cfg.accel == Accel::Tcg;
         // SAFETY: setsid and prctl are async-signal-safe. A session of its
         // own keeps QEMU out of the terminal's signals (a closed terminal's
         // SIGHUP must not stop a detached VM; strata decides when VMs stop).
@@ -350,6 +354,9 @@ impl Vm {
                 libc::setsid();
                 if die_with_parent {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+                if no_thp {
+                    libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
                 }
                 Ok(())
             });
