@@ -488,6 +488,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_open_files_limit();
     // A listing piped into `head` ends quietly, as other tools' do. Only
     // listings: commands that talk to VMs over Unix sockets need EPIPE.
     if matches!(
@@ -516,6 +517,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("strata: error: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: every session holds
+/// a few sockets, and Debian's default soft limit (1024) would stop a server
+/// at a few hundred sessions.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("could not raise the open files limit");
+            }
         }
     }
 }

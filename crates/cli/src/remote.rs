@@ -167,9 +167,8 @@ impl Remote {
             request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
         }
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
-            .await
-            .map_err(|e| {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector).await.map_err(|e| {
                 let hint = if e.to_string().contains("certificate") {
                     "; to trust a server's own certificate, pass it with --ca-cert (STRATA_CA_CERT)"
                 } else {

@@ -586,3 +586,50 @@ async fn attach_ticket(
     let base = server.address.replacen("http", "ws", 1);
     Ok(Json(json!({ "url": format!("{base}/v1/sessions/{id}/attach?ticket={ticket}"), "server": server.id })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: &str, server: &str, record: bool) -> SessionEntry {
+        SessionEntry {
+            id: "s1".into(),
+            server: server.into(),
+            package: "bc".into(),
+            state: state.into(),
+            owner: "alice".into(),
+            image: None,
+            record: record.then(|| json!({"id": "s1"})),
+            created: 1,
+        }
+    }
+
+    #[test]
+    fn sessions_of_silent_servers_are_lost_unless_paused_with_their_record() {
+        let alive: BTreeSet<String> = ["a".to_string()].into();
+        let cases = [
+            (entry("running", "a", false), "running", false),
+            (entry("running", "gone", false), "lost", false),
+            (entry("paused", "gone", true), "paused", true),
+            (entry("paused", "a", false), "paused", false),
+            (entry("lost", "gone", false), "lost", false),
+        ];
+        for (e, state, movable) in cases {
+            let j = session_json(&e, &alive);
+            assert_eq!(j["state"], state, "{e:?}");
+            assert_eq!(j["movable"], movable, "{e:?}");
+            assert_eq!(j["server"], e.server);
+        }
+    }
+
+    #[test]
+    fn a_servers_error_is_passed_on_with_its_status_and_a_known_code() {
+        let e = passed_on(StatusCode::NOT_FOUND, json!({"error": {"code": "not_found", "message": "no package x"}}));
+        assert_eq!((e.status, e.code, e.message.as_str()), (StatusCode::NOT_FOUND, "not_found", "no package x"));
+        let e = passed_on(StatusCode::BAD_GATEWAY, json!("proxy said no"));
+        assert_eq!((e.status, e.code), (StatusCode::BAD_GATEWAY, "server_error"));
+        assert!(e.message.contains("proxy said no"));
+        let e = passed_on(StatusCode::IM_A_TEAPOT, json!({"error": {"code": "teapot", "message": "m"}}));
+        assert_eq!(e.code, "server_error", "unknown codes are not invented");
+    }
+}
