@@ -151,6 +151,7 @@ impl Engine {
             plugs_in_state: false,
             display: false,
             die_with_parent: true,
+            niceness: 0,
         })
     }
 
@@ -257,9 +258,21 @@ impl Engine {
         launch: &ImageRecord,
         settings: &ContextSettings,
     ) -> Result<Session, Error> {
+        self.launch_niced(pkg, launch, settings, 0).await
+    }
+
+    /// [`Engine::launch_from`] with QEMU at `niceness` (the pool's restores
+    /// run nice until a session is taken).
+    pub(crate) async fn launch_niced(
+        &self,
+        pkg: &Package,
+        launch: &ImageRecord,
+        settings: &ContextSettings,
+        niceness: i32,
+    ) -> Result<Session, Error> {
         let id = new_session_id();
         let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
-        self.restore(&id, &pkg.name, launch, memory, settings, false).await
+        self.restore(&id, &pkg.name, launch, memory, settings, false, niceness).await
     }
 
     /// Restores a session `id` of `package` from a saved image (a launch
@@ -275,6 +288,7 @@ impl Engine {
         memory: Memory,
         settings: &ContextSettings,
         plugs_in_state: bool,
+        niceness: i32,
     ) -> Result<Session, Error> {
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
@@ -324,6 +338,7 @@ impl Engine {
             // The session may be detached and outlive this process; the guest
             // agent powers off if this process vanishes while attached.
             die_with_parent: false,
+            niceness,
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
         let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);

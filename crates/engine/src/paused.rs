@@ -221,7 +221,7 @@ impl Engine {
             (resumed.term, resumed.rows, resumed.cols) = (t.term.clone(), t.rows, t.cols);
         }
         let plugs_in_state = resumed.needs_devices();
-        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, plugs_in_state).await?;
+        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, plugs_in_state, 0).await?;
         // Carry the labels over, then the session is running, not paused.
         let dir = self.session_dir(id);
         if let Some(mut running) = crate::sessions::read_record(&dir) {

@@ -24,6 +24,9 @@ const DEMAND_WINDOW: Duration = Duration::from_secs(10);
 /// How long a restored VM runs before it is paused into the pool.
 const WARM_UP: Duration = Duration::from_millis(400);
 
+/// The niceness of VMs restored for the pool until one is taken.
+const POOL_NICENESS: i32 = 10;
+
 /// Sessions restored at once while filling.
 const FILL_PARALLEL: usize = 4;
 
@@ -34,7 +37,8 @@ async fn warm(
     launch: &strata_store::ImageRecord,
     settings: &ContextSettings,
 ) -> Result<Session, Error> {
-    let mut s = engine.launch_from(pkg, launch, settings).await?;
+    // Filling yields to launches someone waits for; taking it renices it.
+    let mut s = engine.launch_niced(pkg, launch, settings, POOL_NICENESS).await?;
     // Warm what every launch from the pool runs: an attach with a new
     // terminal size (the program redraws), then going quiet.
     let mut other = settings.clone();
@@ -130,27 +134,44 @@ impl Pool {
         target: usize,
         progress: &dyn Progress,
     ) -> Result<(), Error> {
-        if !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(pkg.name.clone()) {
+        // Nothing to do is the common case: decided before any catalog
+        // work, which would hold up launches sharing this thread.
+        if self.len(&pkg.name) >= target
+            || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(pkg.name.clone())
+        {
             return Ok(());
         }
         let _filling = Filling(self, pkg.name.clone());
         let images = engine.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
-        // Restore several at once: most of a warm-up is waiting.
-        while self.len(&pkg.name) < target {
-            let missing = (target - self.len(&pkg.name)).min(FILL_PARALLEL);
-            let t0 = Instant::now();
-            let warmed =
-                futures_util::future::join_all((0..missing).map(|_| warm(engine, pkg, &images.launch, &settings)))
-                    .await;
-            if let Some(d) = self.demand().get_mut(&pkg.name) {
-                d.refilled(t0.elapsed());
+        // Several restores in flight at once (most of a warm-up is waiting),
+        // each joining the pool as soon as it is ready, and the next one
+        // started then: a slow restore holds up no other.
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut failure = None;
+        loop {
+            while failure.is_none()
+                && inflight.len() < FILL_PARALLEL
+                && self.len(&pkg.name) + inflight.len() < target
+            {
+                inflight.push(async {
+                    let t0 = Instant::now();
+                    (t0, warm(engine, pkg, &images.launch, &settings).await)
+                });
             }
-            for s in warmed {
-                self.lock().entry(pkg.name.clone()).or_default().push_back((Instant::now(), s?));
+            let Some((t0, warmed)) = futures_util::StreamExt::next(&mut inflight).await else { break };
+            match warmed {
+                Ok(s) => {
+                    if let Some(d) = self.demand().get_mut(&pkg.name) {
+                        d.refilled(t0.elapsed());
+                    }
+                    self.lock().entry(pkg.name.clone()).or_default().push_back((Instant::now(), s));
+                }
+                // The others in flight finish; no new ones start.
+                Err(e) => failure = failure.or(Some(e)),
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Takes a waiting session of `package`, resumes it and attaches the
@@ -170,6 +191,7 @@ impl Pool {
         let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
         let Some((_, mut s)) = s else { return Ok(None) };
         let resumed = async {
+            s.set_niceness(0);
             s.resume().await?;
             s.reattach(&settings.to_terminal_context()).await
         };

@@ -278,6 +278,11 @@ impl Session {
         self.vm.pid()
     }
 
+    /// Sets the niceness of the session's QEMU (all its threads).
+    pub fn set_niceness(&self, nice: i32) {
+        self.vm.set_niceness(nice);
+    }
+
     /// Writes the VM's display (graphical packages) to `path` as a PNG.
     ///
     /// # Errors

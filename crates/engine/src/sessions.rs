@@ -269,7 +269,16 @@ impl Engine {
     /// If the catalog cannot be read.
     pub fn gc(&self) -> Result<(u64, u64), Error> {
         self.drop_paused_images()?;
-        Ok(self.store.gc(Duration::from_secs(600))?)
+        let removed = self.store.gc(Duration::from_secs(600))?;
+        // Restore kernels cut from kernels that are gone.
+        let dir = self.cfg.state_dir.join("restore-kernels");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let digest = e.file_name().to_string_lossy().into_owned();
+            if !self.store.blob_path(&digest).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(removed)
     }
 
     /// A session no terminal holds: its directory and record. `hint` says

@@ -184,6 +184,9 @@ pub struct VmConfig {
     /// Kill QEMU when the thread that started it exits, even by SIGKILL.
     /// Off for sessions that may be detached and outlive their terminal.
     pub die_with_parent: bool,
+    /// Scheduling niceness QEMU starts with (0: normal). Work done ahead of
+    /// demand starts nice, so it yields to launches someone waits for.
+    pub niceness: i32,
 }
 
 impl VmConfig {
@@ -345,7 +348,8 @@ impl Vm {
         // 2 MiB steps, a few MiB of private memory per VM for code it never
         // fills; under KVM, guests want them.
         let no_thp = cfg.accel == Accel::Tcg;
-        // SAFETY: setsid and prctl are async-signal-safe. A session of its
+        let niceness = cfg.niceness;
+        // SAFETY: setsid, prctl and setpriority are async-signal-safe. A session of its
         // own keeps QEMU out of the terminal's signals (a closed terminal's
         // SIGHUP must not stop a detached VM; strata decides when VMs stop).
         // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
@@ -357,6 +361,9 @@ impl Vm {
                 }
                 if no_thp {
                     libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+                }
+                if niceness != 0 {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
                 }
                 Ok(())
             });
@@ -425,6 +432,21 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Sets the scheduling niceness of every thread of QEMU (on Linux a
+    /// niceness is per thread): work done ahead of demand yields the CPU to
+    /// sessions someone is waiting for. Best effort.
+    pub fn set_niceness(&self, nice: i32) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return };
+        for t in tasks.flatten() {
+            if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
+                // SAFETY: setpriority takes plain integers.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+                }
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
