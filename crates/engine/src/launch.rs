@@ -272,12 +272,12 @@ impl Engine {
     ) -> Result<Session, Error> {
         let id = new_session_id();
         let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
-        self.restore(&id, &pkg.name, launch, memory, settings, false, niceness).await
+        self.restore(&id, &pkg.name, launch, memory, settings, Restore { plugs_in_state: false, niceness }).await
     }
 
     /// Restores a session `id` of `package` from a saved image (a launch
     /// image, or a paused session's image) with `memory`, plugs in the
-    /// context's devices (or, with `plugs_in_state`, declares those the
+    /// context's devices (or, with `how.plugs_in_state`, declares those the
     /// saved state already holds), attaches it, and records it as running
     /// from `image`.
     pub(crate) async fn restore(
@@ -287,9 +287,9 @@ impl Engine {
         image: &ImageRecord,
         memory: Memory,
         settings: &ContextSettings,
-        plugs_in_state: bool,
-        niceness: i32,
+        how: Restore,
     ) -> Result<Session, Error> {
+        let Restore { plugs_in_state, niceness } = how;
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
@@ -462,4 +462,14 @@ async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error>
         return Err(Error::Io { path: state.to_path_buf(), source: std::io::Error::other("QEMU wrote no state") });
     }
     Ok(())
+}
+
+/// How a VM is restored, besides from what.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Restore {
+    /// The context's devices are in the saved state (a paused session):
+    /// declared on QEMU's command line, not hot-plugged.
+    pub plugs_in_state: bool,
+    /// QEMU's niceness (the pool restores nice).
+    pub niceness: i32,
 }

@@ -221,7 +221,8 @@ impl Engine {
             (resumed.term, resumed.rows, resumed.cols) = (t.term.clone(), t.rows, t.cols);
         }
         let plugs_in_state = resumed.needs_devices();
-        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, plugs_in_state, 0).await?;
+        let how = crate::launch::Restore { plugs_in_state, niceness: 0 };
+        let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, how).await?;
         // Carry the labels over, then the session is running, not paused.
         let dir = self.session_dir(id);
         if let Some(mut running) = crate::sessions::read_record(&dir) {
