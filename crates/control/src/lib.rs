@@ -214,11 +214,7 @@ impl ControlPlane {
             return Ok((entry, s));
         }
         let Some(record) = entry.record.clone().filter(|_| entry.state == "paused") else {
-            return Err(ApiError::new(
-                StatusCode::GONE,
-                "lost",
-                format!("session {id} was lost with its server {}; `kill` forgets it", entry.server),
-            ));
+            return Err(lost(&entry));
         };
         let req = self.request_for(&entry.package)?;
         let mut tried = vec![entry.server.clone()];
@@ -245,6 +241,15 @@ impl ControlPlane {
             format!("no server could take in session {id}"),
         ))
     }
+}
+
+/// A running session whose server went silent: 410, and what to do.
+fn lost(entry: &SessionEntry) -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "lost",
+        format!("session {} was lost with its server {}; `kill` forgets it", entry.id, entry.server),
+    )
 }
 
 /// etcd out of reach: a clear 503.
@@ -513,9 +518,7 @@ async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<
 /// Passes an order on to the server of the caller's session.
 async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
     let (entry, server) = cp.session_of(terminal, id).await?;
-    let server = server.ok_or_else(|| {
-        ApiError::new(StatusCode::GONE, "lost", format!("session {id} was lost with its server {}", entry.server))
-    })?;
+    let server = server.ok_or_else(|| lost(&entry))?;
     let path = format!("/v1/sessions/{id}/{what}");
     let (status, mut body) =
         cp.order(&server, terminal, method, &path, None, ORDER_TIMEOUT).await.map_err(|e| unreachable(&server, &e))?;
@@ -546,9 +549,7 @@ async fn pause_session(
 
 async fn session_logs(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let (entry, server) = cp.session_of(&terminal, &id).await?;
-    let server = server.ok_or_else(|| {
-        ApiError::new(StatusCode::GONE, "lost", format!("session {id} was lost with its server {}", entry.server))
-    })?;
+    let server = server.ok_or_else(|| lost(&entry))?;
     let resp = cp
         .http
         .get(format!("{}/v1/sessions/{id}/logs", server.address))
