@@ -875,7 +875,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let listener = std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
             listener.set_nonblocking(true)?;
             let scheme = if tls.is_some() { "https" } else { "http" };
-            println!("strata: serving the API on {scheme}://{}", listener.local_addr()?);
             state.web_dir = web_dir();
             if !etcd.is_empty() {
                 let bound = listener.local_addr()?;
@@ -883,6 +882,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 state.metrics = strata_api::metrics::Metrics::for_server(link.server_id.clone());
                 state.cluster = Some(link);
             }
+            println!("strata: serving the API on {scheme}://{}", listener.local_addr()?);
             let state = std::sync::Arc::new(state);
             let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));
             if adopted > 0 {

@@ -20,19 +20,12 @@ use tokio::sync::watch;
 /// What can go wrong with the cluster state.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach etcd at {endpoints}: {source}; is it running? (`strata cluster up` starts one)")]
-    Unreachable {
-        endpoints: String,
-        #[source]
-        source: etcd_client::Error,
-    },
-    #[error("etcd at {endpoints} failed during {what}: {source}")]
-    Etcd {
-        endpoints: String,
-        what: &'static str,
-        #[source]
-        source: etcd_client::Error,
-    },
+    // The cause is in the message, not a `source`: printed as a chain it
+    // would appear twice.
+    #[error("cannot reach etcd at {endpoints}: {cause}; is it running? (`scripts/cluster.sh up N` starts a cluster on this machine)")]
+    Unreachable { endpoints: String, cause: etcd_client::Error },
+    #[error("etcd at {endpoints} failed during {what}: {cause}")]
+    Etcd { endpoints: String, what: &'static str, cause: etcd_client::Error },
     #[error("a record under {key} in etcd is damaged: {message}")]
     BadRecord { key: String, message: String },
     #[error("cluster settings: {0}")]
@@ -129,14 +122,14 @@ impl Cluster {
         }
         let joined = endpoints.join(",");
         let opts = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
-        let unreachable = |source| Error::Unreachable { endpoints: joined.clone(), source };
+        let unreachable = |cause| Error::Unreachable { endpoints: joined.clone(), cause };
         let mut client = Client::connect(endpoints, Some(opts)).await.map_err(unreachable)?;
         client.status().await.map_err(unreachable)?;
         Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined, endpoint_list: endpoints.to_vec() })
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
-        move |source| Error::Etcd { endpoints: self.endpoints.clone(), what, source }
+        move |cause| Error::Etcd { endpoints: self.endpoints.clone(), what, cause }
     }
 
     fn key(&self, rest: &str) -> String {
