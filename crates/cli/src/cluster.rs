@@ -63,6 +63,7 @@ pub struct Plane<'a> {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// A CA to trust for servers that serve HTTPS (`serve --tls`).
     pub ca_cert: Option<std::path::PathBuf>,
+    pub max_sessions_per_terminal: usize,
 }
 
 /// `strata control`: a control plane until interrupted.
@@ -89,7 +90,12 @@ pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
         std::fs::create_dir_all(&empty)?;
         empty
     };
-    let cp = Arc::new(strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir, ca.as_deref())?);
+    if p.max_sessions_per_terminal == 0 {
+        anyhow::bail!("--max-sessions-per-terminal must be at least 1");
+    }
+    let mut plane = strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir, ca.as_deref())?;
+    plane.max_sessions_per_terminal = p.max_sessions_per_terminal;
+    let cp = Arc::new(plane);
     tokio::spawn(cp.clone().lead());
     let listener = std::net::TcpListener::bind(p.listen).with_context(|| format!("cannot listen on {}", p.listen))?;
     listener.set_nonblocking(true)?;

@@ -182,6 +182,9 @@ enum Cmd {
         /// This plane's name in the leader election (default: HOSTNAME-PORT).
         #[arg(long)]
         name: Option<String>,
+        /// Sessions one terminal may hold across the cluster.
+        #[arg(long, default_value_t = 16)]
+        max_sessions_per_terminal: usize,
         /// Serve HTTPS with this PEM certificate chain (with --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -585,7 +588,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     }
     // Cluster commands that need no store of their own.
     match &cli.cmd {
-        Cmd::Control { listen, etcd, rule, overcommit, name, tls_cert, tls_key } => {
+        Cmd::Control { listen, etcd, rule, overcommit, name, max_sessions_per_terminal, tls_cert, tls_key } => {
             let plane = cluster::Plane {
                 listen: *listen,
                 etcd,
@@ -595,6 +598,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 packages: packages_dir(&cli),
                 tls: tls_cert.clone().zip(tls_key.clone()),
                 ca_cert: cli.ca_cert.clone(),
+                max_sessions_per_terminal: *max_sessions_per_terminal,
             };
             return cluster::control(plane).await;
         }

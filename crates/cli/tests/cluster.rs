@@ -295,6 +295,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         let port = free_port("127.0.0.1", 39_740 + 10 * i);
         let mut cmd = Command::new(&e.strata);
         cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
+            .args(["--max-sessions-per-terminal", "6"])
             .args(["--etcd", &etcd_url, "--name", &format!("plane{i}")])
             .env("STRATA_PACKAGES", &e.packages)
             .env("STRATA_CLUSTER_TOKEN", SECRET)
@@ -500,5 +501,12 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert!(eventually(Duration::from_secs(30), || async { servers(1).await == [survivor.clone()] }).await);
     let (status, body) = c.launch(1, &alice, "bc").await;
     assert_eq!(status, 201, "{body}");
+    // The limit per terminal holds across servers: bob's seventh is refused.
+    for _ in 0..6 {
+        let (status, body) = c.launch(1, &bob, "bc").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = c.launch(1, &bob, "bc").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_sessions")), "{body}");
     drop(etcd_proc);
 }

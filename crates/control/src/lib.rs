@@ -62,6 +62,8 @@ pub struct ControlPlane {
     http: reqwest::Client,
     packages: strata_package::Registry,
     metrics: metrics::Metrics,
+    /// Sessions one terminal may hold across the cluster (running or paused).
+    pub max_sessions_per_terminal: usize,
 }
 
 impl ControlPlane {
@@ -100,6 +102,7 @@ impl ControlPlane {
             http,
             packages,
             metrics,
+            max_sessions_per_terminal: 16,
         })
     }
 
@@ -444,6 +447,27 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
         .ok_or_else(|| ApiError::bad_request("the body must name a `package` (a string)"))?
         .to_string();
     strata_package::check_name(&package).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Each server limits what it runs; the limit per terminal is the cluster's.
+    // Lost sessions hold nothing any more; they do not count.
+    let alive_servers = alive(&cp).await?;
+    let held = cp
+        .cluster
+        .sessions()
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .filter(|e| e.owner == terminal && session_json(e, &alive_servers)["state"] != "lost")
+        .count();
+    if held >= cp.max_sessions_per_terminal {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "a terminal may hold at most {} sessions in this cluster (running or paused); end one first (`strata ps`, `strata kill`)",
+                cp.max_sessions_per_terminal
+            ),
+        ));
+    }
     let req = cp.request_for(&package)?;
     let started = std::time::Instant::now();
     let observe = || {
