@@ -136,7 +136,8 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
             }
             continue;
         }
-        let record = st.engine.paused_record(&l.id);
+        // Only a paused session has a record file to carry (a read each).
+        let record = (state == State::Paused).then(|| st.engine.paused_record(&l.id)).flatten();
         let entry = SessionEntry {
             id: l.id.clone(),
             server: link.server_id.clone(),
@@ -147,7 +148,7 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
             },
             owner: l.owner.clone(),
             image: record.as_ref().and_then(|r| r.paused_image.clone()),
-            record: record.filter(|_| state == State::Paused).and_then(|r| serde_json::to_value(r).ok()),
+            record: record.and_then(|r| serde_json::to_value(r).ok()),
             created: l.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         if known.is_none_or(|k| **k != entry) {
