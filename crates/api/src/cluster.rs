@@ -57,39 +57,35 @@ impl ClusterLink {
     }
 }
 
-/// This server's load as placement reads it.
+/// This server's load as placement reads it. If its status cannot be read,
+/// it reports no free memory, so placement leaves it alone.
 fn load(st: &AppState, link: &ClusterLink) -> ServerLoad {
-    let status = st.engine.server_status();
-    let mut cached = st.engine.cached_packages().unwrap_or_default();
-    cached = cached.into_iter().map(|p| format!("package/{p}")).collect();
-    match status {
-        Ok(s) => ServerLoad {
-            id: link.server_id.clone(),
-            healthy: true,
-            sessions: s.sessions as u32,
-            cpus: s.cpus as u32,
-            load1: s.load1,
-            memory_total_mib: s.memory_total_mib,
-            memory_free_mib: s.memory_available_mib,
-            memory_committed_mib: s.guest_memory_committed_mib,
-            cached_images: cached,
-            address: link.address.clone(),
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read this server's status; reporting it full");
-            ServerLoad {
-                id: link.server_id.clone(),
-                healthy: true,
-                sessions: 0,
-                cpus: 1,
-                load1: 0.0,
-                memory_total_mib: 0,
-                memory_free_mib: 0,
-                memory_committed_mib: 0,
-                cached_images: cached,
-                address: link.address.clone(),
-            }
+    let s = st.engine.server_status().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read this server's status; reporting it full");
+        strata_engine::host::ServerStatus {
+            name: link.server_id.clone(),
+            cpus: 1,
+            load1: 0.0,
+            memory_total_mib: 0,
+            memory_available_mib: 0,
+            guest_memory_committed_mib: 0,
+            sessions: 0,
+            images: 0,
+            blobs_bytes: 0,
         }
+    });
+    let cached = st.engine.cached_packages().unwrap_or_default();
+    ServerLoad {
+        id: link.server_id.clone(),
+        healthy: true,
+        sessions: s.sessions as u32,
+        cpus: s.cpus as u32,
+        load1: s.load1,
+        memory_total_mib: s.memory_total_mib,
+        memory_free_mib: s.memory_available_mib,
+        memory_committed_mib: s.guest_memory_committed_mib,
+        cached_images: cached.into_iter().map(|p| format!("package/{p}")).collect(),
+        address: link.address.clone(),
     }
 }
 

@@ -129,14 +129,10 @@ pub async fn create_token(
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let entry = strata_cluster::TokenEntry {
         terminal: terminal.to_string(),
-        hash: hex_of(&strata_api::auth::token_hash(&token)),
+        hash: hex::encode(strata_api::auth::token_hash(&token)),
         expires: valid_for.map(|d| now.saturating_add(d.as_secs())),
     };
     cluster.put_token(&entry).await?;
     println!("{token}");
     Ok(0)
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

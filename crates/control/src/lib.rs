@@ -133,7 +133,7 @@ impl ControlPlane {
     async fn mark_lost(&self) -> Result<(), strata_cluster::Error> {
         let alive: BTreeSet<String> = self.cluster.servers().await?.into_iter().map(|s| s.id).collect();
         for mut e in self.cluster.sessions().await? {
-            if e.state == "running" && !alive.contains(&e.server) {
+            if is_lost(&e, &alive) && e.state != "lost" {
                 tracing::warn!(session = %e.id, server = %e.server, "the session's server went silent; marking it lost");
                 e.state = "lost".into();
                 self.cluster.put_session(&e).await?;
@@ -167,6 +167,22 @@ impl ControlPlane {
         Ok(servers[i].clone())
     }
 
+    /// A request to a server, authenticated as this plane acting for `terminal`.
+    fn request(
+        &self,
+        server: &ServerLoad,
+        terminal: &str,
+        method: Method,
+        path: &str,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", server.address))
+            .bearer_auth(&self.secret)
+            .header(strata_api::cluster::TERMINAL_HEADER, terminal)
+            .timeout(timeout)
+    }
+
     /// Sends an order to a server, acting for `terminal`.
     async fn order(
         &self,
@@ -177,12 +193,7 @@ impl ControlPlane {
         body: Option<Value>,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), reqwest::Error> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", server.address))
-            .bearer_auth(&self.secret)
-            .header(strata_api::cluster::TERMINAL_HEADER, terminal)
-            .timeout(timeout);
+        let mut req = self.request(server, terminal, method, path, timeout);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -396,9 +407,15 @@ async fn list_packages(State(cp): St, User(terminal): User) -> Result<Response, 
     Ok((status, Json(body)).into_response())
 }
 
+/// Whether a session was lost: marked so, or running on a server that is
+/// no longer registered. (A paused one keeps its record and can move.)
+fn is_lost(e: &SessionEntry, alive: &BTreeSet<String>) -> bool {
+    e.state == "lost" || (e.state == "running" && !alive.contains(&e.server))
+}
+
 /// A session as the cluster lists it (a single server's fields, plus where).
 fn session_json(e: &SessionEntry, alive: &BTreeSet<String>) -> Value {
-    let state = if e.state == "running" && !alive.contains(&e.server) { "lost" } else { e.state.as_str() };
+    let state = if is_lost(e, alive) { "lost" } else { e.state.as_str() };
     json!({
         "id": e.id,
         "package": e.package,
@@ -456,7 +473,7 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
         .await
         .map_err(unavailable)?
         .iter()
-        .filter(|e| e.owner == terminal && session_json(e, &alive_servers)["state"] != "lost")
+        .filter(|e| e.owner == terminal && !is_lost(e, &alive_servers))
         .count();
     if held >= cp.max_sessions_per_terminal {
         return Err(ApiError::new(
@@ -574,12 +591,9 @@ async fn pause_session(
 async fn session_logs(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let (entry, server) = cp.session_of(&terminal, &id).await?;
     let server = server.ok_or_else(|| lost(&entry))?;
+    // The logs are bytes, not JSON: the request as `order` makes it, read raw.
     let resp = cp
-        .http
-        .get(format!("{}/v1/sessions/{id}/logs", server.address))
-        .bearer_auth(&cp.secret)
-        .header(strata_api::cluster::TERMINAL_HEADER, &terminal)
-        .timeout(ORDER_TIMEOUT)
+        .request(&server, &terminal, Method::GET, &format!("/v1/sessions/{id}/logs"), ORDER_TIMEOUT)
         .send()
         .await
         .map_err(|e| unreachable(&server, &e))?;
