@@ -465,6 +465,11 @@ enum BenchCmd {
         package: String,
         #[arg(short = 'n', long, default_value_t = 10)]
         sessions: usize,
+        /// Seconds the sessions sit idle after the last one started, before
+        /// they are measured (a restored guest's memory grows for its first
+        /// minute, as QEMU translates its periodic work).
+        #[arg(long, default_value_t = 60)]
+        idle: u64,
         #[arg(long)]
         json: bool,
     },
@@ -1047,19 +1052,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::Density { package, sessions, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Density { package, sessions, idle, json } } => {
             if *sessions == 0 || *sessions > 1000 {
                 anyhow::bail!("--sessions must be between 1 and 1000");
             }
+            if *idle > 3600 {
+                anyhow::bail!("--idle must be at most 3600 seconds");
+            }
             let pkg = eng.package(package)?;
-            let r = eng.bench_density(&pkg, *sessions, &bar).await?;
+            let r = eng.bench_density(&pkg, *sessions, std::time::Duration::from_secs(*idle), &bar).await?;
             bar.clear();
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "strata bench density {} ({} idle sessions, {} MiB guests)",
-                    r.package, r.sessions, r.guest_memory_mib
+                    "strata bench density {} ({} idle sessions, {} MiB guests, measured after {} s idle)",
+                    r.package, r.sessions, r.guest_memory_mib, r.idle_seconds
                 );
                 println!(
                     "private memory per session: mean {:.1} MiB, max {:.1} MiB",
@@ -1067,6 +1075,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 );
                 println!("RSS per session (shared pages counted in each): mean {:.1} MiB", r.rss_mean_mib);
                 println!("host memory used by all of them: {:.0} MiB", r.host_memory_used_mib);
+                println!("CPU per idle session: mean {:.2}% of one core", r.idle_cpu_percent_mean);
             }
             Ok(0)
         }

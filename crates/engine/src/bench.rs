@@ -191,6 +191,8 @@ pub struct DensityReport {
     pub package: String,
     pub sessions: usize,
     pub guest_memory_mib: u32,
+    /// How long the sessions sat idle after the last one started.
+    pub idle_seconds: u64,
     /// Private memory of each idle session's QEMU: the larger of its
     /// Private_Dirty and Anonymous (from /proc/PID/smaps_rollup), MiB.
     pub private_mib: Vec<f64>,
@@ -199,6 +201,21 @@ pub struct DensityReport {
     pub rss_mean_mib: f64,
     /// MemAvailable before the sessions started minus after, MiB.
     pub host_memory_used_mib: f64,
+    /// CPU each idle session's QEMU used over the last part of the idle
+    /// time (at most 10 s), in percent of one core; mean over sessions.
+    pub idle_cpu_percent_mean: f64,
+}
+
+/// CPU time a process has used (all its threads), in seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    // utime and stime, fields 14 and 15 of /proc/PID/stat; the command name
+    // (field 2) may hold spaces, so count from its closing parenthesis.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
 }
 
 /// A `Field:   N kB` value of /proc files such as meminfo and smaps_rollup, in KiB.
@@ -224,6 +241,7 @@ impl Engine {
         &self,
         pkg: &Package,
         count: usize,
+        idle: Duration,
         progress: &dyn Progress,
     ) -> Result<DensityReport, Error> {
         let images = self.ensure_images(pkg, progress).await?;
@@ -236,8 +254,16 @@ impl Engine {
             s.quiet().await?;
             sessions.push(s);
         }
-        progress.step("bench density: letting the sessions go idle");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        progress.step(&format!("bench density: letting the sessions sit idle for {} s", idle.as_secs()));
+        let window = idle.min(Duration::from_secs(10));
+        tokio::time::sleep(idle - window).await;
+        let cpu_before: Vec<f64> = sessions.iter().map(|s| process_cpu_seconds(s.vm_pid())).collect();
+        tokio::time::sleep(window).await;
+        let idle_cpu: Vec<f64> = sessions
+            .iter()
+            .zip(&cpu_before)
+            .map(|(s, before)| (process_cpu_seconds(s.vm_pid()) - before) / window.as_secs_f64().max(1e-3) * 100.0)
+            .collect();
         let after = mem_available_mib();
         let (mut private, mut rss) = (Vec::new(), Vec::new());
         for s in &sessions {
@@ -261,6 +287,8 @@ impl Engine {
             rss_mean_mib: mean(&rss),
             host_memory_used_mib: before - after,
             private_mib: private,
+            idle_seconds: idle.as_secs(),
+            idle_cpu_percent_mean: mean(&idle_cpu),
         })
     }
 }

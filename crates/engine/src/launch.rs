@@ -258,21 +258,21 @@ impl Engine {
         launch: &ImageRecord,
         settings: &ContextSettings,
     ) -> Result<Session, Error> {
-        self.launch_niced(pkg, launch, settings, 0).await
+        self.launch_with(pkg, launch, settings, Restore { plugs_in_state: false, niceness: 0, ahead_of_demand: false })
+            .await
     }
 
-    /// [`Engine::launch_from`] with QEMU at `niceness` (the pool's restores
-    /// run nice until a session is taken).
-    pub(crate) async fn launch_niced(
+    /// Restores a new session of `pkg` from its launch image.
+    pub(crate) async fn launch_with(
         &self,
         pkg: &Package,
         launch: &ImageRecord,
         settings: &ContextSettings,
-        niceness: i32,
+        how: Restore,
     ) -> Result<Session, Error> {
         let id = new_session_id();
         let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
-        self.restore(&id, &pkg.name, launch, memory, settings, Restore { plugs_in_state: false, niceness }).await
+        self.restore(&id, &pkg.name, launch, memory, settings, how).await
     }
 
     /// Restores a session `id` of `package` from a saved image (a launch
@@ -289,11 +289,12 @@ impl Engine {
         settings: &ContextSettings,
         how: Restore,
     ) -> Result<Session, Error> {
-        let Restore { plugs_in_state, niceness } = how;
+        let Restore { plugs_in_state, niceness, ahead_of_demand } = how;
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
         check_ports_free(settings)?;
+        let slot = self.restore_slot(ahead_of_demand).await?;
         let claim = match &settings.home {
             Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),
             None => None,
@@ -341,6 +342,7 @@ impl Engine {
             niceness,
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
+        drop(slot);
         let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);
         record.home = settings.home.clone();
         record.ports = settings.network.ports.clone();
@@ -352,6 +354,20 @@ impl Engine {
         s.graphical = graphical;
         s.has_devices = settings.needs_devices();
         Ok(s)
+    }
+
+    /// A slot to restore a VM in (see [`crate::Config::restore_slots`]): work
+    /// ahead of demand never queues for one and leaves one free for a
+    /// launch someone waits for.
+    async fn restore_slot(&self, ahead_of_demand: bool) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+        if !ahead_of_demand {
+            // The semaphore is never closed.
+            return self.restore_slots.acquire().await.map_err(|_| Error::Busy);
+        }
+        if self.restore_slots.available_permits() < 2 {
+            return Err(Error::Busy);
+        }
+        self.restore_slots.try_acquire().map_err(|_| Error::Busy)
     }
 
     /// The kernel a restored VM is given: the base's kernel cut to its
@@ -472,4 +488,8 @@ pub(crate) struct Restore {
     pub plugs_in_state: bool,
     /// QEMU's niceness (the pool restores nice).
     pub niceness: i32,
+    /// Work ahead of demand (the pool): it never queues for a restore slot,
+    /// and leaves one free for a launch someone waits for; [`Error::Busy`]
+    /// if it cannot start now.
+    pub ahead_of_demand: bool,
 }

@@ -94,6 +94,10 @@ pub enum Error {
     NoAgent(PathBuf),
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout { what: String, secs: u64 },
+    /// Work ahead of demand found every restore slot taken (not a failure:
+    /// it is tried again later).
+    #[error("every restore slot is taken")]
+    Busy,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -148,12 +152,24 @@ pub struct Config {
     /// environment when the engine opens (see [`strata_remote::RemoteConfig::from_env`]),
     /// and without it images stay on this machine.
     pub remote: Option<strata_remote::RemoteConfig>,
+    /// VMs restored at once; further launches queue for a slot. Restores
+    /// are CPU-bound (QEMU's start, and under TCG translating the resumed
+    /// guest's code), so more at once only adds contention: each takes
+    /// longer, and every VM alive meanwhile costs CPU too.
+    pub restore_slots: usize,
+}
+
+/// Restore slots by default: two per CPU, so one restore's waits (QMP, the
+/// agent's answer) are filled with another's work.
+pub fn default_restore_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 impl Config {
     /// The defaults, overridable by `STRATA_STATE`, `STRATA_PACKAGES`,
-    /// `STRATA_AGENT`, `STRATA_MIRROR` and `STRATA_SHARE_ROOTS` (a
-    /// colon-separated list; by default the user's home, /home, /srv, /tmp).
+    /// `STRATA_AGENT`, `STRATA_MIRROR`, `STRATA_SHARE_ROOTS` (a
+    /// colon-separated list; by default the user's home, /home, /srv, /tmp)
+    /// and `STRATA_RESTORE_SLOTS`.
     pub fn from_env() -> Config {
         let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
         let agent_binary = std::env::var_os("STRATA_AGENT")
@@ -183,6 +199,11 @@ impl Config {
                     .collect(),
             },
             remote: None,
+            restore_slots: std::env::var("STRATA_RESTORE_SLOTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or_else(default_restore_slots),
         }
     }
 }
@@ -233,6 +254,8 @@ pub struct Engine {
     /// The base recipe, computed once: it hashes the agent binary, which
     /// does not change while this process runs, and launches need it.
     base_recipe: std::sync::OnceLock<String>,
+    /// Bounds the VMs being restored at once ([`Config::restore_slots`]).
+    restore_slots: tokio::sync::Semaphore,
 }
 
 impl Engine {
@@ -248,7 +271,9 @@ impl Engine {
             None => strata_remote::RemoteConfig::from_env()?,
         };
         let remote = remote.map(|c| strata_remote::Remote::new(c, store.clone())).transpose()?.map(Arc::new);
-        let engine = Engine { cfg, store, registry, stats: Stats::default(), remote, base_recipe: Default::default() };
+        let restore_slots = tokio::sync::Semaphore::new(cfg.restore_slots.max(1));
+        let engine =
+            Engine { cfg, store, registry, stats: Stats::default(), remote, base_recipe: Default::default(), restore_slots };
         engine.reap_sessions();
         Ok(engine)
     }

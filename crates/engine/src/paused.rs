@@ -221,7 +221,7 @@ impl Engine {
             (resumed.term, resumed.rows, resumed.cols) = (t.term.clone(), t.rows, t.cols);
         }
         let plugs_in_state = resumed.needs_devices();
-        let how = crate::launch::Restore { plugs_in_state, niceness: 0 };
+        let how = crate::launch::Restore { plugs_in_state, niceness: 0, ahead_of_demand: false };
         let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, how).await?;
         // Carry the labels over, then the session is running, not paused.
         let dir = self.session_dir(id);

@@ -38,7 +38,8 @@ async fn warm(
     settings: &ContextSettings,
 ) -> Result<Session, Error> {
     // Filling yields to launches someone waits for; taking it renices it.
-    let mut s = engine.launch_niced(pkg, launch, settings, POOL_NICENESS).await?;
+    let how = crate::launch::Restore { plugs_in_state: false, niceness: POOL_NICENESS, ahead_of_demand: true };
+    let mut s = engine.launch_with(pkg, launch, settings, how).await?;
     // Warm what every launch from the pool runs: an attach with a new
     // terminal size (the program redraws), then going quiet.
     let mut other = settings.clone();
@@ -168,7 +169,12 @@ impl Pool {
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
-        failure.map_or(Ok(()), Err)
+        match failure {
+            // Launches someone waits for hold the restore slots: the pool
+            // fills later.
+            None | Some(Error::Busy) => Ok(()),
+            Some(e) => Err(e),
+        }
     }
 
     /// Takes a waiting session of `package`, resumes it and attaches the
