@@ -332,6 +332,25 @@ fn bench_launch_prints_both_paths_and_their_ratio() {
     assert!(text(&bad.stderr).contains("has no [probe]"), "{}", text(&bad.stderr));
 }
 
+#[test]
+fn bench_density_reports_memory_and_cpu_of_idle_sessions() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["bench", "density", "bc", "-n", "2", "--idle", "2", "--json", "-q"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sessions"], 2, "{v}");
+    assert_eq!(v["private_mib"].as_array().map(Vec::len), Some(2), "{v}");
+    // A restored session's private memory is QEMU's own plus the guest pages
+    // it wrote: well under its 512 MiB of guest memory, which is shared.
+    let private = v["private_max_mib"].as_f64().unwrap();
+    assert!(private > 1.0 && private < 128.0, "{v}");
+    assert!(v["idle_cpu_percent_mean"].as_f64().is_some_and(|c| (0.0..100.0).contains(&c)), "{v}");
+    let bad = strata(&["bench", "density", "bc", "--idle", "99999"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("--idle must be at most"), "{}", text(&bad.stderr));
+}
+
 /// Runs `strata ARGS` on a pseudo-terminal (util-linux `script`), typing
 /// `keys` in steps; returns its exit code and output.
 fn strata_on_pty(args: &str, keys: &[&[u8]]) -> (Option<i32>, String) {
