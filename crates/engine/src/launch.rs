@@ -364,10 +364,22 @@ impl Engine {
             // The semaphore is never closed.
             return self.restore_slots.acquire().await.map_err(|_| Error::Busy);
         }
-        if self.restore_slots.available_permits() < 2 {
+        if self.restore_slots.available_permits() <= self.pool_restores_reserve() {
             return Err(Error::Busy);
         }
         self.restore_slots.try_acquire().map_err(|_| Error::Busy)
+    }
+
+    /// Restore slots work ahead of demand leaves free (one, unless there is
+    /// only one).
+    fn pool_restores_reserve(&self) -> usize {
+        usize::from(self.cfg.restore_slots > 1)
+    }
+
+    /// How many restores work ahead of demand may have in flight: the slots
+    /// it may use, so that it never finds them all taken by itself.
+    pub(crate) fn pool_restores_max(&self) -> usize {
+        self.cfg.restore_slots.max(1) - self.pool_restores_reserve()
     }
 
     /// The kernel a restored VM is given: the base's kernel cut to its

@@ -151,7 +151,8 @@ impl Pool {
         let mut inflight = futures_util::stream::FuturesUnordered::new();
         let mut failure = None;
         loop {
-            while failure.is_none() && inflight.len() < FILL_PARALLEL && self.len(&pkg.name) + inflight.len() < target {
+            let parallel = FILL_PARALLEL.min(engine.pool_restores_max());
+            while failure.is_none() && inflight.len() < parallel && self.len(&pkg.name) + inflight.len() < target {
                 inflight.push(async {
                     let t0 = Instant::now();
                     (t0, warm(engine, pkg, &images.launch, &settings).await)
