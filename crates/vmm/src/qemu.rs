@@ -1,5 +1,6 @@
 //! QEMU processes: the command line, start, QMP, save, stop.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -190,9 +191,11 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// The QEMU arguments. Devices are the same in every mode, in the same
-    /// order, so a state saved by one VM loads into another.
-    pub fn args(&self) -> Vec<String> {
+    /// The QEMU arguments, with the QMP and agent channels served on the
+    /// listening sockets `channels` (descriptors QEMU inherits). Devices
+    /// are the same in every mode, in the same order, so a state saved by
+    /// one VM loads into another.
+    fn args(&self, channels: &Channels) -> Vec<String> {
         let dir = &self.dir;
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
@@ -218,11 +221,11 @@ impl VmConfig {
         push(&["-append", &self.cmdline]);
         let console = format!("file,id=console,path={}", dir.join("console.log").display());
         push(&["-chardev", &console, "-serial", "chardev:console"]);
-        // Both channels connect to listeners the host opened before starting
-        // QEMU, so nobody waits for a socket file to appear.
-        let qmp = format!("socket,id=qmp,path={},reconnect-ms=250", dir.join(QMP_SOCK).display());
+        // QEMU serves both channels on sockets the host bound before it
+        // started (see [`Channels`]).
+        let qmp = format!("socket,id=qmp,fd={},server=on,wait=off", channels.qmp.as_raw_fd());
         push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
-        let agent = format!("socket,id=agent,path={},reconnect-ms=250", dir.join(AGENT_SOCK).display());
+        let agent = format!("socket,id=agent,fd={},server=on,wait=off", channels.agent.as_raw_fd());
         push(&["-device", "virtio-serial-pci,id=vser", "-chardev", &agent]);
         push(&["-device", &format!("virtserialport,bus=vser.0,chardev=agent,name={}", strata_proto::AGENT_PORT_NAME)]);
         if self.display {
@@ -280,6 +283,39 @@ fn listen(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
+/// The listening sockets of a VM's QMP and agent channels, bound here and
+/// handed to QEMU as open descriptors, which serves them. The host connects
+/// at once: the connection waits in the socket's backlog until QEMU accepts
+/// it, so nobody polls for a socket file to appear; a later attach (from
+/// any process) connects by path. A detached VM has no work to do: a QEMU
+/// that connected out instead would retry its connection, starting a
+/// thread each time, several times a second (4x the CPU of an idle
+/// session under TCG).
+struct Channels {
+    qmp: std::os::unix::net::UnixListener,
+    agent: std::os::unix::net::UnixListener,
+}
+
+impl Channels {
+    fn bind(dir: &Path) -> Result<Channels, Error> {
+        let bind = |name: &str| {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            std::os::unix::net::UnixListener::bind(&path).map_err(|source| Error::Io { path, source })
+        };
+        Ok(Channels { qmp: bind(QMP_SOCK)?, agent: bind(AGENT_SOCK)? })
+    }
+
+    fn fds(&self) -> [std::os::fd::RawFd; 2] {
+        [self.qmp.as_raw_fd(), self.agent.as_raw_fd()]
+    }
+}
+
+/// Connects to a channel QEMU serves in `dir`.
+async fn connect(dir: &Path, name: &str) -> std::io::Result<UnixStream> {
+    UnixStream::connect(dir.join(name)).await
+}
+
 fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
     move |e| Error::Qmp { command, source: e.into() }
 }
@@ -330,9 +366,9 @@ fn kill_pid(pid: u32) {
     }
 }
 
-/// Accepts QEMU's QMP connection and negotiates capabilities.
-async fn accept_qmp(listener: &UnixListener) -> Result<QmpStream, Error> {
-    let (stream, _) = listener.accept().await.map_err(Error::Channel)?;
+/// Reads QEMU's QMP greeting on a connected channel and negotiates
+/// capabilities.
+async fn open_qmp(stream: UnixStream) -> Result<QmpStream, Error> {
     let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
     neg.negotiate().await.map_err(Error::Channel)
 }
@@ -344,11 +380,12 @@ impl Vm {
     /// # Errors
     /// If QEMU cannot start, exits early, or a channel does not connect in time.
     pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
-        let qmp_listener = listen(&cfg.dir.join(QMP_SOCK))?;
-        let agent_listener = listen(&cfg.dir.join(AGENT_SOCK))?;
+        let channels = Channels::bind(&cfg.dir)?;
+        let channel_fds = channels.fds();
+        let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
         let mut cmd = Command::new(QEMU);
-        cmd.args(cfg.args())
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
@@ -360,7 +397,7 @@ impl Vm {
         // fills; under KVM, guests want them.
         let no_thp = cfg.accel == Accel::Tcg;
         let niceness = cfg.niceness;
-        // SAFETY: setsid, prctl and setpriority are async-signal-safe. A session of its
+        // SAFETY: setsid, prctl, setpriority and fcntl are async-signal-safe. A session of its
         // own keeps QEMU out of the terminal's signals (a closed terminal's
         // SIGHUP must not stop a detached VM; strata decides when VMs stop).
         // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
@@ -376,11 +413,20 @@ impl Vm {
                 if niceness != 0 {
                     libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
                 }
+                // The channels' sockets stay open across exec, in QEMU only.
+                for fd in channel_fds {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
-        tracing::debug!(args = ?cfg.args(), "starting QEMU");
+        tracing::debug!(?args, "starting QEMU");
         let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
+        // QEMU has its own copies now.
+        drop(channels);
         let dir = cfg.dir.clone();
         let early_exit = |st: std::io::Result<std::process::ExitStatus>| Error::EarlyExit {
             status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
@@ -392,7 +438,8 @@ impl Vm {
         let mut guard = KillUnlessDisarmed(pid, false);
         let t0 = Instant::now();
         let setup = async {
-            let mut qmp = accept_qmp(&qmp_listener).await?;
+            let agent = connect(&cfg.dir, AGENT_SOCK).await.map_err(Error::Channel)?;
+            let mut qmp = open_qmp(connect(&cfg.dir, QMP_SOCK).await.map_err(Error::Channel)?).await?;
             tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "QMP ready");
             if let Some(state) = &cfg.incoming {
                 qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
@@ -401,7 +448,6 @@ impl Vm {
                     .await
                     .map_err(qmp_err("migrate-incoming"))?;
             }
-            let (agent, _) = agent_listener.accept().await.map_err(Error::Channel)?;
             Ok::<_, Error>((qmp, agent))
         };
         let (qmp, agent) = tokio::select! {
@@ -420,15 +466,25 @@ impl Vm {
     }
 
     /// Reconnects to a VM started by another process (a detached session):
-    /// QEMU reconnects its QMP and agent channels to listeners opened here.
+    /// connects to the channels QEMU serves. A VM started by an older strata
+    /// connects out instead, retrying: for those, listeners are opened here.
     ///
     /// # Errors
-    /// If QEMU does not reconnect within `timeout`.
+    /// If QEMU does not answer within `timeout`.
     pub async fn reattach(dir: &Path, pid: u32, timeout: Duration) -> Result<(Vm, AgentConn), Error> {
-        let qmp_listener = listen(&dir.join(QMP_SOCK))?;
-        let agent_listener = listen(&dir.join(AGENT_SOCK))?;
         let both = async {
-            Ok::<_, Error>((accept_qmp(&qmp_listener).await?, agent_listener.accept().await.map_err(Error::Channel)?.0))
+            match connect(dir, QMP_SOCK).await {
+                Ok(qmp) => {
+                    let agent = connect(dir, AGENT_SOCK).await.map_err(Error::Channel)?;
+                    Ok::<_, Error>((open_qmp(qmp).await?, agent))
+                }
+                Err(_) => {
+                    let qmp_listener = listen(&dir.join(QMP_SOCK))?;
+                    let agent_listener = listen(&dir.join(AGENT_SOCK))?;
+                    let qmp = open_qmp(qmp_listener.accept().await.map_err(Error::Channel)?.0).await?;
+                    Ok((qmp, agent_listener.accept().await.map_err(Error::Channel)?.0))
+                }
+            }
         };
         let (qmp, agent) =
             tokio::time::timeout(timeout, both).await.map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
