@@ -1011,6 +1011,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "throughput {:.2} launches/s; {} from the pool, {} failed",
                     r.throughput, r.from_pool, r.failed
                 );
+                println!("CPU per launch (strata and its VMs, the pool's included): {:.1} ms", r.cpu_ms_per_launch);
             }
             Ok(0)
         }

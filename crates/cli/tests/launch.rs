@@ -333,6 +333,27 @@ fn bench_launch_prints_both_paths_and_their_ratio() {
 }
 
 #[test]
+fn bench_load_reports_latency_throughput_and_cpu_per_launch() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["bench", "load", "bc", "--rate", "2", "--seconds", "2", "--pool", "1", "--json", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 4, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    for k in ["latency_p50_ms", "latency_p99_ms", "throughput", "cpu_ms_per_launch"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    // A launch is at least one QEMU process started and stopped.
+    assert!(v["cpu_ms_per_launch"].as_f64().unwrap() > 5.0, "{v}");
+    let bad = strata(&["bench", "load", "bc", "--rate", "0"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("--rate must be"), "{}", text(&bad.stderr));
+}
+
+#[test]
 fn bench_density_reports_memory_and_cpu_of_idle_sessions() {
     if !e2e() {
         return;
