@@ -168,22 +168,15 @@ const TIMEZONE: &str = "/run/strata/timezone";
 /// TCG (the throwaway overlay allocates clusters, ext4 journals). The links
 /// are written to disk once, at the first boot of an image.
 fn zone_in_memory() {
-    let current = fs::read_link("/etc/localtime").ok();
-    let zone = current
+    let zone = fs::read_link("/etc/localtime").ok();
+    let name = zone
         .as_deref()
-        .filter(|t| t.starts_with("/usr/share/zoneinfo"))
-        .map_or_else(|| Path::new("/usr/share/zoneinfo/Etc/UTC").to_path_buf(), Path::to_path_buf);
-    let _ = std::os::unix::fs::symlink(&zone, LOCALTIME);
-    let name = zone.strip_prefix("/usr/share/zoneinfo").map(|z| z.display().to_string()).unwrap_or_default();
-    let _ = fs::write(TIMEZONE, format!("{name}\n"));
+        .and_then(|t| t.strip_prefix("/usr/share/zoneinfo/").ok())
+        .map_or_else(|| "Etc/UTC".to_string(), |z| z.display().to_string());
+    set_timezone(&name);
     for (link, target) in [("/etc/localtime", LOCALTIME), ("/etc/timezone", TIMEZONE)] {
-        if fs::read_link(link).is_ok_and(|t| t == Path::new(target)) {
-            continue;
-        }
-        let tmp = format!("{link}.strata");
-        let _ = fs::remove_file(&tmp);
-        if std::os::unix::fs::symlink(target, &tmp).is_ok() {
-            let _ = fs::rename(&tmp, link);
+        if !fs::read_link(link).is_ok_and(|t| t == Path::new(target)) {
+            replace_link(Path::new(target), link);
         }
     }
 }
@@ -202,12 +195,18 @@ fn set_timezone(tz: &str) {
     if fs::read_link(LOCALTIME).is_ok_and(|t| t == zone) {
         return;
     }
-    let tmp = format!("{LOCALTIME}.new");
-    let _ = fs::remove_file(&tmp);
-    if std::os::unix::fs::symlink(&zone, &tmp).is_ok() {
-        let _ = fs::rename(&tmp, LOCALTIME);
-    }
+    replace_link(&zone, LOCALTIME);
     let _ = fs::write(TIMEZONE, format!("{tz}\n"));
+}
+
+/// Makes `link` a symbolic link to `target` atomically (a new link, then a
+/// rename over the old one), so a reader never finds it missing.
+fn replace_link(target: &Path, link: &str) {
+    let tmp = format!("{link}.strata");
+    let _ = fs::remove_file(&tmp);
+    if std::os::unix::fs::symlink(target, &tmp).is_ok() {
+        let _ = fs::rename(&tmp, link);
+    }
 }
 
 /// Flushes file systems and powers the machine off; never returns.

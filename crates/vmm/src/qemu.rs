@@ -278,9 +278,18 @@ type QmpStream = qapi::futures::QapiStream<
     qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>,
 >;
 
-fn listen(path: &Path) -> Result<UnixListener, Error> {
+/// A listening socket at `path`, replacing a stale one.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    std::os::unix::net::UnixListener::bind(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// [`bind_socket`], for accepting here.
+fn listen(path: &Path) -> Result<UnixListener, Error> {
+    let std = bind_socket(path)?;
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    std.set_nonblocking(true).map_err(io)?;
+    UnixListener::from_std(std).map_err(io)
 }
 
 /// The listening sockets of a VM's QMP and agent channels, bound here and
@@ -298,12 +307,7 @@ struct Channels {
 
 impl Channels {
     fn bind(dir: &Path) -> Result<Channels, Error> {
-        let bind = |name: &str| {
-            let path = dir.join(name);
-            let _ = std::fs::remove_file(&path);
-            std::os::unix::net::UnixListener::bind(&path).map_err(|source| Error::Io { path, source })
-        };
-        Ok(Channels { qmp: bind(QMP_SOCK)?, agent: bind(AGENT_SOCK)? })
+        Ok(Channels { qmp: bind_socket(&dir.join(QMP_SOCK))?, agent: bind_socket(&dir.join(AGENT_SOCK))? })
     }
 
     fn fds(&self) -> [std::os::fd::RawFd; 2] {
