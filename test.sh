@@ -15,4 +15,7 @@ cargo build --release --locked
 for p in python3 bc htop lighttpd xeyes mousepad; do
   STRATA_AGENT="$PWD/target/release/strata-agent" ./target/release/strata build "$p"
 done
+# However the tests end, drop the images this run superseded (older
+# generations, throwaway builds), so the test store does not grow run by run.
+trap './target/release/strata images prune | tail -n 1' EXIT
 cargo test --release --locked --workspace -- --test-threads=2

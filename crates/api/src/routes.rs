@@ -35,6 +35,7 @@ type St = State<Arc<AppState>>;
         build_images,
         delete_image,
         gc_images,
+        prune_images,
         create_session,
         list_sessions,
         get_session,
@@ -58,6 +59,7 @@ type St = State<Arc<AppState>>;
         ImageInfo,
         BuildRequest,
         GcReport,
+        PruneReport,
         CreateSession,
         ContextBody,
         PortBody,
@@ -91,6 +93,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/packages", get(list_packages))
         .route("/v1/images", get(list_images).post(build_images))
         .route("/v1/images/gc", post(gc_images))
+        .route("/v1/images/prune", post(prune_images))
         .route("/v1/images/{digest}", axum::routing::delete(delete_image))
         .route("/v1/servers", get(list_servers))
         .route("/v1/sessions", get(list_sessions).post(create_session))
@@ -353,6 +356,35 @@ pub struct GcReport {
 async fn gc_images(State(st): St, _c: Caller) -> Result<Json<GcReport>, ApiError> {
     let (removed_blobs, freed_bytes) = st.engine.gc().map_err(ApiError::from)?;
     Ok(Json(GcReport { removed_blobs, freed_bytes }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PruneQuery {
+    /// Only report what would be removed.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PruneReport {
+    /// The superseded images removed (or, in a dry run, that would be).
+    images: Vec<ImageInfo>,
+    removed_blobs: u64,
+    freed_bytes: u64,
+}
+
+/// Removes superseded images: of each package's base, install and launch
+/// images the one used last stays, with what sessions stand on; then the
+/// blobs no image references.
+#[utoipa::path(post, path = "/v1/images/prune", params(PruneQuery), responses((status = 200, body = PruneReport)))]
+async fn prune_images(State(st): St, _c: Caller, Params(q): Params<PruneQuery>) -> Result<Json<PruneReport>, ApiError> {
+    let r = st.engine.prune_images(q.dry_run).map_err(ApiError::from)?;
+    Ok(Json(PruneReport {
+        images: r.images.iter().map(ImageInfo::from).collect(),
+        removed_blobs: r.removed_blobs,
+        freed_bytes: r.freed_bytes,
+    }))
 }
 
 /// A terminal's settings for a session.

@@ -390,6 +390,16 @@ enum ImagesCmd {
     },
     /// Remove blobs no image references.
     Gc,
+    /// Remove superseded images: of each package's base, install and launch
+    /// images, keep the one used last and what sessions stand on; then
+    /// remove the blobs no image references.
+    Prune {
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish packages' images (built first if missing) to the object store
     /// shared by servers (STRATA_S3_ENDPOINT and the rest; see scripts/garage.sh).
     Push {
@@ -744,6 +754,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Images { cmd: ImagesCmd::Gc } => {
             let (n, bytes) = eng.gc()?;
             println!("removed {n} blob(s), {}", human(bytes));
+            Ok(0)
+        }
+        Cmd::Images { cmd: ImagesCmd::Prune { dry_run, json } } => {
+            print_prune(&serde_json::to_value(eng.prune_images(*dry_run)?)?, *dry_run, *json);
             Ok(0)
         }
         Cmd::Images { cmd: ImagesCmd::Push { names } } => {
@@ -1241,6 +1255,10 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
             println!("removed {} blob(s), {}", v["removed_blobs"], human(v["freed_bytes"].as_u64().unwrap_or(0)));
             Ok(0)
         }
+        Cmd::Images { cmd: ImagesCmd::Prune { dry_run, json } } => {
+            print_prune(&r.call("POST", &format!("/v1/images/prune?dry_run={dry_run}"), None).await?, *dry_run, *json);
+            Ok(0)
+        }
         Cmd::Packages { cmd: PackagesCmd::Ls { json } } => {
             let v = r.call("GET", "/v1/packages", None).await?;
             if *json {
@@ -1367,6 +1385,32 @@ fn age(unix_secs: i64) -> String {
         120..=7199 => format!("{}m", s / 60),
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Prints what `images prune` removed (or would), from its report
+/// (the API's body; the local engine's report has the same shape).
+fn print_prune(v: &serde_json::Value, dry_run: bool, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let images = v["images"].as_array().cloned().unwrap_or_default();
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for i in &images {
+        println!(
+            "{verb} {} {} {} ({})",
+            i["kind"].as_str().unwrap_or(""),
+            i["digest"].as_str().unwrap_or("").get(..12).unwrap_or(""),
+            i["package"].as_str().unwrap_or("-"),
+            human(i["size"].as_u64().unwrap_or(0))
+        );
+    }
+    if dry_run {
+        println!("{} superseded image(s); nothing removed (dry run)", images.len());
+    } else {
+        let (blobs, bytes) = (&v["removed_blobs"], human(v["freed_bytes"].as_u64().unwrap_or(0)));
+        println!("removed {} image(s); {blobs} blob(s), {bytes} freed", images.len());
     }
 }
 

@@ -459,6 +459,15 @@ fn arbitrary_bodies_and_query_parameters_get_4xx_with_the_error_body_never_5xx()
     let (st, v) = rt.block_on(api.call("GET", "/v1/nothing/here", Some(&s.a), None));
     assert_eq!(st, 404);
     assert_error(&v, "not_found");
+    // Pruning takes one switch, and refuses anything else before touching the store.
+    for q in ["dry_run=perhaps", "dry_run=true&all=1"] {
+        let (st, v) = rt.block_on(api.call("POST", &format!("/v1/images/prune?{q}"), Some(&s.a), None));
+        assert_eq!(st, 400, "{q}: {v}");
+        assert_error(&v, "bad_request");
+    }
+    let (st, v) = rt.block_on(api.call("POST", "/v1/images/prune?dry_run=true", Some(&s.a), None));
+    assert_eq!(st, 200, "{v}");
+    assert!(v["images"].is_array() && v["removed_blobs"] == 0, "{v}");
 }
 
 #[tokio::test]

@@ -279,6 +279,35 @@ fn kill_9_during_a_build_leaves_the_catalog_as_it_was_and_the_next_run_builds() 
 }
 
 #[test]
+fn prune_lists_superseded_images_and_never_the_current_ones() {
+    if !e2e() {
+        return;
+    }
+    // The current images of bc, as a build reports them: "KIND DIGEST12 SIZE".
+    let build = strata_with_input(&["build", "bc"], "");
+    assert!(build.status.success(), "{}", text(&build.stderr));
+    let current: Vec<String> =
+        text(&build.stdout).lines().filter_map(|l| l.split_whitespace().nth(1).map(String::from)).collect();
+    assert_eq!(current.len(), 3, "{}", text(&build.stdout));
+    let count = || engine().store.list_images().unwrap().len();
+    let before = count();
+    let out = strata(&["images", "prune", "--dry-run", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = report["images"].as_array().unwrap();
+    for i in listed {
+        let (digest, kind) = (i["digest"].as_str().unwrap(), i["kind"].as_str().unwrap());
+        assert!(["base", "install", "launch"].contains(&kind), "{kind} images are never pruned");
+        assert!(!current.iter().any(|c| digest.starts_with(c.as_str())), "the current image {digest} would go");
+    }
+    assert_eq!(report["removed_blobs"], 0);
+    // A dry run removes nothing (other tests may add images meanwhile).
+    assert!(count() >= before);
+    let out = strata(&["images", "prune", "--dry-run"]).output().unwrap();
+    assert!(text(&out.stdout).contains("nothing removed (dry run)"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn a_full_disk_during_a_build_fails_clearly_and_records_nothing() {
     if !e2e() {
         return;

@@ -318,8 +318,9 @@ pub struct LoadReport {
 /// waited for (the VMs it started and stopped), in seconds.
 fn own_and_children_cpu_seconds() -> f64 {
     let used = |who| {
-        // SAFETY: getrusage fills the zeroed struct we own.
+        // SAFETY: rusage is plain integers, for which all zeroes is valid.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct we own and keeps no pointer to it.
         unsafe { libc::getrusage(who, &mut ru) };
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         secs(ru.ru_utime) + secs(ru.ru_stime)

@@ -20,6 +20,7 @@ pub mod install;
 pub mod launch;
 pub mod paused;
 pub mod pool;
+pub mod prune;
 pub mod session;
 pub mod sessions;
 mod tools;
@@ -272,8 +273,15 @@ impl Engine {
         };
         let remote = remote.map(|c| strata_remote::Remote::new(c, store.clone())).transpose()?.map(Arc::new);
         let restore_slots = tokio::sync::Semaphore::new(cfg.restore_slots.max(1));
-        let engine =
-            Engine { cfg, store, registry, stats: Stats::default(), remote, base_recipe: Default::default(), restore_slots };
+        let engine = Engine {
+            cfg,
+            store,
+            registry,
+            stats: Stats::default(),
+            remote,
+            base_recipe: Default::default(),
+            restore_slots,
+        };
         engine.reap_sessions();
         Ok(engine)
     }
