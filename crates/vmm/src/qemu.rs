@@ -273,10 +273,82 @@ const QMP_SOCK: &str = "qmp.sock";
 pub const VNC_SOCK: &str = "vnc.sock";
 const AGENT_SOCK: &str = "agent.sock";
 
-type QmpStream = qapi::futures::QapiStream<
-    qapi::futures::QmpStreamTokio<tokio::io::ReadHalf<UnixStream>>,
-    qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>,
->;
+type QmpReader = qapi::futures::QmpStreamTokio<tokio::io::ReadHalf<UnixStream>>;
+type QmpWriter = qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>;
+
+/// A VM's QMP channel: commands, and the events that come between their
+/// answers, so that a wait for the guest to run is a wait on its event.
+struct Qmp {
+    service: qapi::futures::QapiService<QmpWriter>,
+    events: qapi::futures::QapiEvents<QmpReader>,
+    /// The guest runs (a RESUME event came since a STOP, or no STOP since a
+    /// query found it running).
+    running: bool,
+}
+
+impl Qmp {
+    fn new(stream: qapi::futures::QapiStream<QmpReader, QmpWriter>) -> Qmp {
+        let (service, events) = stream.into_parts();
+        Qmp { service, events, running: false }
+    }
+
+    fn note(&mut self, event: &qmp::Event) {
+        match event {
+            qmp::Event::RESUME { .. } => self.running = true,
+            qmp::Event::STOP { .. } | qmp::Event::SHUTDOWN { .. } => self.running = false,
+            _ => {}
+        }
+    }
+
+    /// The next event, or an error if QEMU closed the channel.
+    async fn next_event(&mut self) -> std::io::Result<qmp::Event> {
+        use futures_util::StreamExt;
+        let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QEMU closed its monitor");
+        let event = self.events.next().await.ok_or_else(eof)??;
+        self.note(&event);
+        Ok(event)
+    }
+
+    /// Runs a command; events read meanwhile update what is known of the guest.
+    async fn execute<C>(&mut self, command: C) -> qapi::ExecuteResult<C>
+    where
+        C: qmp::QmpCommand,
+        QmpWriter: futures_util::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
+    {
+        let answer = self.service.execute(command);
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut answer => return r,
+                e = self.next_event() => { e?; }
+            }
+        }
+    }
+
+    /// Waits until the guest runs: at once if it does, else for its RESUME
+    /// event (an incoming state starts the guest when it is loaded).
+    async fn wait_running(&mut self, timeout: Duration) -> Result<(), Error> {
+        if self.running {
+            return Ok(());
+        }
+        let st = self.execute(qmp::query_status {}).await.map_err(qmp_err("query-status"))?;
+        // QEMU may send RESUME a moment before its run state says so (the
+        // query can be answered in between): an event read while the query
+        // ran counts, and one still to come ends the wait below.
+        self.running |= st.status == qmp::RunState::running;
+        let wait = async {
+            while !self.running {
+                self.next_event().await.map_err(Error::Channel)?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::NotRunning(format!("{:?}", st.status))),
+        }
+    }
+}
 
 /// A listening socket at `path`, replacing a stale one.
 fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
@@ -339,7 +411,7 @@ pub struct Vm {
     child: Option<Child>,
     pid: u32,
     dir: PathBuf,
-    qmp: QmpStream,
+    qmp: Qmp,
     released: bool,
 }
 
@@ -372,9 +444,9 @@ fn kill_pid(pid: u32) {
 
 /// Reads QEMU's QMP greeting on a connected channel and negotiates
 /// capabilities.
-async fn open_qmp(stream: UnixStream) -> Result<QmpStream, Error> {
+async fn open_qmp(stream: UnixStream) -> Result<Qmp, Error> {
     let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
-    neg.negotiate().await.map_err(Error::Channel)
+    Ok(Qmp::new(neg.negotiate().await.map_err(Error::Channel)?))
 }
 
 impl Vm {
@@ -541,17 +613,7 @@ impl Vm {
         // The agent's channel connects before an incoming state is loaded;
         // devices can only be added once the guest runs. Only sessions with
         // devices wait here, a few milliseconds at most.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let st = self.qmp.execute(qmp::query_status {}).await.map_err(qmp_err("query-status"))?;
-            if st.status == qmp::RunState::running {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::NotRunning(format!("{:?}", st.status)));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.qmp.wait_running(Duration::from_secs(30)).await?;
         for (i, p) in plugs.iter().enumerate() {
             let id = p.id(i);
             if let Some(cmd) = p.late_backend(&id) {
