@@ -23,12 +23,14 @@ pub struct PruneReport {
     pub freed_bytes: u64,
 }
 
-/// When an image was last used: the oldest last use of its blobs. Every use
-/// of an image checks all of its blobs, and a blob it shares with a newer
-/// image (a kernel, a root file system) is used more often, so the minimum
-/// is the image's own last use. An image never used counts from its build.
+/// When an image was last used: the oldest last use of its blobs, a blob
+/// never checked counting from the image's build. Every use of an image
+/// checks all of its blobs, and a blob it shares with a newer image (a
+/// kernel, a root file system) is used more often, so the minimum is the
+/// image's own last use; a build does not check what it just made.
 fn last_used(img: &ImageRecord, blob_uses: &HashMap<String, i64>) -> i64 {
-    img.files.values().filter_map(|d| blob_uses.get(d)).copied().min().unwrap_or(img.created).max(img.created)
+    let used = |d: &String| blob_uses.get(d).copied().unwrap_or(img.created);
+    img.files.values().map(used).min().unwrap_or(img.created).max(img.created)
 }
 
 /// The digests of base, install and launch images that are superseded,
@@ -152,12 +154,12 @@ mod tests {
         let mut recipe = format!("recipe-{digest}");
         match (kind, on) {
             (ImageKind::Base, _) => {
-                files.insert("rootfs".into(), format!("rootfs-{digest}"));
+                files.insert("rootfs".into(), format!("blob-rootfs-{digest}"));
             }
             // An install image records its packages, and its recipe comes from its base's root file system.
             (ImageKind::Install, Some(base)) => {
                 let debs = package.unwrap_or("-").to_string();
-                recipe = crate::install::install_recipe(&format!("rootfs-{base}"), std::slice::from_ref(&debs));
+                recipe = crate::install::install_recipe(&format!("blob-rootfs-{base}"), std::slice::from_ref(&debs));
                 meta.insert("debs".to_string(), debs);
             }
             (_, Some(base)) => {
@@ -209,7 +211,7 @@ mod tests {
         assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base1", "inst1", "launch1"]);
         // A store whose recipes went back to the older set (an agent change
         // undone) uses the older images again: the newer set goes.
-        let u = uses(&[("base1", old + 90), ("inst1", old + 90), ("launch1", old + 90)]);
+        let u = uses(&[("base1", old + 90), ("rootfs-base1", old + 90), ("inst1", old + 90), ("launch1", old + 90)]);
         assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base2", "inst2", "launch2"]);
     }
 
@@ -227,12 +229,26 @@ mod tests {
         // A new agent: a new base on the same root file system; the install
         // images stay valid, and only the launch image is built anew.
         let mut base2 = img("base2", ImageKind::Base, None, None, None, old + 10);
-        base2.files.insert("rootfs".into(), "rootfs-base1".into());
+        base2.files.insert("rootfs".into(), "blob-rootfs-base1".into());
         images.push(base2);
         images.push(img("launch2", ImageKind::Launch, Some("bc"), Some("inst1"), Some("base2"), old + 10));
         // Installed on the old base, never launched since: still current.
         images.push(img("inst-nano", ImageKind::Install, Some("nano"), Some("base1"), Some("base1"), old));
         assert_eq!(sorted(superseded(&images, &HashMap::new(), &HashSet::new(), NOW)), ["base1", "launch1"]);
+    }
+
+    #[test]
+    fn a_build_never_used_since_beats_an_older_one_sharing_its_kernel() {
+        let old = NOW - 10_000;
+        let mut images = generation(1, "bc", old);
+        let mut rebuilt = img("launch1b", ImageKind::Launch, Some("bc"), Some("inst1"), Some("base1"), old + 100);
+        // Both launch images boot the base's kernel, checked at every launch.
+        for l in images.iter_mut().filter(|i| i.kind == ImageKind::Launch).chain([&mut rebuilt]) {
+            l.files.insert("kernel".into(), "blob-kernel".into());
+        }
+        images.push(rebuilt);
+        let u = uses(&[("kernel", NOW - 1), ("launch1", old + 50)]);
+        assert_eq!(superseded(&images, &u, &HashSet::new(), NOW), ["launch1"]);
     }
 
     #[test]
