@@ -22,7 +22,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// Size of the root file system (sparse: only what is used is stored).
 pub const ROOTFS_SIZE: &str = "8G";
 /// Kernel command line of every strata guest.
-pub const CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable no_timer_check";
+pub const CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable no_timer_check psi=0";
 
 fn sha_hex(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();

@@ -15,7 +15,10 @@ case " $(/bin/busybox cat /proc/cmdline) " in
 esac
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 1000 ]; do /bin/busybox usleep 5000; n=$((n+1)); done
-/bin/busybox mount -t ext4 -o rw,noatime /dev/vda /newroot || {
+# No background work of ext4's own: a launch image is saved moments after
+# boot, and its restored guests would otherwise each prefetch block bitmaps
+# and zero inode tables (~3,500 translated blocks, ~50 ms of CPU under TCG).
+/bin/busybox mount -t ext4 -o rw,noatime,no_prefetch_block_bitmaps,noinit_itable /dev/vda /newroot || {
   echo "strata-init: cannot mount the root disk"; /bin/busybox poweroff -f; }
 /bin/busybox mkdir -p /newroot/run
 /bin/busybox mount -t tmpfs -o mode=755 tmpfs /newroot/run
