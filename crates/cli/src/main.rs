@@ -1091,6 +1091,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 println!("RSS per session (shared pages counted in each): mean {:.1} MiB", r.rss_mean_mib);
                 println!("host memory used by all of them: {:.0} MiB", r.host_memory_used_mib);
                 println!("CPU per idle session: mean {:.2}% of one core", r.idle_cpu_percent_mean);
+                println!(
+                    "CPU per session in its first {} s after the launch: mean {:.1} ms",
+                    strata_engine::bench::SETTLE.as_secs(),
+                    r.settle_cpu_ms_mean
+                );
             }
             Ok(0)
         }

@@ -397,6 +397,9 @@ fn bench_density_reports_memory_and_cpu_of_idle_sessions() {
     let private = v["private_max_mib"].as_f64().unwrap();
     assert!(private > 1.0 && private < 128.0, "{v}");
     assert!(v["idle_cpu_percent_mean"].as_f64().is_some_and(|c| (0.0..100.0).contains(&c)), "{v}");
+    // Each session was read 5 s after its launch (the idle time is shorter):
+    // some CPU (its timers, at least), and far less than 5 s of it.
+    assert!(v["settle_cpu_ms_mean"].as_f64().is_some_and(|c| c > 0.0 && c < 5000.0), "{v}");
     let bad = strata(&["bench", "density", "bc", "--idle", "99999"]).output().unwrap();
     assert!(text(&bad.stderr).contains("--idle must be at most"), "{}", text(&bad.stderr));
 }

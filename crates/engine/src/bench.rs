@@ -204,6 +204,34 @@ pub struct DensityReport {
     /// CPU each idle session's QEMU used over the last part of the idle
     /// time (at most 10 s), in percent of one core; mean over sessions.
     pub idle_cpu_percent_mean: f64,
+    /// CPU each session's QEMU used in its first seconds after the launch
+    /// answered ([`SETTLE`]), in ms; mean over sessions. Work a restored
+    /// guest does on its own (what its launch image left pending) shows here.
+    pub settle_cpu_ms_mean: f64,
+}
+
+/// How long after its launch a session's CPU counts as settling.
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// CPU of a session's QEMU from its launch until [`SETTLE`] later.
+struct Settling {
+    pid: u32,
+    launched: Instant,
+    cpu_at_launch: f64,
+    cpu_settled: Option<f64>,
+}
+
+impl Settling {
+    fn new(pid: u32) -> Settling {
+        Settling { pid, launched: Instant::now(), cpu_at_launch: process_cpu_seconds(pid), cpu_settled: None }
+    }
+
+    /// Takes the reading of every session whose settling time is over.
+    fn read_due(all: &mut [Settling]) {
+        for s in all.iter_mut().filter(|s| s.cpu_settled.is_none() && s.launched.elapsed() >= SETTLE) {
+            s.cpu_settled = Some(process_cpu_seconds(s.pid) - s.cpu_at_launch);
+        }
+    }
 }
 
 /// CPU time a process has used (all its threads), in seconds.
@@ -248,15 +276,25 @@ impl Engine {
         let settings = ContextSettings::from_terminal(None);
         let before = mem_available_mib();
         let mut sessions = Vec::new();
+        let mut settling = Vec::new();
         for i in 0..count {
             progress.step(&format!("bench density {}: session {}/{count}", pkg.name, i + 1));
             let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
             s.quiet().await?;
+            settling.push(Settling::new(s.vm_pid()));
+            Settling::read_due(&mut settling);
             sessions.push(s);
         }
         progress.step(&format!("bench density: letting the sessions sit idle for {} s", idle.as_secs()));
+        let idle_end = Instant::now() + idle;
         let window = idle.min(Duration::from_secs(10));
-        tokio::time::sleep(idle - window).await;
+        // The last sessions finish settling during the idle time (or after
+        // it, when it is shorter): one reading each, when it is due.
+        while let Some(due) = settling.iter().filter(|s| s.cpu_settled.is_none()).map(|s| s.launched + SETTLE).min() {
+            tokio::time::sleep_until(due.into()).await;
+            Settling::read_due(&mut settling);
+        }
+        tokio::time::sleep_until((idle_end - window).into()).await;
         let cpu_before: Vec<f64> = sessions.iter().map(|s| process_cpu_seconds(s.vm_pid())).collect();
         tokio::time::sleep(window).await;
         let idle_cpu: Vec<f64> = sessions
@@ -289,6 +327,9 @@ impl Engine {
             private_mib: private,
             idle_seconds: idle.as_secs(),
             idle_cpu_percent_mean: mean(&idle_cpu),
+            settle_cpu_ms_mean: mean(
+                &settling.iter().filter_map(|s| s.cpu_settled).map(|c| c * 1e3).collect::<Vec<_>>(),
+            ),
         })
     }
 }

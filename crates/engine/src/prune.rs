@@ -23,18 +23,13 @@ pub struct PruneReport {
     pub freed_bytes: u64,
 }
 
-/// When an image was last used: the oldest last use of its blobs, a blob
-/// never checked counting from the image's build. Every use of an image
-/// checks all of its blobs, and a blob it shares with a newer image (a
-/// kernel, a root file system) is used more often, so the minimum is the
-/// image's own last use; a build does not check what it just made.
-fn last_used(img: &ImageRecord, blob_uses: &HashMap<String, i64>) -> i64 {
-    let used = |d: &String| blob_uses.get(d).copied().unwrap_or(img.created);
-    img.files.values().map(used).min().unwrap_or(img.created).max(img.created)
+/// When an image was last used: its recorded use (every use checks the
+/// image first, [`strata_store::Store::verify_image`]), else its build.
+fn last_used(img: &ImageRecord, image_uses: &HashMap<String, i64>) -> i64 {
+    image_uses.get(&img.digest).copied().unwrap_or(img.created).max(img.created)
 }
 
-/// The digests of base, install and launch images that are superseded,
-/// and older than the grace period:
+/// The digests of base, install and launch images that are superseded:
 /// - a base, when another base (same OS and architecture) was used more
 ///   recently: the one used last is the current one;
 /// - an install or launch image not standing on a current base: a launch
@@ -42,12 +37,12 @@ fn last_used(img: &ImageRecord, blob_uses: &HashMap<String, i64>) -> i64 {
 /// - of those on a current base, all but the one used last of each kind and
 ///   package (a new QEMU, a changed package definition, a throwaway build).
 ///
-/// What a session stands on (`in_use`, with all it needs) and what the
-/// kept images need always stay. Contexts and paused images are a
+/// What a session stands on (`in_use`), images younger than the grace
+/// period, and everything these and the kept images need always stay. Contexts and paused images are a
 /// terminal's settings and a user's work: never pruned here.
 fn superseded(
     images: &[ImageRecord],
-    blob_uses: &HashMap<String, i64>,
+    image_uses: &HashMap<String, i64>,
     in_use: &HashSet<String>,
     now: i64,
 ) -> Vec<String> {
@@ -58,7 +53,7 @@ fn superseded(
         let mut newest: HashMap<String, (i64, &str)> = HashMap::new();
         for img in images {
             let Some(key) = group(img) else { continue };
-            let used = (last_used(img, blob_uses), img.digest.as_str());
+            let used = (last_used(img, image_uses), img.digest.as_str());
             if newest.get(&key).is_none_or(|best| used > *best) {
                 newest.insert(key, used);
             }
@@ -87,7 +82,11 @@ fn superseded(
         (matches!(i.kind, ImageKind::Install | ImageKind::Launch) && on_base(i))
             .then(|| format!("{}/{}/{}", i.kind, i.package.as_deref().unwrap_or("-"), platform(i)))
     });
-    let roots = bases.iter().chain(&above).chain(in_use);
+    // Images within the grace period stay, with what they stand on: a
+    // build may be recording the images above them.
+    let young: HashSet<String> =
+        images.iter().filter(|i| now - i.created <= PRUNE_GRACE_SECS).map(|i| i.digest.clone()).collect();
+    let roots = bases.iter().chain(&above).chain(in_use).chain(&young);
     let mut keep: HashSet<&str> = HashSet::new();
     let mut todo: Vec<&str> = roots.map(String::as_str).collect();
     // Bounded by the catalog's size: each digest is visited once.
@@ -98,11 +97,7 @@ fn superseded(
             }
         }
     }
-    images
-        .iter()
-        .filter(|i| prunable(i) && !keep.contains(i.digest.as_str()) && now - i.created > PRUNE_GRACE_SECS)
-        .map(|i| i.digest.clone())
-        .collect()
+    images.iter().filter(|i| prunable(i) && !keep.contains(i.digest.as_str())).map(|i| i.digest.clone()).collect()
 }
 
 impl Engine {
@@ -118,7 +113,7 @@ impl Engine {
             self.list_sessions().into_iter().flat_map(|s| [Some(s.launch_image), s.paused_image]).flatten().collect();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let gone: HashSet<String> =
-            superseded(&images, &self.store.blob_last_used()?, &in_use, now).into_iter().collect();
+            superseded(&images, &self.store.image_last_used()?, &in_use, now).into_iter().collect();
         let mut report = PruneReport::default();
         for img in images.into_iter().filter(|i| gone.contains(&i.digest)) {
             if !dry_run {
@@ -195,7 +190,7 @@ mod tests {
     const NOW: i64 = 100_000;
 
     fn uses(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
-        pairs.iter().map(|(d, t)| (format!("blob-{d}"), *t)).collect()
+        pairs.iter().map(|(d, t)| (d.to_string(), *t)).collect()
     }
 
     fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -211,7 +206,7 @@ mod tests {
         assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base1", "inst1", "launch1"]);
         // A store whose recipes went back to the older set (an agent change
         // undone) uses the older images again: the newer set goes.
-        let u = uses(&[("base1", old + 90), ("rootfs-base1", old + 90), ("inst1", old + 90), ("launch1", old + 90)]);
+        let u = uses(&[("base1", old + 90), ("inst1", old + 90), ("launch1", old + 90)]);
         assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base2", "inst2", "launch2"]);
     }
 
@@ -238,17 +233,28 @@ mod tests {
     }
 
     #[test]
-    fn a_build_never_used_since_beats_an_older_one_sharing_its_kernel() {
+    fn bases_that_share_every_blob_are_told_apart_by_their_own_use() {
+        // A new kernel command line makes a new base from the very same
+        // blobs; the one launches used last is the current one.
         let old = NOW - 10_000;
-        let mut images = generation(1, "bc", old);
-        let mut rebuilt = img("launch1b", ImageKind::Launch, Some("bc"), Some("inst1"), Some("base1"), old + 100);
-        // Both launch images boot the base's kernel, checked at every launch.
-        for l in images.iter_mut().filter(|i| i.kind == ImageKind::Launch).chain([&mut rebuilt]) {
-            l.files.insert("kernel".into(), "blob-kernel".into());
-        }
-        images.push(rebuilt);
-        let u = uses(&[("kernel", NOW - 1), ("launch1", old + 50)]);
-        assert_eq!(superseded(&images, &u, &HashSet::new(), NOW), ["launch1"]);
+        let mut images = [generation(1, "bc", old), generation(2, "bc", old + 10)].concat();
+        let files = images[0].files.clone();
+        images[3].files = files;
+        let u = uses(&[("base1", old + 90), ("inst1", old + 90), ("launch1", old + 90), ("base2", old + 50)]);
+        assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base2", "inst2", "launch2"]);
+        // A build not used since counts from its build: newer than the rest.
+        // inst1 stays: it stands on the root file system base2 has too.
+        let u = uses(&[("base1", old + 5), ("inst1", old + 5), ("launch1", old + 5)]);
+        assert_eq!(sorted(superseded(&images, &u, &HashSet::new(), NOW)), ["base1", "launch1"]);
+    }
+
+    #[test]
+    fn a_young_image_keeps_what_it_stands_on() {
+        let old = NOW - 10_000;
+        let mut images = [generation(1, "bc", old), generation(2, "bc", old + 10)].concat();
+        // Being built on the older base right now (another strata build).
+        images.push(img("launch1-new", ImageKind::Launch, Some("nano"), Some("inst1"), Some("base1"), NOW - 5));
+        assert_eq!(superseded(&images, &HashMap::new(), &HashSet::new(), NOW), ["launch1"]);
     }
 
     #[test]

@@ -184,6 +184,10 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         CREATE TABLE IF NOT EXISTS blob_uses (
             digest TEXT PRIMARY KEY,
             last_used INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS image_uses (
+            digest TEXT PRIMARY KEY,
+            last_used INTEGER NOT NULL
         );",
     )?;
     Ok(db)
@@ -289,6 +293,23 @@ pub(crate) fn note_use(db: &Connection, digest: &str) -> Result<(), Error> {
         params![digest, now],
     )?;
     Ok(())
+}
+
+/// Notes that an image is used now (its blobs were just checked for use).
+pub(crate) fn note_image_use(db: &Connection, digest: &str) -> Result<(), Error> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    db.execute(
+        "INSERT INTO image_uses (digest, last_used) VALUES (?1, ?2)
+         ON CONFLICT(digest) DO UPDATE SET last_used = ?2 WHERE last_used < ?2",
+        params![digest, now],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn image_uses(db: &Connection) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let mut stmt = db.prepare("SELECT digest, last_used FROM image_uses")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    rows.collect::<Result<_, _>>().map_err(Error::from)
 }
 
 pub(crate) fn blob_uses(db: &Connection) -> Result<std::collections::HashMap<String, i64>, Error> {

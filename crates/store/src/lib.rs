@@ -391,8 +391,9 @@ impl Store {
         catalog::remove(&self.lock_db(), digest)
     }
 
-    /// Checks every blob of an image; on the first bad one, removes that blob
-    /// and every image that uses it, and returns the error.
+    /// Checks every blob of an image before it is used, and notes the use;
+    /// on the first bad blob, removes that blob and every image that uses
+    /// it, and returns the error.
     ///
     /// # Errors
     /// The first missing or corrupt blob.
@@ -409,7 +410,17 @@ impl Store {
                 return Err(e);
             }
         }
-        Ok(())
+        catalog::note_image_use(&self.lock_db(), &rec.digest)
+    }
+
+    /// When each image was last used (unix seconds): checked for use by
+    /// [`Store::verify_image`]. An image never used since it was recorded
+    /// has no entry.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn image_last_used(&self) -> Result<std::collections::HashMap<String, i64>, Error> {
+        catalog::image_uses(&self.lock_db())
     }
 }
 
