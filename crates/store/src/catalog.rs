@@ -283,37 +283,41 @@ pub(crate) fn record_check(db: &Connection, digest: &str, stamp: &str) -> Result
     Ok(())
 }
 
-/// Notes that a blob is used now; written at most once a second per blob,
-/// so a burst of launches does not write the database for each.
-pub(crate) fn note_use(db: &Connection, digest: &str) -> Result<(), Error> {
+/// What a noted use is of: a blob (for evicting a cache) or a whole image
+/// (for pruning superseded ones).
+#[derive(Clone, Copy)]
+pub(crate) enum UseOf {
+    Blob,
+    Image,
+}
+
+impl UseOf {
+    fn table(self) -> &'static str {
+        match self {
+            UseOf::Blob => "blob_uses",
+            UseOf::Image => "image_uses",
+        }
+    }
+}
+
+/// Notes that a blob or image is used now; the row changes at most once a
+/// second, so a burst of launches does not write the database for each.
+pub(crate) fn note_use(db: &Connection, of: UseOf, digest: &str) -> Result<(), Error> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     db.execute(
-        "INSERT INTO blob_uses (digest, last_used) VALUES (?1, ?2)
-         ON CONFLICT(digest) DO UPDATE SET last_used = ?2 WHERE last_used < ?2",
+        &format!(
+            "INSERT INTO {} (digest, last_used) VALUES (?1, ?2)
+             ON CONFLICT(digest) DO UPDATE SET last_used = ?2 WHERE last_used < ?2",
+            of.table()
+        ),
         params![digest, now],
     )?;
     Ok(())
 }
 
-/// Notes that an image is used now (its blobs were just checked for use).
-pub(crate) fn note_image_use(db: &Connection, digest: &str) -> Result<(), Error> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    db.execute(
-        "INSERT INTO image_uses (digest, last_used) VALUES (?1, ?2)
-         ON CONFLICT(digest) DO UPDATE SET last_used = ?2 WHERE last_used < ?2",
-        params![digest, now],
-    )?;
-    Ok(())
-}
-
-pub(crate) fn image_uses(db: &Connection) -> Result<std::collections::HashMap<String, i64>, Error> {
-    let mut stmt = db.prepare("SELECT digest, last_used FROM image_uses")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    rows.collect::<Result<_, _>>().map_err(Error::from)
-}
-
-pub(crate) fn blob_uses(db: &Connection) -> Result<std::collections::HashMap<String, i64>, Error> {
-    let mut stmt = db.prepare("SELECT digest, last_used FROM blob_uses")?;
+/// When each blob or image was last used (unix seconds).
+pub(crate) fn last_uses(db: &Connection, of: UseOf) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let mut stmt = db.prepare(&format!("SELECT digest, last_used FROM {}", of.table()))?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     rows.collect::<Result<_, _>>().map_err(Error::from)
 }

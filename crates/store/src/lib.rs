@@ -225,7 +225,7 @@ impl Store {
     /// # Errors
     /// On database errors.
     pub fn blob_last_used(&self) -> Result<std::collections::HashMap<String, i64>, Error> {
-        catalog::blob_uses(&self.lock_db())
+        catalog::last_uses(&self.lock_db(), catalog::UseOf::Blob)
     }
 
     /// Moves a file into the store under its digest and returns the digest.
@@ -282,7 +282,7 @@ impl Store {
             Err(e) => return Err(Error::Io { path, source: e }),
         };
         let db = self.lock_db();
-        catalog::note_use(&db, digest)?;
+        catalog::note_use(&db, catalog::UseOf::Blob, digest)?;
         if catalog::check_matches(&db, digest, &stamp(&meta))? {
             return Ok(());
         }
@@ -410,7 +410,7 @@ impl Store {
                 return Err(e);
             }
         }
-        catalog::note_image_use(&self.lock_db(), &rec.digest)
+        catalog::note_use(&self.lock_db(), catalog::UseOf::Image, &rec.digest)
     }
 
     /// When each image was last used (unix seconds): checked for use by
@@ -420,7 +420,7 @@ impl Store {
     /// # Errors
     /// On database errors.
     pub fn image_last_used(&self) -> Result<std::collections::HashMap<String, i64>, Error> {
-        catalog::image_uses(&self.lock_db())
+        catalog::last_uses(&self.lock_db(), catalog::UseOf::Image)
     }
 }
 
