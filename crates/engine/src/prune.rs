@@ -38,8 +38,9 @@ fn last_used(img: &ImageRecord, image_uses: &HashMap<String, i64>) -> i64 {
 ///   package (a new QEMU, a changed package definition, a throwaway build).
 ///
 /// What a session stands on (`in_use`), images younger than the grace
-/// period, and everything these and the kept images need always stay. Contexts and paused images are a
-/// terminal's settings and a user's work: never pruned here.
+/// period, and everything these and the kept images need always stay.
+/// Contexts and paused images are a terminal's settings and a user's work:
+/// never pruned here.
 fn superseded(
     images: &[ImageRecord],
     image_uses: &HashMap<String, i64>,
@@ -86,17 +87,8 @@ fn superseded(
     // build may be recording the images above them.
     let young: HashSet<String> =
         images.iter().filter(|i| now - i.created <= PRUNE_GRACE_SECS).map(|i| i.digest.clone()).collect();
-    let roots = bases.iter().chain(&above).chain(in_use).chain(&young);
-    let mut keep: HashSet<&str> = HashSet::new();
-    let mut todo: Vec<&str> = roots.map(String::as_str).collect();
-    // Bounded by the catalog's size: each digest is visited once.
-    while let Some(d) = todo.pop() {
-        if keep.insert(d) {
-            if let Some(img) = images.iter().find(|i| i.digest == d) {
-                todo.extend(img.needs());
-            }
-        }
-    }
+    let roots = bases.into_iter().chain(above).chain(in_use.iter().cloned()).chain(young);
+    let keep: HashSet<&str> = strata_store::closure(images, roots).0.into_iter().map(|i| i.digest.as_str()).collect();
     images.iter().filter(|i| prunable(i) && !keep.contains(i.digest.as_str())).map(|i| i.digest.clone()).collect()
 }
 

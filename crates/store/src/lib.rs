@@ -357,22 +357,8 @@ impl Store {
         roots: impl IntoIterator<Item = String>,
     ) -> Result<(Vec<ImageRecord>, Vec<String>), Error> {
         let images = self.list_images()?;
-        let (mut found, mut missing, mut seen) = (Vec::new(), Vec::new(), std::collections::HashSet::new());
-        let mut todo: Vec<String> = roots.into_iter().collect();
-        // Bounded by the catalog's size: each digest is visited once.
-        while let Some(d) = todo.pop() {
-            if !seen.insert(d.clone()) {
-                continue;
-            }
-            match images.iter().find(|i| i.digest == d) {
-                Some(img) => {
-                    todo.extend(img.needs().into_iter().map(String::from));
-                    found.push(img.clone());
-                }
-                None => missing.push(d),
-            }
-        }
-        Ok((found, missing))
+        let (found, missing) = closure(&images, roots);
+        Ok((found.into_iter().cloned().collect(), missing))
     }
 
     /// Every image, newest first.
@@ -455,6 +441,28 @@ impl Store {
 
 fn stamp(meta: &fs::Metadata) -> String {
     format!("{}:{}:{}.{}", meta.len(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
+/// The images of `images` reachable from `roots` through what each needs
+/// ([`ImageRecord::needs`]), each once, and the digests among them not in
+/// `images`.
+pub fn closure(images: &[ImageRecord], roots: impl IntoIterator<Item = String>) -> (Vec<&ImageRecord>, Vec<String>) {
+    let (mut found, mut missing, mut seen) = (Vec::new(), Vec::new(), std::collections::HashSet::new());
+    let mut todo: Vec<String> = roots.into_iter().collect();
+    // Bounded by the catalog's size: each digest is visited once.
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        match images.iter().find(|i| i.digest == d) {
+            Some(img) => {
+                todo.extend(img.needs().into_iter().map(String::from));
+                found.push(img);
+            }
+            None => missing.push(d),
+        }
+    }
+    (found, missing)
 }
 
 /// The sha256 of a file's content, as hex.
