@@ -340,9 +340,7 @@ impl Engine {
     pub(crate) async fn trim_cache(&self, roots: &[&ImageRecord]) -> Result<(), Error> {
         let Some(remote) = &self.remote else { return Ok(()) };
         let mut roots: Vec<String> = roots.iter().map(|r| r.digest.clone()).collect();
-        for s in self.list_sessions() {
-            roots.extend([Some(s.launch_image), s.paused_image].into_iter().flatten());
-        }
+        roots.extend(self.session_images());
         let (needed, _) = self.store.image_closure(roots)?;
         let keep = needed.iter().flat_map(|i| i.files.values().cloned()).collect();
         let evicted = remote.evict(&keep).await?;

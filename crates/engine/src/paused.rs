@@ -297,9 +297,8 @@ impl Engine {
     /// the next garbage collection.
     pub(crate) fn drop_paused_images(&self) -> Result<(), Error> {
         // Every session's images, paused ones included, with all they need.
-        let roots = self.list_sessions().into_iter().flat_map(|r| [Some(r.launch_image), r.paused_image]).flatten();
         let needed: std::collections::HashSet<String> =
-            self.store.image_closure(roots)?.0.into_iter().map(|i| i.digest).collect();
+            self.store.image_closure(self.session_images())?.0.into_iter().map(|i| i.digest).collect();
         let images = self.store.list_images()?;
         // A pause records its image a moment before the session's record.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);

@@ -101,8 +101,7 @@ impl Engine {
     /// If the catalog cannot be read or written.
     pub fn prune_images(&self, dry_run: bool) -> Result<PruneReport, Error> {
         let images = self.store.list_images()?;
-        let in_use: HashSet<String> =
-            self.list_sessions().into_iter().flat_map(|s| [Some(s.launch_image), s.paused_image]).flatten().collect();
+        let in_use: HashSet<String> = self.session_images().into_iter().collect();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let gone: HashSet<String> =
             superseded(&images, &self.store.image_last_used()?, &in_use, now).into_iter().collect();

@@ -210,6 +210,12 @@ impl Engine {
         }
     }
 
+    /// The images sessions stand on: each running session's launch image
+    /// and each paused session's image (what they need is not included).
+    pub(crate) fn session_images(&self) -> Vec<String> {
+        self.list_sessions().into_iter().flat_map(|s| [Some(s.launch_image), s.paused_image]).flatten().collect()
+    }
+
     /// Sessions that are running (attached or detached) or paused.
     pub fn list_sessions(&self) -> Vec<SessionRecord> {
         self.reap_sessions();
