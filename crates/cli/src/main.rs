@@ -584,6 +584,14 @@ fn engine(cli: &Cli) -> anyhow::Result<Engine> {
         cfg.packages_dir = p.clone();
     }
     cfg.accel = cli.accel;
+    // Processes that start many VMs fork QEMU from a fork server.
+    let fork_server = match std::env::var("STRATA_FORK_SERVER").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        Ok(other) => anyhow::bail!("STRATA_FORK_SERVER must be 0 or 1, not {other:?}"),
+        Err(_) => matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Bench { .. }),
+    };
+    cfg.fork_server = fork_server.then(Config::preload_library);
     if let Cmd::Serve { share_root, .. } = &cli.cmd {
         if !share_root.is_empty() {
             if let Some(bad) = share_root.iter().find(|p| !p.is_absolute()) {
@@ -1025,7 +1033,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "throughput {:.2} launches/s; {} from the pool, {} failed",
                     r.throughput, r.from_pool, r.failed
                 );
-                println!("CPU per launch (strata and its VMs, the pool's included): {:.1} ms", r.cpu_ms_per_launch);
+                println!(
+                    "CPU per launch (strata and its VMs, the pool's included): {:.1} ms, {:.0} page faults",
+                    r.cpu_ms_per_launch, r.page_faults_per_launch
+                );
             }
             Ok(0)
         }

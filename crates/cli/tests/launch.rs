@@ -76,6 +76,44 @@ async fn htop_is_already_running_when_the_session_appears() {
     s.close().await;
 }
 
+/// The parent of process `pid`, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
+    if !e2e() {
+        return;
+    }
+    let preload = env().strata.parent().unwrap().join("libstrata_qemu_preload.so");
+    let eng = engine_with(|c| c.fork_server = Some(preload));
+    let server = eng.fork_server_pid().expect("the fork server started");
+    assert_eq!(parent_of(server), Some(std::process::id()));
+    let pkg = eng.package("bc").unwrap();
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let vm = s.vm_pid();
+    assert_eq!(parent_of(vm), Some(server), "QEMU {vm} was not forked by the fork server");
+    // Its command line is its own (strata finds a session's QEMU by it).
+    let cmdline = text(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap()).replace('\0', " ");
+    assert!(cmdline.starts_with("qemu-system-x86_64 ") && cmdline.contains("-incoming defer"), "{cmdline}");
+    assert!(cmdline.contains(&format!("sessions/{}", s.id)), "{cmdline}");
+    s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
+    s.close().await;
+    assert!(wait_until(Duration::from_secs(10), || parent_of(vm).is_none()), "QEMU {vm} outlived its session");
+    drop(eng);
+    assert!(parent_of(server).is_none(), "the fork server outlived its engine");
+
+    // Without a usable preload library, QEMU starts by exec, as before.
+    let eng = engine_with(|c| c.fork_server = Some("/nonexistent/libstrata_qemu_preload.so".into()));
+    assert_eq!(eng.fork_server_pid(), None);
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    assert_eq!(parent_of(s.vm_pid()), Some(std::process::id()));
+    s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
+    s.close().await;
+}
+
 #[tokio::test]
 async fn two_sessions_run_at_once_and_never_see_each_others_writes() {
     if !e2e() {
@@ -373,7 +411,7 @@ fn bench_load_reports_latency_throughput_and_cpu_per_launch() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["requests"], 4, "{v}");
     assert_eq!(v["failed"], 0, "{v}");
-    for k in ["latency_p50_ms", "latency_p99_ms", "throughput", "cpu_ms_per_launch"] {
+    for k in ["latency_p50_ms", "latency_p99_ms", "throughput", "cpu_ms_per_launch", "page_faults_per_launch"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
     // A launch is at least one QEMU process started and stopped.

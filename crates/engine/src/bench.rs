@@ -353,20 +353,26 @@ pub struct LoadReport {
     /// CPU time of this process and its VMs (the pool's included) per
     /// completed launch, ms: under TCG what bounds launches per second.
     pub cpu_ms_per_launch: f64,
+    /// Page faults (minor and major) of this process and its VMs per
+    /// completed launch: under nested virtualisation each costs microseconds.
+    pub page_faults_per_launch: f64,
 }
 
-/// CPU time used so far by this process and by its children that were
-/// waited for (the VMs it started and stopped), in seconds.
-fn own_and_children_cpu_seconds() -> f64 {
+/// CPU seconds and page faults used so far by this process and by its
+/// children that were waited for (the VMs it started and stopped), and by
+/// the fork server and the VMs it forked that have exited.
+fn own_and_children_usage(fork_server: Option<&strata_vmm::ForkServer>) -> (f64, f64) {
     let used = |who| {
         // SAFETY: rusage is plain integers, for which all zeroes is valid.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: getrusage fills the struct we own and keeps no pointer to it.
         unsafe { libc::getrusage(who, &mut ru) };
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        secs(ru.ru_utime) + secs(ru.ru_stime)
+        (secs(ru.ru_utime) + secs(ru.ru_stime), (ru.ru_minflt + ru.ru_majflt) as f64)
     };
-    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
+    let (own, children) = (used(libc::RUSAGE_SELF), used(libc::RUSAGE_CHILDREN));
+    let forked = fork_server.and_then(|f| f.usage().ok()).unwrap_or_default();
+    (own.0 + children.0 + forked.cpu_us as f64 / 1e6, own.1 + children.1 + forked.page_faults as f64)
 }
 
 impl Engine {
@@ -393,7 +399,7 @@ impl Engine {
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
         let pool = crate::pool::Pool::default();
-        let cpu_before = own_and_children_cpu_seconds();
+        let (cpu_before, faults_before) = own_and_children_usage(self.fork_server.as_deref());
         if pool_size > 0 {
             progress.step(&format!("bench load {}: filling the pool ({pool_size})", pkg.name));
             pool.fill(self, pkg, pool_size, progress).await?;
@@ -453,7 +459,8 @@ impl Engine {
         }
         let elapsed = start.elapsed().as_secs_f64();
         pool.drain().await;
-        let cpu = own_and_children_cpu_seconds() - cpu_before;
+        let (cpu, faults) = own_and_children_usage(self.fork_server.as_deref());
+        let (cpu, faults) = (cpu - cpu_before, faults - faults_before);
         progress.done("load benchmark finished");
         Ok(LoadReport {
             package: pkg.name.clone(),
@@ -467,6 +474,7 @@ impl Engine {
             latency_p99_ms: percentile(&latencies, 99.0),
             throughput: latencies.len() as f64 / elapsed,
             cpu_ms_per_launch: cpu * 1000.0 / latencies.len().max(1) as f64,
+            page_faults_per_launch: faults / latencies.len().max(1) as f64,
         })
     }
 }

@@ -152,6 +152,7 @@ impl Engine {
             display: false,
             die_with_parent: true,
             niceness: 0,
+            fork_server: self.fork_server.clone(),
         })
     }
 
@@ -340,6 +341,7 @@ impl Engine {
             // agent powers off if this process vanishes while attached.
             die_with_parent: false,
             niceness,
+            fork_server: self.fork_server.clone(),
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
         drop(slot);

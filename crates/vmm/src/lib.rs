@@ -13,8 +13,10 @@ pub mod qemu;
 pub use accel::Accel;
 pub use agent::{AgentConn, AgentReader, AgentWriter};
 pub use qemu::{
-    Disk, DiskMode, Memory, Plug, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST, VNC_SOCK,
+    start_fork_server, Disk, DiskMode, Memory, Plug, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY,
+    USER_NET_GUEST, VNC_SOCK,
 };
+pub use strata_zygote::ForkServer;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! QEMU processes: the command line, start, QMP, save, stop.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -188,6 +188,9 @@ pub struct VmConfig {
     /// Scheduling niceness QEMU starts with (0: normal). Work done ahead of
     /// demand starts nice, so it yields to launches someone waits for.
     pub niceness: i32,
+    /// Fork QEMU from this fork server instead of starting it by exec
+    /// (cheaper: its libraries are loaded and relocated once).
+    pub fork_server: Option<std::sync::Arc<strata_zygote::ForkServer>>,
 }
 
 impl VmConfig {
@@ -407,8 +410,7 @@ fn ignore_shared() -> qmp::migrate_set_capabilities {
 
 /// A running QEMU process. Killed when dropped, unless released.
 pub struct Vm {
-    /// Our child, or (after a re-attach from another process) just its pid.
-    child: Option<Child>,
+    process: Process,
     pid: u32,
     dir: PathBuf,
     qmp: Qmp,
@@ -449,6 +451,154 @@ async fn open_qmp(stream: UnixStream) -> Result<Qmp, Error> {
     Ok(Qmp::new(neg.negotiate().await.map_err(Error::Channel)?))
 }
 
+/// A QEMU process, however it was started.
+enum Process {
+    /// Started by exec: our child.
+    Child(Child),
+    /// Forked by the fork server: its pidfd says when it exits (the server
+    /// reaps it).
+    Forked { pid: u32, pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd> },
+    /// Started by another strata process (a re-attached detached session).
+    Other(u32),
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Process::Child(c) => c.id().unwrap_or(0),
+            Process::Forked { pid, .. } | Process::Other(pid) => *pid,
+        }
+    }
+
+    /// Waits until the process has exited; its exit status, as far as known.
+    async fn exited(&mut self) -> String {
+        match self {
+            Process::Child(c) => c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            Process::Forked { pidfd, .. } => match pidfd.readable().await {
+                // The fork server reaps it and keeps its status.
+                Ok(_) => "exited (status in the fork server)".into(),
+                Err(e) => e.to_string(),
+            },
+            Process::Other(pid) => {
+                // Not ours to wait for: watch /proc.
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                "exited".into()
+            }
+        }
+    }
+}
+
+/// The environment QEMU runs with, besides what it inherits: a temporary
+/// directory of its own (snapshot overlays) and the allocator's tunables.
+fn qemu_env(cfg: &VmConfig) -> [(&'static str, std::ffi::OsString); 2] {
+    [("TMPDIR", cfg.dir.clone().into_os_string()), ("GLIBC_TUNABLES", QEMU_MALLOC_TUNABLES.into())]
+}
+
+/// Under TCG, transparent huge pages back the translation buffer in 2 MiB
+/// steps, a few MiB of private memory per VM for code it never fills; under
+/// KVM, guests want them.
+fn no_thp(cfg: &VmConfig) -> bool {
+    cfg.accel == Accel::Tcg
+}
+
+/// Starts QEMU as a fork server, with the preload library at `preload`
+/// (`strata-zygote-preload`), for [`VmConfig::fork_server`].
+///
+/// # Errors
+/// If it does not start and greet within 10 s.
+pub fn start_fork_server(preload: &Path) -> Result<strata_zygote::ForkServer, strata_zygote::Error> {
+    let tunables = std::ffi::OsStr::new(QEMU_MALLOC_TUNABLES);
+    strata_zygote::ForkServer::start(Path::new(QEMU), preload, &[("GLIBC_TUNABLES", tunables)], Duration::from_secs(10))
+}
+
+/// Starts QEMU by exec.
+fn exec_qemu(cfg: &VmConfig, args: &[String], channels: &Channels, log: std::fs::File) -> Result<Process, Error> {
+    let channel_fds = channels.fds();
+    let mut cmd = Command::new(QEMU);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
+    for (k, v) in qemu_env(cfg) {
+        cmd.env(k, v);
+    }
+    let die_with_parent = cfg.die_with_parent;
+    let no_thp = no_thp(cfg);
+    let niceness = cfg.niceness;
+    // SAFETY: setsid, prctl, setpriority and fcntl are async-signal-safe. A session of its
+    // own keeps QEMU out of the terminal's signals (a closed terminal's
+    // SIGHUP must not stop a detached VM; strata decides when VMs stop).
+    // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if die_with_parent {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            if no_thp {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            }
+            if niceness != 0 {
+                libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
+            }
+            // The channels' sockets stay open across exec, in QEMU only.
+            for fd in channel_fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(Process::Child(cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?))
+}
+
+/// Starts QEMU as a child of the fork server: the same arguments,
+/// environment and descriptors as [`exec_qemu`] gives it.
+async fn fork_qemu(
+    server: &std::sync::Arc<strata_zygote::ForkServer>,
+    cfg: &VmConfig,
+    args: &[String],
+    channels: &Channels,
+    log: &std::fs::File,
+) -> Result<Process, strata_zygote::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned().map_err(|source| strata_zygote::Error::Io { what: "duplicating a descriptor", source })
+    };
+    let null = std::fs::File::open("/dev/null")
+        .map_err(|source| strata_zygote::Error::Io { what: "opening /dev/null", source })?;
+    let (qmp, agent) = (channels.qmp.as_fd(), channels.agent.as_fd());
+    let fds = [dup(null.as_fd())?, dup(null.as_fd())?, dup(log.as_fd())?, dup(qmp)?, dup(agent)?];
+    let fd_targets = vec![0, 1, 2, qmp.as_raw_fd(), agent.as_raw_fd()];
+    let overrides = qemu_env(cfg);
+    let mut env: Vec<Vec<u8>> = std::env::vars_os()
+        .filter(|(k, _)| !overrides.iter().any(|(o, _)| k == o) && k != "LD_PRELOAD")
+        .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
+        .collect();
+    env.extend(overrides.iter().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()));
+    let req = strata_zygote::SpawnRequest {
+        args: std::iter::once(QEMU.as_bytes().to_vec()).chain(args.iter().map(|a| a.as_bytes().to_vec())).collect(),
+        env,
+        fd_targets,
+        niceness: cfg.niceness,
+        die_with_parent: cfg.die_with_parent,
+        no_thp: no_thp(cfg),
+    };
+    let server = server.clone();
+    let (pid, pidfd) = tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        server.spawn(&req, &borrowed)
+    })
+    .await
+    .map_err(|e| strata_zygote::Error::Spawn(e.to_string()))??;
+    // SAFETY: the AsyncFd owns the pidfd, which stays open and the same
+    // until it is dropped.
+    let pidfd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| strata_zygote::Error::Io { what: "watching the pidfd", source: e.into() })?;
+    Ok(Process::Forked { pid, pidfd })
+}
+
 impl Vm {
     /// Starts QEMU, connects QMP, loads the incoming state if any (the guest
     /// then runs at once), and waits for the guest agent's channel.
@@ -457,58 +607,26 @@ impl Vm {
     /// If QEMU cannot start, exits early, or a channel does not connect in time.
     pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
         let channels = Channels::bind(&cfg.dir)?;
-        let channel_fds = channels.fds();
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
-        let mut cmd = Command::new(QEMU);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?))
-            .env("TMPDIR", &cfg.dir)
-            .env("GLIBC_TUNABLES", QEMU_MALLOC_TUNABLES);
-        let die_with_parent = cfg.die_with_parent;
-        // Under TCG, transparent huge pages back the translation buffer in
-        // 2 MiB steps, a few MiB of private memory per VM for code it never
-        // fills; under KVM, guests want them.
-        let no_thp = cfg.accel == Accel::Tcg;
-        let niceness = cfg.niceness;
-        // SAFETY: setsid, prctl, setpriority and fcntl are async-signal-safe. A session of its
-        // own keeps QEMU out of the terminal's signals (a closed terminal's
-        // SIGHUP must not stop a detached VM; strata decides when VMs stop).
-        // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                if die_with_parent {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                }
-                if no_thp {
-                    libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-                }
-                if niceness != 0 {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
-                }
-                // The channels' sockets stay open across exec, in QEMU only.
-                for fd in channel_fds {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        let log_file = std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?;
         tracing::debug!(?args, "starting QEMU");
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
+        let mut process = match &cfg.fork_server {
+            Some(server) => match fork_qemu(server, cfg, &args, &channels, &log_file).await {
+                Ok(p) => p,
+                Err(e) => {
+                    // A broken fork server must not stop launches: exec instead.
+                    tracing::warn!(error = %e, "the fork server failed; starting QEMU by exec");
+                    exec_qemu(cfg, &args, &channels, log_file)?
+                }
+            },
+            None => exec_qemu(cfg, &args, &channels, log_file)?,
+        };
         // QEMU has its own copies now.
         drop(channels);
         let dir = cfg.dir.clone();
-        let early_exit = |st: std::io::Result<std::process::ExitStatus>| Error::EarlyExit {
-            status: st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-            console: diagnostics(&dir),
-        };
-        let pid = child.id().unwrap_or(0);
+        let early_exit = |status: String| Error::EarlyExit { status, console: diagnostics(&dir) };
+        let pid = process.pid();
         // If this future is dropped before the Vm exists (a cancelled launch),
         // the process must not outlive it.
         let mut guard = KillUnlessDisarmed(pid, false);
@@ -531,14 +649,14 @@ impl Vm {
                 Ok(x) => x,
                 Err(e) => { kill_pid(pid); return Err(e) }
             },
-            st = child.wait() => return Err(early_exit(st)),
+            st = process.exited() => return Err(early_exit(st)),
             _ = tokio::time::sleep(connect_timeout) => {
                 kill_pid(pid);
                 return Err(Error::AgentTimeout(connect_timeout.as_secs()))
             }
         };
         guard.1 = true;
-        Ok((Vm { child: Some(child), pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))
+        Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))
     }
 
     /// Reconnects to a VM started by another process (a detached session):
@@ -564,7 +682,10 @@ impl Vm {
         };
         let (qmp, agent) =
             tokio::time::timeout(timeout, both).await.map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
-        Ok((Vm { child: None, pid, dir: dir.to_path_buf(), qmp, released: false }, AgentConn::new(agent)))
+        Ok((
+            Vm { process: Process::Other(pid), pid, dir: dir.to_path_buf(), qmp, released: false },
+            AgentConn::new(agent),
+        ))
     }
 
     /// Leaves QEMU running when this handle is dropped (a detached session).
@@ -749,32 +870,20 @@ impl Vm {
         Err(Error::Save(format!("QEMU holds no open file {path} for drive {device}")))
     }
 
-    /// Waits for QEMU (our child) to exit by itself, up to `timeout`;
-    /// `true` if it did.
+    /// Waits for QEMU (started by this process) to exit by itself, up to
+    /// `timeout`; `true` if it did.
     pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        match &mut self.child {
-            Some(c) => tokio::time::timeout(timeout, c.wait()).await.is_ok_and(|r| r.is_ok()),
-            None => false,
+        match &self.process {
+            Process::Other(_) => false,
+            _ => tokio::time::timeout(timeout, self.process.exited()).await.is_ok(),
         }
     }
 
     /// Kills QEMU and waits for it to be gone.
     pub async fn kill(&mut self) {
-        match &mut self.child {
-            Some(c) => {
-                let _ = c.kill().await;
-            }
-            None => {
-                kill_pid(self.pid);
-                // Not our child: watch /proc, briefly and boundedly.
-                for _ in 0..100 {
-                    if !Path::new(&format!("/proc/{}", self.pid)).exists() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
+        kill_pid(self.pid);
+        // Bounded: a process stuck in the kernel must not hang a caller.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.process.exited()).await;
         self.released = true;
     }
 }

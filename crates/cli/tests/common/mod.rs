@@ -105,11 +105,17 @@ pub fn strata_with_input(args: &[&str], input: &str) -> Output {
 
 /// The engine, configured like the CLI in these tests.
 pub fn engine() -> Engine {
+    engine_with(|_| {})
+}
+
+/// [`engine`], with changes to its configuration.
+pub fn engine_with(change: impl FnOnce(&mut Config)) -> Engine {
     let e = env();
     let mut cfg = Config::from_env();
     cfg.state_dir = e.state.clone();
     cfg.packages_dir = e.packages.clone();
     cfg.agent_binary = e.agent.clone();
+    change(&mut cfg);
     Engine::open(cfg).unwrap()
 }
 

@@ -1,0 +1,784 @@
+//! QEMU from a fork server.
+//!
+//! Starting QEMU by `exec` costs ~33 ms of CPU under TCG on the reference
+//! machine, and a third of it is the same work every time: mapping 50
+//! libraries and applying a quarter of a million relocations, each page
+//! of them faulted in. A fork server does that once: QEMU is started with
+//! strata's preload library (`strata-zygote-preload`), which takes over
+//! before QEMU's own code runs (its `main`, even its constructors) and
+//! waits on a socket. For each VM it forks; the child becomes an ordinary
+//! QEMU with the VM's arguments, environment and descriptors. What the
+//! children share with the server (relocated pages) stays shared.
+//!
+//! This crate has both ends: [`ForkServer`] is strata's side, [`serve`]
+//! runs inside the server process. Messages are one datagram each on a
+//! `SOCK_SEQPACKET` socket pair, descriptors passed with `SCM_RIGHTS`.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The environment variable that turns a QEMU with the preload library into
+/// a fork server: the number of its end of the socket pair.
+pub const SERVER_FD_ENV: &str = "STRATA_ZYGOTE_FD";
+
+/// The server's command line, after QEMU's path: a marker, then room that
+/// each child overwrites with its own arguments, so that /proc/PID/cmdline
+/// shows them (strata finds a session's QEMU by it).
+pub const MARKER: &str = "--strata-fork-server";
+const CMDLINE_ROOM: usize = 32 * 1024;
+
+const MAGIC: &[u8; 4] = b"SZ1\0";
+/// Largest message either way; a QEMU command line is a few KiB.
+pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Most descriptors one child gets (stdio and a few sockets).
+pub const MAX_FDS: usize = 16;
+const MAX_STRINGS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fork server: {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fork server: malformed message: {0}")]
+    Protocol(&'static str),
+    #[error("fork server could not start QEMU: {0}")]
+    Spawn(String),
+    #[error("fork server did not come up: {0}")]
+    NotReady(String),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// What a child is to become.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpawnRequest {
+    /// The whole argument vector, program name first.
+    pub args: Vec<Vec<u8>>,
+    /// `NAME=value` entries: the child's whole environment.
+    pub env: Vec<Vec<u8>>,
+    /// For each descriptor sent along, in order, the number it gets in the
+    /// child (0, 1 and 2 for standard input, output and error).
+    pub fd_targets: Vec<i32>,
+    pub niceness: i32,
+    /// SIGKILL the child when the fork server exits (which it does when
+    /// strata's end of the socket closes, strata's death included).
+    pub die_with_parent: bool,
+    /// No transparent huge pages for the child.
+    pub no_thp: bool,
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Reads the message a little-endian field at a time.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], Error> {
+        if self.0.len() < n {
+            return Err(Error::Protocol("message ends early"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, Error> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn i32(&mut self) -> Result<i32, Error> {
+        Ok(i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    /// A NUL-terminated string (without its NUL).
+    fn string(&mut self) -> Result<Vec<u8>, Error> {
+        let end = self.0.iter().position(|b| *b == 0).ok_or(Error::Protocol("string without its NUL"))?;
+        let s = self.0[..end].to_vec();
+        self.0 = &self.0[end + 1..];
+        Ok(s)
+    }
+}
+
+const FLAG_DIE_WITH_PARENT: u32 = 1;
+const FLAG_NO_THP: u32 = 2;
+
+impl SpawnRequest {
+    /// # Errors
+    /// If a string holds a NUL byte, or the request is too large.
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        if self.args.is_empty() {
+            return Err(Error::Protocol("no program name"));
+        }
+        if self.fd_targets.len() > MAX_FDS || self.args.len() + self.env.len() > MAX_STRINGS {
+            return Err(Error::Protocol("too many descriptors or strings"));
+        }
+        let mut out = MAGIC.to_vec();
+        let flags =
+            if self.die_with_parent { FLAG_DIE_WITH_PARENT } else { 0 } | if self.no_thp { FLAG_NO_THP } else { 0 };
+        put_u32(&mut out, flags);
+        out.extend_from_slice(&self.niceness.to_le_bytes());
+        put_u32(&mut out, self.fd_targets.len() as u32);
+        for t in &self.fd_targets {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        put_u32(&mut out, self.args.len() as u32);
+        put_u32(&mut out, self.env.len() as u32);
+        for s in self.args.iter().chain(&self.env) {
+            if s.contains(&0) {
+                return Err(Error::Protocol("a string holds a NUL byte"));
+            }
+            out.extend_from_slice(s);
+            out.push(0);
+        }
+        if out.len() > MAX_MESSAGE {
+            return Err(Error::Protocol("request too large"));
+        }
+        Ok(out)
+    }
+
+    /// # Errors
+    /// If the bytes are not a whole request.
+    pub fn decode(buf: &[u8]) -> Result<SpawnRequest, Error> {
+        let mut r = Reader(buf);
+        if r.take(4)? != MAGIC {
+            return Err(Error::Protocol("bad magic"));
+        }
+        let flags = r.u32()?;
+        let niceness = r.i32()?;
+        let nfds = r.u32()? as usize;
+        if nfds > MAX_FDS {
+            return Err(Error::Protocol("too many descriptors"));
+        }
+        let fd_targets = (0..nfds).map(|_| r.i32()).collect::<Result<Vec<_>, _>>()?;
+        if fd_targets.iter().any(|t| *t < 0) {
+            return Err(Error::Protocol("negative descriptor number"));
+        }
+        let (nargs, nenv) = (r.u32()? as usize, r.u32()? as usize);
+        if nargs == 0 || nargs + nenv > MAX_STRINGS {
+            return Err(Error::Protocol("bad number of strings"));
+        }
+        let args = (0..nargs).map(|_| r.string()).collect::<Result<Vec<_>, _>>()?;
+        let env = (0..nenv).map(|_| r.string()).collect::<Result<Vec<_>, _>>()?;
+        if !r.0.is_empty() {
+            return Err(Error::Protocol("trailing bytes"));
+        }
+        Ok(SpawnRequest {
+            args,
+            env,
+            fd_targets,
+            niceness,
+            die_with_parent: flags & FLAG_DIE_WITH_PARENT != 0,
+            no_thp: flags & FLAG_NO_THP != 0,
+        })
+    }
+}
+
+/// The server's answer to a request: the child's pid (its pidfd comes with
+/// it), or why there is no child, or the CPU its children used. The first
+/// message, before any request, is `Spawned` with the server's own pid: it
+/// is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Spawned { pid: i32 },
+    Failed { errno: i32, what: String },
+    Usage(Usage),
+}
+
+/// CPU time and page faults of the server and its exited children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub cpu_us: u64,
+    pub page_faults: u64,
+}
+
+/// A request for [`Usage`] instead of a child.
+const USAGE_REQUEST: &[u8; 4] = b"SZU\0";
+
+impl Reply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        match self {
+            Reply::Spawned { pid } => {
+                out.push(1);
+                out.extend_from_slice(&pid.to_le_bytes());
+            }
+            Reply::Failed { errno, what } => {
+                out.push(2);
+                out.extend_from_slice(&errno.to_le_bytes());
+                out.extend_from_slice(what.as_bytes());
+            }
+            Reply::Usage(u) => {
+                out.push(3);
+                out.extend_from_slice(&u.cpu_us.to_le_bytes());
+                out.extend_from_slice(&u.page_faults.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// # Errors
+    /// If the bytes are not a reply.
+    pub fn decode(buf: &[u8]) -> Result<Reply, Error> {
+        let mut r = Reader(buf);
+        if r.take(4)? != MAGIC {
+            return Err(Error::Protocol("bad magic"));
+        }
+        let reply = match r.take(1)?[0] {
+            1 => Reply::Spawned { pid: r.i32()? },
+            2 => {
+                Reply::Failed { errno: r.i32()?, what: String::from_utf8_lossy(std::mem::take(&mut r.0)).into_owned() }
+            }
+            3 => {
+                let u64 = |r: &mut Reader<'_>| -> Result<u64, Error> {
+                    Ok(u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")))
+                };
+                Reply::Usage(Usage { cpu_us: u64(&mut r)?, page_faults: u64(&mut r)? })
+            }
+            _ => return Err(Error::Protocol("unknown reply")),
+        };
+        if !r.0.is_empty() {
+            return Err(Error::Protocol("trailing bytes"));
+        }
+        Ok(reply)
+    }
+}
+
+fn own_and_children_usage() -> Usage {
+    let mut total = Usage::default();
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: rusage is plain integers, for which all zeroes is valid.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct we own.
+        unsafe { libc::getrusage(who, &mut ru) };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        total.cpu_us += us(ru.ru_utime) + us(ru.ru_stime);
+        total.page_faults += (ru.ru_minflt + ru.ru_majflt) as u64;
+    }
+    total
+}
+
+/// Sends one datagram with descriptors attached.
+fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = if fds.is_empty() { 0 } else { (unsafe { libc::CMSG_SPACE(fd_bytes as u32) }) as usize };
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer is CMSG_SPACE(fd_bytes) long, room for
+        // one header and the descriptors, and msg points at it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), fd_bytes);
+        }
+    }
+    loop {
+        // SAFETY: msg and the buffers it points to live across the call.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives one datagram and the descriptors attached to it (close-on-exec).
+/// An empty result means the other end closed.
+fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = (unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) }) as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: msg and the buffers it points to live across the call.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled the control buffer; the CMSG macros walk it
+    // within msg_controllen, and each SCM_RIGHTS payload is descriptors
+    // that are now ours.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "message or descriptors truncated"));
+    }
+    Ok((n, fds))
+}
+
+/// strata's side: a running fork server and the socket to it. Requests are
+/// answered one at a time, in order. Dropping it closes the socket, which
+/// ends the server (and the children started with `die_with_parent`).
+pub struct ForkServer {
+    sock: Mutex<OwnedFd>,
+    process: Mutex<Child>,
+    pid: u32,
+}
+
+impl ForkServer {
+    /// Starts `qemu` with the preload library as a fork server, with
+    /// `env` added to this process's environment (glibc's tunables are
+    /// read once, here, for all children), and waits until it is ready.
+    ///
+    /// # Errors
+    /// If it cannot start, or does not answer within `timeout` (a missing
+    /// or broken preload library makes QEMU reject the marker argument).
+    pub fn start(qemu: &Path, preload: &Path, env: &[(&str, &OsStr)], timeout: Duration) -> Result<ForkServer, Error> {
+        if !preload.is_file() {
+            return Err(Error::NotReady(format!(
+                "no preload library at {} (cargo build --release builds it)",
+                preload.display()
+            )));
+        }
+        let mut pair = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array we own.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) }
+            < 0
+        {
+            return Err(io_err("socketpair")(io::Error::last_os_error()));
+        }
+        // SAFETY: socketpair succeeded: both are open descriptors nobody else owns.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let server_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(qemu);
+        cmd.arg(MARKER)
+            .arg(" ".repeat(CMDLINE_ROOM))
+            .env("LD_PRELOAD", preload)
+            .env(SERVER_FD_ENV, server_fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: fcntl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let flags = libc::fcntl(server_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(server_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(io_err("starting QEMU as a fork server"))?;
+        drop(theirs);
+        let ready = (|| {
+            let mut pfd = libc::pollfd { fd: ours.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one pollfd we own.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+                return Err(Error::NotReady(format!("no answer in {} ms", timeout.as_millis())));
+            }
+            let mut buf = [0u8; 64];
+            let (n, _) = recv_with_fds(ours.as_raw_fd(), &mut buf).map_err(io_err("reading its greeting"))?;
+            match Reply::decode(&buf[..n]) {
+                Ok(Reply::Spawned { pid }) if pid as u32 == child.id() => Ok(()),
+                _ if n == 0 => Err(Error::NotReady("it exited (is the preload library loadable?)".into())),
+                other => Err(Error::NotReady(format!("unexpected greeting {other:?}"))),
+            }
+        })();
+        if let Err(e) = ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let pid = child.id();
+        Ok(ForkServer { sock: Mutex::new(ours), process: Mutex::new(child), pid })
+    }
+
+    /// The server process's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Forks a child as `req` describes, handing it `fds` (numbered in the
+    /// child as `req.fd_targets` says). Returns its pid and a pidfd, which
+    /// becomes readable when the child exits (the server reaps it).
+    ///
+    /// # Errors
+    /// If the server is gone or could not fork.
+    pub fn spawn(&self, req: &SpawnRequest, fds: &[BorrowedFd<'_>]) -> Result<(u32, OwnedFd), Error> {
+        if fds.len() != req.fd_targets.len() {
+            return Err(Error::Protocol("descriptors and their numbers differ in count"));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let (reply, mut got) = self.exchange(&req.encode()?, &raw)?;
+        match reply {
+            Reply::Spawned { pid } if got.len() == 1 => Ok((pid as u32, got.remove(0))),
+            Reply::Spawned { .. } => Err(Error::Protocol("a child without its pidfd")),
+            Reply::Failed { errno, what } => {
+                Err(Error::Spawn(format!("{what}: {}", io::Error::from_raw_os_error(errno))))
+            }
+            Reply::Usage(_) => Err(Error::Protocol("usage instead of a child")),
+        }
+    }
+
+    /// CPU time and page faults of the server and of its children that
+    /// have exited: what the VMs it forked cost.
+    ///
+    /// # Errors
+    /// If the server is gone.
+    pub fn usage(&self) -> Result<Usage, Error> {
+        match self.exchange(USAGE_REQUEST, &[])?.0 {
+            Reply::Usage(u) => Ok(u),
+            _ => Err(Error::Protocol("not a usage reply")),
+        }
+    }
+
+    /// One request and its reply, with the descriptors that came along.
+    fn exchange(&self, request: &[u8], fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        send_with_fds(sock.as_raw_fd(), request, fds).map_err(io_err("sending a request"))?;
+        let mut buf = vec![0u8; 4096];
+        let (n, got) = recv_with_fds(sock.as_raw_fd(), &mut buf).map_err(io_err("reading its answer"))?;
+        drop(sock);
+        if n == 0 {
+            return Err(Error::Spawn("the fork server exited".into()));
+        }
+        Ok((Reply::decode(&buf[..n])?, got))
+    }
+}
+
+impl std::fmt::Debug for ForkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForkServer").field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        // Closing our end (with the struct) ends the server; reap it. Kill
+        // it first so that a server stuck in a fork cannot hold us here.
+        let mut p = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+/// What a child of the server goes on with: QEMU's `main` with these.
+pub struct ChildStart {
+    pub args: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// Whether this process was started as a fork server: the descriptor of
+/// its socket, read from [`SERVER_FD_ENV`] (then removed from the
+/// environment, so that nothing it starts inherits it).
+pub fn server_fd_from_env() -> Option<RawFd> {
+    let v: OsString = std::env::var_os(SERVER_FD_ENV)?;
+    std::env::remove_var(SERVER_FD_ENV);
+    std::env::remove_var("LD_PRELOAD");
+    std::str::from_utf8(v.as_bytes()).ok()?.parse().ok().filter(|fd| *fd > 2)
+}
+
+/// The server loop, inside the QEMU process strata started as a fork
+/// server. Greets, then answers requests until strata's end closes (then
+/// exits the process). Returns only in a child, which is set up as asked
+/// (session, signals, niceness, descriptors) and goes on to QEMU's `main`.
+///
+/// `cmdline` is the memory of this process's original arguments, which a
+/// child overwrites with its own so that /proc/PID/cmdline shows them.
+///
+/// # Safety
+/// The process must be single-threaded, and `cmdline` must be the argument
+/// area the kernel set up for this process and not referenced elsewhere.
+pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8]) -> ChildStart {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if send_with_fds(sock, &Reply::Spawned { pid: me }.encode(), &[]).is_err() {
+        // SAFETY: ending the process is the only thing left to do.
+        unsafe { libc::_exit(1) };
+    }
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        reap_children();
+        let mut pfd = libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 };
+        // A second at most between reaps of exited children.
+        // SAFETY: one pollfd we own.
+        if unsafe { libc::poll(&mut pfd, 1, 1000) } == 0 {
+            continue;
+        }
+        let (n, fds) = match recv_with_fds(sock, &mut buf) {
+            Ok((0, _)) => {
+                // strata closed its end (or died): done.
+                // SAFETY: exiting without running atexit handlers or QEMU's
+                // destructors, which never ran their constructors' pair.
+                unsafe { libc::_exit(0) };
+            }
+            Ok(x) => x,
+            Err(e) => {
+                let _ = send_with_fds(
+                    sock,
+                    &Reply::Failed { errno: e.raw_os_error().unwrap_or(libc::EIO), what: "reading the request".into() }
+                        .encode(),
+                    &[],
+                );
+                continue;
+            }
+        };
+        if &buf[..n] == USAGE_REQUEST {
+            reap_children();
+            let _ = send_with_fds(sock, &Reply::Usage(own_and_children_usage()).encode(), &[]);
+            continue;
+        }
+        let req = match SpawnRequest::decode(&buf[..n]) {
+            Ok(r) if r.fd_targets.len() == fds.len() => r,
+            Ok(_) | Err(_) => {
+                let what = "malformed request (or descriptors missing)".to_string();
+                let _ = send_with_fds(sock, &Reply::Failed { errno: libc::EINVAL, what }.encode(), &[]);
+                continue;
+            }
+        };
+        // SAFETY: single-threaded (the caller's promise), so the child may
+        // go on freely.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: in the child, with the request's descriptors.
+            return unsafe { become_child(sock, req, fds, cmdline) };
+        }
+        let reply = if pid < 0 {
+            (
+                Reply::Failed {
+                    errno: io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+                    what: "fork".into(),
+                },
+                None,
+            )
+        } else {
+            // The child cannot have been reaped yet (only this loop reaps),
+            // so the pid is still the child's.
+            // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+            if pidfd < 0 {
+                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+                // SAFETY: our child; a kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                (Reply::Failed { errno, what: "pidfd_open".into() }, None)
+            } else {
+                // SAFETY: pidfd_open returned a new descriptor we own.
+                (Reply::Spawned { pid }, Some(unsafe { OwnedFd::from_raw_fd(pidfd) }))
+            }
+        };
+        drop(fds);
+        let pidfd: Vec<RawFd> = reply.1.iter().map(AsRawFd::as_raw_fd).collect();
+        if send_with_fds(sock, &reply.0.encode(), &pidfd).is_err() {
+            // SAFETY: strata is gone; so is the reason to live.
+            unsafe { libc::_exit(0) };
+        }
+    }
+}
+
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own children, non-blocking.
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}
+
+/// In a just-forked child: the request's process attributes and
+/// descriptors. Failures are written to its standard error (QEMU's log)
+/// and end it: strata sees an early exit.
+unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdline: &mut [u8]) -> ChildStart {
+    let fail = |what: &str| -> ! {
+        let msg = format!("strata fork server: {what}: {}\n", io::Error::last_os_error());
+        // SAFETY: writing bytes we own to fd 2, then leaving.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: plain system calls on this process.
+    unsafe {
+        libc::close(sock);
+        libc::setsid();
+        if req.die_with_parent {
+            let parent = libc::getppid();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The server died between the fork and the prctl.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+        }
+        libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
+        if req.niceness != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, req.niceness);
+        }
+    }
+    // Move the descriptors above any target first, so that placing one
+    // cannot close another still to be placed.
+    let mut high = Vec::with_capacity(fds.len());
+    for fd in &fds {
+        // SAFETY: duplicating a descriptor we own.
+        let h = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 256) };
+        if h < 0 {
+            fail("duplicating a descriptor");
+        }
+        high.push(h);
+    }
+    drop(fds);
+    for (h, target) in high.iter().zip(&req.fd_targets) {
+        // SAFETY: dup2 onto the number the child's arguments name; the copy
+        // is not close-on-exec.
+        if unsafe { libc::dup2(*h, *target) } < 0 {
+            fail("placing a descriptor");
+        }
+    }
+    for h in high {
+        // SAFETY: closing the temporary copies we made.
+        unsafe { libc::close(h) };
+    }
+    // Show the child's own arguments in /proc/PID/cmdline.
+    let mut at = 0;
+    for a in &req.args {
+        if at + a.len() + 1 > cmdline.len() {
+            break;
+        }
+        cmdline[at..at + a.len()].copy_from_slice(a);
+        cmdline[at + a.len()] = 0;
+        at += a.len() + 1;
+    }
+    cmdline[at..].fill(0);
+    let cstrings = |v: Vec<Vec<u8>>| v.into_iter().map(|s| CString::new(s).expect("decode refused NULs")).collect();
+    ChildStart { args: cstrings(req.args), env: cstrings(req.env) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SpawnRequest {
+        SpawnRequest {
+            args: vec![b"qemu-system-x86_64".to_vec(), b"-m".to_vec(), b"512M".to_vec()],
+            env: vec![b"TMPDIR=/tmp/x".to_vec(), b"EMPTY=".to_vec()],
+            fd_targets: vec![0, 1, 2, 7],
+            niceness: 10,
+            die_with_parent: true,
+            no_thp: false,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = sample();
+        assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
+        let r = SpawnRequest { die_with_parent: false, no_thp: true, niceness: -5, env: vec![], ..sample() };
+        assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let good = sample().encode().unwrap();
+        // Every truncation is an error, never a panic or a shorter request.
+        for n in 0..good.len() {
+            assert!(SpawnRequest::decode(&good[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut trailing = good.clone();
+        trailing.push(b'x');
+        assert!(SpawnRequest::decode(&trailing).is_err());
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(SpawnRequest::decode(&magic).is_err());
+        let nul = SpawnRequest { args: vec![b"a\0b".to_vec()], ..sample() };
+        assert!(nul.encode().is_err());
+        assert!(SpawnRequest { args: vec![], ..sample() }.encode().is_err());
+        let many = SpawnRequest { fd_targets: vec![3; MAX_FDS + 1], ..sample() };
+        assert!(many.encode().is_err());
+        // A hand-made request claiming more descriptors than allowed.
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&0u32.to_le_bytes());
+        forged.extend_from_slice(&0i32.to_le_bytes());
+        forged.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(SpawnRequest::decode(&forged).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        for r in [
+            Reply::Spawned { pid: 4242 },
+            Reply::Failed { errno: libc::EAGAIN, what: "fork".into() },
+            Reply::Usage(Usage { cpu_us: 1 << 40, page_faults: 7 }),
+        ] {
+            let bytes = r.encode();
+            assert_eq!(Reply::decode(&bytes).unwrap(), r);
+            for n in 0..bytes.len() {
+                // Every cut is an error, except a failure's message, which may be empty.
+                if n < 9 || !matches!(r, Reply::Failed { .. }) {
+                    assert!(Reply::decode(&bytes[..n]).is_err(), "{r:?} cut at {n}");
+                }
+            }
+        }
+        assert!(Reply::decode(b"SZ1\0\x09").is_err());
+    }
+
+    #[test]
+    fn descriptors_pass_through_the_socket() {
+        let mut pair = [0; 2];
+        // SAFETY: socketpair fills the array.
+        assert_eq!(
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: both are new descriptors.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        send_with_fds(a.as_raw_fd(), b"hello", &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 2);
+        assert!(fds.iter().all(|f| f.as_raw_fd() != file.as_raw_fd()));
+        drop(a);
+        assert_eq!(recv_with_fds(b.as_raw_fd(), &mut buf).unwrap().0, 0, "a closed end reads as empty");
+    }
+}
