@@ -414,8 +414,11 @@ fn bench_load_reports_latency_throughput_and_cpu_per_launch() {
     for k in ["latency_p50_ms", "latency_p99_ms", "throughput", "cpu_ms_per_launch", "page_faults_per_launch"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
-    // A launch is at least one QEMU process started and stopped.
+    // A launch is at least one QEMU process started and stopped (the
+    // benchmark's VMs come from a fork server: their CPU counts too).
     assert!(v["cpu_ms_per_launch"].as_f64().unwrap() > 5.0, "{v}");
+    // None of its VMs outlives it, not even one whose start was cancelled.
+    assert!(wait_until(Duration::from_secs(10), || orphaned_qemus().is_empty()), "{:?}", orphaned_qemus());
     let bad = strata(&["bench", "load", "bc", "--rate", "0"]).output().unwrap();
     assert!(text(&bad.stderr).contains("--rate must be"), "{}", text(&bad.stderr));
 }

@@ -79,7 +79,7 @@ pub(crate) async fn start_and_attach(
         return Err(Error::Agent(format!("plugging in the context's devices: {e}\n{diag}")));
     }
     let reply = first_attach(&mut conn, ctx, timeout).await;
-    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "agent attached");
+    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, cpu_ms = vm.cpu_ms(), "agent attached");
     match reply {
         Ok((screen, exited)) => Ok(Attached { vm, conn, dir, screen, exited }),
         Err(e) => {
@@ -515,6 +515,7 @@ impl Session {
 
     /// Stops the VM now and removes everything the session created.
     pub async fn close(mut self) {
+        tracing::debug!(cpu_ms = self.vm.cpu_ms(), "closing the session");
         self.vm.kill().await;
     }
 

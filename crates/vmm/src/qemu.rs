@@ -425,6 +425,29 @@ impl Drop for Vm {
     }
 }
 
+/// The child a fork request is making, and whether its requester gave up.
+#[derive(Default)]
+struct ForkedUnlessAbandoned {
+    pid: std::sync::atomic::AtomicU32,
+    abandoned: std::sync::atomic::AtomicBool,
+}
+
+/// Marks a fork request abandoned when dropped, unless disarmed, and kills
+/// the child if it exists already.
+struct AbandonGuard(std::sync::Arc<ForkedUnlessAbandoned>, bool);
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+            let pid = self.0.pid.load(std::sync::atomic::Ordering::SeqCst);
+            if pid != 0 {
+                kill_pid(pid);
+            }
+        }
+    }
+}
+
 /// Kills a QEMU that never became a [`Vm`] (start failed or was cancelled),
 /// unless disarmed.
 struct KillUnlessDisarmed(u32, bool);
@@ -449,6 +472,18 @@ fn kill_pid(pid: u32) {
 async fn open_qmp(stream: UnixStream) -> Result<Qmp, Error> {
     let neg = qapi::futures::QmpStreamTokio::open(stream).await.map_err(Error::Channel)?;
     Ok(Qmp::new(neg.negotiate().await.map_err(Error::Channel)?))
+}
+
+/// CPU time process `pid` has used (all its threads, from the scheduler's
+/// nanosecond counters), in ms; 0 if it cannot be read.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e6
 }
 
 /// A QEMU process, however it was started.
@@ -586,9 +621,21 @@ async fn fork_qemu(
         no_thp: no_thp(cfg),
     };
     let server = server.clone();
+    // If this future is dropped while the request is out (a cancelled
+    // restore), the child the server forks must not live on: whichever of
+    // the request and the drop comes second kills it.
+    let forked = std::sync::Arc::new(ForkedUnlessAbandoned::default());
+    let mut guard = AbandonGuard(forked.clone(), false);
     let (pid, pidfd) = tokio::task::spawn_blocking(move || {
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        server.spawn(&req, &borrowed)
+        let r = server.spawn(&req, &borrowed);
+        if let Ok((pid, _)) = &r {
+            forked.pid.store(*pid, std::sync::atomic::Ordering::SeqCst);
+            if forked.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+                kill_pid(*pid);
+            }
+        }
+        r
     })
     .await
     .map_err(|e| strata_zygote::Error::Spawn(e.to_string()))??;
@@ -596,6 +643,7 @@ async fn fork_qemu(
     // until it is dropped.
     let pidfd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
         .map_err(|e| strata_zygote::Error::Io { what: "watching the pidfd", source: e.into() })?;
+    guard.1 = true;
     Ok(Process::Forked { pid, pidfd })
 }
 
@@ -634,13 +682,14 @@ impl Vm {
         let setup = async {
             let agent = connect(&cfg.dir, AGENT_SOCK).await.map_err(Error::Channel)?;
             let mut qmp = open_qmp(connect(&cfg.dir, QMP_SOCK).await.map_err(Error::Channel)?).await?;
-            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "QMP ready");
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, cpu_ms = cpu_ms(pid), "QMP ready");
             if let Some(state) = &cfg.incoming {
                 qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
                 let uri = format!("file:{}", state.display());
                 qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
                     .await
                     .map_err(qmp_err("migrate-incoming"))?;
+                tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, cpu_ms = cpu_ms(pid), "state loading");
             }
             Ok::<_, Error>((qmp, agent))
         };
@@ -715,6 +764,11 @@ impl Vm {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// CPU time QEMU has used so far (all its threads), in ms; 0 if unknown.
+    pub fn cpu_ms(&self) -> f64 {
+        cpu_ms(self.pid)
     }
 
     /// The end of the console log and QEMU's own messages, for error reports.

@@ -137,6 +137,25 @@ pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
     found
 }
 
+/// QEMU processes whose VM directory (where its console log goes) is gone:
+/// VMs nobody can reach any more. A VM is killed before its directory is
+/// removed, so none is ever listed in passing.
+pub fn orphaned_qemus() -> Vec<u32> {
+    let mut found = Vec::new();
+    for pid in qemu_processes_with("") {
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        let dir = cmd
+            .split('\0')
+            .find_map(|a| a.strip_prefix("file,id=console,path="))
+            .and_then(|p| std::path::Path::new(p).parent().map(std::path::Path::to_path_buf));
+        if dir.is_some_and(|d| !d.exists()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// Scratch directories in the store left by process `pid`.
 pub fn scratch_of(pid: u32) -> Vec<PathBuf> {
     let prefix = format!("{pid}.");
