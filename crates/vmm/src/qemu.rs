@@ -265,11 +265,14 @@ impl VmConfig {
 /// ~10 MiB of heap, and with the defaults ~1.5 MiB of it is free memory the
 /// allocator keeps: freed chunks amid the heap, per-thread arenas, and
 /// buffers that grew the mmap threshold and then came back to the heap. One
-/// arena, a fixed 32 KiB mmap threshold (larger buffers go back to the
-/// kernel when freed) and no trim slack give it back (measured with
-/// `strata bench density`).
+/// arena, and a fixed 256 KiB mmap and trim threshold, give most of it
+/// back. Lower thresholds (32 KiB, no trim slack: 1 MiB less per idle
+/// session) cost ~4 ms of CPU per VM start under TCG: QEMU rebuilds its
+/// memory maps many times while it starts and loads a state, and each
+/// rebuild's buffers then come from the kernel, zeroed page by page, and go
+/// back (measured with `strata bench density` and `strata bench load`).
 const QEMU_MALLOC_TUNABLES: &str =
-    "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=0:glibc.malloc.top_pad=0:glibc.malloc.mmap_threshold=32768";
+    "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=262144:glibc.malloc.mmap_threshold=262144";
 
 const QMP_SOCK: &str = "qmp.sock";
 /// The VNC socket of a graphical VM, in its directory.

@@ -268,6 +268,17 @@ fn own_and_children_usage() -> Usage {
     total
 }
 
+/// A connected pair of `SOCK_SEQPACKET` sockets (close-on-exec).
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut pair = [0; 2];
+    // SAFETY: socketpair writes two descriptors into the array we own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded: both are open descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
 /// Sends one datagram with descriptors attached.
 fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
@@ -377,15 +388,7 @@ impl ForkServer {
                 preload.display()
             )));
         }
-        let mut pair = [0; 2];
-        // SAFETY: socketpair writes two descriptors into the array we own.
-        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) }
-            < 0
-        {
-            return Err(io_err("socketpair")(io::Error::last_os_error()));
-        }
-        // SAFETY: socketpair succeeded: both are open descriptors nobody else owns.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let (ours, theirs) = seqpacket_pair().map_err(io_err("socketpair"))?;
         let server_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(qemu);
         cmd.arg(MARKER)
@@ -763,14 +766,7 @@ mod tests {
 
     #[test]
     fn descriptors_pass_through_the_socket() {
-        let mut pair = [0; 2];
-        // SAFETY: socketpair fills the array.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) },
-            0
-        );
-        // SAFETY: both are new descriptors.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let (a, b) = seqpacket_pair().unwrap();
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         send_with_fds(a.as_raw_fd(), b"hello", &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
         let mut buf = [0u8; 16];
