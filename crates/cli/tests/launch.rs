@@ -92,7 +92,15 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     let server = eng.fork_server_pid().expect("the fork server started");
     assert_eq!(parent_of(server), Some(std::process::id()));
     let pkg = eng.package("bc").unwrap();
+    // A busy server hands QEMU descriptors with high numbers (hundreds of
+    // sessions' sockets): the child must still get each at its number,
+    // even around 256, where a fixed floor for its temporary copies was.
+    let mut ballast = Vec::new();
+    while ballast.last().map_or(0, |f: &std::fs::File| std::os::fd::AsRawFd::as_raw_fd(f)) < 255 {
+        ballast.push(std::fs::File::open("/dev/null").unwrap());
+    }
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    drop(ballast);
     let vm = s.vm_pid();
     assert_eq!(parent_of(vm), Some(server), "QEMU {vm} was not forked by the fork server");
     // Its command line is its own (strata finds a session's QEMU by it).

@@ -629,6 +629,46 @@ fn reap_children() {
     }
 }
 
+/// Gives descriptor `fds[i]` the number `targets[i]` (not close-on-exec),
+/// and closes the originals. Safe against any overlap between the two
+/// lists: every descriptor is first moved above all the targets, so placing
+/// one never closes another still to be placed. Allocates nothing (it runs
+/// in a forked child).
+///
+/// # Safety
+/// The descriptors in `fds` must be owned by the caller, who gives them up.
+unsafe fn place_fds(fds: &[RawFd], targets: &[RawFd]) -> Result<(), &'static str> {
+    if fds.len() != targets.len() || fds.len() > MAX_FDS {
+        return Err("descriptors and their numbers differ in count");
+    }
+    let above = targets.iter().copied().max().unwrap_or(2).max(2) + 1;
+    let mut high = [-1; MAX_FDS];
+    for (i, fd) in fds.iter().enumerate() {
+        // SAFETY: duplicating a descriptor the caller owns.
+        let h = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
+        if h < 0 {
+            return Err("duplicating a descriptor");
+        }
+        high[i] = h;
+    }
+    for fd in fds {
+        // SAFETY: the caller gave the originals up; their copies are above.
+        unsafe { libc::close(*fd) };
+    }
+    for (h, target) in high.iter().zip(targets) {
+        // SAFETY: dup2 onto the number the child's arguments name; the copy
+        // is not close-on-exec.
+        if unsafe { libc::dup2(*h, *target) } < 0 {
+            return Err("placing a descriptor");
+        }
+    }
+    for h in &high[..fds.len()] {
+        // SAFETY: closing the temporary copies made above.
+        unsafe { libc::close(*h) };
+    }
+    Ok(())
+}
+
 /// In a just-forked child: the request's process attributes and
 /// descriptors. Failures are written to its standard error (QEMU's log)
 /// and end it: strata sees an early exit.
@@ -658,29 +698,13 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
             libc::setpriority(libc::PRIO_PROCESS, 0, req.niceness);
         }
     }
-    // Move the descriptors above any target first, so that placing one
-    // cannot close another still to be placed.
-    let mut high = Vec::with_capacity(fds.len());
-    for fd in &fds {
-        // SAFETY: duplicating a descriptor we own.
-        let h = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 256) };
-        if h < 0 {
-            fail("duplicating a descriptor");
-        }
-        high.push(h);
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the descriptors are ours; nothing else in this process uses them.
+    if let Err(what) = unsafe { place_fds(&raw, &req.fd_targets) } {
+        fail(what);
     }
-    drop(fds);
-    for (h, target) in high.iter().zip(&req.fd_targets) {
-        // SAFETY: dup2 onto the number the child's arguments name; the copy
-        // is not close-on-exec.
-        if unsafe { libc::dup2(*h, *target) } < 0 {
-            fail("placing a descriptor");
-        }
-    }
-    for h in high {
-        // SAFETY: closing the temporary copies we made.
-        unsafe { libc::close(h) };
-    }
+    // Closed by place_fds (or now the targets).
+    std::mem::forget(fds);
     // Show the child's own arguments in /proc/PID/cmdline.
     let mut at = 0;
     for a in &req.args {
@@ -762,6 +786,53 @@ mod tests {
             }
         }
         assert!(Reply::decode(b"SZ1\0\x09").is_err());
+    }
+
+    /// The inode behind descriptor `fd`, or 0.
+    fn inode(fd: RawFd) -> u64 {
+        // SAFETY: stat is plain data; fstat fills it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into st, which we own.
+        if unsafe { libc::fstat(fd, &mut st) } == 0 {
+            st.st_ino
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn descriptors_land_on_their_numbers_whatever_the_overlap() {
+        // Three files at the numbers a busy strata hands out, placed where
+        // their own copies (or each other) would land.
+        let files: Vec<std::fs::File> =
+            ["/proc/self/stat", "/dev/null", "/proc/version"].iter().map(|p| std::fs::File::open(p).unwrap()).collect();
+        let want: Vec<u64> = files.iter().map(|f| inode(f.as_raw_fd())).collect();
+        let lowest = files.iter().map(AsRawFd::as_raw_fd).max().unwrap() + 1;
+        // The last: where copies made above a fixed floor (256) would land.
+        for targets in [
+            vec![lowest + 1, lowest, lowest + 2],
+            vec![lowest, lowest + 1, lowest + 2],
+            vec![lowest + 2, lowest + 1, 2],
+            vec![257, 256, 258],
+        ] {
+            // In a child: moving descriptors around must not disturb the
+            // test harness. Only async-signal-safe calls after the fork.
+            let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+            // SAFETY: the child calls only fcntl, dup2, close, fstat and _exit.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: in the child, which owns its copies of the files.
+                let ok = unsafe { place_fds(&raw, &targets) }.is_ok()
+                    && targets.iter().zip(&want).all(|(t, w)| inode(*t) == *w)
+                    && raw.iter().filter(|r| !targets.contains(r)).all(|r| inode(*r) == 0);
+                // SAFETY: leaving the child.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "targets {targets:?}: status {status}");
+        }
     }
 
     #[test]
