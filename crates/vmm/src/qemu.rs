@@ -423,7 +423,7 @@ pub struct Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         if !self.released {
-            kill_pid(self.pid);
+            self.process.kill_now();
         }
     }
 }
@@ -464,6 +464,10 @@ impl Drop for KillUnlessDisarmed {
 }
 
 fn kill_pid(pid: u32) {
+    // 0 would be this process's own group.
+    if pid == 0 {
+        return;
+    }
     // SAFETY: sending a signal has no memory effects.
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -501,6 +505,29 @@ enum Process {
 }
 
 impl Process {
+    /// Sends SIGKILL. A forked QEMU is signalled through its pidfd, which
+    /// cannot reach another process should the pid be reused.
+    fn kill_now(&self) {
+        match self {
+            Process::Forked { pidfd, .. } => {
+                // SAFETY: pidfd_send_signal takes a descriptor we own, a
+                // signal number and no siginfo.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.get_ref().as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+            // A reaped child has no pid left to signal.
+            Process::Child(c) => c.id().map_or((), kill_pid),
+            Process::Other(pid) => kill_pid(*pid),
+        }
+    }
+
     fn pid(&self) -> u32 {
         match self {
             Process::Child(c) => c.id().unwrap_or(0),
@@ -938,7 +965,7 @@ impl Vm {
 
     /// Kills QEMU and waits for it to be gone.
     pub async fn kill(&mut self) {
-        kill_pid(self.pid);
+        self.process.kill_now();
         // Bounded: a process stuck in the kernel must not hang a caller.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.process.exited()).await;
         self.released = true;
