@@ -159,7 +159,7 @@ pub struct Config {
     /// longer, and every VM alive meanwhile costs CPU too.
     pub restore_slots: usize,
     /// Start QEMU from a fork server made with this preload library (see
-    /// `strata_zygote`; [`Config::preload_library`]): ~10 ms less CPU per
+    /// `strata_zygote`; [`Config::preload_library`]): ~14 ms less CPU per
     /// VM, for a process that starts many (a server, a benchmark). `None`
     /// (a one-shot command, which starts one VM): QEMU by exec.
     pub fork_server: Option<PathBuf>,
