@@ -362,17 +362,9 @@ pub struct LoadReport {
 /// children that were waited for (the VMs it started and stopped), and by
 /// the fork server and the VMs it forked that have exited.
 fn own_and_children_usage(fork_server: Option<&strata_vmm::ForkServer>) -> (f64, f64) {
-    let used = |who| {
-        // SAFETY: rusage is plain integers, for which all zeroes is valid.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage fills the struct we own and keeps no pointer to it.
-        unsafe { libc::getrusage(who, &mut ru) };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        (secs(ru.ru_utime) + secs(ru.ru_stime), (ru.ru_minflt + ru.ru_majflt) as f64)
-    };
-    let (own, children) = (used(libc::RUSAGE_SELF), used(libc::RUSAGE_CHILDREN));
+    let own = strata_vmm::Usage::of_this_process();
     let forked = fork_server.and_then(|f| f.usage().ok()).unwrap_or_default();
-    (own.0 + children.0 + forked.cpu_us as f64 / 1e6, own.1 + children.1 + forked.page_faults as f64)
+    ((own.cpu_us + forked.cpu_us) as f64 / 1e6, (own.page_faults + forked.page_faults) as f64)
 }
 
 impl Engine {

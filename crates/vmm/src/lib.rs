@@ -16,7 +16,7 @@ pub use qemu::{
     start_fork_server, Disk, DiskMode, Memory, Plug, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY,
     USER_NET_GUEST, VNC_SOCK,
 };
-pub use strata_zygote::ForkServer;
+pub use strata_zygote::{ForkServer, Usage};
 
 use std::path::PathBuf;
 

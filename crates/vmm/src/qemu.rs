@@ -481,8 +481,10 @@ async fn open_qmp(stream: UnixStream) -> Result<Qmp, Error> {
     Ok(Qmp::new(neg.negotiate().await.map_err(Error::Channel)?))
 }
 
-/// CPU time process `pid` has used (all its threads, from the scheduler's
-/// nanosecond counters), in ms; 0 if it cannot be read.
+/// CPU time process `pid` has used (its live threads, from the scheduler's
+/// nanosecond counters), in ms; 0 if it cannot be read. Fine-grained, for
+/// the stages of a start; threads that have exited are not counted (the
+/// benchmarks' whole-process figures come from /proc/PID/stat instead).
 pub fn cpu_ms(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
     let ns: u64 = tasks

@@ -254,18 +254,21 @@ impl Reply {
     }
 }
 
-fn own_and_children_usage() -> Usage {
-    let mut total = Usage::default();
-    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
-        // SAFETY: rusage is plain integers, for which all zeroes is valid.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage fills the struct we own.
-        unsafe { libc::getrusage(who, &mut ru) };
-        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-        total.cpu_us += us(ru.ru_utime) + us(ru.ru_stime);
-        total.page_faults += (ru.ru_minflt + ru.ru_majflt) as u64;
+impl Usage {
+    /// This process's usage and that of its children that were waited for.
+    pub fn of_this_process() -> Usage {
+        let mut total = Usage::default();
+        for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+            // SAFETY: rusage is plain integers, for which all zeroes is valid.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: getrusage fills the struct we own.
+            unsafe { libc::getrusage(who, &mut ru) };
+            let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+            total.cpu_us += us(ru.ru_utime) + us(ru.ru_stime);
+            total.page_faults += (ru.ru_minflt + ru.ru_majflt) as u64;
+        }
+        total
     }
-    total
 }
 
 /// A connected pair of `SOCK_SEQPACKET` sockets (close-on-exec).
@@ -569,7 +572,7 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8]) -> ChildStart {
         };
         if &buf[..n] == USAGE_REQUEST {
             reap_children();
-            let _ = send_with_fds(sock, &Reply::Usage(own_and_children_usage()).encode(), &[]);
+            let _ = send_with_fds(sock, &Reply::Usage(Usage::of_this_process()).encode(), &[]);
             continue;
         }
         let req = match SpawnRequest::decode(&buf[..n]) {
