@@ -725,16 +725,11 @@ impl Vm {
             }
             Ok::<_, Error>((qmp, agent))
         };
+        // Every early return below leaves `guard` armed: it kills QEMU.
         let (qmp, agent) = tokio::select! {
-            r = setup => match r {
-                Ok(x) => x,
-                Err(e) => { kill_pid(pid); return Err(e) }
-            },
+            r = setup => r?,
             st = process.exited() => return Err(early_exit(st)),
-            _ = tokio::time::sleep(connect_timeout) => {
-                kill_pid(pid);
-                return Err(Error::AgentTimeout(connect_timeout.as_secs()))
-            }
+            _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
         };
         guard.1 = true;
         Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))

@@ -119,8 +119,8 @@ pub fn engine_with(change: impl FnOnce(&mut Config)) -> Engine {
     Engine::open(cfg).unwrap()
 }
 
-/// QEMU processes whose command line mentions `needle`.
-pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
+/// Every QEMU process and its command line (arguments joined by NULs).
+fn qemu_cmdlines() -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -129,31 +129,33 @@ pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.starts_with("qemu-system") && cmd.contains(needle) {
-            found.push(pid);
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        if cmd.starts_with("qemu-system") {
+            found.push((pid, cmd));
         }
     }
     found
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
+    qemu_cmdlines().into_iter().filter(|(_, cmd)| cmd.replace('\0', " ").contains(needle)).map(|(pid, _)| pid).collect()
 }
 
 /// QEMU processes whose VM directory (where its console log goes) is gone:
 /// VMs nobody can reach any more. A VM is killed before its directory is
 /// removed, so none is ever listed in passing.
 pub fn orphaned_qemus() -> Vec<u32> {
-    let mut found = Vec::new();
-    for pid in qemu_processes_with("") {
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).into_owned();
-        let dir = cmd
-            .split('\0')
+    let console_dir = |cmd: &str| {
+        cmd.split('\0')
             .find_map(|a| a.strip_prefix("file,id=console,path="))
-            .and_then(|p| std::path::Path::new(p).parent().map(std::path::Path::to_path_buf));
-        if dir.is_some_and(|d| !d.exists()) {
-            found.push(pid);
-        }
-    }
-    found
+            .and_then(|p| std::path::Path::new(p).parent().map(std::path::Path::to_path_buf))
+    };
+    qemu_cmdlines()
+        .into_iter()
+        .filter(|(_, cmd)| console_dir(cmd).is_some_and(|d| !d.exists()))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Scratch directories in the store left by process `pid`.
