@@ -515,7 +515,7 @@ impl Session {
 
     /// Stops the VM now and removes everything the session created.
     pub async fn close(mut self) {
-        tracing::debug!(cpu_ms = self.vm.cpu_ms(), "closing the session");
+        tracing::debug!(cpu_ms = self.vm.cpu_ms(), pid = self.vm.pid(), "closing the session");
         self.vm.kill().await;
     }
 

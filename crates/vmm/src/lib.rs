@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod qcow2;
 pub mod qemu;
 
 pub use accel::Accel;
@@ -53,6 +54,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Disk(String),
     #[error("saving the VM state failed: {0}")]
     Save(String),
     #[error("the VM is {0}, not running, 30 s after its start; its devices cannot be plugged in")]

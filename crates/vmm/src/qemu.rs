@@ -30,7 +30,8 @@ pub enum Memory {
 pub enum DiskMode {
     Writable,
     ReadOnly,
-    /// Writes go to a temporary overlay QEMU creates and deletes itself.
+    /// Writes go to an empty overlay made for this VM in its directory
+    /// ([`VmConfig::dir`]), which goes with it.
     Throwaway,
 }
 
@@ -239,12 +240,12 @@ impl VmConfig {
             push(&["-vnc", &vnc]);
         }
         for (i, d) in self.disks.iter().enumerate() {
-            let mut drive = format!("file={},if=none,id=disk{i},format={},cache=unsafe", d.path.display(), d.format);
-            match d.mode {
-                DiskMode::Writable => {}
-                DiskMode::ReadOnly => drive.push_str(",readonly=on"),
-                DiskMode::Throwaway => drive.push_str(",snapshot=on"),
-            }
+            let drive = match d.mode {
+                DiskMode::Writable => format!("file={},format={}", d.path.display(), d.format),
+                DiskMode::ReadOnly => format!("file={},format={},readonly=on", d.path.display(), d.format),
+                DiskMode::Throwaway => format!("file={},format=qcow2", throwaway_overlay_path(dir, i).display()),
+            };
+            let drive = format!("{drive},if=none,id=disk{i},cache=unsafe");
             push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i}")]);
         }
         for (i, p) in self.plugs.iter().enumerate() {
@@ -558,7 +559,8 @@ impl Process {
 }
 
 /// The environment QEMU runs with, besides what it inherits: a temporary
-/// directory of its own (snapshot overlays) and the allocator's tunables.
+/// directory of its own (for any scratch file it makes) and the allocator's
+/// tunables.
 fn qemu_env(cfg: &VmConfig) -> [(&'static str, std::ffi::OsString); 2] {
     [("TMPDIR", cfg.dir.clone().into_os_string()), ("GLIBC_TUNABLES", QEMU_MALLOC_TUNABLES.into())]
 }
@@ -686,6 +688,13 @@ impl Vm {
     /// # Errors
     /// If QEMU cannot start, exits early, or a channel does not connect in time.
     pub async fn start(cfg: &VmConfig, connect_timeout: Duration) -> Result<(Vm, AgentConn), Error> {
+        for (i, d) in cfg.disks.iter().enumerate().filter(|(_, d)| d.mode == DiskMode::Throwaway) {
+            // One left by an earlier VM in this directory (a paused session's)
+            // is stale: unlinked, it stays whole for any process holding it.
+            let overlay = throwaway_overlay_path(&cfg.dir, i);
+            let _ = std::fs::remove_file(&overlay);
+            crate::qcow2::create_overlay(&d.path, d.format, &overlay)?;
+        }
         let channels = Channels::bind(&cfg.dir)?;
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
@@ -922,13 +931,18 @@ impl Vm {
     }
 
     /// Where to read the throwaway overlay of disk `index` (a
-    /// [`DiskMode::Throwaway`] drive): QEMU's own temporary qcow2, unlinked
-    /// as soon as it was opened, so it is read through QEMU's open file in
-    /// /proc, and only while QEMU lives. Its backing file is the disk's path.
+    /// [`DiskMode::Throwaway`] drive), while QEMU lives: the overlay made in
+    /// the VM's directory. A VM started by an earlier strata has QEMU's own
+    /// temporary overlay (`snapshot=on`), unlinked once opened: that one is
+    /// read through QEMU's open file in /proc.
     ///
     /// # Errors
     /// If QEMU has no such drive, or it is not a throwaway overlay.
     pub async fn throwaway_overlay(&mut self, index: usize) -> Result<PathBuf, Error> {
+        let made_here = throwaway_overlay_path(&self.dir, index);
+        if made_here.is_file() {
+            return Ok(made_here);
+        }
         let device = format!("disk{index}");
         let blocks = self.qmp.execute(qmp::query_block {}).await.map_err(qmp_err("query-block"))?;
         let file = blocks
@@ -978,6 +992,11 @@ fn overlay_file_name(reported: &str) -> Option<String> {
         return None;
     }
     v["file"]["filename"].as_str().map(str::to_string)
+}
+
+/// The overlay of a VM's throwaway disk `index`, in its directory `dir`.
+fn throwaway_overlay_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("disk{index}.qcow2"))
 }
 
 /// The end of QEMU's messages and the console log in `dir`, for error reports.

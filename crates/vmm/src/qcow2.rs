@@ -1,0 +1,192 @@
+//! Empty qcow2 overlays, written directly.
+//!
+//! A restored session's disk is a throwaway overlay on its image's disk.
+//! QEMU's `snapshot=on` makes one itself on every start (creates a qcow2,
+//! opens it five times, starts an I/O thread for it): ~1.5 ms of CPU per VM
+//! under TCG. An empty overlay is four clusters of fixed bytes, written here
+//! in a few microseconds instead. Layout (qcow2 version 3, 64 KiB clusters):
+//! the header with the backing file's name and format in cluster 0, the
+//! refcount table in cluster 1, its one refcount block in cluster 2, and
+//! the L1 table, all zero, from cluster 3.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::Error;
+
+const MAGIC: u32 = 0x5146_49fb;
+const CLUSTER_BITS: u32 = 16;
+const CLUSTER: u64 = 1 << CLUSTER_BITS;
+/// Header fields up to and including `header_length`.
+const HEADER_LEN: u32 = 104;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// 16-bit refcounts.
+const REFCOUNT_ORDER: u32 = 4;
+/// The backing file's name must fit in cluster 0 after the header.
+const MAX_BACKING_NAME: usize = 1023;
+
+/// The guest-visible size of a disk image: a qcow2's from its header, a raw
+/// file's from its length.
+fn virtual_size(path: &Path, format: &str) -> Result<u64, Error> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    match format {
+        "qcow2" => {
+            let mut head = [0u8; 32];
+            std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).map_err(io)?;
+            if u32::from_be_bytes([head[0], head[1], head[2], head[3]]) != MAGIC {
+                return Err(Error::Disk(format!("{} is not a qcow2 image", path.display())));
+            }
+            Ok(u64::from_be_bytes(head[24..32].try_into().expect("8 bytes")))
+        }
+        "raw" => Ok(std::fs::metadata(path).map_err(io)?.len()),
+        other => Err(Error::Disk(format!("cannot put an overlay on a {other} image ({})", path.display()))),
+    }
+}
+
+/// The bytes of an empty overlay of `size` bytes on `backing` (absolute
+/// name), whose format is `format`.
+fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
+    // Each L1 entry maps one L2 table: CLUSTER / 8 clusters.
+    let per_l1 = CLUSTER * (CLUSTER / 8);
+    let l1_entries = size.div_ceil(per_l1).max(1);
+    let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER);
+    let (refcount_table, refcount_block, l1_table) = (CLUSTER, 2 * CLUSTER, 3 * CLUSTER);
+    let clusters = 3 + l1_clusters;
+
+    let mut head = Vec::with_capacity(512);
+    let ext_len = format.len() as u32;
+    let ext_padded = (format.len() + 7) / 8 * 8;
+    // header, the format extension, the end-of-extensions marker
+    let backing_offset = u64::from(HEADER_LEN) + 8 + ext_padded as u64 + 8;
+    for field in [
+        &MAGIC.to_be_bytes()[..],
+        &3u32.to_be_bytes(),
+        &backing_offset.to_be_bytes(),
+        &(backing.len() as u32).to_be_bytes(),
+        &CLUSTER_BITS.to_be_bytes(),
+        &size.to_be_bytes(),
+        &0u32.to_be_bytes(), // no encryption
+        &(l1_entries as u32).to_be_bytes(),
+        &l1_table.to_be_bytes(),
+        &refcount_table.to_be_bytes(),
+        &1u32.to_be_bytes(), // refcount table clusters
+        &0u32.to_be_bytes(), // snapshots
+        &0u64.to_be_bytes(), // snapshots offset
+        &0u64.to_be_bytes(), // incompatible features
+        &0u64.to_be_bytes(), // compatible features
+        &0u64.to_be_bytes(), // autoclear features
+        &REFCOUNT_ORDER.to_be_bytes(),
+        &HEADER_LEN.to_be_bytes(),
+    ] {
+        head.extend_from_slice(field);
+    }
+    debug_assert_eq!(head.len(), HEADER_LEN as usize);
+    head.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+    head.extend_from_slice(&ext_len.to_be_bytes());
+    head.extend_from_slice(format.as_bytes());
+    head.resize(head.len() + ext_padded - format.len(), 0);
+    head.extend_from_slice(&[0u8; 8]);
+    debug_assert_eq!(head.len() as u64, backing_offset);
+    head.extend_from_slice(backing.as_bytes());
+
+    let mut file = vec![0u8; (l1_table + l1_entries * 8) as usize];
+    file[..head.len()].copy_from_slice(&head);
+    file[refcount_table as usize..][..8].copy_from_slice(&refcount_block.to_be_bytes());
+    for c in 0..clusters as usize {
+        file[refcount_block as usize + 2 * c..][..2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    file
+}
+
+/// Writes an empty qcow2 overlay at `overlay` whose backing file is
+/// `backing` (a `format` image; its name is stored absolute). The file is
+/// created new: an existing one is an error, never overwritten.
+///
+/// # Errors
+/// If the backing file cannot be read or is not a qcow2 or raw image, its
+/// name is too long, or the overlay cannot be written.
+pub fn create_overlay(backing: &Path, format: &str, overlay: &Path) -> Result<(), Error> {
+    let backing = std::path::absolute(backing).map_err(|source| Error::Io { path: backing.to_path_buf(), source })?;
+    let name = backing
+        .to_str()
+        .filter(|n| n.len() <= MAX_BACKING_NAME)
+        .ok_or_else(|| Error::Disk(format!("the path of {} is too long or not UTF-8", backing.display())))?;
+    let bytes = overlay_bytes(name, format, virtual_size(&backing, format)?);
+    let io = |source| Error::Io { path: overlay.to_path_buf(), source };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(io)?;
+    f.write_all(&bytes).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn the_header_names_the_backing_file_and_counts_every_cluster() {
+        let b = overlay_bytes("/store/blobs/abc", "qcow2", 8 << 30);
+        // 8 GiB: 16 L1 entries at cluster 3.
+        assert_eq!(b.len(), 3 * 65536 + 16 * 8);
+        assert_eq!(&b[..4], b"QFI\xfb");
+        let (off, len) = (be64(&b, 8) as usize, u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize);
+        assert_eq!(&b[off..off + len], b"/store/blobs/abc");
+        assert_eq!(be64(&b, 24), 8 << 30);
+        assert_eq!(u32::from_be_bytes(b[36..40].try_into().unwrap()), 16);
+        assert_eq!(be64(&b, 65536), 2 * 65536, "refcount table points at the block");
+        let refcounts: Vec<u16> =
+            (0..5).map(|c| u16::from_be_bytes(b[2 * 65536 + 2 * c..][..2].try_into().unwrap())).collect();
+        assert_eq!(refcounts, [1, 1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn a_large_disk_gets_an_l1_table_of_several_clusters() {
+        // 8193 entries of 512 MiB: the L1 table spans two clusters.
+        let b = overlay_bytes("/b", "raw", 8193 * (512 << 20));
+        assert_eq!(b.len(), 3 * 65536 + 8193 * 8);
+        let count = |c: usize| u16::from_be_bytes(b[2 * 65536 + 2 * c..][..2].try_into().unwrap());
+        assert_eq!((count(4), count(5)), (1, 0));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_qcow2 = dir.path().join("plain");
+        std::fs::write(&not_qcow2, vec![0u8; 4096]).unwrap();
+        let out = dir.path().join("o.qcow2");
+        assert!(matches!(create_overlay(&not_qcow2, "qcow2", &out), Err(Error::Disk(_))));
+        assert!(matches!(create_overlay(&not_qcow2, "vmdk", &out), Err(Error::Disk(_))));
+        assert!(!out.exists(), "nothing is written for a refused backing file");
+        create_overlay(&not_qcow2, "raw", &out).unwrap();
+        assert!(create_overlay(&not_qcow2, "raw", &out).is_err(), "an existing file is never overwritten");
+    }
+
+    /// QEMU's own checker accepts the overlay, and QEMU reads the backing
+    /// file's data through it and writes into it, not into the backing file.
+    #[test]
+    fn qemu_checks_reads_and_writes_an_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program).args(args).output().expect("QEMU's tools are installed");
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && !text.contains("failed"), "{program} {args:?}: {text}");
+            text
+        };
+        let base = dir.path().join("base.qcow2");
+        let overlay = dir.path().join("o.qcow2");
+        let (b, o) = (base.to_str().unwrap(), overlay.to_str().unwrap());
+        run("qemu-img", &["create", "-q", "-f", "qcow2", b, "3G"]);
+        run("qemu-io", &["-c", "write -P 0x5a 1M 64k", b]);
+        create_overlay(&base, "qcow2", &overlay).unwrap();
+        run("qemu-img", &["check", o]);
+        let info: serde_json::Value = serde_json::from_str(&run("qemu-img", &["info", "--output=json", o])).unwrap();
+        assert_eq!(info["virtual-size"], 3u64 << 30);
+        assert_eq!(info["backing-filename-format"], "qcow2");
+        run("qemu-io", &["-c", "read -P 0x5a 1M 64k", "-c", "write -P 0x33 2G 128k", o]);
+        run("qemu-img", &["check", o]);
+        run("qemu-io", &["-c", "read -P 0x33 2G 128k", "-c", "read -P 0x5a 1M 64k", o]);
+        run("qemu-io", &["-c", "read -P 0 2G 128k", b]);
+    }
+}
