@@ -55,7 +55,7 @@ fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
 
     let mut head = Vec::with_capacity(512);
     let ext_len = format.len() as u32;
-    let ext_padded = (format.len() + 7) / 8 * 8;
+    let ext_padded = format.len().div_ceil(8) * 8;
     // header, the format extension, the end-of-extensions marker
     let backing_offset = u64::from(HEADER_LEN) + 8 + ext_padded as u64 + 8;
     for field in [
