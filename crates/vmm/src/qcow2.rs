@@ -2,14 +2,14 @@
 //!
 //! A restored session's disk is a throwaway overlay on its image's disk.
 //! QEMU's `snapshot=on` makes one itself on every start (creates a qcow2,
-//! opens it five times, starts an I/O thread for it): ~1.5 ms of CPU per VM
-//! under TCG. An empty overlay is four clusters of fixed bytes, written here
-//! in a few microseconds instead. Layout (qcow2 version 3, 64 KiB clusters):
-//! the header with the backing file's name and format in cluster 0, the
-//! refcount table in cluster 1, its one refcount block in cluster 2, and
-//! the L1 table, all zero, from cluster 3.
+//! opens it five times, starts an I/O thread for it): 2-3 ms of CPU per VM
+//! under TCG (docs/performance.md). An empty overlay is a few fixed bytes in
+//! a sparse file, written here instead. Layout (qcow2 version 3, 64 KiB
+//! clusters): the header with the backing file's name and format in
+//! cluster 0, the refcount table in cluster 1, its one refcount block in
+//! cluster 2, and the L1 table, all zero (a hole), from cluster 3.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use crate::Error;
@@ -43,9 +43,10 @@ fn virtual_size(path: &Path, format: &str) -> Result<u64, Error> {
     }
 }
 
-/// The bytes of an empty overlay of `size` bytes on `backing` (absolute
-/// name), whose format is `format`.
-fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
+/// An empty overlay of `size` bytes on `backing` (absolute name), whose
+/// format is `format`: the pieces that are not zero, by offset, and the
+/// file's length (the rest is a hole).
+fn overlay_pieces(backing: &str, format: &str, size: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
     // Each L1 entry maps one L2 table: CLUSTER / 8 clusters.
     let per_l1 = CLUSTER * (CLUSTER / 8);
     let l1_entries = size.div_ceil(per_l1).max(1);
@@ -54,7 +55,6 @@ fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
     let clusters = 3 + l1_clusters;
 
     let mut head = Vec::with_capacity(512);
-    let ext_len = format.len() as u32;
     let ext_padded = format.len().div_ceil(8) * 8;
     // header, the format extension, the end-of-extensions marker
     let backing_offset = u64::from(HEADER_LEN) + 8 + ext_padded as u64 + 8;
@@ -82,20 +82,16 @@ fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
     }
     debug_assert_eq!(head.len(), HEADER_LEN as usize);
     head.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-    head.extend_from_slice(&ext_len.to_be_bytes());
+    head.extend_from_slice(&(format.len() as u32).to_be_bytes());
     head.extend_from_slice(format.as_bytes());
     head.resize(head.len() + ext_padded - format.len(), 0);
     head.extend_from_slice(&[0u8; 8]);
     debug_assert_eq!(head.len() as u64, backing_offset);
     head.extend_from_slice(backing.as_bytes());
 
-    let mut file = vec![0u8; (l1_table + l1_entries * 8) as usize];
-    file[..head.len()].copy_from_slice(&head);
-    file[refcount_table as usize..][..8].copy_from_slice(&refcount_block.to_be_bytes());
-    for c in 0..clusters as usize {
-        file[refcount_block as usize + 2 * c..][..2].copy_from_slice(&1u16.to_be_bytes());
-    }
-    file
+    let refcounts = (0..clusters).flat_map(|_| 1u16.to_be_bytes()).collect();
+    let pieces = vec![(0, head), (refcount_table, refcount_block.to_be_bytes().to_vec()), (refcount_block, refcounts)];
+    (pieces, l1_table + l1_entries * 8)
 }
 
 /// Writes an empty qcow2 overlay at `overlay` whose backing file is
@@ -106,15 +102,19 @@ fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
 /// If the backing file cannot be read or is not a qcow2 or raw image, its
 /// name is too long, or the overlay cannot be written.
 pub fn create_overlay(backing: &Path, format: &str, overlay: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
     let backing = std::path::absolute(backing).map_err(|source| Error::Io { path: backing.to_path_buf(), source })?;
     let name = backing
         .to_str()
         .filter(|n| n.len() <= MAX_BACKING_NAME)
         .ok_or_else(|| Error::Disk(format!("the path of {} is too long or not UTF-8", backing.display())))?;
-    let bytes = overlay_bytes(name, format, virtual_size(&backing, format)?);
+    let (pieces, len) = overlay_pieces(name, format, virtual_size(&backing, format)?);
     let io = |source| Error::Io { path: overlay.to_path_buf(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(io)?;
-    f.write_all(&bytes).map_err(io)
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(io)?;
+    for (offset, bytes) in &pieces {
+        f.write_all_at(bytes, *offset).map_err(io)?;
+    }
+    f.set_len(len).map_err(io)
 }
 
 #[cfg(test)]
@@ -123,6 +123,16 @@ mod tests {
 
     fn be64(b: &[u8], at: usize) -> u64 {
         u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// The whole file, holes as zeros.
+    fn overlay_bytes(backing: &str, format: &str, size: u64) -> Vec<u8> {
+        let (pieces, len) = overlay_pieces(backing, format, size);
+        let mut file = vec![0u8; len as usize];
+        for (offset, bytes) in pieces {
+            file[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
+        }
+        file
     }
 
     #[test]
@@ -180,6 +190,8 @@ mod tests {
         run("qemu-img", &["create", "-q", "-f", "qcow2", b, "3G"]);
         run("qemu-io", &["-c", "write -P 0x5a 1M 64k", b]);
         create_overlay(&base, "qcow2", &overlay).unwrap();
+        let written = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&overlay).unwrap()) * 512;
+        assert!(written <= 16 << 10, "the overlay is sparse: {written} bytes written");
         run("qemu-img", &["check", o]);
         let info: serde_json::Value = serde_json::from_str(&run("qemu-img", &["info", "--output=json", o])).unwrap();
         assert_eq!(info["virtual-size"], 3u64 << 30);
