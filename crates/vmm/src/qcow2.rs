@@ -104,10 +104,13 @@ fn overlay_pieces(backing: &str, format: &str, size: u64) -> (Vec<(u64, Vec<u8>)
 pub fn create_overlay(backing: &Path, format: &str, overlay: &Path) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
     let backing = std::path::absolute(backing).map_err(|source| Error::Io { path: backing.to_path_buf(), source })?;
-    let name = backing
-        .to_str()
-        .filter(|n| n.len() <= MAX_BACKING_NAME)
-        .ok_or_else(|| Error::Disk(format!("the path of {} is too long or not UTF-8", backing.display())))?;
+    let name = backing.to_str().filter(|n| n.len() <= MAX_BACKING_NAME).ok_or_else(|| {
+        Error::Disk(format!(
+            "cannot name {} in a qcow2 overlay: the path must be UTF-8 and at most {MAX_BACKING_NAME} bytes \
+                 (use a shorter state directory)",
+            backing.display()
+        ))
+    })?;
     let (pieces, len) = overlay_pieces(name, format, virtual_size(&backing, format)?);
     let io = |source| Error::Io { path: overlay.to_path_buf(), source };
     let f = std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(io)?;
@@ -171,6 +174,14 @@ mod tests {
         assert!(!out.exists(), "nothing is written for a refused backing file");
         create_overlay(&not_qcow2, "raw", &out).unwrap();
         assert!(create_overlay(&not_qcow2, "raw", &out).is_err(), "an existing file is never overwritten");
+        let deep = dir.path().join("d".repeat(200)).join("e".repeat(200)).join("f".repeat(200));
+        std::fs::create_dir_all(&deep).unwrap();
+        let long = deep.join("g".repeat(200)).join("h".repeat(200));
+        std::fs::create_dir_all(&long).unwrap();
+        let backing = long.join("disk");
+        std::fs::write(&backing, vec![0u8; 4096]).unwrap();
+        let refused = create_overlay(&backing, "raw", &dir.path().join("long.qcow2"));
+        assert!(matches!(&refused, Err(Error::Disk(m)) if m.contains("shorter state directory")), "{refused:?}");
     }
 
     /// QEMU's own checker accepts the overlay, and QEMU reads the backing
