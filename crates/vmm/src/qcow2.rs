@@ -96,7 +96,8 @@ fn overlay_pieces(backing: &str, format: &str, size: u64) -> (Vec<(u64, Vec<u8>)
 
 /// Writes an empty qcow2 overlay at `overlay` whose backing file is
 /// `backing` (a `format` image; its name is stored absolute). The file is
-/// created new: an existing one is an error, never overwritten.
+/// created new: an existing one is an error, never overwritten; if writing
+/// fails, it is removed.
 ///
 /// # Errors
 /// If the backing file cannot be read or is not a qcow2 or raw image, its
@@ -114,10 +115,14 @@ pub fn create_overlay(backing: &Path, format: &str, overlay: &Path) -> Result<()
     let (pieces, len) = overlay_pieces(name, format, virtual_size(&backing, format)?);
     let io = |source| Error::Io { path: overlay.to_path_buf(), source };
     let f = std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(io)?;
-    for (offset, bytes) in &pieces {
-        f.write_all_at(bytes, *offset).map_err(io)?;
+    let written =
+        pieces.iter().try_for_each(|(offset, bytes)| f.write_all_at(bytes, *offset)).and_then(|()| f.set_len(len));
+    if let Err(e) = written {
+        // No half-written overlay is left for QEMU to find.
+        let _ = std::fs::remove_file(overlay);
+        return Err(io(e));
     }
-    f.set_len(len).map_err(io)
+    Ok(())
 }
 
 #[cfg(test)]
