@@ -12,7 +12,7 @@ use strata_vmm::{Disk, DiskMode};
 use tokio::process::Command;
 
 use crate::session::{boot_for_build, MAIN_PROC};
-use crate::tools::{create_overlay, rebase_to_digest, run, tail};
+use crate::tools::{rebase_to_digest, run, tail};
 use crate::{io_err, Engine, Error, Progress, ARCH, OS};
 
 /// Exit status the install script uses when the package's program is missing.
@@ -111,7 +111,7 @@ impl Engine {
         )
         .await?;
         let overlay = w.join("install.qcow2");
-        create_overlay(&self.store.blob_path(base.file("rootfs")?), &overlay).await?;
+        strata_vmm::qcow2::create_overlay(&self.store.blob_path(base.file("rootfs")?), "qcow2", &overlay)?;
         let script = format!(
             "set -e; mount -o ro /dev/vdb /mnt; cd /mnt; \
              if ls *.deb >/dev/null 2>&1; then apt-get install -y -q --no-install-recommends \

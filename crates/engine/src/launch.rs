@@ -13,7 +13,7 @@ use strata_vmm::{Accel, Disk, DiskMode, Memory, Plug, VmConfig};
 use crate::context::ContextSettings;
 use crate::session::{boot_for_build, spawn_ready, start_and_attach, Attached, Session};
 use crate::sessions::SessionRecord;
-use crate::tools::{create_overlay, rebase_to_digest};
+use crate::tools::rebase_to_digest;
 use crate::{Engine, Error, Progress, ARCH, OS};
 
 /// How long a VM may take to connect its agent (a cold boot under TCG takes seconds).
@@ -169,7 +169,7 @@ impl Engine {
         let work = self.store.work_dir("launch")?;
         let w = work.path();
         let overlay = w.join("disk.qcow2");
-        create_overlay(&self.store.blob_path(install.file("disk")?), &overlay).await?;
+        strata_vmm::qcow2::create_overlay(&self.store.blob_path(install.file("disk")?), "qcow2", &overlay)?;
         let memory = w.join("memory");
         let state = w.join("state");
         let make = |dir: &std::path::Path| {

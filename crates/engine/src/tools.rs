@@ -78,16 +78,6 @@ pub fn debian_package_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `qemu-img create` of an overlay over `backing`.
-pub async fn create_overlay(backing: &std::path::Path, overlay: &std::path::Path) -> Result<(), Error> {
-    run(
-        "qemu-img create",
-        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(backing).arg(overlay),
-    )
-    .await
-    .map(|_| ())
-}
-
 /// Points an overlay's backing file at a blob by its bare digest, so the
 /// overlay's own digest does not depend on where the store lives: blobs sit in
 /// one directory and qcow2 resolves relative names against the overlay's.

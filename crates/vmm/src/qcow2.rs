@@ -1,6 +1,8 @@
 //! Empty qcow2 overlays, written directly.
 //!
-//! A restored session's disk is a throwaway overlay on its image's disk.
+//! Every overlay strata makes comes from here: a restored session's
+//! throwaway disk, and the writable disks of image builds. A restored
+//! session's disk is a throwaway overlay on its image's disk.
 //! QEMU's `snapshot=on` makes one itself on every start (creates a qcow2,
 //! opens it five times, starts an I/O thread for it): 2-3 ms of CPU per VM
 //! under TCG (docs/performance.md). An empty overlay is a few fixed bytes in

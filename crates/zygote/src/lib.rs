@@ -635,8 +635,8 @@ fn reap_children() {
 /// Gives descriptor `fds[i]` the number `targets[i]` (not close-on-exec),
 /// and closes the originals. Safe against any overlap between the two
 /// lists: every descriptor is first moved above all the targets, so placing
-/// one never closes another still to be placed. Allocates nothing (it runs
-/// in a forked child).
+/// one never closes another still to be placed. Allocates nothing, so it
+/// may run in a child forked from a threaded process (its unit test).
 ///
 /// # Safety
 /// The descriptors in `fds` must be owned by the caller, who gives them up.
