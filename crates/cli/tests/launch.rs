@@ -91,6 +91,10 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     let eng = engine_with(|c| c.fork_server = Some(preload));
     let server = eng.fork_server_pid().expect("the fork server started");
     assert_eq!(parent_of(server), Some(std::process::id()));
+    // It prepared QEMU's machine classes once for all its VMs (the PC
+    // machine alone has dozens of versions).
+    let prepared = eng.fork_server_prepared_types().unwrap();
+    assert!(prepared.is_ok_and(|n| n >= 20), "{prepared:?}");
     let pkg = eng.package("bc").unwrap();
     // A busy server hands QEMU descriptors with high numbers (hundreds of
     // sessions' sockets): the child must still get each at its number,

@@ -283,6 +283,12 @@ impl Engine {
         self.fork_server.as_ref().map(|f| f.pid())
     }
 
+    /// How many of QEMU's machine classes the fork server prepared for the
+    /// VMs it forks, or why it did not; `None` without a fork server.
+    pub fn fork_server_prepared_types(&self) -> Option<Result<u32, &str>> {
+        self.fork_server.as_ref().map(|f| f.prepared_types())
+    }
+
     /// Opens the store and loads the package definitions.
     ///
     /// # Errors
@@ -299,7 +305,16 @@ impl Engine {
         let fork_server = if let Some(preload) = &cfg.fork_server {
             match strata_vmm::start_fork_server(preload) {
                 Ok(server) => {
-                    tracing::info!(pid = server.pid(), "QEMU fork server started");
+                    match server.prepared_types() {
+                        Ok(machine_classes) => {
+                            tracing::info!(pid = server.pid(), machine_classes, "QEMU fork server started")
+                        }
+                        Err(why) => tracing::warn!(
+                            pid = server.pid(),
+                            why,
+                            "QEMU fork server started, but each VM prepares QEMU's types itself"
+                        ),
+                    }
                     Some(Arc::new(server))
                 }
                 Err(e) => {

@@ -1,13 +1,15 @@
 //! Loaded into QEMU with `LD_PRELOAD` to make it strata's fork server (see
-//! `strata-zygote`). glibc's start-up code calls `__libc_start_main` before
-//! the program's constructors and `main`; this one takes that call. Unless
-//! strata started the process as a fork server (its socket in the
-//! environment and the marker argument), it passes the call straight on.
-//! In a fork server it serves requests, and each forked child goes on into
-//! glibc's real start-up, and so into QEMU, with the arguments and
-//! environment strata sent.
+//! `strata-zygote`). glibc's start-up code calls `__libc_start_main`, which
+//! runs the program's constructors and then `main`; this one takes that
+//! call. Unless strata started the process as a fork server (its socket in
+//! the environment and the marker argument), it passes the call straight
+//! on. In a fork server it lets glibc run QEMU's constructors but puts its
+//! own function in place of QEMU's `main`: that one prepares QEMU's types
+//! once and serves requests, and each forked child goes on into QEMU's
+//! `main` with the arguments and environment strata sent.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
 
 type Main = unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) -> c_int;
 type StartMain = unsafe extern "C" fn(
@@ -30,6 +32,44 @@ fn leak_vector(v: Vec<CString>) -> *mut *mut c_char {
     let ptrs: Vec<*mut c_char> =
         v.into_iter().map(CString::into_raw).chain(std::iter::once(std::ptr::null_mut())).collect();
     Box::leak(ptrs.into_boxed_slice()).as_mut_ptr()
+}
+
+/// What the server's `main` needs from the start-up call.
+struct ServerStart {
+    /// QEMU's own `main`, which each child runs.
+    qemu_main: Main,
+    /// The fork server's end of strata's socket.
+    fd: c_int,
+    /// The process's argument area ([`strata_zygote::serve`] reuses it),
+    /// as an address and a length.
+    cmdline: (usize, usize),
+}
+
+static SERVER_START: OnceLock<ServerStart> = OnceLock::new();
+
+/// Runs in place of QEMU's `main` in a fork server, after QEMU's
+/// constructors: prepares QEMU's types, serves, and in each child returns
+/// QEMU's `main` with the child's arguments and environment.
+unsafe extern "C" fn server_main(_argc: c_int, _argv: *mut *mut c_char, _envp: *mut *mut c_char) -> c_int {
+    let Some(start) = SERVER_START.get() else {
+        // SAFETY: unreachable (set before glibc was called); nothing to run.
+        unsafe { libc::abort() }
+    };
+    // SAFETY: after QEMU's constructors, before any fork, on the main thread.
+    let types = unsafe { strata_zygote::prepare_qemu_types() };
+    // SAFETY: the argument area recorded at start-up, referenced nowhere
+    // else since.
+    let cmdline = unsafe { std::slice::from_raw_parts_mut(start.cmdline.0 as *mut u8, start.cmdline.1) };
+    // SAFETY: this is the only thread running our code or QEMU's; QEMU's
+    // RCU thread is the kind `serve` allows.
+    let child = unsafe { strata_zygote::serve(start.fd, cmdline, types) };
+    let argc = child.args.len() as c_int;
+    let argv = leak_vector(child.args);
+    // SAFETY: single-threaded use of the environment: QEMU's `main` has
+    // not run, and the RCU thread does not read it.
+    unsafe { environ = leak_vector(child.env) };
+    // SAFETY: QEMU's main, with a valid argument vector and environment.
+    unsafe { (start.qemu_main)(argc, argv, environ) }
 }
 
 /// glibc's program start, interposed.
@@ -64,19 +104,13 @@ pub unsafe extern "C" fn __libc_start_main(
     };
     // The kernel lays the argument strings out back to back: the area runs
     // from the first to the NUL of the last.
-    let start = args[0].as_ptr() as *mut u8;
+    let start = args[0].as_ptr() as usize;
     let end = args[2].as_ptr() as usize + args[2].to_bytes().len() + 1;
-    // SAFETY: [start, end) is this process's argument area, which nothing
-    // else refers to once the arguments above are dropped.
-    let cmdline = unsafe { std::slice::from_raw_parts_mut(start, end - start as usize) };
     drop(args);
-    // SAFETY: no thread has been started (glibc's start-up has not run
-    // the program's constructors yet), and the area is ours.
-    let child = unsafe { strata_zygote::serve(fd, cmdline) };
-    let argc = child.args.len() as c_int;
-    let argv = leak_vector(child.args);
-    // SAFETY: single-threaded; glibc's start-up reads the environment from here.
-    unsafe { environ = leak_vector(child.env) };
-    // SAFETY: glibc's start-up, now with the child's arguments.
-    unsafe { real(main, argc, argv, init, fini, rtld_fini, stack_end) }
+    if SERVER_START.set(ServerStart { qemu_main: main, fd, cmdline: (start, end - start) }).is_err() {
+        // SAFETY: glibc's start-up runs once; a second call is a broken process.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: glibc's start-up: QEMU's constructors, then the server.
+    unsafe { real(server_main, argc, argv, init, fini, rtld_fini, stack_end) }
 }

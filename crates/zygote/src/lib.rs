@@ -186,13 +186,23 @@ impl SpawnRequest {
 
 /// The server's answer to a request: the child's pid (its pidfd comes with
 /// it), or why there is no child, or the CPU its children used. The first
-/// message, before any request, is `Spawned` with the server's own pid: it
-/// is ready.
+/// message, before any request, is `Ready`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Spawned { pid: i32 },
-    Failed { errno: i32, what: String },
+    Spawned {
+        pid: i32,
+    },
+    Failed {
+        errno: i32,
+        what: String,
+    },
     Usage(Usage),
+    /// The server is ready: its own pid, and how many of QEMU's machine
+    /// classes it prepared for its children or why it did not.
+    Ready {
+        pid: i32,
+        prepared: Result<u32, String>,
+    },
 }
 
 /// CPU time and page faults of the server and its exited children.
@@ -223,6 +233,20 @@ impl Reply {
                 out.extend_from_slice(&u.cpu_us.to_le_bytes());
                 out.extend_from_slice(&u.page_faults.to_le_bytes());
             }
+            Reply::Ready { pid, prepared } => {
+                out.push(4);
+                out.extend_from_slice(&pid.to_le_bytes());
+                match prepared {
+                    Ok(n) => {
+                        out.push(1);
+                        out.extend_from_slice(&n.to_le_bytes());
+                    }
+                    Err(why) => {
+                        out.push(0);
+                        out.extend_from_slice(why.as_bytes());
+                    }
+                }
+            }
         }
         out
     }
@@ -244,6 +268,15 @@ impl Reply {
                     Ok(u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")))
                 };
                 Reply::Usage(Usage { cpu_us: u64(&mut r)?, page_faults: u64(&mut r)? })
+            }
+            4 => {
+                let pid = r.i32()?;
+                let prepared = match r.take(1)?[0] {
+                    1 => Ok(u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"))),
+                    0 => Err(String::from_utf8_lossy(std::mem::take(&mut r.0)).into_owned()),
+                    _ => return Err(Error::Protocol("bad readiness")),
+                };
+                Reply::Ready { pid, prepared }
             }
             _ => return Err(Error::Protocol("unknown reply")),
         };
@@ -374,6 +407,7 @@ pub struct ForkServer {
     sock: Mutex<OwnedFd>,
     process: Mutex<Child>,
     pid: u32,
+    prepared: Result<u32, String>,
 }
 
 impl ForkServer {
@@ -426,23 +460,33 @@ impl ForkServer {
             let mut buf = [0u8; 64];
             let (n, _) = recv_with_fds(ours.as_raw_fd(), &mut buf).map_err(io_err("reading its greeting"))?;
             match Reply::decode(&buf[..n]) {
-                Ok(Reply::Spawned { pid }) if pid as u32 == child.id() => Ok(()),
+                Ok(Reply::Ready { pid, prepared }) if pid as u32 == child.id() => Ok(prepared),
                 _ if n == 0 => Err(Error::NotReady("it exited (is the preload library loadable?)".into())),
                 other => Err(Error::NotReady(format!("unexpected greeting {other:?}"))),
             }
         })();
-        if let Err(e) = ready {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
+        let prepared = match ready {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         let pid = child.id();
-        Ok(ForkServer { sock: Mutex::new(ours), process: Mutex::new(child), pid })
+        Ok(ForkServer { sock: Mutex::new(ours), process: Mutex::new(child), pid, prepared })
     }
 
     /// The server process's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// How many of QEMU's machine classes the server prepared for its
+    /// children ([`prepare_qemu_types`]), or why it could not (the children
+    /// then prepare their own, as an exec'd QEMU does).
+    pub fn prepared_types(&self) -> Result<u32, &str> {
+        self.prepared.as_ref().copied().map_err(String::as_str)
     }
 
     /// Forks a child as `req` describes, handing it `fds` (numbered in the
@@ -463,7 +507,7 @@ impl ForkServer {
             Reply::Failed { errno, what } => {
                 Err(Error::Spawn(format!("{what}: {}", io::Error::from_raw_os_error(errno))))
             }
-            Reply::Usage(_) => Err(Error::Protocol("usage instead of a child")),
+            Reply::Usage(_) | Reply::Ready { .. } => Err(Error::Protocol("not a child's pid")),
         }
     }
 
@@ -525,8 +569,75 @@ pub fn server_fd_from_env() -> Option<RawFd> {
     std::str::from_utf8(v.as_bytes()).ok()?.parse().ok().filter(|fd| *fd > 2)
 }
 
+/// `module_call_init`'s number for QOM types (`MODULE_INIT_QOM`). QEMU
+/// has numbered its module lists 0 migration, 1 block, 2 options, 3 QOM, 4
+/// trace since version 5; before that 3 was QOM or trace. Both are lists
+/// QEMU's `main` runs early anyway, and each runs once, so a wrong guess
+/// costs nothing; [`prepare_qemu_types`] checks that the types are there.
+const MODULE_INIT_QOM: libc::c_int = 3;
+
+/// Prepares QEMU's type system in the server, once, so that no child
+/// spends its start on it: registers QOM's types and initializes every
+/// machine class (QEMU's `main` lists the machine classes to find the one
+/// asked for, which runs the initializer of each). Both steps are
+/// idempotent in QEMU, so a child's `main` finds them done: a forked start
+/// to a QMP `quit` costs ~3 ms and ~500 page faults less. QEMU's `main`
+/// does both before it configures an accelerator, so doing them earlier
+/// sees the same state; device classes, which it initializes after, are
+/// left to the children. Uses QEMU's exported symbols (it exports them for
+/// its loadable modules). Returns how many machine classes are ready.
+///
+/// # Errors
+/// If the QEMU binary does not export what it needs, or its types did not
+/// appear; the children then prepare their own, as without a server.
+///
+/// # Safety
+/// Must run in the server after QEMU's constructors and before any child
+/// is forked, on the thread that will fork.
+pub unsafe fn prepare_qemu_types() -> Result<usize, &'static str> {
+    type ModuleCallInit = unsafe extern "C" fn(libc::c_int);
+    type ClassByName = unsafe extern "C" fn(*const libc::c_char) -> *mut libc::c_void;
+    type ClassList = unsafe extern "C" fn(*const libc::c_char, bool) -> *mut libc::c_void;
+    type SlistLength = unsafe extern "C" fn(*mut libc::c_void) -> libc::c_uint;
+    type SlistFree = unsafe extern "C" fn(*mut libc::c_void);
+    let find = |name: &std::ffi::CStr| {
+        // SAFETY: a lookup in the loaded objects by a NUL-terminated name.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if sym.is_null() {
+            Err("QEMU does not export its type functions")
+        } else {
+            Ok(sym)
+        }
+    };
+    // SAFETY: each symbol is QEMU's or GLib's function of the type it is
+    // given here (their C declarations).
+    let (module_call_init, class_by_name, class_list, slist_length, slist_free) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, ModuleCallInit>(find(c"module_call_init")?),
+            std::mem::transmute::<*mut libc::c_void, ClassByName>(find(c"object_class_by_name")?),
+            std::mem::transmute::<*mut libc::c_void, ClassList>(find(c"object_class_get_list")?),
+            std::mem::transmute::<*mut libc::c_void, SlistLength>(find(c"g_slist_length")?),
+            std::mem::transmute::<*mut libc::c_void, SlistFree>(find(c"g_slist_free")?),
+        )
+    };
+    // SAFETY: QEMU's own start-up makes these calls, in this order, on
+    // its main thread; here they come earlier, with nothing else running
+    // but QEMU's RCU thread.
+    unsafe {
+        module_call_init(MODULE_INIT_QOM);
+        if class_by_name(c"machine".as_ptr()).is_null() {
+            return Err("QEMU's types did not appear (a module list numbered differently)");
+        }
+        let machines = class_list(c"machine".as_ptr(), false);
+        let n = slist_length(machines) as usize;
+        slist_free(machines);
+        Ok(n)
+    }
+}
+
 /// The server loop, inside the QEMU process strata started as a fork
-/// server. Greets, then answers requests until strata's end closes (then
+/// server. Greets (with `types`, the outcome of [`prepare_qemu_types`]),
+/// then answers requests until strata's end closes (then
 /// exits the process). Returns only in a child, which is set up as asked
 /// (session, signals, niceness, descriptors) and goes on to QEMU's `main`.
 ///
@@ -534,12 +645,15 @@ pub fn server_fd_from_env() -> Option<RawFd> {
 /// child overwrites with its own so that /proc/PID/cmdline shows them.
 ///
 /// # Safety
-/// The process must be single-threaded, and `cmdline` must be the argument
-/// area the kernel set up for this process and not referenced elsewhere.
-pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8]) -> ChildStart {
+/// Only this thread may run strata's or QEMU's code; other threads must be
+/// ones that `fork`'s handlers recreate in the child (QEMU's RCU thread).
+/// `cmdline` must be the argument area the kernel set up for this process
+/// and not referenced elsewhere.
+pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<usize, &str>) -> ChildStart {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    if send_with_fds(sock, &Reply::Spawned { pid: me }.encode(), &[]).is_err() {
+    let prepared = types.map(|n| u32::try_from(n).unwrap_or(u32::MAX)).map_err(str::to_string);
+    if send_with_fds(sock, &Reply::Ready { pid: me, prepared }.encode(), &[]).is_err() {
         // SAFETY: ending the process is the only thing left to do.
         unsafe { libc::_exit(1) };
     }
@@ -583,8 +697,9 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8]) -> ChildStart {
                 continue;
             }
         };
-        // SAFETY: single-threaded (the caller's promise), so the child may
-        // go on freely.
+        // SAFETY: glibc's fork runs the handlers QEMU registered (its RCU
+        // thread is recreated in the child) and leaves malloc usable there;
+        // no other thread runs code of ours (the caller's promise).
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             // SAFETY: in the child, with the request's descriptors.
@@ -672,6 +787,20 @@ unsafe fn place_fds(fds: &[RawFd], targets: &[RawFd]) -> Result<(), &'static str
     Ok(())
 }
 
+/// Niceness is per thread on Linux, and the child already has threads that
+/// `fork`'s handlers started (QEMU's RCU thread): set it on each.
+fn renice_all_threads(niceness: i32) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        // SAFETY: setpriority on this thread has no memory effects.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, niceness) };
+        return;
+    };
+    for tid in tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<libc::id_t>().ok()) {
+        // SAFETY: setpriority on a thread of this process.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, niceness) };
+    }
+}
+
 /// In a just-forked child: the request's process attributes and
 /// descriptors. Failures are written to its standard error (QEMU's log)
 /// and end it: strata sees an early exit.
@@ -697,9 +826,9 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
             }
         }
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
-        if req.niceness != 0 {
-            libc::setpriority(libc::PRIO_PROCESS, 0, req.niceness);
-        }
+    }
+    if req.niceness != 0 {
+        renice_all_threads(req.niceness);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     // SAFETY: the descriptors are ours; nothing else in this process uses them.
@@ -778,12 +907,20 @@ mod tests {
             Reply::Spawned { pid: 4242 },
             Reply::Failed { errno: libc::EAGAIN, what: "fork".into() },
             Reply::Usage(Usage { cpu_us: 1 << 40, page_faults: 7 }),
+            Reply::Ready { pid: 77, prepared: Ok(190) },
+            Reply::Ready { pid: 77, prepared: Err("no symbols".into()) },
         ] {
             let bytes = r.encode();
             assert_eq!(Reply::decode(&bytes).unwrap(), r);
             for n in 0..bytes.len() {
-                // Every cut is an error, except a failure's message, which may be empty.
-                if n < 9 || !matches!(r, Reply::Failed { .. }) {
+                // Every cut is an error, except a failure's message or a
+                // reason, which may be empty.
+                let fixed = match r {
+                    Reply::Failed { .. } => 9,
+                    Reply::Ready { prepared: Err(_), .. } => 10,
+                    _ => usize::MAX,
+                };
+                if n < fixed.min(bytes.len()) {
                     assert!(Reply::decode(&bytes[..n]).is_err(), "{r:?} cut at {n}");
                 }
             }
@@ -836,6 +973,42 @@ mod tests {
             assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
             assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "targets {targets:?}: status {status}");
         }
+    }
+
+    /// The niceness of each thread of this process.
+    fn thread_niceness() -> Vec<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|t| {
+                let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+                // Field 19, counted after the command name's closing parenthesis.
+                stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_child_renices_the_threads_it_already_has() {
+        // A forked child of a threaded process (QEMU's RCU thread is
+        // recreated by fork's handlers before the child is set up).
+        // SAFETY: the child spawns a thread, reads /proc and leaves; glibc
+        // keeps malloc usable after fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let t = std::thread::spawn(move || rx.recv().ok());
+            renice_all_threads(7);
+            let nice = thread_niceness();
+            let ok = nice.len() == 2 && nice.iter().all(|n| *n == 7);
+            drop(tx);
+            let _ = t.join();
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
     }
 
     #[test]
