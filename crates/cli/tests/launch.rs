@@ -176,6 +176,18 @@ async fn context_is_applied_on_resume_without_reboot() {
         .await
         .unwrap();
     assert!(seen.contains("zone JST JST"), "{seen:?}");
+    // Another attach in another zone moves it, and one back in the first
+    // zone moves it back (the agent skips only a zone it already set).
+    for (zone, abbrev) in [("America/Sao_Paulo", "-03"), ("Asia/Tokyo", "JST")] {
+        let mut other = settings();
+        other.timezone = Some(zone.into());
+        s.reattach(&other.to_terminal_context()).await.unwrap();
+        let seen = s
+            .expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), 6*7)\n", "42", ANSWER)
+            .await
+            .unwrap();
+        assert!(seen.contains(&format!("zone {abbrev} 42")), "{zone}: {seen:?}");
+    }
     // The clock was set from the host on attach.
     let host_year =
         1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_557_600;
