@@ -182,10 +182,8 @@ async fn context_is_applied_on_resume_without_reboot() {
         let mut other = settings();
         other.timezone = Some(zone.into());
         s.reattach(&other.to_terminal_context()).await.unwrap();
-        let seen = s
-            .expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), 6*7)\n", "42", ANSWER)
-            .await
-            .unwrap();
+        let seen =
+            s.expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), 6*7)\n", "42", ANSWER).await.unwrap();
         assert!(seen.contains(&format!("zone {abbrev} 42")), "{zone}: {seen:?}");
     }
     // The clock was set from the host on attach.
