@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -33,8 +34,13 @@ struct Status {
 pub struct Proc {
     pub id: ProcId,
     pub pid: i32,
+    /// The terminal's master side, non-blocking (every thread that waits
+    /// on it waits in `poll`).
     master: File,
     feed: Mutex<mpsc::Sender<Feed>>,
+    /// Items sent to the feeding thread and not yet written in full. Input
+    /// is written directly only when none is, so it keeps its order.
+    queued: AtomicUsize,
     screen: Mutex<VecDeque<u8>>,
     status: Mutex<Status>,
     changed: Condvar,
@@ -88,6 +94,16 @@ impl Proc {
         let envs: Vec<(String, String)> = envs.into_iter().collect();
         let pid = spawn_on_pty(prog, args, &envs, pty.slave.as_raw_fd())?;
         drop(pty.slave);
+        // Non-blocking, so typed input can be written at once from the host
+        // port's thread without ever stalling it behind a program that does
+        // not read (what does not fit goes to the feeding thread). Handing
+        // every line to that thread cost ~200 blocks of channel and futex
+        // code that a restored guest translates afresh at each launch.
+        // SAFETY: fcntl on the descriptor openpty gave us.
+        unsafe {
+            let fl = libc::fcntl(pty.master.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(pty.master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
         let master = File::from(pty.master);
         let (tx, rx) = mpsc::channel();
         let proc = Arc::new(Proc {
@@ -95,6 +111,7 @@ impl Proc {
             pid,
             master: master.try_clone().map_err(|e| e.to_string())?,
             feed: Mutex::new(tx),
+            queued: AtomicUsize::new(0),
             screen: Mutex::new(VecDeque::with_capacity(SCREEN_KEEP)),
             status: Mutex::new(Status::default()),
             changed: Condvar::new(),
@@ -123,8 +140,16 @@ impl Proc {
         let mut want: Option<Vec<u8>> = None;
         loop {
             let n = match master.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if wait_for(&master, libc::POLLIN).is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
             };
             let data = &buf[..n];
             {
@@ -264,14 +289,35 @@ impl Proc {
         }
     }
 
-    /// Queues bytes typed at the terminal.
+    /// Writes bytes typed at the terminal: at once as far as the terminal
+    /// takes them without waiting, the rest queued in order.
     pub fn input(&self, data: Vec<u8>) {
-        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Data(data));
+        let feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut written = 0;
+        if self.queued.load(Ordering::Acquire) == 0 {
+            while written < data.len() {
+                match (&self.master).write(&data[written..]) {
+                    Ok(0) => break,
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Full (the program is not reading), or gone: the
+                    // feeding thread waits, or finds it gone.
+                    Err(_) => break,
+                }
+            }
+        }
+        if written < data.len() {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            let rest = if written == 0 { data } else { data[written..].to_vec() };
+            let _ = feed.send(Feed::Data(rest));
+        }
     }
 
     /// Queues an end-of-file (the terminal's EOF character).
     pub fn eof(&self) {
-        let _ = self.feed.lock().unwrap_or_else(|e| e.into_inner()).send(Feed::Eof);
+        let feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let _ = feed.send(Feed::Eof);
     }
 
     /// Resizes the terminal; the kernel sends SIGWINCH to the program.
@@ -296,13 +342,45 @@ impl Proc {
 fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>, proc: &Proc) {
     for item in rx {
         let res = match item {
-            Feed::Data(d) => master.write_all(&d),
+            Feed::Data(d) => write_all_waiting(&mut master, &d),
             Feed::Eof => deliver_eof(&mut master, proc),
         };
+        proc.queued.fetch_sub(1, Ordering::AcqRel);
         if res.is_err() {
             break;
         }
     }
+}
+
+/// Waits until the non-blocking `file` is ready for `events` (POLLIN,
+/// POLLOUT), or has hung up (the next read or write then says how).
+fn wait_for(file: &File, events: libc::c_short) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events, revents: 0 };
+    loop {
+        // SAFETY: one pollfd we own, for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `write_all` on the non-blocking terminal: waits for room as long as it
+/// takes (the program reads at its own pace).
+fn write_all_waiting(master: &mut File, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match master.write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(master, libc::POLLOUT)?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The slave side's line mode: `Some(true)` when canonical (line editing by
@@ -361,7 +439,7 @@ fn deliver_eof(master: &mut File, proc: &Proc) -> std::io::Result<()> {
         if exited() {
             return Ok(());
         }
-        master.write_all(&[veof])?;
+        write_all_waiting(master, &[veof])?;
         let sent = Instant::now();
         while !exited() && sent.elapsed() < Duration::from_secs(1) {
             std::thread::sleep(Duration::from_millis(20));

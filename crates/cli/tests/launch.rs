@@ -155,6 +155,35 @@ async fn two_sessions_run_at_once_and_never_see_each_others_writes() {
 }
 
 #[tokio::test]
+async fn typing_ahead_of_a_program_that_does_not_read_stalls_nothing_and_keeps_order() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("python3").unwrap();
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    // Python sleeps, then reads everything typed meanwhile in one go.
+    let lines = 195;
+    let total = lines * 1024 + "tail-marker\n".len();
+    let cmd = format!("import sys,time; time.sleep(8); d=sys.stdin.read({total}); print('got', len(d), d[-12:-1])\n");
+    s.expect_after(cmd.as_bytes(), "time.sleep(8)", ANSWER).await.unwrap();
+    // ~200 KiB: far more than the terminal holds (~68 KiB) while nobody
+    // reads, so most of it waits in the agent.
+    let line = format!("#{}\n", "x".repeat(1022));
+    for _ in 0..lines {
+        s.input(line.as_bytes()).await.unwrap();
+    }
+    s.input(b"tail-marker\n").await.unwrap();
+    // The agent still answers the host at once.
+    let screen = tokio::time::timeout(Duration::from_secs(5), s.screen()).await;
+    assert!(screen.is_ok_and(|r| r.is_ok()), "the agent stalled behind a program that does not read");
+    // And the program gets every byte, in order, once it reads.
+    let seen = s.expect_after(b"", &format!("got {total} tail-marker"), ANSWER).await.unwrap();
+    assert!(!seen.is_empty());
+    s.close().await;
+}
+
+#[tokio::test]
 async fn context_is_applied_on_resume_without_reboot() {
     if !e2e() {
         return;
