@@ -569,11 +569,12 @@ pub fn server_fd_from_env() -> Option<RawFd> {
     std::str::from_utf8(v.as_bytes()).ok()?.parse().ok().filter(|fd| *fd > 2)
 }
 
-/// `module_call_init`'s number for QOM types (`MODULE_INIT_QOM`). QEMU
-/// has numbered its module lists 0 migration, 1 block, 2 options, 3 QOM, 4
-/// trace since version 5; before that 3 was QOM or trace. Both are lists
-/// QEMU's `main` runs early anyway, and each runs once, so a wrong guess
-/// costs nothing; [`prepare_qemu_types`] checks that the types are there.
+/// `module_call_init`'s number for QOM types (`MODULE_INIT_QOM`). In the
+/// QEMU strata runs (10.0, Debian's backport) the module lists are 0
+/// migration, 1 block, 2 options, 3 QOM, 4 trace; in older QEMUs 3 was QOM
+/// or trace. Either is a list QEMU's `main` runs early anyway, and each
+/// runs once, so a wrong guess costs nothing; [`prepare_qemu_types`]
+/// checks that the types are there.
 const MODULE_INIT_QOM: libc::c_int = 3;
 
 /// Prepares QEMU's type system in the server, once, so that no child
