@@ -42,9 +42,38 @@ pub fn init_system() {
         }
     }
     zone_in_memory();
+    quiet_housekeeping();
     let _ = nix::unistd::sethostname("strata");
     if let Err(e) = loopback_up() {
         log(&format!("loopback: {e}"));
+    }
+}
+
+/// Stops the kernel's periodic housekeeping that a restored guest would run
+/// in its first moments at every launch, translated afresh under TCG each
+/// time (~120 blocks of a launch's ~7,300): per-CPU statistics folded every
+/// second (now every minute; they are folded when they overflow anyway),
+/// proactive compaction (kcompactd still compacts when an allocation needs
+/// it), and the disks' writeback-throttling timers (the root disk is a
+/// throwaway overlay on the host; a session's home is mounted with
+/// synchronous writes).
+fn quiet_housekeeping() {
+    let mut settings = vec![
+        ("/proc/sys/vm/stat_interval".to_string(), "60"),
+        ("/proc/sys/vm/compaction_proactiveness".to_string(), "0"),
+    ];
+    if let Ok(disks) = fs::read_dir("/sys/block") {
+        for d in disks.flatten() {
+            let wbt = d.path().join("queue/wbt_lat_usec");
+            if wbt.exists() {
+                settings.push((wbt.display().to_string(), "0"));
+            }
+        }
+    }
+    for (path, value) in settings {
+        if let Err(e) = fs::write(&path, value) {
+            log(&format!("{path}: {e}"));
+        }
     }
 }
 

@@ -215,6 +215,17 @@ async fn context_is_applied_on_resume_without_reboot() {
             s.expect_after(b"time.tzset(); print('zone', time.strftime('%Z'), 6*7)\n", "42", ANSWER).await.unwrap();
         assert!(seen.contains(&format!("zone {abbrev} 42")), "{zone}: {seen:?}");
     }
+    // The guest was booted with the kernel's periodic housekeeping quieted
+    // (a restored guest would otherwise run it in every launch's first moments).
+    let seen = s
+        .expect_after(
+            b"import glob; print('housekeeping', open('/proc/sys/vm/stat_interval').read().strip(), open('/proc/sys/vm/compaction_proactiveness').read().strip(), sorted(set(open(p).read().strip() for p in glob.glob('/sys/block/*/queue/wbt_lat_usec'))), 6*7)\n",
+            "42",
+            ANSWER,
+        )
+        .await
+        .unwrap();
+    assert!(seen.contains("housekeeping 60 0 ['0'] 42"), "{seen:?}");
     // The clock was set from the host on attach.
     let host_year =
         1970 + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_557_600;
