@@ -293,19 +293,9 @@ impl Proc {
     /// takes them without waiting, the rest queued in order.
     pub fn input(&self, data: Vec<u8>) {
         let feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
-        let mut written = 0;
-        if self.queued.load(Ordering::Acquire) == 0 {
-            while written < data.len() {
-                match (&self.master).write(&data[written..]) {
-                    Ok(0) => break,
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // Full (the program is not reading), or gone: the
-                    // feeding thread waits, or finds it gone.
-                    Err(_) => break,
-                }
-            }
-        }
+        // Short when the terminal is full (the program is not reading) or
+        // gone: the feeding thread waits, or finds it gone.
+        let written = if self.queued.load(Ordering::Acquire) == 0 { write_now(&self.master, &data).0 } else { 0 };
         if written < data.len() {
             self.queued.fetch_add(1, Ordering::AcqRel);
             let rest = if written == 0 { data } else { data[written..].to_vec() };
@@ -339,11 +329,11 @@ impl Proc {
 
 /// Writes queued input to the terminal in its own thread, so a program that
 /// does not read cannot stall the host port.
-fn feed_input(mut master: File, rx: mpsc::Receiver<Feed>, proc: &Proc) {
+fn feed_input(master: File, rx: mpsc::Receiver<Feed>, proc: &Proc) {
     for item in rx {
         let res = match item {
-            Feed::Data(d) => write_all_waiting(&mut master, &d),
-            Feed::Eof => deliver_eof(&mut master, proc),
+            Feed::Data(d) => write_all_waiting(&master, &d),
+            Feed::Eof => deliver_eof(&master, proc),
         };
         proc.queued.fetch_sub(1, Ordering::AcqRel);
         if res.is_err() {
@@ -368,19 +358,36 @@ fn wait_for(file: &File, events: libc::c_short) -> std::io::Result<()> {
     }
 }
 
-/// `write_all` on the non-blocking terminal: waits for room as long as it
-/// takes (the program reads at its own pace).
-fn write_all_waiting(master: &mut File, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        match master.write(data) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(master, libc::POLLOUT)?,
+/// Writes as much of `data` as the non-blocking terminal takes now: how
+/// much, and what stopped it short other than a full terminal.
+fn write_now(mut master: &File, data: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut written = 0;
+    while written < data.len() {
+        match master.write(&data[written..]) {
+            Ok(0) => return (written, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return (written, Some(e)),
         }
     }
-    Ok(())
+    (written, None)
+}
+
+/// `write_all` on the non-blocking terminal: waits for room as long as it
+/// takes (the program reads at its own pace).
+fn write_all_waiting(master: &File, mut data: &[u8]) -> std::io::Result<()> {
+    loop {
+        let (n, stopped) = write_now(master, data);
+        data = &data[n..];
+        if let Some(e) = stopped {
+            return Err(e);
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        wait_for(master, libc::POLLOUT)?;
+    }
 }
 
 /// The slave side's line mode: `Some(true)` when canonical (line editing by
@@ -413,7 +420,7 @@ fn slave_mode(master: &File) -> Option<(bool, u8)> {
 /// while a REPL runs a line in canonical mode and then reads the next one in
 /// raw mode, it is lost. So it is sent when the program reads raw, or has
 /// stayed canonical for a while, and again if the program has not ended.
-fn deliver_eof(master: &mut File, proc: &Proc) -> std::io::Result<()> {
+fn deliver_eof(master: &File, proc: &Proc) -> std::io::Result<()> {
     const SETTLE: Duration = Duration::from_millis(150);
     let exited = || proc.lock_status().exit.is_some();
     for _ in 0..3 {

@@ -58,21 +58,17 @@ pub fn init_system() {
 /// throwaway overlay on the host; a session's home is mounted with
 /// synchronous writes).
 fn quiet_housekeeping() {
-    let mut settings = vec![
-        ("/proc/sys/vm/stat_interval".to_string(), "60"),
-        ("/proc/sys/vm/compaction_proactiveness".to_string(), "0"),
-    ];
-    if let Ok(disks) = fs::read_dir("/sys/block") {
-        for d in disks.flatten() {
-            let wbt = d.path().join("queue/wbt_lat_usec");
-            if wbt.exists() {
-                settings.push((wbt.display().to_string(), "0"));
-            }
+    let set = |path: &Path, value: &str| {
+        if let Err(e) = fs::write(path, value) {
+            log(&format!("{}: {e}", path.display()));
         }
-    }
-    for (path, value) in settings {
-        if let Err(e) = fs::write(&path, value) {
-            log(&format!("{path}: {e}"));
+    };
+    set(Path::new("/proc/sys/vm/stat_interval"), "60");
+    set(Path::new("/proc/sys/vm/compaction_proactiveness"), "0");
+    for disk in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let wbt = disk.path().join("queue/wbt_lat_usec");
+        if wbt.exists() {
+            set(&wbt, "0");
         }
     }
 }

@@ -787,15 +787,7 @@ impl Vm {
     /// niceness is per thread): work done ahead of demand yields the CPU to
     /// sessions someone is waiting for. Best effort.
     pub fn set_niceness(&self, nice: i32) {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return };
-        for t in tasks.flatten() {
-            if let Ok(tid) = t.file_name().to_string_lossy().parse::<libc::id_t>() {
-                // SAFETY: setpriority takes plain integers.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, tid, nice);
-                }
-            }
-        }
+        strata_zygote::renice_threads(self.pid, nice);
     }
 
     pub fn dir(&self) -> &Path {

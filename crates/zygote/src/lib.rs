@@ -595,7 +595,7 @@ const MODULE_INIT_QOM: libc::c_int = 3;
 /// # Safety
 /// Must run in the server after QEMU's constructors and before any child
 /// is forked, on the thread that will fork.
-pub unsafe fn prepare_qemu_types() -> Result<usize, &'static str> {
+pub unsafe fn prepare_qemu_types() -> Result<u32, &'static str> {
     type ModuleCallInit = unsafe extern "C" fn(libc::c_int);
     type ClassByName = unsafe extern "C" fn(*const libc::c_char) -> *mut libc::c_void;
     type ClassList = unsafe extern "C" fn(*const libc::c_char, bool) -> *mut libc::c_void;
@@ -630,7 +630,7 @@ pub unsafe fn prepare_qemu_types() -> Result<usize, &'static str> {
             return Err("QEMU's types did not appear (a module list numbered differently)");
         }
         let machines = class_list(c"machine".as_ptr(), false);
-        let n = slist_length(machines) as usize;
+        let n = slist_length(machines);
         slist_free(machines);
         Ok(n)
     }
@@ -650,10 +650,10 @@ pub unsafe fn prepare_qemu_types() -> Result<usize, &'static str> {
 /// ones that `fork`'s handlers recreate in the child (QEMU's RCU thread).
 /// `cmdline` must be the argument area the kernel set up for this process
 /// and not referenced elsewhere.
-pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<usize, &str>) -> ChildStart {
+pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -> ChildStart {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    let prepared = types.map(|n| u32::try_from(n).unwrap_or(u32::MAX)).map_err(str::to_string);
+    let prepared = types.map_err(str::to_string);
     if send_with_fds(sock, &Reply::Ready { pid: me, prepared }.encode(), &[]).is_err() {
         // SAFETY: ending the process is the only thing left to do.
         unsafe { libc::_exit(1) };
@@ -788,16 +788,14 @@ unsafe fn place_fds(fds: &[RawFd], targets: &[RawFd]) -> Result<(), &'static str
     Ok(())
 }
 
-/// Niceness is per thread on Linux, and the child already has threads that
-/// `fork`'s handlers started (QEMU's RCU thread): set it on each.
-fn renice_all_threads(niceness: i32) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        // SAFETY: setpriority on this thread has no memory effects.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, niceness) };
-        return;
-    };
+/// Sets the niceness of every thread of process `pid` (niceness is per
+/// thread on Linux). A forked child already has threads that `fork`'s
+/// handlers started (QEMU's RCU thread), and strata renices a pooled VM's
+/// QEMU when it is taken.
+pub fn renice_threads(pid: u32, niceness: i32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
     for tid in tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<libc::id_t>().ok()) {
-        // SAFETY: setpriority on a thread of this process.
+        // SAFETY: setpriority takes plain integers.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, niceness) };
     }
 }
@@ -829,7 +827,7 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
     }
     if req.niceness != 0 {
-        renice_all_threads(req.niceness);
+        renice_threads(std::process::id(), req.niceness);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     // SAFETY: the descriptors are ours; nothing else in this process uses them.
@@ -998,7 +996,7 @@ mod tests {
         if pid == 0 {
             let (tx, rx) = std::sync::mpsc::channel::<()>();
             let t = std::thread::spawn(move || rx.recv().ok());
-            renice_all_threads(7);
+            renice_threads(std::process::id(), 7);
             let nice = thread_niceness();
             let ok = nice.len() == 2 && nice.iter().all(|n| *n == 7);
             drop(tx);
