@@ -18,4 +18,18 @@ done
 # However the tests end, drop the images this run superseded (older
 # generations, throwaway builds), so the test store does not grow run by run.
 trap './target/release/strata images prune | tail -n 1' EXIT
-cargo test --release --locked --workspace -- --test-threads=2
+# Every test binary runs even when one fails; then the failures are named.
+log="$(mktemp /tmp/strata-test.XXXXXX)"
+set +e
+cargo test --release --locked --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" != 0 ]; then
+  echo "==> test.sh: the suite failed; failed tests (binary: test):" >&2
+  awk '/^ *Running /{n=split($NF,p,"/"); bin=p[n]; gsub(/[()]/,"",bin); sub(/-[0-9a-f]+$/,"",bin)} /^test .* \.\.\. FAILED$/{sub(/^test /,""); sub(/ \.\.\. FAILED$/,""); print "    " bin ": " $0}' "$log" >&2
+  grep -A50 -E '^error: [0-9]+ targets? failed:|^error: test failed' "$log" | grep -E '^ +`' >&2 || true
+  echo "==> the whole output is in $log" >&2
+else
+  rm -f "$log"
+fi
+exit "$status"

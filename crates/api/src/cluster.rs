@@ -22,6 +22,8 @@ pub const TERMINAL_HEADER: &str = "x-strata-terminal";
 const LEASE: Duration = Duration::from_secs(3);
 /// How often this server's session records are brought up to date.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// How often the load this server reports is read.
+const LOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// This server's place in a cluster.
 pub struct ClusterLink {
@@ -92,15 +94,32 @@ fn load(st: &AppState, link: &ClusterLink) -> ServerLoad {
 /// Registers this server and keeps its session records in etcd until the
 /// process ends.
 ///
+/// The lease is kept from a thread of its own (`strata_cluster`); this
+/// runtime only publishes the load it reads, once a second, for that
+/// thread to send. A runtime held up by other work makes the load a little
+/// stale, never the registration late.
+///
 /// # Errors
 /// If etcd cannot be reached now.
 pub async fn join(st: Arc<AppState>) -> Result<Registration, strata_cluster::Error> {
     let link = st.cluster.clone().expect("join is called in cluster mode");
-    let (st2, link2) = (st.clone(), link.clone());
-    let registration = link.cluster.register(LEASE, move || load(&st2, &link2)).await?;
+    let (report, reported) = tokio::sync::watch::channel(load(&st, &link));
+    let registration = link.cluster.register(LEASE, reported).await?;
     tracing::info!(server = %link.server_id, address = %link.address, etcd = %link.cluster.endpoints(), "joined the cluster");
+    let (st2, link2) = (st.clone(), link.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if report.send(load(&st2, &link2)).is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if let Err(e) = reconcile(&st, &link).await {
@@ -115,7 +134,13 @@ pub async fn join(st: Arc<AppState>) -> Result<Registration, strata_cluster::Err
 /// record for each live session (with a paused one's record, so another
 /// server can resume it), none for ended ones. A paused session whose record
 /// names another server has moved there: it is forgotten here.
+///
+/// This server's report wins over a control plane's guess: a session the
+/// plane marked `lost` (or suspect) while this server was silent, and that
+/// still runs here, is `running` again, its record saying how long the
+/// server was unreachable.
 pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_cluster::Error> {
+    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let entries = link.cluster.sessions().await?;
     let by_id: HashMap<&str, &SessionEntry> = entries.iter().map(|e| (e.id.as_str(), e)).collect();
     let live = st.sessions.all();
@@ -146,7 +171,12 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
             image: record.as_ref().and_then(|r| r.paused_image.clone()),
             record: record.and_then(|r| serde_json::to_value(r).ok()),
             created: l.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            unreachable_since: None,
+            last_outage_s: known.and_then(|k| outage_ended(k, now)),
         };
+        if let Some(k) = known.filter(|k| k.state == "lost" || k.unreachable_since.is_some()) {
+            tracing::info!(session = %l.id, was = %k.state, unreachable_s = ?entry.last_outage_s, "this server is back; its session is reported running again");
+        }
         if known.is_none_or(|k| **k != entry) {
             link.cluster.put_session(&entry).await?;
         }
@@ -157,4 +187,33 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
         }
     }
     Ok(())
+}
+
+/// How long this server was unreachable, as a session's record tells it:
+/// the outage that is ending now (the plane noted since when), else the
+/// one before, kept.
+fn outage_ended(known: &SessionEntry, now: u64) -> Option<u64> {
+    match known.unreachable_since {
+        Some(since) => Some(now.saturating_sub(since)),
+        None => known.last_outage_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outage_a_record_reports_is_the_one_ending_or_else_the_last() {
+        let mut e = SessionEntry::running("s1", "a", "bc", "alice", 1);
+        assert_eq!(outage_ended(&e, 100), None);
+        e.unreachable_since = Some(96);
+        assert_eq!(outage_ended(&e, 100), Some(4));
+        e.last_outage_s = Some(30);
+        assert_eq!(outage_ended(&e, 100), Some(4), "the outage ending now wins over the one before");
+        e.unreachable_since = None;
+        assert_eq!(outage_ended(&e, 100), Some(30), "kept once the outage is over");
+        e.unreachable_since = Some(200);
+        assert_eq!(outage_ended(&e, 100), Some(0), "a clock behind the plane's never goes negative");
+    }
 }

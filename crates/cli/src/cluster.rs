@@ -64,6 +64,8 @@ pub struct Plane<'a> {
     /// A CA to trust for servers that serve HTTPS (`serve --tls`).
     pub ca_cert: Option<std::path::PathBuf>,
     pub max_sessions_per_terminal: usize,
+    /// Seconds a silent server's sessions stay running before they are lost.
+    pub lost_after: u64,
 }
 
 /// `strata control`: a control plane until interrupted.
@@ -95,6 +97,10 @@ pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
     }
     let mut plane = strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir, ca.as_deref())?;
     plane.max_sessions_per_terminal = p.max_sessions_per_terminal;
+    if p.lost_after == 0 || p.lost_after > 86_400 {
+        anyhow::bail!("--lost-after must be between 1 and 86400 seconds (a server silent that long has its running sessions marked lost)");
+    }
+    plane.lost_after = std::time::Duration::from_secs(p.lost_after);
     let cp = Arc::new(plane);
     tokio::spawn(cp.clone().lead());
     let listener = std::net::TcpListener::bind(p.listen).with_context(|| format!("cannot listen on {}", p.listen))?;

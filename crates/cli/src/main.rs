@@ -185,6 +185,11 @@ enum Cmd {
         /// Sessions one terminal may hold across the cluster.
         #[arg(long, default_value_t = 16)]
         max_sessions_per_terminal: usize,
+        /// Seconds a server may stay silent (its lease lapsed) before its
+        /// running sessions are marked lost; until then it is only suspect:
+        /// new launches avoid it, its sessions stay running.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        lost_after: u64,
         /// Serve HTTPS with this PEM certificate chain (with --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -611,7 +616,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     }
     // Cluster commands that need no store of their own.
     match &cli.cmd {
-        Cmd::Control { listen, etcd, rule, overcommit, name, max_sessions_per_terminal, tls_cert, tls_key } => {
+        Cmd::Control {
+            listen,
+            etcd,
+            rule,
+            overcommit,
+            name,
+            max_sessions_per_terminal,
+            lost_after,
+            tls_cert,
+            tls_key,
+        } => {
             let plane = cluster::Plane {
                 listen: *listen,
                 etcd,
@@ -622,6 +637,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 tls: tls_cert.clone().zip(tls_key.clone()),
                 ca_cert: cli.ca_cert.clone(),
                 max_sessions_per_terminal: *max_sessions_per_terminal,
+                lost_after: *lost_after,
             };
             return cluster::control(plane).await;
         }
@@ -1216,13 +1232,22 @@ async fn remote_main(r: &remote::Remote, cmd: &Cmd) -> anyhow::Result<u8> {
                     }
                 };
                 let header = if clustered { format!(" {:<16}", "SERVER") } else { String::new() };
-                println!("{:<12} {:<14} {:<9} {:<9}{header} AGE", "SESSION", "PACKAGE", "STATE", "ATTACHED");
+                // What a server's silence did to a session, beside its state.
+                let state = |s: &serde_json::Value| {
+                    let st = s["state"].as_str().unwrap_or("");
+                    match s["note"].as_str().filter(|n| !n.is_empty()) {
+                        Some(note) => format!("{st}, {note}"),
+                        None => st.to_string(),
+                    }
+                };
+                let width = sessions.iter().map(|s| state(s).len()).max().unwrap_or(0).max(9);
+                println!("{:<12} {:<14} {:<width$} {:<9}{header} AGE", "SESSION", "PACKAGE", "STATE", "ATTACHED");
                 for s in sessions {
                     println!(
-                        "{:<12} {:<14} {:<9} {:<9}{} {}",
+                        "{:<12} {:<14} {:<width$} {:<9}{} {}",
                         s["id"].as_str().unwrap_or(""),
                         s["package"].as_str().unwrap_or(""),
-                        s["state"].as_str().unwrap_or(""),
+                        state(s),
                         if s["attached"] == true { "yes" } else { "no" },
                         server(s),
                         age(s["created"].as_i64().unwrap_or(0))

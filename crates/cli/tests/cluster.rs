@@ -26,6 +26,8 @@ const NET: &str = "10.231.7";
 const HOST_IP: &str = "10.231.7.1";
 const AGENTS: usize = 3;
 const SECRET: &str = "cluster-test-secret-0123456789";
+/// The planes' grace period for silent servers (`--lost-after`).
+const LOST_AFTER_S: u64 = 20;
 
 fn ns(i: usize) -> String {
     format!("strata-t{i}")
@@ -222,6 +224,16 @@ async fn eventually<F: std::future::Future<Output = bool>>(limit: Duration, mut 
     cond().await
 }
 
+/// Stops or continues a process (`STOP`, `CONT`), as a machine that hangs
+/// and recovers would.
+fn signal(pid: u32, sig: &str) {
+    assert!(sh(&["kill", &format!("-{sig}"), &pid.to_string()]), "kill -{sig} {pid} failed");
+}
+
+fn field(sessions: &[Value], id: &str, name: &str) -> Value {
+    sessions.iter().find(|s| s["id"] == id).map(|s| s[name].clone()).unwrap_or(Value::Null)
+}
+
 fn server_of(sessions: &[Value], id: &str) -> String {
     sessions.iter().find(|s| s["id"] == id).map(|s| s["server"].as_str().unwrap().to_string()).unwrap_or_default()
 }
@@ -237,7 +249,10 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     }
     let _net = Network::up();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let logs = dir.path().join("logs");
+    // The processes' logs outlive the test (the last run's), for a failure
+    // to be read afterwards.
+    let logs = PathBuf::from("/var/tmp/strata-cluster-test-logs");
+    let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).unwrap();
     let g = garage::start_garage(HOST_IP, 39_600);
 
@@ -295,7 +310,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         let port = free_port("127.0.0.1", 39_740 + 10 * i);
         let mut cmd = Command::new(&e.strata);
         cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
-            .args(["--max-sessions-per-terminal", "6"])
+            .args(["--max-sessions-per-terminal", "6", "--lost-after", &LOST_AFTER_S.to_string()])
             .args(["--etcd", &etcd_url, "--name", &format!("plane{i}")])
             .env("STRATA_PACKAGES", &e.packages)
             .env("STRATA_CLUSTER_TOKEN", SECRET)
@@ -371,6 +386,73 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let forged = t["url"].as_str().unwrap().replace(&ids[0], &ids[3]);
     assert!(tokio_tungstenite::connect_async(&forged).await.is_err(), "a ticket opened another session");
 
+    // An agent that hangs for longer than its lease (3 s) but less than the
+    // grace period is only suspect: its session stays running, new launches
+    // go elsewhere meanwhile, and when it continues its session is running
+    // with a note of the outage. Hung past the grace period, its session is
+    // lost, and running again when it continues: the server's report wins.
+    let hung = agents[2].child.id();
+    let on_hung = ids[2].clone();
+    assert_eq!(server_of(&listed, &on_hung), "agent3");
+    assert_eq!(std::fs::read_to_string(format!("/proc/{hung}/comm")).unwrap().trim(), "strata");
+    signal(hung, "STOP");
+    let mut seen_states = std::collections::BTreeSet::new();
+    let mut suspect_noted = false;
+    let stopped_at = Instant::now();
+    let mut dropped_out = false;
+    while stopped_at.elapsed() < Duration::from_secs(9) {
+        let now = c.sessions(0, &alice).await;
+        seen_states.insert(state_of(&now, &on_hung));
+        suspect_noted |= field(&now, &on_hung, "unreachable_s").is_u64();
+        dropped_out |= !servers(0).await.contains(&"agent3".to_string());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(dropped_out, "agent3 stayed registered while stopped for 9 s");
+    assert!(suspect_noted, "the leader did not note agent3's silence within 9 s");
+    let (status, created) = c.launch(0, &alice, "bc").await;
+    assert_eq!(status, 201, "{created}");
+    assert_ne!(created["session"]["server"], "agent3", "a launch went to a silent server: {created}");
+    let extra = created["session"]["id"].as_str().unwrap().to_string();
+    seen_states.insert(state_of(&c.sessions(0, &alice).await, &on_hung));
+    signal(hung, "CONT");
+    assert_eq!(seen_states, ["running".to_string()].into(), "a suspect server's session was not kept running");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let now = c.sessions(0, &alice).await;
+            field(&now, &on_hung, "server_reachable") == true && field(&now, &on_hung, "last_outage_s").is_u64()
+        })
+        .await,
+        "agent3's session did not come back with its outage noted: {:?}",
+        c.sessions(0, &alice).await
+    );
+    let out = strata(&["--addr", &c.cps[0], "--token", &alice, "ps"]).output().unwrap();
+    let ps = text(&out.stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&on_hung) && l.contains("running, server was unreachable")), "{ps}");
+    assert_eq!(c.api(0, "DELETE", &format!("/v1/sessions/{extra}"), &alice).await.0, 204);
+    // Past the grace period: lost, then running again.
+    signal(hung, "STOP");
+    let lost_in = Duration::from_secs(LOST_AFTER_S + 30);
+    let was_lost = eventually(lost_in, || async { state_of(&c.sessions(0, &alice).await, &on_hung) == "lost" }).await;
+    signal(hung, "CONT");
+    assert!(was_lost, "a session of an agent silent for {lost_in:?} was not marked lost");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let now = c.sessions(0, &alice).await;
+            state_of(&now, &on_hung) == "running"
+                && field(&now, &on_hung, "last_outage_s").as_u64().is_some_and(|s| s >= LOST_AFTER_S)
+        })
+        .await,
+        "the lost session did not come back running when its agent did: {:?}",
+        c.sessions(0, &alice).await
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async { servers(0).await.len() == AGENTS }).await,
+        "not every agent is registered again: {:?} (logs in {})",
+        servers(0).await,
+        logs.display()
+    );
+    c.exchange(0, &alice, &on_hung, "7*6\n", "42").await;
+
     // The CLI through a control plane: run, and attach to the agent.
     let out = strata_with_input(&["--addr", &c.cps[0], "--token", &alice, "attach", &ids[1]], "x=6*7\nx\n");
     assert!(text(&out.stdout).contains("42"), "{}{}", text(&out.stdout), text(&out.stderr));
@@ -409,9 +491,13 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         "agent1 did not drop out: {:?}",
         servers(1).await
     );
+    // Lost once the grace period has passed (the leader notes the silence
+    // within a round or two, then waits LOST_AFTER_S).
     assert!(
-        eventually(Duration::from_secs(15), || async { state_of(&c.sessions(1, &alice).await, &ids[3]) == "lost" })
-            .await,
+        eventually(Duration::from_secs(LOST_AFTER_S + 30), || async {
+            state_of(&c.sessions(1, &alice).await, &ids[3]) == "lost"
+        })
+        .await,
         "a session of the dead agent is not reported lost"
     );
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/resume", ids[3]), &alice).await;

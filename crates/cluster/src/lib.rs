@@ -10,9 +10,13 @@
 
 pub mod ticket;
 
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
 use serde::{Deserialize, Serialize};
 pub use strata_placement::ServerLoad;
 use tokio::sync::watch;
@@ -53,6 +57,34 @@ pub struct SessionEntry {
     /// Unix seconds.
     #[serde(default)]
     pub created: u64,
+    /// While its server is silent (its lease lapsed): since when, in unix
+    /// seconds, as the leading control plane first saw it. The session is
+    /// kept `running` (its server is only suspect) until the grace period
+    /// has passed, then marked `lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<u64>,
+    /// How long its server was unreachable the last time it went silent
+    /// and came back with the session still running, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outage_s: Option<u64>,
+}
+
+impl SessionEntry {
+    /// A record of a session that runs on `server` now.
+    pub fn running(id: &str, server: &str, package: &str, owner: &str, created: u64) -> SessionEntry {
+        SessionEntry {
+            id: id.into(),
+            server: server.into(),
+            package: package.into(),
+            state: "running".into(),
+            owner: owner.into(),
+            image: None,
+            record: None,
+            created,
+            unreachable_since: None,
+            last_outage_s: None,
+        }
+    }
 }
 
 /// A terminal's API token as the cluster keeps it: only its sha256.
@@ -77,18 +109,22 @@ pub struct Cluster {
 
 /// A server's registration: its lease is kept alive and its load
 /// refreshed until [`Registration::leave`] (or the process dies).
+///
+/// Both happen on a thread of their own, with a runtime and an etcd
+/// connection of their own: a process whose runtime is busy or blocked (a
+/// server hashing a fetched image, a slow disk) still keeps its lease.
 pub struct Registration {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    lease: i64,
+    lease: Arc<AtomicI64>,
     cluster: Cluster,
 }
 
-/// Leadership won in an election; kept while its lease is kept alive.
+/// Leadership won in an election; kept while its lease is kept alive (from
+/// a thread of its own, like a server's registration).
 pub struct Leadership {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
     lease: i64,
+    held: Arc<AtomicBool>,
     key: etcd_client::LeaderKey,
     cluster: Cluster,
 }
@@ -121,9 +157,8 @@ impl Cluster {
             return Err(Error::Config(format!("prefix {prefix:?} must start and end with '/'")));
         }
         let joined = endpoints.join(",");
-        let opts = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
         let unreachable = |cause| Error::Unreachable { endpoints: joined.clone(), cause };
-        let mut client = Client::connect(endpoints, Some(opts)).await.map_err(unreachable)?;
+        let mut client = Client::connect(endpoints, Some(request_options())).await.map_err(unreachable)?;
         client.status().await.map_err(unreachable)?;
         Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined, endpoint_list: endpoints.to_vec() })
     }
@@ -145,6 +180,11 @@ impl Cluster {
     }
 
     async fn list_json<T: for<'de> Deserialize<'de>>(&self, dir: &str) -> Result<Vec<T>, Error> {
+        Ok(self.list_json_revisions(dir).await?.into_iter().map(|(v, _)| v).collect())
+    }
+
+    /// Every record under `dir`, each with the revision of its last change.
+    async fn list_json_revisions<T: for<'de> Deserialize<'de>>(&self, dir: &str) -> Result<Vec<(T, i64)>, Error> {
         let key = self.key(dir);
         let resp = self
             .client
@@ -155,62 +195,110 @@ impl Cluster {
         resp.kvs()
             .iter()
             .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|e| Error::BadRecord {
+                let value = serde_json::from_slice(kv.value()).map_err(|e| Error::BadRecord {
                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                     message: e.to_string(),
-                })
+                })?;
+                Ok((value, kv.mod_revision()))
             })
             .collect()
     }
 
-    /// Registers a server under a lease of `ttl`, then keeps the lease alive
-    /// and its load fresh (`report`, every third of `ttl`) in the background.
-    /// A server that goes silent drops out when the lease expires.
+    /// Registers a server under a lease of `ttl`, then keeps the lease
+    /// alive and its record fresh (every third of `ttl`, with the latest
+    /// load sent on `load`) from a thread of its own, so that nothing else
+    /// the process does can delay it. A server that goes silent drops out
+    /// when the lease expires; one whose lease expired while it was stopped
+    /// or cut off registers again when it can.
     ///
     /// # Errors
-    /// If etcd refuses the lease or the write.
-    pub async fn register(
-        &self,
-        ttl: Duration,
-        report: impl Fn() -> ServerLoad + Send + Sync + 'static,
-    ) -> Result<Registration, Error> {
-        let load = report();
-        check_id("server", &load.id)?;
+    /// If the id is malformed, or etcd refuses the lease or the write.
+    pub async fn register(&self, ttl: Duration, load: watch::Receiver<ServerLoad>) -> Result<Registration, Error> {
+        let id = load.borrow().id.clone();
+        check_id("server", &id)?;
         let secs = ttl.as_secs().clamp(1, 3600) as i64;
-        let lease = self.client.clone().lease_grant(secs, None).await.map_err(self.err("granting a lease"))?.id();
-        let key = self.key(&format!("servers/{}", load.id));
-        self.put_json(&key, &load, Some(lease)).await?;
+        let key = self.key(&format!("servers/{id}"));
         let (stop, mut stopped) = watch::channel(false);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let lease_now = Arc::new(AtomicI64::new(0));
         let me = self.clone();
-        let every = Duration::from_millis((secs as u64 * 1000 / 3).max(200));
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            let mut lease = lease;
+        let lease_shared = lease_now.clone();
+        on_own_thread("strata-lease", async move {
+            let mut client = match me.own_client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let registered = async {
+                let lease = client.lease_grant(secs, None).await.map_err(me.err("granting a lease"))?.id();
+                let first = load.borrow().clone();
+                me.put_json_with(&mut client, &key, &first, Some(lease)).await?;
+                Ok::<_, Error>(lease)
+            };
+            let mut lease = match registered.await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            lease_shared.store(lease, Ordering::Relaxed);
+            let _ = ready_tx.send(Ok(()));
+            let mut keeper = None;
+            let mut tick = tokio::time::interval(refresh_period(secs));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stopped.changed() => return,
                 }
                 let kept = async {
-                    let (mut keeper, mut stream) =
-                        me.client.clone().lease_keep_alive(lease).await.map_err(me.err("keeping a lease"))?;
-                    keeper.keep_alive().await.map_err(me.err("keeping a lease"))?;
-                    let answer = stream.message().await.map_err(me.err("keeping a lease"))?;
-                    // A lease that expired while etcd was out of reach is
-                    // gone for good (its TTL comes back as 0): take a new one.
-                    if answer.is_none_or(|a| a.ttl() <= 0) {
-                        lease =
-                            me.client.clone().lease_grant(secs, None).await.map_err(me.err("granting a lease"))?.id();
-                        tracing::info!("this server's lease had expired; registered again");
+                    if !keep_alive(&me, &mut client, &mut keeper, lease).await? {
+                        // A lease that expired while this process was stopped
+                        // or etcd out of reach is gone for good: take a new one.
+                        lease = client.lease_grant(secs, None).await.map_err(me.err("granting a lease"))?.id();
+                        lease_shared.store(lease, Ordering::Relaxed);
+                        keeper = None;
+                        tracing::warn!("this server's lease had expired; registered again");
                     }
-                    me.put_json(&key, &report(), Some(lease)).await
+                    let now = load.borrow().clone();
+                    me.put_json_with(&mut client, &key, &now, Some(lease)).await
                 };
                 if let Err(e) = kept.await {
+                    keeper = None;
                     tracing::warn!(error = %e, "could not refresh this server's registration; retrying");
                 }
             }
-        });
-        Ok(Registration { stop, task, lease, cluster: self.clone() })
+        })?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Registration { stop, lease: lease_now, cluster: self.clone() }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Config("the lease thread ended before registering".into())),
+        }
+    }
+
+    /// A connection of its own to the same etcd, for a thread of its own
+    /// (a connection serves requests from the runtime that made it).
+    async fn own_client(&self) -> Result<Client, Error> {
+        Client::connect(&self.endpoint_list, Some(request_options()))
+            .await
+            .map_err(|cause| Error::Unreachable { endpoints: self.endpoints.clone(), cause })
+    }
+
+    async fn put_json_with<T: Serialize>(
+        &self,
+        client: &mut Client,
+        key: &str,
+        value: &T,
+        lease: Option<i64>,
+    ) -> Result<(), Error> {
+        let json =
+            serde_json::to_vec(value).map_err(|e| Error::BadRecord { key: key.into(), message: e.to_string() })?;
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        client.put(key, json, opts).await.map_err(self.err("a write"))?;
+        Ok(())
     }
 
     /// The servers registered now (those whose lease is alive).
@@ -240,6 +328,34 @@ impl Cluster {
     /// If etcd fails or a record is damaged.
     pub async fn sessions(&self) -> Result<Vec<SessionEntry>, Error> {
         self.list_json("sessions/").await
+    }
+
+    /// Every recorded session, each with the revision of its last change
+    /// (for [`Cluster::put_session_if_unchanged`]).
+    ///
+    /// # Errors
+    /// If etcd fails or a record is damaged.
+    pub async fn sessions_with_revisions(&self) -> Result<Vec<(SessionEntry, i64)>, Error> {
+        self.list_json_revisions("sessions/").await
+    }
+
+    /// Writes a session's record only if nobody changed it since
+    /// `revision` (as [`Cluster::sessions_with_revisions`] read it): a
+    /// guess made from an older state never overwrites a newer report.
+    /// Whether it was written.
+    ///
+    /// # Errors
+    /// If the id is malformed or etcd fails.
+    pub async fn put_session_if_unchanged(&self, entry: &SessionEntry, revision: i64) -> Result<bool, Error> {
+        check_id("session", &entry.id)?;
+        let key = self.key(&format!("sessions/{}", entry.id));
+        let json =
+            serde_json::to_vec(entry).map_err(|e| Error::BadRecord { key: key.clone(), message: e.to_string() })?;
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)])
+            .and_then(vec![TxnOp::put(key.as_str(), json, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(self.err("a conditional write"))?;
+        Ok(resp.succeeded())
     }
 
     /// Forgets a session.
@@ -285,23 +401,46 @@ impl Cluster {
         let secs = ttl.as_secs().clamp(1, 3600) as i64;
         let mut client = self.client.clone();
         let lease = client.lease_grant(secs, None).await.map_err(self.err("granting a lease"))?.id();
-        // Kept alive from the start: waiting to be elected may take longer than the lease.
+        // Kept alive from the start (waiting to be elected may take longer
+        // than the lease), from a thread of its own.
         let (stop, mut stopped) = watch::channel(false);
-        let me = self.clone();
-        let every = Duration::from_millis((secs as u64 * 1000 / 3).max(200));
-        let task = tokio::spawn(async move {
-            let Ok((mut keeper, mut stream)) = me.client.clone().lease_keep_alive(lease).await else { return };
-            let mut tick = tokio::time::interval(every);
+        let held = Arc::new(AtomicBool::new(true));
+        let (me, held_shared) = (self.clone(), held.clone());
+        on_own_thread("strata-leader-lease", async move {
+            let mut client = loop {
+                match me.own_client().await {
+                    Ok(c) => break c,
+                    Err(e) => tracing::warn!(error = %e, "cannot reach etcd to keep the leadership lease; retrying"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stopped.changed() => return,
+                }
+            };
+            let mut keeper = None;
+            let mut tick = tokio::time::interval(refresh_period(secs));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stopped.changed() => return,
                 }
-                if keeper.keep_alive().await.is_err() || stream.message().await.is_err() {
-                    tracing::warn!("could not keep the leadership lease alive; retrying");
+                match keep_alive(&me, &mut client, &mut keeper, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // The election's key went with the lease: whoever
+                        // holds this leadership must campaign again.
+                        held_shared.store(false, Ordering::Relaxed);
+                        tracing::error!("the leadership lease expired; this control plane no longer leads");
+                        return;
+                    }
+                    Err(e) => {
+                        keeper = None;
+                        tracing::warn!(error = %e, "could not keep the leadership lease alive; retrying");
+                    }
                 }
             }
-        });
+        })?;
         // A campaign waits as long as another leads, so it goes over a
         // connection without the request time-out: etcd withdraws a
         // cancelled campaign's key, which would race with a retry. HTTP/2
@@ -317,7 +456,6 @@ impl Cluster {
             Ok(won) => won,
             Err(e) => {
                 let _ = stop.send(true);
-                task.abort();
                 return Err(self.err("campaigning")(e));
             }
         };
@@ -326,7 +464,7 @@ impl Cluster {
             message: "campaign won without a key".into(),
         })?;
         tracing::info!(candidate, "elected leader");
-        Ok(Leadership { stop, task, lease, key, cluster: self.clone() })
+        Ok(Leadership { stop, lease, held, key, cluster: self.clone() })
     }
 
     /// The current leader's name, if any.
@@ -350,8 +488,8 @@ impl Registration {
     /// If etcd fails (the lease then expires by itself).
     pub async fn leave(self) -> Result<(), Error> {
         let _ = self.stop.send(true);
-        self.task.abort();
-        self.cluster.client.clone().lease_revoke(self.lease).await.map_err(self.cluster.err("revoking a lease"))?;
+        let lease = self.lease.load(Ordering::Relaxed);
+        self.cluster.client.clone().lease_revoke(lease).await.map_err(self.cluster.err("revoking a lease"))?;
         Ok(())
     }
 
@@ -359,7 +497,6 @@ impl Registration {
     /// record drops out when the lease expires.
     pub fn go_silent(self) {
         let _ = self.stop.send(true);
-        self.task.abort();
     }
 }
 
@@ -370,7 +507,6 @@ impl Leadership {
     /// If etcd fails (the lease then expires by itself).
     pub async fn resign(self) -> Result<(), Error> {
         let _ = self.stop.send(true);
-        self.task.abort();
         let opts = etcd_client::ResignOptions::new().with_leader(self.key);
         self.cluster.client.clone().resign(Some(opts)).await.map_err(self.cluster.err("resigning"))?;
         let _ = self.cluster.client.clone().lease_revoke(self.lease).await;
@@ -380,6 +516,67 @@ impl Leadership {
     /// Stops keeping the lease alive, as a crashed leader would.
     pub fn go_silent(self) {
         let _ = self.stop.send(true);
-        self.task.abort();
+    }
+
+    /// Whether this leadership still holds: false once its lease expired
+    /// (the process was stopped or cut off from etcd for longer than it).
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// How a connection for requests is made: a bounded connect and a bounded
+/// wait for each answer.
+fn request_options() -> ConnectOptions {
+    ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT)
+}
+
+/// How often a lease of `secs` seconds is refreshed: three times per lease.
+fn refresh_period(secs: i64) -> Duration {
+    Duration::from_millis((secs as u64 * 1000 / 3).max(200))
+}
+
+/// Runs `work` on a new thread with a single-threaded runtime of its own.
+/// Leases are kept from such threads: the process's own runtime may be
+/// single-threaded (a server starts every QEMU from its one thread) and
+/// busy, and a lease must not wait behind anything.
+fn on_own_thread(name: &str, work: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start a runtime for {name}: {e}")))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || runtime.block_on(work))
+        .map_err(|e| Error::Config(format!("cannot start thread {name}: {e}")))?;
+    Ok(())
+}
+
+/// Refreshes `lease` once over `client`, opening the keep-alive stream if
+/// there is none. False if the lease has expired (etcd answers a TTL of 0).
+async fn keep_alive(
+    cluster: &Cluster,
+    client: &mut Client,
+    keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    lease: i64,
+) -> Result<bool, Error> {
+    if keeper.is_none() {
+        match client.lease_keep_alive(lease).await {
+            Ok(k) => *keeper = Some(k),
+            // Opening a stream refreshes the lease once, and etcd-client
+            // reports a lease etcd no longer has (TTL 0) as this error.
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => return Ok(false),
+            Err(e) => return Err(cluster.err("keeping a lease")(e)),
+        }
+    }
+    let (k, stream) = keeper.as_mut().expect("opened above");
+    k.keep_alive().await.map_err(cluster.err("keeping a lease"))?;
+    match stream.message().await.map_err(cluster.err("keeping a lease"))? {
+        Some(answer) => Ok(answer.ttl() > 0),
+        // The stream ended (etcd restarted, the connection dropped): not an
+        // answer about the lease; the caller opens a new stream and retries.
+        None => Err(cluster.err("keeping a lease")(etcd_client::Error::LeaseKeepAliveError(
+            "the keep-alive stream ended".into(),
+        ))),
     }
 }

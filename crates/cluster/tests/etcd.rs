@@ -78,6 +78,11 @@ async fn cluster(test: &str) -> Cluster {
     Cluster::connect(&[etcd().url.clone()], &format!("/strata-test/{test}/")).await.unwrap()
 }
 
+/// A server's load, as a registration reads it.
+fn report(id: &str, sessions: u32) -> tokio::sync::watch::Receiver<ServerLoad> {
+    tokio::sync::watch::channel(load(id, sessions)).1
+}
+
 fn load(id: &str, sessions: u32) -> ServerLoad {
     ServerLoad {
         id: id.into(),
@@ -114,8 +119,8 @@ async fn servers_register_with_leases_and_a_silent_one_drops_out_within_seconds(
         return;
     }
     let c = cluster("servers").await;
-    let a = c.register(Duration::from_secs(2), || load("server-a", 1)).await.unwrap();
-    let b = c.register(Duration::from_secs(2), || load("server-b", 3)).await.unwrap();
+    let a = c.register(Duration::from_secs(2), report("server-a", 1)).await.unwrap();
+    let b = c.register(Duration::from_secs(2), report("server-b", 3)).await.unwrap();
     let names = |v: Vec<ServerLoad>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
     assert_eq!(names(c.servers().await.unwrap()), ["server-a", "server-b"]);
     // Registered servers stay while they report, past their lease's length.
@@ -129,7 +134,7 @@ async fn servers_register_with_leases_and_a_silent_one_drops_out_within_seconds(
     a.leave().await.unwrap();
     assert!(c.servers().await.unwrap().is_empty());
     // A bad server id is refused before anything is written.
-    let err = c.register(Duration::from_secs(2), || load("a/b", 0)).await.err().unwrap().to_string();
+    let err = c.register(Duration::from_secs(2), report("a/b", 0)).await.err().unwrap().to_string();
     assert!(err.contains("server id"), "{err}");
 }
 
@@ -142,16 +147,7 @@ async fn session_records_outlive_a_control_plane_and_an_etcd_restart() {
     let e = start_etcd("restart", 39_500);
     let connect = || Cluster::connect(std::slice::from_ref(&e.url), "/strata-test/sessions/");
     let c = connect().await.unwrap();
-    let entry = |id: &str| SessionEntry {
-        id: id.into(),
-        server: "server-a".into(),
-        package: "python3".into(),
-        state: "running".into(),
-        owner: "alice".into(),
-        image: None,
-        record: None,
-        created: 1_700_000_000,
-    };
+    let entry = |id: &str| SessionEntry::running(id, "server-a", "python3", "alice", 1_700_000_000);
     c.put_session(&entry("aaaaaaaaaaaa")).await.unwrap();
     c.put_session(&entry("bbbbbbbbbbbb")).await.unwrap();
     let mut paused = entry("bbbbbbbbbbbb");
@@ -212,4 +208,116 @@ async fn one_control_plane_leads_and_another_takes_over_when_it_dies() {
     assert_eq!(c.leader().await.unwrap().as_deref(), Some("plane-2"));
     leadership.resign().await.unwrap();
     assert_eq!(c.leader().await.unwrap(), None);
+}
+
+/// The cause of sessions marked lost on a busy machine (issue 18): a
+/// server's runtime is one thread, and the lease was kept by a task on it,
+/// so anything that held the thread for longer than the lease (hashing and
+/// syncing a fetched image) let the server drop out. The lease is kept from
+/// a thread of its own now: this test blocks the runtime that registered
+/// for twice the lease and watches, from another thread, that the server
+/// never left.
+#[tokio::test]
+async fn a_server_whose_runtime_is_blocked_stays_registered() {
+    if !e2e() {
+        return;
+    }
+    let c = cluster("blocked").await;
+    let (tx, rx) = tokio::sync::watch::channel(load("server-busy", 1));
+    let reg = c.register(Duration::from_secs(2), rx).await.unwrap();
+    let url = etcd().url.clone();
+    let watcher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = Cluster::connect(&[url], "/strata-test/blocked/").await.unwrap();
+            let (mut looks, mut absent, mut sessions_seen) = (0, 0, BTreeSet::new());
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                let servers = c.servers().await.unwrap();
+                looks += 1;
+                match servers.iter().find(|s| s.id == "server-busy") {
+                    Some(s) => {
+                        sessions_seen.insert(s.sessions);
+                    }
+                    None => absent += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (looks, absent, sessions_seen)
+        })
+    });
+    // The load is published before the runtime blocks, then the runtime
+    // does nothing else for 5 s (2.5 leases).
+    tx.send_replace(load("server-busy", 7));
+    std::thread::sleep(Duration::from_secs(5));
+    let (looks, absent, seen) = watcher.join().unwrap();
+    assert!(looks >= 10, "the watcher looked only {looks} times");
+    assert_eq!(absent, 0, "the server dropped out in {absent} of {looks} looks while its runtime was blocked");
+    assert!(seen.contains(&7), "the load sent before the block was not published: {seen:?}");
+    reg.leave().await.unwrap();
+    assert!(c.servers().await.unwrap().is_empty(), "a server that left is still registered");
+}
+
+#[tokio::test]
+async fn a_guess_from_an_older_state_never_overwrites_a_newer_report() {
+    if !e2e() {
+        return;
+    }
+    let c = cluster("cas").await;
+    let entry = SessionEntry::running("cccccccccccc", "server-a", "bc", "alice", 1_700_000_000);
+    c.put_session(&entry).await.unwrap();
+    let (read, rev) = c.sessions_with_revisions().await.unwrap().remove(0);
+    assert_eq!(read, entry);
+    // The server reports in between: the plane's guess from the old read loses.
+    let mut report = entry.clone();
+    report.last_outage_s = Some(4);
+    c.put_session(&report).await.unwrap();
+    let mut guess = entry.clone();
+    guess.state = "lost".into();
+    assert!(!c.put_session_if_unchanged(&guess, rev).await.unwrap(), "a stale guess was written");
+    assert_eq!(c.sessions().await.unwrap(), vec![report.clone()]);
+    // From a fresh read it is written.
+    let (_, rev) = c.sessions_with_revisions().await.unwrap().remove(0);
+    assert!(c.put_session_if_unchanged(&guess, rev).await.unwrap());
+    assert_eq!(c.sessions().await.unwrap()[0].state, "lost");
+    c.remove_session("cccccccccccc").await.unwrap();
+}
+
+/// A server whose lease is gone by the time it can reach etcd again (etcd
+/// restarted and the lease revoked meanwhile, as an expiry would) takes a
+/// new lease and registers again: opening a keep-alive stream for a lease
+/// etcd no longer has is that news, not a failure to retry for ever.
+#[tokio::test]
+async fn a_server_whose_lease_vanished_while_etcd_was_away_registers_again() {
+    if !e2e() {
+        return;
+    }
+    let e = start_etcd("relapse", 39_550);
+    let c = Cluster::connect(std::slice::from_ref(&e.url), "/strata-test/relapse/").await.unwrap();
+    let reg = c.register(Duration::from_secs(2), report("server-r", 1)).await.unwrap();
+    assert_eq!(c.servers().await.unwrap().len(), 1);
+    let mut child = e.child.lock().unwrap().take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    *e.child.lock().unwrap() = Some(spawn_etcd(&e.dir, e.port));
+    // etcd renews every lease when it comes back; revoke the server's, as
+    // its expiry would have removed it.
+    let mut raw = etcd_client::Client::connect([e.url.as_str()], None).await.unwrap();
+    let key = "/strata-test/relapse/servers/server-r";
+    let lease = raw.get(key, None).await.unwrap().kvs().first().map(|kv| kv.lease()).unwrap_or(0);
+    if lease != 0 {
+        raw.lease_revoke(lease).await.unwrap();
+    }
+    let c = Cluster::connect(std::slice::from_ref(&e.url), "/strata-test/relapse/").await.unwrap();
+    let back = within(Duration::from_secs(15), || async { c.servers().await.is_ok_and(|s| s.len() == 1) }).await;
+    assert!(back.is_some(), "the server did not register again after its lease vanished");
+    let new_lease = raw.get(key, None).await.unwrap().kvs().first().map(|kv| kv.lease()).unwrap();
+    assert_ne!(new_lease, lease, "registered again under the revoked lease");
+    reg.go_silent();
+    if let Some(mut child) = e.child.lock().unwrap().take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&e.dir);
 }

@@ -7,8 +7,12 @@
 //! running its session, with a short-lived ticket signed here.
 //!
 //! A control plane keeps nothing of its own: tokens, servers and sessions
-//! are in etcd, so any number can run; one is elected leader and marks the
-//! running sessions of servers that went silent as lost.
+//! are in etcd, so any number can run; one is elected leader and watches
+//! over the running sessions of servers that went silent: such a server is
+//! only suspect at first (placement leaves it out, its sessions stay
+//! `running`), and its sessions are marked `lost` once it has been silent
+//! for the grace period. A server that comes back reports its sessions
+//! `running` again; its report wins over the plane's guess.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -51,6 +55,9 @@ const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const ORDER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The leader's housekeeping period.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+/// How long a server may be silent before its running sessions are marked
+/// lost, unless the operator says otherwise (`strata control --lost-after`).
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(30);
 
 /// A control plane.
 pub struct ControlPlane {
@@ -64,6 +71,9 @@ pub struct ControlPlane {
     metrics: metrics::Metrics,
     /// Sessions one terminal may hold across the cluster (running or paused).
     pub max_sessions_per_terminal: usize,
+    /// How long a server may be silent (its lease lapsed) before its running
+    /// sessions are marked lost: until then it is only suspect.
+    pub lost_after: Duration,
 }
 
 impl ControlPlane {
@@ -103,40 +113,55 @@ impl ControlPlane {
             packages,
             metrics,
             max_sessions_per_terminal: 16,
+            lost_after: DEFAULT_LOST_AFTER,
         })
     }
 
     /// Campaigns for leadership and, once elected, keeps the session
-    /// records honest: running sessions of servers gone silent are marked
-    /// lost. Runs until the process ends; another plane takes over then.
+    /// records honest: the running sessions of a server gone silent are
+    /// noted as such at once and marked lost once the grace period
+    /// (`lost_after`) has passed. Runs until the process ends; another
+    /// plane takes over then. A leadership whose lease lapsed (this process
+    /// was stopped or cut off) is campaigned for again.
     pub async fn lead(self: Arc<Self>) {
-        // Held for as long as this process runs: its lease is kept alive.
-        let _leadership = loop {
-            match self.cluster.campaign(&self.name, Duration::from_secs(3)).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not campaign for leadership; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+        loop {
+            let leadership = loop {
+                match self.cluster.campaign(&self.name, Duration::from_secs(3)).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not campaign for leadership; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            tracing::info!(plane = %self.name, "this control plane leads");
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while leadership.is_held() {
+                tick.tick().await;
+                if let Err(e) = self.watch_silent_servers().await {
+                    tracing::warn!(error = %e, "housekeeping failed; retrying");
                 }
             }
-        };
-        tracing::info!(plane = %self.name, "this control plane leads");
-        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
-        loop {
-            tick.tick().await;
-            if let Err(e) = self.mark_lost().await {
-                tracing::warn!(error = %e, "housekeeping failed; retrying");
-            }
+            tracing::warn!(plane = %self.name, "this control plane lost its leadership; campaigning again");
         }
     }
 
-    async fn mark_lost(&self) -> Result<(), strata_cluster::Error> {
+    /// One round of the leader's watch over silent servers.
+    async fn watch_silent_servers(&self) -> Result<(), strata_cluster::Error> {
         let alive: BTreeSet<String> = self.cluster.servers().await?.into_iter().map(|s| s.id).collect();
-        for mut e in self.cluster.sessions().await? {
-            if is_lost(&e, &alive) && e.state != "lost" {
-                tracing::warn!(session = %e.id, server = %e.server, "the session's server went silent; marking it lost");
-                e.state = "lost".into();
-                self.cluster.put_session(&e).await?;
+        let now = unix_now();
+        for (e, revision) in self.cluster.sessions_with_revisions().await? {
+            let Some(judged) = judge_silence(&e, &alive, now, self.lost_after) else { continue };
+            // Written only if nobody changed the record since it was read:
+            // a server that came back meanwhile has the last word.
+            if !self.cluster.put_session_if_unchanged(&judged, revision).await? {
+                continue;
+            }
+            if judged.state == "lost" {
+                tracing::warn!(session = %e.id, server = %e.server, silent_s = self.lost_after.as_secs(), "the session's server stayed silent past the grace period; marking it lost");
+            } else {
+                tracing::warn!(session = %e.id, server = %e.server, "the session's server went silent; it is suspect until it comes back or the grace period passes");
             }
         }
         Ok(())
@@ -228,7 +253,7 @@ impl ControlPlane {
             return Ok((entry, s));
         }
         let Some(record) = entry.record.clone().filter(|_| entry.state == "paused") else {
-            return Err(lost(&entry));
+            return Err(unavailable_session(&entry, self.lost_after));
         };
         let req = self.request_for(&entry.package)?;
         let mut tried = vec![entry.server.clone()];
@@ -264,6 +289,54 @@ fn lost(entry: &SessionEntry) -> ApiError {
         "lost",
         format!("session {} was lost with its server {}; `kill` forgets it", entry.id, entry.server),
     )
+}
+
+/// A running session whose server is silent but within its grace period:
+/// 503, and that it may come back.
+fn suspect(entry: &SessionEntry, now: u64, lost_after: Duration) -> ApiError {
+    let silent = entry.unreachable_since.map_or(String::new(), |t| format!(" for {} s", now.saturating_sub(t)));
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_unreachable",
+        format!(
+            "session {}'s server {} has not answered{silent}; the session is kept for up to {} s for it to come back: try again shortly",
+            entry.id,
+            entry.server,
+            lost_after.as_secs()
+        ),
+    )
+}
+
+/// The error for a session whose server is not registered: lost, or only
+/// suspect while in its grace period.
+fn unavailable_session(entry: &SessionEntry, lost_after: Duration) -> ApiError {
+    if entry.state == "lost" {
+        lost(entry)
+    } else {
+        suspect(entry, unix_now(), lost_after)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What the leader writes about a session, given the servers alive now,
+/// or `None` to leave it as it is. A running session of a silent server
+/// is noted suspect (since when) at once, and marked lost once the server
+/// has been silent for `lost_after`. A record its server has already
+/// reported again is left alone (the server clears the note itself).
+fn judge_silence(e: &SessionEntry, alive: &BTreeSet<String>, now: u64, lost_after: Duration) -> Option<SessionEntry> {
+    if e.state != "running" || alive.contains(&e.server) {
+        return None;
+    }
+    let mut out = e.clone();
+    match e.unreachable_since {
+        None => out.unreachable_since = Some(now),
+        Some(since) if now.saturating_sub(since) >= lost_after.as_secs() => out.state = "lost".into(),
+        Some(_) => return None,
+    }
+    Some(out)
 }
 
 /// etcd out of reach: a clear 503.
@@ -357,7 +430,7 @@ async fn render_metrics(State(cp): St) -> Result<Response, ApiError> {
         ["running", "paused", "lost"].iter().map(|s| (s.to_string(), 0)).collect();
     let alive = alive(&cp).await?;
     for e in cp.cluster.sessions().await.map_err(unavailable)? {
-        let state = session_json(&e, &alive)["state"].as_str().unwrap_or_default().to_string();
+        let state = session_json(&e, &alive, 0)["state"].as_str().unwrap_or_default().to_string();
         *states.entry(state).or_default() += 1;
     }
     let leader = cp.cluster.leader().await.map_err(unavailable)?.as_deref() == Some(cp.name.as_str());
@@ -407,20 +480,43 @@ async fn list_packages(State(cp): St, User(terminal): User) -> Result<Response, 
     Ok((status, Json(body)).into_response())
 }
 
-/// Whether a session was lost: marked so, or running on a server that is
-/// no longer registered. (A paused one keeps its record and can move.)
-fn is_lost(e: &SessionEntry, alive: &BTreeSet<String>) -> bool {
-    e.state == "lost" || (e.state == "running" && !alive.contains(&e.server))
+/// Whether a session was lost: its server stayed silent past the grace
+/// period and the leader marked it so. (A running session of a server that
+/// is silent for less is only suspect; a paused one keeps its record and
+/// can move.)
+fn is_lost(e: &SessionEntry) -> bool {
+    e.state == "lost"
 }
 
-/// A session as the cluster lists it (a single server's fields, plus where).
-fn session_json(e: &SessionEntry, alive: &BTreeSet<String>) -> Value {
-    let state = if is_lost(e, alive) { "lost" } else { e.state.as_str() };
+/// A session as the cluster lists it (a single server's fields, plus where,
+/// and what its server's silences did to it).
+fn session_json(e: &SessionEntry, alive: &BTreeSet<String>, now: u64) -> Value {
+    let reachable = alive.contains(&e.server);
+    // Silent now: for how long, as far as anyone noted (the leader notes it
+    // within seconds; before that the silence is known, its start not yet).
+    let unreachable_s =
+        (!reachable && e.state != "paused").then(|| e.unreachable_since.map(|t| now.saturating_sub(t))).flatten();
+    let note = if e.state == "lost" {
+        format!("server {} stayed unreachable", e.server)
+    } else if !reachable && e.state == "running" {
+        match unreachable_s {
+            Some(s) => format!("server unreachable for {s} s"),
+            None => "server unreachable".to_string(),
+        }
+    } else {
+        e.last_outage_s
+            .filter(|_| e.state == "running")
+            .map_or(String::new(), |s| format!("server was unreachable {s} s"))
+    };
     json!({
         "id": e.id,
         "package": e.package,
-        "state": state,
+        "state": e.state,
         "server": e.server,
+        "server_reachable": reachable,
+        "unreachable_s": unreachable_s,
+        "last_outage_s": e.last_outage_s,
+        "note": note,
         "created": e.created,
         "attached": false,
         "idle_timeout_s": null,
@@ -439,7 +535,8 @@ async fn list_sessions(State(cp): St, User(terminal): User) -> Result<Json<Vec<V
     let mut mine: Vec<SessionEntry> =
         cp.cluster.sessions().await.map_err(unavailable)?.into_iter().filter(|e| e.owner == terminal).collect();
     mine.sort_by_key(|e| e.created);
-    Ok(Json(mine.iter().map(|e| session_json(e, &alive)).collect()))
+    let now = unix_now();
+    Ok(Json(mine.iter().map(|e| session_json(e, &alive, now)).collect()))
 }
 
 async fn get_session(
@@ -448,7 +545,7 @@ async fn get_session(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (entry, _) = cp.session_of(&terminal, &id).await?;
-    Ok(Json(session_json(&entry, &alive(&cp).await?)))
+    Ok(Json(session_json(&entry, &alive(&cp).await?, unix_now())))
 }
 
 /// Places a launch and orders it; a server that dies or cannot be reached
@@ -466,15 +563,8 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
     strata_package::check_name(&package).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // Each server limits what it runs; the limit per terminal is the cluster's.
     // Lost sessions hold nothing any more; they do not count.
-    let alive_servers = alive(&cp).await?;
-    let held = cp
-        .cluster
-        .sessions()
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .filter(|e| e.owner == terminal && !is_lost(e, &alive_servers))
-        .count();
+    let held =
+        cp.cluster.sessions().await.map_err(unavailable)?.iter().filter(|e| e.owner == terminal && !is_lost(e)).count();
     if held >= cp.max_sessions_per_terminal {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -498,16 +588,8 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
         match cp.order(&server, &terminal, Method::POST, "/v1/sessions", Some(body.clone()), LAUNCH_TIMEOUT).await {
             Ok((status, mut created)) if status.is_success() => {
                 let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
-                let entry = SessionEntry {
-                    id,
-                    server: server.id.clone(),
-                    package: package.clone(),
-                    state: "running".into(),
-                    owner: terminal.clone(),
-                    image: None,
-                    record: None,
-                    created: created["session"]["created"].as_u64().unwrap_or(0),
-                };
+                let created_at = created["session"]["created"].as_u64().unwrap_or(0);
+                let entry = SessionEntry::running(&id, &server.id, &package, &terminal, created_at);
                 // The server records it too, within seconds; this makes it listed at once.
                 if let Err(e) = cp.cluster.put_session(&entry).await {
                     tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
@@ -559,7 +641,7 @@ async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<
 /// Passes an order on to the server of the caller's session.
 async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
     let (entry, server) = cp.session_of(terminal, id).await?;
-    let server = server.ok_or_else(|| lost(&entry))?;
+    let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     let path = format!("/v1/sessions/{id}/{what}");
     let (status, mut body) =
         cp.order(&server, terminal, method, &path, None, ORDER_TIMEOUT).await.map_err(|e| unreachable(&server, &e))?;
@@ -590,7 +672,7 @@ async fn pause_session(
 
 async fn session_logs(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let (entry, server) = cp.session_of(&terminal, &id).await?;
-    let server = server.ok_or_else(|| lost(&entry))?;
+    let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     // The logs are bytes, not JSON: the request as `order` makes it, read raw.
     let resp = cp
         .request(&server, &terminal, Method::GET, &format!("/v1/sessions/{id}/logs"), ORDER_TIMEOUT)
@@ -631,34 +713,54 @@ mod tests {
     use super::*;
 
     fn entry(state: &str, server: &str, record: bool) -> SessionEntry {
-        SessionEntry {
-            id: "s1".into(),
-            server: server.into(),
-            package: "bc".into(),
-            state: state.into(),
-            owner: "alice".into(),
-            image: None,
-            record: record.then(|| json!({"id": "s1"})),
-            created: 1,
+        let mut e = SessionEntry::running("s1", server, "bc", "alice", 1);
+        e.state = state.into();
+        e.record = record.then(|| json!({"id": "s1"}));
+        e
+    }
+
+    #[test]
+    fn sessions_of_silent_servers_are_suspect_then_lost_and_paused_ones_can_move() {
+        let alive: BTreeSet<String> = ["a".to_string()].into();
+        let mut silent_4s = entry("running", "gone", false);
+        silent_4s.unreachable_since = Some(96);
+        let mut back = entry("running", "a", false);
+        back.last_outage_s = Some(4);
+        let cases = [
+            (entry("running", "a", false), "running", false, ""),
+            (entry("running", "gone", false), "running", false, "server unreachable"),
+            (silent_4s, "running", false, "server unreachable for 4 s"),
+            (back, "running", false, "server was unreachable 4 s"),
+            (entry("paused", "gone", true), "paused", true, ""),
+            (entry("paused", "a", false), "paused", false, ""),
+            (entry("lost", "gone", false), "lost", false, "server gone stayed unreachable"),
+        ];
+        for (e, state, movable, note) in cases {
+            let j = session_json(&e, &alive, 100);
+            assert_eq!(j["state"], state, "{e:?}");
+            assert_eq!(j["movable"], movable, "{e:?}");
+            assert_eq!(j["note"], note, "{e:?}");
+            assert_eq!(j["server"], e.server);
         }
     }
 
     #[test]
-    fn sessions_of_silent_servers_are_lost_unless_paused_with_their_record() {
+    fn a_silent_server_is_suspect_first_and_lost_only_after_the_grace_period() {
         let alive: BTreeSet<String> = ["a".to_string()].into();
-        let cases = [
-            (entry("running", "a", false), "running", false),
-            (entry("running", "gone", false), "lost", false),
-            (entry("paused", "gone", true), "paused", true),
-            (entry("paused", "a", false), "paused", false),
-            (entry("lost", "gone", false), "lost", false),
-        ];
-        for (e, state, movable) in cases {
-            let j = session_json(&e, &alive);
-            assert_eq!(j["state"], state, "{e:?}");
-            assert_eq!(j["movable"], movable, "{e:?}");
-            assert_eq!(j["server"], e.server);
-        }
+        let grace = Duration::from_secs(30);
+        // Its server answers: nothing to write.
+        assert_eq!(judge_silence(&entry("running", "a", false), &alive, 100, grace), None);
+        // Silent: noted since now, still running.
+        let noted = judge_silence(&entry("running", "gone", false), &alive, 100, grace).unwrap();
+        assert_eq!((noted.state.as_str(), noted.unreachable_since), ("running", Some(100)));
+        // Within the grace period: left as it is.
+        assert_eq!(judge_silence(&noted, &alive, 129, grace), None);
+        // Past it: lost, the start of the silence kept.
+        let lost = judge_silence(&noted, &alive, 130, grace).unwrap();
+        assert_eq!((lost.state.as_str(), lost.unreachable_since), ("lost", Some(100)));
+        // Lost, paused and moved sessions are not judged again.
+        assert_eq!(judge_silence(&lost, &alive, 500, grace), None);
+        assert_eq!(judge_silence(&entry("paused", "gone", true), &alive, 500, grace), None);
     }
 
     #[test]

@@ -343,7 +343,16 @@ impl Remote {
         let tmp = work.path().join("blob");
         let got = self.download(digest, &tmp).await;
         let result = match got {
-            Ok(actual) if actual == digest => self.local.ingest_expected(&tmp, digest).map_err(Error::from),
+            // Hashed as it streamed: the file is only synced and moved in,
+            // on a blocking thread (a launch image's memory is hundreds of
+            // MiB; its fsync must not hold up the caller's runtime).
+            Ok(actual) if actual == digest => {
+                let (local, tmp, d) = (self.local.clone(), tmp.clone(), digest.to_string());
+                tokio::task::spawn_blocking(move || local.ingest_hashed(&tmp, &d))
+                    .await
+                    .map_err(|e| Error::Config(format!("ingest task failed: {e}")))?
+                    .map_err(Error::from)
+            }
             Ok(actual) => Err(Error::CorruptBlob { digest: digest.to_string(), actual }),
             Err(e) => Err(e),
         };

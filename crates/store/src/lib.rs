@@ -216,7 +216,18 @@ impl Store {
             let _ = fs::remove_file(path);
             return Err(Error::Corrupt { digest: digest.into(), actual });
         }
-        self.ingest_file(path).map(|_| ())
+        self.place(path, digest)
+    }
+
+    /// Moves a file into the store as blob `digest`, which the caller
+    /// computed over exactly the bytes it wrote to the file (a download
+    /// hashed as it streamed): the file is not read again.
+    ///
+    /// # Errors
+    /// If syncing or renaming fails (the file is then left where it was).
+    pub fn ingest_hashed(&self, path: &Path, digest: &str) -> Result<(), Error> {
+        check_digest(digest)?;
+        self.place(path, digest)
     }
 
     /// When each blob was last used (unix seconds), for evicting the least
@@ -234,10 +245,17 @@ impl Store {
     /// If hashing, syncing or renaming fails (the file is then left where it was).
     pub fn ingest_file(&self, path: &Path) -> Result<String, Error> {
         let digest = hash_file(path)?;
-        let dest = self.blob_path(&digest);
-        if dest.exists() && self.verify(&digest).is_ok() {
+        self.place(path, &digest)?;
+        Ok(digest)
+    }
+
+    /// Moves a file whose content hashes to `digest` into the store (or
+    /// drops it if the store holds that blob, intact, already).
+    fn place(&self, path: &Path, digest: &str) -> Result<(), Error> {
+        let dest = self.blob_path(digest);
+        if dest.exists() && self.verify(digest).is_ok() {
             fs::remove_file(path).map_err(io_err(path))?;
-            return Ok(digest);
+            return Ok(());
         }
         let f = File::open(path).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
@@ -246,8 +264,7 @@ impl Store {
         if let Ok(dir) = File::open(dest.parent().expect("blob dir")) {
             let _ = dir.sync_all();
         }
-        self.record_check(&digest)?;
-        Ok(digest)
+        self.record_check(digest)
     }
 
     /// Writes bytes as a blob and returns the digest.
