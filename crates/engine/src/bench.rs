@@ -623,3 +623,105 @@ impl Engine {
         })
     }
 }
+
+/// One way of launching in `strata bench confine`: its measurements.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ConfineSide {
+    /// Request to the program's first answer, ms.
+    pub first_answer_ms: Vec<f64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// CPU of the VM's QEMU from its start to the first answer, ms.
+    pub cpu_ms: Vec<f64>,
+    pub cpu_mean_ms: f64,
+    /// Private memory of the QEMU after it sat idle (Private_Dirty and
+    /// Anonymous, from smaps_rollup), MiB.
+    pub private_mib: Vec<f64>,
+    pub private_mean_mib: f64,
+}
+
+/// Results of `strata bench confine`: the same launches confined and
+/// unconfined, interleaved, in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfineReport {
+    pub package: String,
+    pub runs: usize,
+    pub accel: String,
+    pub confined: ConfineSide,
+    pub unconfined: ConfineSide,
+    /// Confined over unconfined CPU per launch, minus one (0.05: 5% more).
+    pub cpu_cost: f64,
+    /// Confined minus unconfined private memory per idle session, MiB.
+    pub memory_cost_mib: f64,
+}
+
+impl ConfineSide {
+    fn summarize(mut self) -> ConfineSide {
+        let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+        self.p50_ms = percentile(&self.first_answer_ms, 50.0);
+        self.p99_ms = percentile(&self.first_answer_ms, 99.0);
+        self.cpu_mean_ms = mean(&self.cpu_ms);
+        self.private_mean_mib = mean(&self.private_mib);
+        self
+    }
+}
+
+/// How long a session sits idle before its private memory is read.
+const CONFINE_IDLE: Duration = Duration::from_secs(3);
+
+impl Engine {
+    /// Launches `runs` sessions confined and `runs` unconfined (the
+    /// cgroup and the seccomp filter left out), alternating so the host's
+    /// drift hits both alike, each from the launch image to the first answer.
+    ///
+    /// # Errors
+    /// If the package has no probe, or a launch fails.
+    pub async fn bench_confine(
+        &self,
+        pkg: &Package,
+        runs: usize,
+        progress: &dyn Progress,
+    ) -> Result<ConfineReport, Error> {
+        let answer = FirstAnswer::of(pkg)?;
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let (mut confined, mut unconfined) = (ConfineSide::default(), ConfineSide::default());
+        let measured = async {
+            for i in 0..runs {
+                for confine in [i % 2 == 0, i % 2 != 0] {
+                    let (side, name) =
+                        if confine { (&mut confined, "confined") } else { (&mut unconfined, "unconfined") };
+                    progress.step(&format!("bench confine {}: run {}/{runs} {name}", pkg.name, i + 1));
+                    self.set_confined_for_benchmark(confine);
+                    let t = Instant::now();
+                    let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
+                    answer.wait(&mut s).await?;
+                    side.first_answer_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                    side.cpu_ms.push(process_cpu_seconds(s.vm_pid()) * 1000.0);
+                    s.quiet().await?;
+                    tokio::time::sleep(CONFINE_IDLE).await;
+                    let text =
+                        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", s.vm_pid())).unwrap_or_default();
+                    side.private_mib
+                        .push(kib_field(&text, "Private_Dirty:").max(kib_field(&text, "Anonymous:")) / 1024.0);
+                    s.close().await;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let result = measured.await;
+        self.set_confined_for_benchmark(true);
+        result?;
+        let (confined, unconfined) = (confined.summarize(), unconfined.summarize());
+        progress.done("confinement benchmark finished");
+        Ok(ConfineReport {
+            package: pkg.name.clone(),
+            runs,
+            accel: images.launch.meta.get("accel").cloned().unwrap_or_default(),
+            cpu_cost: confined.cpu_mean_ms / unconfined.cpu_mean_ms.max(1e-9) - 1.0,
+            memory_cost_mib: confined.private_mean_mib - unconfined.private_mean_mib,
+            confined,
+            unconfined,
+        })
+    }
+}

@@ -153,6 +153,8 @@ impl Engine {
             die_with_parent: true,
             niceness: 0,
             fork_server: self.fork_server.clone(),
+            cgroup: self.cgroup_for(memory_mib)?,
+            sandbox: self.confined(),
         })
     }
 
@@ -342,6 +344,8 @@ impl Engine {
             die_with_parent: false,
             niceness,
             fork_server: self.fork_server.clone(),
+            cgroup: self.cgroup_for(memory_mib)?,
+            sandbox: self.confined(),
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
         drop(slot);

@@ -26,7 +26,7 @@ pub mod sessions;
 mod tools;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_package::{Package, Registry};
@@ -163,6 +163,55 @@ pub struct Config {
     /// VM, for a process that starts many (a server, a benchmark). `None`
     /// (a one-shot command, which starts one VM): QEMU by exec.
     pub fork_server: Option<PathBuf>,
+    /// What each VM's control group bounds (CPU, memory beyond the guest's,
+    /// tasks): `STRATA_CPU_PERCENT`, `STRATA_MEMORY_ALLOWANCE_MIB`,
+    /// `STRATA_PIDS_MAX`.
+    pub vm_limits: VmLimits,
+}
+
+/// What bounds every VM's QEMU, beyond its guest's own size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmLimits {
+    /// CPU time a VM may use, in percent of one CPU (its guest has one vCPU).
+    pub cpu_percent: u32,
+    /// Memory a VM may use beyond its guest's RAM: QEMU's own (under TCG
+    /// its translated code) and page cache it brings in.
+    pub memory_allowance_mib: u32,
+    /// Tasks (QEMU's threads) a VM may have.
+    pub pids: u32,
+}
+
+impl Default for VmLimits {
+    fn default() -> VmLimits {
+        VmLimits { cpu_percent: 100, memory_allowance_mib: 384, pids: 256 }
+    }
+}
+
+impl VmLimits {
+    /// The defaults, with what the environment sets.
+    ///
+    /// # Errors
+    /// A setting that is not a number in its range, named.
+    pub fn from_env() -> Result<VmLimits, Error> {
+        let d = VmLimits::default();
+        let get = |name: &str, default: u32, range: std::ops::RangeInclusive<u32>| -> Result<u32, Error> {
+            match std::env::var(name) {
+                Err(_) => Ok(default),
+                Ok(v) => v.trim().parse::<u32>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+                    Error::Config(format!(
+                        "{name}={v:?} must be a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ))
+                }),
+            }
+        };
+        Ok(VmLimits {
+            cpu_percent: get("STRATA_CPU_PERCENT", d.cpu_percent, 1..=6400)?,
+            memory_allowance_mib: get("STRATA_MEMORY_ALLOWANCE_MIB", d.memory_allowance_mib, 64..=1 << 20)?,
+            pids: get("STRATA_PIDS_MAX", d.pids, 32..=1 << 20)?,
+        })
+    }
 }
 
 /// Restore slots by default: two per CPU, so one restore's waits (QMP, the
@@ -211,6 +260,8 @@ impl Config {
                 .filter(|n| *n > 0)
                 .unwrap_or_else(default_restore_slots),
             fork_server: None,
+            // A bad setting is reported when the engine opens.
+            vm_limits: VmLimits::from_env().unwrap_or_default(),
         }
     }
 
@@ -275,6 +326,13 @@ pub struct Engine {
     /// Where VMs' QEMU is forked from ([`Config::fork_server`]); without it
     /// (not asked for, or it would not start), QEMU is started by exec.
     pub(crate) fork_server: Option<Arc<strata_vmm::ForkServer>>,
+    /// Where VMs' control groups are made, or why they cannot be: then no
+    /// VM starts (never unconfined), and the reason is the error.
+    cgroups: Result<Arc<strata_jail::Cgroups>, String>,
+    /// Set only by `strata bench confine`, for the runs that measure what
+    /// confinement costs: VMs then start without their cgroup and filter.
+    /// Nothing else can set it.
+    unconfined_for_benchmark: AtomicBool,
 }
 
 impl Engine {
@@ -325,6 +383,12 @@ impl Engine {
         } else {
             None
         };
+        VmLimits::from_env()?;
+        let cgroups =
+            strata_jail::Cgroups::detect(&cgroup_owner(&cfg.state_dir)).map(Arc::new).map_err(|e| e.to_string());
+        if let Err(why) = &cgroups {
+            tracing::warn!(why, "no cgroups for VMs: no VM can start until this is set up");
+        }
         let engine = Engine {
             cfg,
             store,
@@ -334,6 +398,8 @@ impl Engine {
             base_recipe: Default::default(),
             restore_slots,
             fork_server,
+            cgroups,
+            unconfined_for_benchmark: AtomicBool::new(false),
         };
         engine.reap_sessions();
         Ok(engine)
@@ -347,6 +413,70 @@ impl Engine {
     pub fn package(&self, name: &str) -> Result<Package, Error> {
         Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
     }
+
+    /// The control group a VM with `memory_mib` of guest RAM runs in.
+    ///
+    /// # Errors
+    /// If this host cannot give VMs cgroups (what to set up is named).
+    pub(crate) fn cgroup_for(&self, memory_mib: u32) -> Result<Option<strata_vmm::CgroupSpec>, Error> {
+        if !self.confined() {
+            return Ok(None);
+        }
+        let cgroups = self.cgroups.clone().map_err(|why| {
+            Error::Config(format!("a VM must run in a cgroup of its own, and this host cannot give it one: {why}"))
+        })?;
+        let l = self.cfg.vm_limits;
+        Ok(Some(strata_vmm::CgroupSpec {
+            cgroups,
+            limits: strata_jail::Limits {
+                cpu_percent: l.cpu_percent,
+                memory_bytes: (u64::from(memory_mib) + u64::from(l.memory_allowance_mib)) << 20,
+                pids: l.pids,
+            },
+        }))
+    }
+
+    /// Whether VMs start confined (always, but in a benchmark's unconfined runs).
+    pub(crate) fn confined(&self) -> bool {
+        !self.unconfined_for_benchmark.load(Ordering::Relaxed)
+    }
+
+    /// For `bench confine` only: VMs started from now on are (not) confined.
+    pub(crate) fn set_confined_for_benchmark(&self, confined: bool) {
+        self.unconfined_for_benchmark.store(!confined, Ordering::Relaxed);
+    }
+
+    /// Where VMs' control groups are made ("cgroup v1 beneath ..."), or
+    /// why they cannot be.
+    ///
+    /// # Errors
+    /// The reason, if there are none.
+    pub fn cgroups(&self) -> Result<String, String> {
+        self.cgroups.as_ref().map(|c| c.describe()).map_err(Clone::clone)
+    }
+
+    /// Removes the cgroups of this store's VMs whose directory is gone.
+    pub(crate) fn sweep_cgroups(&self) {
+        if let Ok(c) = &self.cgroups {
+            let (sessions, tmp) = (self.cfg.state_dir.join("sessions"), self.cfg.state_dir.join("tmp"));
+            c.sweep(|vm| sessions.join(vm).exists() || tmp.join(vm).exists());
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// The cgroups of VMs that ended go with the engine (those of detached
+    /// sessions, still running, stay).
+    fn drop(&mut self) {
+        self.sweep_cgroups();
+    }
+}
+
+/// Tells this store's VMs' cgroups from other stores' (a hash of its path).
+fn cgroup_owner(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    hex::encode(&sha2::Sha256::digest(path.as_os_str().as_encoded_bytes())[..4])
 }
 
 impl Engine {

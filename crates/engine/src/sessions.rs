@@ -208,6 +208,7 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
+        self.sweep_cgroups();
     }
 
     /// The images sessions stand on: each running session's launch image

@@ -60,8 +60,20 @@ pub async fn kvm_boots(kernel: &Path, initramfs: &Path, limit: Duration) -> Resu
     if !Path::new("/dev/kvm").exists() {
         return Ok(false);
     }
-    let mut child = Command::new(QEMU)
+    let mut probe = Command::new(QEMU);
+    // SAFETY: prctl is async-signal-safe. Like every QEMU strata starts,
+    // the probe can never gain privileges.
+    unsafe {
+        probe.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = probe
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-sandbox", crate::qemu::SANDBOX])
         .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)

@@ -14,8 +14,8 @@ pub mod qemu;
 pub use accel::Accel;
 pub use agent::{AgentConn, AgentReader, AgentWriter};
 pub use qemu::{
-    start_fork_server, Disk, DiskMode, Memory, Plug, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY,
-    USER_NET_GUEST, VNC_SOCK,
+    start_fork_server, CgroupSpec, Disk, DiskMode, Memory, Plug, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS,
+    USER_NET_GATEWAY, USER_NET_GUEST, VNC_SOCK,
 };
 pub use strata_zygote::{ForkServer, Usage};
 
@@ -60,4 +60,6 @@ pub enum Error {
     Save(String),
     #[error("the VM is {0}, not running, 30 s after its start; its devices cannot be plugged in")]
     NotRunning(String),
+    #[error("confining QEMU: {0}")]
+    Confine(String),
 }

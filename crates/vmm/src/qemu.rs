@@ -192,6 +192,21 @@ pub struct VmConfig {
     /// Fork QEMU from this fork server instead of starting it by exec
     /// (cheaper: its libraries are loaded and relocated once).
     pub fork_server: Option<std::sync::Arc<strata_zygote::ForkServer>>,
+    /// The control group QEMU runs in, made for it beneath strata's own and
+    /// named after its directory, with these limits (CPU, memory, tasks).
+    /// QEMU is in it before it runs any code of its own. `None` only where
+    /// no guest runs (unit tests of the command line).
+    pub cgroup: Option<CgroupSpec>,
+    /// QEMU's seccomp filter ([`SANDBOX`]). Off only for `strata bench
+    /// confine`'s unconfined runs, which measure what the filter costs.
+    pub sandbox: bool,
+}
+
+/// Where a VM's control group is made, and its limits.
+#[derive(Debug, Clone)]
+pub struct CgroupSpec {
+    pub cgroups: std::sync::Arc<strata_jail::Cgroups>,
+    pub limits: strata_jail::Limits,
 }
 
 impl VmConfig {
@@ -204,6 +219,13 @@ impl VmConfig {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        // QEMU's seccomp filter, on every thread, before any guest code
+        // runs: no obsolete calls, no privilege changes, no new processes
+        // or programs, no scheduling or resource changes (strata renices
+        // QEMU from outside). A call it forbids kills that QEMU only.
+        if self.sandbox {
+            push(&["-sandbox", SANDBOX]);
+        }
         push(&["-machine", "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -274,6 +296,9 @@ impl VmConfig {
 /// back (measured with `strata bench density` and `strata bench load`).
 const QEMU_MALLOC_TUNABLES: &str =
     "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=262144:glibc.malloc.mmap_threshold=262144";
+
+/// QEMU's `-sandbox` setting for every VM (see `VmConfig::args`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 const QMP_SOCK: &str = "qmp.sock";
 /// The VNC socket of a graphical VM, in its directory.
@@ -419,12 +444,27 @@ pub struct Vm {
     dir: PathBuf,
     qmp: Qmp,
     released: bool,
+    /// Its control group, removed once QEMU is seen to exit (else swept by
+    /// the engine when its directory is gone).
+    cgroup: Option<strata_jail::Cgroup>,
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
         if !self.released {
             self.process.kill_now();
+            // Its cgroup goes once the killed QEMU has left it (within
+            // milliseconds); a drop cannot wait, so a short-lived thread does.
+            if let Some(cg) = self.cgroup.take() {
+                let _ = std::thread::Builder::new().name("strata-cgroup-rm".into()).spawn(move || {
+                    for _ in 0..500 {
+                        if cg.is_empty() && cg.remove().is_ok() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                });
+            }
         }
     }
 }
@@ -583,8 +623,16 @@ pub fn start_fork_server(preload: &Path) -> Result<strata_zygote::ForkServer, st
 }
 
 /// Starts QEMU by exec.
-fn exec_qemu(cfg: &VmConfig, args: &[String], channels: &Channels, log: std::fs::File) -> Result<Process, Error> {
+fn exec_qemu(
+    cfg: &VmConfig,
+    args: &[String],
+    channels: &Channels,
+    log: std::fs::File,
+    cgroup: Option<&strata_jail::Cgroup>,
+) -> Result<Process, Error> {
     let channel_fds = channels.fds();
+    // Prepared here: between fork and exec nothing may allocate.
+    let cgroup_procs = cgroup_procs_files(cgroup)?;
     let mut cmd = Command::new(QEMU);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
     for (k, v) in qemu_env(cfg) {
@@ -599,6 +647,18 @@ fn exec_qemu(cfg: &VmConfig, args: &[String], channels: &Channels, log: std::fs:
     // With `die_with_parent`, QEMU dies with strata even on SIGKILL.
     unsafe {
         cmd.pre_exec(move || {
+            // Into its control group before QEMU runs at all.
+            for procs in &cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             libc::setsid();
             if die_with_parent {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -608,6 +668,11 @@ fn exec_qemu(cfg: &VmConfig, args: &[String], channels: &Channels, log: std::fs:
             }
             if niceness != 0 {
                 libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
+            }
+            // Nothing QEMU executes can gain privileges (set-user-ID
+            // programs, file capabilities).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             // The channels' sockets stay open across exec, in QEMU only.
             for fd in channel_fds {
@@ -620,6 +685,20 @@ fn exec_qemu(cfg: &VmConfig, args: &[String], channels: &Channels, log: std::fs:
         });
     }
     Ok(Process::Child(cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?))
+}
+
+/// The `cgroup.procs` files of a VM's cgroup, as C strings.
+fn cgroup_procs_files(cgroup: Option<&strata_jail::Cgroup>) -> Result<Vec<std::ffi::CString>, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    cgroup
+        .map(|c| c.procs_files())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| Error::Confine(format!("cgroup path {} has a NUL byte", p.display())))
+        })
+        .collect()
 }
 
 /// Starts QEMU as a child of the fork server: the same arguments,
@@ -699,17 +778,32 @@ impl Vm {
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
         let log_file = std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?;
+        let cgroup = match &cfg.cgroup {
+            Some(spec) => {
+                let name = cfg.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some(spec.cgroups.create(&name, &spec.limits).map_err(|e| Error::Confine(e.to_string()))?)
+            }
+            None => None,
+        };
         tracing::debug!(?args, "starting QEMU");
         let mut process = match &cfg.fork_server {
             Some(server) => match fork_qemu(server, cfg, &args, &channels, &log_file).await {
-                Ok(p) => p,
+                Ok(p) => {
+                    // A forked QEMU joins its cgroup at once: it is still
+                    // setting itself up in the fork server's code.
+                    if let Some(Err(e)) = cgroup.as_ref().map(|c| c.add(p.pid())) {
+                        p.kill_now();
+                        return Err(Error::Confine(e.to_string()));
+                    }
+                    p
+                }
                 Err(e) => {
                     // A broken fork server must not stop launches: exec instead.
                     tracing::warn!(error = %e, "the fork server failed; starting QEMU by exec");
-                    exec_qemu(cfg, &args, &channels, log_file)?
+                    exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref())?
                 }
             },
-            None => exec_qemu(cfg, &args, &channels, log_file)?,
+            None => exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref())?,
         };
         // QEMU has its own copies now.
         drop(channels);
@@ -741,7 +835,7 @@ impl Vm {
             _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
         };
         guard.1 = true;
-        Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false }, AgentConn::new(agent)))
+        Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false, cgroup }, AgentConn::new(agent)))
     }
 
     /// Reconnects to a VM started by another process (a detached session):
@@ -768,7 +862,7 @@ impl Vm {
         let (qmp, agent) =
             tokio::time::timeout(timeout, both).await.map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
         Ok((
-            Vm { process: Process::Other(pid), pid, dir: dir.to_path_buf(), qmp, released: false },
+            Vm { process: Process::Other(pid), pid, dir: dir.to_path_buf(), qmp, released: false, cgroup: None },
             AgentConn::new(agent),
         ))
     }
@@ -960,18 +1054,40 @@ impl Vm {
     /// Waits for QEMU (started by this process) to exit by itself, up to
     /// `timeout`; `true` if it did.
     pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        match &self.process {
+        let exited = match &self.process {
             Process::Other(_) => false,
             _ => tokio::time::timeout(timeout, self.process.exited()).await.is_ok(),
+        };
+        if exited {
+            self.remove_cgroup();
         }
+        exited
     }
 
     /// Kills QEMU and waits for it to be gone.
     pub async fn kill(&mut self) {
         self.process.kill_now();
         // Bounded: a process stuck in the kernel must not hang a caller.
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.process.exited()).await;
+        if tokio::time::timeout(Duration::from_secs(10), self.process.exited()).await.is_ok() {
+            self.remove_cgroup();
+        }
         self.released = true;
+    }
+
+    /// Removes the VM's cgroup once QEMU has exited (tasks leave their
+    /// cgroup when they exit, before they are reaped).
+    fn remove_cgroup(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                tracing::debug!(error = %e, "the VM's cgroup is left for the sweep");
+            }
+        }
+    }
+
+    /// Whether the kernel killed a task of this VM for exceeding its memory
+    /// limit.
+    pub fn killed_by_memory_limit(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(strata_jail::Cgroup::oom_killed)
     }
 }
 

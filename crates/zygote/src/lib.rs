@@ -825,6 +825,10 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
             }
         }
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
+        // As for an exec'd QEMU: it can never gain privileges.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail("no_new_privs");
+        }
     }
     if req.niceness != 0 {
         renice_threads(std::process::id(), req.niceness);
