@@ -172,11 +172,7 @@ impl Cluster {
     }
 
     async fn put_json<T: Serialize>(&self, key: &str, value: &T, lease: Option<i64>) -> Result<(), Error> {
-        let json =
-            serde_json::to_vec(value).map_err(|e| Error::BadRecord { key: key.into(), message: e.to_string() })?;
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        self.client.clone().put(key, json, opts).await.map_err(self.err("a write"))?;
-        Ok(())
+        self.put_json_with(&mut self.client.clone(), key, value, lease).await
     }
 
     async fn list_json<T: for<'de> Deserialize<'de>>(&self, dir: &str) -> Result<Vec<T>, Error> {

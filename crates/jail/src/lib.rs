@@ -238,11 +238,7 @@ impl Cgroups {
         if vm.is_empty() || vm.contains('/') || vm.starts_with('.') {
             return Err(Error::Setup(format!("{vm:?} cannot name a cgroup")));
         }
-        let name = self.name(vm);
-        let cg = Cgroup {
-            dirs: self.parents().iter().map(|p| p.join(&name)).collect(),
-            unified: matches!(self.layout, Layout::Unified(_)),
-        };
+        let cg = self.of(vm);
         let made = (|| {
             for d in &cg.dirs {
                 match fs::create_dir(d) {
