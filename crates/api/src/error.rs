@@ -64,6 +64,7 @@ impl From<strata_engine::Error> for ApiError {
             E::InstallFailed { .. } | E::NotReady { .. } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "launch_failed", message)
             }
+            E::Refused(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_full", message),
             _ => Self::internal(message),
         }
     }

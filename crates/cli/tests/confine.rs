@@ -201,3 +201,28 @@ async fn a_vm_runs_in_a_cgroup_of_its_own_within_its_limits_and_the_cgroup_goes_
         assert!(wait_until(Duration::from_secs(10), || !d.exists()), "{} outlived its VM", d.display());
     }
 }
+
+#[tokio::test]
+async fn a_server_below_a_floor_refuses_a_launch_before_any_vm_starts() {
+    if !e2e() {
+        return;
+    }
+    for (floor, setting) in [("disk", "STRATA_DISK_FLOOR_MIB"), ("memory", "STRATA_MEMORY_FLOOR_MIB")] {
+        let eng = engine_with(|c| match floor {
+            "disk" => c.floors.disk_mib = 1 << 40,
+            _ => c.floors.memory_mib = 1 << 40,
+        });
+        let pkg = eng.package("bc").unwrap();
+        let err = match eng.launch(&pkg, &settings(), &LogProgress).await {
+            Ok(s) => {
+                s.close().await;
+                panic!("a launch below the {floor} floor started");
+            }
+            Err(e) => e,
+        };
+        assert!(matches!(err, strata_engine::Error::Refused(_)), "{err}");
+        let msg = err.to_string();
+        // Refused by the check that comes before a restore slot is taken.
+        assert!(msg.contains(setting) && msg.contains("below its floor"), "{msg}");
+    }
+}

@@ -22,7 +22,7 @@ pub struct ServerStatus {
     pub blobs_bytes: u64,
 }
 
-fn meminfo_mib(text: &str, field: &str) -> u64 {
+pub(crate) fn meminfo_mib(text: &str, field: &str) -> u64 {
     (crate::bench::kib_field(text, field) / 1024.0) as u64
 }
 

@@ -297,6 +297,7 @@ impl Engine {
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
         check_ports_free(settings)?;
+        self.admit()?;
         let slot = self.restore_slot(ahead_of_demand).await?;
         let claim = match &settings.home {
             Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),

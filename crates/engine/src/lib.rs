@@ -99,6 +99,10 @@ pub enum Error {
     /// it is tried again later).
     #[error("every restore slot is taken")]
     Busy,
+    /// This server cannot take a VM now (a floor reached, or no cgroup to
+    /// put it in); nothing was started.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -167,6 +171,27 @@ pub struct Config {
     /// tasks): `STRATA_CPU_PERCENT`, `STRATA_MEMORY_ALLOWANCE_MIB`,
     /// `STRATA_PIDS_MAX`.
     pub vm_limits: VmLimits,
+    /// What a server keeps free: no VM starts below these floors.
+    pub floors: Floors,
+}
+
+/// What a server keeps free: below either floor, launches, resumes and pool
+/// refills are refused (with what is free and the floor) before any VM
+/// starts, instead of failing half-way or starving the sessions running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floors {
+    /// Memory the host must have available (`MemAvailable`), MiB:
+    /// `STRATA_MEMORY_FLOOR_MIB`, default 1024.
+    pub memory_mib: u64,
+    /// Free space on the store's file system, MiB: `STRATA_DISK_FLOOR_MIB`,
+    /// default 2048.
+    pub disk_mib: u64,
+}
+
+impl Default for Floors {
+    fn default() -> Floors {
+        Floors { memory_mib: 1024, disk_mib: 2048 }
+    }
 }
 
 /// What bounds every VM's QEMU, beyond its guest's own size.
@@ -212,6 +237,11 @@ impl VmLimits {
             pids: get("STRATA_PIDS_MAX", d.pids, 32..=1 << 20)?,
         })
     }
+}
+
+/// A size in MiB from the environment, if set and a number.
+fn env_mib(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
 /// Restore slots by default: two per CPU, so one restore's waits (QMP, the
@@ -262,6 +292,10 @@ impl Config {
             fork_server: None,
             // A bad setting is reported when the engine opens.
             vm_limits: VmLimits::from_env().unwrap_or_default(),
+            floors: Floors {
+                memory_mib: env_mib("STRATA_MEMORY_FLOOR_MIB").unwrap_or(Floors::default().memory_mib),
+                disk_mib: env_mib("STRATA_DISK_FLOOR_MIB").unwrap_or(Floors::default().disk_mib),
+            },
         }
     }
 
@@ -384,6 +418,11 @@ impl Engine {
             None
         };
         VmLimits::from_env()?;
+        for name in ["STRATA_MEMORY_FLOOR_MIB", "STRATA_DISK_FLOOR_MIB"] {
+            if std::env::var(name).is_ok_and(|v| v.trim().parse::<u64>().is_err()) {
+                return Err(Error::Config(format!("{name} must be a whole number of MiB")));
+            }
+        }
         let cgroups =
             strata_jail::Cgroups::detect(&cgroup_owner(&cfg.state_dir)).map(Arc::new).map_err(|e| e.to_string());
         if let Err(why) = &cgroups {
@@ -423,7 +462,7 @@ impl Engine {
             return Ok(None);
         }
         let cgroups = self.cgroups.clone().map_err(|why| {
-            Error::Config(format!("a VM must run in a cgroup of its own, and this host cannot give it one: {why}"))
+            Error::Refused(format!("a VM must run in a cgroup of its own, and this host cannot give it one: {why}"))
         })?;
         let l = self.cfg.vm_limits;
         Ok(Some(strata_vmm::CgroupSpec {
@@ -434,6 +473,36 @@ impl Engine {
                 pids: l.pids,
             },
         }))
+    }
+
+    /// Refuses a new VM if this server is below a floor ([`Floors`]).
+    ///
+    /// # Errors
+    /// [`Error::Refused`], naming the floor and what is free.
+    pub(crate) fn admit(&self) -> Result<(), Error> {
+        let f = self.cfg.floors;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let available = host::meminfo_mib(&meminfo, "MemAvailable:");
+        if available < f.memory_mib {
+            return Err(Error::Refused(format!(
+                "this server has {available} MiB of memory available, below its floor of {} MiB \
+                 (STRATA_MEMORY_FLOOR_MIB): no VM starts until sessions end",
+                f.memory_mib
+            )));
+        }
+        let dir = &self.cfg.state_dir;
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 >> 20)
+            .map_err(|e| io_err(dir)(e.into()))?;
+        if free < f.disk_mib {
+            return Err(Error::Refused(format!(
+                "the store's file system ({}) has {free} MiB free, below its floor of {} MiB \
+                 (STRATA_DISK_FLOOR_MIB): no VM starts until space is freed (`strata images prune`)",
+                dir.display(),
+                f.disk_mib
+            )));
+        }
+        Ok(())
     }
 
     /// Whether VMs start confined (always, but in a benchmark's unconfined runs).
