@@ -136,7 +136,10 @@ fn unescape(s: &str) -> String {
 /// The directory of cgroup `path` under `mount`.
 fn dir_of(mount: &Mount, path: &str) -> PathBuf {
     let rel = if mount.root == "/" { path } else { path.strip_prefix(mount.root.as_str()).unwrap_or(path) };
-    mount.point.join(rel.trim_start_matches('/'))
+    match rel.trim_start_matches('/') {
+        "" => mount.point.clone(),
+        rel => mount.point.join(rel),
+    }
 }
 
 /// Where this process's VMs' cgroups go, from its /proc/self/cgroup and
