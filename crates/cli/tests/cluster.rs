@@ -224,6 +224,23 @@ async fn eventually<F: std::future::Future<Output = bool>>(limit: Duration, mut 
     cond().await
 }
 
+/// The names of the cgroups beneath this process's own, in the pids
+/// hierarchy (v1) or the unified one (v2): where agents make their VMs'.
+fn cgroup_names() -> Vec<String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let path = own
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| format!("/sys/fs/cgroup/pids{p}")))
+        .or_else(|| own.lines().find_map(|l| l.strip_prefix("0::").map(|p| format!("/sys/fs/cgroup{p}"))))
+        .unwrap_or_default();
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Stops or continues a process (`STOP`, `CONT`), as a machine that hangs
 /// and recovers would.
 fn signal(pid: u32, sig: &str) {
@@ -284,8 +301,12 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         .map(|i| {
             let state = dir.path().join(format!("agent{i}"));
             let listen = format!("{}:7070", agent_ip(i));
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &ns(i)])
+            // Only the network namespace is entered: `ip netns exec` would
+            // also mount the namespace's own sysfs over /sys, hiding the
+            // cgroup hierarchies beneath which the agent confines its VMs.
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{}", ns(i)))
+                .arg("--")
                 .arg(&e.strata)
                 .args(["--accel", &accel, "serve", "--listen", &listen, "--server-id", &format!("agent{i}")])
                 .args(["--etcd", &etcd_url])
@@ -595,4 +616,25 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let (status, body) = c.launch(1, &bob, "bc").await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_sessions")), "{body}");
     drop(etcd_proc);
+
+    // The agents die; their VMs go with their namespaces. An engine opened
+    // on each agent's store, as a restarted agent would be, removes what
+    // they left: session directories and the VMs' cgroups.
+    for a in &mut agents {
+        a.kill();
+    }
+    Network::down();
+    for i in 1..=AGENTS {
+        let mut cfg = Config::from_env();
+        cfg.state_dir = dir.path().join(format!("agent{i}"));
+        cfg.packages_dir = e.packages.clone();
+        cfg.agent_binary = e.agent.clone();
+        cfg.remote = Some(g.cfg.clone());
+        drop(Engine::open(cfg).unwrap());
+    }
+    let prefixes: Vec<String> = (1..=AGENTS)
+        .map(|i| format!("strata-{}-", strata_engine::cgroup_owner(&dir.path().join(format!("agent{i}")))))
+        .collect();
+    let left: Vec<String> = cgroup_names().into_iter().filter(|n| prefixes.iter().any(|p| n.starts_with(p))).collect();
+    assert!(left.is_empty(), "cgroups left by the agents: {left:?}");
 }

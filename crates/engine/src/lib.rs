@@ -541,8 +541,9 @@ impl Drop for Engine {
     }
 }
 
-/// Tells this store's VMs' cgroups from other stores' (a hash of its path).
-fn cgroup_owner(state_dir: &Path) -> String {
+/// Tells this store's VMs' cgroups from other stores' (a hash of its
+/// path): they are named `strata-OWNER-VM`.
+pub fn cgroup_owner(state_dir: &Path) -> String {
     use sha2::Digest;
     let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     hex::encode(&sha2::Sha256::digest(path.as_os_str().as_encoded_bytes())[..4])
