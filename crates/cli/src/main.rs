@@ -1572,6 +1572,7 @@ fn doctor(eng: &Engine) -> u8 {
     let line = |layer: &str, state: &str| println!("{layer:<14} {state}");
     line("seccomp", &format!("on for every QEMU: -sandbox {}", strata_vmm::qemu::SANDBOX));
     line("no_new_privs", "on for every QEMU (nothing it executes gains privileges)");
+    line("namespaces", "IPC and UTS of its own for every QEMU; not yet mount, pid and network (issue 19)");
     match eng.cgroups() {
         Ok(where_) => line(
             "cgroups",

@@ -26,6 +26,11 @@ fn status_field(pid: u32, tid: &str, name: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().to_string()).unwrap_or_default()
 }
 
+/// The namespace `kind` (ipc, uts, ...) process `pid` is in.
+fn namespace(pid: u32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap().to_string_lossy().into_owned()
+}
+
 /// Asserts that every thread of QEMU `pid` is filtered (seccomp mode 2)
 /// and has no_new_privs set; returns how many threads it has.
 fn assert_filtered(pid: u32) -> usize {
@@ -90,6 +95,13 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     let mut execd = execing.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     execd.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
     assert!(assert_filtered(execd.vm_pid()) >= 2);
+    // IPC and UTS namespaces of their own: not this process's, not each other's.
+    let me = std::process::id();
+    for kind in ["ipc", "uts"] {
+        let seen: std::collections::BTreeSet<String> =
+            [me, victim.vm_pid(), neighbour.vm_pid(), execd.vm_pid()].iter().map(|p| namespace(*p, kind)).collect();
+        assert_eq!(seen.len(), 4, "{kind} namespaces shared: {seen:?}");
+    }
     execd.close().await;
 
     // A monitor command that makes QEMU start a program (a migration to an

@@ -674,6 +674,11 @@ fn exec_qemu(
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // IPC and UTS namespaces of its own: no System V shared memory,
+            // semaphores or message queues of the host's or another VM's.
+            if libc::unshare(strata_zygote::CHILD_NAMESPACES) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // The channels' sockets stay open across exec, in QEMU only.
             for fd in channel_fds {
                 let flags = libc::fcntl(fd, libc::F_GETFD);

@@ -738,6 +738,10 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
     }
 }
 
+/// The namespaces every QEMU gets of its own, exec'd or forked: IPC (no
+/// System V objects of the host's or another VM's) and UTS.
+pub const CHILD_NAMESPACES: libc::c_int = libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
 fn reap_children() {
     loop {
         let mut status = 0;
@@ -825,9 +829,15 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
             }
         }
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
-        // As for an exec'd QEMU: it can never gain privileges.
+        // As for an exec'd QEMU: it can never gain privileges, and it has
+        // namespaces of its own. (These two need not be unshared by the whole
+        // process at once: the RCU thread, recreated by fork's handlers,
+        // stays in the server's, which it never uses.)
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail("no_new_privs");
+        }
+        if libc::unshare(CHILD_NAMESPACES) != 0 {
+            fail("unsharing the IPC and UTS namespaces");
         }
     }
     if req.niceness != 0 {
