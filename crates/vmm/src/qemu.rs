@@ -194,8 +194,8 @@ pub struct VmConfig {
     pub fork_server: Option<std::sync::Arc<strata_zygote::ForkServer>>,
     /// The control group QEMU runs in, made for it beneath strata's own and
     /// named after its directory, with these limits (CPU, memory, tasks).
-    /// QEMU is in it before it runs any code of its own. `None` only where
-    /// no guest runs (unit tests of the command line).
+    /// QEMU is in it before it runs any code of its own. `None` only for
+    /// `strata bench confine`'s unconfined runs.
     pub cgroup: Option<CgroupSpec>,
     /// QEMU's seccomp filter ([`SANDBOX`]). Off only for `strata bench
     /// confine`'s unconfined runs, which measure what the filter costs.
@@ -222,7 +222,8 @@ impl VmConfig {
         // QEMU's seccomp filter, on every thread, before any guest code
         // runs: no obsolete calls, no privilege changes, no new processes
         // or programs, no scheduling or resource changes (strata renices
-        // QEMU from outside). A call it forbids kills that QEMU only.
+        // QEMU from outside). A call it forbids is refused (QEMU 10 answers
+        // EPERM) or ends that QEMU only.
         if self.sandbox {
             push(&["-sandbox", SANDBOX]);
         }
