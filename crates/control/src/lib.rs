@@ -428,10 +428,9 @@ async fn render_metrics(State(cp): St) -> Result<Response, ApiError> {
     let servers = cp.cluster.servers().await.map_err(unavailable)?.len() as i64;
     let mut states: std::collections::BTreeMap<String, i64> =
         ["running", "paused", "lost"].iter().map(|s| (s.to_string(), 0)).collect();
-    let alive = alive(&cp).await?;
+    // A record's state is what it lists as (suspect sessions stay running).
     for e in cp.cluster.sessions().await.map_err(unavailable)? {
-        let state = session_json(&e, &alive, 0)["state"].as_str().unwrap_or_default().to_string();
-        *states.entry(state).or_default() += 1;
+        *states.entry(e.state).or_default() += 1;
     }
     let leader = cp.cluster.leader().await.map_err(unavailable)?.as_deref() == Some(cp.name.as_str());
     let states: Vec<(String, i64)> = states.into_iter().collect();

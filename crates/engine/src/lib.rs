@@ -219,29 +219,40 @@ impl VmLimits {
     /// A setting that is not a number in its range, named.
     pub fn from_env() -> Result<VmLimits, Error> {
         let d = VmLimits::default();
-        let get = |name: &str, default: u32, range: std::ops::RangeInclusive<u32>| -> Result<u32, Error> {
-            match std::env::var(name) {
-                Err(_) => Ok(default),
-                Ok(v) => v.trim().parse::<u32>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
-                    Error::Config(format!(
-                        "{name}={v:?} must be a whole number from {} to {}",
-                        range.start(),
-                        range.end()
-                    ))
-                }),
-            }
-        };
         Ok(VmLimits {
-            cpu_percent: get("STRATA_CPU_PERCENT", d.cpu_percent, 1..=6400)?,
-            memory_allowance_mib: get("STRATA_MEMORY_ALLOWANCE_MIB", d.memory_allowance_mib, 64..=1 << 20)?,
-            pids: get("STRATA_PIDS_MAX", d.pids, 32..=1 << 20)?,
+            cpu_percent: env_number("STRATA_CPU_PERCENT", d.cpu_percent, 1..=6400)?,
+            memory_allowance_mib: env_number("STRATA_MEMORY_ALLOWANCE_MIB", d.memory_allowance_mib, 64..=1 << 20)?,
+            pids: env_number("STRATA_PIDS_MAX", d.pids, 32..=1 << 20)?,
         })
     }
 }
 
-/// A size in MiB from the environment, if set and a number.
-fn env_mib(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+impl Floors {
+    /// The defaults, with what the environment sets.
+    ///
+    /// # Errors
+    /// A setting that is not a whole number of MiB, named.
+    pub fn from_env() -> Result<Floors, Error> {
+        let d = Floors::default();
+        Ok(Floors {
+            memory_mib: env_number("STRATA_MEMORY_FLOOR_MIB", d.memory_mib, 0..=1 << 40)?,
+            disk_mib: env_number("STRATA_DISK_FLOOR_MIB", d.disk_mib, 0..=1 << 40)?,
+        })
+    }
+}
+
+/// A whole number from the environment variable `name` within `range`, or
+/// `default` if it is not set.
+fn env_number<T>(name: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T, Error>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v.trim().parse::<T>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+            Error::Config(format!("{name}={v:?} must be a whole number from {} to {}", range.start(), range.end()))
+        }),
+    }
 }
 
 /// Restore slots by default: two per CPU, so one restore's waits (QMP, the
@@ -292,10 +303,7 @@ impl Config {
             fork_server: None,
             // A bad setting is reported when the engine opens.
             vm_limits: VmLimits::from_env().unwrap_or_default(),
-            floors: Floors {
-                memory_mib: env_mib("STRATA_MEMORY_FLOOR_MIB").unwrap_or(Floors::default().memory_mib),
-                disk_mib: env_mib("STRATA_DISK_FLOOR_MIB").unwrap_or(Floors::default().disk_mib),
-            },
+            floors: Floors::from_env().unwrap_or_default(),
         }
     }
 
@@ -417,12 +425,9 @@ impl Engine {
         } else {
             None
         };
+        // Config::from_env falls back to the defaults; a bad setting is named here.
         VmLimits::from_env()?;
-        for name in ["STRATA_MEMORY_FLOOR_MIB", "STRATA_DISK_FLOOR_MIB"] {
-            if std::env::var(name).is_ok_and(|v| v.trim().parse::<u64>().is_err()) {
-                return Err(Error::Config(format!("{name} must be a whole number of MiB")));
-            }
-        }
+        Floors::from_env()?;
         let cgroups =
             strata_jail::Cgroups::detect(&cgroup_owner(&cfg.state_dir)).map(Arc::new).map_err(|e| e.to_string());
         if let Err(why) = &cgroups {
