@@ -20,11 +20,20 @@ if [ "$(qemu_version || true)" = "" ] || [ "$(qemu_version)" -lt 9 ]; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 fi
 missing=()
-for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config chromium etcd-server protobuf-compiler iproute2; do
+for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config chromium etcd-server protobuf-compiler iproute2 nftables acl passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q "${missing[@]}"
+fi
+# VMs run as ids of their own: the subordinate ids of the system user
+# `strata` (65536 of them, one per VM at a time). An operator may give it
+# another range in /etc/subuid and /etc/subgid.
+if ! id strata >/dev/null 2>&1; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin strata
+fi
+if ! grep -q '^strata:' /etc/subuid 2>/dev/null || ! grep -q '^strata:' /etc/subgid 2>/dev/null; then
+  usermod --add-subuids 2000000-2065535 --add-subgids 2000000-2065535 strata
 fi
 if ! command -v cargo >/dev/null; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then

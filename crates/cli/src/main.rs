@@ -1541,29 +1541,6 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
-#[cfg(test)]
-mod tests {
-    use clap::{CommandFactory, Parser};
-
-    use super::{Cli, Cmd, ImagesCmd};
-
-    #[test]
-    fn every_command_line_parses_without_clashing_with_global_options() {
-        Cli::command().debug_assert();
-        // `images push` once shared its field's name with the global --packages.
-        let cli = Cli::try_parse_from(["strata", "--packages", "/p", "images", "push", "bc", "python3"]).unwrap();
-        assert!(matches!(cli.cmd, Cmd::Images { cmd: ImagesCmd::Push { ref names } } if names == &["bc", "python3"]));
-        for args in [
-            &["strata", "serve", "--etcd", "http://127.0.0.1:2379", "--server-id", "a"][..],
-            &["strata", "control", "--etcd", "http://127.0.0.1:2379", "--rule", "least-loaded"],
-            &["strata", "token", "create", "alice", "--etcd", "http://127.0.0.1:2379"],
-            &["strata", "token", "secret"],
-        ] {
-            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        }
-    }
-}
-
 /// `strata doctor`: each layer of a VM's confinement on this server, with
 /// what to set up where one is missing. Exits 1 if a VM could not start.
 fn doctor(eng: &Engine) -> u8 {
@@ -1586,8 +1563,49 @@ fn doctor(eng: &Engine) -> u8 {
             line("cgroups", &format!("MISSING, no VM can start: {why}"));
         }
     }
-    line("identity", "not yet: QEMU runs as root (issue 19)");
-    line("files", "not yet: QEMU sees the host's file system (issue 19)");
-    line("network", "not yet: a guest with outbound access reaches the host's loopback (issue 19)");
+    match eng.identities() {
+        Ok(range) => line("identity", &format!("a uid and gid of its own per VM ({range}), no capabilities")),
+        Err(why) => {
+            ok = false;
+            line("identity", &format!("MISSING, no VM can start: {why}"));
+        }
+    }
+    line("files", "its session's files are its own; the store, other sessions and the catalog are not; no mount namespace yet (issue 19)");
+    match eng.guest_firewall() {
+        Ok(table) => line(
+            "network",
+            &format!(
+                "nftables table {table}: guests reach no address of this host and no private, link-local or \
+                 metadata network; only the outside world and DNS"
+            ),
+        ),
+        Err(why) => {
+            ok = false;
+            line("network", &format!("MISSING: {why}"));
+        }
+    }
     u8::from(!ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Cmd, ImagesCmd};
+
+    #[test]
+    fn every_command_line_parses_without_clashing_with_global_options() {
+        Cli::command().debug_assert();
+        // `images push` once shared its field's name with the global --packages.
+        let cli = Cli::try_parse_from(["strata", "--packages", "/p", "images", "push", "bc", "python3"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Images { cmd: ImagesCmd::Push { ref names } } if names == &["bc", "python3"]));
+        for args in [
+            &["strata", "serve", "--etcd", "http://127.0.0.1:2379", "--server-id", "a"][..],
+            &["strata", "control", "--etcd", "http://127.0.0.1:2379", "--rule", "least-loaded"],
+            &["strata", "token", "create", "alice", "--etcd", "http://127.0.0.1:2379"],
+            &["strata", "token", "secret"],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
 }

@@ -1,7 +1,10 @@
 //! End-to-end: the confinement of the QEMUs strata starts (real QEMU, real
 //! guests). Every thread of every QEMU, forked by the fork server or
-//! exec'd, runs under QEMU's seccomp filter and can never gain privileges;
-//! a call the filter forbids ends that QEMU only.
+//! exec'd, runs as a uid of its own with no capabilities, under QEMU's
+//! seccomp filter, and can never gain privileges; a call the filter forbids
+//! ends that QEMU only; files of the host and of other sessions are not
+//! its to open; its guest reaches the outside world and nothing of this
+//! host's.
 
 mod common;
 
@@ -47,6 +50,27 @@ fn assert_filtered(pid: u32) -> usize {
     tids.len()
 }
 
+/// Asserts that every thread of QEMU `pid` runs as a uid and gid that are
+/// not root, with no capabilities; returns its uid.
+fn assert_unprivileged(pid: u32) -> u32 {
+    let mut uids = std::collections::BTreeSet::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        for (field, what) in [("Uid", "uid"), ("Gid", "gid")] {
+            let ids: Vec<u32> = status_field(pid, &tid, field).split_whitespace().map(|v| v.parse().unwrap()).collect();
+            assert_eq!(ids.len(), 4, "thread {tid} of QEMU {pid}: {field}");
+            assert!(ids.iter().all(|v| *v >= 1000), "thread {tid} of QEMU {pid} has {what}s {ids:?}");
+            if field == "Uid" {
+                uids.extend(ids);
+            }
+        }
+        assert_eq!(status_field(pid, &tid, "CapEff"), "0000000000000000", "thread {tid} of QEMU {pid}");
+        assert_eq!(status_field(pid, &tid, "CapPrm"), "0000000000000000", "thread {tid} of QEMU {pid}");
+    }
+    assert_eq!(uids.len(), 1, "QEMU {pid}'s threads run as several uids: {uids:?}");
+    uids.into_iter().next().unwrap()
+}
+
 /// Sends one QMP command to a detached session's QEMU (nobody else holds
 /// its monitor) and returns its answer, or what came before the channel
 /// closed or `limit` passed.
@@ -85,16 +109,34 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     let pkg = forking.package("bc").unwrap();
     let mut victim = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let mut neighbour = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let mut uids = std::collections::BTreeSet::new();
     for s in [&mut victim, &mut neighbour] {
         s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
         // QEMU's threads (vCPU, RCU, I/O) exist by now: each is checked.
         assert!(assert_filtered(s.vm_pid()) >= 2);
+        uids.insert(assert_unprivileged(s.vm_pid()));
     }
     // Exec'd, as the CLI starts a session.
     let execing = engine_with(|c| c.fork_server = None);
     let mut execd = execing.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     execd.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
     assert!(assert_filtered(execd.vm_pid()) >= 2);
+    uids.insert(assert_unprivileged(execd.vm_pid()));
+    assert_eq!(uids.len(), 3, "sessions share a uid: {uids:?}");
+    // Its session's files are its own, and no other uid's.
+    let overlay = env().state.join("sessions").join(&neighbour.id).join("disk0.qcow2");
+    let meta = std::fs::metadata(&overlay).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        meta.uid(),
+        status_field(neighbour.vm_pid(), &neighbour.vm_pid().to_string(), "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    );
+    assert_eq!(meta.mode() & 0o077, 0, "{} is open to other uids", overlay.display());
     // IPC and UTS namespaces of their own: not this process's, not each other's.
     let me = std::process::id();
     for kind in ["ipc", "uts"] {
@@ -111,6 +153,21 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     let marker = env().state.join(format!("confine-marker-{pid}"));
     let id = victim.detach().await.unwrap();
     let sock = env().state.join("sessions").join(&id).join("qmp.sock");
+    // Told over its monitor to open the host's secrets or its neighbour's
+    // disk, QEMU cannot: they are not its uid's.
+    for file in [std::path::Path::new("/etc/shadow"), overlay.as_path()] {
+        let command = format!(
+            "{{\"execute\":\"blockdev-add\",\"arguments\":{{\"driver\":\"file\",\"node-name\":\"stolen\",\
+             \"filename\":\"{}\",\"read-only\":true}}}}\n",
+            file.display()
+        );
+        let answered = qmp_once(&sock, &command, Duration::from_secs(30));
+        assert!(
+            answered.contains("\"error\"") && answered.contains("Permission denied"),
+            "{}: {answered}",
+            file.display()
+        );
+    }
     let command =
         format!("{{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"exec:touch {}\"}}}}\n", marker.display());
     let answered = qmp_once(&sock, &command, Duration::from_secs(30));
@@ -237,4 +294,201 @@ async fn a_server_below_a_floor_refuses_a_launch_before_any_vm_starts() {
         // Refused by the check that comes before a restore slot is taken.
         assert!(msg.contains(setting) && msg.contains("below its floor"), "{msg}");
     }
+}
+
+/// A network namespace standing for the outside world: a veth pair, this
+/// host's end 198.51.100.1 (an address of this host, like any other), the
+/// far end 198.51.100.2, and a TCP server there that answers "outside".
+struct Outside {
+    netns: String,
+    server: std::process::Child,
+}
+
+const OUTSIDE_HOST_END: &str = "198.51.100.1";
+const OUTSIDE_FAR_END: &str = "198.51.100.2";
+
+impl Outside {
+    fn start(port: u16) -> Outside {
+        let tag = std::process::id() % 100_000;
+        let netns = format!("strata-outside-{tag}");
+        let (host_if, far_if) = (format!("so{tag}h"), format!("so{tag}f"));
+        let sh = |cmd: &str| {
+            let st = std::process::Command::new("sh").args(["-c", cmd]).status().unwrap();
+            assert!(st.success(), "{cmd}");
+        };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
+        sh(&format!("ip netns add {netns}"));
+        sh(&format!("ip link add {host_if} type veth peer name {far_if} netns {netns}"));
+        sh(&format!("ip addr add {OUTSIDE_HOST_END}/30 dev {host_if} && ip link set {host_if} up"));
+        sh(&format!(
+            "ip -n {netns} addr add {OUTSIDE_FAR_END}/30 dev {far_if} && ip -n {netns} link set {far_if} up \
+             && ip -n {netns} link set lo up"
+        ));
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "/usr/bin/python3", "-c"])
+            .arg(format!(
+                "import socket\ns=socket.create_server(('{OUTSIDE_FAR_END}',{port}))\n\
+                 while True:\n  c,_=s.accept(); c.sendall(b'outside'); c.close()"
+            ))
+            .spawn()
+            .unwrap();
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(
+                &format!("{OUTSIDE_FAR_END}:{port}").parse().unwrap(),
+                Duration::from_millis(500),
+            )
+            .is_ok()
+        });
+        assert!(up, "the outside server did not come up");
+        Outside { netns, server }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // Deleting the namespace deletes the veth pair.
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+/// Whether a TCP listener on this host saw a connection within `limit`.
+fn accepted(listener: &std::net::TcpListener, limit: Duration) -> bool {
+    listener.set_nonblocking(true).unwrap();
+    wait_until(limit, || listener.accept().is_ok())
+}
+
+#[tokio::test]
+async fn a_guest_reaches_the_outside_world_but_no_address_of_this_host_nor_a_neighbour() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    assert!(eng.guest_firewall().is_ok(), "{:?}", eng.guest_firewall());
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let outside_port = free_port();
+    let _outside = Outside::start(outside_port);
+    // This host's services: one on loopback, one on an address of its own.
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let own = std::net::TcpListener::bind(format!("{OUTSIDE_HOST_END}:0")).unwrap();
+    // A neighbour session with a forwarded port (lighttpd serves at once).
+    let neighbour_port = free_port();
+    let mut with_port = settings();
+    with_port.network.ports = vec![strata_engine::context::PortForward { host: neighbour_port, guest: 80 }];
+    let neighbour = eng.launch(&eng.package("lighttpd").unwrap(), &with_port, &LogProgress).await.unwrap();
+
+    // The guest: outbound access, and a forwarded port of its own.
+    let own_port = free_port();
+    let mut guest = settings();
+    guest.network.outbound = true;
+    guest.network.ports = vec![strata_engine::context::PortForward { host: own_port, guest: 8000 }];
+    let mut s = eng.launch(&eng.package("python3").unwrap(), &guest, &LogProgress).await.unwrap();
+    // Typed into the guest's Python prompt: blocks end with a blank line.
+    let probe = format!(
+        "import socket, http.server, threading\n\
+         def reach(a, p):\n\
+         \x20 try:\n\
+         \x20   c = socket.create_connection((a, p), timeout=4)\n\
+         \x20 except Exception as e:\n\
+         \x20   return 'REFUSED ' + type(e).__name__\n\
+         \x20 c.settimeout(4)\n\
+         \x20 try:\n\
+         \x20   return 'REACHED ' + c.recv(16).decode(errors='replace')\n\
+         \x20 except Exception:\n\
+         \x20   return 'REACHED'\n\
+         \n\
+         srv = http.server.ThreadingHTTPServer(('', 8000), http.server.SimpleHTTPRequestHandler)\n\
+         t = threading.Thread(target=srv.serve_forever, daemon=True); t.start()\n\
+         for name, a, p in [('outside', '{OUTSIDE_FAR_END}', {outside_port}), ('loopback', '10.0.2.2', {lo}), \
+         ('own', '{OUTSIDE_HOST_END}', {own_p}), ('metadata', '169.254.169.254', 80), \
+         ('neighbour', '10.0.2.2', {neighbour_port})]:\n\
+         \x20 print('PROBE', name, reach(a, p))\n\
+         \n\
+         print('PROBES', 'DONE')\n",
+        lo = loopback.local_addr().unwrap().port(),
+        own_p = own.local_addr().unwrap().port(),
+    );
+    let out = s.expect_after(probe.as_bytes(), "PROBES DONE", Duration::from_secs(120)).await.unwrap();
+    let result = |name: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("PROBE {name} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no probe of {name}: {out:?}"))
+    };
+    assert_eq!(result("outside"), "REACHED outside", "{out}");
+    for name in ["loopback", "own", "metadata", "neighbour"] {
+        assert!(result(name).starts_with("REFUSED"), "the guest reached {name}: {out}");
+    }
+    assert!(!accepted(&loopback, Duration::from_millis(200)), "the host's loopback service saw the guest");
+    assert!(!accepted(&own, Duration::from_millis(200)), "the host's own address saw the guest");
+    // Its own forwarded port still answers from this host.
+    let page = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", own_port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        let _ = c.read_to_string(&mut body);
+        body
+    })
+    .await
+    .unwrap();
+    assert!(page.starts_with("HTTP/1.0 200"), "{page:?}");
+    s.close().await;
+    neighbour.close().await;
+}
+
+#[tokio::test]
+async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_neighbour_that_can_write() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine_with(|c| c.vm_limits.disk_mib = 16);
+    let pkg = eng.package("python3").unwrap();
+    // python3's guest has 512 MiB of RAM: each file its QEMU writes stays
+    // below 512 + 64 MiB (a pause's state must fit).
+    let bound: u64 = (512 + 64) << 20;
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let mut neighbour = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let fill = "import os\n\
+                def fill(path, mib):\n\
+                \x20 n, err = 0, 'none'\n\
+                \x20 try:\n\
+                \x20   f = open(path, 'wb')\n\
+                \x20   while n < mib:\n\
+                \x20     f.write(bytes(1 << 20)); n += 1\n\
+                \x20     if n % 32 == 0: f.flush(); os.fsync(f.fileno())\n\
+                \x20   f.flush(); os.fsync(f.fileno())\n\
+                \x20 except OSError as e:\n\
+                \x20   err = e.strerror\n\
+                \x20 return 'WROTE %d ERR %s' % (n, err)\n\
+                \n";
+    s.expect_after(fill.as_bytes(), ">>> ", ANSWER).await.unwrap();
+    let out = s
+        .expect_after(b"print('FILL', fill('/root/fill', 900))\n", "\nFILL WROTE", Duration::from_secs(900))
+        .await
+        .unwrap();
+    let rest = s.expect_after(b"", "\n>>> ", ANSWER).await.unwrap_or_default();
+    eprintln!(
+        "the guest filling its disk: {}",
+        (out.clone() + &rest).lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+    );
+    assert!(!rest.contains("ERR none"), "900 MiB were written past a bound of 576 MiB: {rest:?}");
+    // The guest runs on and answers.
+    s.expect_after(b"print(6*7)\n", "\n42", ANSWER).await.unwrap();
+    // What it wrote to the host stayed within the bound, file by file.
+    let dir = env().state.join("sessions").join(&s.id);
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        let len = f.metadata().unwrap().len();
+        assert!(len <= bound, "{} is {len} bytes, beyond {bound}", f.path().display());
+    }
+    // The neighbour writes as before.
+    neighbour.expect_after(fill.as_bytes(), ">>> ", ANSWER).await.unwrap();
+    let out = neighbour
+        .expect_after(b"print('FILL', fill('/root/small', 64))\n", "ERR none", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(out.contains("FILL WROTE 64 ERR none"), "{out:?}");
+    s.close().await;
+    neighbour.close().await;
 }

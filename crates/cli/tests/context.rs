@@ -122,34 +122,6 @@ async fn no_network_by_default_and_a_forwarded_port_answers_at_once() {
 }
 
 #[tokio::test]
-async fn outbound_access_reaches_the_host_through_nat() {
-    if !e2e() {
-        return;
-    }
-    let eng = engine();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut settings = plain();
-    settings.network.outbound = true;
-    let mut s = launch(&eng, "python3", &settings).await;
-    // 10.0.2.2 is the host's loopback as user-mode networking shows it.
-    s.input(
-        format!("import socket; socket.create_connection(('10.0.2.2', {port})).sendall(b'hello from the guest')\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let (mut conn, _) = tokio::time::timeout(ANSWER, listener.accept()).await.expect("the guest connects").unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(ANSWER, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut got))
-        .await
-        .expect("the guest sends")
-        .unwrap();
-    assert_eq!(text(&got), "hello from the guest");
-    s.close().await;
-}
-
-#[tokio::test]
 async fn the_persistent_home_survives_into_the_next_session_and_is_claimed_once() {
     if !e2e() {
         return;

@@ -49,8 +49,20 @@ impl Engine {
         let kernel = self.store.blob_path(base.file("kernel")?);
         let initramfs = self.store.blob_path(base.file("initramfs")?);
         tracing::info!("probing KVM by booting a probe guest (up to {} s)", PROBE_LIMIT.as_secs());
-        let accel =
-            if strata_vmm::accel::kvm_boots(&kernel, &initramfs, PROBE_LIMIT).await? { Accel::Kvm } else { Accel::Tcg };
+        // The probe runs confined like every VM: ids of its own, claimed
+        // for a work directory that lives as long as the probe.
+        let work = self.store.work_dir("kvm-probe")?;
+        let identity = match self.identity_for(Accel::Kvm)? {
+            Some(spec) => {
+                let name = work.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some(spec.identities.claim(&name, spec.groups).map_err(|e| Error::Refused(e.to_string()))?)
+            }
+            None => None,
+        };
+        let credentials = identity.as_ref().map(strata_vmm::credentials_of);
+        let boots = strata_vmm::accel::kvm_boots(&kernel, &initramfs, PROBE_LIMIT, credentials).await?;
+        drop((identity, work));
+        let accel = if boots { Accel::Kvm } else { Accel::Tcg };
         tracing::info!(%accel, "accelerator chosen");
         crate::write_atomic(&cache, &serde_json::to_vec(&Verdict { key, accel }).expect("serializes"))?;
         Ok(accel)

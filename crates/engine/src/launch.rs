@@ -154,6 +154,9 @@ impl Engine {
             niceness: 0,
             fork_server: self.fork_server.clone(),
             cgroup: self.cgroup_for(memory_mib)?,
+            identity: self.identity_for(accel)?,
+            // Builds write large memory files; only sessions are bounded.
+            file_size_limit: None,
             sandbox: self.confined(),
         })
     }
@@ -346,6 +349,12 @@ impl Engine {
             niceness,
             fork_server: self.fork_server.clone(),
             cgroup: self.cgroup_for(memory_mib)?,
+            identity: self.identity_for(accel)?,
+            // Each file it writes: also the state of a pause, which holds
+            // the guest's RAM, so never below that.
+            file_size_limit: self
+                .confined()
+                .then_some(u64::from(self.cfg.vm_limits.disk_mib.max(memory_mib + 64)) << 20),
             sandbox: self.confined(),
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;

@@ -204,11 +204,16 @@ pub struct VmLimits {
     pub memory_allowance_mib: u32,
     /// Tasks (QEMU's threads) a VM may have.
     pub pids: u32,
+    /// What a session's QEMU may write to the host, in MiB: its disk's
+    /// overlay and its console log each stay below it (beyond, the guest's
+    /// writes fail and it runs on). Never below the guest's RAM plus 64 MiB:
+    /// a pause writes the RAM into one file.
+    pub disk_mib: u32,
 }
 
 impl Default for VmLimits {
     fn default() -> VmLimits {
-        VmLimits { cpu_percent: 100, memory_allowance_mib: 384, pids: 256 }
+        VmLimits { cpu_percent: 100, memory_allowance_mib: 384, pids: 256, disk_mib: 4096 }
     }
 }
 
@@ -223,6 +228,7 @@ impl VmLimits {
             cpu_percent: env_number("STRATA_CPU_PERCENT", d.cpu_percent, 1..=6400)?,
             memory_allowance_mib: env_number("STRATA_MEMORY_ALLOWANCE_MIB", d.memory_allowance_mib, 64..=1 << 20)?,
             pids: env_number("STRATA_PIDS_MAX", d.pids, 32..=1 << 20)?,
+            disk_mib: env_number("STRATA_DISK_MIB", d.disk_mib, 16..=1 << 24)?,
         })
     }
 }
@@ -371,6 +377,9 @@ pub struct Engine {
     /// Where VMs' control groups are made, or why they cannot be: then no
     /// VM starts (never unconfined), and the reason is the error.
     cgroups: Result<Arc<strata_jail::Cgroups>, String>,
+    /// The uids and gids VMs run as, with the firewall that keeps their
+    /// guests off this host installed, or why not: then no VM starts.
+    identities: Result<Arc<strata_jail::Identities>, String>,
     /// Set only by `strata bench confine`, for the runs that measure what
     /// confinement costs: VMs then start without their cgroup and filter.
     /// Nothing else can set it.
@@ -433,6 +442,12 @@ impl Engine {
         if let Err(why) = &cgroups {
             tracing::warn!(why, "no cgroups for VMs: no VM can start until this is set up");
         }
+        let identities = strata_jail::Identities::detect(&cfg.state_dir)
+            .and_then(|ids| strata_jail::network::install(&ids.range()).map(|()| Arc::new(ids)))
+            .map_err(|e| e.to_string());
+        if let Err(why) = &identities {
+            tracing::warn!(why, "no unprivileged ids for VMs: no VM can start until this is set up");
+        }
         let engine = Engine {
             cfg,
             store,
@@ -443,6 +458,7 @@ impl Engine {
             restore_slots,
             fork_server,
             cgroups,
+            identities,
             unconfined_for_benchmark: AtomicBool::new(false),
         };
         engine.reap_sessions();
@@ -480,6 +496,51 @@ impl Engine {
         }))
     }
 
+    /// The ids a VM runs as (with the `kvm` group where KVM is used).
+    ///
+    /// # Errors
+    /// If this host has no range of ids for VMs (what to set up is named).
+    pub(crate) fn identity_for(&self, accel: Accel) -> Result<Option<strata_vmm::IdentitySpec>, Error> {
+        if !self.confined() {
+            return Ok(None);
+        }
+        let identities = self.identities.clone().map_err(|why| {
+            Error::Refused(format!("a VM must run as a user of its own, and this host cannot give it one: {why}"))
+        })?;
+        let groups = match accel {
+            Accel::Kvm => strata_jail::identity::group_id("kvm").into_iter().collect(),
+            Accel::Tcg => Vec::new(),
+        };
+        Ok(Some(strata_vmm::IdentitySpec { identities, groups }))
+    }
+
+    /// The ids VMs run as ("uids 2000000-2065535"), or why there are none.
+    ///
+    /// # Errors
+    /// The reason, if there are none.
+    pub fn identities(&self) -> Result<String, String> {
+        self.identities
+            .as_ref()
+            .map(|i| {
+                let r = i.range();
+                format!("uids {}-{}, gids {}-{}", r.uid_start, r.uid_end(), r.gid_start, r.gid_start + r.count - 1)
+            })
+            .map_err(Clone::clone)
+    }
+
+    /// The firewall table that keeps guests off this host ("inet
+    /// strata_guests"), if it is installed in this network namespace.
+    ///
+    /// # Errors
+    /// Why it is not.
+    pub fn guest_firewall(&self) -> Result<String, String> {
+        self.identities.as_ref().map_err(Clone::clone)?;
+        match strata_jail::network::installed() {
+            Some(_) => Ok(format!("inet {}", strata_jail::network::TABLE)),
+            None => Err("the nftables table that keeps guests off this host's addresses is not installed".into()),
+        }
+    }
+
     /// Refuses a new VM if this server is below a floor ([`Floors`]).
     ///
     /// # Errors
@@ -497,7 +558,7 @@ impl Engine {
         }
         let dir = &self.cfg.state_dir;
         let free = nix::sys::statvfs::statvfs(dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 >> 20)
+            .map(|s| (s.blocks_available() * s.fragment_size()) >> 20)
             .map_err(|e| io_err(dir)(e.into()))?;
         if free < f.disk_mib {
             return Err(Error::Refused(format!(
@@ -531,9 +592,13 @@ impl Engine {
 
     /// Removes the cgroups of this store's VMs whose directory is gone.
     pub(crate) fn sweep_cgroups(&self) {
+        let (sessions, tmp) = (self.cfg.state_dir.join("sessions"), self.cfg.state_dir.join("tmp"));
+        let is_live = |vm: &str| sessions.join(vm).exists() || tmp.join(vm).exists();
         if let Ok(c) = &self.cgroups {
-            let (sessions, tmp) = (self.cfg.state_dir.join("sessions"), self.cfg.state_dir.join("tmp"));
-            c.sweep(|vm| sessions.join(vm).exists() || tmp.join(vm).exists());
+            c.sweep(is_live);
+        }
+        if let Ok(ids) = &self.identities {
+            ids.sweep(is_live);
         }
     }
 }

@@ -11,6 +11,11 @@
 //! sharing one parent cgroup, `<vm>` is the name of the VM's directory, so
 //! [`Cgroups::sweep`] can remove the cgroups of VMs that are gone.
 
+pub mod identity;
+pub mod network;
+
+pub use identity::{IdRange, Identities, Identity};
+
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -19,7 +24,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The host cannot give strata what confinement needs.
-    #[error("cgroups: {0}")]
+    #[error("confinement: {0}")]
     Setup(String),
     #[error("{path}: {source}")]
     Io {

@@ -135,6 +135,8 @@ impl Store {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let db = catalog::open(&root.join("catalog.db"))?;
+        // Strata's alone: VMs run as other users and have no business there.
+        let _ = fs::set_permissions(root.join("catalog.db"), fs::Permissions::from_mode(0o600));
         let store = Store { root: root.to_path_buf(), db: Mutex::new(db) };
         store.remove_stale_work_dirs();
         Ok(store)
@@ -244,6 +246,13 @@ impl Store {
     /// # Errors
     /// If hashing, syncing or renaming fails (the file is then left where it was).
     pub fn ingest_file(&self, path: &Path) -> Result<String, Error> {
+        // A file a VM wrote (a saved state) is taken from its uid before it
+        // is hashed: from then on only strata can change it, and a blob is
+        // never writable by a VM.
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
         let digest = hash_file(path)?;
         self.place(path, &digest)?;
         Ok(digest)

@@ -56,17 +56,29 @@ impl std::fmt::Display for Accel {
 ///
 /// # Errors
 /// Only if QEMU cannot be started at all.
-pub async fn kvm_boots(kernel: &Path, initramfs: &Path, limit: Duration) -> Result<bool, Error> {
+pub async fn kvm_boots(
+    kernel: &Path,
+    initramfs: &Path,
+    limit: Duration,
+    credentials: Option<strata_zygote::Credentials>,
+) -> Result<bool, Error> {
     if !Path::new("/dev/kvm").exists() {
         return Ok(false);
     }
     let mut probe = Command::new(QEMU);
-    // SAFETY: prctl is async-signal-safe. Like every QEMU strata starts,
-    // the probe can never gain privileges.
+    // SAFETY: prctl and the id changes are async-signal-safe. Like every
+    // QEMU strata starts, the probe can never gain privileges, and runs as
+    // the ids it was given (with the kvm group), not as root.
     unsafe {
-        probe.pre_exec(|| {
+        probe.pre_exec(move || {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(c) = &credentials {
+                c.assume().map_err(|what| {
+                    let e = std::io::Error::last_os_error();
+                    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+                })?;
             }
             Ok(())
         });

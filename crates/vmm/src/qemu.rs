@@ -89,9 +89,12 @@ impl Plug {
                 }
                 Some(["-netdev".into(), v])
             }
+            // The guest's owners and modes are kept in extended attributes:
+            // a file the guest makes set-user-ID, or a device node it makes,
+            // is a plain file on the host, owned by the VM's uid.
             Plug::Share { path, readonly, .. } => {
                 let ro = if *readonly { ",readonly=on" } else { "" };
-                Some(["-fsdev".into(), format!("local,id={id},path={},security_model=none{ro}", opt(path))])
+                Some(["-fsdev".into(), format!("local,id={id},path={},security_model=mapped-xattr{ro}", opt(path))])
             }
             // A block node on the command line stays inactive after an
             // incoming migration; disks are added once the guest runs.
@@ -197,9 +200,32 @@ pub struct VmConfig {
     /// QEMU is in it before it runs any code of its own. `None` only for
     /// `strata bench confine`'s unconfined runs.
     pub cgroup: Option<CgroupSpec>,
+    /// The user and groups QEMU runs as: ids claimed for it alone from the
+    /// host's range, never root. It is given its files (overlay, console
+    /// log, display socket, saved states). `None` only for `strata bench
+    /// confine`'s unconfined runs.
+    pub identity: Option<IdentitySpec>,
+    /// The largest file QEMU may write, in bytes (`RLIMIT_FSIZE`): bounds
+    /// what a session writes to the host through its disk's overlay and its
+    /// console log. A write beyond fails (QEMU ignores `SIGXFSZ`), the
+    /// guest sees an I/O error and runs on.
+    pub file_size_limit: Option<u64>,
     /// QEMU's seccomp filter ([`SANDBOX`]). Off only for `strata bench
     /// confine`'s unconfined runs, which measure what the filter costs.
     pub sandbox: bool,
+}
+
+/// Where a VM's ids come from, and its supplementary groups (`kvm` where
+/// KVM is used).
+#[derive(Debug, Clone)]
+pub struct IdentitySpec {
+    pub identities: std::sync::Arc<strata_jail::Identities>,
+    pub groups: Vec<u32>,
+}
+
+/// What a process running as `id` takes on.
+pub fn credentials_of(id: &strata_jail::Identity) -> strata_zygote::Credentials {
+    strata_zygote::Credentials { uid: id.uid, gid: id.gid, groups: id.groups.clone() }
 }
 
 /// Where a VM's control group is made, and its limits.
@@ -239,14 +265,16 @@ impl VmConfig {
             Memory::SharedFile(p) => {
                 format!("memory-backend-file,id=ram,size={size},mem-path={},share=on", p.display())
             }
+            // Opened read-only (the image's file is not QEMU's to write),
+            // mapped private and writable: the guest's writes stay in QEMU.
             Memory::PrivateFile(p) => {
-                format!("memory-backend-file,id=ram,size={size},mem-path={},share=off", p.display())
+                format!("memory-backend-file,id=ram,size={size},mem-path={},share=off,readonly=on,rom=off", p.display())
             }
         };
         push(&["-object", &ram]);
         push(&["-kernel", &self.kernel.display().to_string(), "-initrd", &self.initramfs.display().to_string()]);
         push(&["-append", &self.cmdline]);
-        let console = format!("file,id=console,path={}", dir.join("console.log").display());
+        let console = format!("file,id=console,path={}", dir.join(CONSOLE_LOG).display());
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         // QEMU serves both channels on sockets the host bound before it
         // started (see [`Channels`]).
@@ -302,8 +330,11 @@ const QEMU_MALLOC_TUNABLES: &str =
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 const QMP_SOCK: &str = "qmp.sock";
-/// The VNC socket of a graphical VM, in its directory.
-pub const VNC_SOCK: &str = "vnc.sock";
+/// The VNC socket of a graphical VM, in its directory: in a directory of
+/// its own that QEMU may write (it makes the socket).
+pub const VNC_SOCK: &str = "display/vnc.sock";
+/// A VM's console log, in its directory.
+pub const CONSOLE_LOG: &str = "console.log";
 const AGENT_SOCK: &str = "agent.sock";
 
 type QmpReader = qapi::futures::QmpStreamTokio<tokio::io::ReadHalf<UnixStream>>;
@@ -448,6 +479,12 @@ pub struct Vm {
     /// Its control group, removed once QEMU is seen to exit (else swept by
     /// the engine when its directory is gone).
     cgroup: Option<strata_jail::Cgroup>,
+    /// Its ids, released with the cgroup (a released VM keeps them; the
+    /// engine's sweep frees them once its directory is gone).
+    identity: Option<strata_jail::Identity>,
+    /// The uid and gid QEMU runs as (also for a VM another process
+    /// started), to give it the files it is told to write.
+    owner: Option<(u32, u32)>,
 }
 
 impl Drop for Vm {
@@ -456,16 +493,25 @@ impl Drop for Vm {
             self.process.kill_now();
             // Its cgroup goes once the killed QEMU has left it (within
             // milliseconds); a drop cannot wait, so a short-lived thread does.
-            if let Some(cg) = self.cgroup.take() {
+            let (cgroup, identity) = (self.cgroup.take(), self.identity.take());
+            if cgroup.is_some() || identity.is_some() {
                 let _ = std::thread::Builder::new().name("strata-cgroup-rm".into()).spawn(move || {
                     for _ in 0..500 {
-                        if cg.is_empty() && cg.remove().is_ok() {
+                        if cgroup.as_ref().is_none_or(|cg| cg.is_empty() && cg.remove().is_ok()) {
+                            // QEMU is gone: its ids are free.
+                            drop(identity);
                             return;
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }
+                    // Left for the sweep: never reused while QEMU may live.
+                    if let Some(identity) = identity {
+                        identity.keep();
+                    }
                 });
             }
+        } else if let Some(identity) = self.identity.take() {
+            identity.keep();
         }
     }
 }
@@ -630,6 +676,7 @@ fn exec_qemu(
     channels: &Channels,
     log: std::fs::File,
     cgroup: Option<&strata_jail::Cgroup>,
+    credentials: Option<strata_zygote::Credentials>,
 ) -> Result<Process, Error> {
     let channel_fds = channels.fds();
     // Prepared here: between fork and exec nothing may allocate.
@@ -642,6 +689,7 @@ fn exec_qemu(
     let die_with_parent = cfg.die_with_parent;
     let no_thp = no_thp(cfg);
     let niceness = cfg.niceness;
+    let file_size_limit = cfg.file_size_limit;
     // SAFETY: setsid, prctl, setpriority and fcntl are async-signal-safe. A session of its
     // own keeps QEMU out of the terminal's signals (a closed terminal's
     // SIGHUP must not stop a detached VM; strata decides when VMs stop).
@@ -661,14 +709,14 @@ fn exec_qemu(
                 }
             }
             libc::setsid();
-            if die_with_parent {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            }
             if no_thp {
                 libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
             }
             if niceness != 0 {
                 libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
+            }
+            if let Some(bytes) = file_size_limit {
+                strata_zygote::limit_file_size(bytes)?;
             }
             // Nothing QEMU executes can gain privileges (set-user-ID
             // programs, file capabilities).
@@ -679,6 +727,17 @@ fn exec_qemu(
             // semaphores or message queues of the host's or another VM's.
             if libc::unshare(strata_zygote::CHILD_NAMESPACES) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Then it stops being root.
+            if let Some(c) = &credentials {
+                if let Err(what) = c.assume() {
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+                }
+            }
+            // After the change of ids, which clears it.
+            if die_with_parent {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             }
             // The channels' sockets stay open across exec, in QEMU only.
             for fd in channel_fds {
@@ -691,6 +750,45 @@ fn exec_qemu(
         });
     }
     Ok(Process::Child(cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?))
+}
+
+/// The uid and gid a VM's QEMU runs as, from the owner of its console log
+/// (which strata gave it, in a directory QEMU cannot write: QEMU cannot
+/// make it say otherwise). `None` for a VM that runs as root.
+fn owner_of(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.join(CONSOLE_LOG)).ok()?;
+    (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
+}
+
+/// Gives a VM's QEMU, running as `id`, the files it writes: its console
+/// log and display directory (made here), its writable disks and memory
+/// file, its throwaway overlays, the home disks in its incoming state; and
+/// its shared folders, by an access list entry for its uid.
+fn give_files(cfg: &VmConfig, id: &strata_jail::Identity) -> Result<(), strata_jail::Error> {
+    id.grant_new_file(&cfg.dir.join(CONSOLE_LOG))?;
+    if cfg.display {
+        let display = cfg.dir.join(VNC_SOCK);
+        id.grant_new_dir(display.parent().unwrap_or(&cfg.dir))?;
+    }
+    for (i, d) in cfg.disks.iter().enumerate() {
+        match d.mode {
+            DiskMode::Writable => id.grant(&d.path)?,
+            DiskMode::Throwaway => id.grant(&throwaway_overlay_path(&cfg.dir, i))?,
+            DiskMode::ReadOnly => {}
+        }
+    }
+    if let Memory::SharedFile(p) = &cfg.memory {
+        id.grant_new_file(p)?;
+    }
+    for p in &cfg.plugs {
+        match p {
+            Plug::Disk { path, .. } if cfg.plugs_in_state => id.grant(path)?,
+            Plug::Share { path, readonly, .. } => id.grant_tree(path, *readonly)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The `cgroup.procs` files of a VM's cgroup, as C strings.
@@ -715,6 +813,7 @@ async fn fork_qemu(
     args: &[String],
     channels: &Channels,
     log: &std::fs::File,
+    credentials: Option<strata_zygote::Credentials>,
 ) -> Result<Process, strata_zygote::Error> {
     use std::os::unix::ffi::OsStrExt;
     let dup = |fd: std::os::fd::BorrowedFd<'_>| {
@@ -738,6 +837,8 @@ async fn fork_qemu(
         niceness: cfg.niceness,
         die_with_parent: cfg.die_with_parent,
         no_thp: no_thp(cfg),
+        credentials,
+        file_size_limit: cfg.file_size_limit.unwrap_or(0),
     };
     let server = server.clone();
     // If this future is dropped while the request is out (a cancelled
@@ -780,6 +881,17 @@ impl Vm {
             let _ = std::fs::remove_file(&overlay);
             crate::qcow2::create_overlay(&d.path, d.format, &overlay)?;
         }
+        let identity = match &cfg.identity {
+            Some(spec) => {
+                let name = cfg.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let id =
+                    spec.identities.claim(&name, spec.groups.clone()).map_err(|e| Error::Confine(e.to_string()))?;
+                give_files(cfg, &id).map_err(|e| Error::Confine(e.to_string()))?;
+                Some(id)
+            }
+            None => None,
+        };
+        let credentials = identity.as_ref().map(credentials_of);
         let channels = Channels::bind(&cfg.dir)?;
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
@@ -793,7 +905,7 @@ impl Vm {
         };
         tracing::debug!(?args, "starting QEMU");
         let mut process = match &cfg.fork_server {
-            Some(server) => match fork_qemu(server, cfg, &args, &channels, &log_file).await {
+            Some(server) => match fork_qemu(server, cfg, &args, &channels, &log_file, credentials.clone()).await {
                 Ok(p) => {
                     // A forked QEMU joins its cgroup at once: it is still
                     // setting itself up in the fork server's code.
@@ -806,10 +918,10 @@ impl Vm {
                 Err(e) => {
                     // A broken fork server must not stop launches: exec instead.
                     tracing::warn!(error = %e, "the fork server failed; starting QEMU by exec");
-                    exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref())?
+                    exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials)?
                 }
             },
-            None => exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref())?,
+            None => exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials)?,
         };
         // QEMU has its own copies now.
         drop(channels);
@@ -841,7 +953,11 @@ impl Vm {
             _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
         };
         guard.1 = true;
-        Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false, cgroup }, AgentConn::new(agent)))
+        let owner = identity.as_ref().map(|id| (id.uid, id.gid));
+        Ok((
+            Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false, cgroup, identity, owner },
+            AgentConn::new(agent),
+        ))
     }
 
     /// Reconnects to a VM started by another process (a detached session):
@@ -868,7 +984,16 @@ impl Vm {
         let (qmp, agent) =
             tokio::time::timeout(timeout, both).await.map_err(|_| Error::AgentTimeout(timeout.as_secs()))??;
         Ok((
-            Vm { process: Process::Other(pid), pid, dir: dir.to_path_buf(), qmp, released: false, cgroup: None },
+            Vm {
+                process: Process::Other(pid),
+                pid,
+                dir: dir.to_path_buf(),
+                qmp,
+                released: false,
+                cgroup: None,
+                identity: None,
+                owner: owner_of(dir),
+            },
             AgentConn::new(agent),
         ))
     }
@@ -918,6 +1043,9 @@ impl Vm {
         // devices wait here, a few milliseconds at most.
         self.qmp.wait_running(Duration::from_secs(30)).await?;
         for (i, p) in plugs.iter().enumerate() {
+            if let (Plug::Disk { path, .. }, Some((uid, gid))) = (p, self.owner) {
+                strata_jail::identity::give(path, uid, gid).map_err(|e| Error::Confine(e.to_string()))?;
+            }
             let id = p.id(i);
             if let Some(cmd) = p.late_backend(&id) {
                 let out = self
@@ -944,6 +1072,7 @@ impl Vm {
     /// # Errors
     /// If the VM has no display or QEMU cannot write the file.
     pub async fn screenshot(&mut self, path: &Path, raw: bool) -> Result<(), Error> {
+        self.give_new_file(path)?;
         let cmd = qmp::screendump {
             filename: path.display().to_string(),
             format: Some(if raw { qmp::ImageFormat::ppm } else { qmp::ImageFormat::png }),
@@ -990,6 +1119,7 @@ impl Vm {
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
         self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+        self.give_new_file(path)?;
         let uri = format!("file:{}", path.display());
         self.qmp
             .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
@@ -1087,6 +1217,19 @@ impl Vm {
             if let Err(e) = cg.remove() {
                 tracing::debug!(error = %e, "the VM's cgroup is left for the sweep");
             }
+        }
+        // QEMU is gone: its ids are free.
+        self.identity.take();
+    }
+
+    /// Makes `path` a file this VM's QEMU may write (it runs as its own
+    /// uid, and may not create files where strata keeps them).
+    fn give_new_file(&self, path: &Path) -> Result<(), Error> {
+        match self.owner {
+            Some((uid, gid)) => {
+                strata_jail::identity::give_new_file(path, uid, gid).map_err(|e| Error::Confine(e.to_string()))
+            }
+            None => Ok(()),
         }
     }
 

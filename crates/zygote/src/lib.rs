@@ -34,7 +34,7 @@ pub const SERVER_FD_ENV: &str = "STRATA_ZYGOTE_FD";
 pub const MARKER: &str = "--strata-fork-server";
 const CMDLINE_ROOM: usize = 32 * 1024;
 
-const MAGIC: &[u8; 4] = b"SZ1\0";
+const MAGIC: &[u8; 4] = b"SZ2\0";
 /// Largest message either way; a QEMU command line is a few KiB.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 /// Most descriptors one child gets (stdio and a few sockets).
@@ -77,6 +77,74 @@ pub struct SpawnRequest {
     pub die_with_parent: bool,
     /// No transparent huge pages for the child.
     pub no_thp: bool,
+    /// The user and groups the child runs as (never root, for a VM).
+    pub credentials: Option<Credentials>,
+    /// The largest file the child may write, in bytes (0: no bound).
+    pub file_size_limit: u64,
+}
+
+/// Bounds the size of any file this process writes to `bytes`; a write
+/// beyond fails with `EFBIG` instead of killing it (`SIGXFSZ` ignored,
+/// which an exec keeps). Async-signal-safe.
+///
+/// # Errors
+/// If the limit cannot be set (the OS error; nothing is allocated).
+pub fn limit_file_size(bytes: u64) -> io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+    // SAFETY: plain system calls on this process.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A user id, group id and supplementary groups a process takes on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Most supplementary groups in [`Credentials`].
+const MAX_GROUPS: usize = 16;
+
+impl Credentials {
+    /// Makes this process (every thread of it: glibc tells them all) run
+    /// as these ids, with no capabilities left (a change away from uid 0
+    /// clears them). Only async-signal-safe calls: usable between fork and
+    /// exec.
+    ///
+    /// # Errors
+    /// Which step failed (errno holds why).
+    ///
+    /// # Safety
+    /// Changes the ids of the whole process.
+    pub unsafe fn assume(&self) -> Result<(), &'static str> {
+        if self.uid == 0 || self.gid == 0 {
+            return Err("refusing to run a VM as root");
+        }
+        // SAFETY: plain system calls on this process, with memory we own.
+        unsafe {
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
+                return Err("setgroups");
+            }
+            if libc::setresgid(self.gid, self.gid, self.gid) != 0 {
+                return Err("setresgid");
+            }
+            if libc::setresuid(self.uid, self.uid, self.uid) != 0 {
+                return Err("setresuid");
+            }
+            // Belt and braces: root cannot be regained.
+            if libc::setuid(0) == 0 {
+                return Err("root regained after dropping it");
+            }
+        }
+        Ok(())
+    }
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -112,6 +180,8 @@ impl Reader<'_> {
 
 const FLAG_DIE_WITH_PARENT: u32 = 1;
 const FLAG_NO_THP: u32 = 2;
+const FLAG_CREDENTIALS: u32 = 4;
+const FLAG_FILE_SIZE: u32 = 8;
 
 impl SpawnRequest {
     /// # Errors
@@ -124,10 +194,26 @@ impl SpawnRequest {
             return Err(Error::Protocol("too many descriptors or strings"));
         }
         let mut out = MAGIC.to_vec();
-        let flags =
-            if self.die_with_parent { FLAG_DIE_WITH_PARENT } else { 0 } | if self.no_thp { FLAG_NO_THP } else { 0 };
+        let flags = if self.die_with_parent { FLAG_DIE_WITH_PARENT } else { 0 }
+            | if self.no_thp { FLAG_NO_THP } else { 0 }
+            | if self.credentials.is_some() { FLAG_CREDENTIALS } else { 0 }
+            | if self.file_size_limit != 0 { FLAG_FILE_SIZE } else { 0 };
         put_u32(&mut out, flags);
         out.extend_from_slice(&self.niceness.to_le_bytes());
+        if self.file_size_limit != 0 {
+            out.extend_from_slice(&self.file_size_limit.to_le_bytes());
+        }
+        if let Some(c) = &self.credentials {
+            if c.groups.len() > MAX_GROUPS {
+                return Err(Error::Protocol("too many groups"));
+            }
+            put_u32(&mut out, c.uid);
+            put_u32(&mut out, c.gid);
+            put_u32(&mut out, c.groups.len() as u32);
+            for g in &c.groups {
+                put_u32(&mut out, *g);
+            }
+        }
         put_u32(&mut out, self.fd_targets.len() as u32);
         for t in &self.fd_targets {
             out.extend_from_slice(&t.to_le_bytes());
@@ -156,6 +242,18 @@ impl SpawnRequest {
         }
         let flags = r.u32()?;
         let niceness = r.i32()?;
+        let file_size_limit =
+            if flags & FLAG_FILE_SIZE != 0 { u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")) } else { 0 };
+        let credentials = if flags & FLAG_CREDENTIALS != 0 {
+            let (uid, gid, ngroups) = (r.u32()?, r.u32()?, r.u32()? as usize);
+            if ngroups > MAX_GROUPS {
+                return Err(Error::Protocol("too many groups"));
+            }
+            let groups = (0..ngroups).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+            Some(Credentials { uid, gid, groups })
+        } else {
+            None
+        };
         let nfds = r.u32()? as usize;
         if nfds > MAX_FDS {
             return Err(Error::Protocol("too many descriptors"));
@@ -180,6 +278,8 @@ impl SpawnRequest {
             niceness,
             die_with_parent: flags & FLAG_DIE_WITH_PARENT != 0,
             no_thp: flags & FLAG_NO_THP != 0,
+            credentials,
+            file_size_limit,
         })
     }
 }
@@ -820,14 +920,6 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
     unsafe {
         libc::close(sock);
         libc::setsid();
-        if req.die_with_parent {
-            let parent = libc::getppid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            // The server died between the fork and the prctl.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-        }
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
         // As for an exec'd QEMU: it can never gain privileges, and it has
         // namespaces of its own. (These two need not be unshared by the whole
@@ -838,6 +930,24 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         }
         if libc::unshare(CHILD_NAMESPACES) != 0 {
             fail("unsharing the IPC and UTS namespaces");
+        }
+        if req.file_size_limit != 0 && limit_file_size(req.file_size_limit).is_err() {
+            fail("limiting the size of files");
+        }
+        // Then it stops being root (every thread: the RCU thread too).
+        if let Some(c) = &req.credentials {
+            if let Err(what) = c.assume() {
+                fail(what);
+            }
+        }
+        // After the change of ids, which clears it.
+        if req.die_with_parent {
+            let parent = libc::getppid();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The server died between the fork and the prctl.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
         }
     }
     if req.niceness != 0 {
@@ -877,6 +987,8 @@ mod tests {
             niceness: 10,
             die_with_parent: true,
             no_thp: false,
+            credentials: Some(Credentials { uid: 2_000_017, gid: 2_000_017, groups: vec![994] }),
+            file_size_limit: 64 << 20,
         }
     }
 
@@ -885,6 +997,8 @@ mod tests {
         let r = sample();
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
         let r = SpawnRequest { die_with_parent: false, no_thp: true, niceness: -5, env: vec![], ..sample() };
+        assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
+        let r = SpawnRequest { credentials: None, file_size_limit: 0, ..sample() };
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
     }
 
@@ -906,6 +1020,8 @@ mod tests {
         assert!(SpawnRequest { args: vec![], ..sample() }.encode().is_err());
         let many = SpawnRequest { fd_targets: vec![3; MAX_FDS + 1], ..sample() };
         assert!(many.encode().is_err());
+        let groups = Credentials { groups: vec![5; MAX_GROUPS + 1], ..Credentials::default() };
+        assert!(SpawnRequest { credentials: Some(groups), ..sample() }.encode().is_err());
         // A hand-made request claiming more descriptors than allowed.
         let mut forged = MAGIC.to_vec();
         forged.extend_from_slice(&0u32.to_le_bytes());
