@@ -10,7 +10,8 @@
 #   sudo scripts/cluster.sh down                # stop everything (state is kept)
 #
 # Everything listens on 127.0.0.1: control plane 7100, agents 7101.., etcd
-# 23790, Garage 3900. STRATA_CLUSTER_DIR moves the state (default
+# 23790 (with authentication: user `strata`, its password in
+# $dir/etcd-password), Garage 3900. STRATA_CLUSTER_DIR moves the state (default
 # /var/lib/strata-cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +70,26 @@ start etcd etcd --name strata --data-dir "$dir/etcd" \
   --listen-peer-urls http://127.0.0.1:23791 --initial-advertise-peer-urls http://127.0.0.1:23791 \
   --initial-cluster strata=http://127.0.0.1:23791
 wait_port 23790 etcd
+
+# etcd with authentication: a root user, and a user `strata` whose role reads
+# and writes /strata/ only; agents, planes and the CLI connect as it. Passwords
+# are made once and kept in files only root reads. Done once: with
+# authentication on, an anonymous client cannot list users.
+etcdctl_() { etcdctl --endpoints "$STRATA_ETCD" "$@" >/dev/null; }
+for f in etcd-root-password etcd-password; do
+  [ -s "$dir/$f" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$dir/$f")
+done
+if etcdctl_ user list 2>/dev/null; then
+  etcdctl_ user add "root:$(cat "$dir/etcd-root-password")"
+  etcdctl_ role add root
+  etcdctl_ user grant-role root root
+  etcdctl_ user add "strata:$(cat "$dir/etcd-password")"
+  etcdctl_ role add strata
+  etcdctl_ role grant-permission strata --prefix=true readwrite /strata/
+  etcdctl_ user grant-role strata strata
+  etcdctl_ auth enable
+fi
+export STRATA_ETCD_USER=strata STRATA_ETCD_PASSWORD_FILE="$dir/etcd-password"
 eval "$(bash scripts/garage.sh "$dir/garage" 3900)"
 
 # Packages asked for are built here (if need be) and published, so agents fetch them.

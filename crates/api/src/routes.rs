@@ -531,18 +531,27 @@ async fn create_session(
     Body(req): Body<CreateSession>,
 ) -> Result<Response, ApiError> {
     let limits = &st.limits;
-    if st.sessions.len() >= limits.max_sessions {
+    let running = st.sessions.len();
+    if running >= limits.max_sessions {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sessions",
-            format!("this server runs at most {} sessions at once; end one first", limits.max_sessions),
+            format!(
+                "this server runs at most {} sessions at once (--max-sessions) and runs {running}; end one first",
+                limits.max_sessions
+            ),
         ));
     }
-    if st.sessions.count_of(&owner) >= limits.max_sessions_per_terminal {
+    let held = st.sessions.count_of(&owner);
+    if held >= limits.max_sessions_per_terminal {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sessions",
-            format!("a terminal may hold at most {} sessions at once; end one first", limits.max_sessions_per_terminal),
+            format!(
+                "a terminal may hold at most {} sessions at once (--max-sessions-per-terminal) and terminal \
+                 {owner:?} holds {held}; end one first",
+                limits.max_sessions_per_terminal
+            ),
         ));
     }
     let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;

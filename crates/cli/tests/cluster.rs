@@ -295,6 +295,33 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let etcd_dir = dir.path().join("etcd");
     let mut etcd_proc = etcd(&etcd_dir, etcd_port, &logs.join("etcd.log"));
     let etcd_url = format!("http://{HOST_IP}:{etcd_port}");
+    // Authentication on, as scripts/cluster.sh sets it up: everything below
+    // connects as `strata`; a client without credentials gets nothing.
+    let password_file = dir.path().join("etcd-password");
+    std::fs::write(&password_file, "test-password\n").unwrap();
+    let etcdctl =
+        |args: &[&str]| Command::new("etcdctl").arg("--endpoints").arg(&etcd_url).args(args).output().unwrap();
+    for args in [
+        &["user", "add", "root:root-password"][..],
+        &["role", "add", "root"],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "strata:test-password"],
+        &["role", "add", "strata"],
+        &["role", "grant-permission", "strata", "--prefix=true", "readwrite", "/strata/"],
+        &["user", "grant-role", "strata", "strata"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out.stderr));
+    }
+    for args in [&["get", "/strata/", "--prefix"][..], &["put", "/strata/intruder", "x"]] {
+        let out = etcdctl(args);
+        assert!(!out.status.success(), "an unauthenticated etcdctl {args:?} succeeded: {}", text(&out.stdout));
+    }
+    let auth = [
+        ("STRATA_ETCD_USER", std::ffi::OsStr::new("strata")),
+        ("STRATA_ETCD_PASSWORD_FILE", password_file.as_os_str()),
+    ];
 
     let s3 = &g.cfg;
     let mut agents: Vec<Proc> = (1..=AGENTS)
@@ -310,6 +337,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
                 .arg(&e.strata)
                 .args(["--accel", &accel, "serve", "--listen", &listen, "--server-id", &format!("agent{i}")])
                 .args(["--etcd", &etcd_url])
+                .envs(auth)
                 .env("STRATA_STATE", &state)
                 .env("STRATA_PACKAGES", &e.packages)
                 .env("STRATA_AGENT", &e.agent)
@@ -333,6 +361,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
             .args(["--max-sessions-per-terminal", "6", "--lost-after", &LOST_AFTER_S.to_string()])
             .args(["--etcd", &etcd_url, "--name", &format!("plane{i}")])
+            .envs(auth)
             .env("STRATA_PACKAGES", &e.packages)
             .env("STRATA_CLUSTER_TOKEN", SECRET)
             .env("STRATA_LOG", "info");
@@ -347,7 +376,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let c = Cluster { etcd_url: etcd_url.clone(), cps: cp_urls, http: reqwest::Client::new() };
 
     let token = |name: &str| {
-        let out = strata(&["token", "create", name, "--etcd", &c.etcd_url]).output().unwrap();
+        let out = strata(&["token", "create", name, "--etcd", &c.etcd_url]).envs(auth).output().unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
     };

@@ -68,6 +68,10 @@ fn assert_unprivileged(pid: u32) -> u32 {
         assert_eq!(status_field(pid, &tid, "CapPrm"), "0000000000000000", "thread {tid} of QEMU {pid}");
     }
     assert_eq!(uids.len(), 1, "QEMU {pid}'s threads run as several uids: {uids:?}");
+    // Its open files are bounded.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(open_files.split_whitespace().nth(3), Some("4096"), "{open_files}");
     uids.into_iter().next().unwrap()
 }
 
@@ -490,5 +494,50 @@ async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_n
         .unwrap();
     assert!(out.contains("FILL WROTE 64 ERR none"), "{out:?}");
     s.close().await;
+    neighbour.close().await;
+}
+
+#[tokio::test]
+async fn a_vm_beyond_its_memory_limit_ends_alone_and_is_reported_as_such() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let mut s = eng.launch(&eng.package("python3").unwrap(), &settings(), &LogProgress).await.unwrap();
+    let mut neighbour = eng.launch(&eng.package("bc").unwrap(), &settings(), &LogProgress).await.unwrap();
+    // A guest cannot outgrow guest RAM + the allowance by itself (its own
+    // kernel stops it first): its limit is lowered here to 256 MiB, below
+    // what the guest is about to use, as a QEMU growing would meet it.
+    let memory = cgroup_dir(s.vm_pid(), "memory");
+    let claim = std::path::Path::new("/run/strata/vm-ids").join(assert_unprivileged(s.vm_pid()).to_string());
+    assert!(claim.exists(), "{} is not claimed", claim.display());
+    let limit = if memory.join("memory.max").exists() { "memory.max" } else { "memory.limit_in_bytes" };
+    std::fs::write(memory.join(limit), (256u64 << 20).to_string()).unwrap();
+    s.expect_after(b"x = []\n", ">>> ", ANSWER).await.unwrap();
+    s.input(b"for i in range(400): x.append(b'\\x01' * (1 << 20))\n\nprint('FILLED', len(x))\n").await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            match s.next_event().await {
+                strata_engine::SessionEvent::Lost(why) => return Ok(why),
+                strata_engine::SessionEvent::Exited(code) => return Err(format!("the program exited with {code}")),
+                strata_engine::SessionEvent::Output(d) if text(&d).contains("FILLED 400") => {
+                    return Err(format!("the guest filled its RAM within its limit: {}", text(&d)))
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the session neither ended nor filled its memory in 300 s");
+    let why = end.unwrap();
+    assert!(why.contains("ended by its memory limit"), "{why}");
+    // It leaves nothing behind: its cgroup, its ids, its directory.
+    let dir = env().state.join("sessions").join(&s.id);
+    s.close().await;
+    for gone in [&memory, &claim, &dir] {
+        assert!(wait_until(Duration::from_secs(10), || !gone.exists()), "{} outlived its VM", gone.display());
+    }
+    // Only that VM: its neighbour answers.
+    neighbour.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
     neighbour.close().await;
 }

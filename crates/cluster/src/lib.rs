@@ -105,6 +105,59 @@ pub struct Cluster {
     prefix: String,
     endpoints: String,
     endpoint_list: Vec<String>,
+    auth: Option<EtcdAuth>,
+}
+
+/// The etcd user strata connects as, where etcd has authentication on
+/// (`scripts/cluster.sh` turns it on): without credentials a client can
+/// neither read nor write the cluster's state.
+#[derive(Clone)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// The environment variables naming the etcd user and its password's file.
+pub const ETCD_USER_ENV: &str = "STRATA_ETCD_USER";
+pub const ETCD_PASSWORD_FILE_ENV: &str = "STRATA_ETCD_PASSWORD_FILE";
+
+impl EtcdAuth {
+    /// From `STRATA_ETCD_USER` and `STRATA_ETCD_PASSWORD_FILE` (a file
+    /// holding the password, so it is in no process's environment or
+    /// command line): both or neither.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming what is missing or unreadable.
+    pub fn from_env() -> Result<Option<EtcdAuth>, Error> {
+        let user = std::env::var(ETCD_USER_ENV).ok().filter(|u| !u.is_empty());
+        let file = std::env::var(ETCD_PASSWORD_FILE_ENV).ok().filter(|f| !f.is_empty());
+        match (user, file) {
+            (None, None) => Ok(None),
+            (Some(user), Some(file)) => {
+                let password = std::fs::read_to_string(&file)
+                    .map_err(|e| Error::Config(format!("{ETCD_PASSWORD_FILE_ENV}={file}: {e}")))?
+                    .trim()
+                    .to_string();
+                if password.is_empty() {
+                    return Err(Error::Config(format!("{ETCD_PASSWORD_FILE_ENV}={file} is empty")));
+                }
+                Ok(Some(EtcdAuth { user, password }))
+            }
+            _ => Err(Error::Config(format!(
+                "set both {ETCD_USER_ENV} and {ETCD_PASSWORD_FILE_ENV} (etcd's user and a file with its password), or neither"
+            ))),
+        }
+    }
+
+    fn apply(&self, opts: ConnectOptions) -> ConnectOptions {
+        opts.with_user(self.user.clone(), self.password.clone()).with_auto_token_refresh(true)
+    }
 }
 
 /// A server's registration: its lease is kept alive and its load
@@ -150,6 +203,16 @@ impl Cluster {
     /// # Errors
     /// [`Error::Unreachable`] within a few seconds if no endpoint answers.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Cluster, Error> {
+        Cluster::connect_as(endpoints, prefix, EtcdAuth::from_env()?).await
+    }
+
+    /// Connects as [`Cluster::connect`] does, as etcd user `auth` (or with
+    /// no credentials).
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] within a few seconds if no endpoint answers
+    /// or etcd refuses the credentials.
+    pub async fn connect_as(endpoints: &[String], prefix: &str, auth: Option<EtcdAuth>) -> Result<Cluster, Error> {
         if endpoints.is_empty() {
             return Err(Error::Config("no etcd endpoints given".into()));
         }
@@ -158,9 +221,9 @@ impl Cluster {
         }
         let joined = endpoints.join(",");
         let unreachable = |cause| Error::Unreachable { endpoints: joined.clone(), cause };
-        let mut client = Client::connect(endpoints, Some(request_options())).await.map_err(unreachable)?;
+        let mut client = Client::connect(endpoints, Some(request_options(auth.as_ref()))).await.map_err(unreachable)?;
         client.status().await.map_err(unreachable)?;
-        Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined, endpoint_list: endpoints.to_vec() })
+        Ok(Cluster { client, prefix: prefix.to_string(), endpoints: joined, endpoint_list: endpoints.to_vec(), auth })
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
@@ -278,7 +341,7 @@ impl Cluster {
     /// A connection of its own to the same etcd, for a thread of its own
     /// (a connection serves requests from the runtime that made it).
     async fn own_client(&self) -> Result<Client, Error> {
-        Client::connect(&self.endpoint_list, Some(request_options()))
+        Client::connect(&self.endpoint_list, Some(request_options(self.auth.as_ref())))
             .await
             .map_err(|cause| Error::Unreachable { endpoints: self.endpoints.clone(), cause })
     }
@@ -441,9 +504,12 @@ impl Cluster {
         // connection without the request time-out: etcd withdraws a
         // cancelled campaign's key, which would race with a retry. HTTP/2
         // keep-alives still notice an etcd that went away.
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(auth) = &self.auth {
+            opts = auth.apply(opts);
+        }
         let campaigned = async {
             let mut waiting = Client::connect(&self.endpoint_list, Some(opts)).await?;
             waiting.campaign(self.key("leader"), candidate, lease).await
@@ -523,8 +589,12 @@ impl Leadership {
 
 /// How a connection for requests is made: a bounded connect and a bounded
 /// wait for each answer.
-fn request_options() -> ConnectOptions {
-    ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT)
+fn request_options(auth: Option<&EtcdAuth>) -> ConnectOptions {
+    let opts = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+    match auth {
+        Some(a) => a.apply(opts),
+        None => opts,
+    }
 }
 
 /// How often a lease of `secs` seconds is refreshed: three times per lease.

@@ -321,3 +321,55 @@ async fn a_server_whose_lease_vanished_while_etcd_was_away_registers_again() {
     }
     let _ = std::fs::remove_dir_all(&e.dir);
 }
+
+/// Turns authentication on in the etcd at `url`: a root user, and a user
+/// `strata` whose role may read and write only beneath `prefix`.
+fn secure_etcd(url: &str, prefix: &str, root_password: &str, password: &str) {
+    let ctl = |args: &[&str]| {
+        let out =
+            Command::new("etcdctl").arg("--endpoints").arg(url).args(args).output().expect("etcdctl (etcd-client)");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    ctl(&["user", "add", &format!("root:{root_password}")]);
+    ctl(&["role", "add", "root"]);
+    ctl(&["user", "grant-role", "root", "root"]);
+    ctl(&["user", "add", &format!("strata:{password}")]);
+    ctl(&["role", "add", "strata"]);
+    ctl(&["role", "grant-permission", "strata", "--prefix=true", "readwrite", prefix]);
+    ctl(&["user", "grant-role", "strata", "strata"]);
+    ctl(&["auth", "enable"]);
+}
+
+#[tokio::test]
+async fn with_authentication_on_a_client_without_credentials_can_neither_read_nor_write() {
+    if !e2e() {
+        return;
+    }
+    let e = start_etcd("auth", 39_500);
+    let prefix = "/strata-test/auth/";
+    secure_etcd(&e.url, prefix, "root-secret", "strata-secret");
+    let endpoints = std::slice::from_ref(&e.url);
+    let entry = SessionEntry::running("s1", "server-a", "python3", "alice", 1);
+
+    // No credentials: every read and write is refused.
+    if let Ok(anonymous) = Cluster::connect_as(endpoints, prefix, None).await {
+        assert!(anonymous.put_session(&entry).await.is_err(), "an anonymous client wrote");
+        assert!(anonymous.sessions().await.is_err(), "an anonymous client read");
+        assert!(anonymous.servers().await.is_err(), "an anonymous client read the servers");
+    }
+    // A wrong password: refused at connect.
+    let wrong = strata_cluster::EtcdAuth { user: "strata".into(), password: "guess".into() };
+    assert!(Cluster::connect_as(endpoints, prefix, Some(wrong)).await.is_err(), "a wrong password was let in");
+    // The right credentials: reads, writes, a registration with its lease.
+    let auth = strata_cluster::EtcdAuth { user: "strata".into(), password: "strata-secret".into() };
+    let c = Cluster::connect_as(endpoints, prefix, Some(auth.clone())).await.unwrap();
+    c.put_session(&entry).await.unwrap();
+    assert_eq!(c.sessions().await.unwrap().len(), 1);
+    let (_tx, rx) = tokio::sync::watch::channel(load("server-a", 0));
+    let reg = c.register(Duration::from_secs(3), rx).await.unwrap();
+    assert_eq!(c.servers().await.unwrap().len(), 1);
+    reg.leave().await.unwrap();
+    // Outside its prefix, the same user is refused.
+    let elsewhere = Cluster::connect_as(endpoints, "/elsewhere/", Some(auth)).await.unwrap();
+    assert!(elsewhere.sessions().await.is_err(), "the user read beyond its prefix");
+}

@@ -569,7 +569,9 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_sessions",
             format!(
-                "a terminal may hold at most {} sessions in this cluster (running or paused); end one first (`strata ps`, `strata kill`)",
+                "a terminal may hold at most {} sessions in this cluster (running or paused; \
+                 --max-sessions-per-terminal) and terminal {terminal:?} holds {held}; end one first (`strata ps`, \
+                 `strata kill`)",
                 cp.max_sessions_per_terminal
             ),
         ));

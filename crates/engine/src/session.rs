@@ -246,7 +246,14 @@ impl Session {
 
     /// The next thing the program did. Cancel-safe.
     pub async fn next_event(&mut self) -> SessionEvent {
-        self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into()))
+        match self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into())) {
+            // Said plainly: the user's program did nothing wrong by exiting.
+            SessionEvent::Lost(why) if self.vm.killed_by_memory_limit() => SessionEvent::Lost(format!(
+                "ended by its memory limit: the kernel killed its VM, which used more than the guest's RAM \
+                 plus the server's allowance (STRATA_MEMORY_ALLOWANCE_MIB) ({why})"
+            )),
+            ev => ev,
+        }
     }
 
     /// Types bytes into the program.

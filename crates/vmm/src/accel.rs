@@ -75,6 +75,7 @@ pub async fn kvm_boots(
                 return Err(std::io::Error::last_os_error());
             }
             if let Some(c) = &credentials {
+                strata_zygote::limit_open_files()?;
                 c.assume().map_err(|what| {
                     let e = std::io::Error::last_os_error();
                     std::io::Error::new(e.kind(), format!("{what}: {e}"))

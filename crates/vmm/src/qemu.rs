@@ -728,8 +728,9 @@ fn exec_qemu(
             if libc::unshare(strata_zygote::CHILD_NAMESPACES) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // Then it stops being root.
+            // Then it stops being root, with its descriptors bounded.
             if let Some(c) = &credentials {
+                strata_zygote::limit_open_files()?;
                 if let Err(what) = c.assume() {
                     let e = std::io::Error::last_os_error();
                     return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));

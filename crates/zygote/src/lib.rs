@@ -83,6 +83,24 @@ pub struct SpawnRequest {
     pub file_size_limit: u64,
 }
 
+/// Most descriptors a confined QEMU may have open (its disks, sockets, a
+/// few per VNC client and chardev; far above what one VM uses).
+pub const OPEN_FILES_MAX: u64 = 4096;
+
+/// Bounds the descriptors this process may have open to
+/// [`OPEN_FILES_MAX`]. Async-signal-safe.
+///
+/// # Errors
+/// If the limit cannot be set (the OS error; nothing is allocated).
+pub fn limit_open_files() -> io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: OPEN_FILES_MAX, rlim_max: OPEN_FILES_MAX };
+    // SAFETY: a plain system call on this process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bounds the size of any file this process writes to `bytes`; a write
 /// beyond fails with `EFBIG` instead of killing it (`SIGXFSZ` ignored,
 /// which an exec keeps). Async-signal-safe.
@@ -936,6 +954,9 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         }
         // Then it stops being root (every thread: the RCU thread too).
         if let Some(c) = &req.credentials {
+            if limit_open_files().is_err() {
+                fail("limiting open files");
+            }
             if let Err(what) = c.assume() {
                 fail(what);
             }
