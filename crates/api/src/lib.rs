@@ -30,6 +30,10 @@ pub struct Limits {
     pub max_body: usize,
     /// Sessions one terminal may hold at once.
     pub max_sessions_per_terminal: usize,
+    /// Guest memory one terminal's running sessions may have together, in
+    /// MiB (each has one vCPU, and its disk writes are bounded per session,
+    /// so this and the number of sessions bound its CPUs and disk too).
+    pub max_memory_mib_per_terminal: u32,
     /// Sessions the server runs at once.
     pub max_sessions: usize,
     /// Default idle time-out of a session nobody is attached to.
@@ -41,6 +45,7 @@ impl Default for Limits {
         Limits {
             max_body: 64 << 10,
             max_sessions_per_terminal: 16,
+            max_memory_mib_per_terminal: 8192,
             max_sessions: 64,
             idle_timeout: Duration::from_secs(3600),
         }

@@ -73,6 +73,8 @@ pub struct Live {
     pub cmd: mpsc::Sender<Cmd>,
     /// QEMU's VNC socket, for a graphical session.
     pub vnc: Option<std::path::PathBuf>,
+    /// Its guest's memory, in MiB (held while it runs, not while paused).
+    pub memory_mib: u32,
 }
 
 /// Every live session, by id.
@@ -94,6 +96,15 @@ impl Registry {
 
     pub fn count_of(&self, owner: &str) -> usize {
         self.lock().values().filter(|l| l.owner == owner).count()
+    }
+
+    /// The guest memory `owner`'s running sessions have, in MiB.
+    pub fn memory_of(&self, owner: &str) -> u32 {
+        self.lock()
+            .values()
+            .filter(|l| l.owner == owner && *l.state.lock().unwrap_or_else(|e| e.into_inner()) == State::Running)
+            .map(|l| l.memory_mib)
+            .sum()
     }
 
     pub fn len(&self) -> usize {
@@ -128,8 +139,9 @@ impl Registry {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
         }
         let vnc = session.graphical.then(|| session.vnc_socket());
-        let live =
+        let mut live =
             Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
+        live.0.memory_mib = engine.session_memory_mib(&session.id).unwrap_or(0);
         self.run_actor(live, Some(session), engine, settings)
     }
 
@@ -154,7 +166,8 @@ impl Registry {
         };
         let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
         let vnc = engine.paused_is_graphical(rec).then(|| engine.vnc_socket_of(&rec.id));
-        let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
+        let mut live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
+        live.0.memory_mib = engine.image_memory_mib(&rec.launch_image).unwrap_or(0);
         set(&live.0.state, State::Paused);
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
         Some(self.run_actor(live, None, engine.clone(), settings))
@@ -207,6 +220,7 @@ impl Live {
             idle_timeout: Mutex::new(idle),
             cmd: tx,
             vnc,
+            memory_mib: 0,
         };
         (live, rx)
     }

@@ -557,6 +557,7 @@ async fn create_session(
     let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;
     let settings = req.context.unwrap_or_default().settings(&owner)?;
     let pkg = st.engine.package(&req.package)?;
+    memory_quota(&st, &owner, pkg.def.memory_mib)?;
     let started = Instant::now();
     let (session, path) = match st.pool.take(&pkg.name, &settings).await {
         Ok(Some(s)) => (s, "pool"),
@@ -752,8 +753,29 @@ async fn resume_session(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let live = mine(&st, &owner, &id)?;
+    if *live.state.lock().unwrap_or_else(|e| e.into_inner()) == crate::live::State::Paused {
+        memory_quota(&st, &owner, live.memory_mib)?;
+    }
     ask(&live, Cmd::Resume).await?;
     Ok(Json(SessionInfo::from(&*live)))
+}
+
+/// Refuses a session of `more` MiB of guest memory that would take the
+/// terminal's running sessions beyond its quota, naming quota and use.
+fn memory_quota(st: &AppState, owner: &str, more: u32) -> Result<(), ApiError> {
+    let quota = st.limits.max_memory_mib_per_terminal;
+    let used = st.sessions.memory_of(owner);
+    if used + more > quota {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "memory_quota",
+            format!(
+                "terminal {owner:?} runs sessions with {used} MiB of guest memory, and this one needs {more} MiB \
+                 more: beyond its quota of {quota} MiB (--max-memory-per-terminal-mib); pause or end one first"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where to attach a session's terminal.

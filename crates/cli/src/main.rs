@@ -130,6 +130,10 @@ enum Cmd {
         /// Sessions one terminal may hold at once.
         #[arg(long, default_value_t = 16)]
         max_sessions_per_terminal: usize,
+        /// Guest memory one terminal's running sessions may have together,
+        /// in MiB (paused sessions hold none).
+        #[arg(long, default_value_t = 8192)]
+        max_memory_per_terminal_mib: u32,
         /// Keep sessions of PACKAGE restored, warmed and paused ahead of
         /// demand: PACKAGE=MAX (at least one waits) or PACKAGE=MIN-MAX; the
         /// size follows the launch rate and gives memory back when it drops
@@ -878,6 +882,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             listen,
             max_sessions,
             max_sessions_per_terminal,
+            max_memory_per_terminal_mib,
             pool,
             tls,
             tls_cert,
@@ -890,9 +895,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
+            if *max_memory_per_terminal_mib < 128 {
+                anyhow::bail!("--max-memory-per-terminal-mib must be at least 128 (the smallest guest)");
+            }
             let limits = strata_api::Limits {
                 max_sessions: *max_sessions,
                 max_sessions_per_terminal: *max_sessions_per_terminal,
+                max_memory_mib_per_terminal: *max_memory_per_terminal_mib,
                 ..Default::default()
             };
             let tokens = tokens_file(&eng);
@@ -1549,7 +1558,7 @@ fn doctor(eng: &Engine) -> u8 {
     let line = |layer: &str, state: &str| println!("{layer:<14} {state}");
     line("seccomp", &format!("on for every QEMU: -sandbox {}", strata_vmm::qemu::SANDBOX));
     line("no_new_privs", "on for every QEMU (nothing it executes gains privileges)");
-    line("namespaces", "IPC and UTS of its own for every QEMU; not yet mount, pid and network (issue 19)");
+    line("namespaces", "mount, IPC and UTS of its own for every QEMU; not yet pid (issue 19)");
     match eng.cgroups() {
         Ok(where_) => line(
             "cgroups",
@@ -1570,7 +1579,11 @@ fn doctor(eng: &Engine) -> u8 {
             line("identity", &format!("MISSING, no VM can start: {why}"));
         }
     }
-    line("files", "its session's files are its own; the store, other sessions and the catalog are not; no mount namespace yet (issue 19)");
+    line(
+        "files",
+        "a mount namespace per QEMU: QEMU itself, its session's directory and its own images' files; its \
+         session's files are its uid's alone",
+    );
     match eng.guest_firewall() {
         Ok(table) => line(
             "network",

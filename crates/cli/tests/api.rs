@@ -661,3 +661,42 @@ async fn the_api_forwards_ports_shares_folders_and_copies_files() {
     assert_eq!(status, 204);
     let _ = std::fs::remove_dir_all(&shared);
 }
+
+#[tokio::test]
+async fn a_terminal_beyond_its_memory_quota_is_refused_naming_quota_and_use_and_pausing_frees_it() {
+    if !e2e() {
+        return;
+    }
+    // bc's guest has 512 MiB: two fit in a quota of 1024 MiB.
+    let s = serve_with("memquota", &["--max-memory-per-terminal-mib", "1024"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "bc"}))).await;
+        assert_eq!(st, 201, "{v}");
+        ids.push(v["session"]["id"].as_str().unwrap().to_string());
+    }
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "bc"}))).await;
+    assert_eq!(st, 429, "{v}");
+    assert_error(&v, "memory_quota");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("1024 MiB of guest memory") && msg.contains("quota of 1024 MiB"), "{msg}");
+    // Another terminal is not held by the first one's quota.
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.b), Some(json!({"package": "bc"}))).await;
+    assert_eq!(st, 201, "{v}");
+    let other = v["session"]["id"].as_str().unwrap().to_string();
+    // A paused session holds no memory: a new one fits, and the paused one
+    // cannot come back while the quota is full.
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{}/pause", ids[0]), Some(&s.a), None).await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&s.a), Some(json!({"package": "bc"}))).await;
+    assert_eq!(st, 201, "{v}");
+    ids.push(v["session"]["id"].as_str().unwrap().to_string());
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{}/resume", ids[0]), Some(&s.a), None).await;
+    assert_eq!(st, 429, "{v}");
+    assert_error(&v, "memory_quota");
+    for (id, token) in ids.iter().map(|i| (i, &s.a)).chain([(&other, &s.b)]) {
+        let (st, _) = api.call("DELETE", &format!("/v1/sessions/{id}"), Some(token), None).await;
+        assert_eq!(st, 204);
+    }
+}

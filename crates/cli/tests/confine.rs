@@ -141,6 +141,25 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
             .unwrap()
     );
     assert_eq!(meta.mode() & 0o077, 0, "{} is open to other uids", overlay.display());
+    // Each sees only its own files: a mount namespace of its own whose
+    // root holds QEMU, its session and its images, not the host's /etc,
+    // the catalog or another session.
+    for s in [&victim, &neighbour] {
+        let pid = s.vm_pid();
+        assert_ne!(namespace(pid, "mnt"), namespace(std::process::id(), "mnt"), "QEMU {pid} sees the host's mounts");
+        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+        let etc: std::collections::BTreeSet<String> = std::fs::read_dir(root.join("etc"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(etc.iter().all(|f| f == "ld.so.cache" || f == "resolv.conf"), "QEMU {pid} sees /etc: {etc:?}");
+        let state = root.join(env().state.strip_prefix("/").unwrap());
+        assert!(state.join("sessions").join(&s.id).join("console.log").exists(), "QEMU {pid} does not see its session");
+        assert!(!state.join("catalog.db").exists(), "QEMU {pid} sees the catalog");
+        let others = if s.id == victim.id { &neighbour.id } else { &victim.id };
+        assert!(!state.join("sessions").join(others).exists(), "QEMU {pid} sees another session");
+    }
     // IPC and UTS namespaces of their own: not this process's, not each other's.
     let me = std::process::id();
     for kind in ["ipc", "uts"] {
@@ -166,8 +185,10 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
             file.display()
         );
         let answered = qmp_once(&sock, &command, Duration::from_secs(30));
+        // Not in its view at all (or, were it, not its uid's to read).
         assert!(
-            answered.contains("\"error\"") && answered.contains("Permission denied"),
+            answered.contains("\"error\"")
+                && (answered.contains("No such file or directory") || answered.contains("Permission denied")),
             "{}: {answered}",
             file.display()
         );
@@ -539,5 +560,62 @@ async fn a_vm_beyond_its_memory_limit_ends_alone_and_is_reported_as_such() {
     }
     // Only that VM: its neighbour answers.
     neighbour.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
+    neighbour.close().await;
+}
+
+/// The median time `s` takes to answer `6*7` (bc), in milliseconds.
+async fn answer_ms(s: &mut strata_engine::Session, n: usize) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    times[n / 2]
+}
+
+/// Processes on this host.
+fn host_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .count()
+}
+
+#[tokio::test]
+async fn a_fork_bomb_in_a_guest_changes_nothing_on_the_host_and_its_neighbour_answers() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let mut neighbour = eng.launch(&eng.package("bc").unwrap(), &settings(), &LogProgress).await.unwrap();
+    let idle = answer_ms(&mut neighbour, 7).await;
+    let mut bomb = eng.launch(&eng.package("python3").unwrap(), &settings(), &LogProgress).await.unwrap();
+    let pid = bomb.vm_pid();
+    let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+    let (processes_before, threads_before) = (host_processes(), threads());
+    bomb.input(b"import os; os.system('f(){ f | f & }; f')\n").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (t0, c0) = (std::time::Instant::now(), cpu_seconds(pid));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
+    assert!(load >= 0.3, "the bomb's guest used {:.0}% of a CPU: it did not go off", load * 100.0);
+    let busy = answer_ms(&mut neighbour, 7).await;
+    let (processes_during, threads_during) = (host_processes(), threads());
+    eprintln!(
+        "neighbour's answer: {idle:.1} ms idle, {busy:.1} ms beside a fork bomb (its QEMU at {:.0}% of a CPU); host \
+         processes {processes_before} -> {processes_during}; the bomb's QEMU threads {threads_before} -> {threads_during}",
+        load * 100.0
+    );
+    // The guest's processes are the guest's: the host's do not multiply,
+    // and its QEMU stays within its task limit.
+    assert!(processes_during <= processes_before + 10, "host processes {processes_before} -> {processes_during}");
+    assert!(threads_during <= 256, "QEMU has {threads_during} threads");
+    // Its CPU quota holds the bomb to one CPU: the neighbour answers about
+    // as fast (generous, for a loaded host; the figure is printed).
+    assert!(busy <= 2.0 * idle + 50.0, "the neighbour answered in {busy:.1} ms beside a fork bomb, {idle:.1} ms idle");
+    bomb.close().await;
     neighbour.close().await;
 }

@@ -345,7 +345,7 @@ async fn with_authentication_on_a_client_without_credentials_can_neither_read_no
     if !e2e() {
         return;
     }
-    let e = start_etcd("auth", 39_500);
+    let e = start_etcd("auth", 39_600);
     let prefix = "/strata-test/auth/";
     secure_etcd(&e.url, prefix, "root-secret", "strata-secret");
     let endpoints = std::slice::from_ref(&e.url);

@@ -514,6 +514,17 @@ impl Engine {
         Ok(Some(strata_vmm::IdentitySpec { identities, groups }))
     }
 
+    /// The guest memory of running session `id`'s VM, in MiB.
+    pub fn session_memory_mib(&self, id: &str) -> Option<u32> {
+        let rec = crate::sessions::read_record(&self.session_dir(id))?;
+        self.image_memory_mib(&rec.launch_image)
+    }
+
+    /// The guest memory of VMs restored from image `digest`, in MiB.
+    pub fn image_memory_mib(&self, digest: &str) -> Option<u32> {
+        self.store.image(digest).ok().flatten()?.meta.get("memory_mib")?.parse().ok()
+    }
+
     /// The ids VMs run as ("uids 2000000-2065535"), or why there are none.
     ///
     /// # Errors

@@ -27,6 +27,43 @@ const REFCOUNT_ORDER: u32 = 4;
 /// The backing file's name must fit in cluster 0 after the header.
 const MAX_BACKING_NAME: usize = 1023;
 
+/// The files beneath a qcow2 image: its backing file, that one's, and so on
+/// (a relative name is relative to the image's directory). Stops at a
+/// file that is not qcow2 or has no backing file, or after 64 links.
+pub fn backing_chain(image: &Path) -> Vec<std::path::PathBuf> {
+    use std::io::{Seek, SeekFrom};
+    let mut chain = Vec::new();
+    let mut at = image.to_path_buf();
+    for _ in 0..64 {
+        let next = (|| -> std::io::Result<Option<std::path::PathBuf>> {
+            let mut f = std::fs::File::open(&at)?;
+            let mut head = [0u8; 20];
+            f.read_exact(&mut head)?;
+            if u32::from_be_bytes(head[0..4].try_into().expect("4 bytes")) != MAGIC {
+                return Ok(None);
+            }
+            let offset = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
+            let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
+            if offset == 0 || len == 0 || len > MAX_BACKING_NAME {
+                return Ok(None);
+            }
+            let mut name = vec![0u8; len];
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(&mut name)?;
+            let name = std::path::PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&name).into_owned()));
+            Ok(Some(if name.is_absolute() { name } else { at.parent().unwrap_or(Path::new("/")).join(name) }))
+        })();
+        match next {
+            Ok(Some(p)) => {
+                chain.push(p.clone());
+                at = p;
+            }
+            _ => break,
+        }
+    }
+    chain
+}
+
 /// The guest-visible size of a disk image: a qcow2's from its header, a raw
 /// file's from its length.
 fn virtual_size(path: &Path, format: &str) -> Result<u64, Error> {
@@ -143,6 +180,19 @@ mod tests {
             file[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
         }
         file
+    }
+
+    #[test]
+    fn the_backing_chain_is_followed_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let mid = dir.path().join("mid.qcow2");
+        create_overlay(&base, "raw", &mid).unwrap();
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&mid, "qcow2", &top).unwrap();
+        assert_eq!(backing_chain(&top), vec![mid.clone(), base.clone()]);
+        assert_eq!(backing_chain(&base), Vec::<std::path::PathBuf>::new());
     }
 
     #[test]

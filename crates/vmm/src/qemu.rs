@@ -677,10 +677,12 @@ fn exec_qemu(
     log: std::fs::File,
     cgroup: Option<&strata_jail::Cgroup>,
     credentials: Option<strata_zygote::Credentials>,
+    view: Option<&strata_zygote::FileView>,
 ) -> Result<Process, Error> {
     let channel_fds = channels.fds();
     // Prepared here: between fork and exec nothing may allocate.
     let cgroup_procs = cgroup_procs_files(cgroup)?;
+    let view = view.map(strata_zygote::FileView::steps).transpose().map_err(|e| Error::Confine(e.to_string()))?;
     let mut cmd = Command::new(QEMU);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
     for (k, v) in qemu_env(cfg) {
@@ -709,6 +711,14 @@ fn exec_qemu(
                 }
             }
             libc::setsid();
+            // Its own file system view (a mount namespace): it sees only
+            // what it needs, the host's QEMU binary included.
+            if let Some(steps) = &view {
+                if let Err(what) = steps.apply() {
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+                }
+            }
             if no_thp {
                 libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
             }
@@ -751,6 +761,76 @@ fn exec_qemu(
         });
     }
     Ok(Process::Child(cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?))
+}
+
+/// Moves a file QEMU wrote to where it belongs (copied if that is on
+/// another file system).
+fn move_file(from: &Path, to: &Path) -> Result<(), Error> {
+    let io = |source| Error::Io { path: to.to_path_buf(), source };
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(from, to).map_err(io)?;
+            std::fs::remove_file(from).map_err(io)
+        }
+        r => r.map_err(io),
+    }
+}
+
+/// What a confined VM's QEMU sees of the host's files ([`strata_zygote::view`]):
+/// besides QEMU itself, its directory (writable), and each file it opens,
+/// read-only unless it is the VM's to write: kernel, initramfs, memory
+/// file, incoming state, disks and every file beneath them (their backing
+/// chains), a home's disk, shared folders. Nothing else of the store.
+fn file_view(cfg: &VmConfig) -> Result<strata_zygote::FileView, Error> {
+    use strata_zygote::Shown;
+    let abs = |p: &Path| std::path::absolute(p).map_err(|source| Error::Io { path: p.to_path_buf(), source });
+    let dir = abs(&cfg.dir)?;
+    let mut shown = vec![Shown::Bind { path: dir.clone(), writable: true }];
+    let mut add = |p: &Path, writable: bool| -> Result<(), Error> {
+        let p = abs(p)?;
+        let known = shown.iter().any(|s| matches!(s, Shown::Bind { path, .. } if *path == p));
+        if !p.starts_with(&dir) && !known {
+            shown.push(Shown::Bind { path: p, writable });
+        }
+        Ok(())
+    };
+    add(&cfg.kernel, false)?;
+    add(&cfg.initramfs, false)?;
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let top = match d.mode {
+            DiskMode::Throwaway => throwaway_overlay_path(&cfg.dir, i),
+            DiskMode::Writable | DiskMode::ReadOnly => {
+                add(&d.path, d.mode == DiskMode::Writable)?;
+                d.path.clone()
+            }
+        };
+        for below in crate::qcow2::backing_chain(&top) {
+            add(&below, false)?;
+        }
+    }
+    match &cfg.memory {
+        Memory::SharedFile(p) => add(p, true)?,
+        Memory::PrivateFile(p) => add(p, false)?,
+        Memory::Anonymous => {}
+    }
+    if let Some(state) = &cfg.incoming {
+        add(state, false)?;
+    }
+    for p in &cfg.plugs {
+        match p {
+            Plug::Disk { path, .. } => {
+                add(path, true)?;
+                for below in crate::qcow2::backing_chain(path) {
+                    add(&below, false)?;
+                }
+            }
+            Plug::Share { path, readonly, .. } => add(path, !readonly)?,
+            Plug::Network { .. } => {}
+        }
+    }
+    std::fs::create_dir_all(strata_zygote::VIEW_MOUNT_POINT)
+        .map_err(|source| Error::Io { path: strata_zygote::VIEW_MOUNT_POINT.into(), source })?;
+    Ok(strata_zygote::FileView::for_qemu(cfg.accel == Accel::Kvm, shown))
 }
 
 /// The uid and gid a VM's QEMU runs as, from the owner of its console log
@@ -815,6 +895,7 @@ async fn fork_qemu(
     channels: &Channels,
     log: &std::fs::File,
     credentials: Option<strata_zygote::Credentials>,
+    view: Option<strata_zygote::FileView>,
 ) -> Result<Process, strata_zygote::Error> {
     use std::os::unix::ffi::OsStrExt;
     let dup = |fd: std::os::fd::BorrowedFd<'_>| {
@@ -840,6 +921,7 @@ async fn fork_qemu(
         no_thp: no_thp(cfg),
         credentials,
         file_size_limit: cfg.file_size_limit.unwrap_or(0),
+        view,
     };
     let server = server.clone();
     // If this future is dropped while the request is out (a cancelled
@@ -893,6 +975,11 @@ impl Vm {
             None => None,
         };
         let credentials = identity.as_ref().map(credentials_of);
+        // A confined QEMU sees only its own files.
+        let view = match &identity {
+            Some(_) => Some(file_view(cfg)?),
+            None => None,
+        };
         let channels = Channels::bind(&cfg.dir)?;
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
@@ -906,23 +993,25 @@ impl Vm {
         };
         tracing::debug!(?args, "starting QEMU");
         let mut process = match &cfg.fork_server {
-            Some(server) => match fork_qemu(server, cfg, &args, &channels, &log_file, credentials.clone()).await {
-                Ok(p) => {
-                    // A forked QEMU joins its cgroup at once: it is still
-                    // setting itself up in the fork server's code.
-                    if let Some(Err(e)) = cgroup.as_ref().map(|c| c.add(p.pid())) {
-                        p.kill_now();
-                        return Err(Error::Confine(e.to_string()));
+            Some(server) => {
+                match fork_qemu(server, cfg, &args, &channels, &log_file, credentials.clone(), view.clone()).await {
+                    Ok(p) => {
+                        // A forked QEMU joins its cgroup at once: it is still
+                        // setting itself up in the fork server's code.
+                        if let Some(Err(e)) = cgroup.as_ref().map(|c| c.add(p.pid())) {
+                            p.kill_now();
+                            return Err(Error::Confine(e.to_string()));
+                        }
+                        p
                     }
-                    p
+                    Err(e) => {
+                        // A broken fork server must not stop launches: exec instead.
+                        tracing::warn!(error = %e, "the fork server failed; starting QEMU by exec");
+                        exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials, view.as_ref())?
+                    }
                 }
-                Err(e) => {
-                    // A broken fork server must not stop launches: exec instead.
-                    tracing::warn!(error = %e, "the fork server failed; starting QEMU by exec");
-                    exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials)?
-                }
-            },
-            None => exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials)?,
+            }
+            None => exec_qemu(cfg, &args, &channels, log_file, cgroup.as_ref(), credentials, view.as_ref())?,
         };
         // QEMU has its own copies now.
         drop(channels);
@@ -1073,14 +1162,25 @@ impl Vm {
     /// # Errors
     /// If the VM has no display or QEMU cannot write the file.
     pub async fn screenshot(&mut self, path: &Path, raw: bool) -> Result<(), Error> {
-        self.give_new_file(path)?;
+        let out = self.outgoing_file("screen.out")?;
         let cmd = qmp::screendump {
-            filename: path.display().to_string(),
+            filename: out.display().to_string(),
             format: Some(if raw { qmp::ImageFormat::ppm } else { qmp::ImageFormat::png }),
             device: None,
             head: None,
         };
-        self.qmp.execute(cmd).await.map(|_| ()).map_err(qmp_err("screendump"))
+        self.qmp.execute(cmd).await.map(|_| ()).map_err(qmp_err("screendump"))?;
+        move_file(&out, path)
+    }
+
+    /// A file QEMU is to write, in the VM's directory (the only place a
+    /// confined QEMU sees besides what it was started with), made and given
+    /// to it; the caller moves it where it belongs once written.
+    fn outgoing_file(&self, name: &str) -> Result<PathBuf, Error> {
+        let out = self.dir.join(name);
+        let _ = std::fs::remove_file(&out);
+        self.give_new_file(&out)?;
+        Ok(out)
     }
 
     /// Pauses the guest's CPUs (the VM keeps its memory and devices).
@@ -1120,8 +1220,8 @@ impl Vm {
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
         self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
-        self.give_new_file(path)?;
-        let uri = format!("file:{}", path.display());
+        let out = self.outgoing_file("outgoing.state")?;
+        let uri = format!("file:{}", out.display());
         self.qmp
             .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
             .await
@@ -1130,7 +1230,7 @@ impl Vm {
         loop {
             let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
             match info.status {
-                Some(qmp::MigrationStatus::completed) => return Ok(()),
+                Some(qmp::MigrationStatus::completed) => return move_file(&out, path),
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
                     return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
                 }

@@ -111,6 +111,9 @@ pub unsafe extern "C" fn __libc_start_main(
         // SAFETY: glibc's start-up runs once; a second call is a broken process.
         unsafe { libc::abort() };
     }
+    // Before QEMU's constructors register their fork handlers: a child's
+    // mount namespace must be made while it has one thread.
+    strata_zygote::install_fork_handler();
     // SAFETY: glibc's start-up: QEMU's constructors, then the server.
     unsafe { real(server_main, argc, argv, init, fini, rtld_fini, stack_end) }
 }

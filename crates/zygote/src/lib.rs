@@ -14,6 +14,10 @@
 //! runs inside the server process. Messages are one datagram each on a
 //! `SOCK_SEQPACKET` socket pair, descriptors passed with `SCM_RIGHTS`.
 
+pub mod view;
+
+pub use view::{FileView, Shown, Steps, VIEW_MOUNT_POINT};
+
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -21,6 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -81,6 +86,10 @@ pub struct SpawnRequest {
     pub credentials: Option<Credentials>,
     /// The largest file the child may write, in bytes (0: no bound).
     pub file_size_limit: u64,
+    /// The file system the child sees (a mount namespace of its own), made
+    /// by the fork handler [`install_fork_handler`] registers, before
+    /// QEMU's own handlers start threads in the child.
+    pub view: Option<FileView>,
 }
 
 /// Most descriptors a confined QEMU may have open (its disks, sockets, a
@@ -200,6 +209,7 @@ const FLAG_DIE_WITH_PARENT: u32 = 1;
 const FLAG_NO_THP: u32 = 2;
 const FLAG_CREDENTIALS: u32 = 4;
 const FLAG_FILE_SIZE: u32 = 8;
+const FLAG_VIEW: u32 = 16;
 
 impl SpawnRequest {
     /// # Errors
@@ -215,11 +225,26 @@ impl SpawnRequest {
         let flags = if self.die_with_parent { FLAG_DIE_WITH_PARENT } else { 0 }
             | if self.no_thp { FLAG_NO_THP } else { 0 }
             | if self.credentials.is_some() { FLAG_CREDENTIALS } else { 0 }
-            | if self.file_size_limit != 0 { FLAG_FILE_SIZE } else { 0 };
+            | if self.file_size_limit != 0 { FLAG_FILE_SIZE } else { 0 }
+            | if self.view.is_some() { FLAG_VIEW } else { 0 };
         put_u32(&mut out, flags);
         out.extend_from_slice(&self.niceness.to_le_bytes());
         if self.file_size_limit != 0 {
             out.extend_from_slice(&self.file_size_limit.to_le_bytes());
+        }
+        if let Some(view) = &self.view {
+            let entries = view.encode();
+            if entries.len() > MAX_STRINGS {
+                return Err(Error::Protocol("too many paths in the view"));
+            }
+            put_u32(&mut out, entries.len() as u32);
+            for e in entries {
+                if e.contains(&0) {
+                    return Err(Error::Protocol("a path of the view holds a NUL byte"));
+                }
+                out.extend_from_slice(&e);
+                out.push(0);
+            }
         }
         if let Some(c) = &self.credentials {
             if c.groups.len() > MAX_GROUPS {
@@ -262,6 +287,16 @@ impl SpawnRequest {
         let niceness = r.i32()?;
         let file_size_limit =
             if flags & FLAG_FILE_SIZE != 0 { u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")) } else { 0 };
+        let view = if flags & FLAG_VIEW != 0 {
+            let n = r.u32()? as usize;
+            if n > MAX_STRINGS {
+                return Err(Error::Protocol("too many paths in the view"));
+            }
+            let entries = (0..n).map(|_| r.string()).collect::<Result<Vec<_>, _>>()?;
+            Some(FileView::decode(&entries).ok_or(Error::Protocol("malformed view"))?)
+        } else {
+            None
+        };
         let credentials = if flags & FLAG_CREDENTIALS != 0 {
             let (uid, gid, ngroups) = (r.u32()?, r.u32()?, r.u32()? as usize);
             if ngroups > MAX_GROUPS {
@@ -298,6 +333,7 @@ impl SpawnRequest {
             no_thp: flags & FLAG_NO_THP != 0,
             credentials,
             file_size_limit,
+            view,
         })
     }
 }
@@ -816,10 +852,25 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
                 continue;
             }
         };
+        // The child's view is prepared here (it allocates) and made by the
+        // fork handler in the child, before QEMU's handlers start threads.
+        let steps = match req.view.as_ref().map(FileView::steps).transpose() {
+            Ok(s) => s.map(Box::new),
+            Err(what) => {
+                let _ = send_with_fds(sock, &Reply::Failed { errno: libc::EINVAL, what: what.into() }.encode(), &[]);
+                continue;
+            }
+        };
+        let pending = steps.as_ref().map_or(std::ptr::null_mut(), |s| std::ptr::from_ref::<Steps>(s).cast_mut());
+        PENDING_VIEW.store(pending, Ordering::SeqCst);
         // SAFETY: glibc's fork runs the handlers QEMU registered (its RCU
         // thread is recreated in the child) and leaves malloc usable there;
         // no other thread runs code of ours (the caller's promise).
         let pid = unsafe { libc::fork() };
+        PENDING_VIEW.store(std::ptr::null_mut(), Ordering::SeqCst);
+        if pid != 0 {
+            drop(steps);
+        }
         if pid == 0 {
             // SAFETY: in the child, with the request's descriptors.
             return unsafe { become_child(sock, req, fds, cmdline) };
@@ -854,6 +905,42 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
             unsafe { libc::_exit(0) };
         }
     }
+}
+
+/// The child's view, between its preparation and the fork (null otherwise).
+static PENDING_VIEW: AtomicPtr<Steps> = AtomicPtr::new(std::ptr::null_mut());
+/// In a child: whether its view was made ([`VIEW_OK`]), failed, or not
+/// asked for; why, and errno.
+static VIEW_MADE: AtomicU8 = AtomicU8::new(0);
+const VIEW_OK: u8 = 1;
+const VIEW_FAILED: u8 = 2;
+static VIEW_ERROR: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+static VIEW_ERRNO: AtomicI32 = AtomicI32::new(0);
+
+/// Registers the fork handler that makes a child's file view. Must run
+/// before QEMU's constructors register theirs: child handlers run in the
+/// order they were registered, and QEMU's start threads, after which a
+/// mount namespace can no longer be unshared.
+pub fn install_fork_handler() {
+    extern "C" fn in_child() {
+        let pending = PENDING_VIEW.load(Ordering::SeqCst);
+        if pending.is_null() {
+            return;
+        }
+        // SAFETY: the server keeps the steps alive across the fork; this
+        // child has one thread (fork's), and its copy of them is its own.
+        let made = unsafe { (*pending).apply() };
+        match made {
+            Ok(()) => VIEW_MADE.store(VIEW_OK, Ordering::SeqCst),
+            Err(what) => {
+                VIEW_ERRNO.store(io::Error::last_os_error().raw_os_error().unwrap_or(0), Ordering::SeqCst);
+                let _ = VIEW_ERROR.set(what);
+                VIEW_MADE.store(VIEW_FAILED, Ordering::SeqCst);
+            }
+        }
+    }
+    // SAFETY: registers a handler with no preconditions.
+    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
 }
 
 /// The namespaces every QEMU gets of its own, exec'd or forked: IPC (no
@@ -952,6 +1039,17 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         if req.file_size_limit != 0 && limit_file_size(req.file_size_limit).is_err() {
             fail("limiting the size of files");
         }
+        if req.view.is_some() {
+            match VIEW_MADE.load(Ordering::SeqCst) {
+                VIEW_OK => {}
+                VIEW_FAILED => {
+                    let what = VIEW_ERROR.get().copied().unwrap_or("making the file view");
+                    *libc::__errno_location() = VIEW_ERRNO.load(Ordering::SeqCst);
+                    fail(what)
+                }
+                _ => fail("the fork handler that makes the file view is not installed"),
+            }
+        }
         // Then it stops being root (every thread: the RCU thread too).
         if let Some(c) = &req.credentials {
             if limit_open_files().is_err() {
@@ -1010,6 +1108,10 @@ mod tests {
             no_thp: false,
             credentials: Some(Credentials { uid: 2_000_017, gid: 2_000_017, groups: vec![994] }),
             file_size_limit: 64 << 20,
+            view: Some(FileView::for_qemu(
+                true,
+                [Shown::Bind { path: "/var/lib/strata/sessions/x".into(), writable: true }],
+            )),
         }
     }
 
@@ -1019,7 +1121,7 @@ mod tests {
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
         let r = SpawnRequest { die_with_parent: false, no_thp: true, niceness: -5, env: vec![], ..sample() };
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
-        let r = SpawnRequest { credentials: None, file_size_limit: 0, ..sample() };
+        let r = SpawnRequest { credentials: None, file_size_limit: 0, view: None, ..sample() };
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
     }
 
