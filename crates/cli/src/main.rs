@@ -483,7 +483,8 @@ enum BenchCmd {
         json: bool,
     },
     /// What confinement costs: the same launches confined and unconfined
-    /// (no cgroup, no seccomp filter), alternating, in one run.
+    /// (as root, no cgroup, filter, mount namespace or file bound),
+    /// alternating, in one run.
     Confine {
         package: String,
         /// Launches each way.
@@ -1572,6 +1573,15 @@ fn doctor(eng: &Engine) -> u8 {
             line("cgroups", &format!("MISSING, no VM can start: {why}"));
         }
     }
+    line(
+        "files bound",
+        &format!(
+            "each file a session's QEMU writes at most {} MiB (STRATA_DISK_MIB; never below its guest's RAM + \
+             64 MiB); {} open files",
+            l.disk_mib,
+            strata_vmm::OPEN_FILES_MAX
+        ),
+    );
     match eng.identities() {
         Ok(range) => line("identity", &format!("a uid and gid of its own per VM ({range}), no capabilities")),
         Err(why) => {

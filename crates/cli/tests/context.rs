@@ -411,3 +411,39 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     assert!(err.contains("not a graphical package"), "{err}");
     console.close().await;
 }
+
+#[tokio::test]
+async fn through_a_share_a_guest_makes_no_setuid_file_or_device_on_the_host() {
+    if !e2e() {
+        return;
+    }
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let eng = engine();
+    let rw = scratch("suid");
+    let mut settings = plain();
+    settings.shares = vec![Share { host: rw.clone(), guest: "/mnt/rw".into(), readonly: false }];
+    let mut s = launch(&eng, "python3", &settings).await;
+    let out = python(
+        &mut s,
+        "import os, stat; open('/mnt/rw/tool','w').write('x'); os.chmod('/mnt/rw/tool', 0o4755); \
+         os.mknod('/mnt/rw/mem', stat.S_IFCHR | 0o666, os.makedev(1, 1)); \
+         print('GUEST', oct(os.stat('/mnt/rw/tool').st_mode), stat.S_ISCHR(os.stat('/mnt/rw/mem').st_mode))",
+    )
+    .await;
+    eprintln!("in the guest: {}", out.lines().find(|l| l.starts_with("GUEST")).unwrap_or("(nothing)"));
+    // On the host: a plain file without the set-user-ID bit, and a plain
+    // file for the device, both the VM's uid's (the guest's modes are kept
+    // in extended attributes).
+    let tool = std::fs::metadata(rw.join("tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7000, 0, "the host got a set-user-ID file: {:o}", tool.mode());
+    assert_ne!(tool.uid(), 0, "the guest's file is root's on the host");
+    let mem = std::fs::symlink_metadata(rw.join("mem")).unwrap();
+    assert!(mem.file_type().is_file() && !mem.file_type().is_char_device(), "the host got a device: {mem:?}");
+    let uid = tool.uid();
+    s.close().await;
+    // The VM's access to the folder goes with it.
+    let acl = std::process::Command::new("getfacl").args(["-n", "-p"]).arg(&rw).output().unwrap();
+    let acl = text(&acl.stdout);
+    assert!(!acl.contains(&format!("user:{uid}:")), "the ended VM's uid keeps access: {acl}");
+    let _ = std::fs::remove_dir_all(&rw);
+}

@@ -670,9 +670,10 @@ impl ConfineSide {
 const CONFINE_IDLE: Duration = Duration::from_secs(3);
 
 impl Engine {
-    /// Launches `runs` sessions confined and `runs` unconfined (the
-    /// cgroup and the seccomp filter left out), alternating so the host's
-    /// drift hits both alike, each from the launch image to the first answer.
+    /// Launches `runs` sessions confined and `runs` unconfined (the ids,
+    /// cgroup, seccomp filter, mount namespace and file bound left out),
+    /// alternating so the host's drift hits both alike, each from the
+    /// launch image to the first answer.
     ///
     /// # Errors
     /// If the package has no probe, or a launch fails.

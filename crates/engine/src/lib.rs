@@ -381,8 +381,8 @@ pub struct Engine {
     /// guests off this host installed, or why not: then no VM starts.
     identities: Result<Arc<strata_jail::Identities>, String>,
     /// Set only by `strata bench confine`, for the runs that measure what
-    /// confinement costs: VMs then start without their cgroup and filter.
-    /// Nothing else can set it.
+    /// confinement costs: VMs then start as root, without their cgroup,
+    /// filter, mount namespace and file bound. Nothing else can set it.
     unconfined_for_benchmark: AtomicBool,
 }
 
