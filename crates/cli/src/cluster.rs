@@ -64,6 +64,7 @@ pub struct Plane<'a> {
     /// A CA to trust for servers that serve HTTPS (`serve --tls`).
     pub ca_cert: Option<std::path::PathBuf>,
     pub max_sessions_per_terminal: usize,
+    pub max_memory_per_terminal_mib: u32,
     /// Seconds a silent server's sessions stay running before they are lost.
     pub lost_after: u64,
 }
@@ -96,7 +97,11 @@ pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
         anyhow::bail!("--max-sessions-per-terminal must be at least 1");
     }
     let mut plane = strata_control::ControlPlane::new(cluster, secret, name, policy, &packages_dir, ca.as_deref())?;
+    if p.max_memory_per_terminal_mib < 128 {
+        anyhow::bail!("--max-memory-per-terminal-mib must be at least 128 (the smallest guest)");
+    }
     plane.max_sessions_per_terminal = p.max_sessions_per_terminal;
+    plane.max_memory_mib_per_terminal = u64::from(p.max_memory_per_terminal_mib);
     if p.lost_after == 0 || p.lost_after > 86_400 {
         anyhow::bail!("--lost-after must be between 1 and 86400 seconds (a server silent that long has its running sessions marked lost)");
     }

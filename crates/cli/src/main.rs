@@ -189,6 +189,10 @@ enum Cmd {
         /// Sessions one terminal may hold across the cluster.
         #[arg(long, default_value_t = 16)]
         max_sessions_per_terminal: usize,
+        /// Guest memory one terminal's running sessions may have together
+        /// across the cluster, in MiB.
+        #[arg(long, default_value_t = 8192)]
+        max_memory_per_terminal_mib: u32,
         /// Seconds a server may stay silent (its lease lapsed) before its
         /// running sessions are marked lost; until then it is only suspect:
         /// new launches avoid it, its sessions stay running.
@@ -641,6 +645,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             overcommit,
             name,
             max_sessions_per_terminal,
+            max_memory_per_terminal_mib,
             lost_after,
             tls_cert,
             tls_key,
@@ -655,6 +660,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 tls: tls_cert.clone().zip(tls_key.clone()),
                 ca_cert: cli.ca_cert.clone(),
                 max_sessions_per_terminal: *max_sessions_per_terminal,
+                max_memory_per_terminal_mib: *max_memory_per_terminal_mib,
                 lost_after: *lost_after,
             };
             return cluster::control(plane).await;

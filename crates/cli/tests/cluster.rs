@@ -360,6 +360,9 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         let mut cmd = Command::new(&e.strata);
         cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
             .args(["--max-sessions-per-terminal", "6", "--lost-after", &LOST_AFTER_S.to_string()])
+            // Six of bc's 512 MiB guests fill it exactly: the count refuses
+            // the seventh first, and the sixth is not refused by memory.
+            .args(["--max-memory-per-terminal-mib", "3072"])
             .args(["--etcd", &etcd_url, "--name", &format!("plane{i}")])
             .envs(auth)
             .env("STRATA_PACKAGES", &e.packages)

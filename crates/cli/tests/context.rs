@@ -260,6 +260,10 @@ async fn bad_contexts_are_refused_before_any_vm_starts() {
             }),
             "forwarded twice",
         ),
+        (
+            Box::new(|s| s.network.ports = vec![PortForward { host: 80, guest: 80 }]),
+            "host port 80 is a privileged port",
+        ),
         (Box::new(|s| s.home = Some("../escape".into())), "terminal name"),
         (
             Box::new(|s| s.screen = Some(strata_engine::context::Resolution { width: 20000, height: 600 })),

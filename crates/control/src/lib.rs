@@ -71,6 +71,9 @@ pub struct ControlPlane {
     metrics: metrics::Metrics,
     /// Sessions one terminal may hold across the cluster (running or paused).
     pub max_sessions_per_terminal: usize,
+    /// Guest memory one terminal's running sessions may have across the
+    /// cluster, in MiB.
+    pub max_memory_mib_per_terminal: u64,
     /// How long a server may be silent (its lease lapsed) before its running
     /// sessions are marked lost: until then it is only suspect.
     pub lost_after: Duration,
@@ -113,6 +116,7 @@ impl ControlPlane {
             packages,
             metrics,
             max_sessions_per_terminal: 16,
+            max_memory_mib_per_terminal: 8192,
             lost_after: DEFAULT_LOST_AFTER,
         })
     }
@@ -487,6 +491,13 @@ fn is_lost(e: &SessionEntry) -> bool {
     e.state == "lost"
 }
 
+/// The guest memory `terminal`'s running sessions have across the cluster,
+/// in MiB, each package's from `memory_of` (paused and lost sessions hold
+/// none).
+fn memory_held(entries: &[SessionEntry], terminal: &str, memory_of: impl Fn(&str) -> u64) -> u64 {
+    entries.iter().filter(|e| e.owner == terminal && e.state == "running").map(|e| memory_of(&e.package)).sum()
+}
+
 /// A session as the cluster lists it (a single server's fields, plus where,
 /// and what its server's silences did to it).
 fn session_json(e: &SessionEntry, alive: &BTreeSet<String>, now: u64) -> Value {
@@ -562,8 +573,8 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
     strata_package::check_name(&package).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // Each server limits what it runs; the limit per terminal is the cluster's.
     // Lost sessions hold nothing any more; they do not count.
-    let held =
-        cp.cluster.sessions().await.map_err(unavailable)?.iter().filter(|e| e.owner == terminal && !is_lost(e)).count();
+    let entries = cp.cluster.sessions().await.map_err(unavailable)?;
+    let held = entries.iter().filter(|e| e.owner == terminal && !is_lost(e)).count();
     if held >= cp.max_sessions_per_terminal {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -577,6 +588,19 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
         ));
     }
     let req = cp.request_for(&package)?;
+    let used = memory_held(&entries, &terminal, |p| cp.request_for(p).map_or(512, |r| r.memory_mib));
+    if used + req.memory_mib > cp.max_memory_mib_per_terminal {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "memory_quota",
+            format!(
+                "terminal {terminal:?} runs sessions with {used} MiB of guest memory in this cluster, and this one \
+                 needs {} MiB more: beyond its quota of {} MiB (--max-memory-per-terminal-mib); pause or end one \
+                 first",
+                req.memory_mib, cp.max_memory_mib_per_terminal
+            ),
+        ));
+    }
     let started = std::time::Instant::now();
     let observe = || {
         let labels = metrics::PackageLabels { package: package.clone() };
@@ -712,6 +736,20 @@ async fn attach_ticket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminals_memory_counts_its_running_sessions_only() {
+        let mut paused = entry("paused", "a", true);
+        paused.package = "big".into();
+        let mut other = entry("running", "a", false);
+        other.owner = "bob".into();
+        let entries =
+            [entry("running", "a", false), entry("running", "b", false), paused, other, entry("lost", "c", false)];
+        let memory = |p: &str| if p == "big" { 4096 } else { 512 };
+        assert_eq!(memory_held(&entries, "alice", memory), 1024);
+        assert_eq!(memory_held(&entries, "bob", memory), 512);
+        assert_eq!(memory_held(&entries, "carol", memory), 0);
+    }
 
     fn entry(state: &str, server: &str, record: bool) -> SessionEntry {
         let mut e = SessionEntry::running("s1", server, "bc", "alice", 1);

@@ -252,6 +252,15 @@ impl ContextSettings {
             if p.host == 0 || p.guest == 0 {
                 return bad("port 0 cannot be forwarded".into());
             }
+            // The forward is bound by the VM's QEMU, which runs unprivileged.
+            if p.host < 1024 {
+                return bad(format!(
+                    "host port {} is a privileged port: forward a host port from 1024 to 65535 (e.g. {}:{})",
+                    p.host,
+                    u32::from(p.host) + 8000,
+                    p.guest
+                ));
+            }
             if !hosts.insert(p.host) {
                 return bad(format!("host port {} is forwarded twice", p.host));
             }
