@@ -109,7 +109,13 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     }
     let preload = env().strata.parent().unwrap().join("libstrata_qemu_preload.so");
     let forking = engine_with(|c| c.fork_server = Some(preload));
-    assert!(forking.fork_server_pid().is_some(), "the fork server did not start");
+    let server = forking.fork_server_pid().expect("the fork server did not start");
+    // The fork server runs no guest, but keeps only the capabilities that
+    // making its children takes.
+    let kept = format!("{:016x}", strata_vmm::SERVER_CAPABILITIES.iter().fold(0u64, |m, c| m | 1 << c));
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(server, &server.to_string(), set), kept, "the fork server's {set}");
+    }
     let pkg = forking.package("bc").unwrap();
     let mut victim = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let mut neighbour = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();
@@ -341,7 +347,11 @@ impl Outside {
             let st = std::process::Command::new("sh").args(["-c", cmd]).status().unwrap();
             assert!(st.success(), "{cmd}");
         };
-        let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
+        // One left by an earlier run that was killed.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(std::process::Stdio::null())
+            .status();
         sh(&format!("ip netns add {netns}"));
         sh(&format!("ip link add {host_if} type veth peer name {far_if} netns {netns}"));
         sh(&format!("ip addr add {OUTSIDE_HOST_END}/30 dev {host_if} && ip link set {host_if} up"));

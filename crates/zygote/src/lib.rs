@@ -805,6 +805,13 @@ pub unsafe fn prepare_qemu_types() -> Result<u32, &'static str> {
 /// `cmdline` must be the argument area the kernel set up for this process
 /// and not referenced elsewhere.
 pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -> ChildStart {
+    // The server keeps only what making its children takes; a failure here
+    // leaves it as it was (its children drop everything anyway).
+    if let Err(e) = keep_only_server_capabilities() {
+        let msg = format!("strata fork server: could not drop capabilities: {e}\n");
+        // SAFETY: writing bytes we own to standard error.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    }
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     let prepared = types.map_err(str::to_string);
@@ -905,6 +912,57 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
             unsafe { libc::_exit(0) };
         }
     }
+}
+
+/// The capabilities the fork server keeps, by number: reading and
+/// traversing what a child's view binds (`CAP_DAC_OVERRIDE`,
+/// `CAP_DAC_READ_SEARCH`), killing a child it cannot hand over
+/// (`CAP_KILL`), a child's ids (`CAP_SETGID`, `CAP_SETUID`), its
+/// namespaces and mounts (`CAP_SYS_ADMIN`).
+pub const SERVER_CAPABILITIES: [u32; 6] = [1, 2, 5, 6, 7, 21];
+
+/// Drops every capability but [`SERVER_CAPABILITIES`] from this process:
+/// from its bounding set, then from its effective, permitted and
+/// inheritable sets.
+///
+/// # Errors
+/// If the kernel refuses.
+pub fn keep_only_server_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mask: u64 = SERVER_CAPABILITIES.iter().fold(0, |m, c| m | 1 << c);
+    for cap in 0..64u32 {
+        if mask & (1 << cap) == 0 {
+            // SAFETY: a prctl on this process; capabilities past the
+            // kernel's last one answer EINVAL, which is fine.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let header = Header { version: VERSION_3, pid: 0 };
+    let (lo, hi) = (mask as u32, (mask >> 32) as u32);
+    let data =
+        [Data { effective: lo, permitted: lo, inheritable: 0 }, Data { effective: hi, permitted: hi, inheritable: 0 }];
+    // SAFETY: capset with a version 3 header and its two data words.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The child's view, between its preparation and the fork (null otherwise).
