@@ -377,9 +377,14 @@ pub struct Engine {
     /// Where VMs' control groups are made, or why they cannot be: then no
     /// VM starts (never unconfined), and the reason is the error.
     cgroups: Result<Arc<strata_jail::Cgroups>, String>,
-    /// The uids and gids VMs run as, with the firewall that keeps their
-    /// guests off this host installed, or why not: then no VM starts.
+    /// The uids and gids VMs run as, or why there are none: then no VM
+    /// starts.
     identities: Result<Arc<strata_jail::Identities>, String>,
+    /// The firewall that keeps guests off this host, installed in this
+    /// network namespace before the first VM starts (not by every engine
+    /// opened, most of which start none), or why it could not be: then no
+    /// VM starts.
+    guest_firewall: std::sync::OnceLock<Result<(), String>>,
     /// Set only by `strata bench confine`, for the runs that measure what
     /// confinement costs: VMs then start as root, without their cgroup,
     /// filter, mount namespace and file bound. Nothing else can set it.
@@ -442,9 +447,7 @@ impl Engine {
         if let Err(why) = &cgroups {
             tracing::warn!(why, "no cgroups for VMs: no VM can start until this is set up");
         }
-        let identities = strata_jail::Identities::detect(&cfg.state_dir)
-            .and_then(|ids| strata_jail::network::install(&ids.range()).map(|()| Arc::new(ids)))
-            .map_err(|e| e.to_string());
+        let identities = strata_jail::Identities::detect(&cfg.state_dir).map(Arc::new).map_err(|e| e.to_string());
         if let Err(why) = &identities {
             tracing::warn!(why, "no unprivileged ids for VMs: no VM can start until this is set up");
         }
@@ -459,6 +462,7 @@ impl Engine {
             fork_server,
             cgroups,
             identities,
+            guest_firewall: std::sync::OnceLock::new(),
             unconfined_for_benchmark: AtomicBool::new(false),
         };
         engine.reap_sessions();
@@ -507,6 +511,7 @@ impl Engine {
         let identities = self.identities.clone().map_err(|why| {
             Error::Refused(format!("a VM must run as a user of its own, and this host cannot give it one: {why}"))
         })?;
+        self.guest_firewall().map_err(Error::Refused)?;
         let groups = match accel {
             Accel::Kvm => strata_jail::identity::group_id("kvm").into_iter().collect(),
             Accel::Tcg => Vec::new(),
@@ -540,16 +545,17 @@ impl Engine {
     }
 
     /// The firewall table that keeps guests off this host ("inet
-    /// strata_guests"), if it is installed in this network namespace.
+    /// strata_guests"), installed in this network namespace if it is not
+    /// yet (once per engine).
     ///
     /// # Errors
-    /// Why it is not.
+    /// Why it cannot be (no range of ids, nft missing or refusing).
     pub fn guest_firewall(&self) -> Result<String, String> {
-        self.identities.as_ref().map_err(Clone::clone)?;
-        match strata_jail::network::installed() {
-            Some(_) => Ok(format!("inet {}", strata_jail::network::TABLE)),
-            None => Err("the nftables table that keeps guests off this host's addresses is not installed".into()),
-        }
+        let ids = self.identities.as_ref().map_err(Clone::clone)?;
+        self.guest_firewall
+            .get_or_init(|| strata_jail::network::install(&ids.range()).map_err(|e| e.to_string()))
+            .clone()?;
+        Ok(format!("inet {}", strata_jail::network::TABLE))
     }
 
     /// Refuses a new VM if this server is below a floor ([`Floors`]).
@@ -601,8 +607,9 @@ impl Engine {
         self.cgroups.as_ref().map(|c| c.describe()).map_err(Clone::clone)
     }
 
-    /// Removes the cgroups of this store's VMs whose directory is gone.
-    pub(crate) fn sweep_cgroups(&self) {
+    /// Removes the cgroups, and frees the ids, of this store's VMs whose
+    /// directory is gone.
+    pub(crate) fn sweep_confinement(&self) {
         let (sessions, tmp) = (self.cfg.state_dir.join("sessions"), self.cfg.state_dir.join("tmp"));
         let is_live = |vm: &str| sessions.join(vm).exists() || tmp.join(vm).exists();
         if let Ok(c) = &self.cgroups {
@@ -615,10 +622,10 @@ impl Engine {
 }
 
 impl Drop for Engine {
-    /// The cgroups of VMs that ended go with the engine (those of detached
-    /// sessions, still running, stay).
+    /// The cgroups and ids of VMs that ended go with the engine (those of
+    /// detached sessions, still running, stay).
     fn drop(&mut self) {
-        self.sweep_cgroups();
+        self.sweep_confinement();
     }
 }
 

@@ -208,7 +208,7 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        self.sweep_cgroups();
+        self.sweep_confinement();
     }
 
     /// The images sessions stand on: each running session's launch image

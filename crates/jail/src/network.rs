@@ -147,12 +147,6 @@ pub fn install(range: &IdRange) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether the table is installed in this network namespace, and its text.
-pub fn installed() -> Option<String> {
-    let out = Command::new("nft").args(["list", "table", "inet", TABLE]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

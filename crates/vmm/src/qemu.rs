@@ -482,9 +482,6 @@ pub struct Vm {
     /// Its ids, released with the cgroup (a released VM keeps them; the
     /// engine's sweep frees them once its directory is gone).
     identity: Option<strata_jail::Identity>,
-    /// The uid and gid QEMU runs as (also for a VM another process
-    /// started), to give it the files it is told to write.
-    owner: Option<(u32, u32)>,
 }
 
 impl Drop for Vm {
@@ -691,7 +688,7 @@ fn exec_qemu(
     let die_with_parent = cfg.die_with_parent;
     let no_thp = no_thp(cfg);
     let niceness = cfg.niceness;
-    let file_size_limit = cfg.file_size_limit;
+    let file_size_limit = cfg.file_size_limit.unwrap_or(0);
     // SAFETY: setsid, prctl, setpriority and fcntl are async-signal-safe. A session of its
     // own keeps QEMU out of the terminal's signals (a closed terminal's
     // SIGHUP must not stop a detached VM; strata decides when VMs stop).
@@ -725,26 +722,10 @@ fn exec_qemu(
             if niceness != 0 {
                 libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
             }
-            if let Some(bytes) = file_size_limit {
-                strata_zygote::limit_file_size(bytes)?;
-            }
-            // Nothing QEMU executes can gain privileges (set-user-ID
-            // programs, file capabilities).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // IPC and UTS namespaces of its own: no System V shared memory,
-            // semaphores or message queues of the host's or another VM's.
-            if libc::unshare(strata_zygote::CHILD_NAMESPACES) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Then it stops being root, with its descriptors bounded.
-            if let Some(c) = &credentials {
-                strata_zygote::limit_open_files()?;
-                if let Err(what) = c.assume() {
-                    let e = std::io::Error::last_os_error();
-                    return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
-                }
+            // No privileges to gain, namespaces and bounds of its own, not root.
+            if let Err(what) = strata_zygote::confine_self(file_size_limit, credentials.as_ref()) {
+                let e = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
             }
             // After the change of ids, which clears it.
             if die_with_parent {
@@ -796,15 +777,14 @@ fn file_view(cfg: &VmConfig) -> Result<strata_zygote::FileView, Error> {
     };
     add(&cfg.kernel, false)?;
     add(&cfg.initramfs, false)?;
-    for (i, d) in cfg.disks.iter().enumerate() {
-        let top = match d.mode {
-            DiskMode::Throwaway => throwaway_overlay_path(&cfg.dir, i),
-            DiskMode::Writable | DiskMode::ReadOnly => {
-                add(&d.path, d.mode == DiskMode::Writable)?;
-                d.path.clone()
-            }
+    for d in &cfg.disks {
+        // A throwaway overlay (in the VM's directory) stands on the disk.
+        add(&d.path, d.mode == DiskMode::Writable)?;
+        let beneath = match d.mode {
+            DiskMode::Throwaway | DiskMode::ReadOnly => image_chain(&d.path),
+            DiskMode::Writable => crate::qcow2::backing_chain(&d.path),
         };
-        for below in crate::qcow2::backing_chain(&top) {
+        for below in beneath {
             add(&below, false)?;
         }
     }
@@ -828,14 +808,29 @@ fn file_view(cfg: &VmConfig) -> Result<strata_zygote::FileView, Error> {
             Plug::Network { .. } => {}
         }
     }
-    std::fs::create_dir_all(strata_zygote::VIEW_MOUNT_POINT)
-        .map_err(|source| Error::Io { path: strata_zygote::VIEW_MOUNT_POINT.into(), source })?;
+    // Made once: the directory the child mounts its view's root on.
+    static MOUNT_POINT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    MOUNT_POINT
+        .get_or_init(|| std::fs::create_dir_all(strata_zygote::VIEW_MOUNT_POINT).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| Error::Confine(format!("{}: {e}", strata_zygote::VIEW_MOUNT_POINT)))?;
     Ok(strata_zygote::FileView::for_qemu(cfg.accel == Accel::Kvm, shown))
+}
+
+/// The files beneath a disk that is never written (an image's, which a
+/// read-only or throwaway drive uses), read once per process: images are
+/// immutable, and a launch need not read their headers again.
+fn image_chain(disk: &Path) -> Vec<PathBuf> {
+    type Chains = std::collections::BTreeMap<PathBuf, Vec<PathBuf>>;
+    static CHAINS: std::sync::Mutex<Chains> = std::sync::Mutex::new(Chains::new());
+    let mut chains = CHAINS.lock().unwrap_or_else(|e| e.into_inner());
+    chains.entry(disk.to_path_buf()).or_insert_with(|| crate::qcow2::backing_chain(disk)).clone()
 }
 
 /// The uid and gid a VM's QEMU runs as, from the owner of its console log
 /// (which strata gave it, in a directory QEMU cannot write: QEMU cannot
-/// make it say otherwise). `None` for a VM that runs as root.
+/// make it say otherwise), whichever process started it. `None` for a VM
+/// that runs as root.
 fn owner_of(dir: &Path) -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir.join(CONSOLE_LOG)).ok()?;
@@ -964,9 +959,11 @@ impl Vm {
             let _ = std::fs::remove_file(&overlay);
             crate::qcow2::create_overlay(&d.path, d.format, &overlay)?;
         }
+        // Its ids and cgroup are named after its directory (the sweeps
+        // tell live VMs by it).
+        let name = cfg.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let identity = match &cfg.identity {
             Some(spec) => {
-                let name = cfg.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let id =
                     spec.identities.claim(&name, spec.groups.clone()).map_err(|e| Error::Confine(e.to_string()))?;
                 give_files(cfg, &id).map_err(|e| Error::Confine(e.to_string()))?;
@@ -985,10 +982,7 @@ impl Vm {
         let log = cfg.dir.join("qemu.log");
         let log_file = std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?;
         let cgroup = match &cfg.cgroup {
-            Some(spec) => {
-                let name = cfg.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                Some(spec.cgroups.create(&name, &spec.limits).map_err(|e| Error::Confine(e.to_string()))?)
-            }
+            Some(spec) => Some(spec.cgroups.create(&name, &spec.limits).map_err(|e| Error::Confine(e.to_string()))?),
             None => None,
         };
         tracing::debug!(?args, "starting QEMU");
@@ -1043,11 +1037,7 @@ impl Vm {
             _ = tokio::time::sleep(connect_timeout) => return Err(Error::AgentTimeout(connect_timeout.as_secs())),
         };
         guard.1 = true;
-        let owner = identity.as_ref().map(|id| (id.uid, id.gid));
-        Ok((
-            Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false, cgroup, identity, owner },
-            AgentConn::new(agent),
-        ))
+        Ok((Vm { process, pid, dir: cfg.dir.clone(), qmp, released: false, cgroup, identity }, AgentConn::new(agent)))
     }
 
     /// Reconnects to a VM started by another process (a detached session):
@@ -1082,7 +1072,6 @@ impl Vm {
                 released: false,
                 cgroup: None,
                 identity: None,
-                owner: owner_of(dir),
             },
             AgentConn::new(agent),
         ))
@@ -1133,7 +1122,7 @@ impl Vm {
         // devices wait here, a few milliseconds at most.
         self.qmp.wait_running(Duration::from_secs(30)).await?;
         for (i, p) in plugs.iter().enumerate() {
-            if let (Plug::Disk { path, .. }, Some((uid, gid))) = (p, self.owner) {
+            if let (Plug::Disk { path, .. }, Some((uid, gid))) = (p, owner_of(&self.dir)) {
                 strata_jail::identity::give(path, uid, gid).map_err(|e| Error::Confine(e.to_string()))?;
             }
             let id = p.id(i);
@@ -1326,7 +1315,7 @@ impl Vm {
     /// Makes `path` a file this VM's QEMU may write (it runs as its own
     /// uid, and may not create files where strata keeps them).
     fn give_new_file(&self, path: &Path) -> Result<(), Error> {
-        match self.owner {
+        match owner_of(&self.dir) {
             Some((uid, gid)) => {
                 strata_jail::identity::give_new_file(path, uid, gid).map_err(|e| Error::Confine(e.to_string()))
             }

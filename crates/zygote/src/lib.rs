@@ -92,6 +92,40 @@ pub struct SpawnRequest {
     pub view: Option<FileView>,
 }
 
+/// What every QEMU goes through before it runs, exec'd or forked, in this
+/// order: it can never gain privileges (set-user-ID programs, file
+/// capabilities); it gets IPC and UTS namespaces of its own (no System V
+/// objects of the host's or another VM's); each file it writes is bounded
+/// (`file_size_limit` bytes, 0: none); and with `credentials` its open
+/// files are bounded and it stops being root. System calls only.
+///
+/// # Errors
+/// Which step failed (errno holds why).
+///
+/// # Safety
+/// Changes the whole process; call it in a child about to become QEMU.
+pub unsafe fn confine_self(file_size_limit: u64, credentials: Option<&Credentials>) -> Result<(), &'static str> {
+    // SAFETY: plain system calls on this process.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err("no_new_privs");
+        }
+        if libc::unshare(CHILD_NAMESPACES) != 0 {
+            return Err("unsharing the IPC and UTS namespaces");
+        }
+        if file_size_limit != 0 && limit_file_size(file_size_limit).is_err() {
+            return Err("limiting the size of files");
+        }
+        if let Some(c) = credentials {
+            if limit_open_files().is_err() {
+                return Err("limiting open files");
+            }
+            c.assume()?;
+        }
+    }
+    Ok(())
+}
+
 /// Most descriptors a confined QEMU may have open (its disks, sockets, a
 /// few per VNC client and chardev; far above what one VM uses).
 pub const OPEN_FILES_MAX: u64 = 4096;
@@ -875,9 +909,6 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
         // no other thread runs code of ours (the caller's promise).
         let pid = unsafe { libc::fork() };
         PENDING_VIEW.store(std::ptr::null_mut(), Ordering::SeqCst);
-        if pid != 0 {
-            drop(steps);
-        }
         if pid == 0 {
             // SAFETY: in the child, with the request's descriptors.
             return unsafe { become_child(sock, req, fds, cmdline) };
@@ -1084,19 +1115,6 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         libc::close(sock);
         libc::setsid();
         libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(req.no_thp), 0, 0, 0);
-        // As for an exec'd QEMU: it can never gain privileges, and it has
-        // namespaces of its own. (These two need not be unshared by the whole
-        // process at once: the RCU thread, recreated by fork's handlers,
-        // stays in the server's, which it never uses.)
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail("no_new_privs");
-        }
-        if libc::unshare(CHILD_NAMESPACES) != 0 {
-            fail("unsharing the IPC and UTS namespaces");
-        }
-        if req.file_size_limit != 0 && limit_file_size(req.file_size_limit).is_err() {
-            fail("limiting the size of files");
-        }
         if req.view.is_some() {
             match VIEW_MADE.load(Ordering::SeqCst) {
                 VIEW_OK => {}
@@ -1108,14 +1126,12 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
                 _ => fail("the fork handler that makes the file view is not installed"),
             }
         }
-        // Then it stops being root (every thread: the RCU thread too).
-        if let Some(c) = &req.credentials {
-            if limit_open_files().is_err() {
-                fail("limiting open files");
-            }
-            if let Err(what) = c.assume() {
-                fail(what);
-            }
+        // As for an exec'd QEMU. (The IPC and UTS namespaces need not be
+        // unshared by the whole process at once: the RCU thread, recreated
+        // by fork's handlers, stays in the server's, which it never uses;
+        // the change of ids reaches every thread.)
+        if let Err(what) = confine_self(req.file_size_limit, req.credentials.as_ref()) {
+            fail(what);
         }
         // After the change of ids, which clears it.
         if req.die_with_parent {

@@ -40,26 +40,10 @@ impl FileView {
     /// network forwards DNS to it), `/proc` and the harmless devices; with
     /// `/dev/kvm` where KVM is used. `extra` is the VM's own.
     pub fn for_qemu(kvm: bool, extra: impl IntoIterator<Item = Shown>) -> FileView {
-        let mut shown = Vec::new();
-        for top in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"] {
-            let p = Path::new(top);
-            match std::fs::read_link(p) {
-                Ok(target) => shown.push(Shown::Link { path: p.into(), target }),
-                Err(_) if p.is_dir() => shown.push(Shown::Bind { path: p.into(), writable: false }),
-                Err(_) => {}
-            }
+        let mut shown = host_part().to_vec();
+        if kvm && Path::new("/dev/kvm").exists() {
+            shown.push(Shown::Device("/dev/kvm".into()));
         }
-        for f in ["/etc/ld.so.cache", "/etc/resolv.conf"] {
-            if Path::new(f).exists() {
-                shown.push(Shown::Bind { path: f.into(), writable: false });
-            }
-        }
-        let mut devices = vec!["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
-        if kvm {
-            devices.push("/dev/kvm");
-        }
-        shown.extend(devices.into_iter().filter(|d| Path::new(d).exists()).map(|d| Shown::Device(d.into())));
-        shown.push(Shown::Bind { path: "/proc".into(), writable: true });
         shown.extend(extra);
         FileView { shown }
     }
@@ -159,6 +143,32 @@ impl FileView {
         }
         Ok(Steps { root: cstring(root)?, ops })
     }
+}
+
+/// What every view shows of the host, looked up once: the host's layout
+/// does not change while strata runs, and a launch need not ask again.
+fn host_part() -> &'static [Shown] {
+    static HOST: std::sync::OnceLock<Vec<Shown>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let mut shown = Vec::new();
+        for top in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"] {
+            let p = Path::new(top);
+            match std::fs::read_link(p) {
+                Ok(target) => shown.push(Shown::Link { path: p.into(), target }),
+                Err(_) if p.is_dir() => shown.push(Shown::Bind { path: p.into(), writable: false }),
+                Err(_) => {}
+            }
+        }
+        for f in ["/etc/ld.so.cache", "/etc/resolv.conf"] {
+            if Path::new(f).exists() {
+                shown.push(Shown::Bind { path: f.into(), writable: false });
+            }
+        }
+        let devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+        shown.extend(devices.into_iter().filter(|d| Path::new(d).exists()).map(|d| Shown::Device(d.into())));
+        shown.push(Shown::Bind { path: "/proc".into(), writable: true });
+        shown
+    })
 }
 
 fn cstring(p: &Path) -> Result<CString, &'static str> {
