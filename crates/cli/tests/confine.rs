@@ -133,6 +133,37 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     assert!(assert_filtered(execd.vm_pid()) >= 2);
     uids.insert(assert_unprivileged(execd.vm_pid()));
     assert_eq!(uids.len(), 3, "sessions share a uid: {uids:?}");
+    // Each QEMU is PID 1 of a pid namespace of its own and sees no other
+    // process; outside it stands its monitor, as confined as QEMU and
+    // holding nothing open.
+    let me = std::process::id();
+    for pid in [victim.vm_pid(), neighbour.vm_pid(), execd.vm_pid()] {
+        let nspid = status_field(pid, &pid.to_string(), "NSpid");
+        assert_eq!(nspid, format!("{pid}\t1"), "QEMU {pid} is not PID 1 of a namespace of its own");
+        let seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .collect();
+        assert_eq!(seen, ["1"], "QEMU {pid} sees processes {seen:?}");
+        let monitor = strata_vmm::monitor_of(pid).unwrap_or_else(|| panic!("QEMU {pid} has no monitor"));
+        assert_filtered(monitor);
+        assert_eq!(assert_unprivileged(monitor), assert_unprivileged(pid), "monitor {monitor} of QEMU {pid}");
+        // Only the console's: the pipe QEMU writes into, and the log.
+        let mut open: Vec<String> = std::fs::read_dir(format!("/proc/{monitor}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|f| std::fs::read_link(f.path()).unwrap().to_string_lossy().into_owned())
+            .collect();
+        open.sort();
+        assert_eq!(open.len(), 2, "monitor {monitor} of QEMU {pid} holds {open:?}");
+        assert!(open[0].ends_with("/console.log") && open[1].starts_with("pipe:"), "monitor {monitor}: {open:?}");
+        assert_eq!(namespace(monitor, "pid"), namespace(me, "pid"));
+    }
+    let pid_namespaces: std::collections::BTreeSet<String> =
+        [me, victim.vm_pid(), neighbour.vm_pid(), execd.vm_pid()].iter().map(|p| namespace(*p, "pid")).collect();
+    assert_eq!(pid_namespaces.len(), 4, "pid namespaces shared: {pid_namespaces:?}");
     // Its session's files are its own, and no other uid's.
     let overlay = env().state.join("sessions").join(&neighbour.id).join("disk0.qcow2");
     let meta = std::fs::metadata(&overlay).unwrap();
@@ -167,7 +198,6 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
         assert!(!state.join("sessions").join(others).exists(), "QEMU {pid} sees another session");
     }
     // IPC and UTS namespaces of their own: not this process's, not each other's.
-    let me = std::process::id();
     for kind in ["ipc", "uts"] {
         let seen: std::collections::BTreeSet<String> =
             [me, victim.vm_pid(), neighbour.vm_pid(), execd.vm_pid()].iter().map(|p| namespace(*p, kind)).collect();
@@ -212,6 +242,16 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     assert!(!marker.exists(), "the forbidden program ran");
     // Its neighbour, from the same fork server, runs on.
     neighbour.expect_after(b"7*6\n", "42", ANSWER).await.unwrap();
+    // Killing a monitor ends its QEMU.
+    let (qemu, monitor) = (neighbour.vm_pid(), strata_vmm::monitor_of(neighbour.vm_pid()).unwrap());
+    // SAFETY: sending a signal has no memory effects.
+    unsafe { libc::kill(monitor as i32, libc::SIGKILL) };
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !std::path::Path::new(&format!("/proc/{qemu}")).exists()
+            || status_field(qemu, &qemu.to_string(), "State").starts_with('Z')
+    });
+    assert!(gone, "QEMU {qemu} outlived its monitor {monitor}");
     neighbour.close().await;
     let _ = strata(&["kill", &id]).output();
 }
@@ -281,8 +321,10 @@ async fn a_vm_runs_in_a_cgroup_of_its_own_within_its_limits_and_the_cgroup_goes_
         .flatten()
         .map(|t| t.file_name().to_string_lossy().into_owned())
         .collect();
-    let procs = read(pids.join("cgroup.procs"));
-    assert_eq!(procs, pid.to_string(), "the cgroup holds more or less than QEMU");
+    let procs: std::collections::BTreeSet<u32> =
+        read(pids.join("cgroup.procs")).lines().map(|l| l.parse().unwrap()).collect();
+    let monitor = strata_vmm::monitor_of(pid).expect("a confined QEMU has a monitor");
+    assert_eq!(procs, [pid, monitor].into(), "the cgroup holds more or less than QEMU and its monitor");
     assert!(!tasks.is_empty());
 
     // The guest spins its vCPU: QEMU gets about its 30% of a CPU, not more.
@@ -628,4 +670,43 @@ async fn a_fork_bomb_in_a_guest_changes_nothing_on_the_host_and_its_neighbour_an
     assert!(busy <= 2.0 * idle + 50.0, "the neighbour answered in {busy:.1} ms beside a fork bomb, {idle:.1} ms idle");
     bomb.close().await;
     neighbour.close().await;
+}
+
+#[tokio::test]
+async fn a_guest_flooding_its_console_leaves_a_bounded_log_with_its_newest_lines() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let mut s = eng.launch(&eng.package("python3").unwrap(), &settings(), &LogProgress).await.unwrap();
+    let log = env().state.join("sessions").join(&s.id).join("console.log");
+    let bound = strata_vmm::CONSOLE_LOG_MAX;
+    // One and a half times the bound, through the guest's serial console,
+    // then a last line to find.
+    let flood = "def flood(n):\n\
+                 \x20 f = open('/dev/ttyS0', 'wb', 0)\n\
+                 \x20 for i in range(n): _ = f.write(b'flood %06d ' % i + b'x' * 1011 + b'\\n')\n\
+                 \x20 _ = f.write(b'FLOOD-END\\n'); f.close()\n\
+                 \x20 return 'FLOODED %d' % n\n\
+                 \n";
+    s.expect_after(flood.as_bytes(), ">>> ", ANSWER).await.unwrap();
+    let t0 = std::time::Instant::now();
+    s.expect_after(b"print(flood(1536))\n", "\nFLOODED 1536", Duration::from_secs(600)).await.unwrap();
+    let size = std::fs::metadata(&log).unwrap().len();
+    eprintln!("1.5 MiB through the console in {:.1} s left a log of {size} bytes", t0.elapsed().as_secs_f64());
+    assert!(size <= bound, "the console log is {size} bytes, beyond {bound}");
+    // Its newest part is kept.
+    let ends_with_marker = wait_until(Duration::from_secs(10), || {
+        std::fs::read(&log).is_ok_and(|t| String::from_utf8_lossy(&t).contains("FLOOD-END"))
+    });
+    assert!(ends_with_marker, "the newest line is not in the log");
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(text.contains("flood 001535 "), "the last flood line is not kept");
+    assert!(!text.contains("flood 000000 "), "the oldest line was kept");
+    // QEMU's own log did not take the flood instead.
+    let qemu_log = env().state.join("sessions").join(&s.id).join("qemu.log");
+    assert!(std::fs::metadata(&qemu_log).unwrap().len() < 64 * 1024);
+    // The guest answers on.
+    s.expect_after(b"print(7*6)\n", "\n42", ANSWER).await.unwrap();
+    s.close().await;
 }

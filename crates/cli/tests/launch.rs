@@ -106,7 +106,9 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     drop(ballast);
     let vm = s.vm_pid();
-    assert_eq!(parent_of(vm), Some(server), "QEMU {vm} was not forked by the fork server");
+    // Through its monitor, which stands outside QEMU's pid namespace.
+    let monitor = strata_vmm::monitor_of(vm).unwrap_or_else(|| panic!("QEMU {vm} has no monitor"));
+    assert_eq!(parent_of(monitor), Some(server), "QEMU {vm} was not forked by the fork server");
     // Its command line is its own (strata finds a session's QEMU by it).
     let cmdline = text(&std::fs::read(format!("/proc/{vm}/cmdline")).unwrap()).replace('\0', " ");
     assert!(cmdline.starts_with("qemu-system-x86_64 ") && cmdline.contains("-incoming defer"), "{cmdline}");
@@ -121,7 +123,8 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     let eng = engine_with(|c| c.fork_server = Some("/nonexistent/libstrata_qemu_preload.so".into()));
     assert_eq!(eng.fork_server_pid(), None);
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
-    assert_eq!(parent_of(s.vm_pid()), Some(std::process::id()));
+    let monitor = strata_vmm::monitor_of(s.vm_pid()).expect("an exec'd QEMU has a monitor");
+    assert_eq!(parent_of(monitor), Some(std::process::id()));
     s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
     s.close().await;
 }
@@ -146,7 +149,15 @@ async fn two_sessions_run_at_once_and_never_see_each_others_writes() {
     let pid_a = a.vm_pid();
     a.close().await;
     b.close().await;
-    assert!(!std::path::Path::new(&format!("/proc/{pid_a}")).exists(), "QEMU {pid_a} still alive");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid_a}")).exists(),
+        "QEMU {pid_a} still alive: {:?}",
+        std::fs::read_to_string(format!("/proc/{pid_a}/status")).map(|s| s
+            .lines()
+            .take(8)
+            .collect::<Vec<_>>()
+            .join(" / "))
+    );
     let mut c = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let seen =
         c.expect_after(b"import os; print('again', os.path.exists('/root/mark'))\n", "again F", ANSWER).await.unwrap();

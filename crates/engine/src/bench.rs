@@ -246,6 +246,19 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
+/// Private memory of a VM's processes, in MiB: its QEMU's (dirty or
+/// anonymous, from smaps_rollup) and, for a confined VM, what its monitor
+/// dirtied of its own (the rest it shares with the fork server).
+fn vm_private_mib(qemu: u32) -> f64 {
+    let rollup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let text = rollup(qemu);
+    let mut kib = kib_field(&text, "Private_Dirty:").max(kib_field(&text, "Anonymous:"));
+    if let Some(monitor) = strata_vmm::monitor_of(qemu) {
+        kib += kib_field(&rollup(monitor), "Private_Dirty:");
+    }
+    kib / 1024.0
+}
+
 /// A `Field:   N kB` value of /proc files such as meminfo and smaps_rollup, in KiB.
 pub(crate) fn kib_field(text: &str, field: &str) -> f64 {
     text.lines()
@@ -306,9 +319,7 @@ impl Engine {
         let (mut private, mut rss) = (Vec::new(), Vec::new());
         for s in &sessions {
             let text = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", s.vm_pid())).unwrap_or_default();
-            let dirty = kib_field(&text, "Private_Dirty:");
-            let anon = kib_field(&text, "Anonymous:");
-            private.push(dirty.max(anon) / 1024.0);
+            private.push(vm_private_mib(s.vm_pid()));
             rss.push(kib_field(&text, "Rss:") / 1024.0);
         }
         for s in sessions {
@@ -701,10 +712,7 @@ impl Engine {
                     side.cpu_ms.push(process_cpu_seconds(s.vm_pid()) * 1000.0);
                     s.quiet().await?;
                     tokio::time::sleep(CONFINE_IDLE).await;
-                    let text =
-                        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", s.vm_pid())).unwrap_or_default();
-                    side.private_mib
-                        .push(kib_field(&text, "Private_Dirty:").max(kib_field(&text, "Anonymous:")) / 1024.0);
+                    side.private_mib.push(vm_private_mib(s.vm_pid()));
                     s.close().await;
                 }
             }

@@ -66,22 +66,31 @@ pub async fn kvm_boots(
         return Ok(false);
     }
     let mut probe = Command::new(QEMU);
-    // SAFETY: prctl and the id changes are async-signal-safe. Like every
-    // QEMU strata starts, the probe can never gain privileges, and runs as
-    // the ids it was given (with the kvm group), not as root.
+    // Like every QEMU strata starts, the probe is confined: a view of its
+    // own (QEMU, /dev/kvm, the probe's kernel and initramfs), a pid
+    // namespace with its monitor, no privileges to gain, the ids it was
+    // given (with the kvm group), not root.
+    crate::qemu::ensure_view_mount_point()?;
+    let mut shown = Vec::new();
+    for p in [kernel, initramfs] {
+        let path = std::path::absolute(p).map_err(|source| Error::Io { path: p.to_path_buf(), source })?;
+        shown.push(strata_zygote::Shown::Bind { path, writable: false });
+    }
+    let view = strata_zygote::FileView::for_qemu(true, shown).steps().map_err(|e| Error::Confine(e.to_string()))?;
+    // SAFETY: the confinement makes system calls only.
     unsafe {
         probe.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(c) = &credentials {
-                strata_zygote::limit_open_files()?;
-                c.assume().map_err(|what| {
-                    let e = std::io::Error::last_os_error();
-                    std::io::Error::new(e.kind(), format!("{what}: {e}"))
-                })?;
-            }
-            Ok(())
+            let confinement = strata_zygote::monitor::ExecConfinement {
+                view: Some(&view),
+                console: None,
+                file_size_limit: 0,
+                credentials: credentials.as_ref(),
+                die_with_parent: true,
+            };
+            confinement.apply().map_err(|what| {
+                let e = std::io::Error::last_os_error();
+                std::io::Error::new(e.kind(), format!("{what}: {e}"))
+            })
         });
     }
     let mut child = probe

@@ -274,7 +274,11 @@ impl VmConfig {
         push(&["-object", &ram]);
         push(&["-kernel", &self.kernel.display().to_string(), "-initrd", &self.initramfs.display().to_string()]);
         push(&["-append", &self.cmdline]);
-        let console = format!("file,id=console,path={}", dir.join(CONSOLE_LOG).display());
+        let console = match &channels.console {
+            // Reopened through QEMU's own /proc: the pipe it inherited.
+            Some(c) => format!("file,id=console,path=/proc/self/fd/{}", c.write.as_raw_fd()),
+            None => format!("file,id=console,path={}", dir.join(CONSOLE_LOG).display()),
+        };
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         // QEMU serves both channels on sockets the host bound before it
         // started (see [`Channels`]).
@@ -439,15 +443,60 @@ fn listen(path: &Path) -> Result<UnixListener, Error> {
 struct Channels {
     qmp: std::os::unix::net::UnixListener,
     agent: std::os::unix::net::UnixListener,
+    /// A confined VM's console: QEMU writes it into a pipe, its monitor
+    /// keeps the log (bounded; see [`strata_zygote::monitor`]).
+    console: Option<ConsolePipe>,
+}
+
+struct ConsolePipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    log: std::fs::File,
 }
 
 impl Channels {
-    fn bind(dir: &Path) -> Result<Channels, Error> {
-        Ok(Channels { qmp: bind_socket(&dir.join(QMP_SOCK))?, agent: bind_socket(&dir.join(AGENT_SOCK))? })
+    /// Binds the channels' sockets in `dir`; with `monitored` (the ids a
+    /// confined QEMU runs as) the console's pipe too.
+    fn bind(dir: &Path, monitored: Option<(u32, u32)>) -> Result<Channels, Error> {
+        let console = if let Some((uid, gid)) = monitored {
+            let log_path = dir.join(CONSOLE_LOG);
+            // Read too: its monitor moves the newest part to the front.
+            let log = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&log_path)
+                .map_err(|source| Error::Io { path: log_path.clone(), source })?;
+            let mut ends = [0; 2];
+            // SAFETY: pipe2 writes two descriptors into the array we own.
+            if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+                return Err(Error::Io { path: log_path, source: std::io::Error::last_os_error() });
+            }
+            use std::os::fd::FromRawFd;
+            // SAFETY: both are new descriptors nobody else owns.
+            let (read, write) =
+                unsafe { (std::os::fd::OwnedFd::from_raw_fd(ends[0]), std::os::fd::OwnedFd::from_raw_fd(ends[1])) };
+            // QEMU reopens its end by /proc/self/fd: the pipe must be its.
+            std::os::unix::fs::fchown(&write, Some(uid), Some(gid))
+                .map_err(|source| Error::Io { path: log_path, source })?;
+            Some(ConsolePipe { read, write, log })
+        } else {
+            None
+        };
+        Ok(Channels { qmp: bind_socket(&dir.join(QMP_SOCK))?, agent: bind_socket(&dir.join(AGENT_SOCK))?, console })
     }
 
-    fn fds(&self) -> [std::os::fd::RawFd; 2] {
-        [self.qmp.as_raw_fd(), self.agent.as_raw_fd()]
+    /// The descriptors QEMU inherits.
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let mut fds = vec![self.qmp.as_raw_fd(), self.agent.as_raw_fd()];
+        fds.extend(self.console.as_ref().map(|c| c.write.as_raw_fd()));
+        fds
+    }
+
+    /// The monitor's side of the console.
+    fn monitor_console(&self) -> Option<strata_zygote::monitor::Console> {
+        self.console
+            .as_ref()
+            .map(|c| strata_zygote::monitor::Console { pipe: c.read.as_raw_fd(), log: c.log.as_raw_fd() })
     }
 }
 
@@ -582,8 +631,10 @@ pub fn cpu_ms(pid: u32) -> f64 {
 
 /// A QEMU process, however it was started.
 enum Process {
-    /// Started by exec: our child.
-    Child(Child),
+    /// Started by exec: our child, and QEMU's pid (the same, or a child
+    /// of it: a confined QEMU's monitor is ours, QEMU its child, signalled
+    /// through its pidfd; the monitor exits once it has reaped QEMU).
+    Child(Child, u32, Option<std::os::fd::OwnedFd>),
     /// Forked by the fork server: its pidfd says when it exits (the server
     /// reaps it).
     Forked { pid: u32, pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd> },
@@ -596,39 +647,36 @@ impl Process {
     /// cannot reach another process should the pid be reused.
     fn kill_now(&self) {
         match self {
-            Process::Forked { pidfd, .. } => {
-                // SAFETY: pidfd_send_signal takes a descriptor we own, a
-                // signal number and no siginfo.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        pidfd.get_ref().as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                }
-            }
+            Process::Forked { pidfd, .. } => pidfd_kill(pidfd.get_ref()),
+            Process::Child(_, _, Some(pidfd)) => pidfd_kill(pidfd),
             // A reaped child has no pid left to signal.
-            Process::Child(c) => c.id().map_or((), kill_pid),
+            Process::Child(c, _, None) => c.id().map_or((), kill_pid),
             Process::Other(pid) => kill_pid(*pid),
         }
     }
 
     fn pid(&self) -> u32 {
         match self {
-            Process::Child(c) => c.id().unwrap_or(0),
-            Process::Forked { pid, .. } | Process::Other(pid) => *pid,
+            Process::Child(_, pid, _) | Process::Forked { pid, .. } | Process::Other(pid) => *pid,
         }
     }
 
     /// Waits until the process has exited; its exit status, as far as known.
     async fn exited(&mut self) -> String {
         match self {
-            Process::Child(c) => c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            Process::Child(c, ..) => c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
             Process::Forked { pidfd, .. } => match pidfd.readable().await {
-                // The fork server reaps it and keeps its status.
-                Ok(_) => "exited (status in the fork server)".into(),
+                Ok(_) => {
+                    // Exited; gone once its monitor (or, unconfined, the
+                    // fork server) reaped it, which keeps its status.
+                    for _ in 0..2000 {
+                        if !pidfd_alive(pidfd.get_ref()) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    "exited (status in the fork server)".into()
+                }
                 Err(e) => e.to_string(),
             },
             Process::Other(pid) => {
@@ -677,9 +725,11 @@ fn exec_qemu(
     view: Option<&strata_zygote::FileView>,
 ) -> Result<Process, Error> {
     let channel_fds = channels.fds();
+    let console = channels.monitor_console();
     // Prepared here: between fork and exec nothing may allocate.
     let cgroup_procs = cgroup_procs_files(cgroup)?;
     let view = view.map(strata_zygote::FileView::steps).transpose().map_err(|e| Error::Confine(e.to_string()))?;
+    let monitored = view.is_some();
     let mut cmd = Command::new(QEMU);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
     for (k, v) in qemu_env(cfg) {
@@ -708,31 +758,27 @@ fn exec_qemu(
                 }
             }
             libc::setsid();
-            // Its own file system view (a mount namespace): it sees only
-            // what it needs, the host's QEMU binary included.
-            if let Some(steps) = &view {
-                if let Err(what) = steps.apply() {
-                    let e = std::io::Error::last_os_error();
-                    return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
-                }
-            }
             if no_thp {
                 libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
             }
             if niceness != 0 {
                 libc::setpriority(libc::PRIO_PROCESS, 0, niceness);
             }
-            // No privileges to gain, namespaces and bounds of its own, not root.
-            if let Err(what) = strata_zygote::confine_self(file_size_limit, credentials.as_ref()) {
+            // Its view, pid namespace and monitor, no privileges to gain,
+            // namespaces and bounds of its own, not root.
+            let confinement = strata_zygote::monitor::ExecConfinement {
+                view: view.as_ref(),
+                console,
+                file_size_limit,
+                credentials: credentials.as_ref(),
+                die_with_parent,
+            };
+            confinement.apply().map_err(|what| {
                 let e = std::io::Error::last_os_error();
-                return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
-            }
-            // After the change of ids, which clears it.
-            if die_with_parent {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            }
+                std::io::Error::new(e.kind(), format!("{what}: {e}"))
+            })?;
             // The channels' sockets stay open across exec, in QEMU only.
-            for fd in channel_fds {
+            for &fd in &channel_fds {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -741,7 +787,62 @@ fn exec_qemu(
             Ok(())
         });
     }
-    Ok(Process::Child(cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?))
+    let child = cmd.spawn().map_err(|source| Error::Spawn { program: QEMU.into(), source })?;
+    let own = child.id().unwrap_or(0);
+    // spawn returns once QEMU has exec'd (the monitor closed its copy of
+    // the pipe that reports a failed exec): a monitor's QEMU is its child
+    // by then, unless it already exited (then the monitor stands for it).
+    let qemu = if monitored { only_child(own).unwrap_or(own) } else { own };
+    // Not reaped before its monitor exits, so the pid is still QEMU's.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let pidfd = (qemu != own).then(|| unsafe { libc::syscall(libc::SYS_pidfd_open, qemu, 0) } as i32);
+    // SAFETY: a new descriptor, ours alone.
+    let pidfd = pidfd.filter(|fd| *fd >= 0).map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
+    Ok(Process::Child(child, qemu, pidfd))
+}
+
+/// Whether the process behind a pidfd is still there (running, or exited
+/// and not yet reaped).
+fn pidfd_alive(pidfd: &std::os::fd::OwnedFd) -> bool {
+    // SAFETY: signal 0 through a descriptor we own only checks.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Sends SIGKILL through a pidfd (which cannot reach another process
+/// should the pid be reused).
+fn pidfd_kill(pidfd: &std::os::fd::OwnedFd) {
+    // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number
+    // and no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+/// The monitor of a confined VM's QEMU `qemu` (its parent, outside QEMU's
+/// pid namespace), if it has one.
+pub fn monitor_of(qemu: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{qemu}/stat")).ok()?;
+    let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok()?;
+    let comm = std::fs::read(format!("/proc/{parent}/comm")).ok()?;
+    (comm.strip_suffix(b"\n") == Some(strata_zygote::monitor::MONITOR_NAME.to_bytes())).then_some(parent)
+}
+
+/// The one child of process `pid`, if it has exactly one.
+fn only_child(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    match text.split_whitespace().map(str::parse::<u32>).collect::<Vec<_>>().as_slice() {
+        [Ok(child)] => Some(*child),
+        _ => None,
+    }
 }
 
 /// Moves a file QEMU wrote to where it belongs (copied if that is on
@@ -808,13 +909,17 @@ fn file_view(cfg: &VmConfig) -> Result<strata_zygote::FileView, Error> {
             Plug::Network { .. } => {}
         }
     }
-    // Made once: the directory the child mounts its view's root on.
+    ensure_view_mount_point()?;
+    Ok(strata_zygote::FileView::for_qemu(cfg.accel == Accel::Kvm, shown))
+}
+
+/// Makes, once, the directory a child mounts its view's root on.
+pub(crate) fn ensure_view_mount_point() -> Result<(), Error> {
     static MOUNT_POINT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     MOUNT_POINT
         .get_or_init(|| std::fs::create_dir_all(strata_zygote::VIEW_MOUNT_POINT).map_err(|e| e.to_string()))
         .clone()
-        .map_err(|e| Error::Confine(format!("{}: {e}", strata_zygote::VIEW_MOUNT_POINT)))?;
-    Ok(strata_zygote::FileView::for_qemu(cfg.accel == Accel::Kvm, shown))
+        .map_err(|e| Error::Confine(format!("{}: {e}", strata_zygote::VIEW_MOUNT_POINT)))
 }
 
 /// The files beneath a disk that is never written (an image's, which a
@@ -899,8 +1004,15 @@ async fn fork_qemu(
     let null = std::fs::File::open("/dev/null")
         .map_err(|source| strata_zygote::Error::Io { what: "opening /dev/null", source })?;
     let (qmp, agent) = (channels.qmp.as_fd(), channels.agent.as_fd());
-    let fds = [dup(null.as_fd())?, dup(null.as_fd())?, dup(log.as_fd())?, dup(qmp)?, dup(agent)?];
-    let fd_targets = vec![0, 1, 2, qmp.as_raw_fd(), agent.as_raw_fd()];
+    let mut fds = vec![dup(null.as_fd())?, dup(null.as_fd())?, dup(log.as_fd())?, dup(qmp)?, dup(agent)?];
+    let mut fd_targets = vec![0, 1, 2, qmp.as_raw_fd(), agent.as_raw_fd()];
+    // A monitored console: QEMU's end, then the monitor's two.
+    if let Some(c) = &channels.console {
+        fds.push(dup(c.write.as_fd())?);
+        fd_targets.push(c.write.as_raw_fd());
+        fds.push(dup(c.read.as_fd())?);
+        fds.push(dup(c.log.as_fd())?);
+    }
     let overrides = qemu_env(cfg);
     let mut env: Vec<Vec<u8>> = std::env::vars_os()
         .filter(|(k, _)| !overrides.iter().any(|(o, _)| k == o) && k != "LD_PRELOAD")
@@ -916,6 +1028,7 @@ async fn fork_qemu(
         no_thp: no_thp(cfg),
         credentials,
         file_size_limit: cfg.file_size_limit.unwrap_or(0),
+        console: channels.console.is_some() && view.is_some(),
         view,
     };
     let server = server.clone();
@@ -977,7 +1090,8 @@ impl Vm {
             Some(_) => Some(file_view(cfg)?),
             None => None,
         };
-        let channels = Channels::bind(&cfg.dir)?;
+        let monitored = credentials.as_ref().filter(|_| view.is_some()).map(|c| (c.uid, c.gid));
+        let channels = Channels::bind(&cfg.dir, monitored)?;
         let args = cfg.args(&channels);
         let log = cfg.dir.join("qemu.log");
         let log_file = std::fs::File::create(&log).map_err(|source| Error::Io { path: log, source })?;
@@ -991,8 +1105,14 @@ impl Vm {
                 match fork_qemu(server, cfg, &args, &channels, &log_file, credentials.clone(), view.clone()).await {
                     Ok(p) => {
                         // A forked QEMU joins its cgroup at once: it is still
-                        // setting itself up in the fork server's code.
-                        if let Some(Err(e)) = cgroup.as_ref().map(|c| c.add(p.pid())) {
+                        // setting itself up in the fork server's code. Its
+                        // monitor too (the console's copying is the VM's work).
+                        let monitor = monitor_of(p.pid());
+                        let joined = cgroup.as_ref().map(|c| {
+                            c.add(p.pid())?;
+                            monitor.map_or(Ok(()), |m| c.add(m))
+                        });
+                        if let Some(Err(e)) = joined {
                             p.kill_now();
                             return Err(Error::Confine(e.to_string()));
                         }
@@ -1285,7 +1405,7 @@ impl Vm {
             _ => tokio::time::timeout(timeout, self.process.exited()).await.is_ok(),
         };
         if exited {
-            self.remove_cgroup();
+            self.remove_cgroup().await;
         }
         exited
     }
@@ -1295,15 +1415,22 @@ impl Vm {
         self.process.kill_now();
         // Bounded: a process stuck in the kernel must not hang a caller.
         if tokio::time::timeout(Duration::from_secs(10), self.process.exited()).await.is_ok() {
-            self.remove_cgroup();
+            self.remove_cgroup().await;
         }
         self.released = true;
     }
 
     /// Removes the VM's cgroup once QEMU has exited (tasks leave their
     /// cgroup when they exit, before they are reaped).
-    fn remove_cgroup(&mut self) {
+    /// QEMU's monitor leaves it just after QEMU: waited for, briefly.
+    async fn remove_cgroup(&mut self) {
         if let Some(cg) = self.cgroup.take() {
+            for _ in 0..200 {
+                if cg.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if let Err(e) = cg.remove() {
                 tracing::debug!(error = %e, "the VM's cgroup is left for the sweep");
             }

@@ -14,13 +14,14 @@
 //! runs inside the server process. Messages are one datagram each on a
 //! `SOCK_SEQPACKET` socket pair, descriptors passed with `SCM_RIGHTS`.
 
+pub mod monitor;
 pub mod view;
 
 pub use view::{FileView, Shown, Steps, VIEW_MOUNT_POINT};
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -90,6 +91,10 @@ pub struct SpawnRequest {
     /// by the fork handler [`install_fork_handler`] registers, before
     /// QEMU's own handlers start threads in the child.
     pub view: Option<FileView>,
+    /// The last two descriptors sent along are not the child's but its
+    /// monitor's: the read end of the pipe QEMU writes the guest's console
+    /// into, and the console log ([`monitor::Console`]). Only with a view.
+    pub console: bool,
 }
 
 /// What every QEMU goes through before it runs, exec'd or forked, in this
@@ -244,6 +249,7 @@ const FLAG_NO_THP: u32 = 2;
 const FLAG_CREDENTIALS: u32 = 4;
 const FLAG_FILE_SIZE: u32 = 8;
 const FLAG_VIEW: u32 = 16;
+const FLAG_CONSOLE: u32 = 32;
 
 impl SpawnRequest {
     /// # Errors
@@ -260,7 +266,11 @@ impl SpawnRequest {
             | if self.no_thp { FLAG_NO_THP } else { 0 }
             | if self.credentials.is_some() { FLAG_CREDENTIALS } else { 0 }
             | if self.file_size_limit != 0 { FLAG_FILE_SIZE } else { 0 }
-            | if self.view.is_some() { FLAG_VIEW } else { 0 };
+            | if self.view.is_some() { FLAG_VIEW } else { 0 }
+            | if self.console { FLAG_CONSOLE } else { 0 };
+        if self.console && self.view.is_none() {
+            return Err(Error::Protocol("a console kept by a monitor without a view"));
+        }
         put_u32(&mut out, flags);
         out.extend_from_slice(&self.niceness.to_le_bytes());
         if self.file_size_limit != 0 {
@@ -365,10 +375,16 @@ impl SpawnRequest {
             niceness,
             die_with_parent: flags & FLAG_DIE_WITH_PARENT != 0,
             no_thp: flags & FLAG_NO_THP != 0,
+            console: flags & FLAG_CONSOLE != 0 && view.is_some(),
             credentials,
             file_size_limit,
             view,
         })
+    }
+
+    /// How many descriptors come with this request.
+    pub fn fd_count(&self) -> usize {
+        self.fd_targets.len() + if self.console { 2 } else { 0 }
     }
 }
 
@@ -501,6 +517,32 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: socketpair succeeded: both are open descriptors nobody else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are open descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
+}
+
+/// A pid written (4 bytes, little-endian) down a pipe within `timeout`;
+/// `None` if the writer closed it first or took longer.
+fn read_pid(fd: RawFd, timeout: Duration) -> Option<i32> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one pollfd we own.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        return None;
+    }
+    let mut buf = [0u8; 4];
+    // SAFETY: reading into a buffer we own; a pipe write of 4 bytes is atomic.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    (n == 4).then(|| i32::from_le_bytes(buf)).filter(|p| *p > 0)
 }
 
 /// Sends one datagram with descriptors attached.
@@ -684,7 +726,7 @@ impl ForkServer {
     /// # Errors
     /// If the server is gone or could not fork.
     pub fn spawn(&self, req: &SpawnRequest, fds: &[BorrowedFd<'_>]) -> Result<(u32, OwnedFd), Error> {
-        if fds.len() != req.fd_targets.len() {
+        if fds.len() != req.fd_count() {
             return Err(Error::Protocol("descriptors and their numbers differ in count"));
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -886,7 +928,7 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
             continue;
         }
         let req = match SpawnRequest::decode(&buf[..n]) {
-            Ok(r) if r.fd_targets.len() == fds.len() => r,
+            Ok(r) if r.fd_count() == fds.len() => r,
             Ok(_) | Err(_) => {
                 let what = "malformed request (or descriptors missing)".to_string();
                 let _ = send_with_fds(sock, &Reply::Failed { errno: libc::EINVAL, what }.encode(), &[]);
@@ -903,6 +945,14 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
             }
         };
         let pending = steps.as_ref().map_or(std::ptr::null_mut(), |s| std::ptr::from_ref::<Steps>(s).cast_mut());
+        // A child with a view gets a pid namespace of its own: it splits
+        // into QEMU and its monitor, which reports QEMU's pid down this pipe.
+        let report = if req.view.is_some() { pipe().ok() } else { None };
+        if req.view.is_some() && report.is_none() {
+            let what = "making the pipe a child reports on".to_string();
+            let _ = send_with_fds(sock, &Reply::Failed { errno: libc::EMFILE, what }.encode(), &[]);
+            continue;
+        }
         PENDING_VIEW.store(pending, Ordering::SeqCst);
         // SAFETY: glibc's fork runs the handlers QEMU registered (its RCU
         // thread is recreated in the child) and leaves malloc usable there;
@@ -910,9 +960,22 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
         let pid = unsafe { libc::fork() };
         PENDING_VIEW.store(std::ptr::null_mut(), Ordering::SeqCst);
         if pid == 0 {
+            let report = report.map(|(r, w)| {
+                drop(r);
+                w.into_raw_fd()
+            });
             // SAFETY: in the child, with the request's descriptors.
-            return unsafe { become_child(sock, req, fds, cmdline) };
+            return unsafe { become_child(sock, req, fds, cmdline, report) };
         }
+        // QEMU's pid, from the monitor; if the child failed before it split,
+        // the child itself (strata then sees it exit, and why in its log).
+        let qemu = match report {
+            Some((r, w)) if pid > 0 => {
+                drop(w);
+                read_pid(r.as_raw_fd(), Duration::from_secs(10)).unwrap_or(pid)
+            }
+            _ => pid,
+        };
         let reply = if pid < 0 {
             (
                 Reply::Failed {
@@ -923,12 +986,18 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
             )
         } else {
             // The child cannot have been reaped yet (only this loop reaps),
-            // so the pid is still the child's.
+            // so its pid is still its own. QEMU, reaped by its monitor, may
+            // already have failed: then the monitor's pidfd stands for it
+            // (it exits at once, with QEMU's status).
             // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+            let open = |p: i32| unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) } as RawFd;
+            let (pid, pidfd) = match open(qemu) {
+                fd if fd < 0 && qemu != pid => (pid, open(pid)),
+                fd => (qemu, fd),
+            };
             if pidfd < 0 {
                 let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                // SAFETY: our child; a kill has no memory effects.
+                // SAFETY: our child (or QEMU); a kill has no memory effects.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 (Reply::Failed { errno, what: "pidfd_open".into() }, None)
             } else {
@@ -1098,10 +1167,36 @@ pub fn renice_threads(pid: u32, niceness: i32) {
     }
 }
 
+/// Shows `args` as this process's command line (/proc/PID/cmdline) by
+/// writing them over its original arguments' memory, `cmdline`.
+fn show_arguments<A: AsRef<[u8]>>(cmdline: &mut [u8], args: &[A]) {
+    let mut at = 0;
+    for a in args {
+        let a = a.as_ref();
+        if at + a.len() + 1 > cmdline.len() {
+            break;
+        }
+        cmdline[at..at + a.len()].copy_from_slice(a);
+        cmdline[at + a.len()] = 0;
+        at += a.len() + 1;
+    }
+    cmdline[at..].fill(0);
+}
+
 /// In a just-forked child: the request's process attributes and
 /// descriptors. Failures are written to its standard error (QEMU's log)
-/// and end it: strata sees an early exit.
-unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdline: &mut [u8]) -> ChildStart {
+/// and end it: strata sees an early exit. A child with a view splits into
+/// QEMU, PID 1 of a pid namespace of its own, and its monitor, which sends
+/// QEMU's pid down `report` ([`monitor`]).
+unsafe fn become_child(
+    sock: RawFd,
+    req: SpawnRequest,
+    mut fds: Vec<OwnedFd>,
+    cmdline: &mut [u8],
+    report: Option<RawFd>,
+) -> ChildStart {
+    // The monitor's descriptors, QEMU's the rest.
+    let console = if req.console { fds.split_off(req.fd_targets.len()) } else { Vec::new() };
     let fail = |what: &str| -> ! {
         let msg = format!("strata fork server: {what}: {}\n", io::Error::last_os_error());
         // SAFETY: writing bytes we own to fd 2, then leaving.
@@ -1125,6 +1220,31 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
                 }
                 _ => fail("the fork handler that makes the file view is not installed"),
             }
+            // The next fork is QEMU's alone; its view is made.
+            PENDING_VIEW.store(std::ptr::null_mut(), Ordering::SeqCst);
+            if let Err(what) = monitor::unshare_pid_namespace() {
+                fail(what);
+            }
+            // glibc's fork again: QEMU's handlers recreate its RCU thread.
+            let qemu = libc::fork();
+            if qemu < 0 {
+                fail("forking QEMU into its pid namespace");
+            }
+            if qemu > 0 {
+                show_arguments(cmdline, &[monitor::MONITOR_NAME.to_bytes()]);
+                let console = match console.as_slice() {
+                    [pipe, log] => Some(monitor::Console { pipe: pipe.as_raw_fd(), log: log.as_raw_fd() }),
+                    _ => None,
+                };
+                monitor::monitor(qemu, report, console, req.credentials.as_ref(), req.die_with_parent);
+            }
+            drop(console);
+            if let Some(fd) = report {
+                libc::close(fd);
+            }
+            if let Err(what) = monitor::mount_proc() {
+                fail(what);
+            }
         }
         // As for an exec'd QEMU. (The IPC and UTS namespaces need not be
         // unshared by the whole process at once: the RCU thread, recreated
@@ -1133,14 +1253,10 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
         if let Err(what) = confine_self(req.file_size_limit, req.credentials.as_ref()) {
             fail(what);
         }
-        // After the change of ids, which clears it.
-        if req.die_with_parent {
-            let parent = libc::getppid();
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            // The server died between the fork and the prctl.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
+        // After the change of ids, which clears it. QEMU with a monitor
+        // always dies with it: killing either ends the VM.
+        if req.die_with_parent || req.view.is_some() {
+            monitor::die_with_parent();
         }
     }
     if req.niceness != 0 {
@@ -1153,17 +1269,7 @@ unsafe fn become_child(sock: RawFd, req: SpawnRequest, fds: Vec<OwnedFd>, cmdlin
     }
     // Closed by place_fds (or now the targets).
     std::mem::forget(fds);
-    // Show the child's own arguments in /proc/PID/cmdline.
-    let mut at = 0;
-    for a in &req.args {
-        if at + a.len() + 1 > cmdline.len() {
-            break;
-        }
-        cmdline[at..at + a.len()].copy_from_slice(a);
-        cmdline[at + a.len()] = 0;
-        at += a.len() + 1;
-    }
-    cmdline[at..].fill(0);
+    show_arguments(cmdline, &req.args);
     let cstrings = |v: Vec<Vec<u8>>| v.into_iter().map(|s| CString::new(s).expect("decode refused NULs")).collect();
     ChildStart { args: cstrings(req.args), env: cstrings(req.env) }
 }
@@ -1186,6 +1292,7 @@ mod tests {
                 true,
                 [Shown::Bind { path: "/var/lib/strata/sessions/x".into(), writable: true }],
             )),
+            console: true,
         }
     }
 
@@ -1195,8 +1302,9 @@ mod tests {
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
         let r = SpawnRequest { die_with_parent: false, no_thp: true, niceness: -5, env: vec![], ..sample() };
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
-        let r = SpawnRequest { credentials: None, file_size_limit: 0, view: None, ..sample() };
+        let r = SpawnRequest { credentials: None, file_size_limit: 0, view: None, console: false, ..sample() };
         assert_eq!(SpawnRequest::decode(&r.encode().unwrap()).unwrap(), r);
+        assert!(SpawnRequest { view: None, ..sample() }.encode().is_err(), "a console without a monitor");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! root is an empty tmpfs holding only what the VM needs, each piece bound
 //! from the host at the same path (read-only unless it is the VM's to
 //! write): QEMU and its libraries (`/usr`), the loader's cache and the
-//! resolver's configuration, a few device nodes, `/proc`, the VM's
+//! resolver's configuration, a few device nodes, a `/proc` of its own pid
+//! namespace (mounted by the process that becomes QEMU), the VM's
 //! directory, and the files of its own images. Not the catalog, not other
 //! sessions, not the rest of the host's `/etc` or of the store.
 //!
@@ -26,6 +27,9 @@ pub enum Shown {
     Device(PathBuf),
     /// A symbolic link (`/lib -> usr/lib` on a merged-/usr system).
     Link { path: PathBuf, target: PathBuf },
+    /// An empty `/proc`, where the process that becomes QEMU mounts the
+    /// one of its own pid namespace ([`crate::monitor::mount_proc`]).
+    Proc,
 }
 
 /// What a confined QEMU sees.
@@ -57,6 +61,7 @@ impl FileView {
                     [if *writable { b"w:" } else { b"r:" }.as_slice(), path.as_os_str().as_bytes()].concat()
                 }
                 Shown::Device(path) => [b"d:".as_slice(), path.as_os_str().as_bytes()].concat(),
+                Shown::Proc => b"p:".to_vec(),
                 Shown::Link { path, target } => {
                     [b"l:".as_slice(), path.as_os_str().as_bytes(), b"\t", target.as_os_str().as_bytes()].concat()
                 }
@@ -78,6 +83,7 @@ impl FileView {
                 Some(match kind {
                     b"w:" | b"r:" => Shown::Bind { path: path(rest)?, writable: kind == b"w:" },
                     b"d:" => Shown::Device(path(rest)?),
+                    b"p:" if rest.is_empty() => Shown::Proc,
                     b"l:" => {
                         let tab = rest.iter().position(|b| *b == b'\t')?;
                         let target = PathBuf::from(std::ffi::OsString::from_vec(rest[tab + 1..].to_vec()));
@@ -139,6 +145,7 @@ impl FileView {
                     ops.push(Op::Touch(dst.clone()));
                     ops.push(Op::Bind { src: cstring(path)?, dst, read_only: false, devices: true });
                 }
+                Shown::Proc => ops.push(Op::Mkdir(cstring(&under(Path::new("/proc"))?)?)),
             }
         }
         Ok(Steps { root: cstring(root)?, ops })
@@ -166,7 +173,7 @@ fn host_part() -> &'static [Shown] {
         }
         let devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
         shown.extend(devices.into_iter().filter(|d| Path::new(d).exists()).map(|d| Shown::Device(d.into())));
-        shown.push(Shown::Bind { path: "/proc".into(), writable: true });
+        shown.push(Shown::Proc);
         shown
     })
 }
@@ -294,9 +301,9 @@ mod tests {
             ],
         );
         assert_eq!(FileView::decode(&v.encode()), Some(v.clone()));
-        assert!(v.shown.contains(&Shown::Bind { path: "/proc".into(), writable: true }));
+        assert!(v.shown.contains(&Shown::Proc));
         assert!(!v.shown.iter().any(|s| matches!(s, Shown::Device(d) if d == Path::new("/dev/kvm"))));
-        for junk in [&b"x:/a"[..], b"w:relative", b"l:/a", b"w"] {
+        for junk in [&b"x:/a"[..], b"w:relative", b"l:/a", b"w", b"p:/proc"] {
             assert_eq!(FileView::decode(&[junk.to_vec()]), None, "{junk:?}");
         }
     }
