@@ -1582,9 +1582,10 @@ fn doctor(eng: &Engine) -> u8 {
     line(
         "files bound",
         &format!(
-            "each file a session's QEMU writes at most {} MiB (STRATA_DISK_MIB; never below its guest's RAM + \
-             64 MiB); {} open files",
+            "each file a session's QEMU writes at most its package's disk_mib + 256 MiB, capped at {} MiB \
+             (STRATA_DISK_MIB; never below its guest's RAM + 64 MiB); console logs {} KiB; {} open files",
             l.disk_mib,
+            strata_vmm::CONSOLE_LOG_MAX >> 10,
             strata_vmm::OPEN_FILES_MAX
         ),
     );

@@ -515,6 +515,22 @@ async fn a_guest_reaches_the_outside_world_but_no_address_of_this_host_nor_a_nei
     neighbour.close().await;
 }
 
+/// Python that writes `mib` MiB of zeros to `path` (synced every 32 MiB)
+/// and says how many it wrote and why it stopped.
+const FILL: &str = "import os\n\
+                    def fill(path, mib):\n\
+                    \x20 n, err = 0, 'none'\n\
+                    \x20 try:\n\
+                    \x20   f = open(path, 'wb')\n\
+                    \x20   while n < mib:\n\
+                    \x20     f.write(bytes(1 << 20)); n += 1\n\
+                    \x20     if n % 32 == 0: f.flush(); os.fsync(f.fileno())\n\
+                    \x20   f.flush(); os.fsync(f.fileno())\n\
+                    \x20 except OSError as e:\n\
+                    \x20   err = e.strerror\n\
+                    \x20 return 'WROTE %d ERR %s' % (n, err)\n\
+                    \n";
+
 #[tokio::test]
 async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_neighbour_that_can_write() {
     if !e2e() {
@@ -527,19 +543,7 @@ async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_n
     let bound: u64 = (512 + 64) << 20;
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let mut neighbour = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
-    let fill = "import os\n\
-                def fill(path, mib):\n\
-                \x20 n, err = 0, 'none'\n\
-                \x20 try:\n\
-                \x20   f = open(path, 'wb')\n\
-                \x20   while n < mib:\n\
-                \x20     f.write(bytes(1 << 20)); n += 1\n\
-                \x20     if n % 32 == 0: f.flush(); os.fsync(f.fileno())\n\
-                \x20   f.flush(); os.fsync(f.fileno())\n\
-                \x20 except OSError as e:\n\
-                \x20   err = e.strerror\n\
-                \x20 return 'WROTE %d ERR %s' % (n, err)\n\
-                \n";
+    let fill = FILL;
     s.expect_after(fill.as_bytes(), ">>> ", ANSWER).await.unwrap();
     let out = s
         .expect_after(b"print('FILL', fill('/root/fill', 900))\n", "\nFILL WROTE", Duration::from_secs(900))
@@ -708,5 +712,38 @@ async fn a_guest_flooding_its_console_leaves_a_bounded_log_with_its_newest_lines
     assert!(std::fs::metadata(&qemu_log).unwrap().len() < 64 * 1024);
     // The guest answers on.
     s.expect_after(b"print(7*6)\n", "\n42", ANSWER).await.unwrap();
+    s.close().await;
+}
+
+#[tokio::test]
+async fn a_guest_filling_its_disk_is_told_no_space_left_near_its_packages_disk_mib() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("python3").unwrap();
+    let want = u64::from(pkg.def.disk_mib);
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    s.expect_after(FILL.as_bytes(), ">>> ", ANSWER).await.unwrap();
+    let asked = want + 512;
+    let t0 = std::time::Instant::now();
+    let line = format!("print('FILL', fill('/root/fill', {asked}))\n");
+    let out = s.expect_after(line.as_bytes(), "\nFILL WROTE", Duration::from_secs(1200)).await.unwrap();
+    let rest = s.expect_after(b"", "\n>>> ", ANSWER).await.unwrap_or_default();
+    let both = out + &rest;
+    let said = both.rsplit("FILL WROTE").next().and_then(|r| r.lines().next()).unwrap_or_default().trim().to_string();
+    eprintln!("the guest filling a disk of {want} MiB: wrote {said} in {:.0} s", t0.elapsed().as_secs_f64());
+    let wrote: u64 = said.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(said.ends_with("ERR No space left on device"), "{said:?}");
+    assert!(wrote + 128 >= want && wrote <= want, "it wrote {wrote} MiB of its {want}");
+    // The guest runs on, and may free what it wrote.
+    s.expect_after(b"os.remove('/root/fill'); print(6*7)\n", "\n42", ANSWER).await.unwrap();
+    // The host kept its writes within the package's disk and the slack.
+    let bound = (want + u64::from(strata_engine::launch::DISK_SLACK_MIB)) << 20;
+    let dir = env().state.join("sessions").join(&s.id);
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        let len = f.metadata().unwrap().len();
+        assert!(len <= bound, "{} is {len} bytes, beyond {bound}", f.path().display());
+    }
     s.close().await;
 }

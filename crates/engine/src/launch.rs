@@ -85,19 +85,101 @@ pub(crate) fn new_session_id() -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// How a launch build prepares its guest before the program starts (the
+/// disk reserve); a change here makes new launch images.
+const LAUNCH_BUILD: &str = "disk-reserve-for-root";
+
 /// Recipe of a launch image: everything that shapes the saved VM.
 pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
     let mut h = Sha256::new();
-    for part in
-        ["launch", strata_vmm::SNAPSHOT_FORMAT, &base.digest, &install.digest, &pkg.def.digest(), accel.as_str(), qemu]
-    {
+    for part in [
+        "launch",
+        LAUNCH_BUILD,
+        strata_vmm::SNAPSHOT_FORMAT,
+        &base.digest,
+        &install.digest,
+        &pkg.def.digest(),
+        accel.as_str(),
+        qemu,
+    ] {
         h.update(part.as_bytes());
         h.update(b"\0");
     }
     hex::encode(h.finalize())
 }
 
+/// What the host lets a session write beyond what its guest sees free:
+/// the guest file system's journal (64 MiB on its 8 GiB root), metadata,
+/// and qcow2's cluster rounding.
+pub const DISK_SLACK_MIB: u32 = 256;
+
+/// The file a launch image's guest keeps allocated (never written) so that
+/// its root file system has the package's `disk_mib` free.
+const DISK_RESERVE: &str = "/.strata-disk-reserve";
+
+/// In a launch build's guest, before the program starts: allocates
+/// [`DISK_RESERVE`] so that the root file system has `disk_mib` MiB free
+/// for root, who runs the guest's programs (ext4 keeps 5% for root alone:
+/// other users see that much less).
+/// A session then sees "no space left" where its bound is, instead of an
+/// I/O error when the host stops its writes. (Allocated, not written: it
+/// costs the image a few MiB of metadata.)
+async fn reserve_disk(a: &mut Attached, pkg: &Package) -> Result<(), Error> {
+    const RESERVE_PROC: strata_proto::ProcId = 2;
+    let script = format!(
+        "set -e; set -- $(stat -f -c '%f %S' /); free_kib=$(($1 * $2 / 1024)); \
+         reserve_kib=$((free_kib - {want})); \
+         if [ \"$reserve_kib\" -gt 0 ]; then fallocate -l \"${{reserve_kib}}KiB\" {DISK_RESERVE}; \
+         chmod 0 {DISK_RESERVE}; sync; fi",
+        want = u64::from(pkg.def.disk_mib) * 1024,
+    );
+    a.conn
+        .send(&HostMsg::Spawn {
+            id: RESERVE_PROC,
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            env: Vec::new(),
+            readiness: Readiness::AliveMs(0),
+            ready_timeout_ms: 1000,
+        })
+        .await?;
+    let mut output = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), a.conn.recv())
+            .await
+            .map_err(|_| Error::Timeout { what: "reserving the guest's disk".into(), secs: 120 })??;
+        match msg {
+            Some(strata_proto::GuestMsg::Output { id: RESERVE_PROC, data }) => output.extend_from_slice(&data),
+            Some(strata_proto::GuestMsg::Exited { id: RESERVE_PROC, status: 0 }) => return Ok(()),
+            Some(strata_proto::GuestMsg::Exited { id: RESERVE_PROC, status }) => {
+                return Err(Error::InstallFailed {
+                    package: pkg.name.clone(),
+                    output: format!(
+                        "reserving the guest's disk exited with {status}: {}",
+                        String::from_utf8_lossy(&output).trim()
+                    ),
+                })
+            }
+            Some(strata_proto::GuestMsg::Failed { id: RESERVE_PROC, reason }) => {
+                return Err(Error::InstallFailed { package: pkg.name.clone(), output: reason })
+            }
+            Some(_) => {}
+            None => return Err(Error::AgentGone("reserving the guest's disk")),
+        }
+    }
+}
+
 impl Engine {
+    /// The most a session's QEMU may write to one file: what its guest may
+    /// write (the image's `disk_mib`) plus [`DISK_SLACK_MIB`], capped by
+    /// the server's `STRATA_DISK_MIB`; never below the guest's RAM plus
+    /// 64 MiB, since a pause writes the RAM into one file.
+    fn file_size_limit(&self, image: &ImageRecord, memory_mib: u32) -> u64 {
+        let guest = image.meta.get("disk_mib").and_then(|d| d.parse::<u32>().ok());
+        let disk = guest
+            .map_or(self.cfg.vm_limits.disk_mib, |g| g.saturating_add(DISK_SLACK_MIB).min(self.cfg.vm_limits.disk_mib));
+        u64::from(disk.max(memory_mib + 64)) << 20
+    }
+
     /// Base, install and launch images of a package, each built if missing.
     ///
     /// # Errors
@@ -189,6 +271,7 @@ impl Engine {
         };
         let ctx = ContextSettings::from_terminal(None).to_terminal_context();
         let mut a = boot_for_build(&self.store, "launch-vm", make, fresh, &ctx, BOOT_TIMEOUT).await?;
+        reserve_disk(&mut a, pkg).await?;
         let r = &pkg.def.ready;
         spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
         progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
@@ -218,6 +301,7 @@ impl Engine {
         let meta = BTreeMap::from([
             ("accel".to_string(), accel.as_str().to_string()),
             ("memory_mib".to_string(), pkg.def.memory_mib.to_string()),
+            ("disk_mib".to_string(), pkg.def.disk_mib.to_string()),
             ("cmdline".to_string(), base.meta.get("cmdline").cloned().unwrap_or_default()),
             ("base".to_string(), base.digest.clone()),
             ("graphical".to_string(), pkg.def.graphical.to_string()),
@@ -350,11 +434,7 @@ impl Engine {
             fork_server: self.fork_server.clone(),
             cgroup: self.cgroup_for(memory_mib)?,
             identity: self.identity_for(accel)?,
-            // Each file it writes: also the state of a pause, which holds
-            // the guest's RAM, so never below that.
-            file_size_limit: self
-                .confined()
-                .then_some(u64::from(self.cfg.vm_limits.disk_mib.max(memory_mib + 64)) << 20),
+            file_size_limit: self.confined().then_some(self.file_size_limit(image, memory_mib)),
             sandbox: self.confined(),
         };
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;

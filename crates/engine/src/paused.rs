@@ -122,7 +122,9 @@ impl Engine {
             let mut meta: BTreeMap<String, String> = parent
                 .meta
                 .iter()
-                .filter(|(k, _)| ["accel", "memory_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
+                .filter(|(k, _)| {
+                    ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str())
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             meta.insert("session".into(), s.id.clone());

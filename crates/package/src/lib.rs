@@ -84,6 +84,11 @@ pub struct Definition {
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
+    /// What a session may write to its disk, in MiB: the guest's root file
+    /// system has this much free space (beyond it, "no space left"), and
+    /// the host holds its writes to a little more (capped by the server).
+    #[serde(default = "default_disk")]
+    pub disk_mib: u32,
     pub ready: Ready,
     pub probe: Option<Probe>,
     /// A graphical program: its VM has a display, and an X server is
@@ -122,6 +127,10 @@ impl Definition {
 
 fn default_memory() -> u32 {
     512
+}
+
+fn default_disk() -> u32 {
+    2048
 }
 
 /// A resolved package: a name and its definition.
@@ -167,6 +176,9 @@ impl Definition {
         }
         if !(128..=16384).contains(&self.memory_mib) {
             return Err(format!("`memory_mib` = {} is out of range 128..=16384", self.memory_mib));
+        }
+        if !(64..=1 << 20).contains(&self.disk_mib) {
+            return Err(format!("`disk_mib` = {} is out of range 64..=1048576", self.disk_mib));
         }
         let r = &self.ready;
         let rules = [r.text.is_some(), r.port.is_some(), r.alive_ms.is_some()];
@@ -236,6 +248,7 @@ impl Package {
             command: vec![name.into()],
             env: BTreeMap::new(),
             memory_mib: default_memory(),
+            disk_mib: default_disk(),
             ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
             probe: None,
             graphical: false,
@@ -337,6 +350,7 @@ mod tests {
         check("py", "debs=['py']\ncommand=['x']\n[ready]\n", Some("exactly one"));
         check("py", "debs=['py']\ncommand=['x']\n[ready]\ntext='a'\nport=3\n", Some("exactly one"));
         check("py", "debs=['py']\ncommand=['x']\nmemory_mib=1\n[ready]\nalive_ms=1\n", Some("memory_mib"));
+        check("py", "debs=['py']\ncommand=['x']\ndisk_mib=8\n[ready]\nalive_ms=1\n", Some("disk_mib"));
         check("py", "debs=['py']\ncommand=['x']\nbogus=1\n[ready]\nalive_ms=1\n", Some("unknown field"));
         check("py", "debs=['py']\ncommand=['x']\n[ready]\nport=0\n", Some("port number"));
         check("py", "not toml at all [", Some("not valid"));
