@@ -34,17 +34,30 @@ fn namespace(pid: u32, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap().to_string_lossy().into_owned()
 }
 
-/// Asserts that every thread of QEMU `pid` is filtered (seccomp mode 2)
-/// and has no_new_privs set; returns how many threads it has.
-fn assert_filtered(pid: u32) -> usize {
-    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+/// The thread ids of process `pid`.
+fn threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .map(|t| t.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!tids.is_empty(), "QEMU {pid} has no threads");
+        .collect()
+}
+
+/// Asserts that every thread of process `pid` is filtered (seccomp mode 2).
+fn assert_filtered_threads(pid: u32) {
+    let tids = threads(pid);
+    assert!(!tids.is_empty(), "process {pid} has no threads");
     for tid in &tids {
-        assert_eq!(status_field(pid, tid, "Seccomp"), "2", "thread {tid} of QEMU {pid} is not filtered");
+        assert_eq!(status_field(pid, tid, "Seccomp"), "2", "thread {tid} of process {pid} is not filtered");
+    }
+}
+
+/// Asserts that every thread of QEMU `pid` is filtered (seccomp mode 2)
+/// and has no_new_privs set; returns how many threads it has.
+fn assert_filtered(pid: u32) -> usize {
+    assert_filtered_threads(pid);
+    let tids = threads(pid);
+    for tid in &tids {
         assert_eq!(status_field(pid, tid, "NoNewPrivs"), "1", "thread {tid} of QEMU {pid} may gain privileges");
     }
     tids.len()
@@ -116,6 +129,9 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(status_field(server, &server.to_string(), set), kept, "the fork server's {set}");
     }
+    // And it (with every QEMU it forks) is filtered: root's dangerous calls
+    // (modules, ptrace, open by handle, ...) are refused on every thread.
+    assert_filtered_threads(server);
     let pkg = forking.package("bc").unwrap();
     let mut victim = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let mut neighbour = forking.launch(&pkg, &settings(), &LogProgress).await.unwrap();

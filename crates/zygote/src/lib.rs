@@ -15,6 +15,7 @@
 //! `SOCK_SEQPACKET` socket pair, descriptors passed with `SCM_RIGHTS`.
 
 pub mod monitor;
+pub mod seccomp;
 pub mod view;
 
 pub use view::{FileView, Shown, Steps, VIEW_MOUNT_POINT};
@@ -885,6 +886,13 @@ pub unsafe fn serve(sock: RawFd, cmdline: &mut [u8], types: Result<u32, &str>) -
     // leaves it as it was (its children drop everything anyway).
     if let Err(e) = keep_only_server_capabilities() {
         let msg = format!("strata fork server: could not drop capabilities: {e}\n");
+        // SAFETY: writing bytes we own to standard error.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    }
+    // Nor may it (or its children) make the calls root should never need.
+    // SAFETY: the filter is static and allows everything else.
+    if let Err(e) = unsafe { seccomp::filter_server() } {
+        let msg = format!("strata fork server: could not filter its system calls: {e}\n");
         // SAFETY: writing bytes we own to standard error.
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     }

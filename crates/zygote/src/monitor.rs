@@ -285,11 +285,6 @@ unsafe fn append_bounded(log: libc::c_int, data: &[u8], size: u64, carry: &mut [
     Some(size + n)
 }
 
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
-
 /// What the monitor may call once filtered: the console's reads,
 /// positioned writes and cut, wait and exit, the signal return paths, and
 /// futex and sleeps for a thread QEMU's fork handlers recreated (its RCU
@@ -311,38 +306,8 @@ const MONITOR_CALLS: [libc::c_long; 14] = [
     libc::SYS_rt_sigprocmask,
 ];
 
-const fn stmt(code: u32, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code: code as u16, jt: 0, jf: 0, k }
-}
-
-const fn jump_if_equal(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, jt, jf, k }
-}
-
-const FILTER_LEN: usize = 5 + 2 * MONITOR_CALLS.len();
-
-/// The monitor's filter: the architecture checked (a call of another ABI
-/// is killed), then each allowed number.
-const fn monitor_filter() -> [libc::sock_filter; FILTER_LEN] {
-    const LOAD: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
-    const RET: u32 = libc::BPF_RET | libc::BPF_K;
-    // Offsets in `struct seccomp_data`: nr at 0, arch at 4.
-    let mut f = [stmt(RET, libc::SECCOMP_RET_KILL_PROCESS); FILTER_LEN];
-    f[0] = stmt(LOAD, 4);
-    f[1] = jump_if_equal(AUDIT_ARCH, 1, 0);
-    f[2] = stmt(RET, libc::SECCOMP_RET_KILL_PROCESS);
-    f[3] = stmt(LOAD, 0);
-    let mut i = 0;
-    while i < MONITOR_CALLS.len() {
-        f[4 + 2 * i] = jump_if_equal(MONITOR_CALLS[i] as u32, 0, 1);
-        f[5 + 2 * i] = stmt(RET, libc::SECCOMP_RET_ALLOW);
-        i += 1;
-    }
-    // The last entry stays "kill".
-    f
-}
-
-static MONITOR_FILTER: [libc::sock_filter; FILTER_LEN] = monitor_filter();
+static MONITOR_FILTER: [libc::sock_filter; crate::seccomp::len(MONITOR_CALLS.len())] =
+    crate::seccomp::program(&MONITOR_CALLS, libc::SECCOMP_RET_ALLOW, libc::SECCOMP_RET_KILL_PROCESS);
 
 /// Filters every thread of this process with [`MONITOR_CALLS`]. Needs
 /// `no_new_privs` (or privilege).
@@ -353,20 +318,8 @@ static MONITOR_FILTER: [libc::sock_filter; FILTER_LEN] = monitor_filter();
 /// # Safety
 /// Restricts the whole process for good.
 pub unsafe fn filter_monitor() -> Result<(), &'static str> {
-    let prog = libc::sock_fprog { len: FILTER_LEN as u16, filter: MONITOR_FILTER.as_ptr().cast_mut() };
-    // SAFETY: the program is static; the kernel copies it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_TSYNC,
-            std::ptr::from_ref(&prog),
-        )
-    };
-    if r != 0 {
-        return Err("installing the monitor's seccomp filter");
-    }
-    Ok(())
+    // SAFETY: as the caller promised.
+    unsafe { crate::seccomp::install(&MONITOR_FILTER) }.map_err(|_| "installing the monitor's seccomp filter")
 }
 
 #[cfg(test)]
