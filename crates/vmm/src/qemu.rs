@@ -793,7 +793,8 @@ fn exec_qemu(
     // the pipe that reports a failed exec): a monitor's QEMU is its child
     // by then, unless it already exited (then the monitor stands for it).
     let qemu = if monitored { only_child(own).unwrap_or(own) } else { own };
-    // Not reaped before its monitor exits, so the pid is still QEMU's.
+    // Opened at once: the pid is QEMU's unless QEMU already failed and was
+    // reaped (then there is no pidfd, and its monitor is signalled instead).
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let pidfd = (qemu != own).then(|| unsafe { libc::syscall(libc::SYS_pidfd_open, qemu, 0) } as i32);
     // SAFETY: a new descriptor, ours alone.
