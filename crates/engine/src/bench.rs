@@ -247,16 +247,21 @@ fn process_cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Private memory of a VM's processes, in MiB: its QEMU's (dirty or
-/// anonymous, from smaps_rollup) and, for a confined VM, what its monitor
-/// dirtied of its own (the rest it shares with the fork server).
-fn vm_private_mib(qemu: u32) -> f64 {
-    let rollup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let text = rollup(qemu);
-    let mut kib = kib_field(&text, "Private_Dirty:").max(kib_field(&text, "Anonymous:"));
+/// anonymous, from `rollup`, QEMU's smaps_rollup) and, for a confined VM,
+/// what its monitor dirtied of its own (the rest it shares with the fork
+/// server).
+fn vm_private_mib(qemu: u32, rollup: &str) -> f64 {
+    let mut kib = kib_field(rollup, "Private_Dirty:").max(kib_field(rollup, "Anonymous:"));
     if let Some(monitor) = strata_vmm::monitor_of(qemu) {
-        kib += kib_field(&rollup(monitor), "Private_Dirty:");
+        let text = std::fs::read_to_string(format!("/proc/{monitor}/smaps_rollup")).unwrap_or_default();
+        kib += kib_field(&text, "Private_Dirty:");
     }
     kib / 1024.0
+}
+
+/// QEMU `pid`'s smaps_rollup ("" if gone).
+fn smaps_rollup(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default()
 }
 
 /// A `Field:   N kB` value of /proc files such as meminfo and smaps_rollup, in KiB.
@@ -318,8 +323,8 @@ impl Engine {
         let after = mem_available_mib();
         let (mut private, mut rss) = (Vec::new(), Vec::new());
         for s in &sessions {
-            let text = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", s.vm_pid())).unwrap_or_default();
-            private.push(vm_private_mib(s.vm_pid()));
+            let text = smaps_rollup(s.vm_pid());
+            private.push(vm_private_mib(s.vm_pid(), &text));
             rss.push(kib_field(&text, "Rss:") / 1024.0);
         }
         for s in sessions {
@@ -712,7 +717,7 @@ impl Engine {
                     side.cpu_ms.push(process_cpu_seconds(s.vm_pid()) * 1000.0);
                     s.quiet().await?;
                     tokio::time::sleep(CONFINE_IDLE).await;
-                    side.private_mib.push(vm_private_mib(s.vm_pid()));
+                    side.private_mib.push(vm_private_mib(s.vm_pid(), &smaps_rollup(s.vm_pid())));
                     s.close().await;
                 }
             }

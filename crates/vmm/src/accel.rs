@@ -87,10 +87,7 @@ pub async fn kvm_boots(
                 credentials: credentials.as_ref(),
                 die_with_parent: true,
             };
-            confinement.apply().map_err(|what| {
-                let e = std::io::Error::last_os_error();
-                std::io::Error::new(e.kind(), format!("{what}: {e}"))
-            })
+            confinement.apply()
         });
     }
     let mut child = probe

@@ -466,15 +466,7 @@ impl Channels {
                 .write(true)
                 .open(&log_path)
                 .map_err(|source| Error::Io { path: log_path.clone(), source })?;
-            let mut ends = [0; 2];
-            // SAFETY: pipe2 writes two descriptors into the array we own.
-            if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-                return Err(Error::Io { path: log_path, source: std::io::Error::last_os_error() });
-            }
-            use std::os::fd::FromRawFd;
-            // SAFETY: both are new descriptors nobody else owns.
-            let (read, write) =
-                unsafe { (std::os::fd::OwnedFd::from_raw_fd(ends[0]), std::os::fd::OwnedFd::from_raw_fd(ends[1])) };
+            let (read, write) = strata_zygote::pipe().map_err(|source| Error::Io { path: log_path.clone(), source })?;
             // QEMU reopens its end by /proc/self/fd: the pipe must be its.
             std::os::unix::fs::fchown(&write, Some(uid), Some(gid))
                 .map_err(|source| Error::Io { path: log_path, source })?;
@@ -773,10 +765,7 @@ fn exec_qemu(
                 credentials: credentials.as_ref(),
                 die_with_parent,
             };
-            confinement.apply().map_err(|what| {
-                let e = std::io::Error::last_os_error();
-                std::io::Error::new(e.kind(), format!("{what}: {e}"))
-            })?;
+            confinement.apply()?;
             // The channels' sockets stay open across exec, in QEMU only.
             for &fd in &channel_fds {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -1029,7 +1018,8 @@ async fn fork_qemu(
         no_thp: no_thp(cfg),
         credentials,
         file_size_limit: cfg.file_size_limit.unwrap_or(0),
-        console: channels.console.is_some() && view.is_some(),
+        // Made only for a confined VM, which has a view.
+        console: channels.console.is_some(),
         view,
     };
     let server = server.clone();

@@ -521,7 +521,10 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// A pipe, both ends close-on-exec: (read, write).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+///
+/// # Errors
+/// The OS error (out of descriptors).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut ends = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -1280,6 +1283,24 @@ unsafe fn become_child(
     show_arguments(cmdline, &req.args);
     let cstrings = |v: Vec<Vec<u8>>| v.into_iter().map(|s| CString::new(s).expect("decode refused NULs")).collect();
     ChildStart { args: cstrings(req.args), env: cstrings(req.env) }
+}
+
+/// Runs `body` in a forked child, which exits with what it returns, and
+/// gives the child's wait status. For tests of what changes a whole
+/// process (filters, descriptors); `body` should make system calls only.
+#[cfg(test)]
+pub(crate) fn status_of_child(body: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs `body` and leaves without returning.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = body();
+        // SAFETY: leaving the child.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    status
 }
 
 #[cfg(test)]

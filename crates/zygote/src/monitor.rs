@@ -85,16 +85,25 @@ pub struct ExecConfinement<'a> {
 }
 
 impl ExecConfinement<'_> {
-    /// Applies it. The monitor never returns from here; QEMU's process
-    /// returns to exec. System calls only (the split is a raw `clone`: the
-    /// child makes only system calls until its exec).
+    /// Applies it, for a `pre_exec` hook. The monitor never returns from
+    /// here; QEMU's process returns to exec. System calls only (the split
+    /// is a raw `clone`: the child makes only system calls until its exec).
     ///
     /// # Errors
-    /// Which step failed (errno holds why).
+    /// Which step failed, and why (allocates, on failure only).
     ///
     /// # Safety
     /// Call it between fork and exec, in a child about to become QEMU.
-    pub unsafe fn apply(&self) -> Result<(), &'static str> {
+    pub unsafe fn apply(&self) -> std::io::Result<()> {
+        // SAFETY: as the caller promised.
+        unsafe { self.steps() }.map_err(|what| {
+            let e = std::io::Error::last_os_error();
+            std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        })
+    }
+
+    /// The steps of [`ExecConfinement::apply`]; which failed (errno holds why).
+    unsafe fn steps(&self) -> Result<(), &'static str> {
         // SAFETY: system calls on this process, as the caller promised.
         unsafe {
             if let Some(steps) = self.view {
@@ -326,13 +335,6 @@ pub unsafe fn filter_monitor() -> Result<(), &'static str> {
 mod tests {
     use super::*;
 
-    fn wait(pid: libc::pid_t) -> i32 {
-        let mut status = 0;
-        // SAFETY: waiting for our child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
-    }
-
     #[test]
     fn the_console_log_keeps_its_newest_part_within_its_bound() {
         use std::os::fd::AsRawFd;
@@ -359,10 +361,8 @@ mod tests {
     #[test]
     fn a_filtered_monitor_may_wait_and_exit_and_nothing_else() {
         // Allowed: waiting for a child and exiting with its status.
-        // SAFETY: the children make system calls only, then leave.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the child.
+        let status = crate::status_of_child(|| {
+            // SAFETY: system calls in the child.
             unsafe {
                 let child = libc::fork();
                 if child == 0 {
@@ -370,31 +370,27 @@ mod tests {
                 }
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 if filter_monitor().is_err() {
-                    libc::_exit(99);
+                    return 99;
                 }
                 let mut status = 0;
                 libc::waitpid(child, &mut status, 0);
-                libc::_exit(libc::WEXITSTATUS(status));
+                libc::WEXITSTATUS(status)
             }
-        }
-        let status = wait(pid);
+        });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7, "status {status:#x}");
 
         // Anything else (here: opening a file) kills it.
-        // SAFETY: as above.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the child.
+        let status = crate::status_of_child(|| {
+            // SAFETY: system calls in the child.
             unsafe {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 if filter_monitor().is_err() {
-                    libc::_exit(99);
+                    return 99;
                 }
                 libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY);
-                libc::_exit(0);
             }
-        }
-        let status = wait(pid);
+            0
+        });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "status {status:#x}");
     }
 }

@@ -133,14 +133,12 @@ mod tests {
 
     #[test]
     fn the_servers_filter_refuses_what_it_lists_and_lets_the_rest_through() {
-        // SAFETY: the child makes system calls only, then leaves.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the child.
+        let status = crate::status_of_child(|| {
+            // SAFETY: system calls in the child.
             unsafe {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 if filter_server().is_err() {
-                    libc::_exit(99);
+                    return 99;
                 }
                 // Listed: refused with EPERM, the process lives on.
                 let r = libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
@@ -149,12 +147,13 @@ mod tests {
                 let refused = refused && r == -1 && *libc::__errno_location() == libc::EPERM;
                 // Not listed: as before (getpid answers, a bad descriptor is EBADF).
                 let fine = libc::getpid() > 0 && libc::close(-1) == -1 && *libc::__errno_location() == libc::EBADF;
-                libc::_exit(if refused && fine { 0 } else { 1 });
+                if refused && fine {
+                    0
+                } else {
+                    1
+                }
             }
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
     }
 }
