@@ -32,8 +32,6 @@ pub struct Agent {
     attached: AtomicBool,
     /// Whether a host holds the channel (attached or not).
     host_connected: AtomicBool,
-    /// Whether the host means to stay: losing it then stops the guest.
-    held: AtomicBool,
     procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
     /// Exit statuses of children reaped before their `Proc` was registered.
     early_exits: Mutex<HashMap<i32, i32>>,
@@ -99,11 +97,9 @@ impl Agent {
                     problems,
                 });
                 self.attached.store(true, Ordering::Release);
-                self.held.store(true, Ordering::Release);
             }
             HostMsg::Detach => {
                 self.attached.store(false, Ordering::Release);
-                self.held.store(false, Ordering::Release);
                 // A detach comes before a launch image is saved: write dirty
                 // data and commit the file system's journal now, so a
                 // restored guest does not do it (5 s after every launch, ~100
@@ -222,7 +218,6 @@ fn main() {
         port_out: Mutex::new(port_out),
         attached: AtomicBool::new(false),
         host_connected: AtomicBool::new(false),
-        held: AtomicBool::new(false),
         procs: Mutex::new(HashMap::new()),
         early_exits: Mutex::new(HashMap::new()),
         context: Mutex::new(TerminalContext {
@@ -249,13 +244,12 @@ fn serve(agent: &Arc<Agent>, mut port: File) -> ! {
         match port.read(&mut chunk) {
             Ok(0) => {
                 agent.host_connected.store(false, Ordering::Release);
-                // The host went away. One that meant to leave sent Detach
-                // first; one that vanished (its process was killed) leaves
-                // nobody to stop this VM, so it stops itself.
-                agent.attached.store(false, Ordering::Release);
-                if agent.held.swap(false, Ordering::AcqRel) {
-                    log("the host vanished while attached; powering off");
-                    system::power_off();
+                // The host went away: one that vanished (its process was
+                // killed) is a terminal detached. The program goes on, its
+                // output kept as its screen for whoever attaches next; the
+                // host side decides when the VM ends.
+                if agent.attached.swap(false, Ordering::AcqRel) {
+                    log("the host vanished while attached; detached");
                 }
                 buf.clear();
                 system::wait_sigio(2000);

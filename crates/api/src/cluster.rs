@@ -166,6 +166,8 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
             state: match state {
                 State::Running => "running".into(),
                 State::Paused => "paused".into(),
+                State::Exited => "exited".into(),
+                State::Lost => "lost".into(),
             },
             owner: l.owner.clone(),
             image: record.as_ref().and_then(|r| r.paused_image.clone()),

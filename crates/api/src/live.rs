@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use strata_engine::context::ContextSettings;
+use strata_engine::sessions::EndState;
 use strata_engine::{Engine, Session, SessionEvent};
 use strata_proto::{TerminalContext, WinSize};
 use tokio::sync::{mpsc, oneshot};
@@ -19,6 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 pub enum State {
     Running,
     Paused,
+    /// Ended while no terminal was attached: its program exited, or its
+    /// guest powered off (listed until removed, see `reason`).
+    Exited,
+    /// Its VM was ended from outside while no terminal was attached.
+    Lost,
 }
 
 /// What an attached terminal receives.
@@ -46,6 +52,9 @@ pub enum Cmd {
     Resume(Reply<()>),
     SetTimeout(Option<Duration>),
     Kill(oneshot::Sender<()>),
+    /// The server stops: leave the session running, detached, for the next
+    /// server to take back (a paused one stays paused).
+    Release(oneshot::Sender<()>),
     /// Read the display's clipboard, or set it (`Some`).
     Clipboard {
         set: Option<String>,
@@ -134,6 +143,7 @@ impl Registry {
         let labels = BTreeMap::from([
             (TERMINAL_LABEL.to_string(), owner.to_string()),
             (ATTACH_LABEL.to_string(), hex::encode(attach_hash)),
+            (IDLE_LABEL.to_string(), idle_label(idle)),
         ]);
         if let Err(e) = engine.label_session(&session.id, labels) {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
@@ -159,18 +169,122 @@ impl Registry {
         engine: &Arc<Engine>,
         idle: Option<Duration>,
     ) -> Option<Arc<Live>> {
-        let (owner, hash) = (rec.labels.get(TERMINAL_LABEL)?, rec.labels.get(ATTACH_LABEL)?);
-        let Some(attach_hash) = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
-            tracing::warn!(session = %rec.id, "paused session with a malformed attach label; not adopted");
-            return None;
-        };
-        let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
+        let mut live = self.live_of(rec, idle)?;
         let vnc = engine.paused_is_graphical(rec).then(|| engine.vnc_socket_of(&rec.id));
-        let mut live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, vnc);
+        live.0.vnc = vnc;
         live.0.memory_mib = engine.image_memory_mib(&rec.launch_image).unwrap_or(0);
         set(&live.0.state, State::Paused);
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
         Some(self.run_actor(live, None, engine.clone(), settings))
+    }
+
+    /// Takes back the running sessions an earlier server of this store
+    /// left (it stopped, or died): each is connected again and gets its
+    /// actor, with its terminal, attach token and idle time-out. Sessions
+    /// started elsewhere (the CLI's) are left alone. Returns how many were
+    /// taken; one that cannot be is left running, with the reason logged.
+    pub async fn adopt_running(self: &Arc<Self>, engine: &Arc<Engine>, idle: Option<Duration>) -> usize {
+        let mut n = 0;
+        for rec in engine.unheld_sessions() {
+            let Some(live) = self.live_of(&rec, idle) else { continue };
+            let session = match engine.adopt_session(&rec.id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(session = %rec.id, error = %e, "a running session from before is not taken back");
+                    continue;
+                }
+            };
+            let mut live = live;
+            live.0.vnc = session.graphical.then(|| session.vnc_socket());
+            live.0.memory_mib = engine.session_memory_mib(&rec.id).unwrap_or(0);
+            let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+            self.run_actor(live, Some(session), engine.clone(), settings);
+            tracing::info!(session = %rec.id, package = %rec.package, "took back a running session");
+            n += 1;
+        }
+        n
+    }
+
+    /// A live session for the record of one an API server started (its
+    /// labels name its terminal and attach token); `None` for others.
+    fn live_of(
+        &self,
+        rec: &strata_engine::sessions::SessionRecord,
+        idle: Option<Duration>,
+    ) -> Option<(Live, mpsc::Receiver<Cmd>)> {
+        let (owner, hash) = (rec.labels.get(TERMINAL_LABEL)?, rec.labels.get(ATTACH_LABEL)?);
+        let Some(attach_hash) = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+            tracing::warn!(session = %rec.id, "session with a malformed attach label; not taken");
+            return None;
+        };
+        // Its own time-out, as it was set, else the server's.
+        let idle = match rec.labels.get(IDLE_LABEL).map(|v| v.parse::<u64>()) {
+            Some(Ok(0)) => None,
+            Some(Ok(secs)) => Some(Duration::from_secs(secs)),
+            _ => idle,
+        };
+        let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
+        Some(Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None))
+    }
+
+    /// What becomes of the sessions when the server stops: running ones
+    /// are left running and detached for the next server (`Keep`), paused
+    /// to images first and resumed when a server starts again (`Pause`;
+    /// one that cannot be paused is left running), or stopped (`Stop`).
+    /// Paused sessions stay paused in every case.
+    pub async fn stop_all(&self, engine: &Engine, how: OnStop) {
+        for live in self.all() {
+            let running = *live.state.lock().unwrap_or_else(|e| e.into_inner()) == State::Running;
+            if how == OnStop::Stop && running {
+                let (tx, rx) = oneshot::channel();
+                if live.cmd.send(Cmd::Kill(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+                continue;
+            }
+            if how == OnStop::Pause && running {
+                let marked =
+                    engine.label_session(&live.id, BTreeMap::from([(RESUME_LABEL.to_string(), "1".to_string())]));
+                let (tx, rx) = oneshot::channel();
+                let paused = live.cmd.send(Cmd::Pause(tx)).await.is_ok() && matches!(rx.await, Ok(Ok(())));
+                if paused {
+                    tracing::info!(session = %live.id, "paused for the server's stop");
+                } else {
+                    if marked.is_ok() {
+                        let _ = engine.unlabel_session(&live.id, RESUME_LABEL);
+                    }
+                    tracing::warn!(session = %live.id, "could not be paused for the server's stop; left running");
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            if live.cmd.send(Cmd::Release(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Resumes the sessions a server paused when it stopped with
+    /// `--pause-on-stop`; returns how many.
+    pub async fn resume_paused_on_stop(&self, engine: &Engine) -> usize {
+        let mut n = 0;
+        for rec in engine.paused_sessions().into_iter().filter(|r| r.labels.contains_key(RESUME_LABEL)) {
+            let Some(live) = self.get(&rec.id) else { continue };
+            let (tx, rx) = oneshot::channel();
+            if live.cmd.send(Cmd::Resume(tx)).await.is_err() {
+                continue;
+            }
+            match rx.await {
+                Ok(Ok(())) => {
+                    let _ = engine.unlabel_session(&rec.id, RESUME_LABEL);
+                    n += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(session = %rec.id, error = %e, "a session paused for the server's stop could not be resumed; it stays paused")
+                }
+                Err(_) => {}
+            }
+        }
+        n
     }
 
     fn run_actor(
@@ -194,9 +308,25 @@ impl Registry {
     }
 }
 
+/// What a stopping server does with its running sessions ([`Registry::stop_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStop {
+    Keep,
+    Pause,
+    Stop,
+}
+
 /// Labels of a session's record that let a restarted server adopt it.
 const TERMINAL_LABEL: &str = "terminal";
 const ATTACH_LABEL: &str = "attach_sha256";
+/// Its idle time-out in seconds (0: none).
+const IDLE_LABEL: &str = "idle_timeout_s";
+/// Paused by a server's stop, to be resumed when one starts.
+const RESUME_LABEL: &str = "resume_on_start";
+
+fn idle_label(idle: Option<Duration>) -> String {
+    idle.map_or(0, |d| d.as_secs()).to_string()
+}
 
 impl Live {
     fn new(
@@ -323,11 +453,17 @@ impl Actor<'_> {
                         }
                     }
                     SessionEvent::Exited(code) => {
-                        if let Some((c, _)) = &self.client { let _ = c.send(Out::Exit(code)).await; }
+                        match &self.client {
+                            Some((c, _)) => { let _ = c.send(Out::Exit(code)).await; }
+                            None => self.engine.end_unseen(&self.live.id, EndState::Exited, &format!("its program exited with status {code}")),
+                        }
                         break;
                     }
                     SessionEvent::Lost(why) => {
-                        if let Some((c, _)) = &self.client { let _ = c.send(Out::Lost(why)).await; }
+                        match &self.client {
+                            Some((c, _)) => { let _ = c.send(Out::Lost(why)).await; }
+                            None => self.engine.end_unseen(&self.live.id, EndState::Lost, &why),
+                        }
                         break;
                     }
                     SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
@@ -381,6 +517,13 @@ impl Actor<'_> {
                     Some(Cmd::SetTimeout(t)) => {
                         set(&self.live.idle_timeout, t);
                         idle_since = tokio::time::Instant::now();
+                        // Kept with the session, for a server that takes it back.
+                        if self.held.is_some() {
+                            let label = BTreeMap::from([(IDLE_LABEL.to_string(), idle_label(t))]);
+                            if let Err(e) = self.engine.label_session(&self.live.id, label) {
+                                tracing::warn!(session = %self.live.id, error = %e, "could not keep the idle time-out with the session");
+                            }
+                        }
                     }
                     Some(Cmd::Clipboard { set, reply }) => {
                         let r = match (self.held.as_mut(), set) {
@@ -397,6 +540,16 @@ impl Actor<'_> {
                             Some(s) => s.copy_out(&guest, &host).await.map_err(|e| e.to_string()),
                         };
                         let _ = reply.send(r);
+                    }
+                    Some(Cmd::Release(done)) => {
+                        if let Some(s) = self.held.take() {
+                            if let Some((c, _)) = &self.client {
+                                let _ = c.send(Out::Lost("the server is stopping; attach again once it is back".into())).await;
+                            }
+                            s.leave().await;
+                        }
+                        let _ = done.send(());
+                        return;
                     }
                     Some(Cmd::Kill(done)) => {
                         match self.held.take() {

@@ -195,6 +195,7 @@ async fn metrics(State(st): St) -> impl IntoResponse {
     for l in st.sessions.all() {
         let s = *l.state.lock().unwrap_or_else(|e| e.into_inner());
         let key = if s == SessionState::Paused { "paused" } else { "running" };
+        // (Ended sessions have no actor.)
         *counts.entry(key.into()).or_default() += 1;
     }
     let states: Vec<(String, i64)> = counts.into_iter().collect();
@@ -481,6 +482,39 @@ pub struct SessionInfo {
     idle_timeout_s: Option<u64>,
     /// Its display is at `/v1/sessions/{id}/display` (a graphical package).
     graphical: bool,
+    /// Why it ended (exited or lost): what happened, then the last lines of
+    /// QEMU's log and the guest's console.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+impl SessionInfo {
+    /// A session that ended unseen, from its kept record.
+    fn ended(rec: &strata_engine::sessions::SessionRecord) -> Option<SessionInfo> {
+        let e = rec.ended.as_ref()?;
+        Some(SessionInfo {
+            id: rec.id.clone(),
+            package: rec.package.clone(),
+            state: match e.state {
+                strata_engine::sessions::EndState::Exited => SessionState::Exited,
+                strata_engine::sessions::EndState::Lost => SessionState::Lost,
+            },
+            attached: false,
+            created: rec.created.max(0) as u64,
+            idle_timeout_s: None,
+            graphical: false,
+            reason: Some(e.reason.clone()),
+        })
+    }
+}
+
+/// The caller's sessions that ended unseen.
+fn ended_of(st: &AppState, owner: &str) -> Vec<strata_engine::sessions::SessionRecord> {
+    st.engine
+        .ended_sessions()
+        .into_iter()
+        .filter(|r| r.labels.get("terminal").map(String::as_str) == Some(owner))
+        .collect()
 }
 
 impl From<&Live> for SessionInfo {
@@ -493,6 +527,7 @@ impl From<&Live> for SessionInfo {
             created: l.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             idle_timeout_s: l.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|d| d.as_secs()),
             graphical: l.vnc.is_some(),
+            reason: None,
         }
     }
 }
@@ -587,7 +622,11 @@ async fn create_session(
 /// The caller's sessions.
 #[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = [SessionInfo])))]
 async fn list_sessions(State(st): St, Caller(owner): Caller) -> Json<Vec<SessionInfo>> {
-    Json(st.sessions.all().iter().filter(|l| l.owner == owner).map(|l| SessionInfo::from(&**l)).collect())
+    let mut all: Vec<SessionInfo> =
+        st.sessions.all().iter().filter(|l| l.owner == owner).map(|l| SessionInfo::from(&**l)).collect();
+    all.extend(ended_of(&st, &owner).iter().filter_map(SessionInfo::ended));
+    all.sort_by_key(|s| s.created);
+    Json(all)
 }
 
 /// A session of the caller's; another terminal's is "not found".
@@ -602,7 +641,10 @@ async fn get_session(
     Caller(owner): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    Ok(Json(SessionInfo::from(&*mine(&st, &owner, &id)?)))
+    match mine(&st, &owner, &id) {
+        Ok(live) => Ok(Json(SessionInfo::from(&*live))),
+        Err(e) => ended_of(&st, &owner).iter().find(|r| r.id == id).and_then(SessionInfo::ended).map(Json).ok_or(e),
+    }
 }
 
 async fn ask<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd) -> Result<T, ApiError> {
@@ -615,7 +657,16 @@ async fn ask<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>
 #[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn kill_session(State(st): St, Caller(owner): Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let live = mine(&st, &owner, &id)?;
+    let live = match mine(&st, &owner, &id) {
+        Ok(live) => live,
+        // An ended session's record goes.
+        Err(e) if ended_of(&st, &owner).iter().any(|r| r.id == id) => {
+            st.engine.remove_ended(&id)?;
+            let _ = e;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        Err(e) => return Err(e),
+    };
     let (tx, rx) = oneshot::channel();
     if live.cmd.send(Cmd::Kill(tx)).await.is_ok() {
         let _ = rx.await;

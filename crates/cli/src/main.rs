@@ -92,7 +92,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop sessions.
+    /// Stop sessions and remove them (running, paused, or ended).
+    #[command(visible_alias = "rm")]
     Kill {
         #[arg(required = true)]
         ids: Vec<String>,
@@ -166,6 +167,15 @@ enum Cmd {
         /// This server's id in the cluster (default: HOSTNAME-PORT).
         #[arg(long, requires = "etcd")]
         server_id: Option<String>,
+        /// What a stop (SIGTERM, SIGINT, SIGHUP) does with running
+        /// sessions: `keep` them running, detached, for the next server to
+        /// take back; `pause` them to images, resumed when the server starts
+        /// again; or `stop` them. Paused sessions are kept in every case.
+        #[arg(long, value_enum, default_value = "keep")]
+        on_stop: OnStopArg,
+        /// Same as `--on-stop pause`.
+        #[arg(long, conflicts_with = "on_stop")]
+        pause_on_stop: bool,
     },
     /// Run a control plane of a cluster: it places launches on the servers
     /// registered in etcd (`serve --etcd`) and tells terminals where to
@@ -557,7 +567,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(with_signals(real_main(cli))) {
+    // A server stops on its own terms: its sessions outlive it.
+    let serving = matches!(cli.cmd, Cmd::Serve { .. });
+    let ran = if serving { rt.block_on(real_main(cli)) } else { rt.block_on(with_signals(real_main(cli))) };
+    match ran {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("strata: error: {e:#}");
@@ -582,18 +595,46 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Runs the command; on SIGINT/SIGTERM/SIGHUP the command is dropped, which
-/// kills its QEMU processes and removes its scratch files.
-async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
+/// `serve --on-stop`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnStopArg {
+    Keep,
+    Pause,
+    Stop,
+}
+
+/// Waits for SIGINT, SIGTERM or SIGHUP; gives the exit status it calls for.
+async fn stop_signal() -> anyhow::Result<u8> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    tokio::select! {
-        r = f => r,
-        _ = int.recv() => { eprintln!("strata: interrupted; cleaned up"); Ok(130) }
-        _ = term.recv() => Ok(143),
-        _ = hup.recv() => Ok(129),
+    Ok(tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+        _ = hup.recv() => 129,
+    })
+}
+
+/// Runs the command; on SIGINT/SIGTERM/SIGHUP the command is dropped, which
+/// kills its QEMU processes and removes its scratch files.
+async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            r = &mut f => return r,
+            code = stop_signal() => {
+                let code = code?;
+                // An attached terminal handles them itself (terminal::attach).
+                if terminal::ATTACHED.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                if code == 130 {
+                    eprintln!("strata: interrupted; cleaned up");
+                }
+                return Ok(code);
+            }
+        }
     }
 }
 
@@ -714,19 +755,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             finish(session, stdin_is_tty()).await
         }
         Cmd::Ps { json } => {
-            let sessions = eng.list_sessions();
+            let mut sessions = eng.list_sessions();
+            sessions.extend(eng.ended_sessions());
+            sessions.sort_by_key(|r| r.created);
             if *json {
-                println!("{}", serde_json::to_string_pretty(&sessions)?);
+                // Each record with the state `ps` shows.
+                let listed: Vec<serde_json::Value> = sessions
+                    .iter()
+                    .map(|r| {
+                        let mut v = serde_json::to_value(r).unwrap_or_default();
+                        v["state"] = r.state().into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&listed)?);
             } else {
-                println!("{:<12} {:<14} {:<9} {:>8}  AGE", "SESSION", "PACKAGE", "STATE", "PID");
+                println!("{:<12} {:<14} {:<9} {:>8}  {:<8} WHY", "SESSION", "PACKAGE", "STATE", "PID", "AGE");
                 for r in sessions {
-                    let state = match (&r.paused_image, r.detached) {
-                        (Some(_), _) => "paused",
-                        (None, true) => "detached",
-                        (None, false) => "attached",
-                    };
-                    let pid = if r.qemu_pid == 0 { "-".to_string() } else { r.qemu_pid.to_string() };
-                    println!("{:<12} {:<14} {:<9} {:>8}  {}", r.id, r.package, state, pid, age(r.created));
+                    let live = r.ended.is_none() && r.qemu_pid != 0 && r.paused_image.is_none();
+                    let pid = if live { r.qemu_pid.to_string() } else { "-".to_string() };
+                    let why = r.ended.as_ref().and_then(|e| e.reason.lines().next()).unwrap_or("");
+                    println!("{:<12} {:<14} {:<9} {:>8}  {:<8} {why}", r.id, r.package, r.state(), pid, age(r.created));
                 }
             }
             Ok(0)
@@ -897,8 +946,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             etcd,
             advertise,
             server_id,
+            on_stop,
+            pause_on_stop,
             ..
         } => {
+            let on_stop = match (pause_on_stop, on_stop) {
+                (true, _) | (false, OnStopArg::Pause) => strata_api::live::OnStop::Pause,
+                (false, OnStopArg::Keep) => strata_api::live::OnStop::Keep,
+                (false, OnStopArg::Stop) => strata_api::live::OnStop::Stop,
+            };
             if *max_sessions == 0 || *max_sessions_per_terminal == 0 {
                 anyhow::bail!("--max-sessions and --max-sessions-per-terminal must be at least 1");
             }
@@ -960,9 +1016,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             println!("strata: serving the API on {scheme}://{}", listener.local_addr()?);
             let state = std::sync::Arc::new(state);
-            let adopted = state.sessions.adopt_paused(&state.engine, Some(state.limits.idle_timeout));
+            let idle = Some(state.limits.idle_timeout);
+            let adopted = state.sessions.adopt_paused(&state.engine, idle);
             if adopted > 0 {
                 eprintln!("strata: {adopted} paused session(s) from before are listed again");
+            }
+            let running = state.sessions.adopt_running(&state.engine, idle).await;
+            if running > 0 {
+                eprintln!("strata: took back {running} running session(s) from before");
+            }
+            let resumed = state.sessions.resume_paused_on_stop(&state.engine).await;
+            if resumed > 0 {
+                eprintln!("strata: resumed {resumed} session(s) paused when the server last stopped");
             }
             // Kept for as long as the server runs; its lease lapses when it stops.
             let _registration = match state.cluster {
@@ -972,8 +1037,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             for package in state.pool_targets.keys() {
                 state.refill(package);
             }
-            if !state.pool_targets.is_empty() {
-                // Pools follow demand: grown on launches, trimmed here.
+            {
+                // Housekeeping: pools follow demand (grown on launches,
+                // trimmed here); paused sessions past their retention go.
                 let st = state.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -983,18 +1049,44 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                             st.pool.give_back(package).await;
                             st.refill(package);
                         }
+                        for id in st.engine.expire_paused() {
+                            if let Some(live) = st.sessions.get(&id) {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                if live.cmd.send(strata_api::live::Cmd::Kill(tx)).await.is_ok() {
+                                    let _ = rx.await;
+                                }
+                            }
+                        }
                     }
                 });
             }
-            let app = strata_api::router(state);
-            match tls {
-                Some(cfg) => {
-                    let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
-                    axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?
+            let app = strata_api::router(state.clone());
+            let served = async {
+                match tls {
+                    Some(cfg) => {
+                        let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
+                        axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?
+                    }
+                    None => axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?,
                 }
-                None => axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?,
-            }
-            Ok(0)
+                anyhow::Ok(())
+            };
+            let code = tokio::select! {
+                r = served => { r?; 0 }
+                code = stop_signal() => code?,
+            };
+            // A planned stop loses no session unless told to: each is left
+            // running (or paused) for the next server.
+            let n = state.sessions.len();
+            state.pool.drain().await;
+            state.sessions.stop_all(&state.engine, on_stop).await;
+            let how = match on_stop {
+                strata_api::live::OnStop::Keep => "left running, to be taken back when the server starts again",
+                strata_api::live::OnStop::Pause => "paused, to be resumed when the server starts again",
+                strata_api::live::OnStop::Stop => "stopped (paused ones kept)",
+            };
+            eprintln!("strata: stopping; {n} session(s) {how}");
+            Ok(code)
         }
         Cmd::Control { .. } | Cmd::Token { cmd: TokenCmd::Secret } => Ok(0),
         Cmd::Token { cmd: TokenCmd::Create { terminal, expires_in, .. } } => {
@@ -1471,6 +1563,15 @@ async fn finish(mut session: strata_engine::Session, tty: bool) -> anyhow::Resul
         AttachEnd::Interrupted => {
             session.close().await;
             130
+        }
+        // Whoever reads the terminal is gone; nothing is printed to it.
+        AttachEnd::Vanished if session.detachable() => {
+            session.leave().await;
+            129
+        }
+        AttachEnd::Vanished => {
+            session.close().await;
+            129
         }
     })
 }

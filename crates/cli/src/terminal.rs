@@ -20,6 +20,29 @@ pub enum AttachEnd {
     Detached,
     Lost(String),
     Interrupted,
+    /// The terminal went away (SIGHUP: a closed window, a dropped SSH
+    /// connection) or this process was asked to end (SIGTERM): the session
+    /// is left detached, as after Ctrl-P Ctrl-Q.
+    Vanished,
+}
+
+/// Set while a terminal is attached: the signals that end strata are then
+/// the attachment's to handle (a vanished terminal detaches its session).
+pub static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct Attaching;
+
+impl Attaching {
+    fn start() -> Attaching {
+        ATTACHED.store(true, std::sync::atomic::Ordering::SeqCst);
+        Attaching
+    }
+}
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        ATTACHED.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Puts the terminal in raw mode until dropped.
@@ -132,6 +155,7 @@ fn write_out(data: &[u8]) {
 /// # Errors
 /// If the session's channel breaks while sending.
 pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEnd> {
+    let _attached = Attaching::start();
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
     if tty {
         write_out(&session.screen);
@@ -169,8 +193,8 @@ pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEn
                 }
             },
             _ = winch.recv() => if let Some(size) = terminal_size() { session.resize(size).await?; },
-            _ = term.recv() => return Ok(AttachEnd::Interrupted),
-            _ = hup.recv() => return Ok(AttachEnd::Interrupted),
+            _ = term.recv() => return Ok(AttachEnd::Vanished),
+            _ = hup.recv() => return Ok(AttachEnd::Vanished),
             _ = int.recv() => return Ok(AttachEnd::Interrupted),
         }
     }

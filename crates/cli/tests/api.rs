@@ -2,82 +2,13 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::api::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
-
-struct Server {
-    child: Child,
-    base: String,
-    a: String,
-    b: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM: the server stops its sessions and removes their files.
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc_kill(self.child.id() as i32, 15);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn token(name: &str) -> String {
-    let out = strata(&["token", "create", name]).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
-}
-
-/// A server with two terminals' tokens (`tag` keeps tests' tokens apart).
-fn serve(tag: &str) -> Server {
-    serve_with(tag, &[])
-}
-
-fn serve_with(tag: &str, extra: &[&str]) -> Server {
-    let (a, b) = (token(&format!("{tag}-a")), token(&format!("{tag}-b")));
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--max-sessions-per-terminal", "3"];
-    args.extend_from_slice(extra);
-    let mut child = strata(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:") || base.starts_with("https://127.0.0.1:"), "{line}");
-    Server { child, base, a, b }
-}
-
-struct Api<'a> {
-    http: reqwest::Client,
-    s: &'a Server,
-}
-
-impl Api<'_> {
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut rq = self.http.request(method.parse().unwrap(), format!("{}{path}", self.s.base));
-        if let Some(t) = token {
-            rq = rq.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            rq = rq.json(&b);
-        }
-        let resp = rq.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-}
 
 /// Whether the metrics text has a series `name` (labelled with its server)
 /// with all of `labels`, and (if given) this value.
@@ -93,34 +24,6 @@ fn has_series(metrics: &str, name: &str, labels: &[&str], value: Option<&str>) -
 fn assert_error(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws(s: &Server, id: &str, token: &str) -> Result<Ws, String> {
-    let url = format!("{}/v1/sessions/{id}/attach?token={token}&rows=30&cols=100", s.base.replace("http", "ws"));
-    tokio_tungstenite::connect_async(url).await.map(|(w, _)| w).map_err(|e| e.to_string())
-}
-
-/// Reads from the socket until `want` appears in the terminal bytes.
-async fn read_until(w: &mut Ws, want: &str) -> String {
-    let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !seen.contains(want) {
-        let msg =
-            tokio::time::timeout_at(deadline, w.next()).await.unwrap_or_else(|_| panic!("no {want:?} in {seen:?}"));
-        match msg {
-            Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
-            Some(Ok(Message::Text(t))) => seen.push_str(&t),
-            Some(Ok(_)) => {}
-            other => panic!("socket ended ({other:?}) before {want:?}; saw {seen:?}"),
-        }
-    }
-    seen
-}
-
-async fn type_line(w: &mut Ws, line: &str) {
-    w.send(Message::Binary(line.as_bytes().to_vec().into())).await.unwrap();
 }
 
 #[tokio::test]
@@ -252,17 +155,6 @@ async fn the_api_launches_attaches_and_keeps_terminals_apart() {
     assert!(series("strata_sessions", &["state=\"paused\""]), "{metrics}");
     assert!(series("strata_image_cache_misses", &["kind=\"launch\""]), "{metrics}");
     assert!(!metrics.contains(&s.a), "a token leaked into the metrics");
-}
-
-/// QEMU processes of session `id`.
-fn qemu_of(id: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| c.starts_with(b"qemu-system") && String::from_utf8_lossy(c).contains(&format!("sessions/{id}")))
-        .count()
 }
 
 #[tokio::test]

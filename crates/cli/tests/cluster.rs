@@ -324,33 +324,33 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     ];
 
     let s3 = &g.cfg;
-    let mut agents: Vec<Proc> = (1..=AGENTS)
-        .map(|i| {
-            let state = dir.path().join(format!("agent{i}"));
-            let listen = format!("{}:7070", agent_ip(i));
-            // Only the network namespace is entered: `ip netns exec` would
-            // also mount the namespace's own sysfs over /sys, hiding the
-            // cgroup hierarchies beneath which the agent confines its VMs.
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net=/run/netns/{}", ns(i)))
-                .arg("--")
-                .arg(&e.strata)
-                .args(["--accel", &accel, "serve", "--listen", &listen, "--server-id", &format!("agent{i}")])
-                .args(["--etcd", &etcd_url])
-                .envs(auth)
-                .env("STRATA_STATE", &state)
-                .env("STRATA_PACKAGES", &e.packages)
-                .env("STRATA_AGENT", &e.agent)
-                .env("STRATA_CLUSTER_TOKEN", SECRET)
-                .env("STRATA_LOG", "info")
-                .env("STRATA_S3_ENDPOINT", &s3.endpoint)
-                .env("STRATA_S3_BUCKET", &s3.bucket)
-                .env("STRATA_S3_REGION", &s3.region)
-                .env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
-                .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key);
-            spawn(cmd, &logs.join(format!("agent{i}.log")))
-        })
-        .collect();
+    let agent_cmd = |i: usize| {
+        let state = dir.path().join(format!("agent{i}"));
+        let listen = format!("{}:7070", agent_ip(i));
+        // Only the network namespace is entered: `ip netns exec` would
+        // also mount the namespace's own sysfs over /sys, hiding the
+        // cgroup hierarchies beneath which the agent confines its VMs.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", ns(i)))
+            .arg("--")
+            .arg(&e.strata)
+            .args(["--accel", &accel, "serve", "--listen", &listen, "--server-id", &format!("agent{i}")])
+            .args(["--etcd", &etcd_url])
+            .envs(auth)
+            .env("STRATA_STATE", &state)
+            .env("STRATA_PACKAGES", &e.packages)
+            .env("STRATA_AGENT", &e.agent)
+            .env("STRATA_CLUSTER_TOKEN", SECRET)
+            .env("STRATA_LOG", "info")
+            .env("STRATA_S3_ENDPOINT", &s3.endpoint)
+            .env("STRATA_S3_BUCKET", &s3.bucket)
+            .env("STRATA_S3_REGION", &s3.region)
+            .env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key);
+        cmd
+    };
+    let mut agents: Vec<Proc> =
+        (1..=AGENTS).map(|i| spawn(agent_cmd(i), &logs.join(format!("agent{i}.log")))).collect();
 
     // Two control planes on loopback, placing round-robin.
     let mut cps: Vec<Proc> = Vec::new();
@@ -505,6 +505,30 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         logs.display()
     );
     c.exchange(0, &alice, &on_hung, "7*6\n", "42").await;
+
+    // The agent's process (not its namespace) killed outright, then
+    // started again: its session ran on meanwhile, and is registered again,
+    // running and answering with its state.
+    let before = c.sessions(0, &alice).await;
+    assert_eq!(state_of(&before, &on_hung), "running");
+    agents[2].kill();
+    agents[2] = spawn(agent_cmd(3), &logs.join("agent3-again.log"));
+    assert!(
+        eventually(Duration::from_secs(60), || async { agents[2].log().contains("running session(s) from before") })
+            .await,
+        "the restarted agent took back no session: {}",
+        agents[2].log()
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            servers(0).await.len() == AGENTS && state_of(&c.sessions(0, &alice).await, &on_hung) == "running"
+        })
+        .await,
+        "agent3's session was not registered again after a restart: {:?} (logs in {})",
+        c.sessions(0, &alice).await,
+        logs.display()
+    );
+    c.exchange(0, &alice, &on_hung, "x=6*7\nx\n", "42").await;
 
     // The CLI through a control plane: run, and attach to the agent.
     let out = strata_with_input(&["--addr", &c.cps[0], "--token", &alice, "attach", &ids[1]], "x=6*7\nx\n");

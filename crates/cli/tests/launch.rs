@@ -587,35 +587,6 @@ fn detach_and_attach_keep_the_program_and_its_state() {
 }
 
 #[test]
-fn a_session_whose_terminal_is_killed_stops_itself() {
-    if !e2e() {
-        return;
-    }
-    let mut child = strata(&["run", "python3"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mine = || -> Option<serde_json::Value> {
-        let out = strata(&["ps", "--json"]).output().ok()?;
-        let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        all.into_iter().find(|s| s["owner_pid"] == pid)
-    };
-    assert!(wait_until(Duration::from_secs(120), || mine().is_some()), "the session never started");
-    let qemu = mine().unwrap()["qemu_pid"].as_u64().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let gone = wait_until(Duration::from_secs(60), || {
-        !std::path::Path::new(&format!("/proc/{qemu}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{qemu}/cmdline")).map(|c| c.is_empty()).unwrap_or(true)
-    });
-    assert!(gone, "QEMU {qemu} outlived its killed terminal");
-    assert!(wait_until(Duration::from_secs(10), || mine().is_none()), "the session is still listed");
-}
-
-#[test]
 fn a_debian_package_without_a_definition_launches_by_its_name() {
     if !e2e() {
         return;

@@ -20,7 +20,8 @@ impl Served {
     fn start(name: &str) -> Served {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
         let token = text(&strata(&["token", "create", name]).output().unwrap().stdout).trim().to_string();
-        let mut server = strata(&["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut server =
+            strata(&["serve", "--listen", "127.0.0.1:0", "--on-stop", "stop"]).stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let base = line.trim().rsplit(' ').next().unwrap().to_string();

@@ -427,8 +427,8 @@ impl Engine {
             plugs,
             plugs_in_state,
             display: graphical,
-            // The session may be detached and outlive this process; the guest
-            // agent powers off if this process vanishes while attached.
+            // The session outlives this process: a terminal that vanishes
+            // leaves it detached (sessions.rs `reap_sessions`).
             die_with_parent: false,
             niceness,
             fork_server: self.fork_server.clone(),
@@ -443,6 +443,7 @@ impl Engine {
         record.home = settings.home.clone();
         record.ports = settings.network.ports.clone();
         record.settings = Some(settings.clone());
+        record.pooled = ahead_of_demand;
         self.write_session_record(&record)?;
         drop(claim);
         let mut s = Session::new(id.to_string(), package, a);

@@ -173,6 +173,12 @@ pub struct Config {
     pub vm_limits: VmLimits,
     /// What a server keeps free: no VM starts below these floors.
     pub floors: Floors,
+    /// How long the record of a session that ended unseen is listed
+    /// (`STRATA_ENDED_RETENTION_SECS`, default a day).
+    pub ended_retention: std::time::Duration,
+    /// How long a paused session is kept before it and its image are
+    /// removed (`STRATA_PAUSED_RETENTION_SECS`; unset: until removed).
+    pub paused_retention: Option<std::time::Duration>,
 }
 
 /// What a server keeps free: below either floor, launches, resumes and pool
@@ -310,6 +316,17 @@ impl Config {
             // A bad setting is reported when the engine opens.
             vm_limits: VmLimits::from_env().unwrap_or_default(),
             floors: Floors::from_env().unwrap_or_default(),
+            ended_retention: env_number(
+                "STRATA_ENDED_RETENTION_SECS",
+                sessions::ENDED_RETENTION.as_secs(),
+                0..=u64::MAX,
+            )
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(sessions::ENDED_RETENTION),
+            paused_retention: match env_number("STRATA_PAUSED_RETENTION_SECS", 0u64, 1..=u64::MAX) {
+                Ok(0) | Err(_) => None,
+                Ok(n) => Some(std::time::Duration::from_secs(n)),
+            },
         }
     }
 
@@ -442,6 +459,8 @@ impl Engine {
         // Config::from_env falls back to the defaults; a bad setting is named here.
         VmLimits::from_env()?;
         Floors::from_env()?;
+        env_number("STRATA_ENDED_RETENTION_SECS", 0u64, 0..=u64::MAX)?;
+        env_number("STRATA_PAUSED_RETENTION_SECS", 0u64, 1..=u64::MAX)?;
         let cgroups =
             strata_jail::Cgroups::detect(&cgroup_owner(&cfg.state_dir)).map(Arc::new).map_err(|e| e.to_string());
         if let Err(why) = &cgroups {

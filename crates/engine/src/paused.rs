@@ -58,14 +58,7 @@ impl Engine {
 
     /// Every paused session, oldest first.
     pub fn paused_sessions(&self) -> Vec<SessionRecord> {
-        let Ok(entries) = std::fs::read_dir(self.paused_root()) else { return Vec::new() };
-        let mut out: Vec<SessionRecord> = entries
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
-            .collect();
-        out.sort_by_key(|r| r.created);
-        out
+        crate::sessions::records_in(&self.paused_root())
     }
 
     /// Pauses a running session to an image: its memory, devices and disk
@@ -292,6 +285,33 @@ impl Engine {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
         self.drop_paused_images()?;
         Ok(true)
+    }
+
+    /// Removes the paused sessions kept longer than the operator's
+    /// retention (`Config::paused_retention`; none: kept until removed),
+    /// with their images; returns their ids.
+    pub fn expire_paused(&self) -> Vec<String> {
+        let Some(keep) = self.cfg.paused_retention else { return Vec::new() };
+        let mut gone = Vec::new();
+        for rec in self.paused_sessions() {
+            let age = std::fs::metadata(self.paused_record_path(&rec.id))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a > keep) {
+                match self.forget_paused(&rec.id) {
+                    Ok(true) => {
+                        tracing::info!(session = %rec.id, retention_s = keep.as_secs(), "removed a paused session kept past its retention");
+                        gone.push(rec.id);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(session = %rec.id, error = %e, "could not remove an expired paused session")
+                    }
+                }
+            }
+        }
+        gone
     }
 
     /// Removes the catalog records of paused images no session needs any

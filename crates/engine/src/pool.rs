@@ -195,6 +195,9 @@ impl Pool {
         let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
         let Some((_, mut s)) = s else { return Ok(None) };
         let resumed = async {
+            if let Some(dir) = &s.record {
+                crate::sessions::mark_taken(dir)?;
+            }
             s.set_niceness(0);
             s.resume().await?;
             s.reattach(&settings.to_terminal_context()).await

@@ -477,12 +477,12 @@ impl Session {
         }
     }
 
-    /// Lets go of a session this process only borrowed (to copy files),
-    /// leaving it running and detached as it was.
     pub(crate) fn vm_mut(&mut self) -> &mut Vm {
         &mut self.vm
     }
 
+    /// Lets go of a session this process only borrowed (to copy files),
+    /// leaving it running and detached as it was.
     pub(crate) fn release(self) {
         let Session { vm, dir, .. } = self;
         vm.release();
@@ -536,10 +536,33 @@ impl Session {
                 "this session cannot be detached (it was not launched from a launch image)".into(),
             ));
         };
+        self.ask_detach().await?;
+        crate::sessions::mark_detached(&dir)?;
+        let Session { id, vm, dir: work, .. } = self;
+        vm.release();
+        work.keep();
+        Ok(id)
+    }
+
+    /// Leaves a registered session running and detached whatever its agent
+    /// answers (its process is stopping): never stops the VM.
+    pub async fn leave(mut self) {
+        if let Err(e) = self.ask_detach().await {
+            tracing::warn!(session = %self.id, error = %e, "the agent did not acknowledge the detach; left running anyway");
+        }
+        if let Some(dir) = &self.record {
+            if let Err(e) = crate::sessions::mark_detached(dir) {
+                tracing::warn!(session = %self.id, error = %e, "could not mark the session detached");
+            }
+        }
+        self.release();
+    }
+
+    /// Tells the agent the terminal leaves and waits for its acknowledgement
+    /// (it has written its dirty data back then).
+    async fn ask_detach(&mut self) -> Result<(), Error> {
         self.writer.send(&HostMsg::Detach).await?;
-        // Closing our end before the agent took the detach would look like a
-        // vanished terminal, which stops the VM.
-        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match self.next_event().await {
                     SessionEvent::Detached => return Ok(()),
@@ -549,13 +572,7 @@ impl Session {
             }
         })
         .await
-        .map_err(|_| Error::Timeout { what: "the agent to acknowledge the detach".into(), secs: 10 })?;
-        acked?;
-        crate::sessions::mark_detached(&dir)?;
-        let Session { id, vm, dir: work, .. } = self;
-        vm.release();
-        work.keep();
-        Ok(id)
+        .map_err(|_| Error::Timeout { what: "the agent to acknowledge the detach".into(), secs: 10 })?
     }
 
     /// Sends input, then collects output until `expect` appears; returns the

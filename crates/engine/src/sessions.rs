@@ -1,7 +1,11 @@
 //! The registry of sessions launched from launch images: a directory per
 //! session under `STATE/sessions/ID/` with its sockets, QEMU's throwaway
-//! overlay, logs and `session.json`. A session whose terminal detached keeps
-//! running there until `strata attach` or `strata kill`.
+//! overlay, logs and `session.json`. A session whose terminal detached, or
+//! whose strata process died, keeps running there until `strata attach` or
+//! `strata kill`; a restarted `strata serve` takes back its own. A session
+//! whose VM ended while nobody watched is kept as a record under
+//! `STATE/ended/ID.json` (exited or lost, and why) until it is removed or
+//! its retention passes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +19,8 @@ use crate::session::{first_attach, Attached, Session};
 use crate::{io_err, write_atomic, Engine, Error};
 
 const RECORD: &str = "session.json";
+/// Locked while a process takes a session in.
+const CLAIM_LOCK: &str = "claim.lock";
 
 /// What `strata ps` shows of a session.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -45,6 +51,66 @@ pub struct SessionRecord {
     /// terminal and attach-token hash), so it outlives that program.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// A session restored ahead of demand, waiting in a pool: nobody's yet,
+    /// so it is stopped, not kept, when its server dies.
+    #[serde(default)]
+    pub pooled: bool,
+    /// The strata that started it (empty: one from before this was kept).
+    #[serde(default)]
+    pub strata_version: String,
+    /// Set once its VM ended while no terminal was attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
+}
+
+/// How a session ended that nobody saw end.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub state: EndState,
+    /// Why, in words: the exit status or signal, the limit, and the last
+    /// lines QEMU and the guest's console wrote.
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EndState {
+    /// Its program or guest ended it (the guest powered off).
+    Exited,
+    /// Its VM was ended from outside (a crash, a signal, a limit, a reboot).
+    Lost,
+}
+
+impl std::fmt::Display for EndState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndState::Exited => "exited",
+            EndState::Lost => "lost",
+        })
+    }
+}
+
+/// `what`, then the last lines QEMU and the guest's console wrote.
+fn with_log_tail(what: &str, dir: &Path) -> String {
+    let tail = strata_vmm::qemu::diagnostics(dir);
+    if tail.is_empty() {
+        what.to_string()
+    } else {
+        format!("{what}\n{tail}")
+    }
+}
+
+/// This build's version, as session records keep it.
+pub const STRATA_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long the record of a session that ended unseen is kept, unless
+/// `STRATA_ENDED_RETENTION_SECS` says otherwise.
+pub const ENDED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl SessionRecord {
@@ -56,15 +122,25 @@ impl SessionRecord {
             owner_pid: std::process::id(),
             detached: false,
             launch_image: launch_image.into(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
+            created: unix_now(),
             home: None,
             ports: Vec::new(),
             settings: None,
             paused_image: None,
             labels: Default::default(),
+            pooled: false,
+            strata_version: STRATA_VERSION.into(),
+            ended: None,
+        }
+    }
+
+    /// What `ps` shows as its state.
+    pub fn state(&self) -> String {
+        match (&self.ended, &self.paused_image, self.detached) {
+            (Some(e), _, _) => e.state.to_string(),
+            (None, Some(_), _) => "paused".into(),
+            (None, None, true) => "detached".into(),
+            (None, None, false) => "attached".into(),
         }
     }
 }
@@ -103,6 +179,25 @@ pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
     let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
     rec.detached = true;
     rec.owner_pid = 0;
+    write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
+}
+
+/// The session records kept as `ID.json` files in `dir`, oldest first.
+pub(crate) fn records_in(dir: &Path) -> Vec<SessionRecord> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<SessionRecord> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect();
+    out.sort_by_key(|r| r.created);
+    out
+}
+
+/// Records that a pooled session was taken: it is someone's now.
+pub(crate) fn mark_taken(dir: &Path) -> Result<(), Error> {
+    let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+    rec.pooled = false;
     write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
 }
 
@@ -146,6 +241,20 @@ impl Engine {
         self.write_session_record(&rec)
     }
 
+    /// Removes label `key` from a running session's record.
+    ///
+    /// # Errors
+    /// If the session has no record or it cannot be written.
+    pub fn unlabel_session(&self, id: &str, key: &str) -> Result<(), Error> {
+        check_id(id)?;
+        let dir = self.session_dir(id);
+        let mut rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record for {id}")))?;
+        if rec.labels.remove(key).is_some() {
+            self.write_session_record(&rec)?;
+        }
+        Ok(())
+    }
+
     /// Whether the image `digest` (in the catalog) has a display.
     pub(crate) fn image_is_graphical(&self, digest: &str) -> bool {
         self.store.image(digest).ok().flatten().is_some_and(|i| crate::is_graphical(&i))
@@ -156,8 +265,9 @@ impl Engine {
         self.session_dir(id).join(strata_vmm::VNC_SOCK)
     }
 
-    /// Removes sessions whose VM is gone, and stops VMs whose terminal
-    /// vanished without detaching (its strata process died).
+    /// Keeps the sessions' directories true: a session whose strata
+    /// process died is detached (a pooled one, nobody's yet, is stopped); one
+    /// whose VM is gone while no terminal held it becomes an ended record.
     pub(crate) fn reap_sessions(&self) {
         let Ok(entries) = std::fs::read_dir(self.sessions_root()) else {
             return;
@@ -180,6 +290,7 @@ impl Engine {
                 continue;
             }
             let vm_alive = rec.as_ref().is_some_and(|r| alive(r.qemu_pid) && is_session_qemu(r.qemu_pid, &dir));
+            // Attached to a strata process that died: a vanished terminal.
             let orphan = rec.as_ref().is_some_and(|r| !r.detached && !alive(r.owner_pid));
             // A directory without a record is a launch still starting (its
             // creator writes the record) unless its creator is dead; keep it
@@ -190,24 +301,38 @@ impl Engine {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|d| d < Duration::from_secs(60));
-            if rec.is_none() && young {
-                continue;
-            }
-            if rec.is_none() {
-                // Its creator died before recording it: stop any QEMU still using it.
-                for pid in qemu_using(&dir) {
-                    kill_qemu(pid);
+            let Some(rec) = rec else {
+                if !young {
+                    // Its creator died before recording it: stop any QEMU still using it.
+                    for pid in qemu_using(&dir) {
+                        kill_qemu(pid);
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
-            }
-            if vm_alive && orphan {
-                let pid = rec.as_ref().map(|r| r.qemu_pid).unwrap_or(0);
-                tracing::info!(session = %e.file_name().to_string_lossy(), pid, "stopping a session whose terminal vanished");
-                kill_qemu(pid);
-            }
-            if !vm_alive || orphan {
+                continue;
+            };
+            if rec.pooled && (orphan || !vm_alive) {
+                // Waiting in the pool of a server that died: nobody's session.
+                if vm_alive {
+                    kill_qemu(rec.qemu_pid);
+                }
+                tracing::info!(session = %rec.id, "stopped a pooled session whose server is gone");
+                let _ = std::fs::remove_dir_all(&dir);
+            } else if vm_alive && orphan {
+                tracing::info!(session = %rec.id, owner = rec.owner_pid, "the terminal of a session vanished; it is detached");
+                if let Err(e) = mark_detached(&dir) {
+                    tracing::warn!(session = %rec.id, error = %e, "could not mark the session detached");
+                }
+            } else if !vm_alive && (rec.detached || orphan) {
+                // Its VM ended with no terminal to see it: kept as ended.
+                self.record_end(rec, EndState::Lost, self.why_vm_ended(&dir));
+                let _ = std::fs::remove_dir_all(&dir);
+            } else if !vm_alive {
+                // Its attached terminal sees the end itself.
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
+        self.sweep_ended();
         self.sweep_confinement();
     }
 
@@ -243,8 +368,7 @@ impl Engine {
         }
         self.reap_sessions();
         let dir = self.session_dir(id);
-        let mut rec =
-            read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
         if !rec.detached && alive(rec.owner_pid) {
             return Err(Error::Config(format!(
                 "session {id} is attached to another terminal (strata process {})",
@@ -294,7 +418,7 @@ impl Engine {
         check_id(id)?;
         self.reap_sessions();
         let dir = self.session_dir(id);
-        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
+        let rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
         if !rec.detached && alive(rec.owner_pid) {
             return Err(Error::Config(format!(
                 "session {id} is attached to a terminal (strata process {}); {hint}",
@@ -335,9 +459,14 @@ impl Engine {
             return Err(Error::Config(format!("session {id} is paused; resume it first (`strata resume {id}`)")));
         }
         let (dir, rec) = self.unheld_session(id, hint)?;
+        self.connect_session(dir, &rec).await
+    }
+
+    /// Connects this process to the running session in `dir`.
+    async fn connect_session(&self, dir: PathBuf, rec: &SessionRecord) -> Result<Session, Error> {
         let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
-        let mut s = Session::new(id.to_string(), &rec.package, a);
+        let mut s = Session::new(rec.id.clone(), &rec.package, a);
         s.record = Some(dir);
         s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
             || rec.home.is_some()
@@ -352,7 +481,7 @@ impl Engine {
     /// If there is no such session.
     pub async fn kill_session(&self, id: &str) -> Result<(), Error> {
         check_id(id)?;
-        if self.forget_paused(id)? {
+        if self.forget_paused(id)? || self.remove_ended(id)? {
             return Ok(());
         }
         let dir = self.session_dir(id);
@@ -371,5 +500,199 @@ impl Engine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             r => r.map_err(io_err(&dir)),
         }
+    }
+}
+
+impl Engine {
+    fn ended_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("ended")
+    }
+
+    /// Keeps `rec` as a session that ended unseen (`ps` lists it until it
+    /// is removed or its retention passes). Best effort: a record that
+    /// cannot be written is logged.
+    pub fn record_end(&self, mut rec: SessionRecord, state: EndState, reason: String) {
+        tracing::info!(session = %rec.id, %state, %reason, "a session ended while no terminal was attached");
+        rec.ended = Some(Ended { state, reason, at: unix_now() });
+        rec.detached = true;
+        rec.owner_pid = 0;
+        let root = self.ended_root();
+        let written = std::fs::create_dir_all(&root).map_err(io_err(&root)).and_then(|()| {
+            write_atomic(&root.join(format!("{}.json", rec.id)), &serde_json::to_vec(&rec).expect("serializes"))
+        });
+        if let Err(e) = written {
+            tracing::warn!(session = %rec.id, error = %e, "could not keep the record of an ended session");
+        }
+    }
+
+    /// Keeps session `id`, whose end the process holding it saw while no
+    /// terminal was attached, as ended: `what` happened, with the last
+    /// lines of its logs.
+    pub fn end_unseen(&self, id: &str, state: EndState, what: &str) {
+        let dir = self.session_dir(id);
+        if let Some(rec) = read_record(&dir) {
+            self.record_end(rec, state, with_log_tail(what, &dir));
+        }
+    }
+
+    /// Why the VM in `dir` ended, as far as this host can tell once it is gone.
+    fn why_vm_ended(&self, dir: &Path) -> String {
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let limit = self.cgroups.as_ref().ok().is_some_and(|c| c.of(&id).oom_killed());
+        let what = if limit {
+            "its VM was ended by its memory limit (it used more than the guest's RAM plus the server's allowance)"
+        } else {
+            "its VM ended while no terminal was attached (QEMU exited or was killed)"
+        };
+        with_log_tail(what, dir)
+    }
+
+    /// Sessions whose VM ended while nobody watched, oldest first.
+    pub fn ended_sessions(&self) -> Vec<SessionRecord> {
+        records_in(&self.ended_root())
+    }
+
+    /// The error for a session that is not running: ended (and why), or unknown.
+    fn no_session(&self, id: &str) -> Error {
+        match self.ended_sessions().into_iter().find(|r| r.id == id).and_then(|r| r.ended) {
+            Some(e) => Error::Config(format!(
+                "session {id} has ended ({}): {}\n`strata rm {id}` removes its record",
+                e.state,
+                e.reason.lines().next().unwrap_or_default()
+            )),
+            None => Error::Config(format!("no session {id}; `strata ps` lists them")),
+        }
+    }
+
+    /// Removes the record of an ended session; whether there was one.
+    ///
+    /// # Errors
+    /// If `id` is malformed or the record cannot be removed.
+    pub fn remove_ended(&self, id: &str) -> Result<bool, Error> {
+        check_id(id)?;
+        let path = self.ended_root().join(format!("{id}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Drops ended records older than their retention.
+    fn sweep_ended(&self) {
+        let keep = self.cfg.ended_retention.as_secs() as i64;
+        let now = unix_now();
+        for rec in self.ended_sessions() {
+            if rec.ended.as_ref().is_some_and(|e| now - e.at > keep) {
+                let _ = self.remove_ended(&rec.id);
+            }
+        }
+    }
+
+    /// Running sessions no live strata process holds (detached, or their
+    /// process died), each with its record: what a restarted server
+    /// takes back.
+    pub fn unheld_sessions(&self) -> Vec<SessionRecord> {
+        self.reap_sessions();
+        let Ok(entries) = std::fs::read_dir(self.sessions_root()) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| read_record(&e.path()))
+            .filter(|r| r.detached && !r.pooled && r.paused_image.is_none())
+            .collect()
+    }
+
+    /// Takes a running session no terminal holds into this process: it is
+    /// connected (not attached: its agent is told to keep its output) and
+    /// recorded as held here, so a process that dies leaves it detached
+    /// again.
+    ///
+    /// # Errors
+    /// If it is not running unheld, or its VM does not answer; an agent
+    /// that does not speak this strata's protocol is named with both
+    /// versions, and the session is left running.
+    pub async fn adopt_session(&self, id: &str) -> Result<Session, Error> {
+        check_id(id)?;
+        self.reap_sessions();
+        let dir = self.session_dir(id);
+        // Claimed under a lock: of two servers starting at once, one takes it.
+        let rec = {
+            let path = dir.join(CLAIM_LOCK);
+            let f =
+                std::fs::File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+            let _claim = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|_| Error::Config(format!("session {id} is being taken by another strata process")))?;
+            let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
+            if !rec.detached && alive(rec.owner_pid) {
+                return Err(Error::Config(format!("session {id} is held by strata process {}", rec.owner_pid)));
+            }
+            rec.detached = false;
+            rec.owner_pid = std::process::id();
+            self.write_session_record(&rec)?;
+            rec
+        };
+        let connected = async {
+            let mut s = self.connect_session(dir.clone(), &rec).await?;
+            match s.quiet().await {
+                Ok(()) => Ok(s),
+                Err(e) => {
+                    s.release();
+                    Err(e)
+                }
+            }
+        };
+        match connected.await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = mark_detached(&dir);
+                let started_by = if rec.strata_version.is_empty() { "an earlier strata" } else { &rec.strata_version };
+                Err(Error::Agent(format!(
+                    "session {id} (started by strata {started_by}) does not answer strata {STRATA_VERSION}: {e}; \
+                     it is left running, detached: attach to it with the strata that started it"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_an_earlier_strata_wrote_is_read_and_shown_by_its_state() {
+        // As the previous release wrote it: no pool flag, version or end.
+        let old = r#"{"id":"0123456789ab","package":"bc","qemu_pid":42,"owner_pid":0,"detached":true,
+            "launch_image":"ab","created":1,"labels":{"terminal":"t"}}"#;
+        let rec: SessionRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.pooled && rec.strata_version.is_empty() && rec.ended.is_none());
+        assert_eq!(rec.state(), "detached");
+        let mut ended = rec.clone();
+        ended.ended = Some(Ended { state: EndState::Lost, reason: "killed".into(), at: 2 });
+        assert_eq!(ended.state(), "lost");
+        // An end is written only when there is one.
+        assert!(!serde_json::to_string(&rec).unwrap().contains("ended"));
+        let back: SessionRecord = serde_json::from_str(&serde_json::to_string(&ended).unwrap()).unwrap();
+        assert_eq!(back, ended);
+        let mut attached = rec;
+        attached.detached = false;
+        assert_eq!(attached.state(), "attached");
+        attached.paused_image = Some("cd".into());
+        assert_eq!(attached.state(), "paused");
+    }
+
+    #[test]
+    fn records_are_read_from_json_files_only_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for (id, created) in [("0123456789ab", 5), ("ba9876543210", 3)] {
+            let mut r = SessionRecord::new(id, "bc", 1, "img");
+            r.created = created;
+            std::fs::write(dir.path().join(format!("{id}.json")), serde_json::to_vec(&r).unwrap()).unwrap();
+        }
+        std::fs::write(dir.path().join("x.lock"), b"").unwrap();
+        std::fs::write(dir.path().join("broken.json"), b"{").unwrap();
+        let ids: Vec<String> = records_in(dir.path()).into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["ba9876543210", "0123456789ab"]);
+        assert!(records_in(&dir.path().join("missing")).is_empty());
     }
 }

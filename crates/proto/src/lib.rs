@@ -137,10 +137,11 @@ pub enum HostMsg {
     /// A terminal is connected: apply its context and replay every screen.
     Attach(TerminalContext),
     /// The terminal goes away on purpose (before a snapshot, or a detach):
-    /// keep the output as the screen, and keep running without a host.
+    /// keep the output as the screen, and write dirty data back now.
     Detach,
     /// The host stays but nobody watches: keep the output as the screen.
-    /// Unlike after `Detach`, losing this host stops the guest.
+    /// (A host that vanishes is taken as one that went quiet: the guest
+    /// never stops itself.)
     Quiet,
     /// Start a program on a new pseudo-terminal.
     Spawn {

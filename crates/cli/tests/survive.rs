@@ -1,0 +1,237 @@
+//! No session is lost when a strata process dies or stops: a killed
+//! terminal leaves its session detached, a killed or stopped server's
+//! sessions are taken back by the next one, and a VM that ends unseen is
+//! reported, not hidden. Real QEMU, real guests.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::api::*;
+use common::*;
+use serde_json::{json, Value};
+
+fn sessions_json() -> Vec<Value> {
+    let out = strata(&["ps", "--json"]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn session(id: &str) -> Option<Value> {
+    sessions_json().into_iter().find(|s| s["id"] == id)
+}
+
+/// `strata ARGS` with piped input, its output gathered as it comes.
+fn spawn_reading(args: &[&str]) -> (std::process::Child, Arc<Mutex<String>>) {
+    let mut child = strata(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let gathered = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            gathered.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (child, seen)
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+#[test]
+fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_end_is_reported() {
+    if !e2e() {
+        return;
+    }
+    let (mut child, seen) = spawn_reading(&["run", "python3"]);
+    let pid = child.id();
+    let mine = || sessions_json().into_iter().find(|s| s["owner_pid"] == pid);
+    assert!(wait_until(Duration::from_secs(120), || mine().is_some()), "the session never started");
+    let rec = mine().unwrap();
+    let (id, qemu) = (rec["id"].as_str().unwrap().to_string(), rec["qemu_pid"].as_u64().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"x = 6*7; print('set', x)\n").unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("set 42")),
+        "no answer: {:?}",
+        seen.lock().unwrap()
+    );
+    // The terminal's process is killed outright: nothing of it runs.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    assert!(
+        wait_until(Duration::from_secs(20), || session(&id).is_some_and(|s| s["state"] == "detached")),
+        "the session is not listed detached: {:?}",
+        session(&id)
+    );
+    assert!(alive(qemu), "QEMU {qemu} ended with its terminal");
+    let logs = strata(&["logs", &id]).output().unwrap();
+    assert!(text(&logs.stdout).contains("set 42"), "logs: {:?} {}", text(&logs.stdout), text(&logs.stderr));
+    // Attached again, the program and its state are there; that terminal
+    // is killed too, and the session is detached again.
+    let (mut again, seen) = spawn_reading(&["attach", &id]);
+    let mut stdin = again.stdin.take().unwrap();
+    stdin.write_all(b"print('x is', x)\n").unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("x is 42")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert_eq!(session(&id).unwrap()["state"], "attached");
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert!(wait_until(Duration::from_secs(20), || session(&id).is_some_and(|s| s["state"] == "detached")));
+    // SAFETY: signalling a QEMU this test started.
+    unsafe {
+        libc_kill(qemu as i32, 9);
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || session(&id).is_some_and(|s| s["state"] == "lost")),
+        "{:?}",
+        session(&id)
+    );
+    let lost = session(&id).unwrap();
+    let reason = lost["ended"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("ended while no terminal was attached"), "{lost}");
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("lost")), "{ps}");
+    let refused = strata(&["attach", &id]).output().unwrap();
+    assert!(text(&refused.stderr).contains("has ended (lost)"), "{}", text(&refused.stderr));
+    let rm = strata(&["rm", &id]).output().unwrap();
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(session(&id).is_none(), "still listed after rm");
+    assert!(!env().state.join("sessions").join(&id).exists());
+}
+
+/// Launches `package` for terminal `token`: (id, attach token).
+async fn launch(api: &Api<'_>, token: &str, body: Value) -> (String, String) {
+    let (st, created) = api.call("POST", "/v1/sessions", Some(token), Some(body)).await;
+    assert_eq!(st, 201, "{created}");
+    (created["session"]["id"].as_str().unwrap().to_string(), created["attach_token"].as_str().unwrap().to_string())
+}
+
+async fn state_of(api: &Api<'_>, token: &str, id: &str) -> Value {
+    api.call("GET", &format!("/v1/sessions/{id}"), Some(token), None).await.1
+}
+
+/// The QEMU fork server of the `strata serve` with pid `server`.
+fn fork_server_of(server: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{server}/task/{server}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p: &u32| std::fs::read(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with(b"qemu-system")))
+}
+
+#[tokio::test]
+async fn a_killed_or_stopped_server_loses_no_session_and_the_next_one_takes_them_back() {
+    if !e2e() {
+        return;
+    }
+    let (a, b) = (token("survive-a"), token("survive-b"));
+    let mut s = serve_as(a.clone(), b.clone(), &["--on-stop", "keep"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let (one, one_token) = launch(&api, &a, json!({"package": "python3"})).await;
+    let (two, _) = launch(&api, &a, json!({"package": "bc", "idle_timeout_s": 777})).await;
+    let mut w = ws(&s, &one, &one_token).await.unwrap();
+    read_until(&mut w, ">>> ").await;
+    type_line(&mut w, "x = 6*7; print('set', x)\r").await;
+    read_until(&mut w, "set 42").await;
+    drop(api);
+
+    // kill -9 while a terminal is attached: both VMs run on.
+    let qemus: Vec<u64> = [&one, &two].iter().map(|id| session(id).unwrap()["qemu_pid"].as_u64().unwrap()).collect();
+    s.kill9();
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(qemus.iter().all(|p| alive(*p)), "a VM died with its server");
+
+    // The next server lists both running, with their time-outs, and the
+    // first one answers with its state through its own attach token.
+    let s = serve_as(a.clone(), b.clone(), &["--on-stop", "keep"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let v = state_of(&api, &a, &one).await;
+    assert_eq!((v["state"].as_str(), v["attached"].as_bool()), (Some("running"), Some(false)), "{v}");
+    let v = state_of(&api, &a, &two).await;
+    assert_eq!((v["state"].as_str(), v["idle_timeout_s"].as_u64()), (Some("running"), Some(777)), "{v}");
+    assert_eq!(api.call("GET", &format!("/v1/sessions/{one}"), Some(&b), None).await.0, 404);
+    let mut w = ws(&s, &one, &one_token).await.unwrap();
+    read_until(&mut w, "set 42").await;
+    type_line(&mut w, "print('still', x)\r").await;
+    read_until(&mut w, "still 42").await;
+    drop(w);
+    assert_eq!(session(&one).unwrap()["owner_pid"].as_u64(), Some(u64::from(s.child.id())));
+
+    // Its fork server killed: sessions run on, and launches still work
+    // (QEMU is exec'd without it).
+    let fork = fork_server_of(s.child.id()).expect("the server has a fork server");
+    // SAFETY: signalling a process this test started.
+    unsafe {
+        libc_kill(fork as i32, 9);
+    }
+    let (three, _) = launch(&api, &a, json!({"package": "bc"})).await;
+    assert!(qemus.iter().all(|p| alive(*p)), "a VM died with the fork server");
+    assert_eq!(state_of(&api, &a, &three).await["state"], "running");
+    drop(api);
+
+    // A planned stop with --on-stop keep leaves them running; the next
+    // server, with --pause-on-stop, takes them back, and its stop pauses
+    // them to images, to be resumed by the server after it.
+    let mut s = s;
+    s.stop();
+    assert!(qemus.iter().all(|p| alive(*p)), "a VM died with a planned stop");
+    let mut s = serve_as(a.clone(), b.clone(), &["--pause-on-stop"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    for id in [&one, &two, &three] {
+        assert_eq!(state_of(&api, &a, id).await["state"], "running", "{id}");
+    }
+    drop(api);
+    s.stop();
+    for id in [&one, &two, &three] {
+        let rec = session(id).unwrap();
+        assert!(rec["paused_image"].is_string(), "{rec}");
+        assert_eq!(qemu_of(id), 0, "{id} still has a VM");
+    }
+    let s = serve_as(a.clone(), b.clone(), &[]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    for id in [&one, &two, &three] {
+        assert_eq!(state_of(&api, &a, id).await["state"], "running", "{id} was not resumed");
+    }
+    let mut w = ws(&s, &one, &one_token).await.unwrap();
+    type_line(&mut w, "print('resumed', x)\r").await;
+    read_until(&mut w, "resumed 42").await;
+    drop(w);
+
+    // A VM that dies while nobody watches is listed lost with why, until
+    // removed.
+    let pid = session(&two).unwrap()["qemu_pid"].as_u64().unwrap();
+    // SAFETY: signalling a QEMU this test started.
+    unsafe {
+        libc_kill(pid as i32, 9);
+    }
+    let mut v = Value::Null;
+    for _ in 0..100 {
+        v = state_of(&api, &a, &two).await;
+        if v["state"] == "lost" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(v["state"], "lost", "{v}");
+    assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+    for id in [&one, &two, &three] {
+        assert_eq!(api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&a), None).await.0, 204, "{id}");
+    }
+    assert_eq!(api.call("GET", &format!("/v1/sessions/{two}"), Some(&a), None).await.0, 404);
+    assert!(qemus.iter().all(|p| !alive(*p)), "a VM outlived its removal");
+}
