@@ -70,16 +70,21 @@ async function loadSessions() {
   for (const s of sessions) {
     const tr = document.createElement('tr');
     tr.dataset.session = s.id;
-    for (const text of [s.id, s.package, s.state + (s.attached ? ', attached' : '')]) {
+    // A session that ended unseen (exited, lost) shows why; hovering shows
+    // the last lines of its logs.
+    const ended = s.state === 'exited' || s.state === 'lost';
+    const why = ended && s.reason ? `: ${s.reason.split('\n')[0]}` : '';
+    for (const text of [s.id, s.package, s.state + (s.attached ? ', attached' : '') + why]) {
       const td = document.createElement('td');
       td.textContent = text;
+      if (ended && s.reason) td.title = s.reason;
       tr.append(td);
     }
     const actions = document.createElement('td');
-    if (attachTokens[s.id] && s.id !== attachedId) actions.append(button('Attach', () => attach(s.id, s.package)));
+    if (!ended && attachTokens[s.id] && s.id !== attachedId) actions.append(button('Attach', () => attach(s.id, s.package)));
     if (s.state === 'running') actions.append(button('Pause', () => api('POST', `/v1/sessions/${s.id}/pause`).then(loadSessions), { 'data-pause': s.id }));
-    else actions.append(button('Resume', () => api('POST', `/v1/sessions/${s.id}/resume`).then(loadSessions), { 'data-resume': s.id }));
-    actions.append(button('Kill', () => api('DELETE', `/v1/sessions/${s.id}`).then(loadSessions), { 'data-kill': s.id }));
+    else if (s.state === 'paused') actions.append(button('Resume', () => api('POST', `/v1/sessions/${s.id}/resume`).then(loadSessions), { 'data-resume': s.id }));
+    actions.append(button(ended ? 'Remove' : 'Kill', () => api('DELETE', `/v1/sessions/${s.id}`).then(loadSessions), { 'data-kill': s.id }));
     tr.append(actions);
     rows.append(tr);
   }
