@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::terminal::{self, CrlfToLf, RawMode};
+use crate::verbs::{Backend, ImageRow, ServerRow, SessionRow};
 
 /// A strata server and the token this terminal uses with it.
 pub struct Remote {
@@ -117,7 +118,7 @@ impl Remote {
 
     /// Launches a package on the server and attaches this terminal.
     /// `devices` holds the context's network, shares and home, as the API names them.
-    pub async fn run(&self, package: &str, devices: Value, tty: bool, detach: bool) -> anyhow::Result<u8> {
+    async fn launch_attached(&self, package: &str, devices: Value, tty: bool, detach: bool) -> anyhow::Result<u8> {
         let size = terminal::terminal_size().unwrap_or_default();
         let mut ctx = json!({
             "rows": size.rows,
@@ -139,11 +140,11 @@ impl Remote {
             println!("{id}");
             return Ok(0);
         }
-        self.attach(&id, tty).await
+        self.attach_terminal(&id, tty).await
     }
 
     /// Attaches this terminal to a session on the server.
-    pub async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
+    async fn attach_terminal(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
         let size = terminal::terminal_size().unwrap_or_default();
         // A control plane answers with the server running the session (the
         // terminal's bytes go there, not through the plane) and a ticket; a
@@ -260,5 +261,144 @@ fn open_in_browser(url: &str) {
         .spawn();
     if opened.is_err() {
         eprintln!("strata: no xdg-open here; open the address above in a browser");
+    }
+}
+
+/// A session's path on the server.
+fn session_path(id: &str, suffix: &str) -> String {
+    format!("/v1/sessions/{id}{suffix}")
+}
+
+fn image_row(i: &Value) -> ImageRow {
+    ImageRow {
+        kind: i["kind"].as_str().unwrap_or("").into(),
+        digest: i["digest"].as_str().unwrap_or("").into(),
+        package: i["package"].as_str().map(str::to_string),
+        os: i["os"].as_str().unwrap_or("-").into(),
+        size: i["size"].as_u64().unwrap_or(0),
+        created: i["created"].as_i64().unwrap_or(0),
+    }
+}
+
+fn list(v: &Value) -> impl Iterator<Item = &Value> {
+    v.as_array().into_iter().flatten()
+}
+
+impl Backend for Remote {
+    async fn sessions(&self) -> anyhow::Result<(Vec<SessionRow>, Value)> {
+        let v = self.call("GET", "/v1/sessions", None).await?;
+        let text = |s: &Value, k: &str| s[k].as_str().filter(|t| !t.is_empty()).map(str::to_string);
+        let rows = list(&v)
+            .map(|s| SessionRow {
+                id: text(s, "id").unwrap_or_default(),
+                package: text(s, "package").unwrap_or_default(),
+                state: text(s, "state").unwrap_or_default(),
+                attached: s["attached"] == true,
+                server: text(s, "server"),
+                note: text(s, "note"),
+                why: text(s, "reason").and_then(|r| r.lines().next().map(str::to_string)),
+                created: s["created"].as_i64().unwrap_or(0),
+            })
+            .collect();
+        Ok((rows, v))
+    }
+
+    async fn kill(&self, id: &str) -> anyhow::Result<()> {
+        self.call("DELETE", &session_path(id, ""), None).await.map(drop)
+    }
+
+    async fn pause(&self, id: &str) -> anyhow::Result<String> {
+        self.call("POST", &session_path(id, "/pause"), None).await.map(|_| id.to_string())
+    }
+
+    async fn resume(&self, id: &str) -> anyhow::Result<()> {
+        self.call("POST", &session_path(id, "/resume"), None).await.map(drop)
+    }
+
+    async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>> {
+        self.raw("GET", &session_path(id, "/logs"), None).await
+    }
+
+    async fn copy(&self, id: &str, guest: &str, host: &std::path::Path, into_guest: bool) -> anyhow::Result<u64> {
+        let path = format!("/v1/sessions/{id}/files?path={}", crate::urlencode(guest));
+        if into_guest {
+            let data = std::fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+            let n = data.len() as u64;
+            self.raw("PUT", &path, Some(data)).await?;
+            Ok(n)
+        } else {
+            let data = self.raw("GET", &path, None).await?;
+            // Written whole or not at all.
+            let tmp = host.with_file_name(format!(
+                ".{}.strata-part",
+                host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
+            std::fs::write(&tmp, &data).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, host).with_context(|| format!("writing {}", host.display()))?;
+            Ok(data.len() as u64)
+        }
+    }
+
+    async fn run(
+        &self,
+        package: &str,
+        devices: &crate::DeviceArgs,
+        tty: bool,
+        detach: bool,
+        cold: bool,
+    ) -> anyhow::Result<u8> {
+        if cold {
+            bail!("--cold runs on this machine only; leave out --addr");
+        }
+        self.launch_attached(package, devices.to_json("remote")?, tty, detach).await
+    }
+
+    async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
+        self.attach_terminal(id, tty).await
+    }
+
+    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
+        let v = self.call("POST", "/v1/images", Some(json!({ "package": package }))).await?;
+        Ok(list(&v).map(image_row).collect())
+    }
+
+    async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)> {
+        let v = self.call("GET", "/v1/images", None).await?;
+        Ok((list(&v).map(image_row).collect(), v))
+    }
+
+    async fn remove_image(&self, digest: &str) -> anyhow::Result<()> {
+        self.call("DELETE", &format!("/v1/images/{digest}"), None).await.map(drop)
+    }
+
+    async fn gc(&self) -> anyhow::Result<(u64, u64)> {
+        let v = self.call("POST", "/v1/images/gc", None).await?;
+        Ok((v["removed_blobs"].as_u64().unwrap_or(0), v["freed_bytes"].as_u64().unwrap_or(0)))
+    }
+
+    async fn prune(&self, dry_run: bool) -> anyhow::Result<Value> {
+        self.call("POST", &format!("/v1/images/prune?dry_run={dry_run}"), None).await
+    }
+
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)> {
+        let v = self.call("GET", "/v1/packages", None).await?;
+        let field = |p: &Value, k: &str| p[k].as_str().unwrap_or("").to_string();
+        Ok((list(&v).map(|p| (field(p, "name"), field(p, "description"))).collect(), v))
+    }
+
+    async fn servers(&self) -> anyhow::Result<(Vec<ServerRow>, Value)> {
+        let v = self.call("GET", "/v1/servers", None).await?;
+        let rows = list(&v)
+            .map(|s| ServerRow {
+                name: s["name"].as_str().unwrap_or("").into(),
+                address: s["address"].as_str().map(str::to_string),
+                sessions: s["sessions"].as_u64().unwrap_or(0),
+                memory_available_mib: s["memory_available_mib"].as_u64().unwrap_or(0),
+                guest_memory_committed_mib: s["guest_memory_committed_mib"].as_u64().unwrap_or(0),
+                load1: s["load1"].as_f64().unwrap_or(0.0),
+                cached: list(&s["cached_packages"]).filter_map(|p| p.as_str().map(str::to_string)).collect(),
+            })
+            .collect();
+        Ok((rows, v))
     }
 }

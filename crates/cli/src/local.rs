@@ -1,0 +1,180 @@
+//! The verbs' backend on this machine: strata's engine in this process.
+
+use std::path::Path;
+
+use serde_json::Value;
+use strata_engine::context::ContextSettings;
+use strata_engine::Engine;
+
+use crate::progress::Bar;
+use crate::terminal::terminal_size;
+use crate::verbs::{Backend, ImageRow, ServerRow, SessionRow};
+use crate::{finish, launch_settings, DeviceArgs};
+
+pub struct Local<'a> {
+    pub eng: &'a Engine,
+    pub bar: &'a Bar,
+    /// The terminal whose context and home launches use.
+    pub terminal: &'a str,
+    pub quiet: bool,
+}
+
+fn image_row(r: &strata_store::ImageRecord) -> ImageRow {
+    ImageRow {
+        kind: r.kind.to_string(),
+        digest: r.digest.clone(),
+        package: r.package.clone(),
+        os: r.os.clone(),
+        size: r.size,
+        created: r.created,
+    }
+}
+
+impl Backend for Local<'_> {
+    async fn sessions(&self) -> anyhow::Result<(Vec<SessionRow>, Value)> {
+        let mut sessions = self.eng.list_sessions();
+        sessions.extend(self.eng.ended_sessions());
+        sessions.sort_by_key(|r| r.created);
+        let rows = sessions
+            .iter()
+            .map(|r| SessionRow {
+                id: r.id.clone(),
+                package: r.package.clone(),
+                state: match (&r.ended, &r.paused_image) {
+                    (Some(e), _) => e.state.to_string(),
+                    (None, Some(_)) => "paused".into(),
+                    (None, None) => "running".into(),
+                },
+                attached: r.ended.is_none() && r.paused_image.is_none() && !r.detached,
+                server: None,
+                note: None,
+                why: r.ended.as_ref().and_then(|e| e.reason.lines().next().map(str::to_string)),
+                created: r.created,
+            })
+            .collect();
+        // Each record with the state `ps --json` has always shown.
+        let json = sessions
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["state"] = r.state().into();
+                v
+            })
+            .collect();
+        Ok((rows, json))
+    }
+
+    async fn kill(&self, id: &str) -> anyhow::Result<()> {
+        Ok(self.eng.kill_session(id).await?)
+    }
+
+    async fn pause(&self, id: &str) -> anyhow::Result<String> {
+        let image = self.eng.pause_detached(id).await?;
+        Ok(format!("{id} paused to image {}", &image.digest[..12]))
+    }
+
+    async fn resume(&self, id: &str) -> anyhow::Result<()> {
+        self.eng.resume_session(id, None).await?.detach().await?;
+        Ok(())
+    }
+
+    async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(self.eng.session_logs(id).await?)
+    }
+
+    async fn copy(&self, id: &str, guest: &str, host: &Path, into_guest: bool) -> anyhow::Result<u64> {
+        Ok(self.eng.copy_file(id, host, guest, into_guest).await?)
+    }
+
+    async fn run(
+        &self,
+        package: &str,
+        devices: &DeviceArgs,
+        tty: bool,
+        detach: bool,
+        cold: bool,
+    ) -> anyhow::Result<u8> {
+        let pkg = self.eng.package(package)?;
+        let settings = launch_settings(self.eng, self.terminal, devices)?;
+        let session = if cold {
+            self.eng.launch_cold(&pkg, &settings, self.bar).await?
+        } else {
+            self.eng.launch(&pkg, &settings, self.bar).await?
+        };
+        self.bar.clear();
+        if session.graphical && !self.quiet {
+            eprintln!(
+                "strata: {} shows its display over VNC at unix:{} (a VNC viewer opens it; `strata serve` shows it in the browser)",
+                pkg.name,
+                session.vnc_socket().display()
+            );
+        }
+        if detach {
+            println!("{}", session.detach().await?);
+            return Ok(0);
+        }
+        finish(session, tty).await
+    }
+
+    async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
+        let settings = ContextSettings::from_terminal(terminal_size());
+        let session = self.eng.attach_session(id, &settings).await?;
+        finish(session, tty).await
+    }
+
+    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
+        let pkg = self.eng.package(package)?;
+        let set = self.eng.ensure_images(&pkg, self.bar).await?;
+        self.bar.clear();
+        Ok([&set.base, &set.install, &set.launch].into_iter().map(image_row).collect())
+    }
+
+    async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)> {
+        let images = self.eng.store.list_images()?;
+        Ok((images.iter().map(image_row).collect(), serde_json::to_value(&images)?))
+    }
+
+    async fn remove_image(&self, d: &str) -> anyhow::Result<()> {
+        let images = self.eng.store.list_images()?;
+        let in_use: Vec<String> = self.eng.list_sessions().into_iter().map(|s| s.launch_image).collect();
+        // A unique prefix of at least 12 digits names an image, as `images ls` shows it.
+        let found: Vec<_> = images.iter().filter(|r| d.len() >= 12 && r.digest.starts_with(d)).collect();
+        match found.as_slice() {
+            [r] if in_use.contains(&r.digest) => anyhow::bail!("in use by a running session; `strata kill` it first"),
+            [r] => Ok(self.eng.store.remove_image(&r.digest)?),
+            [] => anyhow::bail!("no such image (give at least 12 digits, as `strata images ls` shows)"),
+            _ => anyhow::bail!("ambiguous: give more digits"),
+        }
+    }
+
+    async fn gc(&self) -> anyhow::Result<(u64, u64)> {
+        Ok(self.eng.gc()?)
+    }
+
+    async fn prune(&self, dry_run: bool) -> anyhow::Result<Value> {
+        Ok(serde_json::to_value(self.eng.prune_images(dry_run)?)?)
+    }
+
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)> {
+        let packages = self.eng.registry.packages.values();
+        let rows = packages.clone().map(|p| (p.name.clone(), p.def.description.clone())).collect();
+        let json = packages
+            .map(|p| serde_json::json!({"name": p.name, "description": p.def.description, "debs": p.def.debs, "command": p.def.command}))
+            .collect();
+        Ok((rows, json))
+    }
+
+    async fn servers(&self) -> anyhow::Result<(Vec<ServerRow>, Value)> {
+        let h = self.eng.server_status()?;
+        let row = ServerRow {
+            name: h.name.clone(),
+            address: None,
+            sessions: h.sessions as u64,
+            memory_available_mib: h.memory_available_mib,
+            guest_memory_committed_mib: h.guest_memory_committed_mib,
+            load1: h.load1,
+            cached: Vec::new(),
+        };
+        Ok((vec![row], serde_json::to_value([&h])?))
+    }
+}

@@ -1,0 +1,249 @@
+//! The verbs on sessions, images, packages and servers, written once
+//! against [`Backend`]: this machine's engine ([`crate::local::Local`]) and a
+//! server or control plane reached over HTTP ([`crate::remote::Remote`])
+//! implement it. A verb validates its arguments, calls, and prints the same
+//! columns whichever backend answered.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{age, copy_plan, human, print_prune, stdin_is_tty, Cmd, DeviceArgs, ImagesCmd, PackagesCmd, ServersCmd};
+
+/// A session as `ps` shows it.
+pub struct SessionRow {
+    pub id: String,
+    pub package: String,
+    /// running, paused, exited or lost.
+    pub state: String,
+    pub attached: bool,
+    /// The server that runs it, when a control plane says.
+    pub server: Option<String>,
+    /// What happened to it beside its state (a server's outage).
+    pub note: Option<String>,
+    /// Why it ended (exited, lost): the first line.
+    pub why: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+/// An image as `images ls` and `build` show it.
+pub struct ImageRow {
+    pub kind: String,
+    pub digest: String,
+    pub package: Option<String>,
+    pub os: String,
+    pub size: u64,
+    pub created: i64,
+}
+
+/// A server as `servers ls` shows it.
+pub struct ServerRow {
+    pub name: String,
+    /// Where a terminal reaches it (`None`: this machine, or the server asked).
+    pub address: Option<String>,
+    pub sessions: u64,
+    pub memory_available_mib: u64,
+    pub guest_memory_committed_mib: u64,
+    pub load1: f64,
+    /// Packages whose images it holds, when a control plane says.
+    pub cached: Vec<String>,
+}
+
+/// What every verb needs of where sessions run. Each listing also returns
+/// the backend's whole answer, which `--json` prints.
+pub trait Backend {
+    async fn sessions(&self) -> anyhow::Result<(Vec<SessionRow>, Value)>;
+    async fn kill(&self, id: &str) -> anyhow::Result<()>;
+    /// Pauses a session to an image; what to print.
+    async fn pause(&self, id: &str) -> anyhow::Result<String>;
+    async fn resume(&self, id: &str) -> anyhow::Result<()>;
+    async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>>;
+    /// Copies a file into the guest (`into_guest`) or out of it; the bytes.
+    async fn copy(&self, id: &str, guest: &str, host: &Path, into_guest: bool) -> anyhow::Result<u64>;
+    /// Launches `package` and attaches this terminal (or prints the id,
+    /// with `detach`); the program's exit status.
+    async fn run(&self, package: &str, devices: &DeviceArgs, tty: bool, detach: bool, cold: bool)
+        -> anyhow::Result<u8>;
+    async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8>;
+    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>>;
+    async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)>;
+    async fn remove_image(&self, digest: &str) -> anyhow::Result<()>;
+    /// Removes unreferenced blobs: (blobs, bytes).
+    async fn gc(&self) -> anyhow::Result<(u64, u64)>;
+    async fn prune(&self, dry_run: bool) -> anyhow::Result<Value>;
+    /// (name, description) of each package.
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)>;
+    async fn servers(&self) -> anyhow::Result<(Vec<ServerRow>, Value)>;
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Runs `op` on each id, printing `id` (or what `op` says) or the error;
+/// 1 if any failed.
+async fn each<F, Fut>(ids: &[String], op: F) -> u8
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<String>>>,
+{
+    let mut code = 0;
+    for id in ids {
+        match op(id.clone()).await {
+            Ok(said) => println!("{}", said.unwrap_or_else(|| id.clone())),
+            Err(e) => {
+                eprintln!("strata: {id}: {e:#}");
+                code = 1;
+            }
+        }
+    }
+    code
+}
+
+/// Runs `cmd` if it is a verb every backend has; `None` for the others.
+pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow::Result<u8>> {
+    Some(match cmd {
+        Cmd::Run { package, interactive, tty, cold, detach, devices } => {
+            let is_tty = stdin_is_tty();
+            if *tty && !is_tty {
+                return Some(Err(anyhow::anyhow!(
+                    "--tty needs standard input to be a terminal; leave it out to pipe input"
+                )));
+            }
+            b.run(package, devices, is_tty && (*tty || !*interactive), *detach, *cold).await
+        }
+        Cmd::Attach { id } => b.attach(id, stdin_is_tty()).await,
+        Cmd::Logs { id } => b.logs(id).await.and_then(|bytes| {
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+            Ok(0)
+        }),
+        Cmd::Kill { ids } => Ok(each(ids, |id| async move { b.kill(&id).await.map(|()| None) }).await),
+        Cmd::Pause { ids } => Ok(each(ids, |id| async move { b.pause(&id).await.map(Some) }).await),
+        Cmd::Resume { ids } => Ok(each(ids, |id| async move { b.resume(&id).await.map(|()| None) }).await),
+        Cmd::Ps { json } => b.sessions().await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                print_sessions(&rows);
+            }
+            0
+        }),
+        Cmd::Cp { src, dst } => {
+            let copied = async {
+                let (id, guest, host, into_guest) = copy_plan(src, dst)?;
+                let host = strata_engine::context::absolute(Path::new(host));
+                b.copy(id, guest, &host, into_guest).await
+            };
+            copied.await.map(|n| {
+                if !quiet {
+                    eprintln!("strata: copied {}", human(n));
+                }
+                0
+            })
+        }
+        Cmd::Build { package } => b.build(package).await.map(|rows| {
+            for r in rows {
+                println!("{:<8} {}  {}", r.kind, r.digest.get(..12).unwrap_or(&r.digest), human(r.size));
+            }
+            0
+        }),
+        Cmd::Images { cmd: ImagesCmd::Ls { json } } => b.images().await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                print_images(&rows);
+            }
+            0
+        }),
+        Cmd::Images { cmd: ImagesCmd::Rm { digests } } => {
+            Ok(each(digests, |d| async move { b.remove_image(&d).await.map(|()| None) }).await)
+        }
+        Cmd::Images { cmd: ImagesCmd::Gc } => b.gc().await.map(|(n, bytes)| {
+            println!("removed {n} blob(s), {}", human(bytes));
+            0
+        }),
+        Cmd::Images { cmd: ImagesCmd::Prune { dry_run, json } } => b.prune(*dry_run).await.map(|v| {
+            print_prune(&v, *dry_run, *json);
+            0
+        }),
+        Cmd::Packages { cmd: PackagesCmd::Ls { json } } => b.packages().await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                for (name, description) in rows {
+                    println!("{name:<16} {description}");
+                }
+            }
+            0
+        }),
+        Cmd::Servers { cmd: ServersCmd::Ls { json } } => b.servers().await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                print_servers(&rows);
+            }
+            0
+        }),
+        _ => return None,
+    })
+}
+
+fn print_sessions(rows: &[SessionRow]) {
+    let state = |s: &SessionRow| match &s.note {
+        Some(note) => format!("{}, {note}", s.state),
+        None => s.state.clone(),
+    };
+    let width = rows.iter().map(|s| state(s).len()).max().unwrap_or(0).max(9);
+    let server_width = rows.iter().filter_map(|s| s.server.as_ref().map(String::len)).max().unwrap_or(0).max(8);
+    println!(
+        "{:<12} {:<14} {:<width$} {:<8} {:<server_width$} {:<6} WHY",
+        "SESSION", "PACKAGE", "STATE", "ATTACHED", "SERVER", "AGE"
+    );
+    for s in rows {
+        println!(
+            "{:<12} {:<14} {:<width$} {:<8} {:<server_width$} {:<6} {}",
+            s.id,
+            s.package,
+            state(s),
+            if s.attached { "yes" } else { "no" },
+            s.server.as_deref().unwrap_or("-"),
+            age(s.created),
+            s.why.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn print_images(rows: &[ImageRow]) {
+    println!("{:<8} {:<12} {:<14} {:<10} {:>10}  AGE", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE");
+    for r in rows {
+        println!(
+            "{:<8} {:<12} {:<14} {:<10} {:>10}  {}",
+            r.kind,
+            r.digest.get(..12).unwrap_or(&r.digest),
+            r.package.as_deref().unwrap_or("-"),
+            r.os,
+            human(r.size),
+            age(r.created)
+        );
+    }
+}
+
+fn print_servers(rows: &[ServerRow]) {
+    println!(
+        "{:<16} {:<26} {:>8} {:>12} {:>10} {:>6}  CACHED",
+        "SERVER", "ADDRESS", "SESSIONS", "MEM FREE", "GUEST MEM", "LOAD"
+    );
+    for s in rows {
+        println!(
+            "{:<16} {:<26} {:>8} {:>8} MiB {:>6} MiB {:>6.2}  {}",
+            s.name,
+            s.address.as_deref().unwrap_or("(this server)"),
+            s.sessions,
+            s.memory_available_mib,
+            s.guest_memory_committed_mib,
+            s.load1,
+            if s.cached.is_empty() { "-".to_string() } else { s.cached.join(",") }
+        );
+    }
+}
