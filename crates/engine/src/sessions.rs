@@ -19,6 +19,8 @@ use crate::session::{first_attach, Attached, Session};
 use crate::{io_err, write_atomic, Engine, Error};
 
 const RECORD: &str = "session.json";
+/// The pid of the process starting a session, written before its VM starts.
+const CREATOR: &str = "creator.pid";
 /// Locked while a process takes a session in.
 const CLAIM_LOCK: &str = "claim.lock";
 
@@ -222,7 +224,11 @@ impl Engine {
     pub(crate) fn new_session_dir(&self, id: &str) -> Result<WorkDir, Error> {
         let dir = self.session_dir(id);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(WorkDir::adopt(dir))
+        let dir = WorkDir::adopt(dir);
+        // Until the record is written, this names who is starting it.
+        let creator = dir.path().join(CREATOR);
+        std::fs::write(&creator, std::process::id().to_string()).map_err(io_err(&creator))?;
+        Ok(dir)
     }
 
     pub(crate) fn write_session_record(&self, rec: &SessionRecord) -> Result<(), Error> {
@@ -293,16 +299,19 @@ impl Engine {
             // Attached to a strata process that died: a vanished terminal.
             let orphan = rec.as_ref().is_some_and(|r| !r.detached && !alive(r.owner_pid));
             // A directory without a record is a launch still starting (its
-            // creator writes the record) unless its creator is dead; keep it
-            // for a minute to be safe.
-            let young = e
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|d| d < Duration::from_secs(60));
+            // creator writes the record) unless its creator is dead; one
+            // that does not name its creator is kept a minute to be safe.
+            let starting = match std::fs::read_to_string(dir.join(CREATOR)).ok().and_then(|p| p.trim().parse().ok()) {
+                Some(creator) => alive(creator),
+                None => e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|d| d < Duration::from_secs(60)),
+            };
             let Some(rec) = rec else {
-                if !young {
+                if !starting {
                     // Its creator died before recording it: stop any QEMU still using it.
                     for pid in qemu_using(&dir) {
                         kill_qemu(pid);

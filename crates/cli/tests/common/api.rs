@@ -64,12 +64,17 @@ pub fn serve_with(tag: &str, extra: &[&str]) -> Server {
     serve_as(a, b, extra)
 }
 
-/// A server for the terminals of tokens `a` and `b`. Its sessions stop with
-/// it unless `extra` says otherwise (`--on-stop`, `--pause-on-stop`).
+/// A server for the terminals of tokens `a` and `b`, on a port of its own
+/// and with at most 3 sessions per terminal; its sessions stop with it.
+/// `extra` may say otherwise (`--listen`, `--max-sessions-per-terminal`,
+/// `--on-stop`, `--pause-on-stop`).
 pub fn serve_as(a: String, b: String, extra: &[&str]) -> Server {
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--max-sessions-per-terminal", "3"];
-    if !extra.iter().any(|x| x.contains("on-stop")) {
-        args.extend_from_slice(&["--on-stop", "stop"]);
+    let mut args = vec!["serve"];
+    // Defaults, unless `extra` sets them.
+    for (flag, value) in [("--listen", "127.0.0.1:0"), ("--max-sessions-per-terminal", "3"), ("--on-stop", "stop")] {
+        if !extra.iter().any(|x| x.ends_with(&flag[2..])) {
+            args.extend_from_slice(&[flag, value]);
+        }
     }
     args.extend_from_slice(extra);
     let mut child = strata(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
