@@ -143,9 +143,10 @@ impl Registry {
         let labels = BTreeMap::from([
             (TERMINAL_LABEL.to_string(), owner.to_string()),
             (ATTACH_LABEL.to_string(), hex::encode(attach_hash)),
-            (IDLE_LABEL.to_string(), idle_label(idle)),
         ]);
-        if let Err(e) = engine.label_session(&session.id, labels) {
+        if let Err(e) =
+            engine.label_session(&session.id, labels).and_then(|()| engine.set_idle_timeout(&session.id, idle))
+        {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
         }
         let vnc = session.graphical.then(|| session.vnc_socket());
@@ -218,10 +219,10 @@ impl Registry {
             return None;
         };
         // Its own time-out, as it was set, else the server's.
-        let idle = match rec.labels.get(IDLE_LABEL).map(|v| v.parse::<u64>()) {
-            Some(Ok(0)) => None,
-            Some(Ok(secs)) => Some(Duration::from_secs(secs)),
-            _ => idle,
+        let idle = match rec.idle_timeout_s {
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => idle,
         };
         let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
         Some(Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None))
@@ -319,14 +320,8 @@ pub enum OnStop {
 /// Labels of a session's record that let a restarted server adopt it.
 const TERMINAL_LABEL: &str = "terminal";
 const ATTACH_LABEL: &str = "attach_sha256";
-/// Its idle time-out in seconds (0: none).
-const IDLE_LABEL: &str = "idle_timeout_s";
 /// Paused by a server's stop, to be resumed when one starts.
 const RESUME_LABEL: &str = "resume_on_start";
-
-fn idle_label(idle: Option<Duration>) -> String {
-    idle.map_or(0, |d| d.as_secs()).to_string()
-}
 
 impl Live {
     fn new(
@@ -519,8 +514,7 @@ impl Actor<'_> {
                         idle_since = tokio::time::Instant::now();
                         // Kept with the session, for a server that takes it back.
                         if self.held.is_some() {
-                            let label = BTreeMap::from([(IDLE_LABEL.to_string(), idle_label(t))]);
-                            if let Err(e) = self.engine.label_session(&self.live.id, label) {
+                            if let Err(e) = self.engine.set_idle_timeout(&self.live.id, t) {
                                 tracing::warn!(session = %self.live.id, error = %e, "could not keep the idle time-out with the session");
                             }
                         }

@@ -8,7 +8,7 @@ use strata_engine::Engine;
 
 use crate::progress::Bar;
 use crate::terminal::terminal_size;
-use crate::verbs::{Backend, ImageRow, ServerRow, SessionRow};
+use crate::verbs::{Backend, ImageRow, RunHow, ServerRow, SessionRow};
 use crate::{finish, launch_settings, DeviceArgs};
 
 pub struct Local<'a> {
@@ -86,14 +86,8 @@ impl Backend for Local<'_> {
         Ok(self.eng.copy_file(id, host, guest, into_guest).await?)
     }
 
-    async fn run(
-        &self,
-        package: &str,
-        devices: &DeviceArgs,
-        tty: bool,
-        detach: bool,
-        cold: bool,
-    ) -> anyhow::Result<u8> {
+    async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8> {
+        let RunHow { tty, detach, cold, idle_timeout } = how;
         let pkg = self.eng.package(package)?;
         let settings = launch_settings(self.eng, self.terminal, devices)?;
         let session = if cold {
@@ -108,6 +102,10 @@ impl Backend for Local<'_> {
                 pkg.name,
                 session.vnc_socket().display()
             );
+        }
+        if let Some(secs) = idle_timeout.filter(|_| session.detachable()) {
+            let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+            self.eng.set_idle_timeout(&session.id, idle)?;
         }
         if detach {
             println!("{}", session.detach().await?);

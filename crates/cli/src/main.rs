@@ -70,6 +70,11 @@ enum Cmd {
         /// Start it in the background and print its session id.
         #[arg(short, long)]
         detach: bool,
+        /// How long the session may stay detached before it is paused to an
+        /// image (a running `strata serve` does it): 90s, 30m, 12h, 7d, or
+        /// `never`. Default: the server's (an hour).
+        #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
+        idle_timeout: Option<u64>,
         #[command(flatten)]
         devices: DeviceArgs,
     },
@@ -887,7 +892,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             {
                 // Housekeeping: pools follow demand (grown on launches,
-                // trimmed here); paused sessions past their retention go.
+                // trimmed here); detached sessions past their idle time-out
+                // are paused; paused sessions past their retention go.
                 let st = state.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -897,6 +903,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                             st.pool.give_back(package).await;
                             st.refill(package);
                         }
+                        // Sessions of this store it does not hold (the
+                        // CLI's, detached) follow the same idle time-outs.
+                        st.engine.pause_idle_unheld(Some(st.limits.idle_timeout)).await;
                         for id in st.engine.expire_paused() {
                             if let Some(live) = st.sessions.get(&id) {
                                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1258,6 +1267,14 @@ fn urlencode(s: &str) -> String {
 }
 
 /// Parses `90s`, `30m`, `12h` or `7d`.
+/// `--idle-timeout`: seconds, 0 for `never`.
+fn parse_idle_timeout(s: &str) -> Result<u64, String> {
+    if s == "never" {
+        return Ok(0);
+    }
+    parse_duration(s).map(|d| d.as_secs())
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{s:?} is not a duration like 90s, 30m, 12h or 7d");
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::terminal::{self, CrlfToLf, RawMode};
-use crate::verbs::{Backend, ImageRow, ServerRow, SessionRow};
+use crate::verbs::{Backend, ImageRow, RunHow, ServerRow, SessionRow};
 
 /// A strata server and the token this terminal uses with it.
 pub struct Remote {
@@ -118,7 +118,8 @@ impl Remote {
 
     /// Launches a package on the server and attaches this terminal.
     /// `devices` holds the context's network, shares and home, as the API names them.
-    async fn launch_attached(&self, package: &str, devices: Value, tty: bool, detach: bool) -> anyhow::Result<u8> {
+    async fn launch_attached(&self, package: &str, devices: Value, how: RunHow) -> anyhow::Result<u8> {
+        let RunHow { tty, detach, idle_timeout, .. } = how;
         let size = terminal::terminal_size().unwrap_or_default();
         let mut ctx = json!({
             "rows": size.rows,
@@ -128,7 +129,11 @@ impl Remote {
         if let (Some(c), Value::Object(d)) = (ctx.as_object_mut(), devices) {
             c.extend(d);
         }
-        let created = self.call("POST", "/v1/sessions", Some(json!({"package": package, "context": ctx}))).await?;
+        let mut body = json!({"package": package, "context": ctx});
+        if let Some(secs) = idle_timeout {
+            body["idle_timeout_s"] = secs.into();
+        }
+        let created = self.call("POST", "/v1/sessions", Some(body)).await?;
         let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
         if created["session"]["graphical"].as_bool() == Some(true) {
             let attach = created["attach_token"].as_str().unwrap_or_default();
@@ -339,18 +344,11 @@ impl Backend for Remote {
         }
     }
 
-    async fn run(
-        &self,
-        package: &str,
-        devices: &crate::DeviceArgs,
-        tty: bool,
-        detach: bool,
-        cold: bool,
-    ) -> anyhow::Result<u8> {
-        if cold {
+    async fn run(&self, package: &str, devices: &crate::DeviceArgs, how: RunHow) -> anyhow::Result<u8> {
+        if how.cold {
             bail!("--cold runs on this machine only; leave out --addr");
         }
-        self.launch_attached(package, devices.to_json("remote")?, tty, detach).await
+        self.launch_attached(package, devices.to_json("remote")?, how).await
     }
 
     async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {

@@ -50,6 +50,19 @@ pub struct ServerRow {
     pub cached: Vec<String>,
 }
 
+/// How `run` launches and attaches.
+#[derive(Clone, Copy)]
+pub struct RunHow {
+    /// Give the program this terminal (raw mode), else pipe input.
+    pub tty: bool,
+    /// Print the session's id instead of attaching.
+    pub detach: bool,
+    /// Boot it instead of restoring its launch image.
+    pub cold: bool,
+    /// Seconds it may stay detached (0: never; `None`: the server's default).
+    pub idle_timeout: Option<u64>,
+}
+
 /// What every verb needs of where sessions run. Each listing also returns
 /// the backend's whole answer, which `--json` prints.
 pub trait Backend {
@@ -63,8 +76,7 @@ pub trait Backend {
     async fn copy(&self, id: &str, guest: &str, host: &Path, into_guest: bool) -> anyhow::Result<u64>;
     /// Launches `package` and attaches this terminal (or prints the id,
     /// with `detach`); the program's exit status.
-    async fn run(&self, package: &str, devices: &DeviceArgs, tty: bool, detach: bool, cold: bool)
-        -> anyhow::Result<u8>;
+    async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8>;
     async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8>;
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>>;
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)>;
@@ -104,14 +116,20 @@ where
 /// Runs `cmd` if it is a verb every backend has; `None` for the others.
 pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow::Result<u8>> {
     Some(match cmd {
-        Cmd::Run { package, interactive, tty, cold, detach, devices } => {
+        Cmd::Run { package, interactive, tty, cold, detach, idle_timeout, devices } => {
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
                 return Some(Err(anyhow::anyhow!(
                     "--tty needs standard input to be a terminal; leave it out to pipe input"
                 )));
             }
-            b.run(package, devices, is_tty && (*tty || !*interactive), *detach, *cold).await
+            let how = RunHow {
+                tty: is_tty && (*tty || !*interactive),
+                detach: *detach,
+                cold: *cold,
+                idle_timeout: *idle_timeout,
+            };
+            b.run(package, devices, how).await
         }
         Cmd::Attach { id } => b.attach(id, stdin_is_tty()).await,
         Cmd::Logs { id } => b.logs(id).await.and_then(|bytes| {

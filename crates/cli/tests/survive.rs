@@ -41,6 +41,11 @@ fn spawn_reading(args: &[&str]) -> (std::process::Child, Arc<Mutex<String>>) {
     (child, seen)
 }
 
+/// The session the strata process `pid` holds.
+fn mine_of(pid: u32) -> Option<Value> {
+    sessions_json().into_iter().find(|s| s["owner_pid"] == pid)
+}
+
 fn alive(pid: u64) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
@@ -52,7 +57,7 @@ fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_en
     }
     let (mut child, seen) = spawn_reading(&["run", "python3"]);
     let pid = child.id();
-    let mine = || sessions_json().into_iter().find(|s| s["owner_pid"] == pid);
+    let mine = || mine_of(pid);
     assert!(wait_until(Duration::from_secs(120), || mine().is_some()), "the session never started");
     let rec = mine().unwrap();
     let (id, qemu) = (rec["id"].as_str().unwrap().to_string(), rec["qemu_pid"].as_u64().unwrap());
@@ -111,6 +116,30 @@ fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_en
     assert!(rm.status.success(), "{}", text(&rm.stderr));
     assert!(session(&id).is_none(), "still listed after rm");
     assert!(!env().state.join("sessions").join(&id).exists());
+
+    // A guest that powers off while nobody is attached: listed exited.
+    let (mut child, seen) = spawn_reading(&["run", "python3"]);
+    let pid = child.id();
+    assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
+    let id = mine_of(pid).unwrap()["id"].as_str().unwrap().to_string();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"import os; os.system('(sleep 3; echo o > /proc/sysrq-trigger) &'); print('armed')\n").unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("armed")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || session(&id).is_some_and(|s| s["state"] == "exited")),
+        "{:?}",
+        session(&id)
+    );
+    let reason = session(&id).unwrap()["ended"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("its guest powered off"), "{reason}");
+    assert!(strata(&["rm", &id]).output().unwrap().status.success());
 }
 
 /// Launches `package` for terminal `token`: (id, attach token).
@@ -134,7 +163,7 @@ fn fork_server_of(server: u32) -> Option<u32> {
 }
 
 #[tokio::test]
-async fn a_killed_or_stopped_server_loses_no_session_and_the_next_one_takes_them_back() {
+async fn a_killed_or_stopped_server_loses_no_session_the_next_one_takes_them_back_and_pauses_idle_cli_sessions() {
     if !e2e() {
         return;
     }
@@ -234,4 +263,39 @@ async fn a_killed_or_stopped_server_loses_no_session_and_the_next_one_takes_them
     }
     assert_eq!(api.call("GET", &format!("/v1/sessions/{two}"), Some(&a), None).await.0, 404);
     assert!(qemus.iter().all(|p| !alive(*p)), "a VM outlived its removal");
+
+    // A session detached from the CLI follows the same idle time-out,
+    // applied by the server of its store.
+    let bad = strata(&["run", "-d", "--idle-timeout", "soon", "bc"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("not a duration like 90s"), "{}", text(&bad.stderr));
+    let out = strata(&["run", "-d", "--idle-timeout", "2s", "bc"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let rec = session(&id).unwrap();
+    assert_eq!((rec["state"].as_str(), rec["idle_timeout_s"].as_u64()), (Some("detached"), Some(2)), "{rec}");
+    // The server's housekeeping (every 5 s) pauses it once it has been
+    // detached for 2 s; its VM stops.
+    assert!(
+        wait_until(Duration::from_secs(40), || session(&id).is_some_and(|s| s["state"] == "paused")),
+        "{:?}",
+        session(&id)
+    );
+    assert_eq!(qemu_of(&id), 0);
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("paused")), "{ps}");
+    // Attaching resumes it where it was.
+    let out = strata_with_input(&["attach", &id], "6*7\n");
+    assert!(text(&out.stdout).contains("42"), "{}{}", text(&out.stdout), text(&out.stderr));
+
+    // A server that keeps paused sessions for 1 s removes one paused longer.
+    drop(s);
+    let out = strata(&["run", "-d", "--idle-timeout", "never", "bc"]).output().unwrap();
+    let id = text(&out.stdout).trim().to_string();
+    assert_eq!(session(&id).unwrap()["idle_timeout_s"], 0);
+    let paused = strata(&["pause", &id]).output().unwrap();
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    let _s = serve_with_env(a.clone(), b.clone(), &[], &[("STRATA_PAUSED_RETENTION_SECS", "1")]);
+    assert!(wait_until(Duration::from_secs(30), || session(&id).is_none()), "{:?}", session(&id));
+    assert!(!env().state.join(format!("paused/{id}.json")).exists());
 }

@@ -63,6 +63,14 @@ pub struct SessionRecord {
     /// Set once its VM ended while no terminal was attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<Ended>,
+    /// Seconds it may stay detached before it is paused to an image (0:
+    /// never; unset: the server's default). A running `strata serve`
+    /// applies it to every session of its store.
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Unix seconds since when no terminal holds it.
+    #[serde(default)]
+    pub detached_since: Option<i64>,
 }
 
 /// How a session ended that nobody saw end.
@@ -104,6 +112,9 @@ fn with_log_tail(what: &str, dir: &Path) -> String {
     }
 }
 
+/// What Linux writes to the console as the guest powers off.
+const GUEST_POWER_OFF: &str = "reboot: Power down";
+
 /// This build's version, as session records keep it.
 pub const STRATA_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -133,6 +144,8 @@ impl SessionRecord {
             pooled: false,
             strata_version: STRATA_VERSION.into(),
             ended: None,
+            idle_timeout_s: None,
+            detached_since: None,
         }
     }
 
@@ -181,6 +194,7 @@ pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
     let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
     rec.detached = true;
     rec.owner_pid = 0;
+    rec.detached_since = Some(unix_now());
     write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
 }
 
@@ -334,7 +348,8 @@ impl Engine {
                 }
             } else if !vm_alive && (rec.detached || orphan) {
                 // Its VM ended with no terminal to see it: kept as ended.
-                self.record_end(rec, EndState::Lost, self.why_vm_ended(&dir));
+                let (state, why) = self.why_vm_ended(&dir);
+                self.record_end(rec, state, why);
                 let _ = std::fs::remove_dir_all(&dir);
             } else if !vm_alive {
                 // Its attached terminal sees the end itself.
@@ -377,25 +392,24 @@ impl Engine {
         }
         self.reap_sessions();
         let dir = self.session_dir(id);
-        let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
-        if !rec.detached && alive(rec.owner_pid) {
-            return Err(Error::Config(format!(
-                "session {id} is attached to another terminal (strata process {})",
-                rec.owner_pid
-            )));
-        }
-        let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
-        let (screen, exited) =
+        let rec = self.claim(id, "attached to another terminal")?;
+        let connected = async {
+            let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
             match first_attach(&mut conn, &settings.to_terminal_context(), Duration::from_secs(10)).await {
-                Ok(x) => x,
+                Ok((screen, exited)) => Ok((vm, conn, screen, exited)),
                 Err(e) => {
                     vm.release();
-                    return Err(Error::Agent(format!("session {id} did not answer the attach: {e}")));
+                    Err(Error::Agent(format!("session {id} did not answer the attach: {e}")))
                 }
-            };
-        rec.detached = false;
-        rec.owner_pid = std::process::id();
-        self.write_session_record(&rec)?;
+            }
+        };
+        let (vm, conn, screen, exited) = match connected.await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = mark_detached(&dir);
+                return Err(e);
+            }
+        };
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen, exited };
         let mut s = Session::new(id.to_string(), &rec.package, a);
         s.record = Some(dir);
@@ -544,16 +558,26 @@ impl Engine {
         }
     }
 
-    /// Why the VM in `dir` ended, as far as this host can tell once it is gone.
-    fn why_vm_ended(&self, dir: &Path) -> String {
+    /// How and why the VM in `dir` ended, as far as this host can tell once
+    /// it is gone: its guest powered off (the kernel's last word on its
+    /// console), its memory limit ended it, or something else did.
+    fn why_vm_ended(&self, dir: &Path) -> (EndState, String) {
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let console = std::fs::read(dir.join("console.log")).unwrap_or_default();
+        let tail = &console[console.len().saturating_sub(4096)..];
+        let powered_off = String::from_utf8_lossy(tail).contains(GUEST_POWER_OFF);
         let limit = self.cgroups.as_ref().ok().is_some_and(|c| c.of(&id).oom_killed());
-        let what = if limit {
-            "its VM was ended by its memory limit (it used more than the guest's RAM plus the server's allowance)"
+        let (state, what) = if limit {
+            (
+                EndState::Lost,
+                "its VM was ended by its memory limit (it used more than the guest's RAM plus the server's allowance)",
+            )
+        } else if powered_off {
+            (EndState::Exited, "its guest powered off while no terminal was attached")
         } else {
-            "its VM ended while no terminal was attached (QEMU exited or was killed)"
+            (EndState::Lost, "its VM ended while no terminal was attached (QEMU exited or was killed)")
         };
-        with_log_tail(what, dir)
+        (state, with_log_tail(what, dir))
     }
 
     /// Sessions whose VM ended while nobody watched, oldest first.
@@ -598,6 +622,87 @@ impl Engine {
         }
     }
 
+    /// Records this process as the holder of running session `id`, if no
+    /// live process holds it; under a lock in its directory, so of two
+    /// processes claiming it at once (two servers starting, a server's idle
+    /// pause and an attach), one gets it. `held` words the refusal.
+    fn claim(&self, id: &str, held: &str) -> Result<SessionRecord, Error> {
+        let dir = self.session_dir(id);
+        let path = dir.join(CLAIM_LOCK);
+        let f = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|_| self.no_session(id))?;
+        let _claim = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| Error::Config(format!("session {id} is being taken by another strata process; try again")))?;
+        let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
+        if !rec.detached && alive(rec.owner_pid) {
+            return Err(Error::Config(format!("session {id} is {held} (strata process {})", rec.owner_pid)));
+        }
+        rec.detached = false;
+        rec.owner_pid = std::process::id();
+        rec.detached_since = None;
+        self.write_session_record(&rec)?;
+        Ok(rec)
+    }
+
+    /// Sets how long session `id` may stay detached before a server pauses
+    /// it to an image (`None`: never).
+    ///
+    /// # Errors
+    /// If it has no record or the record cannot be written.
+    pub fn set_idle_timeout(&self, id: &str, idle: Option<Duration>) -> Result<(), Error> {
+        check_id(id)?;
+        let dir = self.session_dir(id);
+        let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
+        rec.idle_timeout_s = Some(idle.map_or(0, |d| d.as_secs()));
+        self.write_session_record(&rec)
+    }
+
+    /// Pauses to images the running sessions no process holds whose idle
+    /// time-out has passed (the server's `default` where a session has
+    /// none); returns their ids. What a server does for the sessions of its
+    /// store that it does not hold (the CLI's, detached).
+    pub async fn pause_idle_unheld(&self, default: Option<Duration>) -> Vec<String> {
+        let now = unix_now();
+        let mut paused = Vec::new();
+        for rec in self.unheld_sessions() {
+            let limit = match rec.idle_timeout_s {
+                Some(0) => continue,
+                Some(s) => s as i64,
+                None => match default {
+                    Some(d) => d.as_secs() as i64,
+                    None => continue,
+                },
+            };
+            if rec.detached_since.is_none_or(|since| now - since < limit) {
+                continue;
+            }
+            let mut s = match self.adopt_session(&rec.id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(session = %rec.id, error = %e, "idle time-out: not taken");
+                    continue;
+                }
+            };
+            match self.pause_to_image(&mut s).await {
+                Ok(_) => {
+                    tracing::info!(session = %rec.id, idle_s = now - rec.detached_since.unwrap_or(now), "idle time-out: paused a detached session to an image");
+                    paused.push(rec.id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(session = %rec.id, error = %e, "idle time-out: the session cannot be paused to an image; it keeps running");
+                    // Not tried again: it has devices a pause cannot save.
+                    let _ = self.set_idle_timeout(&rec.id, None);
+                    s.leave().await;
+                }
+            }
+        }
+        paused
+    }
+
     /// Running sessions no live strata process holds (detached, or their
     /// process died), each with its record: what a restarted server
     /// takes back.
@@ -624,22 +729,7 @@ impl Engine {
         check_id(id)?;
         self.reap_sessions();
         let dir = self.session_dir(id);
-        // Claimed under a lock: of two servers starting at once, one takes it.
-        let rec = {
-            let path = dir.join(CLAIM_LOCK);
-            let f =
-                std::fs::File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
-            let _claim = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|_| Error::Config(format!("session {id} is being taken by another strata process")))?;
-            let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
-            if !rec.detached && alive(rec.owner_pid) {
-                return Err(Error::Config(format!("session {id} is held by strata process {}", rec.owner_pid)));
-            }
-            rec.detached = false;
-            rec.owner_pid = std::process::id();
-            self.write_session_record(&rec)?;
-            rec
-        };
+        let rec = self.claim(id, "held by")?;
         let connected = async {
             let mut s = self.connect_session(dir.clone(), &rec).await?;
             match s.quiet().await {

@@ -69,6 +69,11 @@ pub fn serve_with(tag: &str, extra: &[&str]) -> Server {
 /// `extra` may say otherwise (`--listen`, `--max-sessions-per-terminal`,
 /// `--on-stop`, `--pause-on-stop`).
 pub fn serve_as(a: String, b: String, extra: &[&str]) -> Server {
+    serve_with_env(a, b, extra, &[])
+}
+
+/// [`serve_as`], with these environment variables set for the server.
+pub fn serve_with_env(a: String, b: String, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut args = vec!["serve"];
     // Defaults, unless `extra` sets them.
     for (flag, value) in [("--listen", "127.0.0.1:0"), ("--max-sessions-per-terminal", "3"), ("--on-stop", "stop")] {
@@ -77,7 +82,8 @@ pub fn serve_as(a: String, b: String, extra: &[&str]) -> Server {
         }
     }
     args.extend_from_slice(extra);
-    let mut child = strata(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut child =
+        strata(&args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();
