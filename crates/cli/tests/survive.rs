@@ -46,6 +46,26 @@ fn mine_of(pid: u32) -> Option<Value> {
     sessions_json().into_iter().find(|s| s["owner_pid"] == pid)
 }
 
+/// `strata run python3` with `line` typed in; once `answer` shows, its
+/// process is killed outright (nothing of it runs). The session's record.
+fn run_python_then_kill_its_terminal(line: &[u8], answer: &str) -> Value {
+    let (mut child, seen) = spawn_reading(&["run", "python3"]);
+    let pid = child.id();
+    assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
+    let rec = mine_of(pid).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(line).unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains(answer)),
+        "no {answer:?}: {:?}",
+        seen.lock().unwrap()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    rec
+}
+
 fn alive(pid: u64) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
@@ -55,24 +75,8 @@ fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_en
     if !e2e() {
         return;
     }
-    let (mut child, seen) = spawn_reading(&["run", "python3"]);
-    let pid = child.id();
-    let mine = || mine_of(pid);
-    assert!(wait_until(Duration::from_secs(120), || mine().is_some()), "the session never started");
-    let rec = mine().unwrap();
+    let rec = run_python_then_kill_its_terminal(b"x = 6*7; print('set', x)\n", "set 42");
     let (id, qemu) = (rec["id"].as_str().unwrap().to_string(), rec["qemu_pid"].as_u64().unwrap());
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"x = 6*7; print('set', x)\n").unwrap();
-    stdin.flush().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("set 42")),
-        "no answer: {:?}",
-        seen.lock().unwrap()
-    );
-    // The terminal's process is killed outright: nothing of it runs.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    drop(stdin);
     assert!(
         wait_until(Duration::from_secs(20), || session(&id).is_some_and(|s| s["state"] == "detached")),
         "the session is not listed detached: {:?}",
@@ -118,20 +122,8 @@ fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_en
     assert!(!env().state.join("sessions").join(&id).exists());
 
     // A guest that powers off while nobody is attached: listed exited.
-    let (mut child, seen) = spawn_reading(&["run", "python3"]);
-    let pid = child.id();
-    assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
-    let id = mine_of(pid).unwrap()["id"].as_str().unwrap().to_string();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"import os; os.system('(sleep 3; echo o > /proc/sysrq-trigger) &'); print('armed')\n").unwrap();
-    stdin.flush().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("armed")),
-        "{:?}",
-        seen.lock().unwrap()
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let line = b"import os; os.system('(sleep 3; echo o > /proc/sysrq-trigger) &'); print('armed')\n";
+    let id = run_python_then_kill_its_terminal(line, "armed")["id"].as_str().unwrap().to_string();
     assert!(
         wait_until(Duration::from_secs(60), || session(&id).is_some_and(|s| s["state"] == "exited")),
         "{:?}",
@@ -263,6 +255,35 @@ async fn a_killed_or_stopped_server_loses_no_session_the_next_one_takes_them_bac
     }
     assert_eq!(api.call("GET", &format!("/v1/sessions/{two}"), Some(&a), None).await.0, 404);
     assert!(qemus.iter().all(|p| !alive(*p)), "a VM outlived its removal");
+
+    // A session whose agent does not answer the next server (here: its
+    // QEMU stopped, as an agent of another protocol would not answer) is
+    // not taken, and is left running, detached; a later server takes it.
+    let (four, _) = launch(&api, &a, json!({"package": "bc"})).await;
+    let stopped = session(&four).unwrap()["qemu_pid"].as_u64().unwrap();
+    drop(api);
+    // SAFETY: signalling a QEMU this test started.
+    unsafe {
+        libc_kill(stopped as i32, 19);
+    }
+    let mut s = s;
+    s.kill9();
+    let mut s = serve_as(a.clone(), b.clone(), &[]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    assert_eq!(api.call("GET", &format!("/v1/sessions/{four}"), Some(&a), None).await.0, 404);
+    assert_eq!(session(&four).unwrap()["state"], "detached");
+    assert!(alive(stopped), "a session that did not answer was stopped");
+    // SAFETY: as above.
+    unsafe {
+        libc_kill(stopped as i32, 18);
+    }
+    drop(api);
+    s.kill9();
+    let s = serve_as(a.clone(), b.clone(), &[]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    assert_eq!(state_of(&api, &a, &four).await["state"], "running");
+    assert_eq!(api.call("DELETE", &format!("/v1/sessions/{four}"), Some(&a), None).await.0, 204);
+    drop(api);
 
     // A session detached from the CLI follows the same idle time-out,
     // applied by the server of its store.
