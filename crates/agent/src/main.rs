@@ -8,6 +8,7 @@
 //! serving whoever attaches next.
 
 mod devices;
+mod exec;
 mod files;
 mod procs;
 mod system;
@@ -33,6 +34,9 @@ pub struct Agent {
     /// Whether a host holds the channel (attached or not).
     host_connected: AtomicBool,
     procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
+    /// Commands run with pipes. Registered under the `procs` lock, as the
+    /// reaper looks both up under it.
+    commands: Mutex<HashMap<ProcId, Arc<exec::Command>>>,
     /// Exit statuses of children reaped before their `Proc` was registered.
     early_exits: Mutex<HashMap<i32, i32>>,
     context: Mutex<TerminalContext>,
@@ -129,8 +133,14 @@ impl Agent {
                     Err(reason) => self.send(&GuestMsg::Failed { id, reason }),
                 }
             }
-            HostMsg::Input { id, data } => self.with_proc(id, |p| p.input(data)),
-            HostMsg::Eof { id } => self.with_proc(id, |p| p.eof()),
+            HostMsg::Input { id, data } => match self.command(id) {
+                Some(c) => c.input(data),
+                None => self.with_proc(id, |p| p.input(data)),
+            },
+            HostMsg::Eof { id } => match self.command(id) {
+                Some(c) => c.eof(),
+                None => self.with_proc(id, |p| p.eof()),
+            },
             HostMsg::Resize { id, size } => self.with_proc(id, |p| p.resize(size)),
             HostMsg::Screen => {
                 let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
@@ -153,7 +163,31 @@ impl Agent {
                 let agent = self.clone();
                 std::thread::spawn(move || agent.send_always(&GuestMsg::Clipboard(x11::clipboard_set(&text))));
             }
+            HostMsg::Exec { id, argv, env, cwd, user } => {
+                let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match exec::Command::start(self, id, &argv, &env, cwd.as_deref(), user.as_deref(), &ctx) {
+                    Ok(c) => {
+                        let early = {
+                            let _procs = self.lock_procs();
+                            self.commands.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c.clone());
+                            self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid)
+                        };
+                        self.send_to_host(&GuestMsg::Spawned { id, pid: c.pid });
+                        if let Some(status) = early {
+                            c.exited(self, status);
+                        }
+                    }
+                    Err((status, message)) => {
+                        self.send_to_host(&GuestMsg::Stderr { id, data: message.into_bytes() });
+                        self.send_to_host(&GuestMsg::Exited { id, status });
+                    }
+                }
+            }
         }
+    }
+
+    fn command(&self, id: ProcId) -> Option<Arc<exec::Command>> {
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }
 
     fn with_proc(&self, id: ProcId, f: impl FnOnce(&Proc)) {
@@ -173,6 +207,16 @@ impl Agent {
         let p = {
             let procs = self.lock_procs();
             let p = procs.values().find(|p| p.pid == pid).cloned();
+            let command = {
+                let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+                let id = commands.values().find(|c| c.pid == pid).map(|c| c.id);
+                id.and_then(|id| commands.remove(&id))
+            };
+            if let Some(c) = command {
+                drop(procs);
+                c.exited(self, status);
+                return;
+            }
             if p.is_none() {
                 // Not registered yet (it exited right after exec), or not ours.
                 let mut early = self.early_exits.lock().unwrap_or_else(|e| e.into_inner());
@@ -219,6 +263,7 @@ fn main() {
         attached: AtomicBool::new(false),
         host_connected: AtomicBool::new(false),
         procs: Mutex::new(HashMap::new()),
+        commands: Mutex::new(HashMap::new()),
         early_exits: Mutex::new(HashMap::new()),
         context: Mutex::new(TerminalContext {
             term: "xterm-256color".into(),

@@ -461,7 +461,8 @@ impl Actor<'_> {
                         }
                         break;
                     }
-                    SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
+                    SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_)
+                    | SessionEvent::CommandOutput { .. } | SessionEvent::CommandExited { .. } => {}
                 },
                 cmd = rx.recv() => match cmd {
                     None => break,

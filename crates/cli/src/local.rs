@@ -120,6 +120,13 @@ impl Backend for Local<'_> {
         finish(session, tty).await
     }
 
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
+        let mut session = self.eng.borrow_session(id).await?;
+        let status = run_command(&mut session, command, stdin).await;
+        session.release();
+        status
+    }
+
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
         let pkg = self.eng.package(package)?;
         let set = self.eng.ensure_images(&pkg, self.bar).await?;
@@ -174,5 +181,53 @@ impl Backend for Local<'_> {
             cached: Vec::new(),
         };
         Ok((vec![row], serde_json::to_value([&h])?))
+    }
+}
+
+/// The id of the command `exec` runs (the program is 1; builds use small ones).
+const EXEC_ID: strata_proto::ProcId = 0x4558_0000;
+
+/// Runs `command` in `session`, copying this process's input to it (with
+/// `stdin`) and its output and errors to ours, byte for byte; its status.
+async fn run_command(
+    session: &mut strata_engine::Session,
+    command: strata_engine::GuestCommand,
+    stdin: bool,
+) -> anyhow::Result<u8> {
+    use std::io::Write;
+    use strata_engine::SessionEvent;
+    let id = EXEC_ID | (std::process::id() & 0xffff);
+    session.exec(id, command).await?;
+    // Standard input is read only when it is passed on.
+    let mut input = if stdin { Some(crate::terminal::stdin_channel()) } else { None };
+    if input.is_none() {
+        session.command_eof(id).await?;
+    }
+    loop {
+        tokio::select! {
+            ev = session.next_event() => match ev {
+                SessionEvent::CommandOutput { id: from, stderr, data } if from == id => {
+                    let written = if stderr {
+                        std::io::stderr().write_all(&data).and_then(|()| std::io::stderr().flush())
+                    } else {
+                        std::io::stdout().write_all(&data).and_then(|()| std::io::stdout().flush())
+                    };
+                    // A reader that went away (`| head`) ends the copy, not the command.
+                    if written.is_err() {
+                        return Ok(141);
+                    }
+                }
+                SessionEvent::CommandExited { id: from, status } if from == id => return Ok(status.clamp(0, 255) as u8),
+                SessionEvent::Lost(why) => anyhow::bail!("the session was lost: {why}"),
+                _ => {}
+            },
+            data = async { input.as_mut()?.recv().await }, if input.is_some() => match data.flatten() {
+                Some(d) => session.command_input(id, &d).await?,
+                None => {
+                    input = None;
+                    session.command_eof(id).await?;
+                }
+            },
+        }
     }
 }

@@ -78,6 +78,29 @@ enum Cmd {
         #[command(flatten)]
         devices: DeviceArgs,
     },
+    /// Run a command in a running session, beside its program, with pipes:
+    /// its output on stdout, its errors on stderr, its exit status as
+    /// strata's (like `docker exec`).
+    Exec {
+        /// Pass this terminal's standard input to the command (end of input
+        /// reaches it as end of file); without it the command reads nothing.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Set an environment variable: KEY=VALUE (repeatable).
+        #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env_var)]
+        env: Vec<(String, String)>,
+        /// Working directory in the guest (default: the user's home).
+        #[arg(short, long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// User in the guest to run as (default: root).
+        #[arg(short, long)]
+        user: Option<String>,
+        /// The session, as `strata ps` shows it.
+        id: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Copy a file into or out of a session: `cp FILE ID:/path` or `cp ID:/path FILE`.
     Cp { src: String, dst: String },
     /// Attach this terminal to a detached session.
@@ -1267,6 +1290,17 @@ fn urlencode(s: &str) -> String {
 }
 
 /// Parses `90s`, `30m`, `12h` or `7d`.
+/// `exec --env`: KEY=VALUE with a name a shell accepts.
+fn parse_env_var(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let name_ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !name_ok {
+        return Err(format!("{k:?} is not a variable name (letters, digits and _, not starting with a digit)"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
 /// `--idle-timeout`: seconds, 0 for `never`.
 fn parse_idle_timeout(s: &str) -> Result<u64, String> {
     if s == "never" {

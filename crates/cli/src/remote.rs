@@ -355,6 +355,10 @@ impl Backend for Remote {
         self.attach_terminal(id, tty).await
     }
 
+    async fn exec(&self, _id: &str, _command: strata_engine::GuestCommand, _stdin: bool) -> anyhow::Result<u8> {
+        bail!("exec through a server is not there yet; run `strata exec` on the server's machine")
+    }
+
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
         let v = self.call("POST", "/v1/images", Some(json!({ "package": package }))).await?;
         Ok(list(&v).map(image_row).collect())

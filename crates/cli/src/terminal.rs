@@ -174,7 +174,8 @@ pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEn
                 SessionEvent::Output(d) => write_out(&if tty { d } else { crlf.push(&d) }),
                 SessionEvent::Exited(code) => return Ok(AttachEnd::Exited(code)),
                 SessionEvent::Lost(why) => return Ok(AttachEnd::Lost(why)),
-                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
+                SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_)
+                    | SessionEvent::CommandOutput { .. } | SessionEvent::CommandExited { .. } => {}
             },
             data = input.recv(), if input_open => match data.flatten() {
                 Some(d) => {

@@ -78,6 +78,9 @@ pub trait Backend {
     /// with `detach`); the program's exit status.
     async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8>;
     async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8>;
+    /// Runs `command` in session `id` with pipes, this process's standard
+    /// input passed on with `stdin`; its exit status.
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8>;
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>>;
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)>;
     async fn remove_image(&self, digest: &str) -> anyhow::Result<()>;
@@ -132,6 +135,15 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
             b.run(package, devices, how).await
         }
         Cmd::Attach { id } => b.attach(id, stdin_is_tty()).await,
+        Cmd::Exec { interactive, env, workdir, user, id, command } => {
+            let command = strata_engine::GuestCommand {
+                argv: command.clone(),
+                env: env.clone(),
+                cwd: workdir.clone(),
+                user: user.clone(),
+            };
+            b.exec(id, command, *interactive).await
+        }
         Cmd::Logs { id } => b.logs(id).await.and_then(|bytes| {
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
             Ok(0)

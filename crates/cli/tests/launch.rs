@@ -602,3 +602,66 @@ fn a_debian_package_without_a_definition_launches_by_its_name() {
         assert!(images.iter().any(|r| r.kind == kind && r.package.as_deref() == Some("nano")), "no {kind} image");
     }
 }
+
+#[test]
+fn exec_runs_commands_beside_the_program_with_pipes_exit_status_env_cwd_and_user() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["run", "-d", "python3"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let exec = |args: &[&str]| {
+        let mut all = vec!["exec"];
+        all.extend_from_slice(args);
+        strata(&all).output().unwrap()
+    };
+    // Output only, byte for byte; stderr apart; the command's status.
+    let out = exec(&[&id, "echo", "hi"]);
+    assert_eq!((out.status.code(), out.stdout.as_slice()), (Some(0), &b"hi\n"[..]), "{}", text(&out.stderr));
+    let out = exec(&[&id, "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!((out.status.code(), text(&out.stdout), text(&out.stderr)), (Some(3), "out\n".into(), "err\n".into()));
+    // Input without a final newline reaches its end; binary data passes unchanged.
+    let out = strata_with_input(&["exec", "-i", &id, "cat"], "no newline");
+    assert_eq!(out.stdout, b"no newline");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = env().state.join("exec-input.bin");
+    std::fs::write(&file, &data).unwrap();
+    let out = strata(&["exec", "-i", &id, "sh", "-c", "gzip -c | gzip -dc"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stdout == data, "{} bytes came back, {} went in", out.stdout.len(), data.len());
+    // A command that does not exist exits 127, as from a shell.
+    let out = exec(&[&id, "strata-no-such-command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("command not found"), "{}", text(&out.stderr));
+    // Environment, working directory, user.
+    let out = exec(&[
+        "-e",
+        "GREETING=hello there",
+        "-w",
+        "/tmp",
+        "-u",
+        "nobody",
+        &id,
+        "sh",
+        "-c",
+        "echo $GREETING; pwd; id -un",
+    ]);
+    assert_eq!(text(&out.stdout), "hello there\n/tmp\nnobody\n", "{}", text(&out.stderr));
+    let out = exec(&["-u", "nosuchuser", &id, "true"]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    let out = exec(&["-e", "9LIVES=1", &id, "true"]);
+    assert!(text(&out.stderr).contains("not a variable name"), "{}", text(&out.stderr));
+    // The program beside it runs on, detached, untouched.
+    let ps = strata(&["ps", "--json"]).output().unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(all.iter().any(|s| s["id"] == id.as_str() && s["state"] == "detached"), "{all:?}");
+    let out = strata_with_input(&["attach", &id], "print(6*7)\n");
+    assert!(text(&out.stdout).contains("42"), "{}", text(&out.stdout));
+    let missing = exec(&["0123456789ab", "true"]);
+    assert!(text(&missing.stderr).contains("no session"), "{}", text(&missing.stderr));
+}

@@ -33,7 +33,7 @@ use strata_package::{Package, Registry};
 use strata_store::{ImageKind, ImageRecord, Store};
 use strata_vmm::Accel;
 
-pub use session::{Session, SessionEvent};
+pub use session::{GuestCommand, Session, SessionEvent};
 
 tokio::task_local! {
     /// The API request being served by this task, if any: it goes into the

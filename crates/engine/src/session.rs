@@ -12,6 +12,17 @@ use crate::Error;
 /// The process id of a package's program inside its VM.
 pub const MAIN_PROC: ProcId = 1;
 
+/// A command to run in a session's guest with pipes ([`Session::exec`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestCommand {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Working directory (default: the user's home).
+    pub cwd: Option<String>,
+    /// User to run as (default: root).
+    pub user: Option<String>,
+}
+
 /// What a session reports to its terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
@@ -31,6 +42,11 @@ pub enum SessionEvent {
     File(Result<strata_proto::FilePart, String>),
     /// The agent's answer about the clipboard.
     Clipboard(Result<String, String>),
+    /// Output of a command started by [`Session::exec`]: its stdout, or
+    /// its stderr (`stderr`).
+    CommandOutput { id: ProcId, stderr: bool, data: Vec<u8> },
+    /// A command started by [`Session::exec`] ended with this status.
+    CommandExited { id: ProcId, status: i32 },
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -216,6 +232,9 @@ impl Session {
                     Ok(Some(GuestMsg::Screens { procs })) => SessionEvent::Screen(main_screen(procs)),
                     Ok(Some(GuestMsg::File(r))) => SessionEvent::File(r),
                     Ok(Some(GuestMsg::Clipboard(r))) => SessionEvent::Clipboard(r),
+                    Ok(Some(GuestMsg::Output { id, data })) => SessionEvent::CommandOutput { id, stderr: false, data },
+                    Ok(Some(GuestMsg::Stderr { id, data })) => SessionEvent::CommandOutput { id, stderr: true, data },
+                    Ok(Some(GuestMsg::Exited { id, status })) => SessionEvent::CommandExited { id, status },
                     Ok(Some(GuestMsg::Error { message })) => {
                         tracing::warn!(%message, "guest agent error");
                         continue;
@@ -481,9 +500,44 @@ impl Session {
         &mut self.vm
     }
 
-    /// Lets go of a session this process only borrowed (to copy files),
-    /// leaving it running and detached as it was.
-    pub(crate) fn release(self) {
+    /// Runs a command in the guest with pipes (not the program's terminal):
+    /// its output arrives as [`SessionEvent::CommandOutput`] and its end as
+    /// [`SessionEvent::CommandExited`] under `id` (not [`MAIN_PROC`]);
+    /// [`Session::command_input`] feeds it, [`Session::command_eof`] ends
+    /// its input.
+    ///
+    /// # Errors
+    /// If `id` is the program's, or the channel is broken.
+    pub async fn exec(&mut self, id: ProcId, command: GuestCommand) -> Result<(), Error> {
+        if id == MAIN_PROC {
+            return Err(Error::Config(format!("process id {MAIN_PROC} is the program's")));
+        }
+        let GuestCommand { argv, env, cwd, user } = command;
+        if argv.is_empty() {
+            return Err(Error::Config("no command to run".into()));
+        }
+        Ok(self.writer.send(&HostMsg::Exec { id, argv, env, cwd, user }).await?)
+    }
+
+    /// Bytes for the standard input of command `id`.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn command_input(&mut self, id: ProcId, data: &[u8]) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Input { id, data: data.to_vec() }).await?)
+    }
+
+    /// Ends the standard input of command `id`.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn command_eof(&mut self, id: ProcId) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Eof { id }).await?)
+    }
+
+    /// Lets go of a session this process only borrowed (to copy files, run
+    /// a command), leaving it running and detached as it was.
+    pub fn release(self) {
         let Session { vm, dir, .. } = self;
         vm.release();
         dir.keep();
@@ -505,7 +559,9 @@ impl Session {
                     | SessionEvent::Attached(_)
                     | SessionEvent::Screen(_)
                     | SessionEvent::File(_)
-                    | SessionEvent::Clipboard(_) => {}
+                    | SessionEvent::Clipboard(_)
+                    | SessionEvent::CommandOutput { .. }
+                    | SessionEvent::CommandExited { .. } => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }

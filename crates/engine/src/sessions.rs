@@ -475,6 +475,17 @@ impl Engine {
         r
     }
 
+    /// A running session no terminal holds, connected to this process to
+    /// run commands in it (not attached: [`Session::release`] leaves it as
+    /// it was).
+    ///
+    /// # Errors
+    /// If there is no such running session, a terminal holds it, or it does
+    /// not answer.
+    pub async fn borrow_session(&self, id: &str) -> Result<Session, Error> {
+        self.reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q)").await
+    }
+
     /// A running session no terminal holds, connected to this process (not
     /// attached: release it to leave it as it was).
     pub(crate) async fn reattach_unheld(&self, id: &str, hint: &str) -> Result<Session, Error> {

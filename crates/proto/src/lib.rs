@@ -171,6 +171,20 @@ pub enum HostMsg {
     ClipboardGet,
     /// Put text on the display's clipboard, as if copied there.
     ClipboardSet { text: String },
+    /// Run a command with pipes, not a terminal: its standard output comes
+    /// back as [`GuestMsg::Output`], its standard error as
+    /// [`GuestMsg::Stderr`], then [`GuestMsg::Exited`]; input is
+    /// [`HostMsg::Input`], closed by [`HostMsg::Eof`]. A command that cannot
+    /// start exits 127 (not found) or 126 (not executable), as from a shell.
+    Exec {
+        id: ProcId,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        /// Working directory (default: the user's home).
+        cwd: Option<String>,
+        /// User to run as, by name (default: root).
+        user: Option<String>,
+    },
 }
 
 /// The state of one process, sent on attach.
@@ -210,6 +224,8 @@ pub enum GuestMsg {
     /// Reply to [`HostMsg::ClipboardGet`] and [`HostMsg::ClipboardSet`]: the
     /// clipboard's text.
     Clipboard(Result<String, String>),
+    /// Standard error of a command run with [`HostMsg::Exec`].
+    Stderr { id: ProcId, data: Vec<u8> },
 }
 
 /// Encodes one message as a frame.
