@@ -120,6 +120,21 @@ impl Backend for Local<'_> {
         finish(session, tty).await
     }
 
+    async fn run_command(
+        &self,
+        package: &str,
+        devices: &DeviceArgs,
+        command: strata_engine::GuestCommand,
+    ) -> anyhow::Result<u8> {
+        let pkg = self.eng.package(package)?;
+        let settings = launch_settings(self.eng, self.terminal, devices)?;
+        let mut session = self.eng.launch(&pkg, &settings, self.bar).await?;
+        self.bar.clear();
+        let status = run_command(&mut session, command, true).await;
+        session.close().await;
+        status
+    }
+
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
         let mut session = self.eng.borrow_session(id).await?;
         let status = run_command(&mut session, command, stdin).await;

@@ -77,6 +77,11 @@ enum Cmd {
         idle_timeout: Option<u64>,
         #[command(flatten)]
         devices: DeviceArgs,
+        /// After `--`: a command to run in the restored VM, with pipes,
+        /// instead of attaching to the package's program; strata exits with
+        /// its status and the session ends with it.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Run a command in a running session, beside its program, with pipes:
     /// its output on stdout, its errors on stderr, its exit status as

@@ -355,6 +355,15 @@ impl Backend for Remote {
         self.attach_terminal(id, tty).await
     }
 
+    async fn run_command(
+        &self,
+        _package: &str,
+        _devices: &crate::DeviceArgs,
+        _command: strata_engine::GuestCommand,
+    ) -> anyhow::Result<u8> {
+        bail!("`run PACKAGE -- CMD` through a server is not there yet; run it on the server's machine")
+    }
+
     async fn exec(&self, _id: &str, _command: strata_engine::GuestCommand, _stdin: bool) -> anyhow::Result<u8> {
         bail!("exec through a server is not there yet; run `strata exec` on the server's machine")
     }

@@ -78,6 +78,15 @@ pub trait Backend {
     /// with `detach`); the program's exit status.
     async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8>;
     async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8>;
+    /// Launches `package` and runs `command` in it with pipes, this
+    /// process's standard input passed on, instead of attaching to the
+    /// program; the session ends with it. Its exit status.
+    async fn run_command(
+        &self,
+        package: &str,
+        devices: &DeviceArgs,
+        command: strata_engine::GuestCommand,
+    ) -> anyhow::Result<u8>;
     /// Runs `command` in session `id` with pipes, this process's standard
     /// input passed on with `stdin`; its exit status.
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8>;
@@ -119,12 +128,21 @@ where
 /// Runs `cmd` if it is a verb every backend has; `None` for the others.
 pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow::Result<u8>> {
     Some(match cmd {
-        Cmd::Run { package, interactive, tty, cold, detach, idle_timeout, devices } => {
+        Cmd::Run { package, interactive, tty, cold, detach, idle_timeout, devices, command } => {
             let is_tty = stdin_is_tty();
             if *tty && !is_tty {
                 return Some(Err(anyhow::anyhow!(
                     "--tty needs standard input to be a terminal; leave it out to pipe input"
                 )));
+            }
+            if !command.is_empty() {
+                if *detach || *cold || *tty {
+                    return Some(Err(anyhow::anyhow!(
+                        "a command after `--` runs with pipes in a fresh session: leave out --detach, --cold and --tty"
+                    )));
+                }
+                let command = strata_engine::GuestCommand { argv: command.clone(), ..Default::default() };
+                return Some(b.run_command(package, devices, command).await);
             }
             let how = RunHow {
                 tty: is_tty && (*tty || !*interactive),

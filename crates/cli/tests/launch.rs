@@ -665,3 +665,18 @@ fn exec_runs_commands_beside_the_program_with_pipes_exit_status_env_cwd_and_user
     let missing = exec(&["0123456789ab", "true"]);
     assert!(text(&missing.stderr).contains("no session"), "{}", text(&missing.stderr));
 }
+
+#[test]
+fn run_with_a_command_after_two_dashes_runs_it_with_pipes_in_the_restored_vm() {
+    if !e2e() {
+        return;
+    }
+    // Only the command's output, its status, input to its end without a
+    // final newline.
+    let out = strata_with_input(&["run", "python3", "--", "python3"], "import sys; print(6*7); sys.exit(4)");
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(4), "42\n".to_string()), "{}", text(&out.stderr));
+    let out = strata_with_input(&["run", "bc", "--", "sh", "-c", "cat; echo err >&2"], "piped");
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("piped".to_string(), "err\n".to_string()));
+    let refused = strata(&["run", "-d", "bc", "--", "true"]).output().unwrap();
+    assert!(text(&refused.stderr).contains("leave out --detach"), "{}", text(&refused.stderr));
+}
