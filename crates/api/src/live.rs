@@ -144,9 +144,12 @@ impl Registry {
             (TERMINAL_LABEL.to_string(), owner.to_string()),
             (ATTACH_LABEL.to_string(), hex::encode(attach_hash)),
         ]);
-        if let Err(e) =
-            engine.label_session(&session.id, labels).and_then(|()| engine.set_idle_timeout(&session.id, idle))
-        {
+        // One write of the record on the launch path.
+        let kept = engine.update_session(&session.id, |rec| {
+            rec.labels.extend(labels);
+            rec.idle_timeout_s = Some(strata_engine::sessions::idle_secs(idle));
+        });
+        if let Err(e) = kept {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
         }
         let vnc = session.graphical.then(|| session.vnc_socket());

@@ -112,6 +112,11 @@ fn with_log_tail(what: &str, dir: &Path) -> String {
     }
 }
 
+/// An idle time-out as the record keeps it (0: never).
+pub fn idle_secs(idle: Option<Duration>) -> u64 {
+    idle.map_or(0, |d| d.as_secs())
+}
+
 /// What Linux writes to the console as the guest powers off.
 const GUEST_POWER_OFF: &str = "reboot: Power down";
 
@@ -190,12 +195,19 @@ pub(crate) fn read_record(dir: &Path) -> Option<SessionRecord> {
     serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
 }
 
-pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
+/// Changes the record of the session in `dir` with `change`, atomically.
+pub(crate) fn update_record(dir: &Path, change: impl FnOnce(&mut SessionRecord)) -> Result<(), Error> {
     let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
-    rec.detached = true;
-    rec.owner_pid = 0;
-    rec.detached_since = Some(unix_now());
+    change(&mut rec);
     write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
+}
+
+pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
+    update_record(dir, |rec| {
+        rec.detached = true;
+        rec.owner_pid = 0;
+        rec.detached_since = Some(unix_now());
+    })
 }
 
 /// The session records kept as `ID.json` files in `dir`, oldest first.
@@ -212,9 +224,7 @@ pub(crate) fn records_in(dir: &Path) -> Vec<SessionRecord> {
 
 /// Records that a pooled session was taken: it is someone's now.
 pub(crate) fn mark_taken(dir: &Path) -> Result<(), Error> {
-    let mut rec = read_record(dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
-    rec.pooled = false;
-    write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
+    update_record(dir, |rec| rec.pooled = false)
 }
 
 /// Checks a session id before it becomes part of a path.
@@ -254,11 +264,17 @@ impl Engine {
     /// # Errors
     /// If the session has no record or it cannot be written.
     pub fn label_session(&self, id: &str, labels: std::collections::BTreeMap<String, String>) -> Result<(), Error> {
+        self.update_session(id, |rec| rec.labels.extend(labels))
+    }
+
+    /// Changes a running session's record with `change`, atomically (what
+    /// its holder keeps with it: labels, idle time-out).
+    ///
+    /// # Errors
+    /// If the session has no record or it cannot be written.
+    pub fn update_session(&self, id: &str, change: impl FnOnce(&mut SessionRecord)) -> Result<(), Error> {
         check_id(id)?;
-        let dir = self.session_dir(id);
-        let mut rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record for {id}")))?;
-        rec.labels.extend(labels);
-        self.write_session_record(&rec)
+        update_record(&self.session_dir(id), change)
     }
 
     /// Removes label `key` from a running session's record.
@@ -266,13 +282,9 @@ impl Engine {
     /// # Errors
     /// If the session has no record or it cannot be written.
     pub fn unlabel_session(&self, id: &str, key: &str) -> Result<(), Error> {
-        check_id(id)?;
-        let dir = self.session_dir(id);
-        let mut rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record for {id}")))?;
-        if rec.labels.remove(key).is_some() {
-            self.write_session_record(&rec)?;
-        }
-        Ok(())
+        self.update_session(id, |rec| {
+            rec.labels.remove(key);
+        })
     }
 
     /// Whether the image `digest` (in the catalog) has a display.
@@ -665,11 +677,7 @@ impl Engine {
     /// # Errors
     /// If it has no record or the record cannot be written.
     pub fn set_idle_timeout(&self, id: &str, idle: Option<Duration>) -> Result<(), Error> {
-        check_id(id)?;
-        let dir = self.session_dir(id);
-        let mut rec = read_record(&dir).ok_or_else(|| self.no_session(id))?;
-        rec.idle_timeout_s = Some(idle.map_or(0, |d| d.as_secs()));
-        self.write_session_record(&rec)
+        self.update_session(id, |rec| rec.idle_timeout_s = Some(idle_secs(idle)))
     }
 
     /// Pauses to images the running sessions no process holds whose idle
@@ -738,7 +746,6 @@ impl Engine {
     /// versions, and the session is left running.
     pub async fn adopt_session(&self, id: &str) -> Result<Session, Error> {
         check_id(id)?;
-        self.reap_sessions();
         let dir = self.session_dir(id);
         let rec = self.claim(id, "held by")?;
         let connected = async {
