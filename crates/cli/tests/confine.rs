@@ -552,17 +552,24 @@ async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_n
     if !e2e() {
         return;
     }
-    let eng = engine_with(|c| c.vm_limits.disk_mib = 16);
+    // A server whose bound is below what the package may write refuses it
+    // before any VM starts, naming both figures.
+    let small = engine_with(|c| c.vm_limits.disk_mib = 16);
+    let refused = small.launch(&small.package("python3").unwrap(), &settings(), &LogProgress).await;
+    let why = refused.err().expect("a package beyond the server's disk bound was launched").to_string();
+    assert!(why.contains("STRATA_DISK_MIB") && why.contains("2048") && why.contains("2304"), "{why}");
+    // At the bound itself (python3's 2048 MiB plus the slack), a guest that
+    // deletes its reserve and writes on meets the bound and runs on.
+    let eng = engine_with(|c| c.vm_limits.disk_mib = 2048 + 256);
     let pkg = eng.package("python3").unwrap();
-    // python3's guest has 512 MiB of RAM: each file its QEMU writes stays
-    // below 512 + 64 MiB (a pause's state must fit).
-    let bound: u64 = (512 + 64) << 20;
+    let bound: u64 = (2048 + 256) << 20;
     let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let mut neighbour = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
     let fill = FILL;
     s.expect_after(fill.as_bytes(), ">>> ", ANSWER).await.unwrap();
+    s.expect_after(b"os.remove('/.strata-disk-reserve')\n", ">>> ", ANSWER).await.unwrap();
     let out = s
-        .expect_after(b"print('FILL', fill('/root/fill', 900))\n", "\nFILL WROTE", Duration::from_secs(900))
+        .expect_after(b"print('FILL', fill('/root/fill', 3000))\n", "\nFILL WROTE", Duration::from_secs(900))
         .await
         .unwrap();
     let rest = s.expect_after(b"", "\n>>> ", ANSWER).await.unwrap_or_default();
@@ -570,7 +577,7 @@ async fn a_guest_filling_its_disk_is_stopped_at_its_bound_and_runs_on_beside_a_n
         "the guest filling its disk: {}",
         (out.clone() + &rest).lines().rev().take(3).collect::<Vec<_>>().join(" | ")
     );
-    assert!(!rest.contains("ERR none"), "900 MiB were written past a bound of 576 MiB: {rest:?}");
+    assert!(!rest.contains("ERR none"), "3000 MiB were written past a bound of 2304 MiB: {rest:?}");
     // The guest runs on and answers.
     s.expect_after(b"print(6*7)\n", "\n42", ANSWER).await.unwrap();
     // What it wrote to the host stayed within the bound, file by file.

@@ -169,11 +169,32 @@ async fn reserve_disk(a: &mut Attached, pkg: &Package) -> Result<(), Error> {
 }
 
 impl Engine {
+    /// Refuses a package whose guest may write `disk_mib` MiB when this
+    /// server bounds each session's files below that (plus the slack for
+    /// the file system's own writes): its guest would meet I/O errors
+    /// instead of "no space left on device".
+    ///
+    /// # Errors
+    /// [`Error::Refused`], naming both figures and what to change.
+    pub fn check_disk_cap(&self, package: &str, disk_mib: u32) -> Result<(), Error> {
+        let cap = self.cfg.vm_limits.disk_mib;
+        let needed = disk_mib.saturating_add(DISK_SLACK_MIB);
+        if self.confined() && needed > cap {
+            return Err(Error::Refused(format!(
+                "{package} may write {disk_mib} MiB to its disk, and this server bounds what a session writes \
+                 at {cap} MiB (STRATA_DISK_MIB): raise STRATA_DISK_MIB to at least {needed}, or lower the \
+                 package's disk_mib"
+            )));
+        }
+        Ok(())
+    }
+
     /// The most a session's QEMU may write to one file: what its guest may
     /// write (the image's `disk_mib`) plus [`DISK_SLACK_MIB`], capped by
     /// the server's `STRATA_DISK_MIB`; never below the guest's RAM plus
     /// 64 MiB, since a pause writes the RAM into one file.
     fn file_size_limit(&self, image: &ImageRecord, memory_mib: u32) -> u64 {
+        // `check_disk_cap` refused any image whose guest may write more.
         let guest = image.meta.get("disk_mib").and_then(|d| d.parse::<u32>().ok());
         let disk = guest
             .map_or(self.cfg.vm_limits.disk_mib, |g| g.saturating_add(DISK_SLACK_MIB).min(self.cfg.vm_limits.disk_mib));
@@ -333,6 +354,8 @@ impl Engine {
         settings: &ContextSettings,
         progress: &dyn Progress,
     ) -> Result<Session, Error> {
+        // Before any build: a package this server cannot bound is refused now.
+        self.check_disk_cap(&pkg.name, pkg.def.disk_mib)?;
         let images = self.ensure_images(pkg, progress).await?;
         self.context_image(settings)?;
         self.launch_from(pkg, &images.launch, settings).await
@@ -385,6 +408,9 @@ impl Engine {
         settings.check_on_host(&self.cfg.share_roots)?;
         check_ports_free(settings)?;
         self.admit()?;
+        if let Some(disk) = image.meta.get("disk_mib").and_then(|d| d.parse::<u32>().ok()) {
+            self.check_disk_cap(package, disk)?;
+        }
         let slot = self.restore_slot(ahead_of_demand).await?;
         let claim = match &settings.home {
             Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),
