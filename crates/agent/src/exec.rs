@@ -34,25 +34,6 @@ pub struct Command {
     changed: Condvar,
 }
 
-/// What the command's environment starts from: the variables a login
-/// would set for `user` (name, home), the context's locale, then `env`.
-fn environment(user: &str, home: &str, ctx: &TerminalContext, env: &[(String, String)]) -> Vec<(String, String)> {
-    let mut envs: std::collections::BTreeMap<String, String> = [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/games:/usr/games"),
-        ("HOME", home),
-        ("USER", user),
-        ("LOGNAME", user),
-        ("SHELL", "/bin/sh"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    envs.extend(ctx.locale.iter().map(|l| ("LANG".to_string(), l.clone())));
-    envs.extend(ctx.env.iter().filter(|(k, _)| k != "TERM").cloned());
-    envs.extend(env.iter().cloned());
-    envs.into_iter().collect()
-}
-
 impl Command {
     /// Starts `argv`. On failure: the exit status a shell would give (127:
     /// not found, 126: not executable) and what to print on its stderr.
@@ -72,7 +53,7 @@ impl Command {
             .flatten()
             .ok_or_else(|| (126, format!("strata-agent: no user {name:?} in this guest\n")))?;
         let home = account.dir.to_string_lossy().into_owned();
-        let envs = environment(name, &home, ctx, env);
+        let envs = crate::procs::environment(name, &home, None, ctx, env);
         // Checked before the fork: std reaps a child whose exec failed
         // itself, racing this agent's reaper (and panicking if it loses).
         let path = envs.iter().find(|(k, _)| k == "PATH").map_or("", |(_, v)| v.as_str());
@@ -146,6 +127,12 @@ impl Command {
         if let Some(tx) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = tx.send(data);
         }
+    }
+
+    /// Sends `signal` to its process group (it leads one of its own).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a negative pid signals that process group.
+        unsafe { libc::kill(-self.pid, signal) };
     }
 
     /// Ends its standard input once what was sent is written.

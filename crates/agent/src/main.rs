@@ -142,6 +142,10 @@ impl Agent {
                 None => self.with_proc(id, |p| p.eof()),
             },
             HostMsg::Resize { id, size } => self.with_proc(id, |p| p.resize(size)),
+            HostMsg::Signal { id, signal } => match self.command(id) {
+                Some(c) => c.signal(signal),
+                None => self.send(&GuestMsg::Error { message: format!("no command {id}") }),
+            },
             HostMsg::Screen => {
                 let procs: Vec<Arc<Proc>> = self.lock_procs().values().cloned().collect();
                 self.send_always(&GuestMsg::Screens { procs: procs.iter().map(|p| p.state()).collect() });

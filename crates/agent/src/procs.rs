@@ -73,25 +73,7 @@ impl Proc {
         set_cloexec(&pty.master);
         set_cloexec(&pty.slave);
         let term = if ctx.term.is_empty() { "xterm-256color" } else { &ctx.term };
-        // Later entries override earlier ones (a map: glibc's getenv would
-        // otherwise find the first of two equal names).
-        let mut envs: std::collections::BTreeMap<String, String> = [
-            (
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/games:/usr/games".into(),
-            ),
-            ("HOME".into(), "/root".into()),
-            ("USER".into(), "root".into()),
-            ("LOGNAME".into(), "root".into()),
-            ("SHELL".into(), "/bin/sh".into()),
-            ("TERM".into(), term.into()),
-        ]
-        .into_iter()
-        .collect();
-        envs.extend(ctx.locale.iter().map(|l| ("LANG".to_string(), l.clone())));
-        envs.extend(ctx.env.iter().cloned());
-        envs.extend(env.iter().cloned());
-        let envs: Vec<(String, String)> = envs.into_iter().collect();
+        let envs = environment("root", "/root", Some(term), ctx, env);
         let pid = spawn_on_pty(prog, args, &envs, pty.slave.as_raw_fd())?;
         drop(pty.slave);
         // Non-blocking, so typed input can be written at once from the host
@@ -518,6 +500,35 @@ fn spawn_on_pty(prog: &str, args: &[String], env: &[(String, String)], slave: i3
         Some(e) => Err(format!("cannot start {prog:?}: {}", std::io::Error::from_raw_os_error(e))),
         None => Ok(pid),
     }
+}
+
+/// A program's environment: what a login sets for `user` (its name and
+/// home, a PATH, a shell, `TERM` when on a terminal), the context's locale
+/// and variables (but its `TERM` on pipes), then `env`. Later entries
+/// override earlier ones (a map: glibc's getenv would otherwise find the
+/// first of two equal names).
+pub(crate) fn environment(
+    user: &str,
+    home: &str,
+    term: Option<&str>,
+    ctx: &TerminalContext,
+    env: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut envs: std::collections::BTreeMap<String, String> = [
+        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/games:/usr/games"),
+        ("HOME", home),
+        ("USER", user),
+        ("LOGNAME", user),
+        ("SHELL", "/bin/sh"),
+    ]
+    .into_iter()
+    .chain(term.map(|t| ("TERM", t)))
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    envs.extend(ctx.locale.iter().map(|l| ("LANG".to_string(), l.clone())));
+    envs.extend(ctx.env.iter().filter(|(k, _)| term.is_some() || k != "TERM").cloned());
+    envs.extend(env.iter().cloned());
+    envs.into_iter().collect()
 }
 
 /// Finds a program the way a shell would, in the PATH of its environment.

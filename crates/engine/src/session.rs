@@ -535,6 +535,14 @@ impl Session {
         Ok(self.writer.send(&HostMsg::Eof { id }).await?)
     }
 
+    /// Sends signal number `signal` to command `id` and its process group.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn command_signal(&mut self, id: ProcId, signal: i32) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Signal { id, signal }).await?)
+    }
+
     /// Lets go of a session this process only borrowed (to copy files, run
     /// a command), leaving it running and detached as it was.
     pub fn release(self) {

@@ -185,6 +185,9 @@ pub enum HostMsg {
         /// User to run as, by name (default: root).
         user: Option<String>,
     },
+    /// Send signal number `signal` to command `id` (started by
+    /// [`HostMsg::Exec`]) and every process of its group.
+    Signal { id: ProcId, signal: i32 },
 }
 
 /// The state of one process, sent on attach.
