@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod e2b;
 pub mod error;
 pub mod live;
 pub mod metrics;

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use strata_engine::context::ContextSettings;
 use strata_engine::sessions::EndState;
-use strata_engine::{Engine, Session, SessionEvent};
-use strata_proto::{TerminalContext, WinSize};
+use strata_engine::{Engine, GuestCommand, Session, SessionEvent};
+use strata_proto::{ProcId, TerminalContext, WinSize};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a session is doing.
@@ -36,6 +36,29 @@ pub enum Out {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// What a command run with pipes reports to whoever watches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandOut {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(i32),
+}
+
+/// A command the server started in a session, while it runs.
+#[derive(Debug, Clone)]
+pub struct CommandInfo {
+    pub id: ProcId,
+    pub command: GuestCommand,
+    pub tag: Option<String>,
+}
+
+/// What happens to a session at its end time ([`Live::end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndAction {
+    Kill,
+    Pause,
+}
 
 pub enum Cmd {
     Attach {
@@ -67,6 +90,38 @@ pub enum Cmd {
         into_guest: bool,
         reply: Reply<u64>,
     },
+    /// Run a command with pipes beside the program; `out` watches it. Its
+    /// input is ended at once unless `stdin`. Answers the command's id.
+    Exec {
+        command: GuestCommand,
+        tag: Option<String>,
+        stdin: bool,
+        out: mpsc::Sender<CommandOut>,
+        reply: Reply<ProcId>,
+    },
+    /// Watch a running command's output from now on (the previous watcher
+    /// is let go).
+    Watch {
+        id: ProcId,
+        out: mpsc::Sender<CommandOut>,
+        reply: Reply<()>,
+    },
+    /// Bytes for a command's input, or its end (`None`).
+    CommandInput {
+        id: ProcId,
+        data: Option<Vec<u8>>,
+        reply: Reply<()>,
+    },
+    /// Send a signal to a command and its process group.
+    Signal {
+        id: ProcId,
+        signal: i32,
+        reply: Reply<()>,
+    },
+    /// The commands running now.
+    Commands(Reply<Vec<CommandInfo>>),
+    /// Set (or clear) the time at which the session is ended or paused.
+    SetEnd(Option<(SystemTime, EndAction)>),
 }
 
 /// A session as the server tracks it.
@@ -84,6 +139,11 @@ pub struct Live {
     pub vnc: Option<std::path::PathBuf>,
     /// Its guest's memory, in MiB (held while it runs, not while paused).
     pub memory_mib: u32,
+    /// When it is ended (or paused), whatever it does meanwhile; kept in
+    /// its record's [`END_LABEL`].
+    pub end: Mutex<Option<(SystemTime, EndAction)>>,
+    /// Its record's labels, as this server wrote or found them.
+    pub labels: Mutex<BTreeMap<String, String>>,
 }
 
 /// Every live session, by id.
@@ -136,17 +196,19 @@ impl Registry {
         session: Session,
         owner: &str,
         attach_hash: [u8; 32],
-        idle: Option<Duration>,
         engine: Arc<Engine>,
         settings: ContextSettings,
+        options: SessionOptions,
     ) -> Arc<Live> {
-        let labels = BTreeMap::from([
-            (TERMINAL_LABEL.to_string(), owner.to_string()),
-            (ATTACH_LABEL.to_string(), hex::encode(attach_hash)),
-        ]);
+        let SessionOptions { idle, mut labels, end } = options;
+        labels.insert(TERMINAL_LABEL.to_string(), owner.to_string());
+        labels.insert(ATTACH_LABEL.to_string(), hex::encode(attach_hash));
+        if let Some(end) = end {
+            labels.insert(END_LABEL.to_string(), end_label(end));
+        }
         // One write of the record on the launch path.
         let kept = engine.update_session(&session.id, |rec| {
-            rec.labels.extend(labels);
+            rec.labels.extend(labels.clone());
             rec.idle_timeout_s = Some(strata_engine::sessions::idle_secs(idle));
         });
         if let Err(e) = kept {
@@ -156,6 +218,8 @@ impl Registry {
         let mut live =
             Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
         live.0.memory_mib = engine.session_memory_mib(&session.id).unwrap_or(0);
+        live.0.end = Mutex::new(end);
+        live.0.labels = Mutex::new(labels);
         self.run_actor(live, Some(session), engine, settings)
     }
 
@@ -228,7 +292,11 @@ impl Registry {
             None => idle,
         };
         let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
-        Some(Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None))
+        let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None);
+        *live.0.end.lock().unwrap_or_else(|e| e.into_inner()) =
+            rec.labels.get(END_LABEL).and_then(|l| parse_end_label(l));
+        *live.0.labels.lock().unwrap_or_else(|e| e.into_inner()) = rec.labels.clone();
+        Some(live)
     }
 
     /// What becomes of the sessions when the server stops: running ones
@@ -303,7 +371,15 @@ impl Registry {
         self.lock().insert(live.id.clone(), live.clone());
         let (reg, l) = (self.clone(), live.clone());
         tokio::spawn(async move {
-            let actor = Actor { held: session, client: None, live: &l, engine, settings };
+            let actor = Actor {
+                held: session,
+                client: None,
+                live: &l,
+                engine,
+                settings,
+                commands: BTreeMap::new(),
+                next_command: FIRST_COMMAND,
+            };
             actor.run(rx).await;
             reg.lock().remove(&l.id);
             tracing::info!(session = %l.id, "session ended");
@@ -325,6 +401,38 @@ const TERMINAL_LABEL: &str = "terminal";
 const ATTACH_LABEL: &str = "attach_sha256";
 /// Paused by a server's stop, to be resumed when one starts.
 const RESUME_LABEL: &str = "resume_on_start";
+/// When the session ends: `UNIX_SECONDS kill` or `UNIX_SECONDS pause`.
+pub const END_LABEL: &str = "end_at";
+
+/// How a launched session is kept, beside its terminal and token.
+#[derive(Default)]
+pub struct SessionOptions {
+    /// Paused after this long with nobody attached (`None`: never).
+    pub idle: Option<Duration>,
+    /// More labels for its record.
+    pub labels: BTreeMap<String, String>,
+    /// When it is ended or paused, whatever it does.
+    pub end: Option<(SystemTime, EndAction)>,
+}
+
+fn end_label((at, action): (SystemTime, EndAction)) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{secs} {}", if action == EndAction::Pause { "pause" } else { "kill" })
+}
+
+fn parse_end_label(label: &str) -> Option<(SystemTime, EndAction)> {
+    let (secs, action) = label.split_once(' ')?;
+    let at = UNIX_EPOCH + Duration::from_secs(secs.parse().ok()?);
+    let action = match action {
+        "kill" => EndAction::Kill,
+        "pause" => EndAction::Pause,
+        _ => return None,
+    };
+    Some((at, action))
+}
+
+/// The first id of the commands a server starts (below: the program's).
+const FIRST_COMMAND: ProcId = 1000;
 
 impl Live {
     fn new(
@@ -349,6 +457,8 @@ impl Live {
             cmd: tx,
             vnc,
             memory_mib: 0,
+            end: Mutex::new(None),
+            labels: Mutex::new(BTreeMap::new()),
         };
         (live, rx)
     }
@@ -368,7 +478,15 @@ struct Actor<'a> {
     live: &'a Live,
     engine: Arc<Engine>,
     settings: ContextSettings,
+    /// Commands started through the server, while they run, with their
+    /// watcher (if any).
+    commands: BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)>,
+    next_command: ProcId,
 }
+
+/// How long a command's output waits for a watcher that does not read
+/// before that watcher is let go (the command goes on).
+const WATCHER_PATIENCE: Duration = Duration::from_secs(30);
 
 const PAUSED: &str = "the session is paused; resume it first";
 
@@ -430,6 +548,72 @@ impl Actor<'_> {
         Ok(())
     }
 
+    /// Hands `out` to the watcher of command `id`; one that does not take
+    /// it within [`WATCHER_PATIENCE`] (or is gone) is let go.
+    async fn tell_watcher(&mut self, id: ProcId, out: CommandOut) {
+        let Some((_, Some(watcher))) = self.commands.get(&id) else { return };
+        let watcher = watcher.clone();
+        if !matches!(tokio::time::timeout(WATCHER_PATIENCE, watcher.send(out)).await, Ok(Ok(()))) {
+            if let Some(c) = self.commands.get_mut(&id) {
+                c.1 = None;
+            }
+        }
+    }
+
+    /// Whether command `id` runs (started here), or why not.
+    fn running_command(&self, id: ProcId) -> Result<(), String> {
+        if self.held.is_none() {
+            return Err(PAUSED.into());
+        }
+        match self.commands.contains_key(&id) {
+            true => Ok(()),
+            false => Err(format!("no running command {id} in session {}", self.live.id)),
+        }
+    }
+
+    /// Starts a command with pipes; its id.
+    async fn exec(&mut self, command: GuestCommand, tag: Option<String>, stdin: bool, out: mpsc::Sender<CommandOut>) -> Result<ProcId, String> {
+        let id = self.next_command;
+        let s = self.held.as_mut().ok_or(PAUSED)?;
+        s.exec(id, command.clone()).await.map_err(|e| e.to_string())?;
+        if !stdin {
+            s.command_eof(id).await.map_err(|e| e.to_string())?;
+        }
+        self.next_command += 1;
+        self.commands.insert(id, (CommandInfo { id, command, tag }, Some(out)));
+        Ok(id)
+    }
+
+    /// Sets (or clears) the session's end time, and keeps it in its record.
+    fn set_end(&mut self, end: Option<(SystemTime, EndAction)>) {
+        set(&self.live.end, end);
+        let mut labels = self.live.labels.lock().unwrap_or_else(|e| e.into_inner());
+        match end {
+            Some(e) => labels.insert(END_LABEL.to_string(), end_label(e)),
+            None => labels.remove(END_LABEL),
+        };
+        drop(labels);
+        let kept = self.engine.update_session(&self.live.id, |rec| match end {
+            Some(e) => drop(rec.labels.insert(END_LABEL.to_string(), end_label(e))),
+            None => drop(rec.labels.remove(END_LABEL)),
+        });
+        if let Err(e) = kept {
+            tracing::warn!(session = %self.live.id, error = %e, "could not keep the end time with the session");
+        }
+    }
+
+    /// Ends the session now: its VM stopped, or its paused image removed.
+    async fn end(&mut self) {
+        match self.held.take() {
+            Some(s) => s.close().await,
+            None => {
+                if let Err(e) = self.engine.kill_session(&self.live.id).await {
+                    tracing::warn!(session = %self.live.id, error = %e, "could not forget the paused session");
+                }
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         self.quiet().await;
         let mut idle_since = tokio::time::Instant::now();
@@ -439,6 +623,13 @@ impl Actor<'_> {
                 (None, Some(_), Some(d)) => Some(idle_since + d),
                 _ => None,
             };
+            // A paused session's end time only ends it (pausing it again is nothing).
+            let end = (*self.live.end.lock().unwrap_or_else(|e| e.into_inner()))
+                .filter(|(_, action)| self.held.is_some() || *action == EndAction::Kill);
+            let end_deadline = end.map(|(at, action)| {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                (tokio::time::Instant::now() + left, action)
+            });
             tokio::select! {
                 ev = self.next_event() => match ev {
                     SessionEvent::Output(d) => {
@@ -464,8 +655,15 @@ impl Actor<'_> {
                         }
                         break;
                     }
-                    SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_)
-                    | SessionEvent::CommandOutput { .. } | SessionEvent::CommandExited { .. } => {}
+                    SessionEvent::CommandOutput { id, stderr, data } => {
+                        let out = if stderr { CommandOut::Stderr(data) } else { CommandOut::Stdout(data) };
+                        self.tell_watcher(id, out).await;
+                    }
+                    SessionEvent::CommandExited { id, status } => {
+                        self.tell_watcher(id, CommandOut::Exit(status)).await;
+                        self.commands.remove(&id);
+                    }
+                    SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
                 },
                 cmd = rx.recv() => match cmd {
                     None => break,
@@ -539,6 +737,36 @@ impl Actor<'_> {
                         };
                         let _ = reply.send(r);
                     }
+                    Some(Cmd::Exec { command, tag, stdin, out, reply }) => {
+                        let _ = reply.send(self.exec(command, tag, stdin, out).await);
+                    }
+                    Some(Cmd::Watch { id, out, reply }) => {
+                        let r = self.running_command(id).map(|()| {
+                            if let Some(c) = self.commands.get_mut(&id) { c.1 = Some(out); }
+                        });
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::CommandInput { id, data, reply }) => {
+                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
+                            Ok(s) => match data {
+                                Some(d) => s.command_input(id, &d).await,
+                                None => s.command_eof(id).await,
+                            }.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Signal { id, signal, reply }) => {
+                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
+                            Ok(s) => s.command_signal(id, signal).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Some(Cmd::Commands(reply)) => {
+                        let _ = reply.send(Ok(self.commands.values().map(|(info, _)| info.clone()).collect()));
+                    }
+                    Some(Cmd::SetEnd(end)) => self.set_end(end),
                     Some(Cmd::Release(done)) => {
                         if let Some(s) = self.held.take() {
                             if let Some((c, _)) = &self.client {
@@ -550,16 +778,24 @@ impl Actor<'_> {
                         return;
                     }
                     Some(Cmd::Kill(done)) => {
-                        match self.held.take() {
-                            Some(s) => s.close().await,
-                            None => if let Err(e) = self.engine.kill_session(&self.live.id).await {
-                                tracing::warn!(session = %self.live.id, error = %e, "could not forget the paused session");
-                            },
-                        }
+                        self.end().await;
                         let _ = done.send(());
                         return;
                     }
                 },
+                _ = async { match end_deadline { Some((d, _)) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    if end_deadline.is_some_and(|(_, action)| action == EndAction::Pause) {
+                        match self.pause().await {
+                            Ok(()) => tracing::info!(session = %self.live.id, "end time: paused the session to an image"),
+                            Err(e) => tracing::warn!(session = %self.live.id, error = %e, "end time: the session cannot be paused to an image; it keeps running"),
+                        }
+                        self.set_end(None);
+                    } else {
+                        tracing::info!(session = %self.live.id, "end time: the session is ended");
+                        self.end().await;
+                        return;
+                    }
+                }
                 _ = async { match idle_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     match self.pause().await {
                         Ok(()) => tracing::info!(session = %self.live.id, "idle time-out: paused the session to an image"),

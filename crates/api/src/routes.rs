@@ -20,7 +20,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{self, Caller};
 use crate::error::{error_chain, ApiError, ErrorBody};
-use crate::live::{Cmd, Live, Out, State as SessionState};
+use crate::live::{Cmd, Live, Out, SessionOptions, State as SessionState};
 use crate::AppState;
 
 type St = State<Arc<AppState>>;
@@ -115,6 +115,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/sessions/{id}/files",
             get(read_file).put(write_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE)),
         )
+        .nest("/e2b", crate::e2b::router().layer(axum::extract::DefaultBodyLimit::max(crate::e2b::envd::MAX_FILE)))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(request_id))
@@ -565,6 +566,33 @@ async fn create_session(
     Caller(owner): Caller,
     Body(req): Body<CreateSession>,
 ) -> Result<Response, ApiError> {
+    let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
+    let settings = req.context.unwrap_or_default().settings(&owner)?;
+    let options = SessionOptions { idle, ..SessionOptions::default() };
+    let (live, token) = launch_for(&st, &owner, &req.package, settings, options).await?;
+    let body = CreatedSession {
+        session: SessionInfo::from(&*live),
+        attach_path: format!("/v1/sessions/{}/attach", live.id),
+        attach_token: token,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// A context with every default, and outbound access if asked.
+pub(crate) fn default_settings(terminal: &str, outbound: bool) -> Result<ContextSettings, ApiError> {
+    ContextBody { outbound, ..ContextBody::default() }.settings(terminal)
+}
+
+/// Launches `package` for terminal `owner` (from the pool if it has one),
+/// within the server's and the terminal's limits; the live session and its
+/// attach token.
+pub(crate) async fn launch_for(
+    st: &Arc<AppState>,
+    owner: &str,
+    package: &str,
+    settings: ContextSettings,
+    options: SessionOptions,
+) -> Result<(Arc<Live>, String), ApiError> {
     let limits = &st.limits;
     let running = st.sessions.len();
     if running >= limits.max_sessions {
@@ -577,7 +605,7 @@ async fn create_session(
             ),
         ));
     }
-    let held = st.sessions.count_of(&owner);
+    let held = st.sessions.count_of(owner);
     if held >= limits.max_sessions_per_terminal {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -589,10 +617,8 @@ async fn create_session(
             ),
         ));
     }
-    let idle = idle(req.idle_timeout_s, limits.idle_timeout)?;
-    let settings = req.context.unwrap_or_default().settings(&owner)?;
-    let pkg = st.engine.package(&req.package)?;
-    memory_quota(&st, &owner, pkg.def.memory_mib)?;
+    let pkg = st.engine.package(package)?;
+    memory_quota(st, owner, pkg.def.memory_mib)?;
     let started = Instant::now();
     let (session, path) = match st.pool.take(&pkg.name, &settings).await {
         Ok(Some(s)) => (s, "pool"),
@@ -609,14 +635,9 @@ async fn create_session(
         .get_or_create(&crate::metrics::LaunchLabels { package: pkg.name.clone(), path: path.into() })
         .observe(started.elapsed().as_secs_f64());
     let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
-    let live = st.sessions.start(session, &owner, auth::token_hash(&token), idle, st.engine.clone(), settings);
+    let live = st.sessions.start(session, owner, auth::token_hash(&token), st.engine.clone(), settings, options);
     tracing::info!(session = %live.id, package = %pkg.name, terminal = %owner, "session launched");
-    let body = CreatedSession {
-        session: SessionInfo::from(&*live),
-        attach_path: format!("/v1/sessions/{}/attach", live.id),
-        attach_token: token,
-    };
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((live, token))
 }
 
 /// The caller's sessions.

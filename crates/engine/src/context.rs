@@ -165,6 +165,20 @@ fn check_guest_path(p: &str) -> Result<(), String> {
 }
 
 /// Checks a terminal's name (it names its home on disk).
+/// Checks one environment variable given to a guest program.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_env(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("environment name {name:?} is not valid (letters, digits and _ only)"));
+    }
+    if value.contains('\0') {
+        return Err(format!("the value of environment variable {name} contains NUL"));
+    }
+    Ok(())
+}
+
 pub fn check_terminal_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.len() > 64
@@ -236,13 +250,8 @@ impl ContextSettings {
                 return bad(format!("locale {l:?} is not a locale name like C.UTF-8"));
             }
         }
-        for k in self.env.keys() {
-            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return bad(format!("environment name {k:?} is not valid"));
-            }
-        }
-        if self.env.values().any(|v| v.contains('\0')) {
-            return bad("environment values must not contain NUL".into());
+        for (k, v) in &self.env {
+            check_env(k, v).map_err(|m| Error::Config(format!("context: {m}")))?;
         }
         if self.network.ports.len() > MAX_PORTS {
             return bad(format!("{} port forwards; at most {MAX_PORTS}", self.network.ports.len()));

@@ -1,0 +1,772 @@
+//! E2B's data plane, as its in-guest daemon (envd) serves it: Connect RPC
+//! with the JSON codec (`process.Process`, `filesystem.Filesystem`), file
+//! transfer on `/files`, and `/health`. The SDK sends every request to one
+//! address with the sandbox in `E2b-Sandbox-Id` and its token in
+//! `X-Access-Token`; each call becomes a message to the session's actor,
+//! and from there a command with pipes in the guest (strata's agent).
+//!
+//! Connect's framing: a unary call is a JSON body each way; a server
+//! stream answers `application/connect+json` envelopes (a flags byte, a
+//! big-endian length, the message), the last flagged 0x02 and carrying the
+//! error if there is one. Process ids are the ids of strata's commands.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use strata_engine::GuestCommand;
+use strata_proto::ProcId;
+use tokio::sync::mpsc;
+
+use super::{access_token, E2bError};
+use crate::live::{Cmd, CommandOut, Live};
+use crate::AppState;
+
+type St = State<Arc<AppState>>;
+
+/// Largest file `/files` moves either way.
+pub const MAX_FILE: usize = 256 << 20;
+/// Keep-alive events on an idle stream, unless the client asks otherwise.
+const KEEPALIVE: Duration = Duration::from_secs(50);
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/files", get(read_file).post(write_file))
+        .route("/process.Process/Start", post(start))
+        .route("/process.Process/Connect", post(connect))
+        .route("/process.Process/List", post(list))
+        .route("/process.Process/SendInput", post(send_input))
+        .route("/process.Process/CloseStdin", post(close_stdin))
+        .route("/process.Process/SendSignal", post(send_signal))
+        .route("/process.Process/Update", post(unsupported))
+        .route("/process.Process/StreamInput", post(unsupported))
+        .route("/filesystem.Filesystem/Stat", post(stat))
+        .route("/filesystem.Filesystem/ListDir", post(list_dir))
+        .route("/filesystem.Filesystem/MakeDir", post(make_dir))
+        .route("/filesystem.Filesystem/Remove", post(remove))
+        .route("/filesystem.Filesystem/Move", post(move_entry))
+}
+
+/// A Connect error: its code (`not_found`, `invalid_argument`, ...) and message.
+#[derive(Debug)]
+pub struct RpcError(&'static str, String);
+
+impl RpcError {
+    fn status(&self) -> StatusCode {
+        match self.0 {
+            "invalid_argument" | "failed_precondition" | "out_of_range" => StatusCode::BAD_REQUEST,
+            "unauthenticated" => StatusCode::UNAUTHORIZED,
+            "permission_denied" => StatusCode::FORBIDDEN,
+            "not_found" => StatusCode::NOT_FOUND,
+            "already_exists" | "aborted" => StatusCode::CONFLICT,
+            "resource_exhausted" => StatusCode::TOO_MANY_REQUESTS,
+            "unimplemented" => StatusCode::NOT_IMPLEMENTED,
+            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({ "code": self.0, "message": self.1 })
+    }
+}
+
+impl IntoResponse for RpcError {
+    fn into_response(self) -> Response {
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<E2bError> for RpcError {
+    fn from(e: E2bError) -> RpcError {
+        let code = match e.0 {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::UNAUTHORIZED => "unauthenticated",
+            StatusCode::BAD_REQUEST => "invalid_argument",
+            StatusCode::CONFLICT => "failed_precondition",
+            _ => "internal",
+        };
+        RpcError(code, e.1)
+    }
+}
+
+fn invalid(m: impl Into<String>) -> RpcError {
+    RpcError("invalid_argument", m.into())
+}
+
+/// The sandbox a data-plane request is for, checked against its token.
+fn sandbox(st: &AppState, headers: &HeaderMap) -> Result<Arc<Live>, RpcError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let id = header("e2b-sandbox-id")
+        .ok_or_else(|| invalid("E2b-Sandbox-Id is missing: set E2B_SANDBOX_URL to this server's /e2b"))?;
+    let live = st.sessions.get(id).ok_or_else(|| RpcError("not_found", format!("sandbox {id:?} not found")))?;
+    let given = header("x-access-token").unwrap_or("");
+    let want = access_token(&live);
+    let same: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), want.as_bytes()).into();
+    if !same {
+        return Err(RpcError("unauthenticated", format!("the access token of sandbox {id:?} is missing or wrong")));
+    }
+    Ok(live)
+}
+
+/// The user of a request (`Authorization: Basic base64(user:)`), if named.
+fn user(headers: &HeaderMap) -> Result<Option<String>, RpcError> {
+    let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(b64) = v.strip_prefix("Basic ") else { return Ok(None) };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+        .and_then(|d| String::from_utf8(d).ok())
+        .ok_or_else(|| invalid("the Authorization header is not base64 of USER:"))?;
+    let name = decoded.split(':').next().unwrap_or("").to_string();
+    check_user(&name)?;
+    Ok(Some(name).filter(|n| !n.is_empty()))
+}
+
+fn check_user(name: &str) -> Result<(), RpcError> {
+    if name.len() > 32 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(invalid(format!("user {name:?} is not a user name")));
+    }
+    Ok(())
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn unb64(s: &str) -> Result<Vec<u8>, RpcError> {
+    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| invalid(format!("input is not base64: {e}")))
+}
+
+/// A unary request's message (JSON).
+fn unary<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, RpcError> {
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ct.starts_with("application/proto") {
+        return Err(RpcError("unimplemented", "only the JSON codec is served (application/json)".into()));
+    }
+    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body).map_err(|e| invalid(format!("the request is not the expected JSON message: {e}")))
+}
+
+/// The one message of a server-streaming request (its envelope opened).
+fn stream_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
+    let (head, rest) = body.split_at_checked(5).ok_or_else(|| invalid("the stream request has no envelope"))?;
+    if head[0] & 0x01 != 0 {
+        return Err(RpcError("unimplemented", "compressed messages are not served".into()));
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let msg = rest.get(..len).ok_or_else(|| invalid("the stream request's envelope is cut short"))?;
+    serde_json::from_slice(msg).map_err(|e| invalid(format!("the request is not the expected JSON message: {e}")))
+}
+
+fn envelope(flags: u8, msg: &Value) -> Bytes {
+    let json = msg.to_string();
+    let mut b = Vec::with_capacity(5 + json.len());
+    b.push(flags);
+    b.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    b.extend_from_slice(json.as_bytes());
+    Bytes::from(b)
+}
+
+/// A stream answer: the envelopes `rx` yields.
+fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "application/connect+json")
+        .body(axum::body::Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A stream that ends at once with `e`.
+fn stream_error(e: RpcError) -> Response {
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx.try_send(envelope(0x02, &json!({ "error": e.body() })));
+    stream_response(rx)
+}
+
+fn json_response(v: Value) -> Response {
+    axum::Json(v).into_response()
+}
+
+async fn ask<T>(
+    live: &Live,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Cmd,
+) -> Result<T, RpcError> {
+    let gone = || RpcError("not_found", format!("sandbox {:?} has ended", live.id));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    live.cmd.send(make(tx)).await.map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())?.map_err(|e| RpcError("failed_precondition", e))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ProcessConfig {
+    cmd: String,
+    args: Vec<String>,
+    envs: BTreeMap<String, String>,
+    cwd: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StartRequest {
+    process: Option<ProcessConfig>,
+    pty: Option<Value>,
+    tag: Option<String>,
+    stdin: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+struct Selector {
+    pid: Option<ProcId>,
+    tag: Option<String>,
+}
+
+/// How long a stream may last (`Connect-Timeout-Ms`), if bounded.
+fn deadline(headers: &HeaderMap) -> Option<Duration> {
+    let ms: u64 = headers.get("connect-timeout-ms")?.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+fn keepalive(headers: &HeaderMap) -> Duration {
+    headers
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(KEEPALIVE, |s| Duration::from_secs(s.clamp(1, 3600)))
+}
+
+fn event(e: Value) -> Value {
+    json!({ "event": e })
+}
+
+/// Forwards a command's output as process events until it exits, the
+/// client goes, or the deadline passes.
+fn pump(pid: ProcId, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -> Response {
+    let (tx, rx) = mpsc::channel(16);
+    let (limit, ping) = (deadline(headers), keepalive(headers));
+    tokio::spawn(async move {
+        let send = |v: Value| tx.send(envelope(0, &v));
+        if send(event(json!({ "start": { "pid": pid } }))).await.is_err() {
+            return;
+        }
+        let until = limit.map(|d| tokio::time::Instant::now() + d);
+        loop {
+            let next = tokio::select! {
+                o = out.recv() => o,
+                _ = tokio::time::sleep(ping) => {
+                    if send(event(json!({ "keepalive": {} }))).await.is_err() { return; }
+                    continue;
+                }
+                _ = async { match until { Some(u) => tokio::time::sleep_until(u).await, None => std::future::pending().await } } => {
+                    let e = RpcError("deadline_exceeded", format!("command {pid} outlasted the request's time-out"));
+                    let _ = tx.send(envelope(0x02, &json!({ "error": e.body() }))).await;
+                    return;
+                }
+            };
+            let msg = match next {
+                Some(CommandOut::Stdout(d)) => event(json!({ "data": { "stdout": b64(&d) } })),
+                Some(CommandOut::Stderr(d)) => event(json!({ "data": { "stderr": b64(&d) } })),
+                Some(CommandOut::Exit(code)) => {
+                    let end = json!({ "exitCode": code, "exited": true, "status": format!("exit status {code}") });
+                    let _ = send(event(json!({ "end": end }))).await;
+                    let _ = tx.send(envelope(0x02, &json!({}))).await;
+                    return;
+                }
+                None => {
+                    let e = RpcError("unavailable", format!("command {pid} is no longer watched here (the sandbox ended or another client connected)"));
+                    let _ = tx.send(envelope(0x02, &json!({ "error": e.body() }))).await;
+                    return;
+                }
+            };
+            if send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream_response(rx)
+}
+
+/// `process.Process/Start`: a command with pipes (no PTY yet).
+async fn start(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
+    match start_command(&st, &headers, &body).await {
+        Ok((pid, out)) => pump(pid, out, &headers),
+        Err(e) => stream_error(e),
+    }
+}
+
+async fn start_command(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(ProcId, mpsc::Receiver<CommandOut>), RpcError> {
+    let req: StartRequest = stream_request(body)?;
+    let live = sandbox(st, headers)?;
+    if req.pty.as_ref().is_some_and(|p| !p.is_null()) {
+        return Err(RpcError("unimplemented", "commands on a PTY are not served yet; run it with pipes".into()));
+    }
+    let p = req.process.ok_or_else(|| invalid("process is missing"))?;
+    if p.cmd.is_empty() {
+        return Err(invalid("process.cmd is empty"));
+    }
+    let mut env = super::env_of(&live);
+    env.extend(p.envs);
+    for (k, v) in &env {
+        strata_engine::context::check_env(k, v).map_err(invalid)?;
+    }
+    let mut argv = vec![p.cmd];
+    argv.extend(p.args);
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("a command's arguments must not contain NUL"));
+    }
+    let command = GuestCommand { argv, env: env.into_iter().collect(), cwd: p.cwd.filter(|c| !c.is_empty()), user: user(headers)? };
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let stdin = req.stdin.unwrap_or(false);
+    let pid = ask(&live, |reply| Cmd::Exec { command, tag: req.tag, stdin, out: out_tx, reply }).await?;
+    Ok((pid, out_rx))
+}
+
+/// The command a selector names.
+async fn selected(live: &Live, sel: Option<Selector>) -> Result<ProcId, RpcError> {
+    let sel = sel.unwrap_or_default();
+    if let Some(pid) = sel.pid {
+        return Ok(pid);
+    }
+    let tag = sel.tag.ok_or_else(|| invalid("process selector names neither pid nor tag"))?;
+    let all = ask(live, Cmd::Commands).await?;
+    all.iter()
+        .find(|c| c.tag.as_deref() == Some(tag.as_str()))
+        .map(|c| c.id)
+        .ok_or_else(|| RpcError("not_found", format!("no running command tagged {tag:?}")))
+}
+
+#[derive(Deserialize)]
+struct ProcessRequest {
+    process: Option<Selector>,
+}
+
+/// `process.Process/Connect`: a running command's output from now on.
+async fn connect(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
+    let r = async {
+        let req: ProcessRequest = stream_request(&body)?;
+        let live = sandbox(&st, &headers)?;
+        let pid = selected(&live, req.process).await?;
+        let (out_tx, out_rx) = mpsc::channel(16);
+        ask(&live, |reply| Cmd::Watch { id: pid, out: out_tx, reply }).await.map_err(|e| RpcError("not_found", e.1))?;
+        Ok::<_, RpcError>((pid, out_rx))
+    };
+    match r.await {
+        Ok((pid, out)) => pump(pid, out, &headers),
+        Err(e) => stream_error(e),
+    }
+}
+
+async fn list(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let _: Value = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let all = ask(&live, Cmd::Commands).await?;
+    let processes: Vec<Value> = all
+        .iter()
+        .map(|c| {
+            let (cmd, args) = c.command.argv.split_first().map(|(c, a)| (c.clone(), a.to_vec())).unwrap_or_default();
+            let envs: BTreeMap<_, _> = c.command.env.iter().cloned().collect();
+            let mut config = json!({ "cmd": cmd, "args": args, "envs": envs });
+            if let Some(cwd) = &c.command.cwd {
+                config["cwd"] = json!(cwd);
+            }
+            let mut p = json!({ "config": config, "pid": c.id });
+            if let Some(tag) = &c.tag {
+                p["tag"] = json!(tag);
+            }
+            p
+        })
+        .collect();
+    Ok(json_response(json!({ "processes": processes })))
+}
+
+#[derive(Deserialize)]
+struct SendInputRequest {
+    process: Option<Selector>,
+    input: Option<InputBody>,
+}
+
+#[derive(Deserialize)]
+struct InputBody {
+    stdin: Option<String>,
+    pty: Option<String>,
+}
+
+async fn send_input(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: SendInputRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let pid = selected(&live, req.process).await?;
+    let input = req.input.ok_or_else(|| invalid("input is missing"))?;
+    if input.pty.is_some() {
+        return Err(RpcError("unimplemented", "commands on a PTY are not served yet".into()));
+    }
+    let data = unb64(input.stdin.as_deref().unwrap_or(""))?;
+    ask(&live, |reply| Cmd::CommandInput { id: pid, data: Some(data), reply }).await?;
+    Ok(json_response(json!({})))
+}
+
+async fn close_stdin(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: ProcessRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let pid = selected(&live, req.process).await?;
+    ask(&live, |reply| Cmd::CommandInput { id: pid, data: None, reply }).await?;
+    Ok(json_response(json!({})))
+}
+
+#[derive(Deserialize)]
+struct SignalRequest {
+    process: Option<Selector>,
+    signal: Option<Value>,
+}
+
+/// E2B's signals, by name or number: SIGTERM and SIGKILL.
+fn signal_number(v: Option<&Value>) -> Result<i32, RpcError> {
+    match v {
+        Some(Value::String(s)) if s == "SIGNAL_SIGKILL" => Ok(9),
+        Some(Value::String(s)) if s == "SIGNAL_SIGTERM" => Ok(15),
+        Some(Value::Number(n)) if n.as_i64() == Some(9) || n.as_i64() == Some(15) => Ok(n.as_i64().unwrap_or(9) as i32),
+        other => Err(invalid(format!("signal {other:?} is not SIGNAL_SIGKILL or SIGNAL_SIGTERM"))),
+    }
+}
+
+async fn send_signal(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: SignalRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let pid = selected(&live, req.process).await?;
+    let signal = signal_number(req.signal.as_ref())?;
+    ask(&live, |reply| Cmd::Signal { id: pid, signal, reply }).await.map_err(|e| RpcError("not_found", e.1))?;
+    Ok(json_response(json!({})))
+}
+
+async fn unsupported() -> RpcError {
+    RpcError("unimplemented", "PTY commands and streamed input are not served yet".into())
+}
+
+/// What a command run to its end gave.
+struct Finished {
+    status: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+/// Runs `argv` in the sandbox (as `user`), with `input` as its standard
+/// input, to its end; its output is bounded by [`MAX_FILE`].
+async fn run(live: &Live, argv: &[&str], user: Option<String>, input: Option<Vec<u8>>) -> Result<Finished, RpcError> {
+    let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
+    let (out_tx, mut out_rx) = mpsc::channel(16);
+    let stdin = input.is_some();
+    let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, out: out_tx, reply }).await?;
+    if let Some(data) = input {
+        for chunk in data.chunks(64 << 10) {
+            ask(live, |reply| Cmd::CommandInput { id, data: Some(chunk.to_vec()), reply }).await?;
+        }
+        ask(live, |reply| Cmd::CommandInput { id, data: None, reply }).await?;
+    }
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(o) = out_rx.recv().await {
+        match o {
+            CommandOut::Stdout(d) => stdout.extend_from_slice(&d),
+            CommandOut::Stderr(d) if stderr.len() < 64 << 10 => stderr.extend_from_slice(&d),
+            CommandOut::Stderr(_) => {}
+            CommandOut::Exit(status) => {
+                return Ok(Finished { status, stdout, stderr: String::from_utf8_lossy(&stderr).trim().to_string() })
+            }
+        }
+        if stdout.len() > MAX_FILE {
+            let _ = ask(live, |reply| Cmd::Signal { id, signal: 9, reply }).await;
+            return Err(RpcError("resource_exhausted", format!("more than {MAX_FILE} bytes")));
+        }
+    }
+    Err(RpcError("unavailable", "the sandbox ended while the command ran".into()))
+}
+
+/// The error a file command's failure stands for.
+fn file_error(path: &str, f: &Finished) -> RpcError {
+    let m = format!("{path}: {}", if f.stderr.is_empty() { format!("exit status {}", f.status) } else { f.stderr.clone() });
+    if m.contains("No such file") || m.contains("not found") {
+        RpcError("not_found", m)
+    } else if m.contains("Permission denied") {
+        RpcError("permission_denied", m)
+    } else if m.contains("Is a directory") || m.contains("Not a directory") {
+        RpcError("invalid_argument", m)
+    } else if m.contains("File exists") {
+        RpcError("already_exists", m)
+    } else if m.contains("No space left") {
+        RpcError("resource_exhausted", m)
+    } else {
+        RpcError("internal", m)
+    }
+}
+
+fn check_path(path: &str) -> Result<(), RpcError> {
+    if path.is_empty() || path.contains('\0') || path.len() > 4096 {
+        return Err(invalid(format!("path {path:?} is empty, too long or holds NUL")));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    path: Option<String>,
+    username: Option<String>,
+}
+
+impl FileQuery {
+    fn user(&self, headers: &HeaderMap) -> Result<Option<String>, RpcError> {
+        match self.username.as_deref().filter(|u| !u.is_empty()) {
+            Some(u) => check_user(u).map(|()| Some(u.to_string())),
+            None => user(headers),
+        }
+    }
+}
+
+/// `GET /files?path=`: a file's bytes.
+async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query<FileQuery>) -> Result<Response, RpcError> {
+    let live = sandbox(&st, &headers)?;
+    let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
+    check_path(&path)?;
+    let f = run(&live, &["cat", "--", &path], q.user(&headers)?, None).await?;
+    if f.status != 0 {
+        return Err(file_error(&path, &f));
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], f.stdout).into_response())
+}
+
+/// Writes `data` at `path` (its directories made), as `user`; what E2B
+/// answers for a written file.
+async fn write_one(live: &Live, path: &str, data: Vec<u8>, user: Option<String>) -> Result<Value, RpcError> {
+    check_path(path)?;
+    const WRITE: &str = "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\" && readlink -f -- \"$1\"";
+    let f = run(live, &["sh", "-c", WRITE, "sh", path], user, Some(data)).await?;
+    if f.status != 0 {
+        return Err(file_error(path, &f));
+    }
+    let full = String::from_utf8_lossy(&f.stdout).trim().to_string();
+    let name = full.rsplit('/').next().unwrap_or("").to_string();
+    Ok(json!({ "name": name, "type": "file", "path": full }))
+}
+
+/// `POST /files?path=`: one file as the body (octet stream), or files as
+/// multipart parts (each named by `path`, or by its file name).
+async fn write_file(
+    State(st): St,
+    headers: HeaderMap,
+    Query(q): Query<FileQuery>,
+    request: axum::extract::Request,
+) -> Result<Response, RpcError> {
+    let live = sandbox(&st, &headers)?;
+    let user = q.user(&headers)?;
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if headers.get(axum::http::header::CONTENT_ENCODING).is_some() {
+        return Err(RpcError("unimplemented", "compressed uploads are not served; send the file uncompressed".into()));
+    }
+    let mut written = Vec::new();
+    if ct.starts_with("multipart/form-data") {
+        let mut form = <axum::extract::Multipart as axum::extract::FromRequest<()>>::from_request(request, &())
+            .await
+            .map_err(|e| invalid(format!("the upload is not multipart form data: {e}")))?;
+        let mut parts = 0;
+        while let Some(field) = form.next_field().await.map_err(|e| invalid(format!("the upload is cut: {e}")))? {
+            parts += 1;
+            let name = field.file_name().map(str::to_string);
+            let data = field.bytes().await.map_err(|e| invalid(format!("the upload is cut: {e}")))?;
+            let path = match (&q.path, name) {
+                (Some(p), _) if parts == 1 => p.clone(),
+                (_, Some(n)) => n,
+                _ => return Err(invalid("an uploaded part names no path")),
+            };
+            written.push(write_one(&live, &path, data.to_vec(), user.clone()).await?);
+        }
+    } else {
+        let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
+        let data = axum::body::to_bytes(request.into_body(), MAX_FILE)
+            .await
+            .map_err(|e| RpcError("resource_exhausted", format!("the upload is above {MAX_FILE} bytes or cut: {e}")))?;
+        written.push(write_one(&live, &path, data.to_vec(), user).await?);
+    }
+    Ok(json_response(Value::Array(written)))
+}
+
+#[derive(Deserialize)]
+struct PathRequest {
+    path: Option<String>,
+    depth: Option<u32>,
+}
+
+/// What `find -printf` gives for each entry: type, size, mode, owner,
+/// group, modification time, path, link target.
+const ENTRY_FORMAT: &str = "%y\\t%s\\t%m\\t%u\\t%g\\t%T@\\t%p\\t%l\\n";
+
+fn entry(line: &str) -> Option<Value> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [kind, size, mode, owner, group, mtime, path, target] = f.as_slice() else { return None };
+    let kind = match *kind {
+        "d" => "FILE_TYPE_DIRECTORY",
+        _ => "FILE_TYPE_FILE",
+    };
+    let mode = u32::from_str_radix(mode, 8).ok()?;
+    let secs = mtime.split('.').next()?.parse::<u64>().ok()?;
+    let modified = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+    let mut e = json!({
+        "name": path.rsplit('/').next().unwrap_or(path),
+        "type": kind,
+        "path": path,
+        "size": size,
+        "mode": mode,
+        "permissions": permissions(mode, kind == "FILE_TYPE_DIRECTORY"),
+        "owner": owner,
+        "group": group,
+        "modifiedTime": modified,
+    });
+    if !target.is_empty() {
+        e["symlinkTarget"] = json!(target);
+    }
+    Some(e)
+}
+
+fn permissions(mode: u32, dir: bool) -> String {
+    let mut s = String::from(if dir { "d" } else { "-" });
+    for shift in [6, 3, 0] {
+        let m = (mode >> shift) & 7;
+        s.push(if m & 4 != 0 { 'r' } else { '-' });
+        s.push(if m & 2 != 0 { 'w' } else { '-' });
+        s.push(if m & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+/// Entries under `path` (itself at depth 0), as `user`.
+async fn entries(live: &Live, path: &str, depth: (u32, u32), user: Option<String>) -> Result<Vec<Value>, RpcError> {
+    check_path(path)?;
+    let (min, max) = (depth.0.to_string(), depth.1.to_string());
+    let argv = ["find", path, "-mindepth", &min, "-maxdepth", &max, "-printf", ENTRY_FORMAT];
+    let f = run(live, &argv, user, None).await?;
+    if f.status != 0 {
+        return Err(file_error(path, &f));
+    }
+    Ok(String::from_utf8_lossy(&f.stdout).lines().filter_map(entry).collect())
+}
+
+async fn stat(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: PathRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+    let e = entries(&live, &path, (0, 0), user(&headers)?).await?;
+    let e = e.into_iter().next().ok_or_else(|| RpcError("not_found", format!("{path}: not found")))?;
+    Ok(json_response(json!({ "entry": e })))
+}
+
+async fn list_dir(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: PathRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+    let depth = req.depth.unwrap_or(1).clamp(1, 64);
+    let e = entries(&live, &path, (1, depth), user(&headers)?).await?;
+    Ok(json_response(json!({ "entries": e })))
+}
+
+async fn make_dir(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: PathRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+    check_path(&path)?;
+    let user = user(&headers)?;
+    // E2B answers "already exists" for a directory that is there.
+    const MAKE: &str = "if [ -e \"$1\" ]; then echo \"$1: File exists\" >&2; exit 1; fi; mkdir -p -- \"$1\"";
+    let f = run(&live, &["sh", "-c", MAKE, "sh", &path], user.clone(), None).await?;
+    if f.status != 0 {
+        return Err(file_error(&path, &f));
+    }
+    let e = entries(&live, &path, (0, 0), user).await?;
+    Ok(json_response(json!({ "entry": e.into_iter().next() })))
+}
+
+async fn remove(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: PathRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+    check_path(&path)?;
+    let f = run(&live, &["rm", "-rf", "--", &path], user(&headers)?, None).await?;
+    if f.status != 0 {
+        return Err(file_error(&path, &f));
+    }
+    Ok(json_response(json!({})))
+}
+
+#[derive(Deserialize)]
+struct MoveRequest {
+    source: Option<String>,
+    destination: Option<String>,
+}
+
+async fn move_entry(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: MoveRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let (from, to) = (req.source.unwrap_or_default(), req.destination.unwrap_or_default());
+    check_path(&from)?;
+    check_path(&to)?;
+    let user = user(&headers)?;
+    let f = run(&live, &["mv", "--", &from, &to], user.clone(), None).await?;
+    if f.status != 0 {
+        return Err(file_error(&from, &f));
+    }
+    let e = entries(&live, &to, (0, 0), user).await?;
+    Ok(json_response(json!({ "entry": e.into_iter().next() })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip_and_bad_ones_are_refused() {
+        let e = envelope(0, &json!({ "process": { "cmd": "echo" } }));
+        let req: StartRequest = stream_request(&e).unwrap();
+        assert_eq!(req.process.unwrap().cmd, "echo");
+        assert!(stream_request::<StartRequest>(&e[..4]).is_err());
+        assert!(stream_request::<StartRequest>(&e[..e.len() - 1]).is_err());
+        let mut compressed = e.to_vec();
+        compressed[0] = 1;
+        assert!(matches!(stream_request::<StartRequest>(&compressed), Err(RpcError("unimplemented", _))));
+        assert_eq!(envelope(2, &json!({}))[..], [2, 0, 0, 0, 2, b'{', b'}']);
+    }
+
+    #[test]
+    fn entries_signals_and_users_are_read_as_e2b_means_them() {
+        let e = entry("d\t4096\t755\troot\troot\t1700000000.5\t/root/x\t").unwrap();
+        assert_eq!(e["type"], "FILE_TYPE_DIRECTORY");
+        assert_eq!(e["name"], "x");
+        assert_eq!(e["permissions"], "drwxr-xr-x");
+        assert_eq!(e["modifiedTime"], "2023-11-14T22:13:20Z");
+        assert!(e.get("symlinkTarget").is_none());
+        assert!(entry("garbage").is_none());
+        assert_eq!(signal_number(Some(&json!("SIGNAL_SIGKILL"))).unwrap(), 9);
+        assert_eq!(signal_number(Some(&json!(15))).unwrap(), 15);
+        assert!(signal_number(Some(&json!(2))).is_err());
+        assert!(check_user("root").is_ok());
+        assert!(check_user("a b").is_err());
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::header::AUTHORIZATION, format!("Basic {}", b64(b"user:")).parse().unwrap());
+        assert_eq!(user(&h).unwrap().as_deref(), Some("user"));
+    }
+}

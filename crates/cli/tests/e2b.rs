@@ -1,0 +1,223 @@
+//! E2B's official Python SDK (`e2b` from PyPI, pinned by
+//! scripts/e2b-sdk-requirements.txt; ./test.sh installs it) drives strata
+//! unchanged through `strata serve`'s E2B API: sandboxes are created, run
+//! commands, move files, pause, come back, survive a server's crash, end
+//! at their time-out and are killed. Real QEMU, real guests.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::api::*;
+use common::*;
+use serde_json::Value;
+
+fn sdk_python() -> String {
+    std::env::var("STRATA_E2B_PYTHON").expect(
+        "STRATA_E2B_PYTHON must name the python of a venv with E2B's SDK: ./test.sh makes one \
+         (source scripts/e2b-sdk.sh)",
+    )
+}
+
+/// Runs `script` with E2B's SDK pointed at `s`, as the terminal of
+/// `token`; the JSON lines it printed (it prints one object per step).
+fn sdk(s: &Server, token: &str, script: &str) -> Vec<Value> {
+    let out = Command::new(sdk_python())
+        .args(["-c", &format!("{PRELUDE}{script}")])
+        .env("E2B_API_URL", format!("{}/e2b", s.base))
+        .env("E2B_SANDBOX_URL", format!("{}/e2b", s.base))
+        .env("E2B_API_KEY", token)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{stderr}");
+    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// What every script starts with: `say(step, value)` prints a JSON line.
+const PRELUDE: &str = "import json, os, sys, time\n\
+                       from e2b import *\n\
+                       def say(step, value): print(json.dumps({'step': step, 'value': value}), flush=True)\n";
+
+fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["step"] == name)
+        .map(|l| &l["value"])
+        .unwrap_or_else(|| panic!("no step {name} in {lines:?}"))
+}
+
+#[tokio::test]
+async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_and_kills() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("e2b");
+    let lines = sdk(
+        &s,
+        &s.a,
+        "sbx = Sandbox.create(template='bc', timeout=300, metadata={'purpose': 'e2b-test'}, envs={'FOO': 'bar'})\n\
+         say('id', sbx.sandbox_id)\n\
+         r = sbx.commands.run('echo $FOO; echo to-stderr >&2')\n\
+         say('run', [r.stdout, r.stderr, r.exit_code])\n\
+         try:\n\
+         \x20   sbx.commands.run('echo partial; exit 3')\n\
+         \x20   say('exit3', 'no exception')\n\
+         except CommandExitException as e:\n\
+         \x20   say('exit3', [e.exit_code, e.stdout])\n\
+         r = sbx.commands.run('pwd; whoami', cwd='/tmp', envs={'FOO': 'baz'})\n\
+         say('cwd', r.stdout)\n\
+         data = bytes(range(256)) * 800\n\
+         sbx.files.write('/root/dir/sub/blob.bin', data)\n\
+         say('binary', sbx.files.read('/root/dir/sub/blob.bin', format='bytes') == data)\n\
+         say('text', sbx.files.read('/root/dir/sub/blob.bin', format='bytes')[:3].hex())\n\
+         sbx.files.write('/root/dir/note.txt', 'a note')\n\
+         say('list', sorted(e.name for e in sbx.files.list('/root/dir')))\n\
+         say('exists', [sbx.files.exists('/root/dir/note.txt'), sbx.files.exists('/root/none')])\n\
+         sbx.files.rename('/root/dir/note.txt', '/root/dir/moved.txt')\n\
+         say('moved', sbx.files.read('/root/dir/moved.txt'))\n\
+         say('made', [sbx.files.make_dir('/root/new'), sbx.files.make_dir('/root/new')])\n\
+         sbx.files.remove('/root/dir')\n\
+         say('removed', sbx.files.exists('/root/dir/moved.txt'))\n\
+         try:\n\
+         \x20   sbx.files.read('/root/none')\n\
+         \x20   say('missing', 'read')\n\
+         except NotFoundException as e:\n\
+         \x20   say('missing', 'not found')\n\
+         h = sbx.commands.run('read x; echo got $x', background=True, stdin=True)\n\
+         sbx.commands.send_stdin(h.pid, 'hello\\n')\n\
+         say('stdin', h.wait().stdout)\n\
+         slow = sbx.commands.run('sleep 300', background=True)\n\
+         say('listed', [p.args for p in sbx.commands.list() if p.pid == slow.pid])\n\
+         say('killed', sbx.commands.kill(slow.pid))\n\
+         try:\n\
+         \x20   slow.wait()\n\
+         \x20   say('slow', 'exited 0')\n\
+         except CommandExitException as e:\n\
+         \x20   say('slow', e.exit_code)\n\
+         same = Sandbox.connect(sbx.sandbox_id)\n\
+         say('connected', same.commands.run('echo again').stdout)\n\
+         say('info', [sbx.get_info().state, sbx.get_info().metadata])\n\
+         found = Sandbox.list(query=SandboxQuery(metadata={'purpose': 'e2b-test'})).next_items()\n\
+         say('found', [x.sandbox_id for x in found])\n\
+         sbx.commands.run('echo kept > /root/kept')\n\
+         sbx.pause()\n\
+         say('paused', Sandbox.get_info(sbx.sandbox_id).state)\n\
+         back = Sandbox.connect(sbx.sandbox_id)\n\
+         say('resumed', [Sandbox.get_info(sbx.sandbox_id).state, back.files.read('/root/kept')])\n\
+         back.kill()\n\
+         say('gone', [x.sandbox_id for x in Sandbox.list().next_items()])\n",
+    );
+    let id = step(&lines, "id").as_str().unwrap().to_string();
+    assert_eq!(step(&lines, "run"), &serde_json::json!(["bar\n", "to-stderr\n", 0]));
+    assert_eq!(step(&lines, "exit3"), &serde_json::json!([3, "partial\n"]));
+    assert_eq!(step(&lines, "cwd"), "/tmp\nroot\n");
+    assert_eq!(step(&lines, "binary"), true);
+    assert_eq!(step(&lines, "text"), "000102");
+    assert_eq!(step(&lines, "list"), &serde_json::json!(["note.txt", "sub"]));
+    assert_eq!(step(&lines, "exists"), &serde_json::json!([true, false]));
+    assert_eq!(step(&lines, "moved"), "a note");
+    assert_eq!(step(&lines, "made"), &serde_json::json!([true, false]));
+    assert_eq!(step(&lines, "removed"), false);
+    assert_eq!(step(&lines, "missing"), "not found");
+    assert_eq!(step(&lines, "stdin"), "got hello\n");
+    assert_eq!(step(&lines, "listed"), &serde_json::json!([["-l", "-c", "sleep 300"]]));
+    assert_eq!(step(&lines, "killed"), true);
+    assert_eq!(step(&lines, "slow"), 137, "a killed command ends by SIGKILL");
+    assert_eq!(step(&lines, "connected"), "again\n");
+    assert_eq!(step(&lines, "info"), &serde_json::json!(["running", {"purpose": "e2b-test"}]));
+    assert!(step(&lines, "found").as_array().unwrap().contains(&Value::String(id.clone())));
+    assert_eq!(step(&lines, "paused"), "paused");
+    assert_eq!(step(&lines, "resumed"), &serde_json::json!(["running", "kept\n"]));
+    assert!(!step(&lines, "gone").as_array().unwrap().contains(&Value::String(id.clone())));
+    // A sandbox is a session of its terminal like any other: gone from `ps` too.
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(!ps.contains(&id), "{ps}");
+}
+
+#[tokio::test]
+async fn e2b_sandboxes_end_at_their_time_out_survive_a_server_crash_and_refuse_strangers() {
+    if !e2e() {
+        return;
+    }
+    let mut s = serve("e2b-life");
+    let lines = sdk(
+        &s,
+        &s.a,
+        "short = Sandbox.create(template='bc', timeout=3)\n\
+         say('short', short.sandbox_id)\n\
+         long = Sandbox.create(template='bc', timeout=600)\n\
+         long.commands.run('echo before > /root/mark')\n\
+         say('long', long.sandbox_id)\n\
+         try:\n\
+         \x20   Sandbox.create(template='no-such-package-here', timeout=30)\n\
+         \x20   say('unknown', 'created')\n\
+         except Exception as e:\n\
+         \x20   say('unknown', str(e))\n\
+         try:\n\
+         \x20   Sandbox.create(template='bc', timeout=30, api_key='0' * 64)\n\
+         \x20   say('stranger', 'created')\n\
+         except AuthenticationException as e:\n\
+         \x20   say('stranger', 'refused')\n\
+         deadline = time.time() + 60\n\
+         state = 'running'\n\
+         while time.time() < deadline:\n\
+         \x20   try:\n\
+         \x20       Sandbox.get_info(short.sandbox_id)\n\
+         \x20   except NotFoundException:\n\
+         \x20       state = 'ended'\n\
+         \x20       break\n\
+         \x20   time.sleep(0.5)\n\
+         say('short_end', state)\n",
+    );
+    assert_eq!(step(&lines, "short_end"), "ended", "a sandbox outlived its 3 s time-out");
+    assert!(step(&lines, "unknown").as_str().unwrap().contains("no-such-package-here"), "{lines:?}");
+    assert_eq!(step(&lines, "stranger"), "refused");
+    let long = step(&lines, "long").as_str().unwrap().to_string();
+
+    // Another terminal's key sees nothing of it, and the data plane wants
+    // the sandbox's own token.
+    let other = sdk(
+        &s,
+        &s.b,
+        &format!(
+            "try:\n\
+             \x20   Sandbox.connect('{long}')\n\
+             \x20   say('other', 'connected')\n\
+             except Exception as e:\n\
+             \x20   say('other', type(e).__name__)\n"
+        ),
+    );
+    assert_eq!(step(&other, "other"), "SandboxNotFoundException");
+    let http = reqwest::Client::new();
+    let answer = http
+        .post(format!("{}/e2b/process.Process/List", s.base))
+        .header("E2b-Sandbox-Id", &long)
+        .header("X-Access-Token", "0".repeat(64))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 401);
+
+    // The server crashes; the next one takes the sandbox back, with its
+    // token, its time-out and its files.
+    s.kill9();
+    let s = serve_as(s.a.clone(), s.b.clone(), &[]);
+    let after = sdk(
+        &s,
+        &s.a,
+        &format!(
+            "sbx = Sandbox.connect('{long}')\n\
+             say('after', sbx.files.read('/root/mark'))\n\
+             say('end', Sandbox.get_info('{long}').end_at.timestamp() - time.time())\n\
+             sbx.kill()\n"
+        ),
+    );
+    assert_eq!(step(&after, "after"), "before\n");
+    let left = step(&after, "end").as_f64().unwrap();
+    assert!(left > 60.0, "the time-out was not kept across the crash: {left} s left");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
