@@ -58,6 +58,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
@@ -509,6 +510,58 @@ async fn resume(
     connect(State(st), Owner(owner), Path(id), body).await
 }
 
+/// What the guest reports of its CPU (two samples of /proc/stat 0.2 s
+/// apart), memory (/proc/meminfo) and root file system (df).
+const SAMPLE: &str = "head -1 /proc/stat; sleep 0.2; head -1 /proc/stat; cat /proc/meminfo; df -P -B1 / | tail -1";
+
+/// One of E2B's metric samples from [`SAMPLE`]'s output.
+fn metric_of(out: &str, at: SystemTime) -> Option<serde_json::Value> {
+    let lines: Vec<&str> = out.lines().collect();
+    let cpu = |l: &str| -> Option<(u64, u64)> {
+        let v: Vec<u64> = l.strip_prefix("cpu ")?.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().sum(), idle))
+    };
+    let ((t0, i0), (t1, i1)) = (cpu(lines.first()?)?, cpu(lines.get(1)?)?);
+    let busy = match t1.saturating_sub(t0) {
+        0 => 0.0,
+        dt => 100.0 * (1.0 - i1.saturating_sub(i0) as f64 / dt as f64),
+    };
+    let kib = |key: &str| -> Option<u64> {
+        let l = lines.iter().find(|l| l.starts_with(key))?;
+        l[key.len()..].split_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024)
+    };
+    let (total, available, cached) = (kib("MemTotal:")?, kib("MemAvailable:")?, kib("Cached:").unwrap_or(0));
+    let df: Vec<u64> = lines.last()?.split_whitespace().skip(1).take(2).filter_map(|n| n.parse().ok()).collect();
+    let unix = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Some(serde_json::json!({
+        "timestamp": rfc3339(at),
+        "timestampUnix": unix,
+        "cpuCount": 1,
+        "cpuUsedPct": (busy * 100.0).round() / 100.0,
+        "memUsed": total.saturating_sub(available),
+        "memTotal": total,
+        "memCache": cached,
+        "diskUsed": df.get(1)?,
+        "diskTotal": df.first()?,
+    }))
+}
+
+/// The sandbox's use of CPU, memory and disk now, as its guest sees it
+/// (none while paused).
+async fn metrics(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Result<Response, E2bError> {
+    let live = mine(&st, &owner, &id)?;
+    if is_paused(&live) {
+        return Ok(Json(Vec::<serde_json::Value>::new()).into_response());
+    }
+    let f = envd::run(&live, &["sh", "-c", SAMPLE], None, None)
+        .await
+        .map_err(|e| E2bError(StatusCode::CONFLICT, e.1))?;
+    let sample = metric_of(&String::from_utf8_lossy(&f.stdout), SystemTime::now())
+        .ok_or_else(|| E2bError(StatusCode::INTERNAL_SERVER_ERROR, format!("the guest's figures could not be read: {}", f.stderr)))?;
+    Ok(Json(vec![sample]).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +575,20 @@ mod tests {
         assert!(timeout_of(Some(MAX_TIMEOUT_S + 1)).unwrap_err().1.contains("a day"));
         let r = E2bError(StatusCode::NOT_FOUND, "gone".into()).into_response();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn metrics_are_read_from_the_guests_figures() {
+        let out = "cpu  100 0 100 800 0 0 0 0 0 0\ncpu  150 0 150 900 0 0 0 0 0 0\n\
+                   MemTotal:  500000 kB\nMemFree: 1 kB\nMemAvailable:  300000 kB\nCached:  1000 kB\n\
+                   /dev/vda 8000000000 2000000000 6000000000 25% /\n";
+        let m = metric_of(out, SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(m["cpuUsedPct"], 50.0);
+        assert_eq!(m["memUsed"], 200_000 * 1024);
+        assert_eq!(m["memCache"], 1000 * 1024);
+        assert_eq!(m["diskTotal"], 8_000_000_000u64);
+        assert_eq!(m["diskUsed"], 2_000_000_000u64);
+        assert!(metric_of("nonsense", SystemTime::UNIX_EPOCH).is_none());
     }
 
     #[test]

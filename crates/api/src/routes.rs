@@ -116,6 +116,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(read_file).put(write_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE)),
         )
         .nest("/e2b", crate::e2b::router().layer(axum::extract::DefaultBodyLimit::max(crate::e2b::envd::MAX_FILE)))
+        // E2B's SDKs make signed upload and download URLs at the root.
+        .route(
+            "/files",
+            get(crate::e2b::envd::read_file)
+                .post(crate::e2b::envd::write_file)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::e2b::envd::MAX_FILE)),
+        )
         .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(request_id))

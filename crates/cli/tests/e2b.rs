@@ -101,6 +101,30 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
          say('info', [sbx.get_info().state, sbx.get_info().metadata])\n\
          found = Sandbox.list(query=SandboxQuery(metadata={'purpose': 'e2b-test'})).next_items()\n\
          say('found', [x.sandbox_id for x in found])\n\
+         seen = []\n\
+         sbx.commands.run('for i in 1 2 3; do echo $i; sleep 0.1; done', on_stdout=lambda s: seen.append(s))\n\
+         say('streamed', ''.join(seen))\n\
+         try:\n\
+         \x20   sbx.commands.run('no-such-command-anywhere')\n\
+         except CommandExitException as e:\n\
+         \x20   say('missing_cmd', e.exit_code)\n\
+         try:\n\
+         \x20   sbx.commands.run('sleep 30', timeout=1)\n\
+         \x20   say('timeout', 'finished')\n\
+         except TimeoutException:\n\
+         \x20   say('timeout', 'timed out')\n\
+         m = sbx.get_metrics()\n\
+         say('metrics', [len(m), m[0].mem_total > m[0].mem_used > 0, m[0].disk_total > m[0].disk_used > 0])\n\
+         import urllib.request, urllib.error\n\
+         up = urllib.request.Request(sbx.upload_url('/root/up.txt'), data=b'uploaded', method='POST', headers={'content-type': 'application/octet-stream'})\n\
+         urllib.request.urlopen(up).read()\n\
+         say('upload', sbx.files.read('/root/up.txt'))\n\
+         say('download', urllib.request.urlopen(sbx.download_url('/root/up.txt')).read().decode())\n\
+         try:\n\
+         \x20   urllib.request.urlopen(sbx.download_url('/root/up.txt').replace('signature=v1_', 'signature=v1_x'))\n\
+         \x20   say('forged', 'served')\n\
+         except urllib.error.HTTPError as e:\n\
+         \x20   say('forged', e.code)\n\
          sbx.commands.run('echo kept > /root/kept')\n\
          sbx.pause()\n\
          say('paused', Sandbox.get_info(sbx.sandbox_id).state)\n\
@@ -128,6 +152,13 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
     assert_eq!(step(&lines, "connected"), "again\n");
     assert_eq!(step(&lines, "info"), &serde_json::json!(["running", {"purpose": "e2b-test"}]));
     assert!(step(&lines, "found").as_array().unwrap().contains(&Value::String(id.clone())));
+    assert_eq!(step(&lines, "streamed"), "1\n2\n3\n");
+    assert_eq!(step(&lines, "missing_cmd"), 127);
+    assert_eq!(step(&lines, "timeout"), "timed out");
+    assert_eq!(step(&lines, "metrics"), &serde_json::json!([1, true, true]));
+    assert_eq!(step(&lines, "upload"), "uploaded");
+    assert_eq!(step(&lines, "download"), "uploaded");
+    assert_eq!(step(&lines, "forged"), 401);
     assert_eq!(step(&lines, "paused"), "paused");
     assert_eq!(step(&lines, "resumed"), &serde_json::json!(["running", "kept\n"]));
     assert!(!step(&lines, "gone").as_array().unwrap().contains(&Value::String(id.clone())));

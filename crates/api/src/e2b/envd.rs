@@ -24,6 +24,7 @@ use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::Digest;
 use strata_engine::GuestCommand;
 use strata_proto::ProcId;
 use tokio::sync::mpsc;
@@ -60,7 +61,7 @@ pub fn router() -> Router<Arc<AppState>> {
 
 /// A Connect error: its code (`not_found`, `invalid_argument`, ...) and message.
 #[derive(Debug)]
-pub struct RpcError(&'static str, String);
+pub struct RpcError(pub(crate) &'static str, pub(crate) String);
 
 impl RpcError {
     fn status(&self) -> StatusCode {
@@ -463,15 +464,15 @@ async fn unsupported() -> RpcError {
 }
 
 /// What a command run to its end gave.
-struct Finished {
-    status: i32,
-    stdout: Vec<u8>,
-    stderr: String,
+pub(crate) struct Finished {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
 }
 
 /// Runs `argv` in the sandbox (as `user`), with `input` as its standard
 /// input, to its end; its output is bounded by [`MAX_FILE`].
-async fn run(live: &Live, argv: &[&str], user: Option<String>, input: Option<Vec<u8>>) -> Result<Finished, RpcError> {
+pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>, input: Option<Vec<u8>>) -> Result<Finished, RpcError> {
     let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
     let (out_tx, mut out_rx) = mpsc::channel(16);
     let stdin = input.is_some();
@@ -526,9 +527,47 @@ fn check_path(path: &str) -> Result<(), RpcError> {
 }
 
 #[derive(Deserialize)]
-struct FileQuery {
+pub(crate) struct FileQuery {
     path: Option<String>,
     username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<u64>,
+}
+
+/// E2B's signature of a file URL: `v1_` and the unpadded base64 of
+/// sha256(`path:operation:user:token[:expiration]`).
+fn file_signature(path: &str, operation: &str, user: &str, token: &str, expiration: Option<u64>) -> String {
+    let raw = match expiration {
+        Some(e) => format!("{path}:{operation}:{user}:{token}:{e}"),
+        None => format!("{path}:{operation}:{user}:{token}"),
+    };
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
+}
+
+/// The sandbox of a `/files` request: by its headers, or for a signed URL
+/// (which carries none: the SDK's upload and download URLs) the one whose
+/// token signs it, before its expiry.
+fn file_sandbox(st: &AppState, headers: &HeaderMap, q: &FileQuery, operation: &str) -> Result<Arc<Live>, RpcError> {
+    let Some(signature) = q.signature.as_deref().filter(|_| !headers.contains_key("e2b-sandbox-id")) else {
+        return sandbox(st, headers);
+    };
+    if let Some(e) = q.signature_expiration {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if e < now {
+            return Err(RpcError("unauthenticated", "this file URL has expired".into()));
+        }
+    }
+    let path = q.path.as_deref().unwrap_or("");
+    let user = q.username.as_deref().unwrap_or("");
+    st.sessions
+        .all()
+        .into_iter()
+        .find(|live| {
+            let want = file_signature(path, operation, user, &access_token(live), q.signature_expiration);
+            subtle::ConstantTimeEq::ct_eq(want.as_bytes(), signature.as_bytes()).into()
+        })
+        .ok_or_else(|| RpcError("unauthenticated", "this file URL's signature matches no sandbox".into()))
 }
 
 impl FileQuery {
@@ -541,8 +580,8 @@ impl FileQuery {
 }
 
 /// `GET /files?path=`: a file's bytes.
-async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query<FileQuery>) -> Result<Response, RpcError> {
-    let live = sandbox(&st, &headers)?;
+pub(crate) async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query<FileQuery>) -> Result<Response, RpcError> {
+    let live = file_sandbox(&st, &headers, &q, "read")?;
     let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
     check_path(&path)?;
     let f = run(&live, &["cat", "--", &path], q.user(&headers)?, None).await?;
@@ -568,13 +607,13 @@ async fn write_one(live: &Live, path: &str, data: Vec<u8>, user: Option<String>)
 
 /// `POST /files?path=`: one file as the body (octet stream), or files as
 /// multipart parts (each named by `path`, or by its file name).
-async fn write_file(
+pub(crate) async fn write_file(
     State(st): St,
     headers: HeaderMap,
     Query(q): Query<FileQuery>,
     request: axum::extract::Request,
 ) -> Result<Response, RpcError> {
-    let live = sandbox(&st, &headers)?;
+    let live = file_sandbox(&st, &headers, &q, "write")?;
     let user = q.user(&headers)?;
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     if headers.get(axum::http::header::CONTENT_ENCODING).is_some() {
@@ -749,6 +788,17 @@ mod tests {
         compressed[0] = 1;
         assert!(matches!(stream_request::<StartRequest>(&compressed), Err(RpcError("unimplemented", _))));
         assert_eq!(envelope(2, &json!({}))[..], [2, 0, 0, 0, 2, b'{', b'}']);
+    }
+
+    #[test]
+    fn file_url_signatures_are_e2bs() {
+        // As E2B's SDK computes it (sandbox/signature.py), by hand:
+        // sha256("/a:read::tok") in base64 without padding.
+        let s = file_signature("/a", "read", "", "tok", None);
+        assert!(s.starts_with("v1_") && !s.ends_with('='), "{s}");
+        assert_eq!(s.len(), 3 + 43);
+        assert_ne!(s, file_signature("/a", "write", "", "tok", None));
+        assert_ne!(s, file_signature("/a", "read", "", "tok", Some(1)));
     }
 
     #[test]
