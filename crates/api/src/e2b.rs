@@ -314,7 +314,9 @@ async fn create(State(st): St, Owner(owner): Owner, body: axum::body::Bytes) -> 
         ]),
         end: end_of(timeout, req.auto_pause),
     };
-    let (live, _attach) = crate::routes::launch_for(&st, &owner, package, settings, options).await?;
+    // From the server's pool of sessions made for E2B's API, if it keeps one.
+    let pool = strata_engine::pool::PoolKey { package: package.to_string(), e2b: true }.name();
+    let (live, _attach) = crate::routes::launch_for(&st, &owner, package, Some(pool), settings, options).await?;
     tracing::info!(session = %live.id, template = %req.template_id, "E2B sandbox created");
     Ok((StatusCode::CREATED, Json(sandbox_body(&live))).into_response())
 }

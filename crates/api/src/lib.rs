@@ -89,19 +89,20 @@ impl AppState {
         })
     }
 
-    /// Refills the pool of `package` up to its target, in the background.
-    pub fn refill(self: &Arc<Self>, package: &str) {
-        if !self.pool_targets.contains_key(package) {
+    /// Refills the pool named `name` (a package, or `e2b:PACKAGE`: see
+    /// [`strata_engine::pool::PoolKey`]) up to its target, in the background.
+    pub fn refill(self: &Arc<Self>, name: &str) {
+        if !self.pool_targets.contains_key(name) {
             return;
         }
         // The size its demand calls for now (between its floor and cap).
-        let target = self.pool.target(package);
+        let target = self.pool.target(name);
         let st = self.clone();
-        let name = package.to_string();
+        let name = name.to_string();
         tokio::spawn(async move {
             let r = async {
-                let pkg = st.engine.package(&name)?;
-                st.pool.fill(&st.engine, &pkg, target, &strata_engine::LogProgress).await
+                let pkg = st.engine.package(&strata_engine::pool::PoolKey::parse(&name).package)?;
+                st.pool.fill(&st.engine, &name, &pkg, target, &strata_engine::LogProgress).await
             };
             if let Err(e) = r.await {
                 tracing::warn!(package = %name, error = %error::error_chain(&e), "could not fill the pool");

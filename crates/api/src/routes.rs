@@ -576,7 +576,7 @@ async fn create_session(
     let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
     let settings = req.context.unwrap_or_default().settings(&owner)?;
     let options = SessionOptions { idle, ..SessionOptions::default() };
-    let (live, token) = launch_for(&st, &owner, &req.package, settings, options).await?;
+    let (live, token) = launch_for(&st, &owner, &req.package, None, settings, options).await?;
     let body = CreatedSession {
         session: SessionInfo::from(&*live),
         attach_path: format!("/v1/sessions/{}/attach", live.id),
@@ -590,13 +590,14 @@ pub(crate) fn default_settings(terminal: &str, outbound: bool) -> Result<Context
     ContextBody { outbound, ..ContextBody::default() }.settings(terminal)
 }
 
-/// Launches `package` for terminal `owner` (from the pool if it has one),
-/// within the server's and the terminal's limits; the live session and its
-/// attach token.
+/// Launches `package` for terminal `owner` (from the pool named `pool`, by
+/// default the package's, if one waits), within the server's and the
+/// terminal's limits; the live session and its attach token.
 pub(crate) async fn launch_for(
     st: &Arc<AppState>,
     owner: &str,
     package: &str,
+    pool: Option<String>,
     settings: ContextSettings,
     options: SessionOptions,
 ) -> Result<(Arc<Live>, String), ApiError> {
@@ -627,7 +628,8 @@ pub(crate) async fn launch_for(
     let pkg = st.engine.package(package)?;
     memory_quota(st, owner, pkg.def.memory_mib)?;
     let started = Instant::now();
-    let (session, path) = match st.pool.take(&pkg.name, &settings).await {
+    let pool = pool.unwrap_or_else(|| pkg.name.clone());
+    let (session, path) = match st.pool.take(&pool, &settings).await {
         Ok(Some(s)) => (s, "pool"),
         other => {
             if let Err(e) = other {
@@ -636,7 +638,7 @@ pub(crate) async fn launch_for(
             (st.engine.launch(&pkg, &settings, &LogProgress).await?, "launch_image")
         }
     };
-    st.refill(&pkg.name);
+    st.refill(&pool);
     st.metrics
         .launch_seconds
         .get_or_create(&crate::metrics::LaunchLabels { package: pkg.name.clone(), path: path.into() })

@@ -1,6 +1,7 @@
 //! `strata`: run software on demand, each program in its own VM, launched
 //! from layered images in milliseconds.
 
+mod bench_e2b;
 mod cluster;
 mod local;
 mod progress;
@@ -173,7 +174,8 @@ enum Cmd {
         /// Keep sessions of PACKAGE restored, warmed and paused ahead of
         /// demand: PACKAGE=MAX (at least one waits) or PACKAGE=MIN-MAX; the
         /// size follows the launch rate and gives memory back when it drops
-        /// (repeatable).
+        /// (repeatable). `e2b:PACKAGE=...` keeps sessions for E2B's API
+        /// (an outbound network, E2B's shell warmed).
         #[arg(long, value_parser = parse_pool_target)]
         pool: Vec<(String, (usize, usize))>,
         /// A folder terminals may share into their VMs, with its subfolders
@@ -497,6 +499,27 @@ enum ContextCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// E2B's SDK against the native API: a `strata serve` with a pool on
+    /// this store; launches at a steady rate through `POST /v1/sessions`,
+    /// then through the SDK (`Sandbox.create()` and `commands.run("echo
+    /// hi")`), each timed to its answer.
+    E2b {
+        package: String,
+        /// Launches per second, each way.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// How long launches keep arriving, each way.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Warm sessions the server keeps ready.
+        #[arg(long, default_value_t = 16)]
+        pool: usize,
+        /// A python with E2B's SDK (`source scripts/e2b-sdk.sh` makes one).
+        #[arg(long, env = "STRATA_E2B_PYTHON")]
+        python: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency and throughput while launch requests arrive at a steady rate.
     Load {
         package: String,
@@ -1007,6 +1030,26 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Cmd::Bench { cmd: BenchCmd::E2b { package, rate, seconds, pool, python, json } } => {
+            if !(0.1..=50.0).contains(rate) || *seconds == 0 || *seconds > 3600 || *pool > 64 {
+                anyhow::bail!("--rate must be 0.1..50, --seconds 1..3600, --pool 0..64");
+            }
+            eng.package(package)?;
+            let r = bench_e2b::run(package, *rate, *seconds, *pool, python).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("strata bench e2b {} ({}/s for {} s each way, pool {})", r.package, r.rate, r.seconds, r.pool);
+                println!("| path | p50 ms | p99 ms | failed |\n|---|---:|---:|---:|");
+                println!("| native API: POST /v1/sessions | {:.1} | {:.1} | {} |", r.native_p50_ms, r.native_p99_ms, r.native_failed);
+                println!(
+                    "| E2B SDK: Sandbox.create + commands.run(\"echo hi\") | {:.1} | {:.1} | {} |",
+                    r.e2b_p50_ms, r.e2b_p99_ms, r.e2b_failed
+                );
+                println!("E2B p50 / native p50 = {:.2}x", r.ratio_p50);
+            }
+            Ok(0)
+        }
         Cmd::Bench { cmd: BenchCmd::Cache { package, runs, json } } => {
             if *runs == 0 || *runs > 100 {
                 anyhow::bail!("--runs must be between 1 and 100");
@@ -1173,8 +1216,10 @@ fn parse_pool_target(s: &str) -> Result<(String, (usize, usize)), String> {
     Ok((pkg.to_string(), (min, max)))
 }
 
+/// Checks the package of a pool's name (`PACKAGE` or `e2b:PACKAGE`).
 fn eng_check_package(eng: &Engine, name: &str) -> anyhow::Result<()> {
-    eng.package(name).map(|_| ()).with_context(|| format!("--pool {name}"))
+    let key = strata_engine::pool::PoolKey::parse(name);
+    eng.package(&key.package).map(|_| ()).with_context(|| format!("--pool {name}"))
 }
 
 fn tokens_file(eng: &Engine) -> PathBuf {

@@ -116,7 +116,7 @@ impl Engine {
             let pool = crate::pool::Pool::default();
             for i in 0..runs {
                 progress.step(&format!("bench {}: run {}/{runs} from the pool (filling)", pkg.name, i + 1));
-                pool.fill(self, pkg, 1, progress).await?;
+                pool.fill(self, &pkg.name, pkg, 1, progress).await?;
                 let t = Instant::now();
                 let mut s = pool.take(&pkg.name, &settings).await?.expect("the pool was just filled");
                 answer.wait(&mut s).await?;
@@ -410,7 +410,7 @@ impl Engine {
         let (cpu_before, faults_before) = own_and_children_usage(self.fork_server.as_deref());
         if pool_size > 0 {
             progress.step(&format!("bench load {}: filling the pool ({pool_size})", pkg.name));
-            pool.fill(self, pkg, pool_size, progress).await?;
+            pool.fill(self, &pkg.name, pkg, pool_size, progress).await?;
         }
         let total = ((rate * seconds as f64).round() as usize).clamp(1, 100_000);
         let interval = Duration::from_secs_f64(1.0 / rate);
@@ -431,7 +431,7 @@ impl Engine {
         let refill = async {
             loop {
                 if pool_size > 0 {
-                    if let Err(e) = pool.fill(self, pkg, pool_size, &crate::LogProgress).await {
+                    if let Err(e) = pool.fill(self, &pkg.name, pkg, pool_size, &crate::LogProgress).await {
                         tracing::warn!(error = %e, "pool refill failed");
                     }
                 }

@@ -30,13 +30,64 @@ const POOL_NICENESS: i32 = 10;
 /// Sessions restored at once while filling.
 const FILL_PARALLEL: usize = 4;
 
+/// The prefix of the pools of sessions made for E2B's API.
+const E2B_PREFIX: &str = "e2b:";
+
+/// The shell E2B's SDKs run every command with, run once while warming a
+/// session for E2B's API (under TCG, its first run translates it).
+const E2B_SHELL_WARM: [&str; 4] = ["/bin/bash", "-l", "-c", "true"];
+
+/// The id of that warming command (below the ids servers give commands).
+const WARM_COMMAND: strata_proto::ProcId = 900;
+
+/// Which pool a launch may be taken from, by name: a package's (`NAME`),
+/// or that of its sessions made for E2B's API (`e2b:NAME`: an outbound
+/// network plugged in and E2B's shell warmed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKey {
+    pub package: String,
+    pub e2b: bool,
+}
+
+impl PoolKey {
+    pub fn parse(name: &str) -> PoolKey {
+        match name.strip_prefix(E2B_PREFIX) {
+            Some(p) => PoolKey { package: p.to_string(), e2b: true },
+            None => PoolKey { package: name.to_string(), e2b: false },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        if self.e2b {
+            format!("{E2B_PREFIX}{}", self.package)
+        } else {
+            self.package.clone()
+        }
+    }
+
+    /// The context its sessions are restored with.
+    fn settings(&self) -> ContextSettings {
+        let mut s = ContextSettings::from_terminal(None);
+        s.network.outbound = self.e2b;
+        s
+    }
+
+    /// Whether its sessions can serve a launch with `settings` (the devices
+    /// they have are the ones it asks for).
+    fn serves(&self, settings: &ContextSettings) -> bool {
+        let others = !settings.network.ports.is_empty() || !settings.shares.is_empty() || settings.home.is_some();
+        !others && settings.network.outbound == self.e2b
+    }
+}
+
 /// Restores one session, warms it and pauses it.
 async fn warm(
     engine: &Engine,
     pkg: &Package,
     launch: &strata_store::ImageRecord,
-    settings: &ContextSettings,
+    key: &PoolKey,
 ) -> Result<Session, Error> {
+    let settings = &key.settings();
     // Filling yields to launches someone waits for; taking it renices it.
     let how = crate::launch::Restore { plugs_in_state: false, niceness: POOL_NICENESS, ahead_of_demand: true };
     let mut s = engine.launch_with(pkg, launch, settings, how).await?;
@@ -48,9 +99,31 @@ async fn warm(
     s.quiet().await?;
     s.reattach(&settings.to_terminal_context()).await?;
     s.quiet().await?;
+    if key.e2b {
+        warm_shell(&mut s).await?;
+    }
     tokio::time::sleep(WARM_UP).await;
     s.pause().await?;
     Ok(s)
+}
+
+/// Runs E2B's shell once in `s`, to its end (30 s at most).
+async fn warm_shell(s: &mut Session) -> Result<(), Error> {
+    let command = crate::GuestCommand { argv: E2B_SHELL_WARM.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+    s.exec(WARM_COMMAND, command).await?;
+    s.command_eof(WARM_COMMAND).await?;
+    let ran = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match s.next_event().await {
+                crate::SessionEvent::CommandExited { id, .. } if id == WARM_COMMAND => return Ok(()),
+                crate::SessionEvent::Exited(_) | crate::SessionEvent::Lost(_) => {
+                    return Err(Error::AgentGone("warming the shell"))
+                }
+                _ => {}
+            }
+        }
+    });
+    ran.await.map_err(|_| Error::AgentGone("warming the shell (30 s)"))?
 }
 
 /// Paused, warmed sessions by package name, each with when it joined.
@@ -73,14 +146,14 @@ impl Drop for Filling<'_> {
 }
 
 impl Pool {
-    /// Sessions waiting for `package`.
-    pub fn len(&self, package: &str) -> usize {
-        self.lock().get(package).map_or(0, VecDeque::len)
+    /// Sessions waiting in the pool named `name`.
+    pub fn len(&self, name: &str) -> usize {
+        self.lock().get(name).map_or(0, VecDeque::len)
     }
 
-    /// Whether no session waits for `package`.
-    pub fn is_empty(&self, package: &str) -> bool {
-        self.len(package) == 0
+    /// Whether no session waits in the pool named `name`.
+    pub fn is_empty(&self, name: &str) -> bool {
+        self.len(name) == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<(Instant, Session)>>> {
@@ -124,27 +197,27 @@ impl Pool {
         n
     }
 
-    /// Adds sessions for `pkg` until `target` wait.
+    /// Adds sessions of `pkg` to the pool named `name` (a [`PoolKey`])
+    /// until `target` wait.
     ///
     /// # Errors
     /// If images cannot be built or a VM cannot be restored.
     pub async fn fill(
         &self,
         engine: &Engine,
+        name: &str,
         pkg: &Package,
         target: usize,
         progress: &dyn Progress,
     ) -> Result<(), Error> {
         // Nothing to do is the common case: decided before any catalog
         // work, which would hold up launches sharing this thread.
-        if self.len(&pkg.name) >= target
-            || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(pkg.name.clone())
-        {
+        if self.len(name) >= target || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string()) {
             return Ok(());
         }
-        let _filling = Filling(self, pkg.name.clone());
+        let _filling = Filling(self, name.to_string());
+        let key = PoolKey::parse(name);
         let images = engine.ensure_images(pkg, progress).await?;
-        let settings = ContextSettings::from_terminal(None);
         // Several restores in flight at once (most of a warm-up is waiting),
         // each joining the pool as soon as it is ready, and the next one
         // started then: a slow restore holds up no other.
@@ -152,19 +225,19 @@ impl Pool {
         let mut failure = None;
         loop {
             let parallel = FILL_PARALLEL.min(engine.pool_restores_max());
-            while failure.is_none() && inflight.len() < parallel && self.len(&pkg.name) + inflight.len() < target {
+            while failure.is_none() && inflight.len() < parallel && self.len(name) + inflight.len() < target {
                 inflight.push(async {
                     let t0 = Instant::now();
-                    (t0, warm(engine, pkg, &images.launch, &settings).await)
+                    (t0, warm(engine, pkg, &images.launch, &key).await)
                 });
             }
             let Some((t0, warmed)) = futures_util::StreamExt::next(&mut inflight).await else { break };
             match warmed {
                 Ok(s) => {
-                    if let Some(d) = self.demand().get_mut(&pkg.name) {
+                    if let Some(d) = self.demand().get_mut(name) {
                         d.refilled(t0.elapsed());
                     }
-                    self.lock().entry(pkg.name.clone()).or_default().push_back((Instant::now(), s));
+                    self.lock().entry(name.to_string()).or_default().push_back((Instant::now(), s));
                 }
                 // The others in flight finish; no new ones start.
                 Err(e) => failure = failure.or(Some(e)),
@@ -178,21 +251,21 @@ impl Pool {
         }
     }
 
-    /// Takes a waiting session of `package`, resumes it and attaches the
-    /// terminal's context; `None` if none waits.
+    /// Takes a waiting session of the pool named `name` (a [`PoolKey`]),
+    /// resumes it and attaches the terminal's context; `None` if none waits.
     ///
     /// # Errors
     /// If the session cannot be resumed (it is then stopped).
-    pub async fn take(&self, package: &str, settings: &ContextSettings) -> Result<Option<Session>, Error> {
-        // Pooled VMs have no context devices, and plugging them costs more
-        // than the pool saves: such launches restore their own VM.
-        if let Some(d) = self.demand().get_mut(package) {
+    pub async fn take(&self, name: &str, settings: &ContextSettings) -> Result<Option<Session>, Error> {
+        if let Some(d) = self.demand().get_mut(name) {
             d.arrived(Instant::now());
         }
-        if settings.needs_devices() {
+        // Pooled VMs have only their pool's devices, and plugging more
+        // costs more than the pool saves: such launches restore their own.
+        if !PoolKey::parse(name).serves(settings) {
             return Ok(None);
         }
-        let s = self.lock().get_mut(package).and_then(VecDeque::pop_front);
+        let s = self.lock().get_mut(name).and_then(VecDeque::pop_front);
         let Some((_, mut s)) = s else { return Ok(None) };
         let resumed = async {
             if let Some(dir) = &s.record {
