@@ -4,11 +4,12 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Stdio};
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use strata_proto::{GuestMsg, ProcId, TerminalContext};
+use strata_proto::{GuestMsg, ProcId, TerminalContext, WinSize};
 
 use crate::Agent;
 
@@ -32,11 +33,18 @@ pub struct Command {
     stdin: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     status: Mutex<Status>,
     changed: Condvar,
+    /// Its pseudo-terminal's master, if it runs on one.
+    master: Option<std::fs::File>,
 }
 
 impl Command {
     /// Starts `argv`. On failure: the exit status a shell would give (127:
     /// not found, 126: not executable) and what to print on its stderr.
+    ///
+    /// With `pty`, it runs on a new pseudo-terminal of that size (its own
+    /// session, the terminal its controlling one): output comes back as
+    /// one stream, and it may be resized.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         agent: &Arc<Agent>,
         id: ProcId,
@@ -44,6 +52,7 @@ impl Command {
         env: &[(String, String)],
         cwd: Option<&str>,
         user: Option<&str>,
+        pty: Option<WinSize>,
         ctx: &TerminalContext,
     ) -> Result<Arc<Command>, (i32, String)> {
         let (prog, args) = argv.split_first().ok_or((127, "strata-agent: empty command\n".to_string()))?;
@@ -53,7 +62,8 @@ impl Command {
             .flatten()
             .ok_or_else(|| (126, format!("strata-agent: no user {name:?} in this guest\n")))?;
         let home = account.dir.to_string_lossy().into_owned();
-        let envs = crate::procs::environment(name, &home, None, ctx, env);
+        let term = pty.map(|_| if ctx.term.is_empty() { "xterm-256color" } else { ctx.term.as_str() });
+        let envs = crate::procs::environment(name, &home, term, ctx, env);
         // Checked before the fork: std reaps a child whose exec failed
         // itself, racing this agent's reaper (and panicking if it loses).
         let path = envs.iter().find(|(k, _)| k == "PATH").map_or("", |(_, v)| v.as_str());
@@ -63,40 +73,77 @@ impl Command {
             return Err((126, format!("strata-agent: no directory {dir:?}\n")));
         }
         let mut cmd = std::process::Command::new(program);
-        cmd.arg0(prog)
-            .args(args)
-            .env_clear()
-            .envs(envs)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        cmd.arg0(prog).args(args).env_clear().envs(envs).current_dir(dir);
         if account.uid.as_raw() != 0 {
             // std drops the supplementary groups as it changes ids.
             cmd.uid(account.uid.as_raw()).gid(account.gid.as_raw());
         }
-        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn()))
-            .map_err(|_| (126, format!("{prog}: could not be started\n")))?;
-        let mut child = spawned.map_err(|e| (126, format!("{prog}: {e}\n")))?;
+        let spawn = |cmd: &mut std::process::Command| {
+            let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn()))
+                .map_err(|_| (126, format!("{prog}: could not be started\n")))?;
+            spawned.map_err(|e| (126, format!("{prog}: {e}\n")))
+        };
+        let (tx, rx) = mpsc::channel();
+        let new = |pid: u32, open: u8, master: Option<std::fs::File>| {
+            Arc::new(Command {
+                id,
+                // The agent's reaper collects its status, not std's child.
+                pid: pid as i32,
+                stdin: Mutex::new(Some(tx)),
+                status: Mutex::new(Status { open, ..Status::default() }),
+                changed: Condvar::new(),
+                master,
+            })
+        };
+        if let Some(size) = pty {
+            let fail = |e: nix::Error| (126, format!("strata-agent: no pseudo-terminal: {e}\n"));
+            let pair = nix::pty::openpty(Some(&crate::procs::winsize(size)), None).map_err(fail)?;
+            let slave = std::fs::File::from(pair.slave);
+            let io = |f: &std::fs::File| f.try_clone().map(Stdio::from).map_err(|e| (126, format!("strata-agent: {e}\n")));
+            cmd.stdin(io(&slave)?).stdout(io(&slave)?).stderr(io(&slave)?);
+            // SAFETY: only async-signal-safe calls between fork and exec:
+            // a session of its own, with the terminal as its controlling one.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = spawn(&mut cmd)?;
+            drop(slave);
+            drop(cmd);
+            let master = std::fs::File::from(pair.master);
+            let (input, output, control) = match (master.try_clone(), master.try_clone()) {
+                (Ok(i), Ok(o)) => (i, o, master),
+                _ => return Err((126, "strata-agent: the pseudo-terminal cannot be shared\n".into())),
+            };
+            let command = new(child.id(), 1, Some(control));
+            std::thread::spawn(move || feed(input, rx));
+            command.pump(output, false, agent);
+            return Ok(command);
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child = spawn(&mut cmd)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err((126, "strata-agent: the command's pipes are missing\n".into()));
         };
-        // The agent's reaper collects its status, not `child`.
-        let pid = child.id() as i32;
-        let (tx, rx) = mpsc::channel();
-        let command = Arc::new(Command {
-            id,
-            pid,
-            stdin: Mutex::new(Some(tx)),
-            status: Mutex::new(Status { open: 2, ..Status::default() }),
-            changed: Condvar::new(),
-        });
+        let command = new(child.id(), 2, None);
         std::thread::spawn(move || feed(stdin, rx));
         command.pump(stdout, false, agent);
         command.pump(stderr, true, agent);
         Ok(command)
+    }
+
+    /// Gives its pseudo-terminal a new size (nothing for one on pipes).
+    pub fn resize(&self, size: WinSize) {
+        if let Some(master) = &self.master {
+            let ws = crate::procs::winsize(size);
+            // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
+            unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        }
     }
 
     /// Sends what `pipe` (its stdout, or its stderr with `err`) carries to
@@ -200,7 +247,7 @@ fn resolve(prog: &str, path: &str) -> Result<std::path::PathBuf, (i32, String)> 
 
 /// Writes what arrives to the command's input; closes it when the sender
 /// goes (end of input) or the command stops reading.
-fn feed(mut stdin: ChildStdin, rx: mpsc::Receiver<Vec<u8>>) {
+fn feed(mut stdin: impl Write, rx: mpsc::Receiver<Vec<u8>>) {
     for data in rx {
         if stdin.write_all(&data).is_err() {
             return;

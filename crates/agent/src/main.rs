@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use strata_proto::{GuestMsg, HostMsg, ProcId, TerminalContext};
+use strata_proto::{GuestMsg, HostMsg, ProcId, TerminalContext, WinSize};
 
 use crate::procs::Proc;
 
@@ -141,7 +141,10 @@ impl Agent {
                 Some(c) => c.eof(),
                 None => self.with_proc(id, |p| p.eof()),
             },
-            HostMsg::Resize { id, size } => self.with_proc(id, |p| p.resize(size)),
+            HostMsg::Resize { id, size } => match self.command(id) {
+                Some(c) => c.resize(size),
+                None => self.with_proc(id, |p| p.resize(size)),
+            },
             HostMsg::Signal { id, signal } => match self.command(id) {
                 Some(c) => c.signal(signal),
                 None => self.send(&GuestMsg::Error { message: format!("no command {id}") }),
@@ -167,25 +170,39 @@ impl Agent {
                 let agent = self.clone();
                 std::thread::spawn(move || agent.send_always(&GuestMsg::Clipboard(x11::clipboard_set(&text))));
             }
-            HostMsg::Exec { id, argv, env, cwd, user } => {
-                let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match exec::Command::start(self, id, &argv, &env, cwd.as_deref(), user.as_deref(), &ctx) {
-                    Ok(c) => {
-                        let early = {
-                            let _procs = self.lock_procs();
-                            self.commands.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c.clone());
-                            self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid)
-                        };
-                        self.send_to_host(&GuestMsg::Spawned { id, pid: c.pid });
-                        if let Some(status) = early {
-                            c.exited(self, status);
-                        }
-                    }
-                    Err((status, message)) => {
-                        self.send_to_host(&GuestMsg::Stderr { id, data: message.into_bytes() });
-                        self.send_to_host(&GuestMsg::Exited { id, status });
-                    }
+            HostMsg::Exec { id, argv, env, cwd, user } => self.exec(id, &argv, &env, cwd.as_deref(), user.as_deref(), None),
+            HostMsg::ExecPty { id, argv, env, cwd, user, size } => {
+                self.exec(id, &argv, &env, cwd.as_deref(), user.as_deref(), Some(size))
+            }
+        }
+    }
+
+    /// Starts a command with pipes, or on a PTY of `pty`'s size.
+    fn exec(
+        self: &Arc<Self>,
+        id: ProcId,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: Option<&str>,
+        user: Option<&str>,
+        pty: Option<WinSize>,
+    ) {
+        let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match exec::Command::start(self, id, argv, env, cwd, user, pty, &ctx) {
+            Ok(c) => {
+                let early = {
+                    let _procs = self.lock_procs();
+                    self.commands.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c.clone());
+                    self.early_exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid)
+                };
+                self.send_to_host(&GuestMsg::Spawned { id, pid: c.pid });
+                if let Some(status) = early {
+                    c.exited(self, status);
                 }
+            }
+            Err((status, message)) => {
+                self.send_to_host(&GuestMsg::Stderr { id, data: message.into_bytes() });
+                self.send_to_host(&GuestMsg::Exited { id, status });
             }
         }
     }

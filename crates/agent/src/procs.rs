@@ -48,7 +48,7 @@ pub struct Proc {
     ready_text: Mutex<Option<Vec<u8>>>,
 }
 
-fn winsize(s: WinSize) -> Winsize {
+pub(crate) fn winsize(s: WinSize) -> Winsize {
     Winsize { ws_row: s.rows, ws_col: s.cols, ws_xpixel: 0, ws_ypixel: 0 }
 }
 

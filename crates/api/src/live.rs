@@ -51,6 +51,8 @@ pub struct CommandInfo {
     pub id: ProcId,
     pub command: GuestCommand,
     pub tag: Option<String>,
+    /// Whether it runs on a PTY.
+    pub pty: bool,
 }
 
 /// What happens to a session at its end time ([`Live::end`]).
@@ -90,14 +92,22 @@ pub enum Cmd {
         into_guest: bool,
         reply: Reply<u64>,
     },
-    /// Run a command with pipes beside the program; `out` watches it. Its
-    /// input is ended at once unless `stdin`. Answers the command's id.
+    /// Run a command with pipes (or on a PTY of `pty`'s size) beside the
+    /// program; `out` watches it. Its input is ended at once unless
+    /// `stdin`. Answers the command's id.
     Exec {
         command: GuestCommand,
         tag: Option<String>,
         stdin: bool,
+        pty: Option<WinSize>,
         out: mpsc::Sender<CommandOut>,
         reply: Reply<ProcId>,
+    },
+    /// Give a command's PTY a new size.
+    CommandResize {
+        id: ProcId,
+        size: WinSize,
+        reply: Reply<()>,
     },
     /// Watch a running command's output from now on (the previous watcher
     /// is let go).
@@ -571,16 +581,28 @@ impl Actor<'_> {
         }
     }
 
-    /// Starts a command with pipes; its id.
-    async fn exec(&mut self, command: GuestCommand, tag: Option<String>, stdin: bool, out: mpsc::Sender<CommandOut>) -> Result<ProcId, String> {
+    /// Starts a command with pipes, or on a PTY of `pty`'s size; its id.
+    async fn exec(
+        &mut self,
+        command: GuestCommand,
+        tag: Option<String>,
+        stdin: bool,
+        pty: Option<WinSize>,
+        out: mpsc::Sender<CommandOut>,
+    ) -> Result<ProcId, String> {
         let id = self.next_command;
         let s = self.held.as_mut().ok_or(PAUSED)?;
-        s.exec(id, command.clone()).await.map_err(|e| e.to_string())?;
-        if !stdin {
+        match pty {
+            Some(size) => s.exec_pty(id, command.clone(), size).await,
+            None => s.exec(id, command.clone()).await,
+        }
+        .map_err(|e| e.to_string())?;
+        // A PTY has no end of input (its user types Ctrl-D).
+        if !stdin && pty.is_none() {
             s.command_eof(id).await.map_err(|e| e.to_string())?;
         }
         self.next_command += 1;
-        self.commands.insert(id, (CommandInfo { id, command, tag }, Some(out)));
+        self.commands.insert(id, (CommandInfo { id, command, tag, pty: pty.is_some() }, Some(out)));
         Ok(id)
     }
 
@@ -737,8 +759,15 @@ impl Actor<'_> {
                         };
                         let _ = reply.send(r);
                     }
-                    Some(Cmd::Exec { command, tag, stdin, out, reply }) => {
-                        let _ = reply.send(self.exec(command, tag, stdin, out).await);
+                    Some(Cmd::Exec { command, tag, stdin, pty, out, reply }) => {
+                        let _ = reply.send(self.exec(command, tag, stdin, pty, out).await);
+                    }
+                    Some(Cmd::CommandResize { id, size, reply }) => {
+                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
+                            Ok(s) => s.command_resize(id, size).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(r);
                     }
                     Some(Cmd::Watch { id, out, reply }) => {
                         let r = self.running_command(id).map(|()| {

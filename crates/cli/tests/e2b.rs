@@ -125,6 +125,23 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
          \x20   say('forged', 'served')\n\
          except urllib.error.HTTPError as e:\n\
          \x20   say('forged', e.code)\n\
+         term = sbx.pty.create(PtySize(rows=24, cols=80), cwd='/tmp')\n\
+         sbx.pty.send_stdin(term.pid, b'echo TTY-$((6*7)); stty size; pwd\\n')\n\
+         seen = b''\n\
+         for _, _, p in term:\n\
+         \x20   seen += p or b''\n\
+         \x20   if b'TTY-42' in seen and b'/tmp' in seen.split(b'TTY-42')[-1]: break\n\
+         sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))\n\
+         sbx.pty.send_stdin(term.pid, b'stty size; exit 5\\n')\n\
+         rest = []\n\
+         try:\n\
+         \x20   term.wait(on_pty=lambda p: rest.append(bytes(p)))\n\
+         \x20   code = 0\n\
+         except CommandExitException as e:\n\
+         \x20   code = e.exit_code\n\
+         say('pty', [seen.decode(errors='replace'), code, b''.join(rest).decode(errors='replace')])\n\
+         term2 = sbx.pty.create(PtySize(rows=24, cols=80))\n\
+         say('pty_kill', sbx.pty.kill(term2.pid))\n\
          sbx.commands.run('echo kept > /root/kept')\n\
          sbx.pause()\n\
          say('paused', Sandbox.get_info(sbx.sandbox_id).state)\n\
@@ -159,6 +176,12 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
     assert_eq!(step(&lines, "upload"), "uploaded");
     assert_eq!(step(&lines, "download"), "uploaded");
     assert_eq!(step(&lines, "forged"), 401);
+    let pty = step(&lines, "pty");
+    let screen = pty[0].as_str().unwrap();
+    assert!(screen.contains("TTY-42\r\n24 80\r\n/tmp\r\n"), "{screen:?}");
+    assert_eq!(pty[1], 5, "the PTY's shell exits with its status");
+    assert!(pty[2].as_str().unwrap().contains("30 100\r\n"), "the PTY was not resized: {pty:?}");
+    assert_eq!(step(&lines, "pty_kill"), true);
     assert_eq!(step(&lines, "paused"), "paused");
     assert_eq!(step(&lines, "resumed"), &serde_json::json!(["running", "kept\n"]));
     assert!(!step(&lines, "gone").as_array().unwrap().contains(&Value::String(id.clone())));

@@ -535,6 +535,31 @@ impl Session {
         Ok(self.writer.send(&HostMsg::Eof { id }).await?)
     }
 
+    /// Runs a command on a new pseudo-terminal of `size` beside the
+    /// program: its output (one stream) comes as
+    /// [`SessionEvent::CommandOutput`], then [`SessionEvent::CommandExited`].
+    ///
+    /// # Errors
+    /// As [`Session::exec`].
+    pub async fn exec_pty(&mut self, id: ProcId, command: GuestCommand, size: WinSize) -> Result<(), Error> {
+        if id == MAIN_PROC {
+            return Err(Error::Config(format!("process id {MAIN_PROC} is the program's")));
+        }
+        let GuestCommand { argv, env, cwd, user } = command;
+        if argv.is_empty() {
+            return Err(Error::Config("no command to run".into()));
+        }
+        Ok(self.writer.send(&HostMsg::ExecPty { id, argv, env, cwd, user, size }).await?)
+    }
+
+    /// Gives command `id`'s pseudo-terminal a new size.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn command_resize(&mut self, id: ProcId, size: WinSize) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::Resize { id, size }).await?)
+    }
+
     /// Sends signal number `signal` to command `id` and its process group.
     ///
     /// # Errors

@@ -188,6 +188,17 @@ pub enum HostMsg {
     /// Send signal number `signal` to command `id` (started by
     /// [`HostMsg::Exec`]) and every process of its group.
     Signal { id: ProcId, signal: i32 },
+    /// Like [`HostMsg::Exec`], on a new pseudo-terminal of `size`: output
+    /// (one stream) as [`GuestMsg::Output`], input as [`HostMsg::Input`],
+    /// resized by [`HostMsg::Resize`], then [`GuestMsg::Exited`].
+    ExecPty {
+        id: ProcId,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        user: Option<String>,
+        size: WinSize,
+    },
 }
 
 /// The state of one process, sent on attach.

@@ -50,7 +50,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/process.Process/SendInput", post(send_input))
         .route("/process.Process/CloseStdin", post(close_stdin))
         .route("/process.Process/SendSignal", post(send_signal))
-        .route("/process.Process/Update", post(unsupported))
+        .route("/process.Process/Update", post(update))
         .route("/process.Process/StreamInput", post(unsupported))
         .route("/filesystem.Filesystem/Stat", post(stat))
         .route("/filesystem.Filesystem/ListDir", post(list_dir))
@@ -228,9 +228,29 @@ struct ProcessConfig {
 #[derive(Deserialize)]
 struct StartRequest {
     process: Option<ProcessConfig>,
-    pty: Option<Value>,
+    pty: Option<PtyBody>,
     tag: Option<String>,
     stdin: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct PtyBody {
+    size: Option<PtySize>,
+}
+
+#[derive(Deserialize)]
+struct PtySize {
+    cols: u16,
+    rows: u16,
+}
+
+/// A PTY's size, checked (1..=1000 each way; 80x24 if none is given).
+fn pty_size(p: &PtyBody) -> Result<strata_proto::WinSize, RpcError> {
+    let (cols, rows) = p.size.as_ref().map_or((80, 24), |s| (s.cols, s.rows));
+    if !(1..=1000).contains(&cols) || !(1..=1000).contains(&rows) {
+        return Err(invalid(format!("PTY size {cols}x{rows} is out of range 1..1000")));
+    }
+    Ok(strata_proto::WinSize { rows, cols })
 }
 
 #[derive(Deserialize, Default)]
@@ -257,9 +277,9 @@ fn event(e: Value) -> Value {
     json!({ "event": e })
 }
 
-/// Forwards a command's output as process events until it exits, the
-/// client goes, or the deadline passes.
-fn pump(pid: ProcId, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -> Response {
+/// Forwards a command's output as process events (as `pty` data for one on
+/// a PTY) until it exits, the client goes, or the deadline passes.
+fn pump(pid: ProcId, pty: bool, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -> Response {
     let (tx, rx) = mpsc::channel(16);
     let (limit, ping) = (deadline(headers), keepalive(headers));
     tokio::spawn(async move {
@@ -282,6 +302,7 @@ fn pump(pid: ProcId, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -
                 }
             };
             let msg = match next {
+                Some(CommandOut::Stdout(d)) if pty => event(json!({ "data": { "pty": b64(&d) } })),
                 Some(CommandOut::Stdout(d)) => event(json!({ "data": { "stdout": b64(&d) } })),
                 Some(CommandOut::Stderr(d)) => event(json!({ "data": { "stderr": b64(&d) } })),
                 Some(CommandOut::Exit(code)) => {
@@ -307,7 +328,7 @@ fn pump(pid: ProcId, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -
 /// `process.Process/Start`: a command with pipes (no PTY yet).
 async fn start(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
     match start_command(&st, &headers, &body).await {
-        Ok((pid, out)) => pump(pid, out, &headers),
+        Ok((pid, pty, out)) => pump(pid, pty, out, &headers),
         Err(e) => stream_error(e),
     }
 }
@@ -316,12 +337,10 @@ async fn start_command(
     st: &AppState,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(ProcId, mpsc::Receiver<CommandOut>), RpcError> {
+) -> Result<(ProcId, bool, mpsc::Receiver<CommandOut>), RpcError> {
     let req: StartRequest = stream_request(body)?;
     let live = sandbox(st, headers)?;
-    if req.pty.as_ref().is_some_and(|p| !p.is_null()) {
-        return Err(RpcError("unimplemented", "commands on a PTY are not served yet; run it with pipes".into()));
-    }
+    let pty = req.pty.as_ref().map(pty_size).transpose()?;
     let p = req.process.ok_or_else(|| invalid("process is missing"))?;
     if p.cmd.is_empty() {
         return Err(invalid("process.cmd is empty"));
@@ -339,8 +358,8 @@ async fn start_command(
     let command = GuestCommand { argv, env: env.into_iter().collect(), cwd: p.cwd.filter(|c| !c.is_empty()), user: user(headers)? };
     let (out_tx, out_rx) = mpsc::channel(16);
     let stdin = req.stdin.unwrap_or(false);
-    let pid = ask(&live, |reply| Cmd::Exec { command, tag: req.tag, stdin, out: out_tx, reply }).await?;
-    Ok((pid, out_rx))
+    let pid = ask(&live, |reply| Cmd::Exec { command, tag: req.tag, stdin, pty, out: out_tx, reply }).await?;
+    Ok((pid, pty.is_some(), out_rx))
 }
 
 /// The command a selector names.
@@ -368,12 +387,13 @@ async fn connect(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
         let req: ProcessRequest = stream_request(&body)?;
         let live = sandbox(&st, &headers)?;
         let pid = selected(&live, req.process).await?;
+        let pty = ask(&live, Cmd::Commands).await?.iter().any(|c| c.id == pid && c.pty);
         let (out_tx, out_rx) = mpsc::channel(16);
         ask(&live, |reply| Cmd::Watch { id: pid, out: out_tx, reply }).await.map_err(|e| RpcError("not_found", e.1))?;
-        Ok::<_, RpcError>((pid, out_rx))
+        Ok::<_, RpcError>((pid, pty, out_rx))
     };
     match r.await {
-        Ok((pid, out)) => pump(pid, out, &headers),
+        Ok((pid, pty, out)) => pump(pid, pty, out, &headers),
         Err(e) => stream_error(e),
     }
 }
@@ -418,10 +438,7 @@ async fn send_input(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Re
     let live = sandbox(&st, &headers)?;
     let pid = selected(&live, req.process).await?;
     let input = req.input.ok_or_else(|| invalid("input is missing"))?;
-    if input.pty.is_some() {
-        return Err(RpcError("unimplemented", "commands on a PTY are not served yet".into()));
-    }
-    let data = unb64(input.stdin.as_deref().unwrap_or(""))?;
+    let data = unb64(input.stdin.as_deref().or(input.pty.as_deref()).unwrap_or(""))?;
     ask(&live, |reply| Cmd::CommandInput { id: pid, data: Some(data), reply }).await?;
     Ok(json_response(json!({})))
 }
@@ -460,7 +477,23 @@ async fn send_signal(State(st): St, headers: HeaderMap, body: Bytes) -> Result<R
 }
 
 async fn unsupported() -> RpcError {
-    RpcError("unimplemented", "PTY commands and streamed input are not served yet".into())
+    RpcError("unimplemented", "streamed input is not served; use SendInput".into())
+}
+
+#[derive(Deserialize)]
+struct UpdateRequest {
+    process: Option<Selector>,
+    pty: Option<PtyBody>,
+}
+
+/// `process.Process/Update`: a new size for a command's PTY.
+async fn update(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: UpdateRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let pid = selected(&live, req.process).await?;
+    let size = pty_size(&req.pty.ok_or_else(|| invalid("pty is missing"))?)?;
+    ask(&live, |reply| Cmd::CommandResize { id: pid, size, reply }).await?;
+    Ok(json_response(json!({})))
 }
 
 /// What a command run to its end gave.
@@ -476,7 +509,7 @@ pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>, input:
     let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
     let (out_tx, mut out_rx) = mpsc::channel(16);
     let stdin = input.is_some();
-    let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, out: out_tx, reply }).await?;
+    let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply }).await?;
     if let Some(data) = input {
         for chunk in data.chunks(64 << 10) {
             ask(live, |reply| Cmd::CommandInput { id, data: Some(chunk.to_vec()), reply }).await?;
