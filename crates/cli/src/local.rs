@@ -130,14 +130,31 @@ impl Backend for Local<'_> {
         let settings = launch_settings(self.eng, self.terminal, devices)?;
         let mut session = self.eng.launch(&pkg, &settings, self.bar).await?;
         self.bar.clear();
-        let status = run_command(&mut session, command, true).await;
+        // The package's own program: the launch image's copy waiting on
+        // pipes, already started, if it holds one.
+        let start = match session.take_standby() {
+            Some(id) if command.argv == pkg.def.command && command.cwd.is_none() && command.user.is_none() => {
+                Start::Standby(id)
+            }
+            _ => Start::Exec(command),
+        };
+        let status = run_command(&mut session, start, true).await;
         session.close().await;
         status
     }
 
+    async fn piped_program(&self, package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>> {
+        let pkg = self.eng.package(package)?;
+        if pkg.def.graphical {
+            return Ok(None);
+        }
+        let env = pkg.def.env.into_iter().collect();
+        Ok(Some(strata_engine::GuestCommand { argv: pkg.def.command, env, ..Default::default() }))
+    }
+
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
         let mut session = self.eng.borrow_session(id).await?;
-        let status = run_command(&mut session, command, stdin).await;
+        let status = run_command(&mut session, Start::Exec(command), stdin).await;
         session.release();
         status
     }
@@ -202,17 +219,27 @@ impl Backend for Local<'_> {
 /// The id of the command `exec` runs (the program is 1; builds use small ones).
 const EXEC_ID: strata_proto::ProcId = 0x4558_0000;
 
-/// Runs `command` in `session`, copying this process's input to it (with
+/// What [`run_command`] runs.
+enum Start {
+    /// A new command.
+    Exec(strata_engine::GuestCommand),
+    /// The command of this id, already waiting for its input.
+    Standby(strata_proto::ProcId),
+}
+
+/// Runs a command in `session`, copying this process's input to it (with
 /// `stdin`) and its output and errors to ours, byte for byte; its status.
-async fn run_command(
-    session: &mut strata_engine::Session,
-    command: strata_engine::GuestCommand,
-    stdin: bool,
-) -> anyhow::Result<u8> {
+async fn run_command(session: &mut strata_engine::Session, start: Start, stdin: bool) -> anyhow::Result<u8> {
     use std::io::Write;
     use strata_engine::SessionEvent;
-    let id = EXEC_ID | (std::process::id() & 0xffff);
-    session.exec(id, command).await?;
+    let id = match start {
+        Start::Exec(command) => {
+            let id = EXEC_ID | (std::process::id() & 0xffff);
+            session.exec(id, command).await?;
+            id
+        }
+        Start::Standby(id) => id,
+    };
     // Standard input is read only when it is passed on.
     let mut input = if stdin { Some(crate::terminal::stdin_channel()) } else { None };
     if input.is_none() {

@@ -56,10 +56,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Launch a package and attach this terminal to it.
+    /// Launch a package and attach this terminal to it. With standard
+    /// input from a pipe or a file, the package's program runs afresh with
+    /// pipes in the restored VM instead (like `docker run -i`): only its
+    /// output on stdout, its errors on stderr, its exit status.
     Run {
         package: String,
-        /// Keep standard input attached (the default when it is a pipe).
+        /// With input from a pipe: attach it to the program's terminal (as
+        /// if typed there: what the program echoes and prompts comes back
+        /// too) instead of running the program afresh with pipes.
         #[arg(short, long)]
         interactive: bool,
         /// Give the program this terminal (the default when stdin is a terminal).
@@ -1177,7 +1182,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 if let (Some(p50), Some(p99)) = (r.pool_p50_ms, r.pool_p99_ms) {
                     println!("{:<14} {:>10.1} {:>10.1}", "warm pool", p50, p99);
                 }
+                if let (Some(p50), Some(p99)) = (r.scripted_p50_ms, r.scripted_p99_ms) {
+                    println!("{:<14} {:>10.1} {:>10.1}", "scripted", p50, p99);
+                }
                 println!("ratio p50 (cold / launch image): {:.1}x", r.ratio_p50);
+                if let Some(p50) = r.scripted_p50_ms {
+                    println!("ratio p50 (scripted / launch image): {:.2}x", p50 / r.launch_p50_ms);
+                }
                 if let Some(ratio) = r.pool_ratio_p50 {
                     println!("ratio p50 (cold / warm pool):    {ratio:.1}x");
                 }

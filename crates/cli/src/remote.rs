@@ -355,6 +355,10 @@ impl Backend for Remote {
         self.attach_terminal(id, tty).await
     }
 
+    async fn piped_program(&self, _package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>> {
+        Ok(None)
+    }
+
     async fn run_command(
         &self,
         _package: &str,

@@ -87,6 +87,11 @@ pub trait Backend {
         devices: &DeviceArgs,
         command: strata_engine::GuestCommand,
     ) -> anyhow::Result<u8>;
+    /// The package's own program as a command with pipes, for a run whose
+    /// input is not a terminal (like `docker run -i`); `None` where the
+    /// program is only attached to (a graphical package, or a server that
+    /// runs no commands yet).
+    async fn piped_program(&self, package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>>;
     /// Runs `command` in session `id` with pipes, this process's standard
     /// input passed on with `stdin`; its exit status.
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8>;
@@ -143,6 +148,19 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                 }
                 let command = strata_engine::GuestCommand { argv: command.clone(), ..Default::default() };
                 return Some(b.run_command(package, devices, command).await);
+            }
+            // Input from a pipe or a file: a fresh process of the package's
+            // program with pipes in the restored VM, so that stdout carries
+            // only its output (no echo, prompt or terminal codes) and the
+            // end of input reaches it (the program on the launch image's
+            // terminal would echo and wait for a newline). `-i` attaches
+            // to that terminal instead.
+            if !is_tty && !*interactive && !*detach && !*cold {
+                match b.piped_program(package).await {
+                    Ok(Some(program)) => return Some(b.run_command(package, devices, program).await),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(e)),
+                }
             }
             let how = RunHow {
                 tty: is_tty && (*tty || !*interactive),

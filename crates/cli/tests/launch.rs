@@ -34,6 +34,25 @@ fn piped_input_reaches_python_and_its_answer_comes_back() {
 }
 
 #[test]
+fn a_piped_run_is_like_docker_run_i_only_the_programs_output_errors_apart_end_of_input_and_its_status() {
+    if !e2e() {
+        return;
+    }
+    // The REPL's program with pipes (its launch image's standby): no
+    // echo, no prompt, no terminal codes; the last line has no newline.
+    let out = strata_with_input(&["run", "python3"], "import sys\nprint(6*7)\nsys.stderr.write('oops\\n')\nsys.exit(3)");
+    assert_eq!(text(&out.stdout), "42\n", "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("oops\n"), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3));
+    let out = strata_with_input(&["run", "bc"], "2+3\n");
+    assert_eq!(text(&out.stdout), "5\n", "stderr: {}", text(&out.stderr));
+    // `-i` types the input at the program's terminal instead: its prompt
+    // and echo come back.
+    let out = strata_with_input(&["run", "-i", "python3"], "print(6*7)\n");
+    assert!(text(&out.stdout).contains(">>> "), "{:?}", text(&out.stdout));
+}
+
+#[test]
 fn exit_status_of_the_program_is_strata_exit_status() {
     if !e2e() {
         return;
@@ -594,8 +613,9 @@ fn a_debian_package_without_a_definition_launches_by_its_name() {
     // nano: no file in packages/, its program has the package's name.
     let listed = text(&strata(&["packages", "ls"]).output().unwrap().stdout);
     assert!(!listed.contains("nano"), "{listed}");
-    let out = strata_with_input(&["run", "nano"], "\x18");
-    // Ctrl-X quits the running editor, and its status is strata's.
+    let out = strata_with_input(&["run", "-i", "nano"], "\x18");
+    // Ctrl-X, typed at its terminal, quits the running editor, and its
+    // status is strata's.
     assert!(out.status.success(), "{}", text(&out.stderr));
     let images = engine().store.list_images().unwrap();
     for kind in [strata_store::ImageKind::Install, strata_store::ImageKind::Launch] {

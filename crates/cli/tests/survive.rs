@@ -49,7 +49,7 @@ fn mine_of(pid: u32) -> Option<Value> {
 /// `strata run python3` with `line` typed in; once `answer` shows, its
 /// process is killed outright (nothing of it runs). The session's record.
 fn run_python_then_kill_its_terminal(line: &[u8], answer: &str) -> Value {
-    let (mut child, seen) = spawn_reading(&["run", "python3"]);
+    let (mut child, seen) = spawn_reading(&["run", "-i", "python3"]);
     let pid = child.id();
     assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
     let rec = mine_of(pid).unwrap();

@@ -26,6 +26,53 @@ pub struct LaunchReport {
     pub pool_p50_ms: Option<f64>,
     pub pool_p99_ms: Option<f64>,
     pub pool_ratio_p50: Option<f64>,
+    /// Scripted (input from a pipe): from the launch image, the package's
+    /// program run afresh with pipes, the probe line written and its input
+    /// ended, to the answer on its stdout (console packages).
+    pub scripted_ms: Vec<f64>,
+    pub scripted_p50_ms: Option<f64>,
+    pub scripted_p99_ms: Option<f64>,
+}
+
+/// The id the scripted benchmark's command gets.
+const SCRIPTED_COMMAND: strata_proto::ProcId = 901;
+
+/// Takes `pkg`'s program waiting on pipes in `s` (the launch image's
+/// standby), else runs it afresh with pipes; writes `input` and ends it;
+/// waits until its stdout holds `expect`.
+async fn scripted_answer(s: &mut crate::Session, pkg: &Package, input: &str, expect: &str) -> Result<(), Error> {
+    let id = match s.take_standby() {
+        Some(id) => id,
+        None => {
+            let env = pkg.def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let command = crate::GuestCommand { argv: pkg.def.command.clone(), env, ..Default::default() };
+            s.exec(SCRIPTED_COMMAND, command).await?;
+            SCRIPTED_COMMAND
+        }
+    };
+    s.command_input(id, input.as_bytes()).await?;
+    s.command_eof(id).await?;
+    let mut out = Vec::new();
+    let wait = async {
+        loop {
+            match s.next_event().await {
+                crate::SessionEvent::CommandOutput { id: from, stderr: false, data } if from == id => {
+                    out.extend_from_slice(&data);
+                    if String::from_utf8_lossy(&out).contains(expect) {
+                        return Ok(());
+                    }
+                }
+                crate::SessionEvent::CommandExited { id: from, status } if from == id => {
+                    return Err(Error::Config(format!("the scripted program exited ({status}) without {expect:?}")))
+                }
+                crate::SessionEvent::Lost(why) => return Err(Error::Config(why)),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(180), wait)
+        .await
+        .map_err(|_| Error::Timeout { what: "a scripted answer".into(), secs: 180 })?
 }
 
 /// The nearest-rank percentile of `values` (p in 0..=100).
@@ -96,7 +143,7 @@ impl Engine {
         let answer = FirstAnswer::of(pkg)?;
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
-        let (mut cold, mut launch) = (Vec::new(), Vec::new());
+        let (mut cold, mut launch, mut scripted) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
             let t = Instant::now();
@@ -110,6 +157,14 @@ impl Engine {
             answer.wait(&mut s).await?;
             launch.push(t.elapsed().as_secs_f64() * 1000.0);
             s.close().await;
+            if let FirstAnswer::Probe(p) = &answer {
+                progress.step(&format!("bench {}: run {}/{runs} scripted", pkg.name, i + 1));
+                let t = Instant::now();
+                let mut s = self.launch(pkg, &settings, progress).await?;
+                scripted_answer(&mut s, pkg, &p.input, &p.expect).await?;
+                scripted.push(t.elapsed().as_secs_f64() * 1000.0);
+                s.close().await;
+            }
         }
         let mut pooled = Vec::new();
         if with_pool {
@@ -142,6 +197,9 @@ impl Engine {
             pool_ms: pooled,
             cold_ms: cold,
             launch_ms: launch,
+            scripted_p50_ms: (!scripted.is_empty()).then(|| percentile(&scripted, 50.0)),
+            scripted_p99_ms: (!scripted.is_empty()).then(|| percentile(&scripted, 99.0)),
+            scripted_ms: scripted,
         })
     }
 }
@@ -167,6 +225,9 @@ mod tests {
             pool_p50_ms: None,
             pool_p99_ms: None,
             pool_ratio_p50: None,
+            scripted_ms: vec![],
+            scripted_p50_ms: None,
+            scripted_p99_ms: None,
         };
         let svg = super::latency_svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

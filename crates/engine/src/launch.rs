@@ -87,7 +87,7 @@ pub(crate) fn new_session_id() -> String {
 
 /// How a launch build prepares its guest before the program starts (the
 /// disk reserve); a change here makes new launch images.
-const LAUNCH_BUILD: &str = "disk-reserve-for-root";
+const LAUNCH_BUILD: &str = "standby-on-pipes";
 
 /// Recipe of a launch image: everything that shapes the saved VM.
 pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
@@ -106,6 +106,56 @@ pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, a
         h.update(b"\0");
     }
     hex::encode(h.finalize())
+}
+
+/// The command id, in a launch image, of the package's program started a
+/// second time with pipes and left waiting for its input (a standby): a
+/// scripted run (`printf ... | strata run PACKAGE`) takes it instead of
+/// starting the program afresh, whose start (under TCG, translating it
+/// anew) costs more than the launch itself. Named in the image's meta.
+pub const STANDBY_PROC: strata_proto::ProcId = 3;
+const STANDBY_META: &str = "standby";
+/// The id of the command that looks at the standby while it starts.
+const STANDBY_CHECK: strata_proto::ProcId = 4;
+
+/// Starts the standby ([`STANDBY_PROC`]) in a launch build's guest and
+/// waits (60 s at most) until it blocks reading its input: then its start
+/// is in the image. `false` for a program that does not wait on pipes
+/// (it exits, or needs a terminal) or a graphical package.
+async fn start_standby(a: &mut Attached, pkg: &Package) -> Result<bool, Error> {
+    use strata_proto::GuestMsg;
+    if pkg.def.graphical {
+        return Ok(false);
+    }
+    let exec = |id, argv: Vec<String>, env| HostMsg::Exec { id, argv, env, cwd: None, user: None };
+    a.conn.send(&exec(STANDBY_PROC, argv_of(pkg), env_of(pkg))).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut pid: Option<i32> = None;
+    let mut checking = false;
+    loop {
+        if let (Some(pid), false) = (pid, checking) {
+            // Blocked in read(2) on descriptor 0: /proc/PID/syscall starts "0 0x0".
+            let check = "read nr fd rest < /proc/$1/syscall && [ \"$nr $fd\" = \"0 0x0\" ]";
+            let argv = ["/bin/sh", "-c", check, "sh", &pid.to_string()].map(String::from).to_vec();
+            a.conn.send(&exec(STANDBY_CHECK, argv, Vec::new())).await?;
+            a.conn.send(&HostMsg::Eof { id: STANDBY_CHECK }).await?;
+            checking = true;
+        }
+        let msg = tokio::time::timeout_at(deadline, a.conn.recv())
+            .await
+            .map_err(|_| Error::Timeout { what: format!("{} to wait on pipes", pkg.name), secs: 60 })??;
+        match msg {
+            Some(GuestMsg::Spawned { id: STANDBY_PROC, pid: p }) => pid = Some(p),
+            Some(GuestMsg::Exited { id: STANDBY_PROC, .. }) => return Ok(false),
+            Some(GuestMsg::Exited { id: STANDBY_CHECK, status: 0 }) => return Ok(true),
+            Some(GuestMsg::Exited { id: STANDBY_CHECK, .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                checking = false;
+            }
+            Some(_) => {}
+            None => return Err(Error::AgentGone("starting the standby")),
+        }
+    }
 }
 
 /// What the host lets a session write beyond what its guest sees free:
@@ -295,6 +345,8 @@ impl Engine {
         reserve_disk(&mut a, pkg).await?;
         let r = &pkg.def.ready;
         spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
+        progress.step(&format!("launch image for {}: ready; a copy waiting on pipes for scripted runs", pkg.name));
+        let standby = start_standby(&mut a, pkg).await?;
         progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
         // Let the program finish drawing, then tell the agent nobody is attached,
         // so the saved guest keeps its output for whoever attaches next.
@@ -327,6 +379,10 @@ impl Engine {
             ("base".to_string(), base.digest.clone()),
             ("graphical".to_string(), pkg.def.graphical.to_string()),
         ]);
+        let mut meta = meta;
+        if standby {
+            meta.insert(STANDBY_META.to_string(), STANDBY_PROC.to_string());
+        }
         let rec = ImageRecord::new(
             ImageKind::Launch,
             Some(pkg.name.clone()),
@@ -475,6 +531,7 @@ impl Engine {
         let mut s = Session::new(id.to_string(), package, a);
         s.record = Some(self.session_dir(id));
         s.graphical = graphical;
+        s.standby = image.meta.get(STANDBY_META).and_then(|p| p.parse().ok());
         s.has_devices = settings.needs_devices();
         Ok(s)
     }

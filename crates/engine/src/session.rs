@@ -66,6 +66,9 @@ pub struct Session {
     pub graphical: bool,
     /// Its context plugged devices in (network, shared folders, home).
     pub has_devices: bool,
+    /// The package's program waiting on pipes since the launch image was
+    /// saved (a standby for a scripted run), until taken.
+    pub(crate) standby: Option<ProcId>,
 }
 
 /// A VM booted (or restored) whose agent answered the first attach.
@@ -260,7 +263,16 @@ impl Session {
             record: None,
             graphical: false,
             has_devices: false,
+            standby: None,
         }
+    }
+
+    /// Takes the package's program that waits on pipes in this session, if
+    /// its launch image holds one: its command id. Once only: its input,
+    /// output and exit are then the caller's, as after [`Session::exec`]
+    /// (its input is still open).
+    pub fn take_standby(&mut self) -> Option<ProcId> {
+        self.standby.take()
     }
 
     /// The next thing the program did. Cancel-safe.
