@@ -115,14 +115,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/sessions/{id}/files",
             get(read_file).put(write_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE)),
         )
-        .nest("/e2b", crate::e2b::router().layer(axum::extract::DefaultBodyLimit::max(crate::e2b::envd::MAX_FILE)))
+        .nest("/e2b", crate::e2b::router())
         // E2B's SDKs make signed upload and download URLs at the root.
-        .route(
-            "/files",
-            get(crate::e2b::envd::read_file)
-                .post(crate::e2b::envd::write_file)
-                .layer(axum::extract::DefaultBodyLimit::max(crate::e2b::envd::MAX_FILE)),
-        )
+        .route("/files", crate::e2b::envd::files_route())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(request_id))

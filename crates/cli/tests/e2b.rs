@@ -72,6 +72,11 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
          sbx.files.write('/root/dir/sub/blob.bin', data)\n\
          say('binary', sbx.files.read('/root/dir/sub/blob.bin', format='bytes') == data)\n\
          say('text', sbx.files.read('/root/dir/sub/blob.bin', format='bytes')[:3].hex())\n\
+         import io, hashlib\n\
+         big = os.urandom(1 << 20) * 300\n\
+         sbx.files.write('/root/big.bin', io.BytesIO(big))\n\
+         r = sbx.commands.run('stat -c %s /root/big.bin; sha256sum /root/big.bin; rm /root/big.bin')\n\
+         say('big', [r.stdout.split()[0], r.stdout.split()[1] == hashlib.sha256(big).hexdigest()])\n\
          sbx.files.write('/root/dir/note.txt', 'a note')\n\
          say('list', sorted(e.name for e in sbx.files.list('/root/dir')))\n\
          say('exists', [sbx.files.exists('/root/dir/note.txt'), sbx.files.exists('/root/none')])\n\
@@ -130,7 +135,7 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
          seen = b''\n\
          for _, _, p in term:\n\
          \x20   seen += p or b''\n\
-         \x20   if b'TTY-42' in seen and b'/tmp' in seen.split(b'TTY-42')[-1]: break\n\
+         \x20   if b'TTY-42' in seen and b'/tmp\\r\\n' in seen.split(b'TTY-42')[-1]: break\n\
          sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))\n\
          sbx.pty.send_stdin(term.pid, b'stty size; exit 5\\n')\n\
          rest = []\n\
@@ -156,6 +161,11 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
     assert_eq!(step(&lines, "cwd"), "/tmp\nroot\n");
     assert_eq!(step(&lines, "binary"), true);
     assert_eq!(step(&lines, "text"), "000102");
+    assert_eq!(
+        step(&lines, "big"),
+        &serde_json::json!([(300u64 << 20).to_string(), true]),
+        "an upload beyond what the server buffers streams into the guest whole"
+    );
     assert_eq!(step(&lines, "list"), &serde_json::json!(["note.txt", "sub"]));
     assert_eq!(step(&lines, "exists"), &serde_json::json!([true, false]));
     assert_eq!(step(&lines, "moved"), "a note");

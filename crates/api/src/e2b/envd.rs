@@ -35,15 +35,18 @@ use crate::AppState;
 
 type St = State<Arc<AppState>>;
 
-/// Largest file `/files` moves either way.
+/// Largest file `/files` reads (uploads stream into the guest, bounded by
+/// its disk).
 pub const MAX_FILE: usize = 256 << 20;
+/// Largest body of the other calls (JSON messages, input for a command).
+pub const MAX_MESSAGE: usize = 16 << 20;
 /// Keep-alive events on an idle stream, unless the client asks otherwise.
 const KEEPALIVE: Duration = Duration::from_secs(50);
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/files", get(read_file).post(write_file))
+        .route("/files", files_route())
         .route("/process.Process/Start", post(start))
         .route("/process.Process/Connect", post(connect))
         .route("/process.Process/List", post(list))
@@ -57,6 +60,13 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/Move", post(move_entry))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_MESSAGE))
+}
+
+/// `/files`: uploads stream into the guest, so no body limit of the
+/// server's applies (the guest's disk bounds them).
+pub(crate) fn files_route() -> axum::routing::MethodRouter<Arc<AppState>> {
+    get(read_file).post(write_file).layer(axum::extract::DefaultBodyLimit::disable())
 }
 
 /// A Connect error: its code (`not_found`, `invalid_argument`, ...) and message.
@@ -503,35 +513,92 @@ pub(crate) struct Finished {
     pub stderr: String,
 }
 
+/// A command run to its end, its input fed as it comes.
+struct Feeding {
+    id: ProcId,
+    out: mpsc::Receiver<CommandOut>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Option<i32>,
+}
+
+impl Feeding {
+    /// Starts `argv` in the sandbox (as `user`), its input open if `stdin`.
+    async fn start(live: &Live, argv: &[&str], user: Option<String>, stdin: bool) -> Result<Feeding, RpcError> {
+        let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
+        let (out_tx, out) = mpsc::channel(16);
+        let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply }).await?;
+        Ok(Feeding { id, out, stdout: Vec::new(), stderr: Vec::new(), status: None })
+    }
+
+    fn take(&mut self, o: CommandOut) {
+        match o {
+            CommandOut::Stdout(d) => self.stdout.extend_from_slice(&d),
+            CommandOut::Stderr(d) if self.stderr.len() < 64 << 10 => self.stderr.extend_from_slice(&d),
+            CommandOut::Stderr(_) => {}
+            CommandOut::Exit(status) => self.status = Some(status),
+        }
+    }
+
+    /// Takes what it said so far, without waiting: a command that speaks
+    /// while it is fed never holds its session's actor up.
+    fn drain(&mut self) {
+        while let Ok(o) = self.out.try_recv() {
+            self.take(o);
+        }
+    }
+
+    /// More input (none once it has exited).
+    async fn feed(&mut self, live: &Live, data: Vec<u8>) -> Result<(), RpcError> {
+        self.drain();
+        if self.status.is_some() {
+            return Ok(());
+        }
+        let id = self.id;
+        let fed = ask(live, |reply| Cmd::CommandInput { id, data: Some(data), reply }).await;
+        self.drain();
+        match fed {
+            Err(_) if self.status.is_some() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Ends its input (if open) and waits for its end; its output is
+    /// bounded by [`MAX_FILE`].
+    async fn finish(mut self, live: &Live, stdin: bool) -> Result<Finished, RpcError> {
+        let id = self.id;
+        self.drain();
+        if stdin && self.status.is_none() {
+            let ended = ask(live, |reply| Cmd::CommandInput { id, data: None, reply }).await;
+            self.drain();
+            if self.status.is_none() {
+                ended?;
+            }
+        }
+        while self.status.is_none() {
+            let Some(o) = self.out.recv().await else {
+                return Err(RpcError("unavailable", "the sandbox ended while the command ran".into()));
+            };
+            self.take(o);
+            if self.stdout.len() > MAX_FILE {
+                let _ = ask(live, |reply| Cmd::Signal { id, signal: 9, reply }).await;
+                return Err(RpcError("resource_exhausted", format!("more than {MAX_FILE} bytes")));
+            }
+        }
+        let stderr = String::from_utf8_lossy(&self.stderr).trim().to_string();
+        Ok(Finished { status: self.status.unwrap_or(-1), stdout: self.stdout, stderr })
+    }
+}
+
 /// Runs `argv` in the sandbox (as `user`), with `input` as its standard
 /// input, to its end; its output is bounded by [`MAX_FILE`].
 pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>, input: Option<Vec<u8>>) -> Result<Finished, RpcError> {
-    let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
-    let (out_tx, mut out_rx) = mpsc::channel(16);
     let stdin = input.is_some();
-    let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply }).await?;
-    if let Some(data) = input {
-        for chunk in data.chunks(64 << 10) {
-            ask(live, |reply| Cmd::CommandInput { id, data: Some(chunk.to_vec()), reply }).await?;
-        }
-        ask(live, |reply| Cmd::CommandInput { id, data: None, reply }).await?;
+    let mut f = Feeding::start(live, argv, user, stdin).await?;
+    for chunk in input.as_deref().unwrap_or_default().chunks(64 << 10) {
+        f.feed(live, chunk.to_vec()).await?;
     }
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    while let Some(o) = out_rx.recv().await {
-        match o {
-            CommandOut::Stdout(d) => stdout.extend_from_slice(&d),
-            CommandOut::Stderr(d) if stderr.len() < 64 << 10 => stderr.extend_from_slice(&d),
-            CommandOut::Stderr(_) => {}
-            CommandOut::Exit(status) => {
-                return Ok(Finished { status, stdout, stderr: String::from_utf8_lossy(&stderr).trim().to_string() })
-            }
-        }
-        if stdout.len() > MAX_FILE {
-            let _ = ask(live, |reply| Cmd::Signal { id, signal: 9, reply }).await;
-            return Err(RpcError("resource_exhausted", format!("more than {MAX_FILE} bytes")));
-        }
-    }
-    Err(RpcError("unavailable", "the sandbox ended while the command ran".into()))
+    f.finish(live, stdin).await
 }
 
 /// The error a file command's failure stands for.
@@ -624,12 +691,35 @@ pub(crate) async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], f.stdout).into_response())
 }
 
-/// Writes `data` at `path` (its directories made), as `user`; what E2B
-/// answers for a written file.
-async fn write_one(live: &Live, path: &str, data: Vec<u8>, user: Option<String>) -> Result<Value, RpcError> {
+/// Where an upload's bytes come from, as they arrive.
+enum Upload<'a> {
+    Body(axum::body::BodyDataStream),
+    Part(Box<axum::extract::multipart::Field<'a>>),
+}
+
+impl Upload<'_> {
+    async fn next(&mut self) -> Result<Option<Bytes>, RpcError> {
+        let cut = |e: String| invalid(format!("the upload is cut: {e}"));
+        match self {
+            Upload::Body(b) => futures_util::StreamExt::next(b).await.transpose().map_err(|e| cut(e.to_string())),
+            Upload::Part(f) => f.chunk().await.map_err(|e| cut(e.to_string())),
+        }
+    }
+}
+
+/// Writes what `data` brings to `path` (its directories made) as `user`,
+/// streamed into the guest as it arrives: bounded by the guest's disk,
+/// not by the server's memory. What E2B answers for a written file.
+async fn write_one(live: &Live, path: &str, mut data: Upload<'_>, user: Option<String>) -> Result<Value, RpcError> {
     check_path(path)?;
     const WRITE: &str = "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\" && readlink -f -- \"$1\"";
-    let f = run(live, &["sh", "-c", WRITE, "sh", path], user, Some(data)).await?;
+    let mut f = Feeding::start(live, &["sh", "-c", WRITE, "sh", path], user, true).await?;
+    while let Some(chunk) = data.next().await? {
+        for piece in chunk.chunks(64 << 10) {
+            f.feed(live, piece.to_vec()).await?;
+        }
+    }
+    let f = f.finish(live, true).await?;
     if f.status != 0 {
         return Err(file_error(path, &f));
     }
@@ -660,21 +750,17 @@ pub(crate) async fn write_file(
         let mut parts = 0;
         while let Some(field) = form.next_field().await.map_err(|e| invalid(format!("the upload is cut: {e}")))? {
             parts += 1;
-            let name = field.file_name().map(str::to_string);
-            let data = field.bytes().await.map_err(|e| invalid(format!("the upload is cut: {e}")))?;
-            let path = match (&q.path, name) {
+            let path = match (&q.path, field.file_name()) {
                 (Some(p), _) if parts == 1 => p.clone(),
-                (_, Some(n)) => n,
+                (_, Some(n)) => n.to_string(),
                 _ => return Err(invalid("an uploaded part names no path")),
             };
-            written.push(write_one(&live, &path, data.to_vec(), user.clone()).await?);
+            written.push(write_one(&live, &path, Upload::Part(Box::new(field)), user.clone()).await?);
         }
     } else {
         let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
-        let data = axum::body::to_bytes(request.into_body(), MAX_FILE)
-            .await
-            .map_err(|e| RpcError("resource_exhausted", format!("the upload is above {MAX_FILE} bytes or cut: {e}")))?;
-        written.push(write_one(&live, &path, data.to_vec(), user).await?);
+        let body = Upload::Body(request.into_body().into_data_stream());
+        written.push(write_one(&live, &path, body, user).await?);
     }
     Ok(json_response(Value::Array(written)))
 }
