@@ -25,6 +25,18 @@ struct Status {
     reported: bool,
 }
 
+/// What to run: `HostMsg::Exec`'s fields, and with `pty` the size of a new
+/// pseudo-terminal to run it on (its own session, the terminal its
+/// controlling one: output comes back as one stream, and it may be resized).
+#[derive(Clone, Copy)]
+pub struct Spec<'a> {
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    pub cwd: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub pty: Option<WinSize>,
+}
+
 /// One command started by `HostMsg::Exec`.
 pub struct Command {
     pub id: ProcId,
@@ -40,21 +52,8 @@ pub struct Command {
 impl Command {
     /// Starts `argv`. On failure: the exit status a shell would give (127:
     /// not found, 126: not executable) and what to print on its stderr.
-    ///
-    /// With `pty`, it runs on a new pseudo-terminal of that size (its own
-    /// session, the terminal its controlling one): output comes back as
-    /// one stream, and it may be resized.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        agent: &Arc<Agent>,
-        id: ProcId,
-        argv: &[String],
-        env: &[(String, String)],
-        cwd: Option<&str>,
-        user: Option<&str>,
-        pty: Option<WinSize>,
-        ctx: &TerminalContext,
-    ) -> Result<Arc<Command>, (i32, String)> {
+    pub fn start(agent: &Arc<Agent>, id: ProcId, spec: &Spec, ctx: &TerminalContext) -> Result<Arc<Command>, (i32, String)> {
+        let Spec { argv, env, cwd, user, pty } = *spec;
         let (prog, args) = argv.split_first().ok_or((127, "strata-agent: empty command\n".to_string()))?;
         let name = user.unwrap_or("root");
         let account = nix::unistd::User::from_name(name)

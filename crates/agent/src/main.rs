@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use strata_proto::{GuestMsg, HostMsg, ProcId, TerminalContext, WinSize};
+use strata_proto::{GuestMsg, HostMsg, ProcId, TerminalContext};
 
 use crate::procs::Proc;
 
@@ -170,25 +170,21 @@ impl Agent {
                 let agent = self.clone();
                 std::thread::spawn(move || agent.send_always(&GuestMsg::Clipboard(x11::clipboard_set(&text))));
             }
-            HostMsg::Exec { id, argv, env, cwd, user } => self.exec(id, &argv, &env, cwd.as_deref(), user.as_deref(), None),
+            HostMsg::Exec { id, argv, env, cwd, user } => {
+                let (cwd, user) = (cwd.as_deref(), user.as_deref());
+                self.exec(id, &exec::Spec { argv: &argv, env: &env, cwd, user, pty: None })
+            }
             HostMsg::ExecPty { id, argv, env, cwd, user, size } => {
-                self.exec(id, &argv, &env, cwd.as_deref(), user.as_deref(), Some(size))
+                let (cwd, user) = (cwd.as_deref(), user.as_deref());
+                self.exec(id, &exec::Spec { argv: &argv, env: &env, cwd, user, pty: Some(size) })
             }
         }
     }
 
-    /// Starts a command with pipes, or on a PTY of `pty`'s size.
-    fn exec(
-        self: &Arc<Self>,
-        id: ProcId,
-        argv: &[String],
-        env: &[(String, String)],
-        cwd: Option<&str>,
-        user: Option<&str>,
-        pty: Option<WinSize>,
-    ) {
+    /// Starts a command with pipes, or on a PTY.
+    fn exec(self: &Arc<Self>, id: ProcId, spec: &exec::Spec) {
         let ctx = self.context.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match exec::Command::start(self, id, argv, env, cwd, user, pty, &ctx) {
+        match exec::Command::start(self, id, spec, &ctx) {
             Ok(c) => {
                 let early = {
                     let _procs = self.lock_procs();

@@ -393,9 +393,18 @@ async fn kill(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Res
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct TimeoutBody {
     timeout: Option<u64>,
+}
+
+/// A small JSON body; an empty one is the default (`shape` says what is
+/// expected, for the error).
+fn body_of<T: serde::de::DeserializeOwned + Default>(body: &[u8], shape: &str) -> Result<T, E2bError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("expected {shape}: {e}")))
 }
 
 /// Whether the sandbox pauses (rather than ends) at its time-out.
@@ -410,14 +419,13 @@ async fn set_timeout(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, E2bError> {
     let live = mine(&st, &owner, &id)?;
-    let req: TimeoutBody =
-        serde_json::from_slice(&body).map_err(|e| bad_request(format!("expected {{\"timeout\": SECONDS}}: {e}")))?;
+    let req: TimeoutBody = body_of(&body, "{\"timeout\": SECONDS}")?;
     let timeout = timeout_of(Some(req.timeout.ok_or_else(|| bad_request("timeout is missing"))?))?;
     let _ = live.cmd.send(Cmd::SetEnd(end_of(timeout, pauses_at_end(&live)))).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RefreshBody {
     duration: Option<u64>,
 }
@@ -430,11 +438,7 @@ async fn refresh(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, E2bError> {
     let live = mine(&st, &owner, &id)?;
-    let req: RefreshBody = if body.is_empty() {
-        RefreshBody { duration: None }
-    } else {
-        serde_json::from_slice(&body).map_err(|e| bad_request(format!("expected {{\"duration\": SECONDS}}: {e}")))?
-    };
+    let req: RefreshBody = body_of(&body, "{\"duration\": SECONDS}")?;
     let timeout = timeout_of(req.duration)?;
     let _ = live.cmd.send(Cmd::SetEnd(end_of(timeout, pauses_at_end(&live)))).await;
     Ok(StatusCode::NO_CONTENT)
@@ -453,7 +457,7 @@ async fn pause(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Re
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct ConnectBody {
     timeout: Option<u64>,
@@ -471,11 +475,7 @@ async fn connect(
     body: axum::body::Bytes,
 ) -> Result<Response, E2bError> {
     let live = mine(&st, &owner, &id)?;
-    let req: ConnectBody = if body.is_empty() {
-        ConnectBody { timeout: None, auto_pause: None }
-    } else {
-        serde_json::from_slice(&body).map_err(|e| bad_request(format!("expected {{\"timeout\": SECONDS}}: {e}")))?
-    };
+    let req: ConnectBody = body_of(&body, "{\"timeout\": SECONDS}")?;
     let resumed = is_paused(&live);
     let auto_pause = req.auto_pause.unwrap_or_else(|| pauses_at_end(&live));
     let end = match (resumed, req.timeout) {
