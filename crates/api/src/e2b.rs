@@ -56,7 +56,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v2/sandboxes", get(list_v2).post(create))
         .route("/sandboxes/{id}", get(detail).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
-        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/refreshes", post(set_timeout))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/resume", post(resume))
@@ -395,6 +395,7 @@ async fn kill(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Res
 
 #[derive(Deserialize, Default)]
 struct TimeoutBody {
+    #[serde(alias = "duration")]
     timeout: Option<u64>,
 }
 
@@ -412,6 +413,9 @@ fn pauses_at_end(live: &Live) -> bool {
     live.end.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|(_, a)| a == EndAction::Pause)
 }
 
+/// `POST .../timeout` (`{"timeout": SECONDS}`) and `.../refreshes`
+/// (`{"duration": SECONDS}`, or nothing for the default): the sandbox
+/// ends (or pauses) that long from now.
 async fn set_timeout(
     State(st): St,
     Owner(owner): Owner,
@@ -420,26 +424,7 @@ async fn set_timeout(
 ) -> Result<StatusCode, E2bError> {
     let live = mine(&st, &owner, &id)?;
     let req: TimeoutBody = body_of(&body, "{\"timeout\": SECONDS}")?;
-    let timeout = timeout_of(Some(req.timeout.ok_or_else(|| bad_request("timeout is missing"))?))?;
-    let _ = live.cmd.send(Cmd::SetEnd(end_of(timeout, pauses_at_end(&live)))).await;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, Default)]
-struct RefreshBody {
-    duration: Option<u64>,
-}
-
-/// Keeps a sandbox alive for `duration` seconds more from now.
-async fn refresh(
-    State(st): St,
-    Owner(owner): Owner,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Result<StatusCode, E2bError> {
-    let live = mine(&st, &owner, &id)?;
-    let req: RefreshBody = body_of(&body, "{\"duration\": SECONDS}")?;
-    let timeout = timeout_of(req.duration)?;
+    let timeout = timeout_of(req.timeout)?;
     let _ = live.cmd.send(Cmd::SetEnd(end_of(timeout, pauses_at_end(&live)))).await;
     Ok(StatusCode::NO_CONTENT)
 }
