@@ -68,6 +68,8 @@ pub struct AppState {
     pub web_dir: Option<PathBuf>,
     /// This server's place in a cluster (`serve --etcd`), if it has one.
     pub cluster: Option<Arc<cluster::ClusterLink>>,
+    /// Folders E2B's SDKs watch in sandboxes.
+    pub e2b_watchers: e2b::envd::Watchers,
 }
 
 impl AppState {
@@ -86,6 +88,7 @@ impl AppState {
             pool_targets: Default::default(),
             web_dir: None,
             cluster: None,
+            e2b_watchers: Default::default(),
         })
     }
 

@@ -147,6 +147,16 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
          say('pty', [seen.decode(errors='replace'), code, b''.join(rest).decode(errors='replace')])\n\
          term2 = sbx.pty.create(PtySize(rows=24, cols=80))\n\
          say('pty_kill', sbx.pty.kill(term2.pid))\n\
+         sbx.files.make_dir('/root/watched')\n\
+         w = sbx.files.watch_dir('/root/watched')\n\
+         sbx.files.write('/root/watched/a.txt', 'one')\n\
+         e1 = sorted((e.name, e.type.name) for e in w.get_new_events())\n\
+         sbx.commands.run('echo two >> /root/watched/a.txt; chmod 600 /root/watched/a.txt; touch /root/watched/b.txt')\n\
+         e2 = sorted((e.name, e.type.name) for e in w.get_new_events())\n\
+         sbx.files.remove('/root/watched/a.txt')\n\
+         e3 = sorted((e.name, e.type.name) for e in w.get_new_events())\n\
+         w.stop()\n\
+         say('watch', [e1, e2, e3])\n\
          sbx.commands.run('echo kept > /root/kept')\n\
          sbx.pause()\n\
          say('paused', Sandbox.get_info(sbx.sandbox_id).state)\n\
@@ -192,6 +202,14 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
     assert_eq!(pty[1], 5, "the PTY's shell exits with its status");
     assert!(pty[2].as_str().unwrap().contains("30 100\r\n"), "the PTY was not resized: {pty:?}");
     assert_eq!(step(&lines, "pty_kill"), true);
+    assert_eq!(
+        step(&lines, "watch"),
+        &serde_json::json!([
+            [["a.txt", "CREATE"]],
+            [["a.txt", "WRITE"], ["b.txt", "CREATE"]],
+            [["a.txt", "REMOVE"]]
+        ])
+    );
     assert_eq!(step(&lines, "paused"), "paused");
     assert_eq!(step(&lines, "resumed"), &serde_json::json!(["running", "kept\n"]));
     assert!(!step(&lines, "gone").as_array().unwrap().contains(&Value::String(id.clone())));

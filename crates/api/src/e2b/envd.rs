@@ -60,6 +60,9 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
+        .route("/filesystem.Filesystem/GetWatcherEvents", post(watcher_events))
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_MESSAGE))
 }
 
@@ -892,6 +895,131 @@ async fn move_entry(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Re
     Ok(json_response(json!({ "entry": e.into_iter().next() })))
 }
 
+/// A watched folder: its sandbox, and what was in it at the last look
+/// (path -> type, size, mode and modification time).
+struct Watcher {
+    sandbox: String,
+    path: String,
+    recursive: bool,
+    seen: BTreeMap<String, String>,
+}
+
+/// The folders being watched, by watcher id. Watching polls: each
+/// `GetWatcherEvents` lists the folder in the guest and compares (an entry
+/// made and removed between two looks is not seen).
+#[derive(Default)]
+pub struct Watchers(std::sync::Mutex<BTreeMap<String, Watcher>>);
+
+impl Watchers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Watcher>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Watchers one server keeps at most.
+const MAX_WATCHERS: usize = 1024;
+
+/// What is under `path` (one level, or every level with `recursive`).
+async fn listing(live: &Live, path: &str, recursive: bool, user: Option<String>) -> Result<BTreeMap<String, String>, RpcError> {
+    check_path(path)?;
+    let depth = if recursive { "64" } else { "1" };
+    let argv = ["find", path, "-mindepth", "1", "-maxdepth", depth, "-printf", "%P\\t%y %s %m %T@\\n"];
+    let f = run(live, &argv, user, None).await?;
+    if f.status != 0 {
+        return Err(file_error(path, &f));
+    }
+    Ok(String::from_utf8_lossy(&f.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(p, sig)| (p.to_string(), sig.to_string()))
+        .collect())
+}
+
+/// E2B's events between two listings: made, removed, written (size or
+/// time changed) or changed mode.
+fn changes(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<Value> {
+    let mut events = Vec::new();
+    for (name, sig) in after {
+        let kind = match before.get(name) {
+            None => "EVENT_TYPE_CREATE",
+            Some(old) if old == sig => continue,
+            Some(old) => {
+                // "TYPE SIZE MODE TIME": only the mode changed, or more.
+                let (o, n): (Vec<&str>, Vec<&str>) = (old.split(' ').collect(), sig.split(' ').collect());
+                let only_mode = o.len() == 4 && n.len() == 4 && (o[0], o[1], o[3]) == (n[0], n[1], n[3]);
+                if only_mode {
+                    "EVENT_TYPE_CHMOD"
+                } else {
+                    "EVENT_TYPE_WRITE"
+                }
+            }
+        };
+        events.push(json!({ "name": name, "type": kind }));
+    }
+    for name in before.keys().filter(|n| !after.contains_key(*n)) {
+        events.push(json!({ "name": name, "type": "EVENT_TYPE_REMOVE" }));
+    }
+    events
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateWatcherRequest {
+    path: Option<String>,
+    #[serde(default)]
+    recursive: bool,
+}
+
+async fn create_watcher(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: CreateWatcherRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+    let seen = listing(&live, &path, req.recursive, user(&headers)?).await?;
+    let id = crate::auth::new_token().map_err(|e| RpcError("internal", e.to_string()))?[..16].to_string();
+    let mut all = st.e2b_watchers.lock();
+    // Watchers of sandboxes that ended go first.
+    all.retain(|_, w| st.sessions.get(&w.sandbox).is_some());
+    if all.len() >= MAX_WATCHERS {
+        return Err(RpcError("resource_exhausted", format!("this server watches {MAX_WATCHERS} folders already")));
+    }
+    all.insert(id.clone(), Watcher { sandbox: live.id.clone(), path, recursive: req.recursive, seen });
+    Ok(json_response(json!({ "watcherId": id })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WatcherRequest {
+    watcher_id: Option<String>,
+}
+
+async fn watcher_events(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: WatcherRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let id = req.watcher_id.unwrap_or_default();
+    let (path, recursive) = match st.e2b_watchers.lock().get(&id) {
+        Some(w) if w.sandbox == live.id => (w.path.clone(), w.recursive),
+        _ => return Err(RpcError("not_found", format!("no watcher {id:?} in this sandbox"))),
+    };
+    let now = listing(&live, &path, recursive, user(&headers)?).await?;
+    let mut all = st.e2b_watchers.lock();
+    let w = all.get_mut(&id).ok_or_else(|| RpcError("not_found", format!("watcher {id:?} was removed")))?;
+    let events = changes(&w.seen, &now);
+    w.seen = now;
+    Ok(json_response(json!({ "events": events })))
+}
+
+async fn remove_watcher(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
+    let req: WatcherRequest = unary(&headers, &body)?;
+    let live = sandbox(&st, &headers)?;
+    let id = req.watcher_id.unwrap_or_default();
+    let mut all = st.e2b_watchers.lock();
+    match all.get(&id) {
+        Some(w) if w.sandbox == live.id => drop(all.remove(&id)),
+        _ => return Err(RpcError("not_found", format!("no watcher {id:?} in this sandbox"))),
+    }
+    Ok(json_response(json!({})))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,6 +1035,24 @@ mod tests {
         compressed[0] = 1;
         assert!(matches!(stream_request::<StartRequest>(&compressed), Err(RpcError("unimplemented", _))));
         assert_eq!(envelope(2, &json!({}))[..], [2, 0, 0, 0, 2, b'{', b'}']);
+    }
+
+    #[test]
+    fn a_watchers_events_are_the_differences_between_two_looks() {
+        let map = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<BTreeMap<_, _>>();
+        let before = map(&[("a", "f 1 644 10.0"), ("b", "f 2 644 10.0"), ("c", "f 3 644 10.0")]);
+        let after = map(&[("a", "f 1 644 10.0"), ("b", "f 9 644 11.5"), ("c", "f 3 600 10.0"), ("d", "d 4096 755 12.0")]);
+        let events = changes(&before, &after);
+        let kinds: Vec<(String, String)> =
+            events.iter().map(|e| (e["name"].as_str().unwrap().into(), e["type"].as_str().unwrap().into())).collect();
+        assert_eq!(
+            kinds,
+            [("b", "EVENT_TYPE_WRITE"), ("c", "EVENT_TYPE_CHMOD"), ("d", "EVENT_TYPE_CREATE")]
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        let gone = changes(&after, &map(&[]));
+        assert_eq!(gone.len(), 4);
+        assert!(gone.iter().all(|e| e["type"] == "EVENT_TYPE_REMOVE"));
     }
 
     #[test]
