@@ -216,13 +216,23 @@ fn timeout_of(seconds: Option<u64>) -> Result<Duration, E2bError> {
     Ok(Duration::from_secs(s))
 }
 
+/// This server's name, read once.
 fn client_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    })
+    .clone()
+}
+
+/// What a sandbox of `package` may write to its disk, in MiB (0 if the
+/// package cannot be read).
+fn disk_of(st: &AppState, package: &str) -> u32 {
+    st.engine.package(package).map(|p| p.def.disk_mib).unwrap_or(0)
 }
 
 fn label_json(live: &Live, key: &str) -> BTreeMap<String, String> {
-    let labels = live.labels.lock().unwrap_or_else(|e| e.into_inner());
-    labels.get(key).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default()
+    live.labels.get(key).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default()
 }
 
 /// The environment a sandbox was created with (given to its commands).
@@ -231,8 +241,7 @@ pub fn env_of(live: &Live) -> BTreeMap<String, String> {
 }
 
 fn template_of(live: &Live) -> String {
-    let labels = live.labels.lock().unwrap_or_else(|e| e.into_inner());
-    labels.get(TEMPLATE_LABEL).cloned().unwrap_or_else(|| live.package.clone())
+    live.labels.get(TEMPLATE_LABEL).cloned().unwrap_or_else(|| live.package.clone())
 }
 
 fn sandbox_body(live: &Live) -> SandboxBody {
@@ -251,13 +260,13 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn detail_body(st: &AppState, live: &Live, with_token: bool) -> DetailBody {
+/// A sandbox's details; `disk` is [`disk_of`] its package.
+fn detail_body(live: &Live, disk: u32, with_token: bool) -> DetailBody {
     let state = match *live.state.lock().unwrap_or_else(|e| e.into_inner()) {
         SessionState::Running => "running",
         _ => "paused",
     };
     let end = live.end.lock().unwrap_or_else(|e| e.into_inner()).map(|(at, _)| at);
-    let disk = st.engine.package(&live.package).map(|p| p.def.disk_mib).unwrap_or(0);
     DetailBody {
         template_id: template_of(live),
         sandbox_id: live.id.clone(),
@@ -343,12 +352,17 @@ fn listed(st: &AppState, owner: &str, q: &ListQuery) -> Result<Vec<DetailBody>, 
     if let Some(bad) = states.iter().find(|s| !["running", "paused"].contains(s)) {
         return Err(bad_request(format!("state {bad:?} is neither running nor paused")));
     }
+    let mut disks = BTreeMap::new();
     Ok(st
         .sessions
         .all()
         .iter()
         .filter(|l| l.owner == owner)
-        .map(|l| detail_body(st, l, false))
+        // Each package's definition is read once per listing.
+        .map(|l| {
+            let disk = *disks.entry(l.package.clone()).or_insert_with(|| disk_of(st, &l.package));
+            detail_body(l, disk, false)
+        })
         .filter(|d| states.is_empty() || states.contains(&d.state))
         .filter(|d| want.iter().all(|(k, v)| d.metadata.get(k) == Some(v)))
         .collect())
@@ -381,7 +395,7 @@ async fn list_v2(State(st): St, Owner(owner): Owner, Query(q): Query<ListQuery>)
 
 async fn detail(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Result<Response, E2bError> {
     let live = mine(&st, &owner, &id)?;
-    Ok(Json(detail_body(&st, &live, true)).into_response())
+    Ok(Json(detail_body(&live, disk_of(&st, &live.package), true)).into_response())
 }
 
 async fn kill(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
@@ -463,22 +477,22 @@ async fn connect(
     let req: ConnectBody = body_of(&body, "{\"timeout\": SECONDS}")?;
     let resumed = is_paused(&live);
     let auto_pause = req.auto_pause.unwrap_or_else(|| pauses_at_end(&live));
+    let current = *live.end.lock().unwrap_or_else(|e| e.into_inner());
     let end = match (resumed, req.timeout) {
         (true, t) => end_of(timeout_of(Some(t.unwrap_or(RESUME_TIMEOUT_S)))?, auto_pause),
-        (false, Some(t)) => {
-            let asked = end_of(timeout_of(Some(t))?, auto_pause);
-            let now = *live.end.lock().unwrap_or_else(|e| e.into_inner());
-            match (now, asked) {
-                (Some((at, _)), Some((new, action))) => Some((at.max(new), action)),
-                (_, asked) => asked,
-            }
-        }
-        (false, None) => *live.end.lock().unwrap_or_else(|e| e.into_inner()),
+        (false, Some(t)) => match (current, end_of(timeout_of(Some(t))?, auto_pause)) {
+            (Some((at, _)), Some((new, action))) => Some((at.max(new), action)),
+            (_, asked) => asked,
+        },
+        (false, None) => current,
     };
     if resumed {
         ask(&live, Cmd::Resume).await?;
     }
-    let _ = live.cmd.send(Cmd::SetEnd(end)).await;
+    // The record is written only when the end time changes.
+    if end != current {
+        let _ = live.cmd.send(Cmd::SetEnd(end)).await;
+    }
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(sandbox_body(&live))).into_response())
 }
@@ -541,7 +555,7 @@ async fn metrics(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> 
     if is_paused(&live) {
         return Ok(Json(Vec::<serde_json::Value>::new()).into_response());
     }
-    let f = envd::run(&live, &["sh", "-c", SAMPLE], None, None)
+    let f = envd::run(&live, &["sh", "-c", SAMPLE], None)
         .await
         .map_err(|e| E2bError(StatusCode::CONFLICT, e.1))?;
     let sample = metric_of(&String::from_utf8_lossy(&f.stdout), SystemTime::now())

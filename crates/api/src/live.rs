@@ -110,11 +110,11 @@ pub enum Cmd {
         reply: Reply<()>,
     },
     /// Watch a running command's output from now on (the previous watcher
-    /// is let go).
+    /// is let go). Answers whether it runs on a PTY.
     Watch {
         id: ProcId,
         out: mpsc::Sender<CommandOut>,
-        reply: Reply<()>,
+        reply: Reply<bool>,
     },
     /// Bytes for a command's input, or its end (`None`).
     CommandInput {
@@ -152,8 +152,9 @@ pub struct Live {
     /// When it is ended (or paused), whatever it does meanwhile; kept in
     /// its record's [`END_LABEL`].
     pub end: Mutex<Option<(SystemTime, EndAction)>>,
-    /// Its record's labels, as this server wrote or found them.
-    pub labels: Mutex<BTreeMap<String, String>>,
+    /// Its record's labels, as this server wrote or found them (but the
+    /// end time, kept in `end`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Every live session, by id.
@@ -213,12 +214,12 @@ impl Registry {
         let SessionOptions { idle, mut labels, end } = options;
         labels.insert(TERMINAL_LABEL.to_string(), owner.to_string());
         labels.insert(ATTACH_LABEL.to_string(), hex::encode(attach_hash));
-        if let Some(end) = end {
-            labels.insert(END_LABEL.to_string(), end_label(end));
-        }
         // One write of the record on the launch path.
         let kept = engine.update_session(&session.id, |rec| {
             rec.labels.extend(labels.clone());
+            if let Some(end) = end {
+                rec.labels.insert(END_LABEL.to_string(), end_label(end));
+            }
             rec.idle_timeout_s = Some(strata_engine::sessions::idle_secs(idle));
         });
         if let Err(e) = kept {
@@ -229,7 +230,7 @@ impl Registry {
             Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
         live.0.memory_mib = engine.session_memory_mib(&session.id).unwrap_or(0);
         live.0.end = Mutex::new(end);
-        live.0.labels = Mutex::new(labels);
+        live.0.labels = labels;
         self.run_actor(live, Some(session), engine, settings)
     }
 
@@ -302,10 +303,11 @@ impl Registry {
             None => idle,
         };
         let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
-        let live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None);
-        *live.0.end.lock().unwrap_or_else(|e| e.into_inner()) =
-            rec.labels.get(END_LABEL).and_then(|l| parse_end_label(l));
-        *live.0.labels.lock().unwrap_or_else(|e| e.into_inner()) = rec.labels.clone();
+        let mut live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None);
+        let mut labels = rec.labels.clone();
+        // The end time is kept typed, in `end`, not among the labels.
+        live.0.end = Mutex::new(labels.remove(END_LABEL).and_then(|l| parse_end_label(&l)));
+        live.0.labels = labels;
         Some(live)
     }
 
@@ -468,7 +470,7 @@ impl Live {
             vnc,
             memory_mib: 0,
             end: Mutex::new(None),
-            labels: Mutex::new(BTreeMap::new()),
+            labels: BTreeMap::new(),
         };
         (live, rx)
     }
@@ -570,15 +572,13 @@ impl Actor<'_> {
         }
     }
 
-    /// Whether command `id` runs (started here), or why not.
-    fn running_command(&self, id: ProcId) -> Result<(), String> {
-        if self.held.is_none() {
-            return Err(PAUSED.into());
+    /// The session command `id` (started here) runs in, or why it cannot
+    /// be reached.
+    fn command_session(&mut self, id: ProcId) -> Result<&mut Session, String> {
+        if !self.commands.contains_key(&id) {
+            return Err(format!("no running command {id} in session {}", self.live.id));
         }
-        match self.commands.contains_key(&id) {
-            true => Ok(()),
-            false => Err(format!("no running command {id} in session {}", self.live.id)),
-        }
+        self.held.as_mut().ok_or_else(|| PAUSED.to_string())
     }
 
     /// Starts a command with pipes, or on a PTY of `pty`'s size; its id.
@@ -609,12 +609,6 @@ impl Actor<'_> {
     /// Sets (or clears) the session's end time, and keeps it in its record.
     fn set_end(&mut self, end: Option<(SystemTime, EndAction)>) {
         set(&self.live.end, end);
-        let mut labels = self.live.labels.lock().unwrap_or_else(|e| e.into_inner());
-        match end {
-            Some(e) => labels.insert(END_LABEL.to_string(), end_label(e)),
-            None => labels.remove(END_LABEL),
-        };
-        drop(labels);
         let kept = self.engine.update_session(&self.live.id, |rec| match end {
             Some(e) => drop(rec.labels.insert(END_LABEL.to_string(), end_label(e))),
             None => drop(rec.labels.remove(END_LABEL)),
@@ -763,30 +757,33 @@ impl Actor<'_> {
                         let _ = reply.send(self.exec(command, tag, stdin, pty, out).await);
                     }
                     Some(Cmd::CommandResize { id, size, reply }) => {
-                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
+                        let r = match self.command_session(id) {
                             Ok(s) => s.command_resize(id, size).await.map_err(|e| e.to_string()),
                             Err(e) => Err(e),
                         };
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Watch { id, out, reply }) => {
-                        let r = self.running_command(id).map(|()| {
-                            if let Some(c) = self.commands.get_mut(&id) { c.1 = Some(out); }
+                        let r = self.command_session(id).map(|_| ());
+                        let r = r.map(|()| match self.commands.get_mut(&id) {
+                            Some(c) => {
+                                c.1 = Some(out);
+                                c.0.pty
+                            }
+                            None => false,
                         });
                         let _ = reply.send(r);
                     }
                     Some(Cmd::CommandInput { id, data, reply }) => {
-                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
-                            Ok(s) => match data {
-                                Some(d) => s.command_input(id, &d).await,
-                                None => s.command_eof(id).await,
-                            }.map_err(|e| e.to_string()),
-                            Err(e) => Err(e),
+                        let r = match (self.command_session(id), data) {
+                            (Ok(s), Some(d)) => s.command_input(id, &d).await.map_err(|e| e.to_string()),
+                            (Ok(s), None) => s.command_eof(id).await.map_err(|e| e.to_string()),
+                            (Err(e), _) => Err(e),
                         };
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Signal { id, signal, reply }) => {
-                        let r = match self.running_command(id).and_then(|()| self.held.as_mut().ok_or_else(|| PAUSED.to_string())) {
+                        let r = match self.command_session(id) {
                             Ok(s) => s.command_signal(id, signal).await.map_err(|e| e.to_string()),
                             Err(e) => Err(e),
                         };

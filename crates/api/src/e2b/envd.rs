@@ -338,7 +338,7 @@ fn pump(pid: ProcId, pty: bool, mut out: mpsc::Receiver<CommandOut>, headers: &H
     stream_response(rx)
 }
 
-/// `process.Process/Start`: a command with pipes (no PTY yet).
+/// `process.Process/Start`: a command with pipes, or on a PTY.
 async fn start(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
     match start_command(&st, &headers, &body).await {
         Ok((pid, pty, out)) => pump(pid, pty, out, &headers),
@@ -400,9 +400,10 @@ async fn connect(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
         let req: ProcessRequest = stream_request(&body)?;
         let live = sandbox(&st, &headers)?;
         let pid = selected(&live, req.process).await?;
-        let pty = ask(&live, Cmd::Commands).await?.iter().any(|c| c.id == pid && c.pty);
         let (out_tx, out_rx) = mpsc::channel(16);
-        ask(&live, |reply| Cmd::Watch { id: pid, out: out_tx, reply }).await.map_err(|e| RpcError("not_found", e.1))?;
+        let pty = ask(&live, |reply| Cmd::Watch { id: pid, out: out_tx, reply })
+            .await
+            .map_err(|e| RpcError("not_found", e.1))?;
         Ok::<_, RpcError>((pid, pty, out_rx))
     };
     match r.await {
@@ -472,12 +473,13 @@ struct SignalRequest {
 
 /// E2B's signals, by name or number: SIGTERM and SIGKILL.
 fn signal_number(v: Option<&Value>) -> Result<i32, RpcError> {
-    match v {
-        Some(Value::String(s)) if s == "SIGNAL_SIGKILL" => Ok(9),
-        Some(Value::String(s)) if s == "SIGNAL_SIGTERM" => Ok(15),
-        Some(Value::Number(n)) if n.as_i64() == Some(9) || n.as_i64() == Some(15) => Ok(n.as_i64().unwrap_or(9) as i32),
-        other => Err(invalid(format!("signal {other:?} is not SIGNAL_SIGKILL or SIGNAL_SIGTERM"))),
-    }
+    let number = match v {
+        Some(Value::String(s)) if s == "SIGNAL_SIGKILL" => Some(9),
+        Some(Value::String(s)) if s == "SIGNAL_SIGTERM" => Some(15),
+        Some(Value::Number(n)) => n.as_i64().filter(|n| [9, 15].contains(n)).map(|n| n as i32),
+        _ => None,
+    };
+    number.ok_or_else(|| invalid(format!("signal {v:?} is not SIGNAL_SIGKILL or SIGNAL_SIGTERM")))
 }
 
 async fn send_signal(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
@@ -593,15 +595,10 @@ impl Feeding {
     }
 }
 
-/// Runs `argv` in the sandbox (as `user`), with `input` as its standard
-/// input, to its end; its output is bounded by [`MAX_FILE`].
-pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>, input: Option<Vec<u8>>) -> Result<Finished, RpcError> {
-    let stdin = input.is_some();
-    let mut f = Feeding::start(live, argv, user, stdin).await?;
-    for chunk in input.as_deref().unwrap_or_default().chunks(64 << 10) {
-        f.feed(live, chunk.to_vec()).await?;
-    }
-    f.finish(live, stdin).await
+/// Runs `argv` in the sandbox (as `user`), reading nothing, to its end;
+/// its output is bounded by [`MAX_FILE`].
+pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>) -> Result<Finished, RpcError> {
+    Feeding::start(live, argv, user, false).await?.finish(live, false).await
 }
 
 /// The error a file command's failure stands for.
@@ -687,7 +684,7 @@ pub(crate) async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query
     let live = file_sandbox(&st, &headers, &q, "read")?;
     let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
     check_path(&path)?;
-    let f = run(&live, &["cat", "--", &path], q.user(&headers)?, None).await?;
+    let f = run(&live, &["cat", "--", &path], q.user(&headers)?).await?;
     if f.status != 0 {
         return Err(file_error(&path, &f));
     }
@@ -821,7 +818,7 @@ async fn entries(live: &Live, path: &str, depth: (u32, u32), user: Option<String
     check_path(path)?;
     let (min, max) = (depth.0.to_string(), depth.1.to_string());
     let argv = ["find", path, "-mindepth", &min, "-maxdepth", &max, "-printf", ENTRY_FORMAT];
-    let f = run(live, &argv, user, None).await?;
+    let f = run(live, &argv, user).await?;
     if f.status != 0 {
         return Err(file_error(path, &f));
     }
@@ -854,7 +851,7 @@ async fn make_dir(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Resp
     let user = user(&headers)?;
     // E2B answers "already exists" for a directory that is there.
     const MAKE: &str = "if [ -e \"$1\" ]; then echo \"$1: File exists\" >&2; exit 1; fi; mkdir -p -- \"$1\"";
-    let f = run(&live, &["sh", "-c", MAKE, "sh", &path], user.clone(), None).await?;
+    let f = run(&live, &["sh", "-c", MAKE, "sh", &path], user.clone()).await?;
     if f.status != 0 {
         return Err(file_error(&path, &f));
     }
@@ -867,7 +864,7 @@ async fn remove(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Respon
     let live = sandbox(&st, &headers)?;
     let path = req.path.ok_or_else(|| invalid("path is missing"))?;
     check_path(&path)?;
-    let f = run(&live, &["rm", "-rf", "--", &path], user(&headers)?, None).await?;
+    let f = run(&live, &["rm", "-rf", "--", &path], user(&headers)?).await?;
     if f.status != 0 {
         return Err(file_error(&path, &f));
     }
@@ -887,7 +884,7 @@ async fn move_entry(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Re
     check_path(&from)?;
     check_path(&to)?;
     let user = user(&headers)?;
-    let f = run(&live, &["mv", "--", &from, &to], user.clone(), None).await?;
+    let f = run(&live, &["mv", "--", &from, &to], user.clone()).await?;
     if f.status != 0 {
         return Err(file_error(&from, &f));
     }
@@ -924,7 +921,7 @@ async fn listing(live: &Live, path: &str, recursive: bool, user: Option<String>)
     check_path(path)?;
     let depth = if recursive { "64" } else { "1" };
     let argv = ["find", path, "-mindepth", "1", "-maxdepth", depth, "-printf", "%P\\t%y %s %m %T@\\n"];
-    let f = run(live, &argv, user, None).await?;
+    let f = run(live, &argv, user).await?;
     if f.status != 0 {
         return Err(file_error(path, &f));
     }
