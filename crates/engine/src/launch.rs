@@ -121,7 +121,8 @@ const STANDBY_CHECK: strata_proto::ProcId = 4;
 /// Starts the standby ([`STANDBY_PROC`]) in a launch build's guest and
 /// waits (60 s at most) until it blocks reading its input: then its start
 /// is in the image. `false` for a program that does not wait on pipes
-/// (it exits, or needs a terminal) or a graphical package.
+/// (it exits, needs a terminal, or neither reads nor ends: then it is
+/// killed) or a graphical package.
 async fn start_standby(a: &mut Attached, pkg: &Package) -> Result<bool, Error> {
     use strata_proto::GuestMsg;
     if pkg.def.graphical {
@@ -141,9 +142,13 @@ async fn start_standby(a: &mut Attached, pkg: &Package) -> Result<bool, Error> {
             a.conn.send(&HostMsg::Eof { id: STANDBY_CHECK }).await?;
             checking = true;
         }
-        let msg = tokio::time::timeout_at(deadline, a.conn.recv())
-            .await
-            .map_err(|_| Error::Timeout { what: format!("{} to wait on pipes", pkg.name), secs: 60 })??;
+        let Ok(msg) = tokio::time::timeout_at(deadline, a.conn.recv()).await else {
+            // A program that neither reads its input nor ends (a server,
+            // say) gets no standby; the image is built without it.
+            a.conn.send(&HostMsg::Signal { id: STANDBY_PROC, signal: 9 }).await?;
+            return Ok(false);
+        };
+        let msg = msg?;
         match msg {
             Some(GuestMsg::Spawned { id: STANDBY_PROC, pid: p }) => pid = Some(p),
             Some(GuestMsg::Exited { id: STANDBY_PROC, .. }) => return Ok(false),
