@@ -452,7 +452,7 @@ async fn pause(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Re
     if is_paused(&live) {
         return Err(E2bError(StatusCode::CONFLICT, format!("sandbox {id:?} is already paused")));
     }
-    ask(&live, Cmd::Pause).await?;
+    ask(&live, |r| Cmd::Pause("paused by its terminal (E2B pause)".into(), r)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -48,7 +48,7 @@ impl Default for Limits {
             max_sessions_per_terminal: 16,
             max_memory_mib_per_terminal: 8192,
             max_sessions: 64,
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: strata_engine::sessions::IDLE_TIMEOUT,
         }
     }
 }

@@ -73,7 +73,8 @@ pub enum Cmd {
     Eof,
     Detach,
     Screen(Reply<Vec<u8>>),
-    Pause(Reply<()>),
+    /// Pause to an image; why, for the listing.
+    Pause(String, Reply<()>),
     Resume(Reply<()>),
     SetTimeout(Option<Duration>),
     Kill(oneshot::Sender<()>),
@@ -155,6 +156,8 @@ pub struct Live {
     /// Its record's labels, as this server wrote or found them (but the
     /// end time, kept in `end`).
     pub labels: BTreeMap<String, String>,
+    /// Why it is paused, in words, while it is.
+    pub why: Mutex<Option<String>>,
 }
 
 /// Every live session, by id.
@@ -253,6 +256,7 @@ impl Registry {
         live.0.vnc = vnc;
         live.0.memory_mib = engine.image_memory_mib(&rec.launch_image).unwrap_or(0);
         set(&live.0.state, State::Paused);
+        live.0.why = Mutex::new(rec.why.clone());
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
         Some(self.run_actor(live, None, engine.clone(), settings))
     }
@@ -330,7 +334,8 @@ impl Registry {
                 let marked =
                     engine.label_session(&live.id, BTreeMap::from([(RESUME_LABEL.to_string(), "1".to_string())]));
                 let (tx, rx) = oneshot::channel();
-                let paused = live.cmd.send(Cmd::Pause(tx)).await.is_ok() && matches!(rx.await, Ok(Ok(())));
+                let why = "paused when its server stopped; resumed when it starts again".to_string();
+                let paused = live.cmd.send(Cmd::Pause(why, tx)).await.is_ok() && matches!(rx.await, Ok(Ok(())));
                 if paused {
                     tracing::info!(session = %live.id, "paused for the server's stop");
                 } else {
@@ -471,6 +476,7 @@ impl Live {
             memory_mib: 0,
             end: Mutex::new(None),
             labels: BTreeMap::new(),
+            why: Mutex::new(None),
         };
         (live, rx)
     }
@@ -520,13 +526,15 @@ impl Actor<'_> {
         }
     }
 
-    /// Pauses the session to an image (nothing to do if it is paused).
-    async fn pause(&mut self) -> Result<(), String> {
+    /// Pauses the session to an image (nothing to do if it is paused);
+    /// `why` is listed with it.
+    async fn pause(&mut self, why: &str) -> Result<(), String> {
         let Some(mut s) = self.held.take() else { return Ok(()) };
-        match self.engine.pause_to_image(&mut s).await {
+        match self.engine.pause_to_image(&mut s, why).await {
             Ok(_) => {
                 drop(s);
                 set(&self.live.state, State::Paused);
+                *self.live.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
                 Ok(())
             }
             Err(e) => {
@@ -545,6 +553,7 @@ impl Actor<'_> {
         let s = self.engine.resume_session(&self.live.id, Some(&self.settings)).await.map_err(|e| e.to_string())?;
         self.held = Some(s);
         set(&self.live.state, State::Running);
+        *self.live.why.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
         match (ctx, self.held.as_mut()) {
             (Some(ctx), Some(s)) => {
@@ -721,7 +730,7 @@ impl Actor<'_> {
                         };
                         let _ = reply.send(r);
                     }
-                    Some(Cmd::Pause(reply)) => { let _ = reply.send(self.pause().await); }
+                    Some(Cmd::Pause(why, reply)) => { let _ = reply.send(self.pause(&why).await); }
                     Some(Cmd::Resume(reply)) => {
                         let r = self.resume().await;
                         idle_since = tokio::time::Instant::now();
@@ -798,7 +807,7 @@ impl Actor<'_> {
                             if let Some((c, _)) = &self.client {
                                 let _ = c.send(Out::Lost("the server is stopping; attach again once it is back".into())).await;
                             }
-                            s.leave().await;
+                            s.leave("detached: its server stopped; the next server takes it back").await;
                         }
                         let _ = done.send(());
                         return;
@@ -811,7 +820,7 @@ impl Actor<'_> {
                 },
                 _ = async { match end_deadline { Some((d, _)) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     if end_deadline.is_some_and(|(_, action)| action == EndAction::Pause) {
-                        match self.pause().await {
+                        match self.pause("paused: its end time came").await {
                             Ok(()) => tracing::info!(session = %self.live.id, "end time: paused the session to an image"),
                             Err(e) => tracing::warn!(session = %self.live.id, error = %e, "end time: the session cannot be paused to an image; it keeps running"),
                         }
@@ -823,7 +832,8 @@ impl Actor<'_> {
                     }
                 }
                 _ = async { match idle_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                    match self.pause().await {
+                    let idle = strata_engine::sessions::human_secs(idle_limit.unwrap_or_default().as_secs() as i64);
+                    match self.pause(&format!("paused: detached longer than its idle time-out ({idle})")).await {
                         Ok(()) => tracing::info!(session = %self.live.id, "idle time-out: paused the session to an image"),
                         Err(e) => {
                             // Nothing is lost: it runs on, and no time-out fires again.

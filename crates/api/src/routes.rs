@@ -486,7 +486,7 @@ pub struct SessionInfo {
     /// Its display is at `/v1/sessions/{id}/display` (a graphical package).
     graphical: bool,
     /// Why it ended (exited or lost): what happened, then the last lines of
-    /// QEMU's log and the guest's console.
+    /// QEMU's log and the guest's console; why it is paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
 }
@@ -530,7 +530,7 @@ impl From<&Live> for SessionInfo {
             created: l.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             idle_timeout_s: l.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|d| d.as_secs()),
             graphical: l.vnc.is_some(),
-            reason: None,
+            reason: l.why.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }
@@ -816,7 +816,7 @@ async fn pause_session(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let live = mine(&st, &owner, &id)?;
-    ask(&live, Cmd::Pause).await?;
+    ask(&live, |r| Cmd::Pause("paused by its terminal".into(), r)).await?;
     Ok(Json(SessionInfo::from(&*live)))
 }
 

@@ -48,7 +48,11 @@ impl Backend for Local<'_> {
                 attached: r.ended.is_none() && r.paused_image.is_none() && !r.detached,
                 server: None,
                 note: None,
-                why: r.ended.as_ref().and_then(|e| e.reason.lines().next().map(str::to_string)),
+                why: match &r.ended {
+                    Some(e) => e.reason.lines().next().map(str::to_string),
+                    None if r.detached || r.paused_image.is_some() => r.why.clone(),
+                    None => None,
+                },
                 created: r.created,
             })
             .collect();
@@ -75,6 +79,7 @@ impl Backend for Local<'_> {
 
     async fn resume(&self, id: &str) -> anyhow::Result<()> {
         self.eng.resume_session(id, None).await?.detach().await?;
+        crate::keeper::ensure(self.eng);
         Ok(())
     }
 
@@ -103,9 +108,13 @@ impl Backend for Local<'_> {
                 session.vnc_socket().display()
             );
         }
-        if let Some(secs) = idle_timeout.filter(|_| session.detachable()) {
-            let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
-            self.eng.set_idle_timeout(&session.id, idle)?;
+        if session.detachable() {
+            if let Some(secs) = idle_timeout {
+                let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+                self.eng.set_idle_timeout(&session.id, idle)?;
+            }
+            // It outlives this process if its terminal goes away.
+            crate::keeper::ensure(self.eng);
         }
         if detach {
             println!("{}", session.detach().await?);
@@ -117,6 +126,7 @@ impl Backend for Local<'_> {
     async fn attach(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
         let settings = ContextSettings::from_terminal(terminal_size());
         let session = self.eng.attach_session(id, &settings).await?;
+        crate::keeper::ensure(self.eng);
         finish(session, tty).await
     }
 

@@ -3,6 +3,7 @@
 
 mod bench_e2b;
 mod cluster;
+mod keeper;
 mod local;
 mod progress;
 mod remote;
@@ -269,6 +270,11 @@ enum Cmd {
     /// Check how this server confines its VMs: each layer's state, and what
     /// to set up where one is missing.
     Doctor,
+    /// The store's keeper (started by the CLI when a session may outlive
+    /// it): applies idle time-outs and retention to the sessions no strata
+    /// process holds, and ends once none runs.
+    #[command(hide = true)]
+    Keep,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -601,11 +607,14 @@ enum BenchCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The keeper's log is its record of what it did to whose session.
+    let level = if matches!(cli.cmd, Cmd::Keep) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     raise_open_files_limit();
     // A listing piped into `head` ends quietly, as other tools' do. Only
     // listings: commands that talk to VMs over Unix sockets need EPIPE.
@@ -1155,6 +1164,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Doctor => Ok(doctor(&eng)),
+        Cmd::Keep => keeper::run(&eng).await,
         Cmd::Accel => {
             let base = eng.ensure_base(&bar).await?;
             bar.clear();
@@ -1276,7 +1286,7 @@ async fn finish(mut session: strata_engine::Session, tty: bool) -> anyhow::Resul
         }
         // Whoever reads the terminal is gone; nothing is printed to it.
         AttachEnd::Vanished if session.detachable() => {
-            session.leave().await;
+            session.leave("detached: its terminal went away (hangup)").await;
             129
         }
         AttachEnd::Vanished => {

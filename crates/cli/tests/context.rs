@@ -191,7 +191,7 @@ async fn a_session_with_a_home_and_a_forwarded_port_is_paused_and_resumed_with_t
     assert!(http_get(port, "/hello.txt").await.unwrap().ends_with("from the home"));
 
     let id = s.id.clone();
-    eng.pause_to_image(&mut s).await.unwrap();
+    eng.pause_to_image(&mut s, "paused by a test").await.unwrap();
     drop(s);
     // Paused: nothing listens, and its home is still taken (its guest has it mounted).
     assert!(http_get(port, "/hello.txt").await.is_err(), "a paused session answers");
@@ -215,7 +215,7 @@ async fn a_session_with_a_home_and_a_forwarded_port_is_paused_and_resumed_with_t
     let mut shared = plain();
     shared.shares = vec![strata_engine::context::Share { host: dir.clone(), guest: "/mnt/s".into(), readonly: false }];
     let mut s = launch(&eng, "python3", &shared).await;
-    let err = eng.pause_to_image(&mut s).await.unwrap_err().to_string();
+    let err = eng.pause_to_image(&mut s, "paused by a test").await.unwrap_err().to_string();
     assert!(err.contains("shared folders"), "{err}");
     python(&mut s, "print('still running')").await;
     s.close().await;
@@ -398,7 +398,7 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     // Paused to an image (its VM stops) and resumed from it: the same
     // screen, and the clipboard's owner still running.
     let id = s.id.clone();
-    let image = eng.pause_to_image(&mut s).await.unwrap();
+    let image = eng.pause_to_image(&mut s, "paused by a test").await.unwrap();
     assert_eq!(image.kind, strata_store::ImageKind::Paused);
     let qemu = s.vm_pid();
     drop(s);

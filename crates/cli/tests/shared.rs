@@ -60,7 +60,7 @@ async fn a_package_built_on_one_server_launches_on_another_and_a_paused_session_
     // server) from the shared store: the record travels by hand here.
     s.input(b"x = 41\n").await.unwrap();
     let id = s.id.clone();
-    b.pause_to_image(&mut s).await.unwrap();
+    b.pause_to_image(&mut s, "paused by a test").await.unwrap();
     drop(s);
     let c_dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let c = server(c_dir.path(), accel);

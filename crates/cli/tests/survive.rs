@@ -49,7 +49,13 @@ fn mine_of(pid: u32) -> Option<Value> {
 /// `strata run python3` with `line` typed in; once `answer` shows, its
 /// process is killed outright (nothing of it runs). The session's record.
 fn run_python_then_kill_its_terminal(line: &[u8], answer: &str) -> Value {
-    let (mut child, seen) = spawn_reading(&["run", "-i", "python3"]);
+    run_then_kill_its_terminal(&[], line, answer)
+}
+
+/// As [`run_python_then_kill_its_terminal`], with `flags` for `run`.
+fn run_then_kill_its_terminal(flags: &[&str], line: &[u8], answer: &str) -> Value {
+    let args: Vec<&str> = ["run", "-i"].into_iter().chain(flags.iter().copied()).chain(["python3"]).collect();
+    let (mut child, seen) = spawn_reading(&args);
     let pid = child.id();
     assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
     let rec = mine_of(pid).unwrap();
@@ -120,6 +126,26 @@ fn a_killed_terminal_leaves_its_session_detached_with_its_state_and_an_unseen_en
     assert!(rm.status.success(), "{}", text(&rm.stderr));
     assert!(session(&id).is_none(), "still listed after rm");
     assert!(!env().state.join("sessions").join(&id).exists());
+
+    // No server needed: the store's keeper, started by the CLI, pauses a
+    // session whose terminal was killed once its idle time-out passes;
+    // `ps` says why, and attaching resumes it with its state.
+    let rec = run_then_kill_its_terminal(&["--idle-timeout", "3s"], b"y = 'kept'; print(y)\n", "kept");
+    let id = rec["id"].as_str().unwrap().to_string();
+    let keeper: u64 = std::fs::read_to_string(env().state.join("keeper.lock")).unwrap().trim().parse().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{keeper}/cmdline")).unwrap_or_default();
+    assert!(text(&cmdline).ends_with("keep\0"), "no keeper runs: {:?}", text(&cmdline));
+    assert!(
+        wait_until(Duration::from_secs(60), || session(&id).is_some_and(|s| s["state"] == "paused")),
+        "{:?}",
+        session(&id)
+    );
+    let why = session(&id).unwrap()["why"].as_str().unwrap_or_default().to_string();
+    assert_eq!(why, "paused: detached longer than its idle time-out (3s)");
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("paused") && l.ends_with(&why)), "{ps}");
+    let out = strata_with_input(&["attach", &id], "print(y.upper())\n");
+    assert!(text(&out.stdout).contains("KEPT"), "{}{}", text(&out.stdout), text(&out.stderr));
 
     // A guest that powers off while nobody is attached: listed exited.
     let line = b"import os; os.system('(sleep 3; echo o > /proc/sysrq-trigger) &'); print('armed')\n";
@@ -319,4 +345,25 @@ async fn a_killed_or_stopped_server_loses_no_session_the_next_one_takes_them_bac
     let _s = serve_with_env(a.clone(), b.clone(), &[], &[("STRATA_PAUSED_RETENTION_SECS", "1")]);
     assert!(wait_until(Duration::from_secs(30), || session(&id).is_none()), "{:?}", session(&id));
     assert!(!env().state.join(format!("paused/{id}.json")).exists());
+}
+
+#[test]
+fn a_keeper_keeps_a_store_alone_and_ends_once_nothing_runs_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let mut first = strata(&["--state", state, "keep"]).stderr(Stdio::null()).spawn().unwrap();
+    let lock = dir.path().join("keeper.lock");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&lock)
+            .is_ok_and(|p| p.trim() == first.id().to_string())),
+        "the first keeper did not take the store"
+    );
+    // A second one finds the store kept and ends at once.
+    let t0 = std::time::Instant::now();
+    let second = strata(&["--state", state, "keep"]).output().unwrap();
+    assert!(second.status.success() && t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(first.try_wait().unwrap().is_none(), "the first keeper ended early");
+    // Nothing runs in an empty store: it ends after three quiet rounds.
+    assert!(wait_until(Duration::from_secs(40), || first.try_wait().unwrap().is_some()), "the keeper did not end");
+    assert!(first.wait().unwrap().success());
 }

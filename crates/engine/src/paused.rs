@@ -64,12 +64,13 @@ impl Engine {
     /// Pauses a running session to an image: its memory, devices and disk
     /// writes are saved as an image chained on the one it runs from, its
     /// record moves to the paused sessions, and its VM stops. Drop the
-    /// session afterwards. On failure the session keeps running.
+    /// session afterwards. On failure the session keeps running. `why` is
+    /// recorded for `ps`.
     ///
     /// # Errors
     /// If the session has devices plugged in (network, shared folders, home),
     /// is not registered, or the save fails.
-    pub async fn pause_to_image(&self, s: &mut Session) -> Result<ImageRecord, Error> {
+    pub async fn pause_to_image(&self, s: &mut Session, why: &str) -> Result<ImageRecord, Error> {
         let Some(dir) = s.record.clone() else {
             return Err(Error::Config(format!(
                 "session {} was not launched from a launch image; it cannot be paused",
@@ -137,6 +138,7 @@ impl Engine {
             rec.qemu_pid = 0;
             rec.owner_pid = 0;
             rec.detached = true;
+            rec.why = Some(why.to_string());
             write_atomic(&self.paused_record_path(&s.id), &serde_json::to_vec(&rec).expect("serializes"))?;
             Ok::<_, Error>(image)
         }
@@ -164,7 +166,7 @@ impl Engine {
     /// As [`Engine::pause_to_image`], or if a terminal holds the session.
     pub async fn pause_detached(&self, id: &str) -> Result<ImageRecord, Error> {
         let mut s = self.reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q)").await?;
-        let r = self.pause_to_image(&mut s).await;
+        let r = self.pause_to_image(&mut s, "paused by `strata pause`").await;
         match r {
             Ok(image) => {
                 drop(s);

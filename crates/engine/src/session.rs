@@ -638,7 +638,7 @@ impl Session {
             ));
         };
         self.ask_detach().await?;
-        crate::sessions::mark_detached(&dir)?;
+        crate::sessions::mark_detached(&dir, "detached by its terminal")?;
         let Session { id, vm, dir: work, .. } = self;
         vm.release();
         work.keep();
@@ -646,13 +646,14 @@ impl Session {
     }
 
     /// Leaves a registered session running and detached whatever its agent
-    /// answers (its process is stopping): never stops the VM.
-    pub async fn leave(mut self) {
+    /// answers (its process is stopping): never stops the VM. `why` is
+    /// recorded for `ps`.
+    pub async fn leave(mut self, why: &str) {
         if let Err(e) = self.ask_detach().await {
             tracing::warn!(session = %self.id, error = %e, "the agent did not acknowledge the detach; left running anyway");
         }
         if let Some(dir) = &self.record {
-            if let Err(e) = crate::sessions::mark_detached(dir) {
+            if let Err(e) = crate::sessions::mark_detached(dir, why) {
                 tracing::warn!(session = %self.id, error = %e, "could not mark the session detached");
             }
         }

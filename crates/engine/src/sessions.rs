@@ -71,6 +71,10 @@ pub struct SessionRecord {
     /// Unix seconds since when no terminal holds it.
     #[serde(default)]
     pub detached_since: Option<i64>,
+    /// Why it is detached or paused, in words (who left it so, and when a
+    /// time-out did); `ps` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// How a session ended that nobody saw end.
@@ -123,6 +127,10 @@ const GUEST_POWER_OFF: &str = "reboot: Power down";
 /// This build's version, as session records keep it.
 pub const STRATA_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long a session may stay detached before it is paused to an image,
+/// where neither it nor its server says.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How long the record of a session that ended unseen is kept, unless
 /// `STRATA_ENDED_RETENTION_SECS` says otherwise.
 pub const ENDED_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -151,6 +159,7 @@ impl SessionRecord {
             ended: None,
             idle_timeout_s: None,
             detached_since: None,
+            why: None,
         }
     }
 
@@ -202,11 +211,25 @@ pub(crate) fn update_record(dir: &Path, change: impl FnOnce(&mut SessionRecord))
     write_atomic(&dir.join(RECORD), &serde_json::to_vec(&rec).expect("serializes"))
 }
 
-pub(crate) fn mark_detached(dir: &Path) -> Result<(), Error> {
+/// A span of seconds in words, briefly: 45s, 30m, 1h, 1h30m.
+pub fn human_secs(secs: i64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// Records the session in `dir` as held by no process, and `why`.
+pub(crate) fn mark_detached(dir: &Path, why: &str) -> Result<(), Error> {
     update_record(dir, |rec| {
         rec.detached = true;
         rec.owner_pid = 0;
         rec.detached_since = Some(unix_now());
+        rec.why = Some(why.to_string());
     })
 }
 
@@ -355,7 +378,8 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(&dir);
             } else if vm_alive && orphan {
                 tracing::info!(session = %rec.id, owner = rec.owner_pid, "the terminal of a session vanished; it is detached");
-                if let Err(e) = mark_detached(&dir) {
+                let why = format!("detached: its terminal's strata process (pid {}) ended", rec.owner_pid);
+                if let Err(e) = mark_detached(&dir, &why) {
                     tracing::warn!(session = %rec.id, error = %e, "could not mark the session detached");
                 }
             } else if !vm_alive && (rec.detached || orphan) {
@@ -418,7 +442,7 @@ impl Engine {
         let (vm, conn, screen, exited) = match connected.await {
             Ok(x) => x,
             Err(e) => {
-                let _ = mark_detached(&dir);
+                let _ = mark_detached(&dir, &format!("detached: an attach failed ({e})"));
                 return Err(e);
             }
         };
@@ -667,6 +691,7 @@ impl Engine {
         rec.detached = false;
         rec.owner_pid = std::process::id();
         rec.detached_since = None;
+        rec.why = None;
         self.write_session_record(&rec)?;
         Ok(rec)
     }
@@ -706,7 +731,8 @@ impl Engine {
                     continue;
                 }
             };
-            match self.pause_to_image(&mut s).await {
+            let idle = human_secs(limit);
+            match self.pause_to_image(&mut s, &format!("paused: detached longer than its idle time-out ({idle})")).await {
                 Ok(_) => {
                     tracing::info!(session = %rec.id, idle_s = now - rec.detached_since.unwrap_or(now), "idle time-out: paused a detached session to an image");
                     paused.push(rec.id.clone());
@@ -715,7 +741,7 @@ impl Engine {
                     tracing::warn!(session = %rec.id, error = %e, "idle time-out: the session cannot be paused to an image; it keeps running");
                     // Not tried again: it has devices a pause cannot save.
                     let _ = self.set_idle_timeout(&rec.id, None);
-                    s.leave().await;
+                    s.leave(&format!("detached; its idle time-out ({idle}) could not pause it: {e}")).await;
                 }
             }
         }
@@ -761,7 +787,7 @@ impl Engine {
         match connected.await {
             Ok(s) => Ok(s),
             Err(e) => {
-                let _ = mark_detached(&dir);
+                let _ = mark_detached(&dir, &format!("detached: it does not answer strata {STRATA_VERSION}"));
                 let started_by = if rec.strata_version.is_empty() { "an earlier strata" } else { &rec.strata_version };
                 Err(Error::Agent(format!(
                     "session {id} (started by strata {started_by}) does not answer strata {STRATA_VERSION}: {e}; \
@@ -811,5 +837,11 @@ mod tests {
         let ids: Vec<String> = records_in(dir.path()).into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["ba9876543210", "0123456789ab"]);
         assert!(records_in(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn spans_are_worded_briefly() {
+        let said: Vec<String> = [0, 45, 1800, 1845, 3600, 5400, 90061].into_iter().map(human_secs).collect();
+        assert_eq!(said, ["0s", "45s", "30m", "30m45s", "1h", "1h30m", "25h1m"]);
     }
 }
