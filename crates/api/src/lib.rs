@@ -70,6 +70,10 @@ pub struct AppState {
     pub cluster: Option<Arc<cluster::ClusterLink>>,
     /// Folders E2B's SDKs watch in sandboxes.
     pub e2b_watchers: e2b::envd::Watchers,
+    /// Terminals that see every session of the server (`serve --operator`)
+    /// and may stop, pause and resume any; what runs inside stays each
+    /// terminal's own.
+    pub operators: std::collections::BTreeSet<String>,
 }
 
 impl AppState {
@@ -89,6 +93,7 @@ impl AppState {
             web_dir: None,
             cluster: None,
             e2b_watchers: Default::default(),
+            operators: Default::default(),
         })
     }
 

@@ -486,9 +486,12 @@ pub struct SessionInfo {
     /// Its display is at `/v1/sessions/{id}/display` (a graphical package).
     graphical: bool,
     /// Why it ended (exited or lost): what happened, then the last lines of
-    /// QEMU's log and the guest's console; why it is paused.
+    /// QEMU's log and the guest's console; why it is paused or detached.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// The terminal it belongs to (none: this machine's CLI started it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    terminal: Option<String>,
 }
 
 impl SessionInfo {
@@ -507,16 +510,39 @@ impl SessionInfo {
             idle_timeout_s: None,
             graphical: false,
             reason: Some(e.reason.clone()),
+            terminal: rec.labels.get("terminal").cloned(),
         })
+    }
+
+    /// A session of this machine's store that this server does not hold
+    /// (the CLI's), from its record: what an operator also sees.
+    fn unheld(rec: &strata_engine::sessions::SessionRecord) -> SessionInfo {
+        SessionInfo {
+            id: rec.id.clone(),
+            package: rec.package.clone(),
+            state: if rec.paused_image.is_some() { SessionState::Paused } else { SessionState::Running },
+            attached: !rec.detached,
+            created: rec.created.max(0) as u64,
+            idle_timeout_s: rec.idle_timeout_s,
+            graphical: false,
+            reason: rec.why.clone(),
+            terminal: rec.labels.get("terminal").cloned(),
+        }
     }
 }
 
-/// The caller's sessions that ended unseen.
-fn ended_of(st: &AppState, owner: &str) -> Vec<strata_engine::sessions::SessionRecord> {
+/// Whether `caller` sees the sessions of terminal `owner`: its own, or any
+/// for an operator.
+fn sees(st: &AppState, caller: &str, owner: Option<&str>) -> bool {
+    owner == Some(caller) || st.operators.contains(caller)
+}
+
+/// The sessions that ended unseen that `caller` sees.
+fn ended_of(st: &AppState, caller: &str) -> Vec<strata_engine::sessions::SessionRecord> {
     st.engine
         .ended_sessions()
         .into_iter()
-        .filter(|r| r.labels.get("terminal").map(String::as_str) == Some(owner))
+        .filter(|r| sees(st, caller, r.labels.get("terminal").map(String::as_str)))
         .collect()
 }
 
@@ -531,6 +557,7 @@ impl From<&Live> for SessionInfo {
             idle_timeout_s: l.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|d| d.as_secs()),
             graphical: l.vnc.is_some(),
             reason: l.why.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            terminal: Some(l.owner.clone()),
         }
     }
 }
@@ -644,12 +671,18 @@ pub(crate) async fn launch_for(
     Ok((live, token))
 }
 
-/// The caller's sessions.
+/// The caller's sessions; an operator's are every session of the server
+/// and of its store (the CLI's too).
 #[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = [SessionInfo])))]
 async fn list_sessions(State(st): St, Caller(owner): Caller) -> Json<Vec<SessionInfo>> {
+    let held = st.sessions.all();
     let mut all: Vec<SessionInfo> =
-        st.sessions.all().iter().filter(|l| l.owner == owner).map(|l| SessionInfo::from(&**l)).collect();
+        held.iter().filter(|l| sees(&st, &owner, Some(&l.owner))).map(|l| SessionInfo::from(&**l)).collect();
     all.extend(ended_of(&st, &owner).iter().filter_map(SessionInfo::ended));
+    if st.operators.contains(&owner) {
+        let others = st.engine.list_sessions().into_iter().filter(|r| st.sessions.get(&r.id).is_none() && !r.pooled);
+        all.extend(others.map(|r| SessionInfo::unheld(&r)));
+    }
     all.sort_by_key(|s| s.created);
     Json(all)
 }
@@ -659,6 +692,15 @@ fn mine(st: &AppState, owner: &str, id: &str) -> Result<Arc<Live>, ApiError> {
     st.sessions.get(id).filter(|l| l.owner == owner).ok_or_else(|| ApiError::not_found(format!("no session {id}")))
 }
 
+/// A session the caller may list, stop, pause and resume: its own, or
+/// any for an operator.
+fn managed(st: &AppState, caller: &str, id: &str) -> Result<Arc<Live>, ApiError> {
+    st.sessions
+        .get(id)
+        .filter(|l| sees(st, caller, Some(&l.owner)))
+        .ok_or_else(|| ApiError::not_found(format!("no session {id}")))
+}
+
 #[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
     responses((status = 200, body = SessionInfo), (status = 404, body = ErrorBody)))]
 async fn get_session(
@@ -666,7 +708,7 @@ async fn get_session(
     Caller(owner): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    match mine(&st, &owner, &id) {
+    match managed(&st, &owner, &id) {
         Ok(live) => Ok(Json(SessionInfo::from(&*live))),
         Err(e) => ended_of(&st, &owner).iter().find(|r| r.id == id).and_then(SessionInfo::ended).map(Json).ok_or(e),
     }
@@ -682,12 +724,17 @@ async fn ask<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>
 #[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn kill_session(State(st): St, Caller(owner): Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let live = match mine(&st, &owner, &id) {
+    let live = match managed(&st, &owner, &id) {
         Ok(live) => live,
         // An ended session's record goes.
-        Err(e) if ended_of(&st, &owner).iter().any(|r| r.id == id) => {
+        Err(_) if ended_of(&st, &owner).iter().any(|r| r.id == id) => {
             st.engine.remove_ended(&id)?;
-            let _ = e;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        // An operator stops the store's other sessions (the CLI's) too.
+        Err(_) if st.operators.contains(&owner) && st.engine.list_sessions().iter().any(|r| r.id == id) => {
+            st.engine.kill_session(&id).await?;
+            tracing::info!(session = %id, operator = %owner, "an operator stopped a session of the store");
             return Ok(StatusCode::NO_CONTENT);
         }
         Err(e) => return Err(e),
@@ -815,8 +862,9 @@ async fn pause_session(
     Caller(owner): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    let live = mine(&st, &owner, &id)?;
-    ask(&live, |r| Cmd::Pause("paused by its terminal".into(), r)).await?;
+    let live = managed(&st, &owner, &id)?;
+    let why = if live.owner == owner { "paused by its terminal".into() } else { format!("paused by operator {owner}") };
+    ask(&live, |r| Cmd::Pause(why, r)).await?;
     Ok(Json(SessionInfo::from(&*live)))
 }
 
@@ -828,9 +876,9 @@ async fn resume_session(
     Caller(owner): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    let live = mine(&st, &owner, &id)?;
+    let live = managed(&st, &owner, &id)?;
     if *live.state.lock().unwrap_or_else(|e| e.into_inner()) == crate::live::State::Paused {
-        memory_quota(&st, &owner, live.memory_mib)?;
+        memory_quota(&st, &live.owner, live.memory_mib)?;
     }
     ask(&live, Cmd::Resume).await?;
     Ok(Json(SessionInfo::from(&*live)))

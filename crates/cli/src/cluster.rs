@@ -67,6 +67,8 @@ pub struct Plane<'a> {
     pub max_memory_per_terminal_mib: u32,
     /// Seconds a silent server's sessions stay running before they are lost.
     pub lost_after: u64,
+    /// Terminals that see and manage every session of the cluster.
+    pub operators: &'a [String],
 }
 
 /// `strata control`: a control plane until interrupted.
@@ -106,6 +108,10 @@ pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
         anyhow::bail!("--lost-after must be between 1 and 86400 seconds (a server silent that long has its running sessions marked lost)");
     }
     plane.lost_after = std::time::Duration::from_secs(p.lost_after);
+    if let Some(bad) = p.operators.iter().find(|t| !strata_api::auth::valid_terminal(t)) {
+        anyhow::bail!("--operator {bad:?} is not a terminal name (letters, digits, - _ ., up to 64)");
+    }
+    plane.operators = p.operators.iter().cloned().collect();
     let cp = Arc::new(plane);
     tokio::spawn(cp.clone().lead());
     let listener = std::net::TcpListener::bind(p.listen).with_context(|| format!("cannot listen on {}", p.listen))?;

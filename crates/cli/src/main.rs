@@ -23,7 +23,7 @@ use crate::progress::Bar;
 use crate::terminal::{attach, stdin_is_tty, terminal_size, AttachEnd};
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Run software on demand, already running, each in its own VM")]
+#[command(name = "strata", version = strata_engine::sessions::STRATA_VERSION, about = "Run software on demand, already running, each in its own VM")]
 struct Cli {
     /// Where images and the catalog live.
     #[arg(long, global = true, env = "STRATA_STATE")]
@@ -219,6 +219,11 @@ enum Cmd {
         /// Same as `--on-stop pause`.
         #[arg(long, conflicts_with = "on_stop")]
         pause_on_stop: bool,
+        /// A terminal whose token sees every session of this server and of
+        /// its store (the CLI's too) and may stop, pause and resume any;
+        /// what runs inside stays each terminal's own (repeatable).
+        #[arg(long, value_name = "TERMINAL")]
+        operator: Vec<String>,
     },
     /// Run a control plane of a cluster: it places launches on the servers
     /// registered in etcd (`serve --etcd`) and tells terminals where to
@@ -257,6 +262,11 @@ enum Cmd {
         /// The PEM private key for --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// A terminal whose token sees every session of the cluster and may
+        /// stop, pause and resume any; what runs inside stays each
+        /// terminal's own (repeatable).
+        #[arg(long, value_name = "TERMINAL")]
+        operator: Vec<String>,
     },
     /// API tokens (one per terminal).
     Token {
@@ -762,6 +772,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             lost_after,
             tls_cert,
             tls_key,
+            operator,
         } => {
             let plane = cluster::Plane {
                 listen: *listen,
@@ -775,6 +786,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 max_sessions_per_terminal: *max_sessions_per_terminal,
                 max_memory_per_terminal_mib: *max_memory_per_terminal_mib,
                 lost_after: *lost_after,
+                operators: operator,
             };
             return cluster::control(plane).await;
         }
@@ -866,8 +878,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             server_id,
             on_stop,
             pause_on_stop,
+            operator,
             ..
         } => {
+            if let Some(bad) = operator.iter().find(|t| !strata_api::auth::valid_terminal(t)) {
+                anyhow::bail!("--operator {bad:?} is not a terminal name (letters, digits, - _ ., up to 64)");
+            }
             let on_stop = match (pause_on_stop, on_stop) {
                 (true, _) | (false, OnStopArg::Pause) => strata_api::live::OnStop::Pause,
                 (false, OnStopArg::Keep) => strata_api::live::OnStop::Keep,
@@ -888,6 +904,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let tokens = tokens_file(&eng);
             let mut state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
                 .map_err(anyhow::Error::msg)?;
+            state.operators = operator.iter().cloned().collect();
             for (package, (min, max)) in pool {
                 eng_check_package(&state.engine, package)?;
                 state.pool_targets.insert(package.clone(), *max);

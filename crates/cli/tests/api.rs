@@ -434,6 +434,65 @@ fn the_cli_talks_to_a_server_by_address() {
     assert!(text(&bad.stderr).contains("valid API token"), "{}", text(&bad.stderr));
 }
 
+/// An operator's token (`serve --operator`) lists every session of the
+/// server and of its store, the CLI's too, and stops, pauses and resumes
+/// any; what runs inside stays each terminal's own.
+#[tokio::test]
+async fn an_operator_sees_and_manages_every_session_of_the_server_and_its_store() {
+    if !e2e() {
+        return;
+    }
+    let op = token("opview-op");
+    let s = serve_with("opview", &["--operator", "opview-op"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let launch = |token: String| {
+        let api = &api;
+        async move {
+            let (st, v) = api.call("POST", "/v1/sessions", Some(&token), Some(json!({"package": "bc"}))).await;
+            assert_eq!(st, 201, "{v}");
+            v["session"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let (of_a, of_b) = (launch(s.a.clone()).await, launch(s.b.clone()).await);
+    let out = strata(&["run", "-d", "bc"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let of_cli = text(&out.stdout).trim().to_string();
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect()
+    };
+    // A terminal sees its own; the operator sees all three, each with its terminal.
+    let (_, of_terminal_a) = api.call("GET", "/v1/sessions", Some(&s.a), None).await;
+    assert!(ids(&of_terminal_a).contains(&of_a) && !ids(&of_terminal_a).contains(&of_b));
+    assert!(!ids(&of_terminal_a).contains(&of_cli));
+    let (_, all) = api.call("GET", "/v1/sessions", Some(&op), None).await;
+    for id in [&of_a, &of_b, &of_cli] {
+        assert!(ids(&all).contains(id), "{id} missing from {all}");
+    }
+    let terminal_of = |id: &str| all.as_array().unwrap().iter().find(|x| x["id"] == id).unwrap()["terminal"].clone();
+    assert_eq!((terminal_of(&of_a), terminal_of(&of_cli)), (json!("opview-a"), Value::Null));
+    // `strata ps` through the server lists the same, with the local columns.
+    let ps = strata(&["ps"]).env("STRATA_ADDR", &s.base).env("STRATA_TOKEN", &op).output().unwrap();
+    let listed = text(&ps.stdout);
+    assert!(listed.starts_with("SESSION "), "{listed}{}", text(&ps.stderr));
+    assert!([&of_a, &of_b, &of_cli].iter().all(|id| listed.contains(id.as_str())), "{listed}");
+    // It manages them, but reads nothing of theirs.
+    assert_eq!(api.call("GET", &format!("/v1/sessions/{of_b}"), Some(&op), None).await.0, 200);
+    assert_eq!(api.call("GET", &format!("/v1/sessions/{of_b}/logs"), Some(&op), None).await.0, 404);
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{of_b}/pause"), Some(&op), None).await;
+    assert_eq!((st, v["state"].as_str(), v["reason"].as_str()), (200, Some("paused"), Some("paused by operator opview-op")), "{v}");
+    let (st, v) = api.call("POST", &format!("/v1/sessions/{of_b}/resume"), Some(&op), None).await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
+    // Terminals still cannot touch each other's sessions.
+    assert_eq!(api.call("DELETE", &format!("/v1/sessions/{of_b}"), Some(&s.a), None).await.0, 404);
+    for id in [&of_a, &of_b, &of_cli] {
+        assert_eq!(api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&op), None).await.0, 204, "{id}");
+    }
+    let (_, left) = api.call("GET", "/v1/sessions", Some(&op), None).await;
+    assert!([&of_a, &of_b, &of_cli].iter().all(|id| !ids(&left).contains(id)), "{left}");
+    let bad = strata(&["serve", "--operator", "not a name"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("not a terminal name"), "{}", text(&bad.stderr));
+}
+
 #[test]
 fn the_cli_talks_https_to_a_server_with_a_certificate_it_trusts() {
     if !e2e() {

@@ -25,7 +25,12 @@ fn session(id: &str) -> Option<Value> {
 
 /// `strata ARGS` with piped input, its output gathered as it comes.
 fn spawn_reading(args: &[&str]) -> (std::process::Child, Arc<Mutex<String>>) {
-    let mut child = strata(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    spawn_reading_cmd(strata(args))
+}
+
+/// `cmd` with piped input, its output gathered as it comes.
+fn spawn_reading_cmd(mut cmd: std::process::Command) -> (std::process::Child, Arc<Mutex<String>>) {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
     let mut stdout = child.stdout.take().unwrap();
     let gathered = seen.clone();
@@ -366,4 +371,70 @@ fn a_keeper_keeps_a_store_alone_and_ends_once_nothing_runs_in_it() {
     // Nothing runs in an empty store: it ends after three quiet rounds.
     assert!(wait_until(Duration::from_secs(40), || first.try_wait().unwrap().is_some()), "the keeper did not end");
     assert!(first.wait().unwrap().success());
+}
+
+/// An upgrade: sessions an earlier build of strata started (one from its
+/// CLI, one through its server), with state typed in, are taken back by
+/// this build: listed, attached with their state, through the same attach
+/// token.
+#[tokio::test]
+async fn sessions_an_earlier_build_started_are_taken_back_by_this_one() {
+    if !e2e() {
+        return;
+    }
+    let earlier = std::path::PathBuf::from(std::env::var("STRATA_EARLIER_BUILD").expect(
+        "STRATA_EARLIER_BUILD must name the binaries of an earlier strata build: ./test.sh builds one \
+         (scripts/earlier-build.sh)",
+    ));
+    let built = strata_of(&earlier, &["build", "bc"]).output().unwrap();
+    assert!(built.status.success(), "the earlier build could not build bc: {}", text(&built.stderr));
+
+    // Its CLI: a session with a variable set, whose terminal is killed.
+    let (mut child, seen) = spawn_reading_cmd(strata_of(&earlier, &["run", "-i", "bc"]));
+    let pid = child.id();
+    assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the earlier CLI's session never started");
+    let cli_id = mine_of(pid).unwrap()["id"].as_str().unwrap().to_string();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"x = 6*7\nx\n").unwrap();
+    stdin.flush().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("42")), "{:?}", seen.lock().unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Its server: a session with a variable set; the server is killed.
+    let (a, b) = (token("upgrade-a"), token("upgrade-b"));
+    let mut old = serve_by(&earlier, a.clone(), b.clone(), &["--on-stop", "keep"], &[]);
+    let api = Api { http: reqwest::Client::new(), s: &old };
+    let (api_id, attach) = launch(&api, &a, json!({"package": "bc"})).await;
+    let mut w = ws(&old, &api_id, &attach).await.unwrap();
+    type_line(&mut w, "y = 7*6\ry\r").await;
+    read_until(&mut w, "42").await;
+    drop((api, w));
+    old.kill9();
+    let started_by = session(&api_id).unwrap()["strata_version"].as_str().unwrap_or_default().to_string();
+
+    // This build: the CLI's session is listed detached and attaches with its state.
+    let v = session(&cli_id).unwrap();
+    assert_eq!(v["state"], "detached", "{v}");
+    let out = strata_with_input(&["attach", &cli_id], "x + 1\n");
+    assert!(text(&out.stdout).contains("43"), "{}{}", text(&out.stdout), text(&out.stderr));
+
+    // This build's server takes the API session back: running, the same
+    // attach token, its state.
+    let s = serve_as(a.clone(), b, &["--on-stop", "stop"]);
+    let api = Api { http: reqwest::Client::new(), s: &s };
+    let v = state_of(&api, &a, &api_id).await;
+    assert_eq!(v["state"], "running", "{v}");
+    let mut w = ws(&s, &api_id, &attach).await.unwrap();
+    type_line(&mut w, "y + 2\r").await;
+    read_until(&mut w, "44").await;
+    drop(w);
+    // Held by this build now; the record still names the build that started it.
+    let rec = session(&api_id).unwrap();
+    assert_eq!(rec["owner_pid"].as_u64(), Some(u64::from(s.child.id())), "{rec}");
+    assert_eq!(rec["strata_version"], started_by.as_str());
+    assert_eq!(api.call("DELETE", &format!("/v1/sessions/{api_id}"), Some(&a), None).await.0, 204);
+    // This build's images are the ones used last again (the test store's
+    // prune keeps those).
+    assert!(strata(&["build", "bc"]).output().unwrap().status.success());
 }

@@ -77,6 +77,9 @@ pub struct ControlPlane {
     /// How long a server may be silent (its lease lapsed) before its running
     /// sessions are marked lost: until then it is only suspect.
     pub lost_after: Duration,
+    /// Terminals that see every session of the cluster and may stop, pause
+    /// and resume any (`control --operator`).
+    pub operators: BTreeSet<String>,
 }
 
 impl ControlPlane {
@@ -118,6 +121,7 @@ impl ControlPlane {
             max_sessions_per_terminal: 16,
             max_memory_mib_per_terminal: 8192,
             lost_after: DEFAULT_LOST_AFTER,
+            operators: BTreeSet::new(),
         })
     }
 
@@ -234,15 +238,36 @@ impl ControlPlane {
         Ok((status, value))
     }
 
+    /// Whether `caller` sees the sessions of terminal `owner`: its own, or
+    /// any for an operator.
+    fn sees(&self, caller: &str, owner: &str) -> bool {
+        owner == caller || self.operators.contains(caller)
+    }
+
     /// The caller's session record, and its server if that is alive.
     async fn session_of(&self, terminal: &str, id: &str) -> Result<(SessionEntry, Option<ServerLoad>), ApiError> {
+        self.find_session(id, |owner| owner == terminal).await
+    }
+
+    /// A session the caller may list, stop, pause and resume (its own, or
+    /// any for an operator), and its server if that is alive. Orders about
+    /// it go to its server in its owner's name.
+    async fn managed(&self, caller: &str, id: &str) -> Result<(SessionEntry, Option<ServerLoad>), ApiError> {
+        self.find_session(id, |owner| self.sees(caller, owner)).await
+    }
+
+    async fn find_session(
+        &self,
+        id: &str,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<(SessionEntry, Option<ServerLoad>), ApiError> {
         let entry = self
             .cluster
             .sessions()
             .await
             .map_err(unavailable)?
             .into_iter()
-            .find(|e| e.id == id && e.owner == terminal)
+            .find(|e| e.id == id && visible(&e.owner))
             .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
         let server = self.cluster.servers().await.map_err(unavailable)?.into_iter().find(|s| s.id == entry.server);
         Ok((entry, server))
@@ -523,6 +548,7 @@ fn session_json(e: &SessionEntry, alive: &BTreeSet<String>, now: u64) -> Value {
         "package": e.package,
         "state": e.state,
         "server": e.server,
+        "terminal": e.owner,
         "server_reachable": reachable,
         "unreachable_s": unreachable_s,
         "last_outage_s": e.last_outage_s,
@@ -543,7 +569,7 @@ async fn alive(cp: &ControlPlane) -> Result<BTreeSet<String>, ApiError> {
 async fn list_sessions(State(cp): St, User(terminal): User) -> Result<Json<Vec<Value>>, ApiError> {
     let alive = alive(&cp).await?;
     let mut mine: Vec<SessionEntry> =
-        cp.cluster.sessions().await.map_err(unavailable)?.into_iter().filter(|e| e.owner == terminal).collect();
+        cp.cluster.sessions().await.map_err(unavailable)?.into_iter().filter(|e| cp.sees(&terminal, &e.owner)).collect();
     mine.sort_by_key(|e| e.created);
     let now = unix_now();
     Ok(Json(mine.iter().map(|e| session_json(e, &alive, now)).collect()))
@@ -554,7 +580,7 @@ async fn get_session(
     User(terminal): User,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (entry, _) = cp.session_of(&terminal, &id).await?;
+    let (entry, _) = cp.managed(&terminal, &id).await?;
     Ok(Json(session_json(&entry, &alive(&cp).await?, unix_now())))
 }
 
@@ -647,11 +673,11 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
 }
 
 async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
-    let (entry, server) = cp.session_of(&terminal, &id).await?;
+    let (entry, server) = cp.managed(&terminal, &id).await?;
     if let Some(server) = server {
         let path = format!("/v1/sessions/{id}");
         let (status, body) = cp
-            .order(&server, &terminal, Method::DELETE, &path, None, ORDER_TIMEOUT)
+            .order(&server, &entry.owner, Method::DELETE, &path, None, ORDER_TIMEOUT)
             .await
             .map_err(|e| unreachable(&server, &e))?;
         if !status.is_success() && status != StatusCode::NOT_FOUND {
@@ -663,13 +689,16 @@ async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Passes an order on to the server of the caller's session.
+/// Passes an order on to the server of a session the caller manages, in
+/// its owner's name.
 async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
-    let (entry, server) = cp.session_of(terminal, id).await?;
+    let (entry, server) = cp.managed(terminal, id).await?;
     let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     let path = format!("/v1/sessions/{id}/{what}");
-    let (status, mut body) =
-        cp.order(&server, terminal, method, &path, None, ORDER_TIMEOUT).await.map_err(|e| unreachable(&server, &e))?;
+    let (status, mut body) = cp
+        .order(&server, &entry.owner, method, &path, None, ORDER_TIMEOUT)
+        .await
+        .map_err(|e| unreachable(&server, &e))?;
     if !status.is_success() {
         return Err(passed_on(status, body));
     }
@@ -716,7 +745,8 @@ async fn resume_session(
     User(terminal): User,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    cp.server_for(&terminal, &id).await?;
+    let (entry, _) = cp.managed(&terminal, &id).await?;
+    cp.server_for(&entry.owner, &id).await?;
     pass(&cp, &terminal, &id, Method::POST, "resume").await
 }
 

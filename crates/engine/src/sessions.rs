@@ -125,7 +125,7 @@ pub fn idle_secs(idle: Option<Duration>) -> u64 {
 const GUEST_POWER_OFF: &str = "reboot: Power down";
 
 /// This build's version, as session records keep it.
-pub const STRATA_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const STRATA_VERSION: &str = env!("STRATA_BUILD_VERSION");
 
 /// How long a session may stay detached before it is paused to an image,
 /// where neither it nor its server says.

@@ -73,7 +73,12 @@ pub fn serve_as(a: String, b: String, extra: &[&str]) -> Server {
 }
 
 /// [`serve_as`], with these environment variables set for the server.
-pub fn serve_with_env(a: String, b: String, extra: &[&str], env: &[(&str, &str)]) -> Server {
+pub fn serve_with_env(a: String, b: String, extra: &[&str], vars: &[(&str, &str)]) -> Server {
+    serve_by(env().strata.parent().unwrap(), a, b, extra, vars)
+}
+
+/// [`serve_with_env`], with the build whose binaries are in `bin_dir`.
+pub fn serve_by(bin_dir: &Path, a: String, b: String, extra: &[&str], vars: &[(&str, &str)]) -> Server {
     let mut args = vec!["serve"];
     // Defaults, unless `extra` sets them.
     for (flag, value) in [("--listen", "127.0.0.1:0"), ("--max-sessions-per-terminal", "3"), ("--on-stop", "stop")] {
@@ -82,8 +87,12 @@ pub fn serve_with_env(a: String, b: String, extra: &[&str], env: &[(&str, &str)]
         }
     }
     args.extend_from_slice(extra);
-    let mut child =
-        strata(&args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut child = strata_of(bin_dir, &args)
+        .envs(vars.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_string();

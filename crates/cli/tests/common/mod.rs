@@ -65,12 +65,19 @@ pub fn env() -> &'static TestEnv {
 
 /// `strata` with the test store and packages.
 pub fn strata(args: &[&str]) -> Command {
+    strata_of(env().strata.parent().unwrap(), args)
+}
+
+/// `strata ARGS` of the build whose binaries are in `bin_dir` (this one,
+/// or an earlier one), with the test store and packages and that build's
+/// agent.
+pub fn strata_of(bin_dir: &Path, args: &[&str]) -> Command {
     let e = env();
-    let mut c = Command::new(&e.strata);
+    let mut c = Command::new(bin_dir.join("strata"));
     c.args(args)
         .env("STRATA_STATE", &e.state)
         .env("STRATA_PACKAGES", &e.packages)
-        .env("STRATA_AGENT", &e.agent)
+        .env("STRATA_AGENT", bin_dir.join("strata-agent"))
         .env_remove("STRATA_KEEP_WORK");
     c
 }
