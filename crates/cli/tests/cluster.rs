@@ -359,6 +359,8 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         let port = free_port("127.0.0.1", 39_740 + 10 * i);
         let mut cmd = Command::new(&e.strata);
         cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--rule", "round-robin"])
+            // The second plane has an operator.
+            .args(if i == 1 { &["--operator", "carol"][..] } else { &[] })
             .args(["--max-sessions-per-terminal", "6", "--lost-after", &LOST_AFTER_S.to_string()])
             // Six of bc's 512 MiB guests fill it exactly: the count refuses
             // the seventh first, and the sixth is not refused by memory.
@@ -383,7 +385,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
     };
-    let (alice, bob) = (token("alice"), token("bob"));
+    let (alice, bob, carol) = (token("alice"), token("bob"), token("carol"));
     let servers = |cp: usize| {
         let c = &c;
         let alice = alice.clone();
@@ -665,12 +667,24 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let (status, body) = c.launch(1, &alice, "bc").await;
     assert_eq!(status, 201, "{body}");
     // The limit per terminal holds across servers: bob's seventh is refused.
+    let mut of_bob = Vec::new();
     for _ in 0..6 {
         let (status, body) = c.launch(1, &bob, "bc").await;
         assert_eq!(status, 201, "{body}");
+        of_bob.push(body["session"]["id"].as_str().unwrap().to_string());
     }
     let (status, body) = c.launch(1, &bob, "bc").await;
     assert_eq!((status, body["error"]["code"].as_str()), (429, Some("too_many_sessions")), "{body}");
+    // The operator of plane 1 sees every terminal's sessions and pauses
+    // and resumes one of bob's, ordered in bob's name, but cannot read it.
+    let everyone = c.sessions(1, &carol).await;
+    let terminals: std::collections::BTreeSet<&str> = everyone.iter().filter_map(|s| s["terminal"].as_str()).collect();
+    assert_eq!(terminals, ["alice", "bob"].into(), "{everyone:?}");
+    let (status, v) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", of_bob[0]), &carol).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (status, v) = c.api(1, "POST", &format!("/v1/sessions/{}/resume", of_bob[0]), &carol).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(c.api(1, "GET", &format!("/v1/sessions/{}/logs", of_bob[0]), &carol).await.0, 404);
     drop(etcd_proc);
 
     // The agents die; their VMs go with their namespaces. An engine opened
