@@ -272,31 +272,6 @@ async fn every_qemu_is_filtered_and_a_forbidden_call_ends_only_that_one() {
     let _ = strata(&["kill", &id]).output();
 }
 
-/// The directory of QEMU `pid`'s cgroup for `controller` (v1), or of its
-/// one cgroup (v2), from /proc/PID/cgroup.
-fn cgroup_dir(pid: u32, controller: &str) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let v1 = text.lines().find_map(|l| {
-        let mut p = l.splitn(3, ':');
-        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-        ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
-    });
-    match v1 {
-        Some(path) => {
-            let mount = if controller == "cpu" && !std::path::Path::new("/sys/fs/cgroup/cpu").exists() {
-                "cpu,cpuacct"
-            } else {
-                controller
-            };
-            std::path::Path::new("/sys/fs/cgroup").join(mount).join(path.trim_start_matches('/'))
-        }
-        None => {
-            let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-            std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
-        }
-    }
-}
-
 /// CPU time process `pid` used so far, in seconds (user + system).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

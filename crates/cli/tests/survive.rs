@@ -352,6 +352,46 @@ async fn a_killed_or_stopped_server_loses_no_session_the_next_one_takes_them_bac
     assert!(!env().state.join(format!("paused/{id}.json")).exists());
 }
 
+/// A VM ended by its memory limit while no terminal is attached is listed
+/// `lost`, naming the limit, until removed.
+#[test]
+fn a_detached_session_ended_by_its_memory_limit_is_listed_lost_naming_the_limit() {
+    if !e2e() {
+        return;
+    }
+    let (mut child, seen) = spawn_reading(&["run", "-i", "python3"]);
+    let pid = child.id();
+    assert!(wait_until(Duration::from_secs(120), || mine_of(pid).is_some()), "the session never started");
+    let rec = mine_of(pid).unwrap();
+    let (id, qemu) = (rec["id"].as_str().unwrap().to_string(), rec["qemu_pid"].as_u64().unwrap() as u32);
+    // A guest cannot outgrow guest RAM + the allowance by itself: its
+    // limit is lowered to 256 MiB, below what it is about to use, as a
+    // QEMU growing would meet it.
+    let memory = cgroup_dir(qemu, "memory");
+    let limit = if memory.join("memory.max").exists() { "memory.max" } else { "memory.limit_in_bytes" };
+    std::fs::write(memory.join(limit), (256u64 << 20).to_string()).unwrap();
+    // The guest fills its memory 3 s on, after its terminal is gone.
+    let mut stdin = child.stdin.take().unwrap();
+    let fill = b"import threading, time; x = []; threading.Thread(target=lambda: (time.sleep(3), \
+        [x.append(b'\\x01' * (1 << 20)) for i in range(400)])).start(); print('ar' + 'med')\n";
+    stdin.write_all(fill).unwrap();
+    stdin.flush().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("armed")), "{:?}", seen.lock().unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(300), || session(&id).is_some_and(|s| s["state"] == "lost")),
+        "{:?}",
+        session(&id)
+    );
+    let reason = session(&id).unwrap()["ended"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("its VM was ended by its memory limit"), "{reason}");
+    let ps = text(&strata(&["ps"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains("lost") && l.contains("memory limit")), "{ps}");
+    assert!(strata(&["rm", &id]).output().unwrap().status.success());
+    assert!(session(&id).is_none());
+}
+
 #[test]
 fn a_keeper_keeps_a_store_alone_and_ends_once_nothing_runs_in_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -203,3 +203,28 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// The directory of QEMU `pid`'s cgroup for `controller` (v1), or of its
+/// one cgroup (v2), from /proc/PID/cgroup.
+pub fn cgroup_dir(pid: u32, controller: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = text.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+        ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
+    });
+    match v1 {
+        Some(path) => {
+            let mount = if controller == "cpu" && !std::path::Path::new("/sys/fs/cgroup/cpu").exists() {
+                "cpu,cpuacct"
+            } else {
+                controller
+            };
+            std::path::Path::new("/sys/fs/cgroup").join(mount).join(path.trim_start_matches('/'))
+        }
+        None => {
+            let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
+        }
+    }
+}
