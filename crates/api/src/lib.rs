@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cluster;
 pub mod e2b;
 pub mod error;
+pub mod handover;
 pub mod live;
 pub mod metrics;
 mod routes;

@@ -30,6 +30,28 @@ fn image_row(r: &strata_store::ImageRecord) -> ImageRow {
     }
 }
 
+impl Local<'_> {
+    /// A session of `pkg`: from the pool of the server of this store, if
+    /// one runs and a session waits there, else restored from its launch
+    /// image.
+    async fn launch(
+        &self,
+        pkg: &strata_package::Package,
+        settings: &ContextSettings,
+    ) -> anyhow::Result<strata_engine::Session> {
+        if let Some(id) = strata_api::handover::take_pooled(&self.eng.cfg.state_dir, &pkg.name, settings).await {
+            match self.eng.attach_session(&id, settings).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "could not attach the pooled session handed over; launching");
+                    let _ = self.eng.kill_session(&id).await;
+                }
+            }
+        }
+        Ok(self.eng.launch(pkg, settings, self.bar).await?)
+    }
+}
+
 impl Backend for Local<'_> {
     async fn sessions(&self) -> anyhow::Result<(Vec<SessionRow>, Value)> {
         let mut sessions = self.eng.list_sessions();
@@ -98,7 +120,7 @@ impl Backend for Local<'_> {
         let session = if cold {
             self.eng.launch_cold(&pkg, &settings, self.bar).await?
         } else {
-            self.eng.launch(&pkg, &settings, self.bar).await?
+            self.launch(&pkg, &settings).await?
         };
         self.bar.clear();
         if session.graphical && !self.quiet {

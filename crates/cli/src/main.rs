@@ -972,6 +972,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             for package in state.pool_targets.keys() {
                 state.refill(package);
             }
+            // This machine's CLI takes pooled sessions through it.
+            let _local_socket = match state.pool_targets.is_empty() {
+                true => None,
+                false => Some(
+                    strata_api::handover::listen(state.clone())
+                        .with_context(|| format!("binding {}", strata_api::handover::SOCKET))?,
+                ),
+            };
             {
                 // Housekeeping: pools follow demand (grown on launches,
                 // trimmed here); detached sessions past their idle time-out

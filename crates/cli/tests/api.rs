@@ -392,6 +392,18 @@ async fn launches_come_from_the_warm_pool_when_one_waits() {
         assert!(tokio::time::Instant::now() < deadline, "the pool did not refill");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // This machine's CLI takes its session from the same pool.
+    let waiting = || -> Vec<String> {
+        let out = strata(&["ps", "--json"]).output().unwrap();
+        let all: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        all.iter().filter(|r| r["pooled"] == true && r["package"] == "bc").map(|r| r["id"].as_str().unwrap().into()).collect()
+    };
+    let before = waiting();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let out = strata(&["run", "-d", "bc"]).output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), before[0], "not the pool's session: {}", text(&out.stderr));
+    let out = strata_with_input(&["attach", &before[0]], "6*7\n");
+    assert!(text(&out.stdout).contains("42"), "{}{}", text(&out.stdout), text(&out.stderr));
 }
 
 #[test]
@@ -454,7 +466,8 @@ async fn an_operator_sees_and_manages_every_session_of_the_server_and_its_store(
         }
     };
     let (of_a, of_b) = (launch(s.a.clone()).await, launch(s.b.clone()).await);
-    let out = strata(&["run", "-d", "bc"]).output().unwrap();
+    // python3: bc's pool, in the test beside, is not this test's.
+    let out = strata(&["run", "-d", "python3"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let of_cli = text(&out.stdout).trim().to_string();
     let ids = |v: &Value| -> Vec<String> {
@@ -487,6 +500,7 @@ async fn an_operator_sees_and_manages_every_session_of_the_server_and_its_store(
     for id in [&of_a, &of_b, &of_cli] {
         assert_eq!(api.call("DELETE", &format!("/v1/sessions/{id}"), Some(&op), None).await.0, 204, "{id}");
     }
+    // Gone, not kept as ended.
     let (_, left) = api.call("GET", "/v1/sessions", Some(&op), None).await;
     assert!([&of_a, &of_b, &of_cli].iter().all(|id| !ids(&left).contains(id)), "{left}");
     let bad = strata(&["serve", "--operator", "not a name"]).output().unwrap();

@@ -557,6 +557,13 @@ impl Engine {
         let dir = self.session_dir(id);
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
+            // Held by this process while it goes: another strata process
+            // reaping meanwhile removes it, instead of keeping it as a
+            // session that ended unseen.
+            let _ = update_record(&dir, |r| {
+                r.detached = false;
+                r.owner_pid = std::process::id();
+            });
             kill_qemu(rec.qemu_pid);
             for _ in 0..100 {
                 if !alive(rec.qemu_pid) {
