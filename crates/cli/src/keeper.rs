@@ -64,10 +64,12 @@ fn spawn(eng: &Engine) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether anything in the store still needs keeping: a running session,
-/// or a paused one with a retention to apply.
+/// Whether anything in the store still needs keeping: a running session
+/// (a pool's waiting ones are their server's), or a paused one with a
+/// retention to apply.
 fn anything_to_keep(eng: &Engine) -> bool {
-    eng.list_sessions().iter().any(|r| r.paused_image.is_none() || eng.cfg.paused_retention.is_some())
+    let running = |r: &strata_engine::sessions::SessionRecord| r.paused_image.is_none() && !r.pooled;
+    eng.list_sessions().iter().any(|r| running(r) || (r.paused_image.is_some() && eng.cfg.paused_retention.is_some()))
 }
 
 /// `strata keep`: keeps the store until nothing runs in it.

@@ -55,6 +55,11 @@ impl Local<'_> {
 impl Backend for Local<'_> {
     async fn sessions(&self) -> anyhow::Result<(Vec<SessionRow>, Value)> {
         let mut sessions = self.eng.list_sessions();
+        // Detached sessions are kept to their idle time-outs even when the
+        // keeper that would was killed since.
+        if sessions.iter().any(|r| r.detached && !r.pooled && r.paused_image.is_none()) {
+            crate::keeper::ensure(self.eng);
+        }
         sessions.extend(self.eng.ended_sessions());
         sessions.sort_by_key(|r| r.created);
         let rows = sessions

@@ -2,7 +2,9 @@
 //! scripts/e2b-sdk-requirements.txt; ./test.sh installs it) drives strata
 //! unchanged through `strata serve`'s E2B API: sandboxes are created, run
 //! commands, move files, pause, come back, survive a server's crash, end
-//! at their time-out and are killed. Real QEMU, real guests.
+//! at their time-out and are killed. A smaller suite does the same with its
+//! JavaScript SDK (`e2b` from npm, pinned by scripts/e2b-js). Real QEMU,
+//! real guests.
 
 mod common;
 
@@ -39,6 +41,33 @@ fn sdk(s: &Server, token: &str, script: &str) -> Vec<Value> {
 const PRELUDE: &str = "import json, os, sys, time\n\
                        from e2b import *\n\
                        def say(step, value): print(json.dumps({'step': step, 'value': value}), flush=True)\n";
+
+/// Runs the ES module `script` with E2B's JavaScript SDK pointed at `s`,
+/// as the terminal of `token`; the JSON lines it printed.
+fn sdk_js(s: &Server, token: &str, script: &str) -> Vec<Value> {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} must be set: ./test.sh installs E2B's JavaScript SDK (source scripts/e2b-sdk.sh)")
+        })
+    };
+    let out = Command::new(var("STRATA_E2B_NODE"))
+        .args(["--input-type=module", "-e", &format!("{JS_PRELUDE}{script}")])
+        // Where its node_modules are: `import 'e2b'` resolves from here.
+        .current_dir(var("STRATA_E2B_JS"))
+        .env("E2B_API_URL", format!("{}/e2b", s.base))
+        .env("E2B_SANDBOX_URL", format!("{}/e2b", s.base))
+        .env("E2B_API_KEY", token)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{stderr}");
+    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// What every JavaScript script starts with: `say(step, value)` prints a JSON line.
+const JS_PRELUDE: &str = "import { Sandbox, CommandExitError, NotFoundError } from 'e2b'\n\
+                          const say = (step, value) => console.log(JSON.stringify({ step, value }))\n\
+                          const sleep = (ms) => new Promise((r) => setTimeout(r, ms))\n";
 
 fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
     lines
@@ -302,4 +331,79 @@ async fn e2b_sandboxes_end_at_their_time_out_survive_a_server_crash_and_refuse_s
     let left = step(&after, "end").as_f64().unwrap();
     assert!(left > 60.0, "the time-out was not kept across the crash: {left} s left");
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn the_e2b_javascript_sdk_runs_commands_ptys_files_watches_pauses_and_kills() {
+    if !e2e() {
+        return;
+    }
+    let s = serve("e2b-js");
+    let lines = sdk_js(
+        &s,
+        &s.a,
+        r#"
+const sbx = await Sandbox.create('bc', { timeoutMs: 300_000, metadata: { purpose: 'e2b-js' }, envs: { FOO: 'bar' } })
+say('id', sbx.sandboxId)
+const r = await sbx.commands.run('echo $FOO; echo to-stderr >&2')
+say('run', [r.stdout, r.stderr, r.exitCode])
+try { await sbx.commands.run('echo partial; exit 3'); say('exit3', 'no error') }
+catch (e) { say('exit3', [e instanceof CommandExitError, e.exitCode, e.stdout]) }
+say('missing', (await sbx.commands.run('no-such-command').catch((e) => e)).exitCode)
+const bg = await sbx.commands.run('sleep 300', { background: true })
+say('listed', (await sbx.commands.list()).some((p) => p.pid === bg.pid))
+say('killed', await sbx.commands.kill(bg.pid))
+let seen = ''
+const pty = await sbx.pty.create({ cols: 80, rows: 24, onData: (d) => { seen += new TextDecoder().decode(d) } })
+await sbx.pty.sendInput(pty.pid, new TextEncoder().encode('echo pty-$((6*7)); stty size\n'))
+for (let i = 0; i < 100 && !seen.includes('24 80'); i++) await sleep(100)
+await sbx.pty.resize(pty.pid, { cols: 100, rows: 30 })
+await sbx.pty.sendInput(pty.pid, new TextEncoder().encode('stty size\n'))
+for (let i = 0; i < 100 && !seen.includes('30 100'); i++) await sleep(100)
+say('pty', [seen.includes('pty-42'), seen.includes('24 80'), seen.includes('30 100')])
+await sbx.pty.kill(pty.pid)
+await sbx.files.makeDir('/root/w')
+const events = []
+const watch = await sbx.files.watchDir('/root/w', (e) => events.push(`${e.type} ${e.name}`))
+await sbx.files.write('/root/w/note.txt', 'a note')
+const data = new Uint8Array(70000).map((_, i) => i % 256)
+await sbx.files.write('/root/w/blob.bin', data.buffer)
+for (let i = 0; i < 100 && events.length < 2; i++) await sleep(100)
+await watch.stop()
+say('watch', events.sort())
+say('text', await sbx.files.read('/root/w/note.txt'))
+const back = await sbx.files.read('/root/w/blob.bin', { format: 'bytes' })
+say('bytes', back.length === data.length && back.every((b, i) => b === data[i]))
+say('list', (await sbx.files.list('/root/w')).map((f) => f.name).sort())
+await sbx.files.rename('/root/w/note.txt', '/root/w/moved.txt')
+await sbx.files.remove('/root/w/blob.bin')
+say('after', [await sbx.files.exists('/root/w/moved.txt'), await sbx.files.exists('/root/w/blob.bin')])
+say('info', (await sbx.files.getInfo('/root/w/moved.txt')).size)
+await sbx.setTimeout(600_000)
+const info = await sbx.getInfo()
+say('getinfo', [info.templateId, info.metadata])
+say('listed-sandbox', (await Sandbox.list({ query: { metadata: { purpose: 'e2b-js' } } }).nextItems()).map((x) => x.sandboxId))
+await sbx.betaPause()
+const again = await Sandbox.connect(sbx.sandboxId)
+say('resumed', (await again.commands.run('cat /root/w/moved.txt')).stdout)
+await again.kill()
+say('gone', await Sandbox.connect(sbx.sandboxId).then(() => 'still there', (e) => e instanceof NotFoundError))
+"#,
+    );
+    let id = step(&lines, "id").as_str().unwrap().to_string();
+    assert_eq!(step(&lines, "run"), &serde_json::json!(["bar\n", "to-stderr\n", 0]));
+    assert_eq!(step(&lines, "exit3"), &serde_json::json!([true, 3, "partial\n"]));
+    assert_eq!(step(&lines, "missing"), 127);
+    assert_eq!((step(&lines, "listed"), step(&lines, "killed")), (&Value::Bool(true), &Value::Bool(true)));
+    assert_eq!(step(&lines, "pty"), &serde_json::json!([true, true, true]));
+    assert_eq!(step(&lines, "watch"), &serde_json::json!(["create blob.bin", "create note.txt"]));
+    assert_eq!(step(&lines, "text"), "a note");
+    assert_eq!(step(&lines, "bytes"), true);
+    assert_eq!(step(&lines, "list"), &serde_json::json!(["blob.bin", "note.txt"]));
+    assert_eq!(step(&lines, "after"), &serde_json::json!([true, false]));
+    assert_eq!(step(&lines, "info"), 6);
+    assert_eq!(step(&lines, "getinfo"), &serde_json::json!(["bc", {"purpose": "e2b-js"}]));
+    assert_eq!(step(&lines, "listed-sandbox"), &serde_json::json!([id]));
+    assert_eq!(step(&lines, "resumed"), "a note");
+    assert_eq!(step(&lines, "gone"), true);
 }

@@ -60,6 +60,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
         .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
         .route("/filesystem.Filesystem/GetWatcherEvents", post(watcher_events))
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
@@ -981,6 +982,68 @@ async fn create_watcher(State(st): St, headers: HeaderMap, body: Bytes) -> Resul
     }
     all.insert(id.clone(), Watcher { sandbox: live.id.clone(), path, recursive: req.recursive, seen });
     Ok(json_response(json!({ "watcherId": id })))
+}
+
+/// How often a streamed watch looks at its folder.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// `filesystem.Filesystem/WatchDir`: a folder's changes as a stream, seen
+/// by comparing its listing every [`WATCH_POLL`] (as [`Watchers`] do),
+/// until the client goes, the deadline passes or the sandbox ends.
+async fn watch_dir(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
+    let first = async {
+        let req: CreateWatcherRequest = stream_request(&body)?;
+        let live = sandbox(&st, &headers)?;
+        let path = req.path.ok_or_else(|| invalid("path is missing"))?;
+        let user = user(&headers)?;
+        let seen = listing(&live, &path, req.recursive, user.clone()).await?;
+        Ok::<_, RpcError>((live, path, req.recursive, user, seen))
+    };
+    let (live, path, recursive, user, mut seen) = match first.await {
+        Ok(x) => x,
+        Err(e) => return stream_error(e),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let (limit, ping) = (deadline(&headers), keepalive(&headers));
+    tokio::spawn(async move {
+        let end = |e: RpcError| envelope(0x02, &json!({ "error": e.body() }));
+        if tx.send(envelope(0, &json!({ "start": {} }))).await.is_err() {
+            return;
+        }
+        let until = limit.map(|d| tokio::time::Instant::now() + d);
+        let mut last_sent = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(WATCH_POLL).await;
+            if tx.is_closed() {
+                return;
+            }
+            if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                let _ = tx.send(end(RpcError("deadline_exceeded", "the watch outlasted the request's time-out".into()))).await;
+                return;
+            }
+            let now = match listing(&live, &path, recursive, user.clone()).await {
+                Ok(now) => now,
+                Err(e) => {
+                    let _ = tx.send(end(e)).await;
+                    return;
+                }
+            };
+            for e in changes(&seen, &now) {
+                if tx.send(envelope(0, &json!({ "filesystem": e }))).await.is_err() {
+                    return;
+                }
+                last_sent = tokio::time::Instant::now();
+            }
+            seen = now;
+            if last_sent.elapsed() >= ping {
+                if tx.send(envelope(0, &json!({ "keepalive": {} }))).await.is_err() {
+                    return;
+                }
+                last_sent = tokio::time::Instant::now();
+            }
+        }
+    });
+    stream_response(rx)
 }
 
 #[derive(Deserialize)]
