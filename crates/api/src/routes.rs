@@ -13,14 +13,14 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use strata_engine::context::{ContextSettings, NetworkSettings, PortForward, Share};
-use strata_engine::LogProgress;
+use strata_engine::{GuestCommand, LogProgress};
 use strata_proto::WinSize;
 use tokio::sync::{mpsc, oneshot};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{self, Caller};
 use crate::error::{error_chain, ApiError, ErrorBody};
-use crate::live::{Cmd, Live, Out, SessionOptions, State as SessionState};
+use crate::live::{Cmd, CommandOut, Live, Out, SessionOptions, State as SessionState};
 use crate::AppState;
 
 type St = State<Arc<AppState>>;
@@ -45,6 +45,7 @@ type St = State<Arc<AppState>>;
         resume_session,
         set_timeout,
         attach_session,
+        exec_session,
         attach_ticket,
         import_session,
         session_display,
@@ -103,6 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
+        .route("/v1/sessions/{id}/exec", get(exec_session))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
         .route("/v1/sessions/import", post(import_session))
         .route("/v1/sessions/{id}/display", get(session_display))
@@ -215,6 +217,8 @@ pub struct PackageInfo {
     description: String,
     debs: Vec<String>,
     command: Vec<String>,
+    /// The environment its program runs with.
+    env: BTreeMap<String, String>,
     /// It shows a display (`/v1/sessions/{id}/display`) rather than a terminal.
     graphical: bool,
 }
@@ -233,6 +237,7 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
                 description: p.def.description.clone(),
                 debs: p.def.debs.clone(),
                 command: p.def.command.clone(),
+                env: p.def.env.clone(),
                 graphical: p.def.graphical,
             })
             .collect(),
@@ -1092,6 +1097,129 @@ async fn attach_session(
     // Made here, in the request's scope, so it carries the request id to the guest.
     let ctx = settings.to_terminal_context();
     Ok(ws.on_upgrade(move |socket| pump(socket, live, ctx)))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ExecStart {
+    /// The command: the first frame.
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        cwd: Option<String>,
+        user: Option<String>,
+        /// Input follows (binary frames, then `{"type":"eof"}`); else it is
+        /// ended at once.
+        #[serde(default)]
+        stdin: bool,
+    },
+}
+
+/// Runs a command in a session with pipes, over WebSocket (what `strata
+/// exec` and `run PACKAGE -- CMD` use through a server). The first frame is
+/// `{"type":"exec","argv":[...],"env":{},"cwd":null,"user":null,"stdin":bool}`;
+/// then binary frames carry input, `{"type":"eof"}` ends it; the server
+/// sends binary frames whose first byte says the stream (1 stdout, 2
+/// stderr), then `{"type":"exit","status":N}`. Authenticated like attach.
+/// A client that goes away leaves the command running.
+#[utoipa::path(get, path = "/v1/sessions/{id}/exec", params(("id" = String, Path), ("token" = Option<String>, Query)),
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn exec_session(
+    State(st): St,
+    Path(id): Path<String>,
+    Params(q): Params<AttachQuery>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let live = authorize_stream(&st, &id, &headers, q.token.as_deref(), q.ticket.as_deref())?;
+    Ok(ws.on_upgrade(move |socket| exec_pump(socket, live)))
+}
+
+async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
+    let send_text = |v: serde_json::Value| Message::Text(v.to_string().into());
+    let error = |m: String| send_text(serde_json::json!({"type": "error", "message": m}));
+    let first = match tokio::time::timeout(Duration::from_secs(30), socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ExecStart>(&t).map_err(|e| e.to_string()),
+        _ => Err("the first frame must be the command, as text".to_string()),
+    };
+    let ExecStart::Exec { argv, env, cwd, user, stdin } = match first {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = socket.send(error(format!("not a command: {e}"))).await;
+            return;
+        }
+    };
+    let command = GuestCommand { argv, env: env.into_iter().collect(), cwd, user };
+    if let Err(e) = command.check() {
+        let _ = socket.send(error(e)).await;
+        return;
+    }
+    let (out_tx, mut out_rx) = mpsc::channel(16);
+    let (tx, rx) = oneshot::channel();
+    let asked = Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply: tx };
+    let id = match live.cmd.send(asked).await {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the session has ended".into())),
+        Err(_) => Err("the session has ended".into()),
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = socket.send(error(e)).await;
+            return;
+        }
+    };
+    let input = |data: Option<Vec<u8>>| {
+        let live = live.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            if live.cmd.send(Cmd::CommandInput { id, data, reply: tx }).await.is_err() {
+                return Err("the session has ended".to_string());
+            }
+            rx.await.unwrap_or_else(|_| Err("the session has ended".into()))
+        }
+    };
+    let mut reading = stdin;
+    loop {
+        tokio::select! {
+            msg = socket.recv(), if reading => match msg {
+                Some(Ok(Message::Binary(d))) => {
+                    if let Err(e) = input(Some(d.to_vec())).await {
+                        let _ = socket.send(error(e)).await;
+                        return;
+                    }
+                }
+                Some(Ok(Message::Text(t))) if t.as_str() == r#"{"type":"eof"}"# => {
+                    reading = false;
+                    let _ = input(None).await;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // The client went: the command runs on.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {
+                    let _ = socket.send(error("unknown frame: send input as binary, or {\"type\":\"eof\"}".into())).await;
+                }
+            },
+            out = out_rx.recv() => {
+                let frame = match out {
+                    Some(CommandOut::Stdout(d)) => Message::Binary([&[1u8][..], &d].concat().into()),
+                    Some(CommandOut::Stderr(d)) => Message::Binary([&[2u8][..], &d].concat().into()),
+                    Some(CommandOut::Exit(status)) => {
+                        let _ = socket.send(send_text(serde_json::json!({"type": "exit", "status": status}))).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    None => {
+                        let _ = socket.send(send_text(serde_json::json!({"type": "lost", "reason": "the session has ended"}))).await;
+                        return;
+                    }
+                };
+                if socket.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::TerminalContext) {

@@ -13,6 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::terminal::{self, CrlfToLf, RawMode};
 use crate::verbs::{Backend, ImageRow, RunHow, ServerRow, SessionRow};
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// A strata server and the token this terminal uses with it.
 pub struct Remote {
     http: reqwest::Client,
@@ -148,40 +150,89 @@ impl Remote {
         self.attach_terminal(&id, tty).await
     }
 
-    /// Attaches this terminal to a session on the server.
-    async fn attach_terminal(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
-        let size = terminal::terminal_size().unwrap_or_default();
-        // A control plane answers with the server running the session (the
-        // terminal's bytes go there, not through the plane) and a ticket; a
-        // single server answers "here".
+    /// Opens session `id`'s WebSocket `what` (`attach` or `exec`) with
+    /// `query`. A control plane answers with the server running the session
+    /// (the bytes go there, not through the plane) and a ticket; a single
+    /// server answers "here".
+    async fn open_stream(&self, id: &str, what: &str, query: &str) -> anyhow::Result<Ws> {
         let ticket = self.call("POST", &format!("/v1/sessions/{id}/attach-ticket"), None).await?;
         let (url, bearer) = match ticket["url"].as_str() {
-            Some(at) => (format!("{at}&rows={}&cols={}", size.rows, size.cols), false),
-            None => (
-                format!(
-                    "{}/v1/sessions/{id}/attach?rows={}&cols={}",
-                    self.base.replacen("http", "ws", 1),
-                    size.rows,
-                    size.cols
-                ),
-                true,
-            ),
+            Some(at) => (format!("{}&{query}", at.replacen("/attach?", &format!("/{what}?"), 1)), false),
+            None => (format!("{}/v1/sessions/{id}/{what}?{query}", self.base.replacen("http", "ws", 1)), true),
         };
-        tracing::debug!(url = %url.split("ticket=").next().unwrap_or_default(), "attaching");
+        tracing::debug!(url = %url.split("ticket=").next().unwrap_or_default(), "connecting");
         let mut request = url.into_client_request()?;
         if bearer {
             request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse()?);
         }
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-        let (mut ws, _) =
+        let (ws, _) =
             tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector).await.map_err(|e| {
                 let hint = if e.to_string().contains("certificate") {
                     "; to trust a server's own certificate, pass it with --ca-cert (STRATA_CA_CERT)"
                 } else {
                     ""
                 };
-                anyhow::anyhow!("cannot attach to session {id}: {e}{hint}")
+                anyhow::anyhow!("cannot reach session {id}: {e}{hint}")
             })?;
+        Ok(ws)
+    }
+
+    /// Runs `command` in session `id` with pipes, this process's input
+    /// passed on with `stdin`, its output and errors copied to ours byte
+    /// for byte; its exit status.
+    async fn exec_command(&self, id: &str, command: &strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
+        command.check().map_err(anyhow::Error::msg)?;
+        let mut ws = self.open_stream(id, "exec", "").await?;
+        let env: serde_json::Map<String, Value> =
+            command.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let start = json!({"type": "exec", "argv": command.argv, "env": env, "cwd": command.cwd, "user": command.user, "stdin": stdin});
+        ws.send(Message::Text(start.to_string().into())).await?;
+        let mut input = if stdin { Some(terminal::stdin_channel()) } else { None };
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(d))) => {
+                        let (stream, data) = d.split_first().map_or((0, &[][..]), |(s, rest)| (*s, rest));
+                        let written = if stream == 2 {
+                            std::io::stderr().write_all(data).and_then(|()| std::io::stderr().flush())
+                        } else {
+                            std::io::stdout().write_all(data).and_then(|()| std::io::stdout().flush())
+                        };
+                        // A reader that went away (`| head`) ends the copy, not the command.
+                        if written.is_err() {
+                            return Ok(141);
+                        }
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                        match v["type"].as_str() {
+                            Some("exit") => return Ok(v["status"].as_i64().unwrap_or(0).clamp(0, 255) as u8),
+                            Some("lost") | Some("error") => {
+                                bail!("session {id}: {}", v["reason"].as_str().or(v["message"].as_str()).unwrap_or("ended"))
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("session {id}: {e}"),
+                    None => bail!("session {id}: the server closed the connection before the command ended"),
+                },
+                data = async { input.as_mut()?.recv().await }, if input.is_some() => match data.flatten() {
+                    Some(d) => ws.send(Message::Binary(d.into())).await?,
+                    None => {
+                        input = None;
+                        ws.send(Message::Text(r#"{"type":"eof"}"#.into())).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Attaches this terminal to a session on the server.
+    async fn attach_terminal(&self, id: &str, tty: bool) -> anyhow::Result<u8> {
+        let size = terminal::terminal_size().unwrap_or_default();
+        let mut ws = self.open_stream(id, "attach", &format!("rows={}&cols={}", size.rows, size.cols)).await?;
         let _raw = if tty { Some(RawMode::enter()?) } else { None };
         let mut input = terminal::stdin_channel();
         let mut input_open = true;
@@ -355,21 +406,40 @@ impl Backend for Remote {
         self.attach_terminal(id, tty).await
     }
 
-    async fn piped_program(&self, _package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>> {
-        Ok(None)
+    async fn piped_program(&self, package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>> {
+        // The server's definition of it; one it does not list (or a server
+        // that says nothing of programs) is attached to as before.
+        let Ok(v) = self.call("GET", "/v1/packages", None).await else { return Ok(None) };
+        let Some(p) = list(&v).find(|p| p["name"] == package) else { return Ok(None) };
+        let argv: Vec<String> = list(&p["command"]).filter_map(|a| a.as_str().map(str::to_string)).collect();
+        if p["graphical"] == true || argv.is_empty() {
+            return Ok(None);
+        }
+        let env = p["env"].as_object().into_iter().flatten();
+        let env = env.filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect();
+        Ok(Some(strata_engine::GuestCommand { argv, env, ..Default::default() }))
     }
 
     async fn run_command(
         &self,
-        _package: &str,
-        _devices: &crate::DeviceArgs,
-        _command: strata_engine::GuestCommand,
+        package: &str,
+        devices: &crate::DeviceArgs,
+        command: strata_engine::GuestCommand,
     ) -> anyhow::Result<u8> {
-        bail!("`run PACKAGE -- CMD` through a server is not there yet; run it on the server's machine")
+        command.check().map_err(anyhow::Error::msg)?;
+        let body = json!({"package": package, "context": devices.to_json("remote")?});
+        let created = self.call("POST", "/v1/sessions", Some(body)).await?;
+        let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
+        let status = self.exec_command(&id, &command, true).await;
+        // The session ends with its command, as on this machine.
+        if let Err(e) = self.call("DELETE", &session_path(&id, ""), None).await {
+            eprintln!("strata: could not stop session {id}: {e:#}");
+        }
+        status
     }
 
-    async fn exec(&self, _id: &str, _command: strata_engine::GuestCommand, _stdin: bool) -> anyhow::Result<u8> {
-        bail!("exec through a server is not there yet; run `strata exec` on the server's machine")
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
+        self.exec_command(id, &command, stdin).await
     }
 
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {

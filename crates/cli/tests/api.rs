@@ -434,6 +434,30 @@ fn the_cli_talks_to_a_server_by_address() {
     let py = text(&remote(&["run", "-d", "python3"]).output().unwrap().stdout).trim().to_string();
     let logs = remote(&["logs", &py]).output().unwrap();
     assert!(text(&logs.stdout).contains("Python 3"), "{:?} {}", text(&logs.stdout), text(&logs.stderr));
+    // Commands through the server: output and errors apart, the status,
+    // input to its end without a final newline, env, cwd and user.
+    let script = "import sys, os; print(6*7, os.environ['K'], os.getcwd()); print('oops', file=sys.stderr); sys.exit(3)";
+    let out = remote(&["exec", "-e", "K=v", "-w", "/tmp", &py, "python3", "-c", script]).output().unwrap();
+    assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(3), "42 v /tmp\n"), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "oops\n");
+    let piped = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut c = remote(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(input).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let out = piped(&["exec", "-i", "-u", "nobody", &py, "sh", "-c", "whoami; wc -c"], b"abc");
+    assert_eq!(text(&out.stdout), "nobody\n3\n", "{}", text(&out.stderr));
+    let out = remote(&["exec", &py, "no-such-command"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    let bad = remote(&["exec", "-w", "relative", &py, "true"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("not an absolute path"), "{}", text(&bad.stderr));
+    // A run with a command, and a piped run of the package's own program,
+    // as `docker run -i` would: only the answer, the session gone after.
+    let out = remote(&["run", "bc", "--", "sh", "-c", "echo $((6*7)); exit 4"]).output().unwrap();
+    assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(4), "42\n"), "{}", text(&out.stderr));
+    let out = piped(&["run", "bc"], b"2+3\n");
+    assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "5\n"), "{}", text(&out.stderr));
     assert!(remote(&["kill", &py]).status().unwrap().success());
     assert!(remote(&["pause", &id]).status().unwrap().success());
     assert!(ps(&remote).as_array().unwrap().iter().any(|x| x["id"] == id.as_str() && x["state"] == "paused"));

@@ -535,6 +535,10 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     // The CLI through a control plane: run, and attach to the agent.
     let out = strata_with_input(&["--addr", &c.cps[0], "--token", &alice, "attach", &ids[1]], "x=6*7\nx\n");
     assert!(text(&out.stdout).contains("42"), "{}{}", text(&out.stdout), text(&out.stderr));
+    // A command through the plane runs on the agent, its output straight from there.
+    let exec = ["--addr", &c.cps[0], "--token", &alice, "exec", &ids[0], "sh", "-c", "echo via-$((6*7)) $(hostname)"];
+    let out = strata(&exec).output().unwrap();
+    assert!(text(&out.stdout).starts_with("via-42 "), "{}{}", text(&out.stdout), text(&out.stderr));
 
     // A control plane dies: the other lists the sessions, leads, and
     // attaches go on.

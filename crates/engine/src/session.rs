@@ -23,6 +23,36 @@ pub struct GuestCommand {
     pub user: Option<String>,
 }
 
+impl GuestCommand {
+    /// Checks what came from outside: a program, arguments without NUL,
+    /// environment names, an absolute working directory, a user name.
+    ///
+    /// # Errors
+    /// What is wrong, in words.
+    pub fn check(&self) -> Result<(), String> {
+        if self.argv.first().is_none_or(String::is_empty) {
+            return Err("the command is empty: name a program".into());
+        }
+        if self.argv.iter().any(|a| a.contains('\0')) {
+            return Err("a command's arguments must not contain NUL".into());
+        }
+        for (k, v) in &self.env {
+            crate::context::check_env(k, v)?;
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/') || cwd.contains('\0') {
+                return Err(format!("working directory {cwd:?} is not an absolute path"));
+            }
+        }
+        if let Some(u) = &self.user {
+            if u.is_empty() || u.len() > 32 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+                return Err(format!("user {u:?} is not a user name"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a session reports to its terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
@@ -750,5 +780,22 @@ mod tests {
         assert_eq!(super::parse_ppm(&img), Some((2, 1, 1)));
         assert_eq!(super::parse_ppm(b"P3\n1 1\n255\n"), None);
         assert_eq!(super::parse_ppm(b"P6"), None);
+    }
+
+    #[test]
+    fn commands_from_outside_are_checked() {
+        let cmd = |argv: &[&str]| super::GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+        assert!(cmd(&["echo", "hi"]).check().is_ok());
+        assert!(cmd(&[]).check().unwrap_err().contains("empty"));
+        assert!(cmd(&["echo", "a\0b"]).check().unwrap_err().contains("NUL"));
+        let with = |f: fn(&mut super::GuestCommand)| {
+            let mut c = cmd(&["true"]);
+            f(&mut c);
+            c.check()
+        };
+        assert!(with(|c| c.env = vec![("BAD NAME".into(), "x".into())]).is_err());
+        assert!(with(|c| c.cwd = Some("relative".into())).unwrap_err().contains("absolute"));
+        assert!(with(|c| c.user = Some("a b".into())).unwrap_err().contains("user"));
+        assert!(with(|c| c.user = Some("nobody".into())).is_ok());
     }
 }
