@@ -25,8 +25,15 @@ fn sdk_python() -> String {
 /// Runs `script` with E2B's SDK pointed at `s`, as the terminal of
 /// `token`; the JSON lines it printed (it prints one object per step).
 fn sdk(s: &Server, token: &str, script: &str) -> Vec<Value> {
-    let out = Command::new(sdk_python())
-        .args(["-c", &format!("{PRELUDE}{script}")])
+    let mut python = Command::new(sdk_python());
+    python.args(["-c", &format!("{PRELUDE}{script}")]);
+    run_script(python, s, token)
+}
+
+/// Runs an SDK's script with E2B's variables pointing at `s`; the JSON
+/// lines it printed.
+fn run_script(mut script: Command, s: &Server, token: &str) -> Vec<Value> {
+    let out = script
         .env("E2B_API_URL", format!("{}/e2b", s.base))
         .env("E2B_SANDBOX_URL", format!("{}/e2b", s.base))
         .env("E2B_API_KEY", token)
@@ -50,18 +57,11 @@ fn sdk_js(s: &Server, token: &str, script: &str) -> Vec<Value> {
             panic!("{name} must be set: ./test.sh installs E2B's JavaScript SDK (source scripts/e2b-sdk.sh)")
         })
     };
-    let out = Command::new(var("STRATA_E2B_NODE"))
-        .args(["--input-type=module", "-e", &format!("{JS_PRELUDE}{script}")])
+    let mut node = Command::new(var("STRATA_E2B_NODE"));
+    node.args(["--input-type=module", "-e", &format!("{JS_PRELUDE}{script}")])
         // Where its node_modules are: `import 'e2b'` resolves from here.
-        .current_dir(var("STRATA_E2B_JS"))
-        .env("E2B_API_URL", format!("{}/e2b", s.base))
-        .env("E2B_SANDBOX_URL", format!("{}/e2b", s.base))
-        .env("E2B_API_KEY", token)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{stderr}");
-    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        .current_dir(var("STRATA_E2B_JS"));
+    run_script(node, s, token)
 }
 
 /// What every JavaScript script starts with: `say(step, value)` prints a JSON line.
