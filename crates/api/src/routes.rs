@@ -1113,6 +1113,9 @@ enum ExecStart {
         /// ended at once.
         #[serde(default)]
         stdin: bool,
+        /// Run it on a PTY of this size (`{"rows":R,"cols":C}`), resized by
+        /// `{"type":"resize","rows":R,"cols":C}`; its output is all stdout.
+        tty: Option<WinSize>,
     },
 }
 
@@ -1143,7 +1146,7 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ExecStart>(&t).map_err(|e| e.to_string()),
         _ => Err("the first frame must be the command, as text".to_string()),
     };
-    let ExecStart::Exec { argv, env, cwd, user, stdin } = match first {
+    let ExecStart::Exec { argv, env, cwd, user, stdin, tty } = match first {
         Ok(x) => x,
         Err(e) => {
             let _ = socket.send(error(format!("not a command: {e}"))).await;
@@ -1151,13 +1154,18 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
         }
     };
     let command = GuestCommand { argv, env: env.into_iter().collect(), cwd, user };
-    if let Err(e) = command.check() {
+    let size_ok = |s: &WinSize| (1..=1000).contains(&s.rows) && (1..=1000).contains(&s.cols);
+    let checked = command.check().and_then(|()| match &tty {
+        Some(s) if !size_ok(s) => Err(format!("terminal size {}x{} is out of range 1..1000", s.cols, s.rows)),
+        _ => Ok(()),
+    });
+    if let Err(e) = checked {
         let _ = socket.send(error(e)).await;
         return;
     }
     let (out_tx, mut out_rx) = mpsc::channel(16);
     let (tx, rx) = oneshot::channel();
-    let asked = Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply: tx };
+    let asked = Cmd::Exec { command, tag: None, stdin, pty: tty, out: out_tx, reply: tx };
     let id = match live.cmd.send(asked).await {
         Ok(()) => rx.await.unwrap_or_else(|_| Err("the session has ended".into())),
         Err(_) => Err("the session has ended".into()),
@@ -1192,6 +1200,18 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
                 Some(Ok(Message::Text(t))) if t.as_str() == r#"{"type":"eof"}"# => {
                     reading = false;
                     let _ = input(None).await;
+                }
+                Some(Ok(Message::Text(t))) if tty.is_some() && t.contains(r#""resize""#) => {
+                    match serde_json::from_str::<Control>(&t) {
+                        Ok(Control::Resize { rows, cols }) if size_ok(&WinSize { rows, cols }) => {
+                            let (tx, rx) = oneshot::channel();
+                            let size = WinSize { rows, cols };
+                            if live.cmd.send(Cmd::CommandResize { id, size, reply: tx }).await.is_ok() {
+                                let _ = rx.await;
+                            }
+                        }
+                        _ => { let _ = socket.send(error("a resize needs rows and cols in 1..1000".into())).await; }
+                    }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 // The client went: the command runs on.

@@ -189,9 +189,10 @@ impl Backend for Local<'_> {
         Ok(Some(strata_engine::GuestCommand { argv: pkg.def.command, env, ..Default::default() }))
     }
 
-    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8> {
         let mut session = self.eng.borrow_session(id).await?;
-        let status = run_command(&mut session, Start::Exec(command), stdin).await;
+        let start = if tty { Start::Pty(command) } else { Start::Exec(command) };
+        let status = run_command(&mut session, start, stdin).await;
         session.release();
         status
     }
@@ -260,6 +261,9 @@ const EXEC_ID: strata_proto::ProcId = 0x4558_0000;
 enum Start {
     /// A new command.
     Exec(strata_engine::GuestCommand),
+    /// A new command on a PTY of this terminal's size, which follows it;
+    /// this terminal in raw mode meanwhile.
+    Pty(strata_engine::GuestCommand),
     /// The command of this id, already waiting for its input.
     Standby(strata_proto::ProcId),
 }
@@ -269,21 +273,32 @@ enum Start {
 async fn run_command(session: &mut strata_engine::Session, start: Start, stdin: bool) -> anyhow::Result<u8> {
     use std::io::Write;
     use strata_engine::SessionEvent;
+    let new_id = EXEC_ID | (std::process::id() & 0xffff);
+    let mut raw = None;
     let id = match start {
         Start::Exec(command) => {
-            let id = EXEC_ID | (std::process::id() & 0xffff);
-            session.exec(id, command).await?;
-            id
+            session.exec(new_id, command).await?;
+            new_id
+        }
+        Start::Pty(command) => {
+            let size = terminal_size().unwrap_or(strata_proto::WinSize { rows: 24, cols: 80 });
+            session.exec_pty(new_id, command, size).await?;
+            raw = Some(crate::terminal::RawMode::enter()?);
+            new_id
         }
         Start::Standby(id) => id,
     };
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
     // Standard input is read only when it is passed on.
-    let mut input = if stdin { Some(crate::terminal::stdin_channel()) } else { None };
+    let mut input = if stdin || raw.is_some() { Some(crate::terminal::stdin_channel()) } else { None };
     if input.is_none() {
         session.command_eof(id).await?;
     }
     loop {
         tokio::select! {
+            _ = winch.recv(), if raw.is_some() => if let Some(size) = terminal_size() {
+                session.command_resize(id, size).await?;
+            },
             ev = session.next_event() => match ev {
                 SessionEvent::CommandOutput { id: from, stderr, data } if from == id => {
                     let written = if stderr {

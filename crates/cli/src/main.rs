@@ -98,6 +98,12 @@ enum Cmd {
         /// reaches it as end of file); without it the command reads nothing.
         #[arg(short, long)]
         interactive: bool,
+        /// Give the command a terminal: a PTY of this terminal's size that
+        /// follows it, this terminal in raw mode, its input passed on (for
+        /// shells and other interactive programs; output and errors arrive
+        /// together, as on any terminal).
+        #[arg(short, long)]
+        tty: bool,
         /// Set an environment variable: KEY=VALUE (repeatable).
         #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env_var)]
         env: Vec<(String, String)>,

@@ -180,17 +180,33 @@ impl Remote {
 
     /// Runs `command` in session `id` with pipes, this process's input
     /// passed on with `stdin`, its output and errors copied to ours byte
-    /// for byte; its exit status.
-    async fn exec_command(&self, id: &str, command: &strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
+    /// for byte; or, with `tty`, on a PTY of this terminal's size that
+    /// follows it, this terminal in raw mode. Its exit status.
+    async fn exec_command(
+        &self,
+        id: &str,
+        command: &strata_engine::GuestCommand,
+        stdin: bool,
+        tty: bool,
+    ) -> anyhow::Result<u8> {
         command.check().map_err(anyhow::Error::msg)?;
         let mut ws = self.open_stream(id, "exec", "").await?;
         let env: serde_json::Map<String, Value> =
             command.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-        let start = json!({"type": "exec", "argv": command.argv, "env": env, "cwd": command.cwd, "user": command.user, "stdin": stdin});
+        let mut start = json!({"type": "exec", "argv": command.argv, "env": env, "cwd": command.cwd, "user": command.user, "stdin": stdin || tty});
+        if tty {
+            let size = terminal::terminal_size().unwrap_or(strata_proto::WinSize { rows: 24, cols: 80 });
+            start["tty"] = json!({"rows": size.rows, "cols": size.cols});
+        }
         ws.send(Message::Text(start.to_string().into())).await?;
-        let mut input = if stdin { Some(terminal::stdin_channel()) } else { None };
+        let _raw = if tty { Some(RawMode::enter()?) } else { None };
+        let mut winch = signal(SignalKind::window_change())?;
+        let mut input = if stdin || tty { Some(terminal::stdin_channel()) } else { None };
         loop {
             tokio::select! {
+                _ = winch.recv(), if tty => if let Some(s) = terminal::terminal_size() {
+                    ws.send(Message::Text(json!({"type": "resize", "rows": s.rows, "cols": s.cols}).to_string().into())).await?;
+                },
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Binary(d))) => {
                         let (stream, data) = d.split_first().map_or((0, &[][..]), |(s, rest)| (*s, rest));
@@ -430,7 +446,7 @@ impl Backend for Remote {
         let body = json!({"package": package, "context": devices.to_json("remote")?});
         let created = self.call("POST", "/v1/sessions", Some(body)).await?;
         let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
-        let status = self.exec_command(&id, &command, true).await;
+        let status = self.exec_command(&id, &command, true, false).await;
         // The session ends with its command, as on this machine.
         if let Err(e) = self.call("DELETE", &session_path(&id, ""), None).await {
             eprintln!("strata: could not stop session {id}: {e:#}");
@@ -438,8 +454,8 @@ impl Backend for Remote {
         status
     }
 
-    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8> {
-        self.exec_command(id, &command, stdin).await
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8> {
+        self.exec_command(id, &command, stdin, tty).await
     }
 
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {

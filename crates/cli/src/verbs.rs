@@ -93,8 +93,10 @@ pub trait Backend {
     /// runs no commands yet).
     async fn piped_program(&self, package: &str) -> anyhow::Result<Option<strata_engine::GuestCommand>>;
     /// Runs `command` in session `id` with pipes, this process's standard
-    /// input passed on with `stdin`; its exit status.
-    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool) -> anyhow::Result<u8>;
+    /// input passed on with `stdin`, or on a PTY of this terminal's size
+    /// with `tty` (input passed on, this terminal in raw mode); its exit
+    /// status.
+    async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8>;
     async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>>;
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)>;
     async fn remove_image(&self, digest: &str) -> anyhow::Result<()>;
@@ -132,9 +134,9 @@ where
 
 /// Runs `cmd` if it is a verb every backend has; `None` for the others.
 pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow::Result<u8>> {
+    let is_tty = stdin_is_tty();
     Some(match cmd {
         Cmd::Run { package, interactive, tty, cold, detach, idle_timeout, devices, command } => {
-            let is_tty = stdin_is_tty();
             if *tty && !is_tty {
                 return Some(Err(anyhow::anyhow!(
                     "--tty needs standard input to be a terminal; leave it out to pipe input"
@@ -170,15 +172,18 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
             };
             b.run(package, devices, how).await
         }
-        Cmd::Attach { id } => b.attach(id, stdin_is_tty()).await,
-        Cmd::Exec { interactive, env, workdir, user, id, command } => {
+        Cmd::Attach { id } => b.attach(id, is_tty).await,
+        Cmd::Exec { interactive, tty, env, workdir, user, id, command } => {
+            if *tty && !is_tty {
+                return Some(Err(anyhow::anyhow!("--tty needs standard input to be a terminal; leave it out to pipe input")));
+            }
             let command = strata_engine::GuestCommand {
                 argv: command.clone(),
                 env: env.clone(),
                 cwd: workdir.clone(),
                 user: user.clone(),
             };
-            b.exec(id, command, *interactive).await
+            b.exec(id, command, *interactive, *tty).await
         }
         Cmd::Logs { id } => b.logs(id).await.and_then(|bytes| {
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;

@@ -450,6 +450,12 @@ fn the_cli_talks_to_a_server_by_address() {
     assert_eq!(text(&out.stdout), "nobody\n3\n", "{}", text(&out.stderr));
     let out = remote(&["exec", &py, "no-such-command"]).output().unwrap();
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    let addr = ["--addr", &s.base, "--token", &s.a];
+    let on_tty = [&addr[..], &["exec", "-t", &py, "sh", "-c", "stty size; read x; echo got-$x; exit 5"]].concat();
+    let out = strata_on_a_terminal(&on_tty, "hi\n");
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{shown}{}", text(&out.stderr));
+    assert!(shown.contains("24 80") && shown.contains("got-hi"), "{shown}");
     let bad = remote(&["exec", "-w", "relative", &py, "true"]).output().unwrap();
     assert!(text(&bad.stderr).contains("not an absolute path"), "{}", text(&bad.stderr));
     // A run with a command, and a piped run of the package's own program,

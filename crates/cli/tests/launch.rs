@@ -676,6 +676,13 @@ fn exec_runs_commands_beside_the_program_with_pipes_exit_status_env_cwd_and_user
     assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
     let out = exec(&["-e", "9LIVES=1", &id, "true"]);
     assert!(text(&out.stderr).contains("not a variable name"), "{}", text(&out.stderr));
+    // On a terminal: a PTY of its size, input passed on, the status.
+    let out = strata_on_a_terminal(&["exec", "-t", &id, "sh", "-c", "stty size; tty; read x; echo got-$x; exit 7"], "hi\n");
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "{shown}{}", text(&out.stderr));
+    assert!(shown.contains("24 80") && shown.contains("/dev/pts/") && shown.contains("got-hi"), "{shown}");
+    let refused = exec(&["-t", &id, "true"]);
+    assert!(text(&refused.stderr).contains("needs standard input to be a terminal"), "{}", text(&refused.stderr));
     // The program beside it runs on, detached, untouched.
     let ps = strata(&["ps", "--json"]).output().unwrap();
     let all: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).unwrap();

@@ -72,14 +72,35 @@ pub fn strata(args: &[&str]) -> Command {
 /// or an earlier one), with the test store and packages and that build's
 /// agent.
 pub fn strata_of(bin_dir: &Path, args: &[&str]) -> Command {
-    let e = env();
     let mut c = Command::new(bin_dir.join("strata"));
-    c.args(args)
-        .env("STRATA_STATE", &e.state)
+    c.args(args);
+    with_test_store(&mut c, bin_dir);
+    c
+}
+
+/// Points `c` at the test store and packages, with the agent of the build in `bin_dir`.
+fn with_test_store(c: &mut Command, bin_dir: &Path) {
+    let e = env();
+    c.env("STRATA_STATE", &e.state)
         .env("STRATA_PACKAGES", &e.packages)
         .env("STRATA_AGENT", bin_dir.join("strata-agent"))
         .env_remove("STRATA_KEEP_WORK");
-    c
+}
+
+/// `strata ARGS` on a terminal of its own (util-linux's `script` makes
+/// one, 80x24 by default), with `input` typed at it: what the terminal
+/// showed, and strata's status.
+pub fn strata_on_a_terminal(args: &[&str], input: &str) -> Output {
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let strata = env().strata.to_string_lossy().into_owned();
+    let line: Vec<String> = std::iter::once(strata.as_str()).chain(args.iter().copied()).map(quote).collect();
+    let mut c = Command::new("script");
+    c.args(["-qec", &line.join(" "), "/dev/null"]);
+    with_test_store(&mut c, env().strata.parent().unwrap());
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
 }
 
 /// Runs `strata` with `input` on its standard input, then checks that it
