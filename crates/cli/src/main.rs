@@ -104,6 +104,11 @@ enum Cmd {
         /// together, as on any terminal).
         #[arg(short, long)]
         tty: bool,
+        /// Start it in the background and print its process id in the
+        /// guest: it runs on after strata returns, its output discarded
+        /// (like `docker exec -d`); `strata exec SESSION sh -c 'kill PID'` stops it.
+        #[arg(short, long, conflicts_with_all = ["interactive", "tty"])]
+        detach: bool,
         /// Set an environment variable: KEY=VALUE (repeatable).
         #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env_var)]
         env: Vec<(String, String)>,

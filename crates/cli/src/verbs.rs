@@ -173,16 +173,13 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
             b.run(package, devices, how).await
         }
         Cmd::Attach { id } => b.attach(id, is_tty).await,
-        Cmd::Exec { interactive, tty, env, workdir, user, id, command } => {
+        Cmd::Exec { interactive, tty, detach, env, workdir, user, id, command } => {
             if *tty && !is_tty {
                 return Some(Err(anyhow::anyhow!("--tty needs standard input to be a terminal; leave it out to pipe input")));
             }
-            let command = strata_engine::GuestCommand {
-                argv: command.clone(),
-                env: env.clone(),
-                cwd: workdir.clone(),
-                user: user.clone(),
-            };
+            let argv = if *detach { in_background(command) } else { command.clone() };
+            let command =
+                strata_engine::GuestCommand { argv, env: env.clone(), cwd: workdir.clone(), user: user.clone() };
             b.exec(id, command, *interactive, *tty).await
         }
         Cmd::Logs { id } => b.logs(id).await.and_then(|bytes| {
@@ -258,6 +255,14 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
         }),
         _ => return None,
     })
+}
+
+/// `argv` started in the background by a shell in the guest, its input
+/// and output on /dev/null so that nothing waits for it; the shell prints
+/// its process id and returns.
+fn in_background(argv: &[String]) -> Vec<String> {
+    let start = ["sh", "-c", "\"$@\" </dev/null >/dev/null 2>&1 & echo $!", "sh"];
+    start.iter().map(|a| a.to_string()).chain(argv.iter().cloned()).collect()
 }
 
 fn print_sessions(rows: &[SessionRow]) {

@@ -683,6 +683,15 @@ fn exec_runs_commands_beside_the_program_with_pipes_exit_status_env_cwd_and_user
     assert!(shown.contains("24 80") && shown.contains("/dev/pts/") && shown.contains("got-hi"), "{shown}");
     let refused = exec(&["-t", &id, "true"]);
     assert!(text(&refused.stderr).contains("needs standard input to be a terminal"), "{}", text(&refused.stderr));
+    // In the background: its pid at once; it runs on until stopped.
+    let out = exec(&["-d", &id, "sleep", "300"]);
+    let pid = text(&out.stdout).trim().to_string();
+    assert!(out.status.success() && pid.parse::<u32>().is_ok(), "{pid:?} {}", text(&out.stderr));
+    let out = exec(&[&id, "cat", &format!("/proc/{pid}/cmdline")]);
+    assert_eq!(out.stdout, b"sleep\x00300\x00");
+    assert!(exec(&[&id, "sh", "-c", &format!("kill {pid}")]).status.success());
+    let out = exec(&[&id, "sh", "-c", &format!("sleep 0.5; test -e /proc/{pid}/cmdline && cat /proc/{pid}/stat")]);
+    assert!(!text(&out.stdout).contains("sleep") || text(&out.stdout).contains(") Z "), "{}", text(&out.stdout));
     // The program beside it runs on, detached, untouched.
     let ps = strata(&["ps", "--json"]).output().unwrap();
     let all: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).unwrap();
