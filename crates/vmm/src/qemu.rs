@@ -1328,7 +1328,13 @@ impl Vm {
             .map_err(qmp_err("migrate"))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let info = self.qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
+            // A QEMU that stops answering fails the save at the deadline,
+            // instead of holding its caller for ever.
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let asked = tokio::time::timeout(left, self.qmp.execute(qmp::query_migrate {}))
+                .await
+                .map_err(|_| Error::Save(format!("QEMU did not answer within {} s while saving", timeout.as_secs())))?;
+            let info = asked.map_err(qmp_err("query-migrate"))?;
             match info.status {
                 Some(qmp::MigrationStatus::completed) => return move_file(&out, path),
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
