@@ -534,7 +534,16 @@ impl Engine {
 
     /// Connects this process to the running session in `dir`.
     async fn connect_session(&self, dir: PathBuf, rec: &SessionRecord) -> Result<Session, Error> {
-        let (vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        let (mut vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+        // A process that died while pausing it left its guest stopped.
+        match vm.ensure_running().await {
+            Ok(true) => tracing::info!(session = %rec.id, "its guest was left stopped (a pause cut short); resumed"),
+            Ok(false) => {}
+            Err(e) => {
+                vm.release();
+                return Err(e.into());
+            }
+        }
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
         let mut s = Session::new(rec.id.clone(), &rec.package, a);
         s.record = Some(dir);

@@ -1291,6 +1291,24 @@ impl Vm {
         self.qmp.execute(qmp::stop {}).await.map(|_| ()).map_err(qmp_err("stop"))
     }
 
+    /// Resumes the guest if it is stopped (a strata process that died while
+    /// saving it leaves it so); whether it had to.
+    ///
+    /// # Errors
+    /// If QEMU does not answer within 10 s or refuses.
+    pub async fn ensure_running(&mut self) -> Result<bool, Error> {
+        let asked = async {
+            let st = self.qmp.execute(qmp::query_status {}).await.map_err(qmp_err("query-status"))?;
+            if st.status == qmp::RunState::running {
+                return Ok(false);
+            }
+            self.resume().await.map(|()| true)
+        };
+        tokio::time::timeout(Duration::from_secs(10), asked)
+            .await
+            .map_err(|_| Error::Save("QEMU did not answer query-status within 10 s".into()))?
+    }
+
     /// Resumes a paused guest.
     ///
     /// # Errors
