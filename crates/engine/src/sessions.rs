@@ -387,10 +387,12 @@ impl Engine {
                 let (state, why) = self.why_vm_ended(&dir);
                 self.record_end(rec, state, why);
                 let _ = std::fs::remove_dir_all(&dir);
-            } else if !vm_alive {
-                // Its attached terminal sees the end itself.
-                let _ = std::fs::remove_dir_all(&dir);
             }
+            // A VM gone under a live holder is left to it: the holder
+            // records the end (a server's session nobody watched becomes
+            // `lost`) and removes the directory; removing it here first
+            // would lose that record.
+
         }
         self.sweep_ended();
         self.sweep_confinement();
@@ -567,8 +569,8 @@ impl Engine {
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session {id}; `strata ps` lists them")))?;
         if alive(rec.qemu_pid) && is_session_qemu(rec.qemu_pid, &dir) {
             // Held by this process while it goes: another strata process
-            // reaping meanwhile removes it, instead of keeping it as a
-            // session that ended unseen.
+            // reaping meanwhile leaves it to this one, instead of keeping
+            // it as a session that ended unseen.
             let _ = update_record(&dir, |r| {
                 r.detached = false;
                 r.owner_pid = std::process::id();
