@@ -133,6 +133,12 @@ pub enum Cmd {
     Commands(Reply<Vec<CommandInfo>>),
     /// Set (or clear) the time at which the session is ended or paused.
     SetEnd(Option<(SystemTime, EndAction)>),
+    /// Save the session as a snapshot (named, or a fork's own) while it
+    /// runs on; an attached terminal stays attached and misses no output.
+    Snapshot {
+        name: Option<String>,
+        reply: Reply<strata_engine::fork::Snapshot>,
+    },
 }
 
 /// A session as the server tracks it.
@@ -396,6 +402,7 @@ impl Registry {
                 settings,
                 commands: BTreeMap::new(),
                 next_command: FIRST_COMMAND,
+                sent: Vec::new(),
             };
             actor.run(rx).await;
             reg.lock().remove(&l.id);
@@ -500,6 +507,36 @@ struct Actor<'a> {
     /// watcher (if any).
     commands: BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)>,
     next_command: ProcId,
+    /// The last bytes the attached terminal was sent (at most
+    /// [`SENT_KEPT`]): where it is, when the agent's screen is all there is
+    /// to go on from (after a snapshot).
+    sent: Vec<u8>,
+}
+
+/// How much of what was sent to a terminal is kept to find its place.
+const SENT_KEPT: usize = 4096;
+/// How much of that must match the agent's screen to be sure of the place.
+const PLACE_MARK: usize = 256;
+
+/// What of `screen` (the agent's last output) follows what the terminal
+/// was sent last (`sent`): all of it if the place cannot be found, since
+/// repeating output is better than losing it.
+fn after_sent<'a>(sent: &[u8], screen: &'a [u8]) -> &'a [u8] {
+    let mark = &sent[sent.len().saturating_sub(PLACE_MARK)..];
+    if mark.is_empty() {
+        return screen;
+    }
+    match screen.windows(mark.len()).rposition(|w| w == mark) {
+        Some(at) => &screen[at + mark.len()..],
+        None => screen,
+    }
+}
+
+fn keep_sent(sent: &mut Vec<u8>, more: &[u8]) {
+    sent.extend_from_slice(more);
+    if sent.len() > SENT_KEPT {
+        sent.drain(..sent.len() - SENT_KEPT);
+    }
 }
 
 /// How long a command's output waits for a watcher that does not read
@@ -567,6 +604,34 @@ impl Actor<'_> {
             _ => self.quiet().await,
         }
         Ok(())
+    }
+
+    /// Saves the session as a snapshot while it runs on; the attached
+    /// terminal, if any, is given what the program wrote meanwhile.
+    async fn snapshot(&mut self, name: Option<&str>) -> Result<strata_engine::fork::Snapshot, String> {
+        let s = self.held.as_mut().ok_or(PAUSED)?;
+        let saved = self.engine.snapshot_session(s, name).await.map_err(|e| e.to_string());
+        let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
+        match ctx {
+            Some(ctx) => match s.reattach(&ctx).await {
+                Ok(screen) => {
+                    let missed = after_sent(&self.sent, &screen).to_vec();
+                    if !missed.is_empty() {
+                        keep_sent(&mut self.sent, &missed);
+                        if let Some((c, _)) = &self.client {
+                            let _ = c.send(Out::Data(missed)).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(session = %self.live.id, error = %e, "could not re-attach after a snapshot");
+                    self.client = None;
+                    set(&self.live.attached, false);
+                }
+            },
+            None => self.quiet().await,
+        }
+        saved
     }
 
     /// Hands `out` to the watcher of command `id`; one that does not take
@@ -659,6 +724,7 @@ impl Actor<'_> {
                 ev = self.next_event() => match ev {
                     SessionEvent::Output(d) => {
                         if let Some((c, _)) = &self.client {
+                            keep_sent(&mut self.sent, &d);
                             if c.send(Out::Data(d)).await.is_err() {
                                 self.client = None;
                                 idle_since = tokio::time::Instant::now();
@@ -707,6 +773,8 @@ impl Actor<'_> {
                             Ok(screen) => {
                                 self.client = Some((out, ctx));
                                 set(&self.live.attached, true);
+                                self.sent.clear();
+                                keep_sent(&mut self.sent, &screen);
                                 let _ = reply.send(Ok(screen));
                             }
                             Err(e) => { let _ = reply.send(Err(e.to_string())); }
@@ -802,6 +870,7 @@ impl Actor<'_> {
                         let _ = reply.send(Ok(self.commands.values().map(|(info, _)| info.clone()).collect()));
                     }
                     Some(Cmd::SetEnd(end)) => self.set_end(end),
+                    Some(Cmd::Snapshot { name, reply }) => { let _ = reply.send(self.snapshot(name.as_deref()).await); }
                     Some(Cmd::Release(done)) => {
                         if let Some(s) = self.held.take() {
                             if let Some((c, _)) = &self.client {
@@ -847,5 +916,30 @@ impl Actor<'_> {
         if let Some(s) = self.held.take() {
             s.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{after_sent, keep_sent, SENT_KEPT};
+
+    #[test]
+    fn a_terminal_is_given_only_what_followed_its_place_on_the_screen() {
+        let mut sent = Vec::new();
+        for i in 0..2000 {
+            keep_sent(&mut sent, format!("{i}\n").as_bytes());
+        }
+        assert_eq!(sent.len(), SENT_KEPT);
+        assert!(sent.ends_with(b"1999\n"));
+        // The screen holds what was sent and what followed while nobody watched.
+        let screen: Vec<u8> = (1500..2003).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        assert_eq!(after_sent(&sent, &screen), b"2000\n2001\n2002\n");
+        // Nothing new.
+        let same: Vec<u8> = (1500..2000).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        assert_eq!(after_sent(&sent, &same), b"");
+        // Its place scrolled off the screen: all of it, repeated rather than lost.
+        assert_eq!(after_sent(&sent, b"9000\n"), b"9000\n");
+        // A terminal sent nothing yet gets the whole screen.
+        assert_eq!(after_sent(&[], b"hello"), b"hello");
     }
 }

@@ -43,6 +43,8 @@ type St = State<Arc<AppState>>;
         session_logs,
         pause_session,
         resume_session,
+        fork_session,
+        snapshot_session,
         set_timeout,
         attach_session,
         exec_session,
@@ -67,6 +69,11 @@ type St = State<Arc<AppState>>;
         ShareBody,
         SessionInfo,
         CreatedSession,
+        ForkRequest,
+        Forked,
+        ForkOutcome,
+        SnapshotRequest,
+        SnapshotInfo,
         TimeoutBody,
         AttachTicket,
         ImportSession,
@@ -102,6 +109,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
+        .route("/v1/sessions/{id}/fork", post(fork_session))
+        .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/attach", get(attach_session))
         .route("/v1/sessions/{id}/exec", get(exec_session))
@@ -473,7 +482,12 @@ impl ContextBody {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
+    /// The package to launch (from its launch image); empty with `snapshot`.
+    #[serde(default)]
     package: String,
+    /// Start the session from this snapshot (its name or digest) instead:
+    /// the saved session's whole state, with its context.
+    snapshot: Option<String>,
     context: Option<ContextBody>,
     /// Stop the session after this long with no terminal attached.
     idle_timeout_s: Option<u64>,
@@ -601,14 +615,166 @@ async fn create_session(
     Body(req): Body<CreateSession>,
 ) -> Result<Response, ApiError> {
     let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
-    let settings = req.context.unwrap_or_default().settings(&owner)?;
     let options = SessionOptions { idle, ..SessionOptions::default() };
+    if let Some(name) = &req.snapshot {
+        if !req.package.is_empty() || req.context.is_some() {
+            return Err(ApiError::bad_request(
+                "a session from a snapshot has the snapshot's package and context: leave out package and context",
+            ));
+        }
+        let image = st
+            .engine
+            .find_snapshot(name)?
+            .ok_or_else(|| ApiError::not_found(format!("no snapshot {name}; GET /v1/images lists them (kind paused, with a snapshot name)")))?;
+        let memory_mib = image.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
+        room_for(&st, &owner, 1, memory_mib)?;
+        let session = st.engine.start_from_snapshot(&image, None).await?;
+        let settings = st.engine.session_settings(&session.id);
+        let created = register(&st, session, &owner, settings, options)?;
+        return Ok((StatusCode::CREATED, Json(created)).into_response());
+    }
+    let settings = req.context.unwrap_or_default().settings(&owner)?;
     let (live, token) = launch_for(&st, &owner, &req.package, None, settings, options).await?;
-    let body = CreatedSession {
-        session: SessionInfo::from(&*live),
+    Ok((StatusCode::CREATED, Json(created_session(&live, token))).into_response())
+}
+
+fn created_session(live: &Live, token: String) -> CreatedSession {
+    CreatedSession {
+        session: SessionInfo::from(live),
         attach_path: format!("/v1/sessions/{}/attach", live.id),
         attach_token: token,
+    }
+}
+
+/// Hands a session this server started to an actor, for terminal `owner`.
+fn register(
+    st: &Arc<AppState>,
+    session: strata_engine::Session,
+    owner: &str,
+    settings: ContextSettings,
+    options: SessionOptions,
+) -> Result<CreatedSession, ApiError> {
+    let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
+    let live = st.sessions.start(session, owner, auth::token_hash(&token), st.engine.clone(), settings, options);
+    tracing::info!(session = %live.id, package = %live.package, terminal = %owner, "session started from a snapshot");
+    Ok(created_session(&live, token))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many copies (1 to 32; default 1).
+    count: Option<usize>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ForkOutcome {
+    /// The new session, with its attach token; absent if it failed.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    created: Option<CreatedSession>,
+    /// Why this copy failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Forked {
+    /// The session forked: it runs on.
+    parent: SessionInfo,
+    /// The snapshot the copies started from (kept while one of them needs it).
+    snapshot: String,
+    /// How long the parent's guest was stopped, in ms.
+    parent_stopped_ms: f64,
+    /// Each copy's outcome, in order.
+    forks: Vec<ForkOutcome>,
+}
+
+/// Forks a running session: its whole state (memory, disk, the program's
+/// screen and processes) is saved while it runs on, then `count` new
+/// sessions start from it, each independent from then on. The parent keeps
+/// its id, time-out and terminal.
+#[utoipa::path(post, path = "/v1/sessions/{id}/fork", params(("id" = String, Path)), request_body = ForkRequest,
+    responses((status = 201, body = Forked), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn fork_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Body(req): Body<ForkRequest>,
+) -> Result<Response, ApiError> {
+    let count = req.count.unwrap_or(1);
+    if !(1..=strata_engine::fork::MAX_FORKS).contains(&count) {
+        return Err(ApiError::bad_request(format!(
+            "count {count} is out of range: a fork makes 1 to {} copies",
+            strata_engine::fork::MAX_FORKS
+        )));
+    }
+    let live = managed(&st, &owner, &id)?;
+    if *live.state.lock().unwrap_or_else(|e| e.into_inner()) == crate::live::State::Paused {
+        return Err(ApiError::conflict(format!("session {id} is paused; resume it first (POST /v1/sessions/{id}/resume)")));
+    }
+    // The copies are the parent terminal's, within its limits.
+    room_for(&st, &live.owner, count, live.memory_mib)?;
+    let snap = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
+    let idle = *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
+    let mut forks = Vec::new();
+    for started in st.engine.start_forks(&snap.image, count, None).await {
+        let outcome = started.map_err(ApiError::from).and_then(|session| {
+            let settings = st.engine.session_settings(&session.id);
+            let options = SessionOptions { idle, ..SessionOptions::default() };
+            register(&st, session, &live.owner, settings, options)
+        });
+        forks.push(match outcome {
+            Ok(created) => ForkOutcome { created: Some(created), error: None },
+            Err(e) => ForkOutcome { created: None, error: Some(e.message.clone()) },
+        });
+    }
+    if forks.iter().all(|f| f.created.is_none()) {
+        let why = forks.first().and_then(|f| f.error.clone()).unwrap_or_default();
+        return Err(ApiError::internal(format!("no copy of session {id} started: {why}")));
+    }
+    tracing::info!(session = %id, copies = forks.iter().filter(|f| f.created.is_some()).count(), stopped_ms = snap.stopped.as_secs_f64() * 1e3, "session forked");
+    let body = Forked {
+        parent: SessionInfo::from(&*live),
+        snapshot: snap.image.digest.clone(),
+        parent_stopped_ms: snap.stopped.as_secs_f64() * 1e3,
+        forks,
     };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's name: 1 to 63 lower-case letters, digits, '.', '_' or '-'.
+    name: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SnapshotInfo {
+    name: String,
+    /// Its image's digest.
+    image: String,
+    /// How long the session's guest was stopped, in ms.
+    stopped_ms: f64,
+}
+
+/// Saves a running session as a named snapshot while it runs on; new
+/// sessions start from it (`POST /v1/sessions` with `snapshot`). Kept until
+/// its image is removed.
+#[utoipa::path(post, path = "/v1/sessions/{id}/snapshot", params(("id" = String, Path)), request_body = SnapshotRequest,
+    responses((status = 201, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn snapshot_session(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Body(req): Body<SnapshotRequest>,
+) -> Result<Response, ApiError> {
+    strata_engine::fork::check_snapshot_name(&req.name)?;
+    let live = managed(&st, &owner, &id)?;
+    let snap = ask(&live, |reply| Cmd::Snapshot { name: Some(req.name.clone()), reply }).await?;
+    let body = SnapshotInfo { name: req.name, image: snap.image.digest, stopped_ms: snap.stopped.as_secs_f64() * 1e3 };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -628,32 +794,8 @@ pub(crate) async fn launch_for(
     settings: ContextSettings,
     options: SessionOptions,
 ) -> Result<(Arc<Live>, String), ApiError> {
-    let limits = &st.limits;
-    let running = st.sessions.len();
-    if running >= limits.max_sessions {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_sessions",
-            format!(
-                "this server runs at most {} sessions at once (--max-sessions) and runs {running}; end one first",
-                limits.max_sessions
-            ),
-        ));
-    }
-    let held = st.sessions.count_of(owner);
-    if held >= limits.max_sessions_per_terminal {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_sessions",
-            format!(
-                "a terminal may hold at most {} sessions at once (--max-sessions-per-terminal) and terminal \
-                 {owner:?} holds {held}; end one first",
-                limits.max_sessions_per_terminal
-            ),
-        ));
-    }
     let pkg = st.engine.package(package)?;
-    memory_quota(st, owner, pkg.def.memory_mib)?;
+    room_for(st, owner, 1, pkg.def.memory_mib)?;
     let started = Instant::now();
     let pool = pool.unwrap_or_else(|| pkg.name.clone());
     let (session, path) = match st.pool.take(&pool, &settings).await {
@@ -674,6 +816,37 @@ pub(crate) async fn launch_for(
     let live = st.sessions.start(session, owner, auth::token_hash(&token), st.engine.clone(), settings, options);
     tracing::info!(session = %live.id, package = %pkg.name, terminal = %owner, "session launched");
     Ok((live, token))
+}
+
+/// Refuses `count` more sessions of `memory_mib` each for terminal `owner`
+/// beyond the server's or the terminal's limits, naming the limit.
+fn room_for(st: &AppState, owner: &str, count: usize, memory_mib: u32) -> Result<(), ApiError> {
+    let limits = &st.limits;
+    let running = st.sessions.len();
+    let more = if count == 1 { String::new() } else { format!(" and {count} more were asked for") };
+    if running + count > limits.max_sessions {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "this server runs at most {} sessions at once (--max-sessions) and runs {running}{more}; end one first",
+                limits.max_sessions
+            ),
+        ));
+    }
+    let held = st.sessions.count_of(owner);
+    if held + count > limits.max_sessions_per_terminal {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "a terminal may hold at most {} sessions at once (--max-sessions-per-terminal) and terminal \
+                 {owner:?} holds {held}{more}; end one first",
+                limits.max_sessions_per_terminal
+            ),
+        ));
+    }
+    memory_quota(st, owner, memory_mib.saturating_mul(count as u32))
 }
 
 /// The caller's sessions; an operator's are every session of the server

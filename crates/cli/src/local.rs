@@ -110,6 +110,53 @@ impl Backend for Local<'_> {
         Ok(())
     }
 
+    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
+        let snap = self.eng.snapshot_detached(id, None).await?;
+        let idle = self.eng.list_sessions().into_iter().find(|r| r.id == id).and_then(|r| r.idle_timeout_s);
+        let mut forks = Vec::new();
+        for started in self.eng.start_forks(&snap.image, count, None).await {
+            let copy = async {
+                let session = started?;
+                if let Some(secs) = idle {
+                    let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+                    self.eng.set_idle_timeout(&session.id, idle)?;
+                }
+                Ok::<_, strata_engine::Error>(session.detach().await?)
+            };
+            forks.push(copy.await.map_err(|e| e.to_string()));
+        }
+        crate::keeper::ensure(self.eng);
+        Ok((forks, snap.stopped.as_secs_f64() * 1e3))
+    }
+
+    async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String> {
+        let snap = self.eng.snapshot_detached(id, Some(name)).await?;
+        Ok(format!(
+            "{id} saved as snapshot {name} (image {}); it was stopped {:.0} ms and runs on",
+            &snap.image.digest[..12],
+            snap.stopped.as_secs_f64() * 1e3
+        ))
+    }
+
+    async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8> {
+        let image = self
+            .eng
+            .find_snapshot(name)?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot {name}; `strata images ls` lists them"))?;
+        let terminal = ContextSettings::from_terminal(terminal_size());
+        let session = self.eng.start_from_snapshot(&image, Some(&terminal)).await?;
+        if let Some(secs) = how.idle_timeout {
+            let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+            self.eng.set_idle_timeout(&session.id, idle)?;
+        }
+        crate::keeper::ensure(self.eng);
+        if how.detach {
+            println!("{}", session.detach().await?);
+            return Ok(0);
+        }
+        finish(session, how.tty).await
+    }
+
     async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>> {
         Ok(self.eng.session_logs(id).await?)
     }

@@ -62,7 +62,13 @@ enum Cmd {
     /// pipes in the restored VM instead (like `docker run -i`): only its
     /// output on stdout, its errors on stderr, its exit status.
     Run {
-        package: String,
+        /// The package (leave it out with --from).
+        #[arg(required_unless_present = "from")]
+        package: Option<String>,
+        /// Start from a snapshot (its name or digest) instead of a
+        /// package's launch image: the saved session's whole state.
+        #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["package", "cold", "command", "interactive"])]
+        from: Option<String>,
         /// With input from a pipe: attach it to the program's terminal (as
         /// if typed there: what the program echoes and prompts comes back
         /// too) instead of running the program afresh with pipes.
@@ -135,6 +141,18 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Fork a running session into N new ones, each with its whole state
+    /// (memory, disk, the program's screen and processes) and independent
+    /// from then on; it runs on. Prints the new sessions' ids.
+    Fork {
+        id: String,
+        /// How many copies (1 to 32).
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: usize,
+    },
+    /// Save a running session as a named snapshot while it runs on; `strata
+    /// run --from NAME` starts sessions from it. Kept until `images rm`.
+    Snapshot { id: String, name: String },
     /// Resume paused sessions (they run on, detached; `attach` also resumes).
     Resume {
         #[arg(required = true)]
@@ -327,6 +345,16 @@ struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    /// Whether any device option was given.
+    fn given(&self) -> bool {
+        !self.ports.is_empty()
+            || !self.shares.is_empty()
+            || self.net
+            || self.home
+            || self.screen.is_some()
+            || self.keyboard.is_some()
+    }
+
     /// Adds these to a context.
     fn apply(&self, s: &mut ContextSettings, terminal: &str) {
         s.network.ports.extend(self.ports.iter().copied());

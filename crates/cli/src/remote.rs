@@ -387,6 +387,41 @@ impl Backend for Remote {
         self.call("POST", &session_path(id, "/resume"), None).await.map(drop)
     }
 
+    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
+        let v = self.call("POST", &session_path(id, "/fork"), Some(json!({ "count": count }))).await?;
+        let forks = list(&v["forks"])
+            .map(|f| match f["session"]["id"].as_str() {
+                Some(id) => Ok(id.to_string()),
+                None => Err(f["error"].as_str().unwrap_or("the server gave no reason").to_string()),
+            })
+            .collect();
+        Ok((forks, v["parent_stopped_ms"].as_f64().unwrap_or(0.0)))
+    }
+
+    async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String> {
+        let v = self.call("POST", &session_path(id, "/snapshot"), Some(json!({ "name": name }))).await?;
+        let image = v["image"].as_str().unwrap_or_default();
+        Ok(format!(
+            "{id} saved as snapshot {name} (image {}); it was stopped {:.0} ms and runs on",
+            &image[..image.len().min(12)],
+            v["stopped_ms"].as_f64().unwrap_or(0.0)
+        ))
+    }
+
+    async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8> {
+        let mut body = json!({ "snapshot": name });
+        if let Some(secs) = how.idle_timeout {
+            body["idle_timeout_s"] = secs.into();
+        }
+        let created = self.call("POST", "/v1/sessions", Some(body)).await?;
+        let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
+        if how.detach {
+            println!("{id}");
+            return Ok(0);
+        }
+        self.attach_terminal(&id, how.tty).await
+    }
+
     async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>> {
         self.raw("GET", &session_path(id, "/logs"), None).await
     }

@@ -71,6 +71,14 @@ pub trait Backend {
     /// Pauses a session to an image; what to print.
     async fn pause(&self, id: &str) -> anyhow::Result<String>;
     async fn resume(&self, id: &str) -> anyhow::Result<()>;
+    /// Forks session `id` into `count` copies: each copy's id or why it
+    /// failed, and how long the parent was stopped (ms).
+    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)>;
+    /// Saves session `id` as snapshot `name`; what to print.
+    async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String>;
+    /// Starts a session from snapshot `name` and attaches this terminal (or
+    /// prints the id, with `detach`).
+    async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8>;
     async fn logs(&self, id: &str) -> anyhow::Result<Vec<u8>>;
     /// Copies a file into the guest (`into_guest`) or out of it; the bytes.
     async fn copy(&self, id: &str, guest: &str, host: &Path, into_guest: bool) -> anyhow::Result<u64>;
@@ -136,12 +144,24 @@ where
 pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow::Result<u8>> {
     let is_tty = stdin_is_tty();
     Some(match cmd {
-        Cmd::Run { package, interactive, tty, cold, detach, idle_timeout, devices, command } => {
+        Cmd::Run { package, from, interactive, tty, cold, detach, idle_timeout, devices, command } => {
             if *tty && !is_tty {
                 return Some(Err(anyhow::anyhow!(
                     "--tty needs standard input to be a terminal; leave it out to pipe input"
                 )));
             }
+            if let Some(name) = from {
+                if devices.given() {
+                    return Some(Err(anyhow::anyhow!(
+                        "a session from a snapshot has the snapshot's context (its devices): leave out the device options"
+                    )));
+                }
+                let how = RunHow { tty: is_tty, detach: *detach, cold: false, idle_timeout: *idle_timeout };
+                return Some(b.run_snapshot(name, how).await);
+            }
+            let Some(package) = package else {
+                return Some(Err(anyhow::anyhow!("name a package to run, or a snapshot with --from")));
+            };
             if !command.is_empty() {
                 if *detach || *cold || *tty {
                     return Some(Err(anyhow::anyhow!(
@@ -188,6 +208,34 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
         }),
         Cmd::Kill { ids } => Ok(each(ids, |id| async move { b.kill(&id).await.map(|()| None) }).await),
         Cmd::Pause { ids } => Ok(each(ids, |id| async move { b.pause(&id).await.map(Some) }).await),
+        Cmd::Fork { id, count } => {
+            if !(1..=strata_engine::fork::MAX_FORKS).contains(count) {
+                return Some(Err(anyhow::anyhow!(
+                    "-n {count} is out of range: a fork makes 1 to {} copies",
+                    strata_engine::fork::MAX_FORKS
+                )));
+            }
+            b.fork(id, *count).await.map(|(forks, stopped_ms)| {
+                let mut code = 0;
+                for f in &forks {
+                    match f {
+                        Ok(id) => println!("{id}"),
+                        Err(e) => {
+                            eprintln!("strata: a copy of {id} failed: {e}");
+                            code = 1;
+                        }
+                    }
+                }
+                if !quiet {
+                    eprintln!("strata: {id} was stopped {stopped_ms:.0} ms for the fork; it runs on");
+                }
+                code
+            })
+        }
+        Cmd::Snapshot { id, name } => b.snapshot(id, name).await.map(|said| {
+            println!("{said}");
+            0
+        }),
         Cmd::Resume { ids } => Ok(each(ids, |id| async move { b.resume(&id).await.map(|()| None) }).await),
         Cmd::Ps { json } => b.sessions().await.map(|(rows, v)| {
             if *json {

@@ -13,6 +13,7 @@ pub mod base;
 pub mod bench;
 pub mod context;
 pub mod demand;
+pub mod fork;
 pub mod home;
 pub mod host;
 pub mod initramfs;

@@ -80,60 +80,12 @@ impl Engine {
         let _lock = self.lock_paused(&s.id)?;
         let mut rec = crate::sessions::read_record(&dir)
             .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
-        // Its network and home stay in the saved state and come back on the
-        // resume; a mounted 9p share cannot be saved (QEMU refuses).
-        let shares = rec.settings.as_ref().map_or(0, |c| c.shares.len());
-        if shares > 0 || (s.has_devices && rec.settings.is_none()) {
-            return Err(Error::Config(format!(
-                "session {} has shared folders: a session with shared folders cannot be paused to an image \
-                 (QEMU cannot save a mounted 9p share); it keeps running",
-                s.id
-            )));
-        }
-        let parent = self
-            .store
-            .image(&rec.launch_image)?
-            .ok_or_else(|| Error::Config(format!("the image session {} runs from is gone from the catalog", s.id)))?;
         // Nobody watches while it is paused: the agent keeps the program's
         // output as its screen, for whoever attaches after the resume.
         s.quiet().await?;
-        let work = self.store.work_dir("pause")?;
-        let state = work.path().join("state");
-        let disk = work.path().join("disk.qcow2");
         let t0 = std::time::Instant::now();
-        s.vm_mut().save(&state, SAVE_TIMEOUT).await?;
-        // The guest is stopped now; if anything below fails, it runs on.
         let saved = async {
-            let overlay = s.vm_mut().throwaway_overlay(0).await?;
-            run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
-            rebase_to_digest(&disk, parent.file("disk")?).await?;
-            let mut files = BTreeMap::new();
-            for role in ["kernel", "initramfs"] {
-                files.insert(role.to_string(), parent.file(role)?.to_string());
-            }
-            files.insert("disk".to_string(), self.store.ingest_file(&disk)?);
-            files.insert("state".to_string(), self.store.ingest_file(&state)?);
-            let mut meta: BTreeMap<String, String> = parent
-                .meta
-                .iter()
-                .filter(|(k, _)| {
-                    ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str())
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            meta.insert("session".into(), s.id.clone());
-            let image = ImageRecord::new(
-                ImageKind::Paused,
-                Some(s.package.clone()),
-                OS,
-                ARCH,
-                Some(parent.digest.clone()),
-                &paused_recipe(&s.id, &parent.digest),
-                files,
-                meta,
-                0,
-            );
-            let image = self.record_image(image)?;
+            let (image, _) = self.capture_state(s, &rec, &BTreeMap::new()).await?;
             rec.paused_image = Some(image.digest.clone());
             rec.qemu_pid = 0;
             rec.owner_pid = 0;
@@ -158,6 +110,74 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// Saves running session `s` (record `rec`) as an image chained on the
+    /// one it runs from: its memory, devices and disk writes, with `meta`
+    /// added. The guest is left stopped whatever happens: the caller quits
+    /// it (a pause) or resumes it (a snapshot, a failure). With the image,
+    /// how long the guest was stopped so far.
+    ///
+    /// # Errors
+    /// If the session has shared folders, its image is gone, or the save
+    /// fails.
+    pub(crate) async fn capture_state(
+        &self,
+        s: &mut Session,
+        rec: &SessionRecord,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<(ImageRecord, Duration), Error> {
+        // Its network and home stay in the saved state and come back on the
+        // resume; a mounted 9p share cannot be saved (QEMU refuses).
+        let shares = rec.settings.as_ref().map_or(0, |c| c.shares.len());
+        if shares > 0 || (s.has_devices && rec.settings.is_none()) {
+            return Err(Error::Config(format!(
+                "session {} has shared folders: a session with shared folders cannot be saved to an image \
+                 (QEMU cannot save a mounted 9p share); it keeps running",
+                s.id
+            )));
+        }
+        let parent = self
+            .store
+            .image(&rec.launch_image)?
+            .ok_or_else(|| Error::Config(format!("the image session {} runs from is gone from the catalog", s.id)))?;
+        let work = self.store.work_dir("pause")?;
+        let state = work.path().join("state");
+        let disk = work.path().join("disk.qcow2");
+        let saved = s.vm_mut().save(&state, SAVE_TIMEOUT).await?;
+        // The guest is stopped from here until the caller resumes it.
+        let stopped = std::time::Instant::now();
+        let overlay = s.vm_mut().throwaway_overlay(0).await?;
+        run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
+        let copied = stopped.elapsed();
+        rebase_to_digest(&disk, parent.file("disk")?).await?;
+        let mut files = BTreeMap::new();
+        for role in ["kernel", "initramfs"] {
+            files.insert(role.to_string(), parent.file(role)?.to_string());
+        }
+        files.insert("disk".to_string(), self.store.ingest_file(&disk)?);
+        files.insert("state".to_string(), self.store.ingest_file(&state)?);
+        let mut all_meta: BTreeMap<String, String> = parent
+            .meta
+            .iter()
+            .filter(|(k, _)| ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all_meta.insert("session".into(), s.id.clone());
+        all_meta.extend(meta.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let image = ImageRecord::new(
+            ImageKind::Paused,
+            Some(s.package.clone()),
+            OS,
+            ARCH,
+            Some(parent.digest.clone()),
+            &paused_recipe(&s.id, &parent.digest),
+            files,
+            all_meta,
+            0,
+        );
+        let image = self.record_image(image)?;
+        Ok((image, saved.downtime + copied))
     }
 
     /// Pauses a detached session (no terminal holds it) to an image.
@@ -327,7 +347,10 @@ impl Engine {
         // A pause records its image a moment before the session's record.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let settled = |i: &ImageRecord| now - i.created > 60;
-        for img in images.iter().filter(|i| i.kind == ImageKind::Paused && !needed.contains(&i.digest) && settled(i)) {
+        // A named snapshot stays until it is removed.
+        let named = |i: &ImageRecord| i.meta.get(crate::fork::SNAPSHOT_META).is_some_and(|n| !n.is_empty());
+        let unneeded = |i: &&ImageRecord| i.kind == ImageKind::Paused && !needed.contains(&i.digest) && !named(i);
+        for img in images.iter().filter(unneeded).filter(|i| settled(i)) {
             tracing::info!(image = %img.digest, "dropping the image of a session that ended");
             self.store.remove_image(&img.digest)?;
         }

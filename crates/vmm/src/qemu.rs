@@ -1049,6 +1049,14 @@ async fn fork_qemu(
     Ok(Process::Forked { pid, pidfd })
 }
 
+/// What a finished save reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Saved {
+    /// How long the guest was stopped for the save's last part (QEMU's
+    /// figure): the save copies memory while the guest runs, then stops it.
+    pub downtime: Duration,
+}
+
 impl Vm {
     /// Starts QEMU, connects QMP, loads the incoming state if any (the guest
     /// then runs at once), and waits for the guest agent's channel.
@@ -1336,7 +1344,7 @@ impl Vm {
     ///
     /// # Errors
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
-    pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<(), Error> {
+    pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<Saved, Error> {
         self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let out = self.outgoing_file("outgoing.state")?;
         let uri = format!("file:{}", out.display());
@@ -1354,7 +1362,11 @@ impl Vm {
                 .map_err(|_| Error::Save(format!("QEMU did not answer within {} s while saving", timeout.as_secs())))?;
             let info = asked.map_err(qmp_err("query-migrate"))?;
             match info.status {
-                Some(qmp::MigrationStatus::completed) => return move_file(&out, path),
+                Some(qmp::MigrationStatus::completed) => {
+                    move_file(&out, path)?;
+                    let ms = info.downtime.and_then(|d| u64::try_from(d).ok()).unwrap_or(0);
+                    return Ok(Saved { downtime: Duration::from_millis(ms) });
+                }
                 Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
                     return Err(Error::Save(info.error_desc.unwrap_or_else(|| "migration failed".into())))
                 }

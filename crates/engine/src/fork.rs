@@ -1,0 +1,210 @@
+//! Snapshots and forks. A snapshot is a running session's whole state
+//! (memory, devices, disk writes) saved as an image chained on the image it
+//! runs from, while the session runs on: the save copies memory while the
+//! guest runs and stops it only for the last part and the copy of its disk
+//! writes. New sessions start from a snapshot as from a paused image, each
+//! under its own id and independent from then on. A fork is a snapshot
+//! nobody named, kept while a session started from it needs it; a named one
+//! is kept until `images rm`.
+//!
+//! A snapshot is recorded as a `paused` image with the `snapshot` fact (its
+//! name, empty for a fork's): older strata builds read the catalog too, and
+//! an image kind they do not know would make them refuse all of it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use strata_store::{ImageKind, ImageRecord};
+use strata_vmm::Memory;
+
+use crate::context::ContextSettings;
+use crate::session::Session;
+use crate::sessions::{read_record, SessionRecord};
+use crate::{Engine, Error};
+
+/// The fact that makes a paused image a snapshot: its name ("" for a fork's).
+pub const SNAPSHOT_META: &str = "snapshot";
+/// The fact that holds the context the snapshot's session ran with (JSON).
+const SETTINGS_META: &str = "settings";
+/// At most this many sessions from one fork request.
+pub const MAX_FORKS: usize = 32;
+
+/// A session saved while it runs on.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub image: ImageRecord,
+    /// How long the session's guest was stopped for it.
+    pub stopped: Duration,
+}
+
+/// Whether `image` is a snapshot.
+pub fn is_snapshot(image: &ImageRecord) -> bool {
+    image.kind == ImageKind::Paused && image.meta.contains_key(SNAPSHOT_META)
+}
+
+/// A snapshot's name, checked: what `strata run --from` and `images ls` use.
+///
+/// # Errors
+/// If it is empty, too long, or has characters other than lower-case
+/// letters, digits, `.`, `_` and `-` (or does not start with a letter or digit).
+pub fn check_snapshot_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "snapshot name {name:?} is not valid: use 1 to 63 lower-case letters, digits, '.', '_' or '-', \
+             starting with a letter or digit"
+        )))
+    }
+}
+
+impl Engine {
+    /// Saves running session `s` as a snapshot (named `name`, or a fork's
+    /// own with `None`) and lets it run on. The agent is left quiet: a
+    /// caller with a terminal attached attaches it again.
+    ///
+    /// # Errors
+    /// If the name is taken or not valid; if the session has a persistent
+    /// home (its copies would claim it twice), forwards host ports (its
+    /// copies would ask for the same ones) or shared folders; if the save
+    /// fails (the session runs on).
+    pub async fn snapshot_session(&self, s: &mut Session, name: Option<&str>) -> Result<Snapshot, Error> {
+        if let Some(n) = name {
+            check_snapshot_name(n)?;
+            if self.find_snapshot(n)?.is_some() {
+                return Err(Error::Config(format!(
+                    "a snapshot named {n} exists already; choose another name, or remove it first \
+                     (`strata images rm DIGEST`, `strata images ls` lists it)"
+                )));
+            }
+        }
+        let Some(dir) = s.record.clone() else {
+            return Err(Error::Config(format!("session {} was not started from an image; it cannot be copied", s.id)));
+        };
+        let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+        check_copyable(&rec)?;
+        let _lock = self.lock_paused(&s.id)?;
+        s.quiet().await?;
+        let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+        let meta = BTreeMap::from([
+            (SNAPSHOT_META.to_string(), name.unwrap_or_default().to_string()),
+            (SETTINGS_META.to_string(), serde_json::to_string(&settings).expect("serializes")),
+        ]);
+        let captured = self.capture_state(s, &rec, &meta).await;
+        // The guest runs on whatever happened.
+        let resumed_at = std::time::Instant::now();
+        let resumed = s.vm_mut().resume().await;
+        let (image, stopped) = captured?;
+        resumed?;
+        let stopped = stopped + resumed_at.elapsed();
+        tracing::info!(session = %s.id, image = %image.digest, name = name.unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
+        if name.is_some() {
+            self.share(&image).await;
+        }
+        Ok(Snapshot { image, stopped })
+    }
+
+    /// Starts a new session from `snapshot`, with the context its session
+    /// ran with (its devices are in the saved state) sized to `terminal`
+    /// if given.
+    ///
+    /// # Errors
+    /// If the image is not a snapshot, its files are gone or damaged, or
+    /// the VM cannot be restored.
+    pub async fn start_from_snapshot(
+        &self,
+        snapshot: &ImageRecord,
+        terminal: Option<&ContextSettings>,
+    ) -> Result<Session, Error> {
+        if !is_snapshot(snapshot) {
+            return Err(Error::Config(format!("image {} is not a snapshot", snapshot.digest)));
+        }
+        let mut settings: ContextSettings = snapshot
+            .meta
+            .get(SETTINGS_META)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_else(|| ContextSettings::from_terminal(None));
+        if let Some(t) = terminal {
+            (settings.term, settings.rows, settings.cols) = (t.term.clone(), t.rows, t.cols);
+        }
+        let package = snapshot.package.clone().unwrap_or_default();
+        let how = crate::launch::Restore { plugs_in_state: settings.needs_devices(), niceness: 0, ahead_of_demand: false };
+        self.restore(&crate::launch::new_session_id(), &package, snapshot, Memory::Anonymous, &settings, how).await
+    }
+
+    /// Starts `n` sessions from `snapshot` at once; each one's outcome, in order.
+    pub async fn start_forks(
+        &self,
+        snapshot: &ImageRecord,
+        n: usize,
+        terminal: Option<&ContextSettings>,
+    ) -> Vec<Result<Session, Error>> {
+        futures_util::future::join_all((0..n).map(|_| self.start_from_snapshot(snapshot, terminal))).await
+    }
+
+    /// Saves detached session `id` (no terminal holds it) as a snapshot
+    /// (named `name`, or a fork's own) while it runs on, detached.
+    ///
+    /// # Errors
+    /// As [`Engine::snapshot_session`], or if a terminal holds it or it is
+    /// paused or unknown.
+    pub async fn snapshot_detached(&self, id: &str, name: Option<&str>) -> Result<Snapshot, Error> {
+        let mut s = self
+            .reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q), or fork it through the server that holds it")
+            .await?;
+        let r = self.snapshot_session(&mut s, name).await;
+        s.release();
+        r
+    }
+
+    /// The context running session `id` was started with (the defaults if
+    /// its record does not say).
+    pub fn session_settings(&self, id: &str) -> ContextSettings {
+        read_record(&self.session_dir(id))
+            .and_then(|r| r.settings)
+            .unwrap_or_else(|| ContextSettings::from_terminal(None))
+    }
+
+    /// The snapshot named `name`, or whose digest starts with `name`.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read, or a digest prefix names several.
+    pub fn find_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
+        let snapshots: Vec<ImageRecord> = self.store.list_images()?.into_iter().filter(is_snapshot).collect();
+        if let Some(named) = snapshots.iter().find(|i| i.meta.get(SNAPSHOT_META).is_some_and(|n| n == name)) {
+            return Ok(Some(named.clone()));
+        }
+        if name.len() < 6 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let mut by_digest = snapshots.into_iter().filter(|i| i.digest.starts_with(name));
+        match (by_digest.next(), by_digest.next()) {
+            (Some(one), None) => Ok(Some(one)),
+            (Some(_), Some(_)) => Err(Error::Config(format!("{name} is the start of several snapshots' digests; give more of it"))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Refuses a session whose copies could not run beside it.
+fn check_copyable(rec: &SessionRecord) -> Result<(), Error> {
+    if let Some(home) = &rec.home {
+        return Err(Error::Config(format!(
+            "session {} mounts the persistent home of {home}: its copies would claim that home too; \
+             start it without a home to fork or snapshot it",
+            rec.id
+        )));
+    }
+    if !rec.ports.is_empty() {
+        return Err(Error::Config(format!(
+            "session {} forwards host ports to its guest: its copies would ask for the same ports; \
+             start it without forwarded ports to fork or snapshot it",
+            rec.id
+        )));
+    }
+    Ok(())
+}
