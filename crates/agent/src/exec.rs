@@ -3,8 +3,8 @@
 //! terminal, nothing is echoed or translated: bytes pass unchanged.
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -52,7 +52,12 @@ pub struct Command {
 impl Command {
     /// Starts `argv`. On failure: the exit status a shell would give (127:
     /// not found, 126: not executable) and what to print on its stderr.
-    pub fn start(agent: &Arc<Agent>, id: ProcId, spec: &Spec, ctx: &TerminalContext) -> Result<Arc<Command>, (i32, String)> {
+    pub fn start(
+        agent: &Arc<Agent>,
+        id: ProcId,
+        spec: &Spec,
+        ctx: &TerminalContext,
+    ) -> Result<Arc<Command>, (i32, String)> {
         let Spec { argv, env, cwd, user, pty } = *spec;
         let (prog, args) = argv.split_first().ok_or((127, "strata-agent: empty command\n".to_string()))?;
         let name = user.unwrap_or("root");
@@ -98,7 +103,8 @@ impl Command {
             let fail = |e: nix::Error| (126, format!("strata-agent: no pseudo-terminal: {e}\n"));
             let pair = nix::pty::openpty(Some(&crate::procs::winsize(size)), None).map_err(fail)?;
             let slave = std::fs::File::from(pair.slave);
-            let io = |f: &std::fs::File| f.try_clone().map(Stdio::from).map_err(|e| (126, format!("strata-agent: {e}\n")));
+            let io =
+                |f: &std::fs::File| f.try_clone().map(Stdio::from).map_err(|e| (126, format!("strata-agent: {e}\n")));
             cmd.stdin(io(&slave)?).stdout(io(&slave)?).stderr(io(&slave)?);
             // SAFETY: only async-signal-safe calls between fork and exec:
             // a session of its own, with the terminal as its controlling one.

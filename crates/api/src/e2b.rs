@@ -378,7 +378,9 @@ async fn list_v2(State(st): St, Owner(owner): Owner, Query(q): Query<ListQuery>)
     let all = listed(&st, &owner, &q)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let from = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
-        Some(t) => t.parse::<usize>().map_err(|_| bad_request(format!("nextToken {t:?} is not one this server gave")))?,
+        Some(t) => {
+            t.parse::<usize>().map_err(|_| bad_request(format!("nextToken {t:?} is not one this server gave")))?
+        }
         None => 0,
     };
     let page: Vec<_> = all.into_iter().skip(from).collect();
@@ -555,11 +557,10 @@ async fn metrics(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> 
     if is_paused(&live) {
         return Ok(Json(Vec::<serde_json::Value>::new()).into_response());
     }
-    let f = envd::run(&live, &["sh", "-c", SAMPLE], None)
-        .await
-        .map_err(|e| E2bError(StatusCode::CONFLICT, e.1))?;
-    let sample = metric_of(&String::from_utf8_lossy(&f.stdout), SystemTime::now())
-        .ok_or_else(|| E2bError(StatusCode::INTERNAL_SERVER_ERROR, format!("the guest's figures could not be read: {}", f.stderr)))?;
+    let f = envd::run(&live, &["sh", "-c", SAMPLE], None).await.map_err(|e| E2bError(StatusCode::CONFLICT, e.1))?;
+    let sample = metric_of(&String::from_utf8_lossy(&f.stdout), SystemTime::now()).ok_or_else(|| {
+        E2bError(StatusCode::INTERNAL_SERVER_ERROR, format!("the guest's figures could not be read: {}", f.stderr))
+    })?;
     Ok(Json(vec![sample]).into_response())
 }
 
@@ -610,9 +611,18 @@ mod tests {
             state: "running",
         };
         let v = serde_json::to_value(&d).unwrap();
-        for k in
-            ["templateID", "sandboxID", "clientID", "startedAt", "endAt", "envdVersion", "cpuCount", "memoryMB", "diskSizeMB", "state"]
-        {
+        for k in [
+            "templateID",
+            "sandboxID",
+            "clientID",
+            "startedAt",
+            "endAt",
+            "envdVersion",
+            "cpuCount",
+            "memoryMB",
+            "diskSizeMB",
+            "state",
+        ] {
             assert!(v.get(k).is_some(), "{k} missing from {v}");
         }
         assert_eq!(v["endAt"], "1970-01-01T00:01:00Z");

@@ -296,6 +296,9 @@ pub struct ImageInfo {
     size: u64,
     /// Unix seconds.
     created: i64,
+    /// A snapshot's name ("" for a fork's own); absent for other images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 impl From<&strata_store::ImageRecord> for ImageInfo {
@@ -309,6 +312,11 @@ impl From<&strata_store::ImageRecord> for ImageInfo {
             parent: r.parent.clone(),
             size: r.size,
             created: r.created,
+            snapshot: r
+                .meta
+                .get(strata_engine::fork::SNAPSHOT_META)
+                .filter(|_| strata_engine::fork::is_snapshot(r))
+                .cloned(),
         }
     }
 }
@@ -622,10 +630,11 @@ async fn create_session(
                 "a session from a snapshot has the snapshot's package and context: leave out package and context",
             ));
         }
-        let image = st
-            .engine
-            .find_snapshot(name)?
-            .ok_or_else(|| ApiError::not_found(format!("no snapshot {name}; GET /v1/images lists them (kind paused, with a snapshot name)")))?;
+        let image = st.engine.find_snapshot(name)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no snapshot {name}; GET /v1/images lists them (kind paused, with a snapshot name)"
+            ))
+        })?;
         let memory_mib = image.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
         room_for(&st, &owner, 1, memory_mib)?;
         let session = st.engine.start_from_snapshot(&image, None).await?;
@@ -711,7 +720,9 @@ async fn fork_session(
     }
     let live = managed(&st, &owner, &id)?;
     if *live.state.lock().unwrap_or_else(|e| e.into_inner()) == crate::live::State::Paused {
-        return Err(ApiError::conflict(format!("session {id} is paused; resume it first (POST /v1/sessions/{id}/resume)")));
+        return Err(ApiError::conflict(format!(
+            "session {id} is paused; resume it first (POST /v1/sessions/{id}/resume)"
+        )));
     }
     // The copies are the parent terminal's, within its limits.
     room_for(&st, &live.owner, count, live.memory_mib)?;

@@ -109,7 +109,8 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
     // The native API.
     let native = Arc::new(Mutex::new((Vec::new(), 0usize)));
     let launch = |timed: bool| {
-        let (http, base, token, package, native) = (http.clone(), base.clone(), token.clone(), package.to_string(), native.clone());
+        let (http, base, token, package, native) =
+            (http.clone(), base.clone(), token.clone(), package.to_string(), native.clone());
         async move {
             let t = Instant::now();
             let r = http
@@ -120,7 +121,9 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
                 .await;
             let dt = t.elapsed().as_secs_f64() * 1000.0;
             let id = match r {
-                Ok(r) if r.status().as_u16() == 201 => r.json::<serde_json::Value>().await.ok().and_then(|v| v["session"]["id"].as_str().map(String::from)),
+                Ok(r) if r.status().as_u16() == 201 => {
+                    r.json::<serde_json::Value>().await.ok().and_then(|v| v["session"]["id"].as_str().map(String::from))
+                }
                 _ => None,
             };
             {
@@ -166,7 +169,8 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
     drop(server);
     anyhow::ensure!(e2b.status.success(), "the SDK's driver failed");
     let v: serde_json::Value = serde_json::from_slice(&e2b.stdout).context("the SDK driver's answer")?;
-    let e2b_lat: Vec<f64> = v["latencies_ms"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    let e2b_lat: Vec<f64> =
+        v["latencies_ms"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
     let e2b_failed = v["failed"].as_u64().unwrap_or(0) as usize;
     anyhow::ensure!(!native_lat.is_empty() && !e2b_lat.is_empty(), "no launch succeeded one way or the other");
     let (n50, e50) = (percentile(&native_lat, 50.0), percentile(&e2b_lat, 50.0));

@@ -27,6 +27,11 @@ fn image_row(r: &strata_store::ImageRecord) -> ImageRow {
         os: r.os.clone(),
         size: r.size,
         created: r.created,
+        snapshot: r
+            .meta
+            .get(strata_engine::fork::SNAPSHOT_META)
+            .filter(|_| strata_engine::fork::is_snapshot(r))
+            .cloned(),
     }
 }
 
@@ -121,7 +126,7 @@ impl Backend for Local<'_> {
                     let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
                     self.eng.set_idle_timeout(&session.id, idle)?;
                 }
-                Ok::<_, strata_engine::Error>(session.detach().await?)
+                session.detach().await
             };
             forks.push(copy.await.map_err(|e| e.to_string()));
         }

@@ -1119,7 +1119,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 println!("strata bench e2b {} ({}/s for {} s each way, pool {})", r.package, r.rate, r.seconds, r.pool);
                 println!("| path | p50 ms | p99 ms | failed |\n|---|---:|---:|---:|");
-                println!("| native API: POST /v1/sessions | {:.1} | {:.1} | {} |", r.native_p50_ms, r.native_p99_ms, r.native_failed);
+                println!(
+                    "| native API: POST /v1/sessions | {:.1} | {:.1} | {} |",
+                    r.native_p50_ms, r.native_p99_ms, r.native_failed
+                );
                 println!(
                     "| E2B SDK: Sandbox.create + commands.run(\"echo hi\") | {:.1} | {:.1} | {} |",
                     r.e2b_p50_ms, r.e2b_p99_ms, r.e2b_failed

@@ -349,6 +349,7 @@ fn image_row(i: &Value) -> ImageRow {
         os: i["os"].as_str().unwrap_or("-").into(),
         size: i["size"].as_u64().unwrap_or(0),
         created: i["created"].as_i64().unwrap_or(0),
+        snapshot: i["snapshot"].as_str().map(str::to_string),
     }
 }
 

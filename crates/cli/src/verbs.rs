@@ -35,6 +35,8 @@ pub struct ImageRow {
     pub os: String,
     pub size: u64,
     pub created: i64,
+    /// A snapshot's name ("" for a fork's own).
+    pub snapshot: Option<String>,
 }
 
 /// A server as `servers ls` shows it.
@@ -195,7 +197,9 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
         Cmd::Attach { id } => b.attach(id, is_tty).await,
         Cmd::Exec { interactive, tty, detach, env, workdir, user, id, command } => {
             if *tty && !is_tty {
-                return Some(Err(anyhow::anyhow!("--tty needs standard input to be a terminal; leave it out to pipe input")));
+                return Some(Err(anyhow::anyhow!(
+                    "--tty needs standard input to be a terminal; leave it out to pipe input"
+                )));
             }
             let argv = if *detach { in_background(command) } else { command.clone() };
             let command =
@@ -339,11 +343,16 @@ fn print_sessions(rows: &[SessionRow]) {
 }
 
 fn print_images(rows: &[ImageRow]) {
-    println!("{:<8} {:<12} {:<14} {:<10} {:>10}  AGE", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE");
+    println!("{:<8} {:<12} {:<14} {:<10} {:>10}  {:<6} NAME", "KIND", "DIGEST", "PACKAGE", "OS", "SIZE", "AGE");
     for r in rows {
+        let (kind, name) = match &r.snapshot {
+            Some(name) if name.is_empty() => ("snapshot", "(a fork's)"),
+            Some(name) => ("snapshot", name.as_str()),
+            None => (r.kind.as_str(), ""),
+        };
         println!(
-            "{:<8} {:<12} {:<14} {:<10} {:>10}  {}",
-            r.kind,
+            "{:<8} {:<12} {:<14} {:<10} {:>10}  {:<6} {name}",
+            kind,
             r.digest.get(..12).unwrap_or(&r.digest),
             r.package.as_deref().unwrap_or("-"),
             r.os,

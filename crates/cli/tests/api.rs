@@ -396,7 +396,10 @@ async fn launches_come_from_the_warm_pool_when_one_waits() {
     let waiting = || -> Vec<String> {
         let out = strata(&["ps", "--json"]).output().unwrap();
         let all: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        all.iter().filter(|r| r["pooled"] == true && r["package"] == "bc").map(|r| r["id"].as_str().unwrap().into()).collect()
+        all.iter()
+            .filter(|r| r["pooled"] == true && r["package"] == "bc")
+            .map(|r| r["id"].as_str().unwrap().into())
+            .collect()
     };
     let before = waiting();
     assert_eq!(before.len(), 1, "{before:?}");
@@ -436,7 +439,8 @@ fn the_cli_talks_to_a_server_by_address() {
     assert!(text(&logs.stdout).contains("Python 3"), "{:?} {}", text(&logs.stdout), text(&logs.stderr));
     // Commands through the server: output and errors apart, the status,
     // input to its end without a final newline, env, cwd and user.
-    let script = "import sys, os; print(6*7, os.environ['K'], os.getcwd()); print('oops', file=sys.stderr); sys.exit(3)";
+    let script =
+        "import sys, os; print(6*7, os.environ['K'], os.getcwd()); print('oops', file=sys.stderr); sys.exit(3)";
     let out = remote(&["exec", "-e", "K=v", "-w", "/tmp", &py, "python3", "-c", script]).output().unwrap();
     assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(3), "42 v /tmp\n"), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "oops\n");
@@ -522,7 +526,11 @@ async fn an_operator_sees_and_manages_every_session_of_the_server_and_its_store(
     assert_eq!(api.call("GET", &format!("/v1/sessions/{of_b}"), Some(&op), None).await.0, 200);
     assert_eq!(api.call("GET", &format!("/v1/sessions/{of_b}/logs"), Some(&op), None).await.0, 404);
     let (st, v) = api.call("POST", &format!("/v1/sessions/{of_b}/pause"), Some(&op), None).await;
-    assert_eq!((st, v["state"].as_str(), v["reason"].as_str()), (200, Some("paused"), Some("paused by operator opview-op")), "{v}");
+    assert_eq!(
+        (st, v["state"].as_str(), v["reason"].as_str()),
+        (200, Some("paused"), Some("paused by operator opview-op")),
+        "{v}"
+    );
     let (st, v) = api.call("POST", &format!("/v1/sessions/{of_b}/resume"), Some(&op), None).await;
     assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
     // Terminals still cannot touch each other's sessions.

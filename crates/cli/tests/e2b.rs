@@ -233,11 +233,7 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
     assert_eq!(step(&lines, "pty_kill"), true);
     assert_eq!(
         step(&lines, "watch"),
-        &serde_json::json!([
-            [["a.txt", "CREATE"]],
-            [["a.txt", "WRITE"], ["b.txt", "CREATE"]],
-            [["a.txt", "REMOVE"]]
-        ])
+        &serde_json::json!([[["a.txt", "CREATE"]], [["a.txt", "WRITE"], ["b.txt", "CREATE"]], [["a.txt", "REMOVE"]]])
     );
     assert_eq!(step(&lines, "paused"), "paused");
     assert_eq!(step(&lines, "resumed"), &serde_json::json!(["running", "kept\n"]));

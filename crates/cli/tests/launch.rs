@@ -40,7 +40,8 @@ fn a_piped_run_is_like_docker_run_i_only_the_programs_output_errors_apart_end_of
     }
     // The REPL's program with pipes (its launch image's standby): no
     // echo, no prompt, no terminal codes; the last line has no newline.
-    let out = strata_with_input(&["run", "python3"], "import sys\nprint(6*7)\nsys.stderr.write('oops\\n')\nsys.exit(3)");
+    let out =
+        strata_with_input(&["run", "python3"], "import sys\nprint(6*7)\nsys.stderr.write('oops\\n')\nsys.exit(3)");
     assert_eq!(text(&out.stdout), "42\n", "stderr: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("oops\n"), "{}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(3));
@@ -677,7 +678,8 @@ fn exec_runs_commands_beside_the_program_with_pipes_exit_status_env_cwd_and_user
     let out = exec(&["-e", "9LIVES=1", &id, "true"]);
     assert!(text(&out.stderr).contains("not a variable name"), "{}", text(&out.stderr));
     // On a terminal: a PTY of its size, input passed on, the status.
-    let out = strata_on_a_terminal(&["exec", "-t", &id, "sh", "-c", "stty size; tty; read x; echo got-$x; exit 7"], "hi\n");
+    let out =
+        strata_on_a_terminal(&["exec", "-t", &id, "sh", "-c", "stty size; tty; read x; echo got-$x; exit 7"], "hi\n");
     let shown = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "{shown}{}", text(&out.stderr));
     assert!(shown.contains("24 80") && shown.contains("/dev/pts/") && shown.contains("got-hi"), "{shown}");

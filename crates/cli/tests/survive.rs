@@ -378,7 +378,11 @@ fn a_detached_session_ended_by_its_memory_limit_is_listed_lost_naming_the_limit(
         [x.append(b'\\x01' * (1 << 20)) for i in range(400)])).start(); print('ar' + 'med')\n";
     stdin.write_all(fill).unwrap();
     stdin.flush().unwrap();
-    assert!(wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("armed")), "{:?}", seen.lock().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.lock().unwrap().contains("armed")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(

@@ -568,8 +568,14 @@ async fn alive(cp: &ControlPlane) -> Result<BTreeSet<String>, ApiError> {
 
 async fn list_sessions(State(cp): St, User(terminal): User) -> Result<Json<Vec<Value>>, ApiError> {
     let alive = alive(&cp).await?;
-    let mut mine: Vec<SessionEntry> =
-        cp.cluster.sessions().await.map_err(unavailable)?.into_iter().filter(|e| cp.sees(&terminal, &e.owner)).collect();
+    let mut mine: Vec<SessionEntry> = cp
+        .cluster
+        .sessions()
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .filter(|e| cp.sees(&terminal, &e.owner))
+        .collect();
     mine.sort_by_key(|e| e.created);
     let now = unix_now();
     Ok(Json(mine.iter().map(|e| session_json(e, &alive, now)).collect()))

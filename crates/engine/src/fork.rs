@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use strata_store::{ImageKind, ImageRecord};
-use strata_vmm::Memory;
+use strata_vmm::{AfterLoad, Memory, Vm};
 
 use crate::context::ContextSettings;
 use crate::session::Session;
@@ -26,6 +26,9 @@ use crate::{Engine, Error};
 pub const SNAPSHOT_META: &str = "snapshot";
 /// The fact that holds the context the snapshot's session ran with (JSON).
 const SETTINGS_META: &str = "settings";
+/// The fact of a snapshot whose state was saved with the guest stopped:
+/// a session restored from it is started once loaded.
+const STOPPED_META: &str = "stopped";
 /// At most this many sessions from one fork request.
 pub const MAX_FORKS: usize = 32;
 
@@ -93,15 +96,29 @@ impl Engine {
         let meta = BTreeMap::from([
             (SNAPSHOT_META.to_string(), name.unwrap_or_default().to_string()),
             (SETTINGS_META.to_string(), serde_json::to_string(&settings).expect("serializes")),
+            // All its memory, to be loaded into a memory file of its own.
+            (crate::launch::WHOLE_STATE_META.to_string(), "true".to_string()),
         ]);
         let captured = self.capture_state(s, &rec, &meta).await;
         // The guest runs on whatever happened.
         let resumed_at = std::time::Instant::now();
         let resumed = s.vm_mut().resume().await;
-        let (image, stopped) = captured?;
+        let (whole, stopped) = captured?;
         resumed?;
         let stopped = stopped + resumed_at.elapsed();
-        tracing::info!(session = %s.id, image = %image.digest, name = name.unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
+        let t0 = std::time::Instant::now();
+        let image = match self.with_memory_file(&whole, &settings).await {
+            Ok(mapped) => {
+                self.store.remove_image(&whole.digest)?;
+                mapped
+            }
+            Err(e) => {
+                // Still a snapshot; its copies just do not share its memory.
+                tracing::warn!(session = %s.id, error = %e, "could not put the snapshot's memory in a file of its own");
+                whole
+            }
+        };
+        tracing::info!(session = %s.id, image = %image.digest, name = name.unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
         if name.is_some() {
             self.share(&image).await;
         }
@@ -132,8 +149,82 @@ impl Engine {
             (settings.term, settings.rows, settings.cols) = (t.term.clone(), t.rows, t.cols);
         }
         let package = snapshot.package.clone().unwrap_or_default();
-        let how = crate::launch::Restore { plugs_in_state: settings.needs_devices(), niceness: 0, ahead_of_demand: false };
-        self.restore(&crate::launch::new_session_id(), &package, snapshot, Memory::Anonymous, &settings, how).await
+        // Its memory file mapped copy-on-write: its copies share its pages.
+        let memory = match snapshot.files.get("memory") {
+            Some(blob) => Memory::PrivateFile(self.store.blob_path(blob)),
+            None => Memory::Anonymous,
+        };
+        let after_load = if snapshot.meta.contains_key(STOPPED_META) { AfterLoad::Run } else { AfterLoad::AsSaved };
+        let how = crate::launch::Restore {
+            plugs_in_state: settings.needs_devices(),
+            after_load,
+            ..crate::launch::Restore::default()
+        };
+        self.restore(&crate::launch::new_session_id(), &package, snapshot, memory, &settings, how).await
+    }
+
+    /// The same snapshot with the guest's memory in a file of its own and a
+    /// device state that maps it (as a launch image has), so that the
+    /// sessions started from it share its pages through the page cache
+    /// instead of each loading a copy: the saved state is loaded into a
+    /// stopped VM whose memory is that file, and saved again without it.
+    async fn with_memory_file(&self, whole: &ImageRecord, settings: &ContextSettings) -> Result<ImageRecord, Error> {
+        let work = self.store.work_dir("snapshot")?;
+        let memory = work.path().join("memory");
+        let state = work.path().join("state");
+        // QEMU fills the file page by page: on tmpfs that takes a tenth of
+        // the time it takes on a disk's file system (blocks allocated and
+        // written back under the page faults); it is copied out after.
+        let filled = MemoryScratch::new(&memory);
+        let vm_dir = work.path().join("vm");
+        std::fs::create_dir(&vm_dir).map_err(crate::io_err(&vm_dir))?;
+        let plugs = crate::launch::plugs_of(settings, None)?;
+        let mut cfg =
+            self.restore_config(&vm_dir, whole, Memory::SharedFile(filled.0.clone()), plugs, settings.needs_devices())?;
+        cfg.after_load = AfterLoad::Stay;
+        cfg.die_with_parent = true;
+        let (mut vm, _agent) = Vm::start(&cfg, Duration::from_secs(60)).await?;
+        let t0 = std::time::Instant::now();
+        let resaved = async {
+            vm.wait_loaded(Duration::from_secs(300)).await?;
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot loaded into a memory file");
+            vm.save(&state, Duration::from_secs(300)).await
+        }
+        .await;
+        if let Err(e) = resaved {
+            // QEMU's last words say why.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(Error::Config(format!("{e}: {}", vm.diagnostics())));
+        }
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's devices saved");
+        vm.quit().await;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's VM ended");
+        if filled.0 != memory {
+            crate::tools::run(
+                "cp",
+                tokio::process::Command::new("cp").arg("--sparse=always").arg(&filled.0).arg(&memory),
+            )
+            .await?;
+        }
+        let mut files = whole.files.clone();
+        files.insert("memory".to_string(), self.store.ingest_file(&memory)?);
+        files.insert("state".to_string(), self.store.ingest_file(&state)?);
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's files stored");
+        let mut meta = whole.meta.clone();
+        meta.insert(STOPPED_META.to_string(), "true".to_string());
+        meta.remove(crate::launch::WHOLE_STATE_META);
+        let image = ImageRecord::new(
+            ImageKind::Paused,
+            whole.package.clone(),
+            &whole.os,
+            &whole.arch,
+            whole.parent.clone(),
+            &whole.recipe,
+            files,
+            meta,
+            0,
+        );
+        self.record_image(image)
     }
 
     /// Starts `n` sessions from `snapshot` at once; each one's outcome, in order.
@@ -184,9 +275,34 @@ impl Engine {
         let mut by_digest = snapshots.into_iter().filter(|i| i.digest.starts_with(name));
         match (by_digest.next(), by_digest.next()) {
             (Some(one), None) => Ok(Some(one)),
-            (Some(_), Some(_)) => Err(Error::Config(format!("{name} is the start of several snapshots' digests; give more of it"))),
+            (Some(_), Some(_)) => {
+                Err(Error::Config(format!("{name} is the start of several snapshots' digests; give more of it")))
+            }
             _ => Ok(None),
         }
+    }
+}
+
+/// Where QEMU writes a snapshot's memory file: in `/dev/shm` when it is
+/// a tmpfs, else at `fallback`. Removed when dropped.
+struct MemoryScratch(std::path::PathBuf);
+
+impl MemoryScratch {
+    fn new(fallback: &std::path::Path) -> MemoryScratch {
+        let shm = std::path::Path::new("/dev/shm");
+        let is_tmpfs =
+            nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if !is_tmpfs {
+            return MemoryScratch(fallback.to_path_buf());
+        }
+        let n = crate::launch::new_session_id();
+        MemoryScratch(shm.join(format!("strata-snapshot-{}-{n}", std::process::id())))
+    }
+}
+
+impl Drop for MemoryScratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

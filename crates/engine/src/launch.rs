@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use strata_package::Package;
 use strata_proto::{HostMsg, Readiness};
 use strata_store::{ImageKind, ImageRecord};
-use strata_vmm::{Accel, Disk, DiskMode, Memory, Plug, VmConfig};
+use strata_vmm::{Accel, AfterLoad, Disk, DiskMode, Memory, Plug, VmConfig};
 
 use crate::context::ContextSettings;
 use crate::session::{boot_for_build, spawn_ready, start_and_attach, Attached, Session};
@@ -316,6 +316,8 @@ impl Engine {
             // Builds write large memory files; only sessions are bounded.
             file_size_limit: None,
             sandbox: self.confined(),
+            after_load: AfterLoad::AsSaved,
+            whole_state: false,
         })
     }
 
@@ -432,8 +434,13 @@ impl Engine {
         launch: &ImageRecord,
         settings: &ContextSettings,
     ) -> Result<Session, Error> {
-        self.launch_with(pkg, launch, settings, Restore { plugs_in_state: false, niceness: 0, ahead_of_demand: false })
-            .await
+        self.launch_with(
+            pkg,
+            launch,
+            settings,
+            Restore { plugs_in_state: false, niceness: 0, ahead_of_demand: false, ..Restore::default() },
+        )
+        .await
     }
 
     /// Restores a new session of `pkg` from its launch image.
@@ -463,7 +470,7 @@ impl Engine {
         settings: &ContextSettings,
         how: Restore,
     ) -> Result<Session, Error> {
-        let Restore { plugs_in_state, niceness, ahead_of_demand } = how;
+        let Restore { plugs_in_state, niceness, ahead_of_demand, after_load } = how;
         // Everything the context asks of this host is checked before a VM starts.
         settings.validate()?;
         settings.check_on_host(&self.cfg.share_roots)?;
@@ -477,53 +484,12 @@ impl Engine {
             Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),
             None => None,
         };
-        let mut plugs = Vec::new();
-        if settings.network.enabled() {
-            let forwards = settings.network.ports.iter().map(|p| (p.host, p.guest)).collect();
-            plugs.push(Plug::Network { outbound: settings.network.outbound, forwards });
-        }
-        for (i, sh) in settings.shares.iter().enumerate() {
-            let path = std::fs::canonicalize(&sh.host).map_err(crate::io_err(&sh.host))?;
-            plugs.push(Plug::Share { tag: ContextSettings::share_tag(i), path, readonly: sh.readonly });
-        }
-        if let Some((_, disk)) = &claim {
-            plugs.push(Plug::Disk { path: disk.clone(), serial: crate::context::HOME_SERIAL.into() });
-        }
+        let plugs = plugs_of(settings, claim.as_ref().map(|(_, disk)| disk))?;
         let dir = self.new_session_dir(id)?;
         let graphical = crate::is_graphical(image);
-        let accel: Accel = image.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
-        let memory_mib: u32 = image
-            .meta
-            .get("memory_mib")
-            .and_then(|m| m.parse().ok())
-            .ok_or_else(|| Error::Config(format!("image {} does not say its memory size", image.digest)))?;
-        let cfg = VmConfig {
-            dir: dir.path().to_path_buf(),
-            accel,
-            memory_mib,
-            memory,
-            kernel: self.restore_kernel(image.file("kernel")?)?,
-            initramfs: self.store.blob_path(image.file("initramfs")?),
-            cmdline: image.meta.get("cmdline").cloned().unwrap_or_default(),
-            disks: vec![Disk {
-                path: self.store.blob_path(image.file("disk")?),
-                format: "qcow2",
-                mode: DiskMode::Throwaway,
-            }],
-            incoming: Some(self.store.blob_path(image.file("state")?)),
-            plugs,
-            plugs_in_state,
-            display: graphical,
-            // The session outlives this process: a terminal that vanishes
-            // leaves it detached (sessions.rs `reap_sessions`).
-            die_with_parent: false,
-            niceness,
-            fork_server: self.fork_server.clone(),
-            cgroup: self.cgroup_for(memory_mib)?,
-            identity: self.identity_for(accel)?,
-            file_size_limit: self.confined().then_some(self.file_size_limit(image, memory_mib)),
-            sandbox: self.confined(),
-        };
+        let mut cfg = self.restore_config(dir.path(), image, memory, plugs, plugs_in_state)?;
+        cfg.niceness = niceness;
+        cfg.after_load = after_load;
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
         drop(slot);
         let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);
@@ -539,6 +505,52 @@ impl Engine {
         s.standby = image.meta.get(STANDBY_META).and_then(|p| p.parse().ok());
         s.has_devices = settings.needs_devices();
         Ok(s)
+    }
+
+    /// How QEMU restores `image` in `dir` with `memory` and `plugs`, as a
+    /// session that outlives this process (a terminal that vanishes leaves
+    /// it detached: sessions.rs `reap_sessions`).
+    pub(crate) fn restore_config(
+        &self,
+        dir: &std::path::Path,
+        image: &ImageRecord,
+        memory: Memory,
+        plugs: Vec<Plug>,
+        plugs_in_state: bool,
+    ) -> Result<VmConfig, Error> {
+        let accel: Accel = image.meta.get("accel").and_then(|a| a.parse().ok()).unwrap_or(Accel::Tcg);
+        let memory_mib: u32 = image
+            .meta
+            .get("memory_mib")
+            .and_then(|m| m.parse().ok())
+            .ok_or_else(|| Error::Config(format!("image {} does not say its memory size", image.digest)))?;
+        Ok(VmConfig {
+            dir: dir.to_path_buf(),
+            accel,
+            memory_mib,
+            memory,
+            kernel: self.restore_kernel(image.file("kernel")?)?,
+            initramfs: self.store.blob_path(image.file("initramfs")?),
+            cmdline: image.meta.get("cmdline").cloned().unwrap_or_default(),
+            disks: vec![Disk {
+                path: self.store.blob_path(image.file("disk")?),
+                format: "qcow2",
+                mode: DiskMode::Throwaway,
+            }],
+            incoming: Some(self.store.blob_path(image.file("state")?)),
+            plugs,
+            plugs_in_state,
+            display: crate::is_graphical(image),
+            die_with_parent: false,
+            niceness: 0,
+            fork_server: self.fork_server.clone(),
+            cgroup: self.cgroup_for(memory_mib)?,
+            identity: self.identity_for(accel)?,
+            file_size_limit: self.confined().then_some(self.file_size_limit(image, memory_mib)),
+            sandbox: self.confined(),
+            after_load: AfterLoad::AsSaved,
+            whole_state: image.meta.contains_key(WHOLE_STATE_META),
+        })
     }
 
     /// A slot to restore a VM in (see [`crate::Config::restore_slots`]): work
@@ -677,6 +689,28 @@ async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error>
     Ok(())
 }
 
+/// The fact of an image whose state holds all the guest's memory
+/// ([`strata_vmm::Vm::save_whole`]).
+pub(crate) const WHOLE_STATE_META: &str = "whole_state";
+
+/// The devices a context asks for: its network, shared folders and the
+/// home's disk (`home`).
+pub(crate) fn plugs_of(settings: &ContextSettings, home: Option<&std::path::PathBuf>) -> Result<Vec<Plug>, Error> {
+    let mut plugs = Vec::new();
+    if settings.network.enabled() {
+        let forwards = settings.network.ports.iter().map(|p| (p.host, p.guest)).collect();
+        plugs.push(Plug::Network { outbound: settings.network.outbound, forwards });
+    }
+    for (i, sh) in settings.shares.iter().enumerate() {
+        let path = std::fs::canonicalize(&sh.host).map_err(crate::io_err(&sh.host))?;
+        plugs.push(Plug::Share { tag: ContextSettings::share_tag(i), path, readonly: sh.readonly });
+    }
+    if let Some(disk) = home {
+        plugs.push(Plug::Disk { path: disk.clone(), serial: crate::context::HOME_SERIAL.into() });
+    }
+    Ok(plugs)
+}
+
 /// How a VM is restored, besides from what.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Restore {
@@ -689,4 +723,6 @@ pub(crate) struct Restore {
     /// and leaves one free for a launch someone waits for; [`Error::Busy`]
     /// if it cannot start now.
     pub ahead_of_demand: bool,
+    /// What the guest does once its state is loaded.
+    pub after_load: AfterLoad,
 }

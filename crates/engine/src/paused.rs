@@ -114,7 +114,8 @@ impl Engine {
 
     /// Saves running session `s` (record `rec`) as an image chained on the
     /// one it runs from: its memory, devices and disk writes, with `meta`
-    /// added. The guest is left stopped whatever happens: the caller quits
+    /// added (with [`crate::launch::WHOLE_STATE_META`], all its memory is
+    /// in the state). The guest is left stopped whatever happens: the caller quits
     /// it (a pause) or resumes it (a snapshot, a failure). With the image,
     /// how long the guest was stopped so far.
     ///
@@ -144,7 +145,12 @@ impl Engine {
         let work = self.store.work_dir("pause")?;
         let state = work.path().join("state");
         let disk = work.path().join("disk.qcow2");
-        let saved = s.vm_mut().save(&state, SAVE_TIMEOUT).await?;
+        let whole = meta.contains_key(crate::launch::WHOLE_STATE_META);
+        let saved = if whole {
+            s.vm_mut().save_whole(&state, SAVE_TIMEOUT).await?
+        } else {
+            s.vm_mut().save(&state, SAVE_TIMEOUT).await?
+        };
         // The guest is stopped from here until the caller resumes it.
         let stopped = std::time::Instant::now();
         let overlay = s.vm_mut().throwaway_overlay(0).await?;
@@ -238,7 +244,7 @@ impl Engine {
             (resumed.term, resumed.rows, resumed.cols) = (t.term.clone(), t.rows, t.cols);
         }
         let plugs_in_state = resumed.needs_devices();
-        let how = crate::launch::Restore { plugs_in_state, niceness: 0, ahead_of_demand: false };
+        let how = crate::launch::Restore { plugs_in_state, niceness: 0, ahead_of_demand: false, ..Default::default() };
         let s = self.restore(id, &rec.package, &image, Memory::Anonymous, &resumed, how).await?;
         // Carry the labels over, then the session is running, not paused.
         let dir = self.session_dir(id);

@@ -89,7 +89,12 @@ async fn warm(
 ) -> Result<Session, Error> {
     let settings = &key.settings();
     // Filling yields to launches someone waits for; taking it renices it.
-    let how = crate::launch::Restore { plugs_in_state: false, niceness: POOL_NICENESS, ahead_of_demand: true };
+    let how = crate::launch::Restore {
+        plugs_in_state: false,
+        niceness: POOL_NICENESS,
+        ahead_of_demand: true,
+        ..Default::default()
+    };
     let mut s = engine.launch_with(pkg, launch, settings, how).await?;
     // Warm what every launch from the pool runs: an attach with a new
     // terminal size (the program redraws), then going quiet.
@@ -109,7 +114,8 @@ async fn warm(
 
 /// Runs E2B's shell once in `s`, to its end (30 s at most).
 async fn warm_shell(s: &mut Session) -> Result<(), Error> {
-    let command = crate::GuestCommand { argv: E2B_SHELL_WARM.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+    let command =
+        crate::GuestCommand { argv: E2B_SHELL_WARM.iter().map(|a| a.to_string()).collect(), ..Default::default() };
     s.exec(WARM_COMMAND, command).await?;
     s.command_eof(WARM_COMMAND).await?;
     let ran = tokio::time::timeout(Duration::from_secs(30), async {
@@ -212,7 +218,8 @@ impl Pool {
     ) -> Result<(), Error> {
         // Nothing to do is the common case: decided before any catalog
         // work, which would hold up launches sharing this thread.
-        if self.len(name) >= target || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string()) {
+        if self.len(name) >= target || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string())
+        {
             return Ok(());
         }
         let _filling = Filling(self, name.to_string());

@@ -784,7 +784,10 @@ mod tests {
 
     #[test]
     fn commands_from_outside_are_checked() {
-        let cmd = |argv: &[&str]| super::GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+        let cmd = |argv: &[&str]| super::GuestCommand {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
         assert!(cmd(&["echo", "hi"]).check().is_ok());
         assert!(cmd(&[]).check().unwrap_err().contains("empty"));
         assert!(cmd(&["echo", "a\0b"]).check().unwrap_err().contains("NUL"));

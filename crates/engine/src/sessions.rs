@@ -392,7 +392,6 @@ impl Engine {
             // records the end (a server's session nobody watched becomes
             // `lost`) and removes the directory; removing it here first
             // would lose that record.
-
         }
         self.sweep_ended();
         self.sweep_confinement();
@@ -750,7 +749,8 @@ impl Engine {
                 }
             };
             let idle = human_secs(limit);
-            match self.pause_to_image(&mut s, &format!("paused: detached longer than its idle time-out ({idle})")).await {
+            match self.pause_to_image(&mut s, &format!("paused: detached longer than its idle time-out ({idle})")).await
+            {
                 Ok(_) => {
                     tracing::info!(session = %rec.id, idle_s = now - rec.detached_since.unwrap_or(now), "idle time-out: paused a detached session to an image");
                     paused.push(rec.id.clone());

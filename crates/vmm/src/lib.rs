@@ -14,8 +14,8 @@ pub mod qemu;
 pub use accel::Accel;
 pub use agent::{AgentConn, AgentReader, AgentWriter};
 pub use qemu::{
-    credentials_of, monitor_of, start_fork_server, CgroupSpec, Disk, DiskMode, IdentitySpec, Memory, Saved, Plug, Vm,
-    VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST, VNC_SOCK,
+    credentials_of, monitor_of, start_fork_server, AfterLoad, CgroupSpec, Disk, DiskMode, IdentitySpec, Memory, Plug,
+    Saved, Vm, VmConfig, MAX_PLUGS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_GUEST, VNC_SOCK,
 };
 pub use strata_zygote::monitor::CONSOLE_LOG_MAX;
 pub use strata_zygote::{Credentials, ForkServer, Usage, OPEN_FILES_MAX, SERVER_CAPABILITIES};

@@ -213,6 +213,25 @@ pub struct VmConfig {
     /// QEMU's seccomp filter ([`SANDBOX`]). Off only for `strata bench
     /// confine`'s unconfined runs, which measure what the filter costs.
     pub sandbox: bool,
+    /// What the guest does once an incoming state is loaded.
+    pub after_load: AfterLoad,
+    /// The incoming state holds all the guest's memory, saved by
+    /// [`Vm::save_whole`] (else the memory mapped from a shared file is the
+    /// file's, as [`Vm::save`] leaves it out).
+    pub whole_state: bool,
+}
+
+/// What a guest restored from a saved state does once it is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AfterLoad {
+    /// What the state says: one saved running runs at once.
+    #[default]
+    AsSaved,
+    /// Stays stopped (its state is only to be read or saved again).
+    Stay,
+    /// Runs, also when the state was saved stopped: [`Vm::start`] waits
+    /// for the load and starts it.
+    Run,
 }
 
 /// Where a VM's ids come from, and its supplementary groups (`kvm` where
@@ -312,6 +331,9 @@ impl VmConfig {
         }
         if self.incoming.is_some() {
             a.extend(["-incoming".to_string(), "defer".to_string()]);
+            if self.after_load == AfterLoad::Stay {
+                a.push("-S".to_string());
+            }
         }
         a
     }
@@ -501,11 +523,14 @@ fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
     move |e| Error::Qmp { command, source: e.into() }
 }
 
-fn ignore_shared() -> qmp::migrate_set_capabilities {
+/// Whether a state leaves out the memory QEMU maps from a shared file
+/// (on: that memory is the file's, not the state's). Saving and loading
+/// must agree: the state's format differs.
+fn ignore_shared(on: bool) -> qmp::migrate_set_capabilities {
     qmp::migrate_set_capabilities {
         capabilities: vec![qmp::MigrationCapabilityStatus {
             capability: qmp::MigrationCapability::x_ignore_shared,
-            state: true,
+            state: on,
         }],
     }
 }
@@ -1049,6 +1074,17 @@ async fn fork_qemu(
     Ok(Process::Forked { pid, pidfd })
 }
 
+/// Polls until QEMU has loaded its incoming state (a failed load ends QEMU).
+async fn wait_loaded(qmp: &mut Qmp) -> Result<(), Error> {
+    loop {
+        let st = qmp.execute(qmp::query_status {}).await.map_err(qmp_err("query-status"))?;
+        if st.status != qmp::RunState::inmigrate {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// What a finished save reports.
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
@@ -1140,12 +1176,16 @@ impl Vm {
             let mut qmp = open_qmp(connect(&cfg.dir, QMP_SOCK).await.map_err(Error::Channel)?).await?;
             tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, cpu_ms = cpu_ms(pid), "QMP ready");
             if let Some(state) = &cfg.incoming {
-                qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+                qmp.execute(ignore_shared(!cfg.whole_state)).await.map_err(qmp_err("migrate-set-capabilities"))?;
                 let uri = format!("file:{}", state.display());
                 qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
                     .await
                     .map_err(qmp_err("migrate-incoming"))?;
                 tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, cpu_ms = cpu_ms(pid), "state loading");
+                if cfg.after_load == AfterLoad::Run {
+                    wait_loaded(&mut qmp).await?;
+                    qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+                }
             }
             Ok::<_, Error>((qmp, agent))
         };
@@ -1299,6 +1339,17 @@ impl Vm {
         self.qmp.execute(qmp::stop {}).await.map(|_| ()).map_err(qmp_err("stop"))
     }
 
+    /// Waits until the incoming state is loaded (a guest started with
+    /// [`AfterLoad::Stay`] is then stopped, ready to be saved again).
+    ///
+    /// # Errors
+    /// If QEMU does not answer, or the load does not end within `timeout`.
+    pub async fn wait_loaded(&mut self, timeout: Duration) -> Result<(), Error> {
+        tokio::time::timeout(timeout, wait_loaded(&mut self.qmp))
+            .await
+            .map_err(|_| Error::Save(format!("the saved state did not load within {} s", timeout.as_secs())))?
+    }
+
     /// Resumes the guest if it is stopped (a strata process that died while
     /// saving it leaves it so); whether it had to.
     ///
@@ -1345,7 +1396,21 @@ impl Vm {
     /// # Errors
     /// If QEMU refuses, the save fails, or it does not finish in `timeout`.
     pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<Saved, Error> {
-        self.qmp.execute(ignore_shared()).await.map_err(qmp_err("migrate-set-capabilities"))?;
+        self.save_with(path, timeout, true).await
+    }
+
+    /// Saves the guest's state as [`Vm::save`] does, with all its memory,
+    /// also what is mapped from a shared file: a state to be loaded into
+    /// memory of another kind ([`VmConfig::whole_state`]).
+    ///
+    /// # Errors
+    /// As [`Vm::save`].
+    pub async fn save_whole(&mut self, path: &Path, timeout: Duration) -> Result<Saved, Error> {
+        self.save_with(path, timeout, false).await
+    }
+
+    async fn save_with(&mut self, path: &Path, timeout: Duration, skip_shared: bool) -> Result<Saved, Error> {
+        self.qmp.execute(ignore_shared(skip_shared)).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let out = self.outgoing_file("outgoing.state")?;
         let uri = format!("file:{}", out.display());
         self.qmp

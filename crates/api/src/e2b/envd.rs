@@ -199,9 +199,8 @@ fn envelope(flags: u8, msg: &Value) -> Bytes {
 
 /// A stream answer: the envelopes `rx` yields.
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
+    let body =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
     Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "application/connect+json")
@@ -326,7 +325,12 @@ fn pump(pid: ProcId, pty: bool, mut out: mpsc::Receiver<CommandOut>, headers: &H
                     return;
                 }
                 None => {
-                    let e = RpcError("unavailable", format!("command {pid} is no longer watched here (the sandbox ended or another client connected)"));
+                    let e = RpcError(
+                        "unavailable",
+                        format!(
+                            "command {pid} is no longer watched here (the sandbox ended or another client connected)"
+                        ),
+                    );
                     let _ = tx.send(envelope(0x02, &json!({ "error": e.body() }))).await;
                     return;
                 }
@@ -369,7 +373,12 @@ async fn start_command(
     if argv.iter().any(|a| a.contains('\0')) {
         return Err(invalid("a command's arguments must not contain NUL"));
     }
-    let command = GuestCommand { argv, env: env.into_iter().collect(), cwd: p.cwd.filter(|c| !c.is_empty()), user: user(headers)? };
+    let command = GuestCommand {
+        argv,
+        env: env.into_iter().collect(),
+        cwd: p.cwd.filter(|c| !c.is_empty()),
+        user: user(headers)?,
+    };
     let (out_tx, out_rx) = mpsc::channel(16);
     let stdin = req.stdin.unwrap_or(false);
     let pid = ask(&live, |reply| Cmd::Exec { command, tag: req.tag, stdin, pty, out: out_tx, reply }).await?;
@@ -531,7 +540,8 @@ struct Feeding {
 impl Feeding {
     /// Starts `argv` in the sandbox (as `user`), its input open if `stdin`.
     async fn start(live: &Live, argv: &[&str], user: Option<String>, stdin: bool) -> Result<Feeding, RpcError> {
-        let command = GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
+        let command =
+            GuestCommand { argv: argv.iter().map(|a| a.to_string()).collect(), env: Vec::new(), cwd: None, user };
         let (out_tx, out) = mpsc::channel(16);
         let id = ask(live, |reply| Cmd::Exec { command, tag: None, stdin, pty: None, out: out_tx, reply }).await?;
         Ok(Feeding { id, out, stdout: Vec::new(), stderr: Vec::new(), status: None })
@@ -604,7 +614,8 @@ pub(crate) async fn run(live: &Live, argv: &[&str], user: Option<String>) -> Res
 
 /// The error a file command's failure stands for.
 fn file_error(path: &str, f: &Finished) -> RpcError {
-    let m = format!("{path}: {}", if f.stderr.is_empty() { format!("exit status {}", f.status) } else { f.stderr.clone() });
+    let m =
+        format!("{path}: {}", if f.stderr.is_empty() { format!("exit status {}", f.status) } else { f.stderr.clone() });
     if m.contains("No such file") || m.contains("not found") {
         RpcError("not_found", m)
     } else if m.contains("Permission denied") {
@@ -681,7 +692,11 @@ impl FileQuery {
 }
 
 /// `GET /files?path=`: a file's bytes.
-pub(crate) async fn read_file(State(st): St, headers: HeaderMap, Query(q): Query<FileQuery>) -> Result<Response, RpcError> {
+pub(crate) async fn read_file(
+    State(st): St,
+    headers: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, RpcError> {
     let live = file_sandbox(&st, &headers, &q, "read")?;
     let path = q.path.clone().ok_or_else(|| invalid("path is missing"))?;
     check_path(&path)?;
@@ -918,7 +933,12 @@ impl Watchers {
 const MAX_WATCHERS: usize = 1024;
 
 /// What is under `path` (one level, or every level with `recursive`).
-async fn listing(live: &Live, path: &str, recursive: bool, user: Option<String>) -> Result<BTreeMap<String, String>, RpcError> {
+async fn listing(
+    live: &Live,
+    path: &str,
+    recursive: bool,
+    user: Option<String>,
+) -> Result<BTreeMap<String, String>, RpcError> {
     check_path(path)?;
     let depth = if recursive { "64" } else { "1" };
     let argv = ["find", path, "-mindepth", "1", "-maxdepth", depth, "-printf", "%P\\t%y %s %m %T@\\n"];
@@ -1018,7 +1038,9 @@ async fn watch_dir(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
                 return;
             }
             if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
-                let _ = tx.send(end(RpcError("deadline_exceeded", "the watch outlasted the request's time-out".into()))).await;
+                let _ = tx
+                    .send(end(RpcError("deadline_exceeded", "the watch outlasted the request's time-out".into())))
+                    .await;
                 return;
             }
             let now = match listing(&live, &path, recursive, user.clone()).await {
@@ -1099,9 +1121,11 @@ mod tests {
 
     #[test]
     fn a_watchers_events_are_the_differences_between_two_looks() {
-        let map = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<BTreeMap<_, _>>();
+        let map =
+            |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<BTreeMap<_, _>>();
         let before = map(&[("a", "f 1 644 10.0"), ("b", "f 2 644 10.0"), ("c", "f 3 644 10.0")]);
-        let after = map(&[("a", "f 1 644 10.0"), ("b", "f 9 644 11.5"), ("c", "f 3 600 10.0"), ("d", "d 4096 755 12.0")]);
+        let after =
+            map(&[("a", "f 1 644 10.0"), ("b", "f 9 644 11.5"), ("c", "f 3 600 10.0"), ("d", "d 4096 755 12.0")]);
         let events = changes(&before, &after);
         let kinds: Vec<(String, String)> =
             events.iter().map(|e| (e["name"].as_str().unwrap().into(), e["type"].as_str().unwrap().into())).collect();
