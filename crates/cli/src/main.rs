@@ -625,6 +625,19 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Forks of a running session against as many launches from the launch
+    /// image, same run: the parent's stop, the time until every copy
+    /// answers, memory per copy.
+    Fork {
+        package: String,
+        /// Copies per fork (and launches per baseline round).
+        #[arg(short = 'n', long, default_value_t = 8)]
+        copies: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Memory per idle session: N sessions from the launch image at once.
     Density {
         package: String,
@@ -1194,6 +1207,40 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "confinement costs {:+.1}% CPU per launch and {:+.2} MiB per idle session",
                     r.cpu_cost * 100.0,
                     r.memory_cost_mib
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Bench { cmd: BenchCmd::Fork { package, copies, rounds, json } } => {
+            if *copies == 0 || *copies > strata_engine::fork::MAX_FORKS || *rounds == 0 || *rounds > 100 {
+                anyhow::bail!(
+                    "-n must be between 1 and {} and --rounds between 1 and 100",
+                    strata_engine::fork::MAX_FORKS
+                );
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_fork(&pkg, *copies, *rounds, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                use strata_engine::bench::percentile as pct;
+                println!(
+                    "strata bench fork {} ({} copies, {} rounds, {} MiB guests, accel {})",
+                    r.package, r.copies, r.rounds, r.memory_mib, r.accel
+                );
+                println!("{:<34} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+                for (name, v) in [
+                    ("parent stopped", &r.parent_stopped_ms),
+                    ("snapshot ready", &r.snapshot_ms),
+                    ("every copy answering (fork)", &r.forks_answering_ms),
+                    ("every session answering (launch)", &r.launches_answering_ms),
+                ] {
+                    println!("{:<34} {:>10.1} {:>10.1}", name, pct(v, 50.0), pct(v, 99.0));
+                }
+                println!(
+                    "memory per copy: Pss {:.1} MiB, Rss {:.1} MiB; per launched session: Pss {:.1} MiB, Rss {:.1} MiB",
+                    r.fork_pss_mib, r.fork_rss_mib, r.launch_pss_mib, r.launch_rss_mib
                 );
             }
             Ok(0)

@@ -800,3 +800,121 @@ impl Engine {
         })
     }
 }
+
+/// Results of `strata bench fork`: forks of a running session against
+/// launches of as many sessions from the launch image, same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkReport {
+    pub package: String,
+    pub copies: usize,
+    pub rounds: usize,
+    pub accel: String,
+    /// The guest's memory size, MiB.
+    pub memory_mib: u32,
+    /// How long the parent's guest was stopped for each fork, ms.
+    pub parent_stopped_ms: Vec<f64>,
+    /// Request to the snapshot recorded (its memory file made), ms.
+    pub snapshot_ms: Vec<f64>,
+    /// Request to every copy answering its probe, ms.
+    pub forks_answering_ms: Vec<f64>,
+    /// The baseline: `copies` sessions launched at once from the launch
+    /// image, request to every one answering, ms.
+    pub launches_answering_ms: Vec<f64>,
+    /// Mean proportional (Pss) and resident memory of a copy once all
+    /// answered, MiB; and of a launched session.
+    pub fork_pss_mib: f64,
+    pub fork_rss_mib: f64,
+    pub launch_pss_mib: f64,
+    pub launch_rss_mib: f64,
+}
+
+/// Waits for every session to answer; the time from `t0`.
+async fn all_answer(answer: &FirstAnswer, sessions: &mut [crate::Session], t0: Instant) -> Result<f64, Error> {
+    let waits = sessions.iter_mut().map(|s| answer.wait(s));
+    for r in futures_util::future::join_all(waits).await {
+        r?;
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Mean (Pss, Rss) of the sessions' QEMUs, MiB.
+fn mean_pss_rss(sessions: &[crate::Session]) -> (f64, f64) {
+    let n = sessions.len().max(1) as f64;
+    let (pss, rss) = sessions.iter().fold((0.0, 0.0), |(p, r), s| {
+        let rollup = smaps_rollup(s.vm_pid());
+        (p + kib_field(&rollup, "Pss:"), r + kib_field(&rollup, "Rss:"))
+    });
+    (pss / n / 1024.0, rss / n / 1024.0)
+}
+
+impl Engine {
+    /// Forks a running session of `pkg` into `copies` sessions, `rounds`
+    /// times, each round beside a baseline of `copies` sessions launched
+    /// at once from the launch image: the parent's stop, the time until
+    /// every copy answers its probe, and the copies' memory.
+    ///
+    /// # Errors
+    /// If the package has no probe (or is graphical), or a launch or fork fails.
+    pub async fn bench_fork(
+        &self,
+        pkg: &Package,
+        copies: usize,
+        rounds: usize,
+        progress: &dyn Progress,
+    ) -> Result<ForkReport, Error> {
+        let answer = FirstAnswer::of(pkg)?;
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let mut parent = self.launch_from(pkg, &images.launch, &settings).await?;
+        answer.wait(&mut parent).await?;
+        let mut r = ForkReport {
+            package: pkg.name.clone(),
+            copies,
+            rounds,
+            accel: images.launch.meta.get("accel").cloned().unwrap_or_default(),
+            memory_mib: pkg.def.memory_mib,
+            parent_stopped_ms: Vec::new(),
+            snapshot_ms: Vec::new(),
+            forks_answering_ms: Vec::new(),
+            launches_answering_ms: Vec::new(),
+            fork_pss_mib: 0.0,
+            fork_rss_mib: 0.0,
+            launch_pss_mib: 0.0,
+            launch_rss_mib: 0.0,
+        };
+        let (mut fork_mem, mut launch_mem) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            progress.step(&format!("bench fork {}: round {}/{rounds}, {copies} launches", pkg.name, round + 1));
+            let t0 = Instant::now();
+            let launched =
+                futures_util::future::join_all((0..copies).map(|_| self.launch_from(pkg, &images.launch, &settings)));
+            let mut sessions = launched.await.into_iter().collect::<Result<Vec<_>, _>>()?;
+            r.launches_answering_ms.push(all_answer(&answer, &mut sessions, t0).await?);
+            launch_mem.push(mean_pss_rss(&sessions));
+            for s in sessions {
+                s.close().await;
+            }
+
+            progress.step(&format!("bench fork {}: round {}/{rounds}, {copies} copies", pkg.name, round + 1));
+            let t0 = Instant::now();
+            let snap = self.snapshot_session(&mut parent, None).await?;
+            r.snapshot_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            r.parent_stopped_ms.push(snap.stopped.as_secs_f64() * 1000.0);
+            let mut forks =
+                self.start_forks(&snap.image, copies, None).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+            r.forks_answering_ms.push(all_answer(&answer, &mut forks, t0).await?);
+            fork_mem.push(mean_pss_rss(&forks));
+            for s in forks {
+                s.close().await;
+            }
+            self.store.remove_image(&snap.image.digest)?;
+        }
+        parent.close().await;
+        let mean =
+            |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| v.iter().map(pick).sum::<f64>() / v.len().max(1) as f64;
+        (r.fork_pss_mib, r.fork_rss_mib) = (mean(&fork_mem, |m| m.0), mean(&fork_mem, |m| m.1));
+        (r.launch_pss_mib, r.launch_rss_mib) = (mean(&launch_mem, |m| m.0), mean(&launch_mem, |m| m.1));
+        progress.done("fork benchmark finished");
+        Ok(r)
+    }
+}

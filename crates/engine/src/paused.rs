@@ -319,6 +319,10 @@ impl Engine {
     /// retention (`Config::paused_retention`; none: kept until removed),
     /// with their images; returns their ids.
     pub fn expire_paused(&self) -> Vec<String> {
+        // A fork's snapshot goes once no session stands on it.
+        if let Err(e) = self.drop_paused_images() {
+            tracing::warn!(error = %e, "could not drop the images no session needs");
+        }
         let Some(keep) = self.cfg.paused_retention else { return Vec::new() };
         let mut gone = Vec::new();
         for rec in self.paused_sessions() {
