@@ -557,6 +557,16 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     c.exchange(1, &alice, &ids[0], "x=41\n", "x=41").await;
     c.exchange(1, &alice, &ids[0], "x+1\n", "42").await;
 
+    // A fork through the plane: the copy starts on the session's server,
+    // is listed at once with it, and has its state.
+    let (status, forked) = c.api(1, "POST", &format!("/v1/sessions/{}/fork", ids[0]), &alice).await;
+    assert_eq!(status, 201, "{forked}");
+    let copy = forked["forks"][0]["session"]["id"].as_str().unwrap().to_string();
+    let listed = c.sessions(1, &alice).await;
+    assert_eq!(server_of(&listed, &copy), server_of(&listed, &ids[0]), "{listed:?}");
+    c.exchange(1, &alice, &copy, "x+2\n", "43").await;
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{copy}"), &alice).await.0, 204);
+
     // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;
     assert_eq!(status, 200, "{body}");

@@ -442,6 +442,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
+        .route("/v1/sessions/{id}/fork", post(fork_session))
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
         .with_state(cp)
@@ -720,6 +721,60 @@ async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what:
         body["server"] = json!(server.id);
     }
     Ok((status, Json(body)).into_response())
+}
+
+/// Forks a session on its server: the copies start there, beside it (the
+/// snapshot's memory is shared by them there), within the terminal's limit
+/// of sessions in the cluster; each is listed at once.
+async fn fork_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    if body.len() > 64 << 10 {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over 64 KiB"));
+    }
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?
+    };
+    let count = body["count"].as_u64().unwrap_or(1) as usize;
+    let (entry, server) = cp.managed(&terminal, &id).await?;
+    let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
+    let entries = cp.cluster.sessions().await.map_err(unavailable)?;
+    let held = entries.iter().filter(|e| e.owner == entry.owner && !is_lost(e)).count();
+    if held + count > cp.max_sessions_per_terminal {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "a terminal may hold at most {} sessions in this cluster (--max-sessions-per-terminal); terminal \
+                 {:?} holds {held} and {count} more were asked for; end one first",
+                cp.max_sessions_per_terminal, entry.owner
+            ),
+        ));
+    }
+    let path = format!("/v1/sessions/{id}/fork");
+    let (status, mut forked) = cp
+        .order(&server, &entry.owner, Method::POST, &path, Some(body), ORDER_TIMEOUT)
+        .await
+        .map_err(|e| unreachable(&server, &e))?;
+    if !status.is_success() {
+        return Err(passed_on(status, forked));
+    }
+    for copy in forked["forks"].as_array_mut().into_iter().flatten() {
+        let Some(copy_id) = copy["session"]["id"].as_str().map(str::to_string) else { continue };
+        let created_at = copy["session"]["created"].as_u64().unwrap_or(0);
+        let recorded = SessionEntry::running(&copy_id, &server.id, &entry.package, &entry.owner, created_at);
+        // Its server records it too, within seconds; this lists it at once.
+        if let Err(e) = cp.cluster.put_session(&recorded).await {
+            tracing::warn!(session = %copy_id, error = %e, "could not record the copy yet; its server will");
+        }
+        copy["session"]["server"] = json!(server.id);
+    }
+    Ok((status, Json(forked)).into_response())
 }
 
 async fn pause_session(
