@@ -206,8 +206,10 @@ impl Engine {
             )
             .await?;
         }
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out");
         let mut files = whole.files.clone();
         files.insert("memory".to_string(), self.store.ingest_file(&memory)?);
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file stored");
         files.insert("state".to_string(), self.store.ingest_file(&state)?);
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's files stored");
         let mut meta = whole.meta.clone();
@@ -287,16 +289,35 @@ impl Engine {
 /// a tmpfs, else at `fallback`. Removed when dropped.
 struct MemoryScratch(std::path::PathBuf);
 
+/// Where [`MemoryScratch`] files are made, when it is a tmpfs.
+const SCRATCH_DIR: &str = "/dev/shm";
+/// Their names: this, the pid of their maker, `-`, a random part.
+const SCRATCH_PREFIX: &str = "strata-snapshot-";
+
+/// Removes the memory files that strata processes killed while making a
+/// snapshot left in [`SCRATCH_DIR`] (they hold memory until removed).
+pub(crate) fn sweep_memory_scratch() {
+    let Ok(entries) = std::fs::read_dir(SCRATCH_DIR) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let maker = name.strip_prefix(SCRATCH_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok());
+        if maker.is_some_and(|pid| !strata_store::process_alive(pid)) {
+            tracing::info!(file = %e.path().display(), "removed a snapshot's memory file its maker left");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl MemoryScratch {
     fn new(fallback: &std::path::Path) -> MemoryScratch {
-        let shm = std::path::Path::new("/dev/shm");
+        let shm = std::path::Path::new(SCRATCH_DIR);
         let is_tmpfs =
             nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
         if !is_tmpfs {
             return MemoryScratch(fallback.to_path_buf());
         }
         let n = crate::launch::new_session_id();
-        MemoryScratch(shm.join(format!("strata-snapshot-{}-{n}", std::process::id())))
+        MemoryScratch(shm.join(format!("{SCRATCH_PREFIX}{}-{n}", std::process::id())))
     }
 }
 
@@ -323,4 +344,34 @@ fn check_copyable(rec: &SessionRecord) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_are_checked() {
+        for good in ["a", "my-snap.2", "0_x", &"n".repeat(63)] {
+            assert!(check_snapshot_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Big", "-x", ".x", "a/b", "../x", "a b", &"n".repeat(64)] {
+            assert!(check_snapshot_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn memory_files_of_dead_makers_are_swept_and_live_ones_kept() {
+        if !std::path::Path::new(SCRATCH_DIR).is_dir() {
+            return;
+        }
+        let dead = std::path::Path::new(SCRATCH_DIR).join(format!("{SCRATCH_PREFIX}0-test{}", std::process::id()));
+        let live = std::path::Path::new(SCRATCH_DIR).join(format!("{SCRATCH_PREFIX}{}-test", std::process::id()));
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::write(&live, b"x").unwrap();
+        sweep_memory_scratch();
+        assert!(!dead.exists(), "a dead maker's file stayed");
+        assert!(live.exists(), "a live maker's file went");
+        std::fs::remove_file(&live).unwrap();
+    }
 }

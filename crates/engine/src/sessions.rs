@@ -395,6 +395,7 @@ impl Engine {
         }
         self.sweep_ended();
         self.sweep_confinement();
+        crate::fork::sweep_memory_scratch();
     }
 
     /// The images sessions stand on: each running session's launch image
