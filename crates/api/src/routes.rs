@@ -625,16 +625,24 @@ async fn create_session(
     let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
     let options = SessionOptions { idle, ..SessionOptions::default() };
     if let Some(name) = &req.snapshot {
-        if !req.package.is_empty() || req.context.is_some() {
+        if req.context.is_some() {
             return Err(ApiError::bad_request(
-                "a session from a snapshot has the snapshot's package and context: leave out package and context",
+                "a session from a snapshot has the snapshot's context: leave out context",
             ));
         }
-        let image = st.engine.find_snapshot(name)?.ok_or_else(|| {
+        let image = st.engine.resolve_snapshot(name).await?.ok_or_else(|| {
             ApiError::not_found(format!(
                 "no snapshot {name}; GET /v1/images lists them (kind paused, with a snapshot name)"
             ))
         })?;
+        // A package named too (a control plane places by it) must be the snapshot's.
+        if !req.package.is_empty() && image.package.as_deref() != Some(req.package.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "snapshot {name} is of package {}, not {}",
+                image.package.as_deref().unwrap_or("-"),
+                req.package
+            )));
+        }
         let memory_mib = image.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
         room_for(&st, &owner, 1, memory_mib)?;
         let session = st.engine.start_from_snapshot(&image, None).await?;
@@ -785,6 +793,7 @@ async fn snapshot_session(
     strata_engine::fork::check_snapshot_name(&req.name)?;
     let live = managed(&st, &owner, &id)?;
     let snap = ask(&live, |reply| Cmd::Snapshot { name: Some(req.name.clone()), reply }).await?;
+    st.engine.share_snapshot(&snap.image).await;
     let body = SnapshotInfo { name: req.name, image: snap.image.digest, stopped_ms: snap.stopped.as_secs_f64() * 1e3 };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

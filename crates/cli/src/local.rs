@@ -146,7 +146,8 @@ impl Backend for Local<'_> {
     async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8> {
         let image = self
             .eng
-            .find_snapshot(name)?
+            .resolve_snapshot(name)
+            .await?
             .ok_or_else(|| anyhow::anyhow!("no snapshot {name}; `strata images ls` lists them"))?;
         let terminal = ContextSettings::from_terminal(terminal_size());
         let session = self.eng.start_from_snapshot(&image, Some(&terminal)).await?;

@@ -182,6 +182,20 @@ impl Cluster {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    async fn post(&self, cp: usize, token: &str, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.cps[cp]))
+            .bearer_auth(token)
+            .json(&body)
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     async fn sessions(&self, cp: usize, token: &str) -> Vec<Value> {
         let (status, body) = self.api(cp, "GET", "/v1/sessions", token).await;
         assert_eq!(status, 200, "{body}");
@@ -566,6 +580,28 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert_eq!(server_of(&listed, &copy), server_of(&listed, &ids[0]), "{listed:?}");
     c.exchange(1, &alice, &copy, "x+2\n", "43").await;
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{copy}"), &alice).await.0, 204);
+
+    // A named snapshot is shared: sessions start from it on other servers
+    // (fetched from the object store), placed by its package.
+    let snap_path = format!("/v1/sessions/{}/snapshot", ids[0]);
+    let (status, snap) = c.post(1, &alice, &snap_path, serde_json::json!({"name": "cluster-snap"})).await;
+    assert_eq!(status, 201, "{snap}");
+    let origin = server_of(&c.sessions(1, &alice).await, &ids[0]);
+    let mut elsewhere = None;
+    for _ in 0..3 {
+        let body = serde_json::json!({"package": "bc", "snapshot": "cluster-snap"});
+        let (status, created) = c.post(1, &alice, "/v1/sessions", body).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["session"]["id"].as_str().unwrap().to_string();
+        let on = created["session"]["server"].as_str().unwrap_or_default().to_string();
+        c.exchange(1, &alice, &id, "x+3\n", "44").await;
+        assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{id}"), &alice).await.0, 204);
+        if on != origin {
+            elsewhere = Some(on);
+            break;
+        }
+    }
+    assert!(elsewhere.is_some(), "no session from the snapshot ran on a server other than {origin}");
 
     // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;

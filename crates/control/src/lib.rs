@@ -443,6 +443,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/fork", post(fork_session))
+        .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
         .with_state(cp)
@@ -699,11 +700,23 @@ async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<
 /// Passes an order on to the server of a session the caller manages, in
 /// its owner's name.
 async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
+    pass_with(cp, terminal, id, method, what, None).await
+}
+
+/// [`pass`], with a JSON body.
+async fn pass_with(
+    cp: &ControlPlane,
+    terminal: &str,
+    id: &str,
+    method: Method,
+    what: &str,
+    order: Option<Value>,
+) -> Result<Response, ApiError> {
     let (entry, server) = cp.managed(terminal, id).await?;
     let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     let path = format!("/v1/sessions/{id}/{what}");
     let (status, mut body) = cp
-        .order(&server, &entry.owner, method, &path, None, ORDER_TIMEOUT)
+        .order(&server, &entry.owner, method, &path, order, ORDER_TIMEOUT)
         .await
         .map_err(|e| unreachable(&server, &e))?;
     if !status.is_success() {
@@ -775,6 +788,20 @@ async fn fork_session(
         copy["session"]["server"] = json!(server.id);
     }
     Ok((status, Json(forked)).into_response())
+}
+
+/// Saves a session as a named snapshot on its server, which shares it
+/// through the object store: a launch with `snapshot` (and its package, to
+/// place it) starts from it on any server.
+async fn snapshot_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let order: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    pass_with(&cp, &terminal, &id, Method::POST, "snapshot", Some(order)).await
 }
 
 async fn pause_session(

@@ -78,7 +78,11 @@ impl Engine {
     pub async fn snapshot_session(&self, s: &mut Session, name: Option<&str>) -> Result<Snapshot, Error> {
         if let Some(n) = name {
             check_snapshot_name(n)?;
-            if self.find_snapshot(n)?.is_some() {
+            let shared = match &self.remote {
+                Some(remote) => remote.find_by_recipe(ImageKind::Paused, &snapshot_recipe(n)).await?.is_some(),
+                None => false,
+            };
+            if shared || self.find_snapshot(n)?.is_some() {
                 return Err(Error::Config(format!(
                     "a snapshot named {n} exists already; choose another name, or remove it first \
                      (`strata images rm DIGEST`, `strata images ls` lists it)"
@@ -90,6 +94,7 @@ impl Engine {
         };
         let rec = read_record(&dir).ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
         check_copyable(&rec)?;
+        crate::paused::check_savable(s, &rec)?;
         let _lock = self.lock_paused(&s.id)?;
         s.quiet().await?;
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
@@ -107,7 +112,7 @@ impl Engine {
         resumed?;
         let stopped = stopped + resumed_at.elapsed();
         let t0 = std::time::Instant::now();
-        let image = match self.with_memory_file(&whole, &settings).await {
+        let image = match self.with_memory_file(&whole, &settings, name).await {
             Ok(mapped) => {
                 self.store.remove_image(&whole.digest)?;
                 mapped
@@ -119,10 +124,15 @@ impl Engine {
             }
         };
         tracing::info!(session = %s.id, image = %image.digest, name = name.unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
-        if name.is_some() {
-            self.share(&image).await;
-        }
         Ok(Snapshot { image, stopped })
+    }
+
+    /// Publishes a named snapshot to the store shared between servers, if
+    /// there is one (a failure is logged: it is then only on this server).
+    /// Apart from [`Engine::snapshot_session`], so that the session's
+    /// holder is not kept waiting for the upload.
+    pub async fn share_snapshot(&self, snapshot: &ImageRecord) {
+        self.share(snapshot).await;
     }
 
     /// Starts a new session from `snapshot`, with the context its session
@@ -168,7 +178,14 @@ impl Engine {
     /// sessions started from it share its pages through the page cache
     /// instead of each loading a copy: the saved state is loaded into a
     /// stopped VM whose memory is that file, and saved again without it.
-    async fn with_memory_file(&self, whole: &ImageRecord, settings: &ContextSettings) -> Result<ImageRecord, Error> {
+    /// A named one's recipe is its name's, so servers sharing a store find
+    /// it by name.
+    async fn with_memory_file(
+        &self,
+        whole: &ImageRecord,
+        settings: &ContextSettings,
+        name: Option<&str>,
+    ) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("snapshot")?;
         let memory = work.path().join("memory");
         let state = work.path().join("state");
@@ -221,7 +238,7 @@ impl Engine {
             &whole.os,
             &whole.arch,
             whole.parent.clone(),
-            &whole.recipe,
+            &name.map_or_else(|| whole.recipe.clone(), snapshot_recipe),
             files,
             meta,
             0,
@@ -251,6 +268,9 @@ impl Engine {
             .await?;
         let r = self.snapshot_session(&mut s, name).await;
         s.release();
+        if let (Ok(snap), Some(_)) = (&r, name) {
+            self.share_snapshot(&snap.image).await;
+        }
         r
     }
 
@@ -260,6 +280,28 @@ impl Engine {
         read_record(&self.session_dir(id))
             .and_then(|r| r.settings)
             .unwrap_or_else(|| ContextSettings::from_terminal(None))
+    }
+
+    /// The snapshot named `name` (or whose digest starts with `name`) here,
+    /// or else, by name, in the store shared between servers (fetched).
+    ///
+    /// # Errors
+    /// If the catalog or the shared store cannot be read, or the fetch fails.
+    pub async fn resolve_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
+        if let Some(here) = self.find_snapshot(name)? {
+            return Ok(Some(here));
+        }
+        let Some(remote) = &self.remote else { return Ok(None) };
+        if check_snapshot_name(name).is_err() {
+            return Ok(None);
+        }
+        let Some(shared) = remote.find_by_recipe(ImageKind::Paused, &snapshot_recipe(name)).await? else {
+            return Ok(None);
+        };
+        remote.fetch_with_parents(&shared).await?;
+        self.trim_cache(&[&shared]).await?;
+        tracing::info!(snapshot = name, image = %shared.digest, "snapshot fetched from the shared store");
+        Ok(Some(shared))
     }
 
     /// The snapshot named `name`, or whose digest starts with `name`.
@@ -325,6 +367,13 @@ impl Drop for MemoryScratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The recipe of the snapshot named `name`: the key servers sharing a
+/// store find it by.
+fn snapshot_recipe(name: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(format!("snapshot\0{name}")))
 }
 
 /// Refuses a session whose copies could not run beside it.

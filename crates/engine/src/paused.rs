@@ -80,6 +80,8 @@ impl Engine {
         let _lock = self.lock_paused(&s.id)?;
         let mut rec = crate::sessions::read_record(&dir)
             .ok_or_else(|| Error::Config(format!("no session record in {}", dir.display())))?;
+        // Refused before the agent is quieted: the terminal stays attached.
+        check_savable(s, &rec)?;
         // Nobody watches while it is paused: the agent keeps the program's
         // output as its screen, for whoever attaches after the resume.
         s.quiet().await?;
@@ -128,16 +130,7 @@ impl Engine {
         rec: &SessionRecord,
         meta: &BTreeMap<String, String>,
     ) -> Result<(ImageRecord, Duration), Error> {
-        // Its network and home stay in the saved state and come back on the
-        // resume; a mounted 9p share cannot be saved (QEMU refuses).
-        let shares = rec.settings.as_ref().map_or(0, |c| c.shares.len());
-        if shares > 0 || (s.has_devices && rec.settings.is_none()) {
-            return Err(Error::Config(format!(
-                "session {} has shared folders: a session with shared folders cannot be saved to an image \
-                 (QEMU cannot save a mounted 9p share); it keeps running",
-                s.id
-            )));
-        }
+        check_savable(s, rec)?;
         let parent = self
             .store
             .image(&rec.launch_image)?
@@ -366,6 +359,21 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Refuses a session QEMU cannot save. Its network and home stay in the
+/// saved state and come back on the resume; a mounted 9p share cannot be
+/// saved (QEMU refuses).
+pub(crate) fn check_savable(s: &Session, rec: &SessionRecord) -> Result<(), Error> {
+    let shares = rec.settings.as_ref().map_or(0, |c| c.shares.len());
+    if shares > 0 || (s.has_devices && rec.settings.is_none()) {
+        return Err(Error::Config(format!(
+            "session {} has shared folders: a session with shared folders cannot be saved to an image \
+             (QEMU cannot save a mounted 9p share); it keeps running",
+            s.id
+        )));
+    }
+    Ok(())
 }
 
 /// A paused image's recipe: unique to one pause of one session.
