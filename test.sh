@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (tests run QEMU and build images)" >&2; exit 1; }
-source scripts/deps.sh
+source scripts/deps-test.sh
 source scripts/e2b-sdk.sh
 source scripts/earlier-build.sh
 export STRATA_E2E=1

@@ -39,7 +39,7 @@ n="${2:-3}"
 [[ "$n" =~ ^[1-9][0-9]?$ ]] || { echo "cluster.sh: N must be 1 to 99 agents, not '$n'" >&2; exit 2; }
 shift 2 || shift $#
 [ "$(id -u)" = 0 ] || { echo "cluster.sh: run as root (agents run QEMU)" >&2; exit 1; }
-source scripts/deps.sh
+source scripts/deps-cluster.sh
 cargo build --release --locked -q
 strata="$repo/target/release/strata"
 export STRATA_AGENT="$repo/target/release/strata-agent"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what strata needs from Debian's packages (idempotent). Run as root.
-# QEMU comes from bookworm-backports (10.x): launch images rely on its
-# file: migration and socket reconnect options.
+# Installs what strata needs on one machine from Debian's packages
+# (idempotent). Run as root. QEMU comes from bookworm-backports (10.x):
+# launch images rely on its file: migration and socket reconnect options.
+# The cluster's parts (etcd, Garage) are in deps-cluster.sh, the tests'
+# (a browser) in deps-test.sh.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -20,7 +22,7 @@ if [ "$(qemu_version || true)" = "" ] || [ "$(qemu_version)" -lt 9 ]; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 fi
 missing=()
-for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config chromium etcd-server etcd-client protobuf-compiler iproute2 nftables acl passwd; do
+for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config protobuf-compiler iproute2 nftables acl passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -52,14 +54,4 @@ fi
 web_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/web"
 if [ ! -f "$web_dir/node_modules/.package-lock.json" ] || ! cmp -s "$web_dir/package-lock.json" "$web_dir/node_modules/.strata-lock"; then
   (cd "$web_dir" && npm ci --no-audit --no-fund && cp package-lock.json node_modules/.strata-lock)
-fi
-
-# Garage, the S3-compatible object store that shares images between servers
-# (cluster mode and its tests). Debian has no package: built from crates.io
-# once (about 11 minutes on 2 cores), pinned.
-garage_version=2.5.0
-if ! /opt/strata-tools/bin/garage --version 2>/dev/null | grep -q ":$garage_version "; then
-  echo "strata: building Garage $garage_version (once)" >&2
-  cargo install --locked "garage@$garage_version" --no-default-features --features bundled-libs,sqlite \
-    --root /opt/strata-tools
 fi

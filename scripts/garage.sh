@@ -13,7 +13,7 @@ dir="${1:?usage: garage.sh DIR [S3_PORT|stop] [config|setup]}"
 arg="${2:-3900}"
 step="${3:-all}"
 garage="${STRATA_GARAGE:-/opt/strata-tools/bin/garage}"
-[ -x "$garage" ] || { echo "garage.sh: no Garage at $garage (scripts/deps.sh installs it)" >&2; exit 1; }
+[ -x "$garage" ] || { echo "garage.sh: no Garage at $garage (scripts/deps-cluster.sh installs it)" >&2; exit 1; }
 cfg="$dir/garage.toml"
 if [ "$arg" = stop ]; then
   [ -f "$dir/garage.pid" ] && kill "$(cat "$dir/garage.pid")" 2>/dev/null || true

@@ -49,7 +49,7 @@ fn spawn_etcd(dir: &std::path::Path, port: u16) -> Child {
         .args(["--initial-cluster", &format!("t={peer}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let child = tied::spawn_tied(cmd).expect("etcd is installed by scripts/deps.sh (etcd-server)");
+    let child = tied::spawn_tied(cmd).expect("etcd is installed by scripts/deps-cluster.sh (etcd-server)");
     let end = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < end, "etcd did not listen within 30 s");

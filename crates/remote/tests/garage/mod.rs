@@ -73,7 +73,7 @@ pub fn start_garage(addr: &str, base_port: u16) -> Garage {
         let bin = std::env::var("STRATA_GARAGE").unwrap_or_else(|_| "/opt/strata-tools/bin/garage".into());
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(dir.join("garage.toml")).arg("server").stdout(Stdio::null()).stderr(Stdio::null());
-        let server = tied::spawn_tied(cmd).expect("Garage is installed by scripts/deps.sh");
+        let server = tied::spawn_tied(cmd).expect("Garage is installed by scripts/deps-cluster.sh");
         let env = run("setup");
         let get = |k: &str| {
             env.split_whitespace()
