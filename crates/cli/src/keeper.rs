@@ -82,8 +82,7 @@ pub async fn run(eng: &Engine) -> anyhow::Result<u8> {
     tracing::info!(store = %eng.cfg.state_dir.display(), "keeping the store's detached sessions");
     let mut quiet_rounds = 0;
     while quiet_rounds < IDLE_ROUNDS {
-        eng.pause_idle_unheld(Some(strata_engine::sessions::IDLE_TIMEOUT)).await;
-        eng.expire_paused();
+        eng.housekeep(Some(strata_engine::sessions::IDLE_TIMEOUT)).await;
         quiet_rounds = if anything_to_keep(eng) { 0 } else { quiet_rounds + 1 };
         tokio::time::sleep(TICK).await;
     }

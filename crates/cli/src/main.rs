@@ -1047,8 +1047,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                         }
                         // Sessions of this store it does not hold (the
                         // CLI's, detached) follow the same idle time-outs.
-                        st.engine.pause_idle_unheld(Some(st.limits.idle_timeout)).await;
-                        for id in st.engine.expire_paused() {
+                        for id in st.engine.housekeep(Some(st.limits.idle_timeout)).await {
                             if let Some(live) = st.sessions.get(&id) {
                                 let (tx, rx) = tokio::sync::oneshot::channel();
                                 if live.cmd.send(strata_api::live::Cmd::Kill(tx)).await.is_ok() {

@@ -723,6 +723,16 @@ impl Engine {
         self.update_session(id, |rec| rec.idle_timeout_s = Some(idle_secs(idle)))
     }
 
+    /// One round of what keeps a store, by a server or the CLI's keeper:
+    /// the detached sessions no process holds are paused past their idle
+    /// time-out (`default_idle` where a session has none), paused ones past
+    /// their retention go, and so do the images no session needs. The ids
+    /// of the paused sessions removed.
+    pub async fn housekeep(&self, default_idle: Option<Duration>) -> Vec<String> {
+        self.pause_idle_unheld(default_idle).await;
+        self.expire_paused()
+    }
+
     /// Pauses to images the running sessions no process holds whose idle
     /// time-out has passed (the server's `default` where a session has
     /// none); returns their ids. What a server does for the sessions of its
