@@ -432,7 +432,7 @@ impl Engine {
         let dir = self.session_dir(id);
         let rec = self.claim(id, "attached to another terminal")?;
         let connected = async {
-            let (vm, mut conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+            let (vm, mut conn) = reattach_running(&dir, &rec).await?;
             match first_attach(&mut conn, &settings.to_terminal_context(), Duration::from_secs(10)).await {
                 Ok((screen, exited)) => Ok((vm, conn, screen, exited)),
                 Err(e) => {
@@ -449,9 +449,18 @@ impl Engine {
             }
         };
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen, exited };
-        let mut s = Session::new(id.to_string(), &rec.package, a);
+        Ok(self.session_of(&rec, dir, a))
+    }
+
+    /// The session of record `rec`, connected by `a`.
+    fn session_of(&self, rec: &SessionRecord, dir: PathBuf, a: Attached) -> Session {
+        let mut s = Session::new(rec.id.clone(), &rec.package, a);
         s.record = Some(dir);
-        Ok(s)
+        s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
+            || rec.home.is_some()
+            || !rec.ports.is_empty();
+        s.graphical = self.image_is_graphical(&rec.launch_image);
+        s
     }
 
     /// Removes blobs that no image references (and that no build is
@@ -536,24 +545,9 @@ impl Engine {
 
     /// Connects this process to the running session in `dir`.
     async fn connect_session(&self, dir: PathBuf, rec: &SessionRecord) -> Result<Session, Error> {
-        let (mut vm, conn) = Vm::reattach(&dir, rec.qemu_pid, Duration::from_secs(10)).await?;
-        // A process that died while pausing it left its guest stopped.
-        match vm.ensure_running().await {
-            Ok(true) => tracing::info!(session = %rec.id, "its guest was left stopped (a pause cut short); resumed"),
-            Ok(false) => {}
-            Err(e) => {
-                vm.release();
-                return Err(e.into());
-            }
-        }
+        let (vm, conn) = reattach_running(&dir, rec).await?;
         let a = Attached { vm, conn, dir: WorkDir::adopt(dir.clone()), screen: Vec::new(), exited: None };
-        let mut s = Session::new(rec.id.clone(), &rec.package, a);
-        s.record = Some(dir);
-        s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
-            || rec.home.is_some()
-            || !rec.ports.is_empty();
-        s.graphical = self.image_is_graphical(&rec.launch_image);
-        Ok(s)
+        Ok(self.session_of(rec, dir, a))
     }
 
     /// Stops a session and removes everything it left.
@@ -589,6 +583,21 @@ impl Engine {
             r => r.map_err(io_err(&dir)),
         }
     }
+}
+
+/// Connects to the QEMU of running session `rec` in `dir`, and resumes its
+/// guest if a process that died while pausing it left it stopped.
+async fn reattach_running(dir: &Path, rec: &SessionRecord) -> Result<(Vm, strata_vmm::AgentConn), Error> {
+    let (mut vm, conn) = Vm::reattach(dir, rec.qemu_pid, Duration::from_secs(10)).await?;
+    match vm.ensure_running().await {
+        Ok(true) => tracing::info!(session = %rec.id, "its guest was left stopped (a pause cut short); resumed"),
+        Ok(false) => {}
+        Err(e) => {
+            vm.release();
+            return Err(e.into());
+        }
+    }
+    Ok((vm, conn))
 }
 
 impl Engine {
