@@ -169,17 +169,7 @@ impl Cluster {
     }
 
     async fn launch(&self, cp: usize, token: &str, package: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/v1/sessions", self.cps[cp]))
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "package": package }))
-            .timeout(Duration::from_secs(600))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.post(cp, token, "/v1/sessions", serde_json::json!({ "package": package })).await
     }
 
     async fn post(&self, cp: usize, token: &str, path: &str, body: Value) -> (u16, Value) {
