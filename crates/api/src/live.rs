@@ -133,11 +133,13 @@ pub enum Cmd {
     Commands(Reply<Vec<CommandInfo>>),
     /// Set (or clear) the time at which the session is ended or paused.
     SetEnd(Option<(SystemTime, EndAction)>),
-    /// Save the session as a snapshot (named, or a fork's own) while it
-    /// runs on; an attached terminal stays attached and misses no output.
+    /// Save the session's state for a snapshot (named, or a fork's own)
+    /// while it runs on ([`Engine::finish_snapshot`] makes the rest, the
+    /// session free); an attached terminal stays attached and misses no
+    /// output.
     Snapshot {
         name: Option<String>,
-        reply: Reply<strata_engine::fork::Snapshot>,
+        reply: Reply<strata_engine::fork::Captured>,
     },
 }
 
@@ -608,9 +610,9 @@ impl Actor<'_> {
 
     /// Saves the session as a snapshot while it runs on; the attached
     /// terminal, if any, is given what the program wrote meanwhile.
-    async fn snapshot(&mut self, name: Option<&str>) -> Result<strata_engine::fork::Snapshot, String> {
+    async fn snapshot(&mut self, name: Option<&str>) -> Result<strata_engine::fork::Captured, String> {
         let s = self.held.as_mut().ok_or(PAUSED)?;
-        let saved = self.engine.snapshot_session(s, name).await.map_err(|e| e.to_string());
+        let saved = self.engine.capture_snapshot(s, name).await.map_err(|e| e.to_string());
         let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
         match ctx {
             Some(ctx) => match s.reattach(&ctx).await {

@@ -734,7 +734,9 @@ async fn fork_session(
     }
     // The copies are the parent terminal's, within its limits.
     room_for(&st, &live.owner, count, live.memory_mib)?;
-    let snap = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
+    // The actor saves the state; the rest is done here, the session free.
+    let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
+    let snap = st.engine.finish_snapshot(captured).await;
     let idle = *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
     let mut forks = Vec::new();
     for started in st.engine.start_forks(&snap.image, count, None).await {
@@ -792,7 +794,8 @@ async fn snapshot_session(
 ) -> Result<Response, ApiError> {
     strata_engine::fork::check_snapshot_name(&req.name)?;
     let live = managed(&st, &owner, &id)?;
-    let snap = ask(&live, |reply| Cmd::Snapshot { name: Some(req.name.clone()), reply }).await?;
+    let captured = ask(&live, |reply| Cmd::Snapshot { name: Some(req.name.clone()), reply }).await?;
+    let snap = st.engine.finish_snapshot(captured).await;
     st.engine.share_snapshot(&snap.image).await;
     let body = SnapshotInfo { name: req.name, image: snap.image.digest, stopped_ms: snap.stopped.as_secs_f64() * 1e3 };
     Ok((StatusCode::CREATED, Json(body)).into_response())

@@ -32,6 +32,19 @@ const STOPPED_META: &str = "stopped";
 /// At most this many sessions from one fork request.
 pub const MAX_FORKS: usize = 32;
 
+/// A session's state saved while it runs on, with all its memory in the
+/// state ([`Engine::capture_snapshot`]); [`Engine::finish_snapshot`]
+/// makes it a snapshot.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    whole: ImageRecord,
+    settings: ContextSettings,
+    name: Option<String>,
+    session: String,
+    /// How long the session's guest was stopped for it.
+    pub stopped: Duration,
+}
+
 /// A session saved while it runs on.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -76,6 +89,17 @@ impl Engine {
     /// copies would ask for the same ones) or shared folders; if the save
     /// fails (the session runs on).
     pub async fn snapshot_session(&self, s: &mut Session, name: Option<&str>) -> Result<Snapshot, Error> {
+        let captured = self.capture_snapshot(s, name).await?;
+        Ok(self.finish_snapshot(captured).await)
+    }
+
+    /// The part of [`Engine::snapshot_session`] that needs the session:
+    /// its state saved, all its memory in it, and the guest continued. The
+    /// agent is left quiet.
+    ///
+    /// # Errors
+    /// As [`Engine::snapshot_session`].
+    pub async fn capture_snapshot(&self, s: &mut Session, name: Option<&str>) -> Result<Captured, Error> {
         if let Some(n) = name {
             check_snapshot_name(n)?;
             let shared = match &self.remote {
@@ -111,20 +135,29 @@ impl Engine {
         let (whole, stopped) = captured?;
         resumed?;
         let stopped = stopped + resumed_at.elapsed();
+        Ok(Captured { whole, settings, name: name.map(str::to_string), session: s.id.clone(), stopped })
+    }
+
+    /// Makes a captured state a snapshot, the session no longer needed:
+    /// its memory goes into a file of its own that copies share. If that
+    /// fails, the state is the snapshot as it is (copies then load the
+    /// memory each).
+    pub async fn finish_snapshot(&self, c: Captured) -> Snapshot {
         let t0 = std::time::Instant::now();
-        let image = match self.with_memory_file(&whole, &settings, name).await {
+        let image = match self.with_memory_file(&c.whole, &c.settings, c.name.as_deref()).await {
             Ok(mapped) => {
-                self.store.remove_image(&whole.digest)?;
+                if let Err(e) = self.store.remove_image(&c.whole.digest) {
+                    tracing::warn!(image = %c.whole.digest, error = %e, "could not drop the snapshot's first state");
+                }
                 mapped
             }
             Err(e) => {
-                // Still a snapshot; its copies just do not share its memory.
-                tracing::warn!(session = %s.id, error = %e, "could not put the snapshot's memory in a file of its own");
-                whole
+                tracing::warn!(session = %c.session, error = %e, "could not put the snapshot's memory in a file of its own");
+                c.whole
             }
         };
-        tracing::info!(session = %s.id, image = %image.digest, name = name.unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
-        Ok(Snapshot { image, stopped })
+        tracing::info!(session = %c.session, image = %image.digest, name = c.name.as_deref().unwrap_or("-"), stopped_ms = c.stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
+        Snapshot { image, stopped: c.stopped }
     }
 
     /// Publishes a named snapshot to the store shared between servers, if
