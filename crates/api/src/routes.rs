@@ -312,11 +312,7 @@ impl From<&strata_store::ImageRecord> for ImageInfo {
             parent: r.parent.clone(),
             size: r.size,
             created: r.created,
-            snapshot: r
-                .meta
-                .get(strata_engine::fork::SNAPSHOT_META)
-                .filter(|_| strata_engine::fork::is_snapshot(r))
-                .cloned(),
+            snapshot: strata_engine::fork::snapshot_name(r).map(str::to_string),
         }
     }
 }

@@ -27,11 +27,7 @@ fn image_row(r: &strata_store::ImageRecord) -> ImageRow {
         os: r.os.clone(),
         size: r.size,
         created: r.created,
-        snapshot: r
-            .meta
-            .get(strata_engine::fork::SNAPSHOT_META)
-            .filter(|_| strata_engine::fork::is_snapshot(r))
-            .cloned(),
+        snapshot: strata_engine::fork::snapshot_name(r).map(str::to_string),
     }
 }
 
@@ -117,7 +113,7 @@ impl Backend for Local<'_> {
 
     async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
         let snap = self.eng.snapshot_detached(id, None).await?;
-        let idle = self.eng.list_sessions().into_iter().find(|r| r.id == id).and_then(|r| r.idle_timeout_s);
+        let idle = self.eng.running_record(id).and_then(|r| r.idle_timeout_s);
         let mut forks = Vec::new();
         for started in self.eng.start_forks(&snap.image, count, None).await {
             let copy = async {

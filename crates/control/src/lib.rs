@@ -595,11 +595,7 @@ async fn get_session(
 /// Places a launch and orders it; a server that dies or cannot be reached
 /// mid-launch is left out and the launch tried on another.
 async fn create_session(State(cp): St, User(terminal): User, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    if body.len() > 64 << 10 {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over 64 KiB"));
-    }
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let body = json_body(&body, false)?;
     let package = body["package"]
         .as_str()
         .ok_or_else(|| ApiError::bad_request("the body must name a `package` (a string)"))?
@@ -608,19 +604,7 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
     // Each server limits what it runs; the limit per terminal is the cluster's.
     // Lost sessions hold nothing any more; they do not count.
     let entries = cp.cluster.sessions().await.map_err(unavailable)?;
-    let held = entries.iter().filter(|e| e.owner == terminal && !is_lost(e)).count();
-    if held >= cp.max_sessions_per_terminal {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_sessions",
-            format!(
-                "a terminal may hold at most {} sessions in this cluster (running or paused; \
-                 --max-sessions-per-terminal) and terminal {terminal:?} holds {held}; end one first (`strata ps`, \
-                 `strata kill`)",
-                cp.max_sessions_per_terminal
-            ),
-        ));
-    }
+    room_in_cluster(&cp, &entries, &terminal, 1)?;
     let req = cp.request_for(&package)?;
     let used = memory_held(&entries, &terminal, |p| cp.request_for(p).map_or(512, |r| r.memory_mib));
     if used + req.memory_mib > cp.max_memory_mib_per_terminal {
@@ -697,6 +681,38 @@ async fn kill_session(State(cp): St, User(terminal): User, UrlPath(id): UrlPath<
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Refuses `count` more sessions for `terminal` beyond its limit in the
+/// cluster. Lost sessions hold nothing any more; they do not count.
+fn room_in_cluster(cp: &ControlPlane, entries: &[SessionEntry], terminal: &str, count: usize) -> Result<(), ApiError> {
+    let held = entries.iter().filter(|e| e.owner == terminal && !is_lost(e)).count();
+    if held + count <= cp.max_sessions_per_terminal {
+        return Ok(());
+    }
+    let more = if count == 1 { String::new() } else { format!(" and {count} more were asked for") };
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_sessions",
+        format!(
+            "a terminal may hold at most {} sessions in this cluster (running or paused; \
+             --max-sessions-per-terminal) and terminal {terminal:?} holds {held}{more}; end one first (`strata ps`, \
+             `strata kill`)",
+            cp.max_sessions_per_terminal
+        ),
+    ))
+}
+
+/// A request's JSON body, at most 64 KiB; an empty one is `{}` if
+/// `empty_ok`.
+fn json_body(body: &[u8], empty_ok: bool) -> Result<Value, ApiError> {
+    if body.len() > 64 << 10 {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over 64 KiB"));
+    }
+    if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))
+}
+
 /// Passes an order on to the server of a session the caller manages, in
 /// its owner's name.
 async fn pass(cp: &ControlPlane, terminal: &str, id: &str, method: Method, what: &str) -> Result<Response, ApiError> {
@@ -745,30 +761,12 @@ async fn fork_session(
     UrlPath(id): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    if body.len() > 64 << 10 {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is over 64 KiB"));
-    }
-    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?
-    };
+    let body = json_body(&body, true)?;
     let count = body["count"].as_u64().unwrap_or(1) as usize;
     let (entry, server) = cp.managed(&terminal, &id).await?;
     let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     let entries = cp.cluster.sessions().await.map_err(unavailable)?;
-    let held = entries.iter().filter(|e| e.owner == entry.owner && !is_lost(e)).count();
-    if held + count > cp.max_sessions_per_terminal {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_sessions",
-            format!(
-                "a terminal may hold at most {} sessions in this cluster (--max-sessions-per-terminal); terminal \
-                 {:?} holds {held} and {count} more were asked for; end one first",
-                cp.max_sessions_per_terminal, entry.owner
-            ),
-        ));
-    }
+    room_in_cluster(&cp, &entries, &entry.owner, count)?;
     let path = format!("/v1/sessions/{id}/fork");
     let (status, mut forked) = cp
         .order(&server, &entry.owner, Method::POST, &path, Some(body), ORDER_TIMEOUT)
@@ -799,8 +797,7 @@ async fn snapshot_session(
     UrlPath(id): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let order: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let order = json_body(&body, false)?;
     pass_with(&cp, &terminal, &id, Method::POST, "snapshot", Some(order)).await
 }
 

@@ -55,7 +55,12 @@ pub struct Snapshot {
 
 /// Whether `image` is a snapshot.
 pub fn is_snapshot(image: &ImageRecord) -> bool {
-    image.kind == ImageKind::Paused && image.meta.contains_key(SNAPSHOT_META)
+    snapshot_name(image).is_some()
+}
+
+/// A snapshot's name ("" for a fork's own); `None` for other images.
+pub fn snapshot_name(image: &ImageRecord) -> Option<&str> {
+    (image.kind == ImageKind::Paused).then(|| image.meta.get(SNAPSHOT_META)).flatten().map(String::as_str)
 }
 
 /// A snapshot's name, checked: what `strata run --from` and `images ls` use.
@@ -310,9 +315,7 @@ impl Engine {
     /// The context running session `id` was started with (the defaults if
     /// its record does not say).
     pub fn session_settings(&self, id: &str) -> ContextSettings {
-        read_record(&self.session_dir(id))
-            .and_then(|r| r.settings)
-            .unwrap_or_else(|| ContextSettings::from_terminal(None))
+        self.running_record(id).and_then(|r| r.settings).unwrap_or_else(|| ContextSettings::from_terminal(None))
     }
 
     /// The snapshot named `name` (or whose digest starts with `name`) here,
@@ -331,8 +334,7 @@ impl Engine {
         let Some(shared) = remote.find_by_recipe(ImageKind::Paused, &snapshot_recipe(name)).await? else {
             return Ok(None);
         };
-        remote.fetch_with_parents(&shared).await?;
-        self.trim_cache(&[&shared]).await?;
+        let shared = self.fetch_shared(shared).await?;
         tracing::info!(snapshot = name, image = %shared.digest, "snapshot fetched from the shared store");
         Ok(Some(shared))
     }
@@ -343,7 +345,7 @@ impl Engine {
     /// If the catalog cannot be read, or a digest prefix names several.
     pub fn find_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
         let snapshots: Vec<ImageRecord> = self.store.list_images()?.into_iter().filter(is_snapshot).collect();
-        if let Some(named) = snapshots.iter().find(|i| i.meta.get(SNAPSHOT_META).is_some_and(|n| n == name)) {
+        if let Some(named) = snapshots.iter().find(|i| snapshot_name(i) == Some(name)) {
             return Ok(Some(named.clone()));
         }
         if name.len() < 6 || !name.chars().all(|c| c.is_ascii_hexdigit()) {

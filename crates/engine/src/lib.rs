@@ -539,10 +539,14 @@ impl Engine {
         Ok(Some(strata_vmm::IdentitySpec { identities, groups }))
     }
 
+    /// The record of running session `id`, read as it is (no reaping).
+    pub fn running_record(&self, id: &str) -> Option<sessions::SessionRecord> {
+        crate::sessions::read_record(&self.session_dir(id))
+    }
+
     /// The guest memory of running session `id`'s VM, in MiB.
     pub fn session_memory_mib(&self, id: &str) -> Option<u32> {
-        let rec = crate::sessions::read_record(&self.session_dir(id))?;
-        self.image_memory_mib(&rec.launch_image)
+        self.image_memory_mib(&self.running_record(id)?.launch_image)
     }
 
     /// The guest memory of VMs restored from image `digest`, in MiB.
@@ -709,6 +713,16 @@ impl Engine {
             tracing::info!(blobs = evicted.blobs, bytes = evicted.bytes, "local cache trimmed to its limit");
         }
         Ok(())
+    }
+
+    /// Makes image `shared` of the shared store usable here, with every
+    /// image it needs, within the local cache's limit.
+    pub(crate) async fn fetch_shared(&self, shared: ImageRecord) -> Result<ImageRecord, Error> {
+        if let Some(remote) = &self.remote {
+            remote.fetch_with_parents(&shared).await?;
+            self.trim_cache(&[&shared]).await?;
+        }
+        Ok(shared)
     }
 
     /// Publishes a new image to the shared store, if there is one. A

@@ -217,11 +217,7 @@ impl Engine {
             (Some(local), _) => Some(local),
             // Paused on another server: its image is in the shared store.
             (None, Some(remote)) => match remote.image(&digest).await? {
-                Some(shared) => {
-                    remote.fetch_with_parents(&shared).await?;
-                    self.trim_cache(&[&shared]).await?;
-                    Some(shared)
-                }
+                Some(shared) => Some(self.fetch_shared(shared).await?),
                 None => None,
             },
             (None, None) => None,
@@ -351,7 +347,7 @@ impl Engine {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let settled = |i: &ImageRecord| now - i.created > 60;
         // A named snapshot stays until it is removed.
-        let named = |i: &ImageRecord| i.meta.get(crate::fork::SNAPSHOT_META).is_some_and(|n| !n.is_empty());
+        let named = |i: &ImageRecord| crate::fork::snapshot_name(i).is_some_and(|n| !n.is_empty());
         let unneeded = |i: &&ImageRecord| i.kind == ImageKind::Paused && !needed.contains(&i.digest) && !named(i);
         for img in images.iter().filter(unneeded).filter(|i| settled(i)) {
             tracing::info!(image = %img.digest, "dropping the image of a session that ended");

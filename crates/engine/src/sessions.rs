@@ -395,7 +395,6 @@ impl Engine {
         }
         self.sweep_ended();
         self.sweep_confinement();
-        crate::fork::sweep_memory_scratch();
     }
 
     /// The images sessions stand on: each running session's launch image
@@ -735,9 +734,11 @@ impl Engine {
     /// One round of what keeps a store, by a server or the CLI's keeper:
     /// the detached sessions no process holds are paused past their idle
     /// time-out (`default_idle` where a session has none), paused ones past
-    /// their retention go, and so do the images no session needs. The ids
+    /// their retention go, and so do the images no session needs and the
+    /// memory files of snapshots whose maker was killed. The ids
     /// of the paused sessions removed.
     pub async fn housekeep(&self, default_idle: Option<Duration>) -> Vec<String> {
+        crate::fork::sweep_memory_scratch();
         self.pause_idle_unheld(default_idle).await;
         self.expire_paused()
     }
