@@ -64,14 +64,6 @@ fn spawn(eng: &Engine) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether anything in the store still needs keeping: a running session
-/// (a pool's waiting ones are their server's), or a paused one with a
-/// retention to apply.
-fn anything_to_keep(eng: &Engine) -> bool {
-    let running = |r: &strata_engine::sessions::SessionRecord| r.paused_image.is_none() && !r.pooled;
-    eng.list_sessions().iter().any(|r| running(r) || (r.paused_image.is_some() && eng.cfg.paused_retention.is_some()))
-}
-
 /// `strata keep`: keeps the store until nothing runs in it.
 pub async fn run(eng: &Engine) -> anyhow::Result<u8> {
     let path = lock_path(eng);
@@ -80,11 +72,19 @@ pub async fn run(eng: &Engine) -> anyhow::Result<u8> {
     };
     std::fs::write(&path, format!("{}\n", std::process::id()))?;
     tracing::info!(store = %eng.cfg.state_dir.display(), "keeping the store's detached sessions");
+    // Told to stop, it ends between rounds: a pause cut short would leave
+    // a guest stopped.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let mut quiet_rounds = 0;
     while quiet_rounds < IDLE_ROUNDS {
-        eng.housekeep(Some(strata_engine::sessions::IDLE_TIMEOUT)).await;
-        quiet_rounds = if anything_to_keep(eng) { 0 } else { quiet_rounds + 1 };
-        tokio::time::sleep(TICK).await;
+        let round = eng.housekeep(Some(strata_engine::sessions::IDLE_TIMEOUT)).await;
+        quiet_rounds = if round.to_keep { 0 } else { quiet_rounds + 1 };
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = term.recv() => { tracing::info!("told to stop; the keeper ends"); return Ok(0) }
+            _ = int.recv() => { tracing::info!("interrupted; the keeper ends"); return Ok(0) }
+        }
     }
     tracing::info!("no session runs in the store; the keeper ends");
     drop(lock);

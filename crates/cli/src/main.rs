@@ -22,6 +22,10 @@ use strata_vmm::Accel;
 use crate::progress::Bar;
 use crate::terminal::{attach, stdin_is_tty, terminal_size, AttachEnd};
 
+/// How long a planned stop of `serve` waits for a housekeeping round in
+/// progress (its pauses) to end.
+const HOUSEKEEPING_ROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 #[derive(Parser)]
 #[command(name = "strata", version = strata_engine::sessions::STRATA_VERSION, about = "Run software on demand, already running, each in its own VM")]
 struct Cli {
@@ -701,8 +705,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // A server stops on its own terms: its sessions outlive it.
-    let serving = matches!(cli.cmd, Cmd::Serve { .. });
+    // A server and the keeper stop on their own terms: their sessions
+    // outlive them.
+    let serving = matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Keep);
     let ran = if serving { rt.block_on(real_main(cli)) } else { rt.block_on(with_signals(real_main(cli))) };
     match ran {
         Ok(code) => ExitCode::from(code),
@@ -1032,22 +1037,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                         .with_context(|| format!("binding {}", strata_api::handover::SOCKET))?,
                 ),
             };
-            {
-                // Housekeeping: pools follow demand (grown on launches,
-                // trimmed here); detached sessions past their idle time-out
-                // are paused; paused sessions past their retention go.
+            // Housekeeping: pools follow demand (grown on launches, trimmed
+            // here); detached sessions past their idle time-out are paused;
+            // paused sessions past their retention go. A planned stop lets
+            // the round in progress end (a pause cut short would leave a
+            // guest stopped) before the server stops.
+            let (stop_housekeeping, mut housekeeping_stopped) = tokio::sync::watch::channel(false);
+            let housekeeping = {
                 let st = state.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
                     loop {
-                        tick.tick().await;
+                        tokio::select! {
+                            _ = tick.tick() => {}
+                            _ = housekeeping_stopped.changed() => break,
+                        }
                         for package in st.pool_targets.keys() {
                             st.pool.give_back(package).await;
                             st.refill(package);
                         }
                         // Sessions of this store it does not hold (the
                         // CLI's, detached) follow the same idle time-outs.
-                        for id in st.engine.housekeep(Some(st.limits.idle_timeout)).await {
+                        for id in st.engine.housekeep(Some(st.limits.idle_timeout)).await.removed {
                             if let Some(live) = st.sessions.get(&id) {
                                 let (tx, rx) = tokio::sync::oneshot::channel();
                                 if live.cmd.send(strata_api::live::Cmd::Kill(tx)).await.is_ok() {
@@ -1056,8 +1067,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                             }
                         }
                     }
-                });
-            }
+                })
+            };
             let app = strata_api::router(state.clone());
             let served = async {
                 match tls {
@@ -1075,6 +1086,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             };
             // A planned stop loses no session unless told to: each is left
             // running (or paused) for the next server.
+            let _ = stop_housekeeping.send(true);
+            if tokio::time::timeout(HOUSEKEEPING_ROUND_LIMIT, housekeeping).await.is_err() {
+                tracing::warn!("a housekeeping round did not end in time; stopping without it");
+            }
             let n = state.sessions.len();
             state.pool.drain().await;
             state.sessions.stop_all(&state.engine, on_stop).await;

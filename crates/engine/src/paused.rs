@@ -304,17 +304,17 @@ impl Engine {
         Ok(true)
     }
 
-    /// Removes the paused sessions kept longer than the operator's
-    /// retention (`Config::paused_retention`; none: kept until removed),
-    /// with their images; returns their ids.
-    pub fn expire_paused(&self) -> Vec<String> {
+    /// Removes the paused sessions among `records` kept past the store's
+    /// retention, and the images no session of `records` needs; the ids
+    /// removed.
+    pub(crate) fn expire_paused(&self, records: &[SessionRecord]) -> Vec<String> {
         // A fork's snapshot goes once no session stands on it.
-        if let Err(e) = self.drop_paused_images() {
+        if let Err(e) = self.drop_paused_images_of(records) {
             tracing::warn!(error = %e, "could not drop the images no session needs");
         }
         let Some(keep) = self.cfg.paused_retention else { return Vec::new() };
         let mut gone = Vec::new();
-        for rec in self.paused_sessions() {
+        for rec in records.iter().filter(|r| r.paused_image.is_some()) {
             let age = std::fs::metadata(self.paused_record_path(&rec.id))
                 .and_then(|m| m.modified())
                 .ok()
@@ -323,7 +323,7 @@ impl Engine {
                 match self.forget_paused(&rec.id) {
                     Ok(true) => {
                         tracing::info!(session = %rec.id, retention_s = keep.as_secs(), "removed a paused session kept past its retention");
-                        gone.push(rec.id);
+                        gone.push(rec.id.clone());
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -339,9 +339,15 @@ impl Engine {
     /// more: their session is neither paused nor running. Their blobs go at
     /// the next garbage collection.
     pub(crate) fn drop_paused_images(&self) -> Result<(), Error> {
+        self.drop_paused_images_of(&self.list_sessions())
+    }
+
+    /// [`Self::drop_paused_images`], for the sessions `records` (read by the caller).
+    fn drop_paused_images_of(&self, records: &[SessionRecord]) -> Result<(), Error> {
         // Every session's images, paused ones included, with all they need.
+        let used = records.iter().flat_map(|s| [Some(s.launch_image.clone()), s.paused_image.clone()]).flatten();
         let needed: std::collections::HashSet<String> =
-            self.store.image_closure(self.session_images())?.0.into_iter().map(|i| i.digest).collect();
+            self.store.image_closure(used)?.0.into_iter().map(|i| i.digest).collect();
         let images = self.store.list_images()?;
         // A pause records its image a moment before the session's record.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);

@@ -200,6 +200,23 @@ fn qemu_using(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// What one housekeeping round did, and whether the store still needs one.
+#[derive(Debug, Default)]
+pub struct Housekeeping {
+    /// Detached sessions paused past their idle time-out.
+    pub paused: Vec<String>,
+    /// Paused sessions removed past their retention.
+    pub removed: Vec<String>,
+    /// Something still runs (a pool's waiting sessions aside), or a paused
+    /// session waits for its retention to pass.
+    pub to_keep: bool,
+}
+
+/// A running session that no strata process holds: detached, not a pool's.
+fn is_unheld(r: &SessionRecord) -> bool {
+    r.detached && !r.pooled && r.paused_image.is_none()
+}
+
 pub(crate) fn read_record(dir: &Path) -> Option<SessionRecord> {
     serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
 }
@@ -735,22 +752,33 @@ impl Engine {
     /// the detached sessions no process holds are paused past their idle
     /// time-out (`default_idle` where a session has none), paused ones past
     /// their retention go, and so do the images no session needs and the
-    /// memory files of snapshots whose maker was killed. The ids
-    /// of the paused sessions removed.
-    pub async fn housekeep(&self, default_idle: Option<Duration>) -> Vec<String> {
+    /// memory files of snapshots whose maker was killed. The store's
+    /// records are read once per round.
+    pub async fn housekeep(&self, default_idle: Option<Duration>) -> Housekeeping {
         crate::fork::sweep_memory_scratch();
-        self.pause_idle_unheld(default_idle).await;
-        self.expire_paused()
+        let records = self.list_sessions();
+        let unheld = records.iter().filter(|r| is_unheld(r));
+        let paused = self.pause_idle_unheld(unheld, default_idle).await;
+        let removed = self.expire_paused(&records);
+        let retained = self.cfg.paused_retention.is_some();
+        // A pool's waiting sessions are their server's to keep.
+        let to_keep =
+            records.iter().any(|r| (r.paused_image.is_none() && !r.pooled) || (r.paused_image.is_some() && retained));
+        Housekeeping { paused, removed, to_keep }
     }
 
-    /// Pauses to images the running sessions no process holds whose idle
-    /// time-out has passed (the server's `default` where a session has
-    /// none); returns their ids. What a server does for the sessions of its
-    /// store that it does not hold (the CLI's, detached).
-    pub async fn pause_idle_unheld(&self, default: Option<Duration>) -> Vec<String> {
+    /// Pauses to images the running sessions among `unheld` (held by no
+    /// process) whose idle time-out has passed (`default` where a session
+    /// has none); returns their ids. What a server does for the sessions of
+    /// its store that it does not hold (the CLI's, detached).
+    async fn pause_idle_unheld<'a>(
+        &self,
+        unheld: impl Iterator<Item = &'a SessionRecord>,
+        default: Option<Duration>,
+    ) -> Vec<String> {
         let now = unix_now();
         let mut paused = Vec::new();
-        for rec in self.unheld_sessions() {
+        for rec in unheld {
             let limit = match rec.idle_timeout_s {
                 Some(0) => continue,
                 Some(s) => s as i64,
@@ -793,11 +821,7 @@ impl Engine {
     pub fn unheld_sessions(&self) -> Vec<SessionRecord> {
         self.reap_sessions();
         let Ok(entries) = std::fs::read_dir(self.sessions_root()) else { return Vec::new() };
-        entries
-            .flatten()
-            .filter_map(|e| read_record(&e.path()))
-            .filter(|r| r.detached && !r.pooled && r.paused_image.is_none())
-            .collect()
+        entries.flatten().filter_map(|e| read_record(&e.path())).filter(is_unheld).collect()
     }
 
     /// Takes a running session no terminal holds into this process: it is
