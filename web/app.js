@@ -58,7 +58,7 @@ async function loadPackages() {
     name.innerHTML = `<strong></strong><span class="desc"></span>`;
     name.querySelector('strong').textContent = p.name;
     name.querySelector('.desc').textContent = p.description;
-    li.append(name, button('Launch', () => launch(p.name), { 'data-launch': p.name }));
+    li.append(name, button('Launch', () => launch(p.name).catch((e) => { $('term-status').textContent = ''; throw e; }), { 'data-launch': p.name }));
     list.append(li);
   }
 }
@@ -90,7 +90,55 @@ async function loadSessions() {
   }
 }
 
+// Follows a build's server-sent events until it ends; its last state.
+async function followBuild(build, onStatus) {
+  const res = await fetch(`/v1/builds/${build.id}/events`, { headers: { Authorization: `Bearer ${token}` } });
+  if (!res.ok) throw new Error(`could not follow the build (HTTP ${res.status})`);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = '';
+  let last = build;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return last;
+    pending += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = pending.indexOf('\n\n')) >= 0) {
+      const event = pending.slice(0, end);
+      pending = pending.slice(end + 2);
+      const data = event.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trim()).join('');
+      if (data) { last = JSON.parse(data); onStatus(last); }
+    }
+  }
+}
+
+// Builds what is missing of a package's images, showing the build's
+// progress; the build goes on on the server if the page is closed.
+async function ensureBuilt(name) {
+  const build = await api('POST', '/v1/builds', { package: name });
+  if (build.state === 'done') return;
+  const bar = $('build-progress');
+  const show = (b) => {
+    bar.hidden = false;
+    bar.value = b.progress;
+    bar.textContent = `${Math.round(b.progress * 100)}%`;
+    $('term-status').textContent = `Building ${name}'s images (${Math.round(b.progress * 100)}%): ${b.step}`;
+  };
+  show(build);
+  try {
+    const end = await followBuild(build, show);
+    if (end.state !== 'done') {
+      const tail = (end.log || []).slice(-3).join('\n');
+      throw new Error(`Building ${name}'s images failed: ${end.error || end.state}${tail ? `\n${tail}` : ''}`);
+    }
+  } finally {
+    bar.hidden = true;
+  }
+}
+
 async function launch(name) {
+  $('term-status').textContent = `Launching ${name}…`;
+  await ensureBuilt(name);
   $('term-status').textContent = `Launching ${name}…`;
   const created = await api('POST', '/v1/sessions', {
     package: name,
@@ -231,6 +279,8 @@ if (hash.get('session') && hash.get('attach')) {
   $('app').hidden = false;
   $('catalog').hidden = true;
   $('sessions-box').hidden = true;
+  // The display takes the whole window.
+  document.body.classList.add('viewer');
   showDisplay(id, hash.get('package') || 'session');
   // The clipboard needs the terminal's API token, which a viewer lacks.
   $('clipboard').hidden = true;

@@ -14,11 +14,20 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
 });
 try {
-  const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
+  // No console errors (a missing favicon was one).
+  const errors = [];
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
   await page.goto(url);
   await page.waitForFunction(`(${litPixels})() > 500`, null, { timeout: 60000, polling: 50 });
   if (!(await page.locator('#login').isHidden())) throw new Error('the viewer asked to sign in');
+  // The guest's picture fills the window (scaled, its shape kept).
+  const box = await page.locator('#display canvas').boundingBox();
+  const share = (box.width * box.height) / (1280 * 900);
+  console.log(`viewer: the display covers ${(share * 100).toFixed(0)}% of the window (${box.width}x${box.height})`);
+  if (share < 0.8) throw new Error(`the display covers only ${(share * 100).toFixed(0)}% of the window`);
+  if (errors.length) throw new Error(`console errors: ${errors.join('; ')}`);
   await page.screenshot({ path: shot });
   console.log('viewer: ok');
 } finally {

@@ -6,6 +6,7 @@
 //! `/openapi.json`. Every error has one body shape ([`error::ErrorBody`]).
 
 pub mod auth;
+pub mod builds;
 pub mod cluster;
 pub mod e2b;
 pub mod error;
@@ -75,6 +76,8 @@ pub struct AppState {
     /// and may stop, pause and resume any; what runs inside stays each
     /// terminal's own.
     pub operators: std::collections::BTreeSet<String>,
+    /// Image builds running here, by package.
+    pub builds: builds::Builds,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
             cluster: None,
             e2b_watchers: Default::default(),
             operators: Default::default(),
+            builds: Default::default(),
         })
     }
 

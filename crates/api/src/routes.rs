@@ -33,6 +33,10 @@ type St = State<Arc<AppState>>;
         list_servers,
         list_images,
         build_images,
+        start_build,
+        list_builds,
+        get_build,
+        build_events,
         delete_image,
         gc_images,
         prune_images,
@@ -61,6 +65,7 @@ type St = State<Arc<AppState>>;
         ServerInfo,
         ImageInfo,
         BuildRequest,
+        BuildInfo,
         GcReport,
         PruneReport,
         CreateSession,
@@ -103,6 +108,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/gc", post(gc_images))
         .route("/v1/images/prune", post(prune_images))
         .route("/v1/images/{digest}", axum::routing::delete(delete_image))
+        .route("/v1/builds", get(list_builds).post(start_build))
+        .route("/v1/builds/{id}", get(get_build))
+        .route("/v1/builds/{id}/events", get(build_events))
         .route("/v1/servers", get(list_servers))
         .route("/v1/sessions", get(list_sessions).post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
@@ -333,7 +341,9 @@ pub struct BuildRequest {
     package: String,
 }
 
-/// Builds what is missing of a package's base, install and launch images.
+/// Builds what is missing of a package's base, install and launch images,
+/// and answers once they are there (the build goes on if the caller leaves;
+/// `POST /v1/builds` answers at once instead).
 #[utoipa::path(post, path = "/v1/images", request_body = BuildRequest,
     responses((status = 200, body = [ImageInfo]), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn build_images(
@@ -342,8 +352,105 @@ async fn build_images(
     Body(req): Body<BuildRequest>,
 ) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let pkg = st.engine.package(&req.package)?;
-    let set = st.engine.ensure_images(&pkg, &LogProgress).await?;
+    let set = st.builds.start(&st.engine, &pkg).wait().await?;
     Ok(Json([&set.base, &set.install, &set.launch].into_iter().map(ImageInfo::from).collect()))
+}
+
+/// An image build: what it builds, where it is, how far, its log.
+#[derive(Serialize, ToSchema)]
+pub struct BuildInfo {
+    id: String,
+    package: String,
+    /// `running`, `done`, `failed`, or `interrupted` (its server died).
+    state: String,
+    /// The image being built: `base`, `install` or `launch`.
+    stage: String,
+    /// What it does now.
+    step: String,
+    /// How far the whole build is, 0 to 1.
+    progress: f64,
+    /// Unix seconds.
+    started: i64,
+    ended: Option<i64>,
+    error: Option<String>,
+    /// The last lines of its log.
+    log: Vec<String>,
+}
+
+impl From<strata_engine::builds::BuildStatus> for BuildInfo {
+    fn from(s: strata_engine::builds::BuildStatus) -> BuildInfo {
+        BuildInfo {
+            id: s.id,
+            package: s.package,
+            state: s.state.to_string(),
+            stage: s.stage,
+            step: s.step,
+            progress: s.progress,
+            started: s.started,
+            ended: s.ended,
+            error: s.error,
+            log: s.log,
+        }
+    }
+}
+
+/// How long `POST /v1/builds` waits for a build that may have nothing to do.
+const BUILD_GLANCE: Duration = Duration::from_millis(300);
+
+/// Starts a build of what is missing of a package's images, or joins the
+/// one running; answers at once: 200 when every image is there already,
+/// 202 with the running build (follow `/v1/builds/{id}/events`).
+#[utoipa::path(post, path = "/v1/builds", request_body = BuildRequest,
+    responses((status = 200, body = BuildInfo), (status = 202, body = BuildInfo), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn start_build(State(st): St, _c: Caller, Body(req): Body<BuildRequest>) -> Result<Response, ApiError> {
+    let pkg = st.engine.package(&req.package)?;
+    st.engine.check_disk_cap(&pkg.name, pkg.def.disk_mib)?;
+    let run = st.builds.start(&st.engine, &pkg);
+    let status = match tokio::time::timeout(BUILD_GLANCE, run.wait()).await {
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => StatusCode::OK,
+        Err(_) => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(BuildInfo::from(run.job.status()))).into_response())
+}
+
+/// The builds of this server's store that did work, newest first: running
+/// ones, and the last finished ones with their logs.
+#[utoipa::path(get, path = "/v1/builds", responses((status = 200, body = [BuildInfo]), (status = 401, body = ErrorBody)))]
+async fn list_builds(State(st): St, _c: Caller) -> Json<Vec<BuildInfo>> {
+    Json(st.engine.builds().into_iter().map(BuildInfo::from).collect())
+}
+
+fn build_by_id(
+    st: &AppState,
+    id: &str,
+) -> Result<(Option<Arc<crate::builds::Running>>, strata_engine::builds::BuildStatus), ApiError> {
+    if let Some(run) = st.builds.get(id) {
+        let status = run.job.status();
+        return Ok((Some(run), status));
+    }
+    let status = st
+        .engine
+        .build_status(id)
+        .ok_or_else(|| ApiError::not_found(format!("no build {id}; `GET /v1/builds` lists them")))?;
+    Ok((None, status))
+}
+
+/// One build.
+#[utoipa::path(get, path = "/v1/builds/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = BuildInfo), (status = 404, body = ErrorBody)))]
+async fn get_build(State(st): St, _c: Caller, Path(id): Path<String>) -> Result<Json<BuildInfo>, ApiError> {
+    Ok(Json(BuildInfo::from(build_by_id(&st, &id)?.1)))
+}
+
+/// A build's progress as server-sent events: a `status` event (the whole
+/// build, as `GET /v1/builds/{id}`) at each change, until it ends.
+#[utoipa::path(get, path = "/v1/builds/{id}/events", params(("id" = String, Path)),
+    responses((status = 200, description = "text/event-stream of `status` events"), (status = 404, body = ErrorBody)))]
+async fn build_events(State(st): St, _c: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (run, status) = build_by_id(&st, &id)?;
+    Ok(crate::builds::events(run, status).into_response())
 }
 
 fn check_digest(d: &str) -> Result<(), ApiError> {
@@ -823,6 +930,10 @@ pub(crate) async fn launch_for(
             if let Err(e) = other {
                 tracing::warn!(error = %e, "a pooled session failed to resume; launching anew");
             }
+            // What is missing is built as a job of its own: a caller that
+            // leaves does not abandon it, and the next one joins it.
+            st.engine.check_launch(&pkg, &settings)?;
+            st.builds.start(&st.engine, &pkg).wait().await?;
             (st.engine.launch(&pkg, &settings, &LogProgress).await?, "launch_image")
         }
     };

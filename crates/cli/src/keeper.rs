@@ -45,10 +45,16 @@ pub fn ensure(eng: &Engine) {
 }
 
 fn spawn(eng: &Engine) -> std::io::Result<()> {
-    let dir = &eng.cfg.state_dir;
-    let log = std::fs::File::options().create(true).append(true).open(dir.join(LOG))?;
+    let dir = eng.cfg.state_dir.as_os_str();
+    spawn_detached(eng, &["--state".as_ref(), dir, "keep".as_ref()], LOG)
+}
+
+/// Starts `strata ARGS` as a process of its own, logging to `log` in the
+/// store: it outlives this one.
+pub fn spawn_detached(eng: &Engine, args: &[&std::ffi::OsStr], log: &str) -> std::io::Result<()> {
+    let log = std::fs::File::options().create(true).append(true).open(eng.cfg.state_dir.join(log))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--state").arg(dir).arg("keep").env_remove("STRATA_ADDR");
+    cmd.args(args).env_remove("STRATA_ADDR");
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
     // A session of its own: the terminal's hangup or Ctrl-C do not reach it.
     // SAFETY: setsid is async-signal-safe and touches only the child.

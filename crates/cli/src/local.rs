@@ -8,8 +8,9 @@ use strata_engine::Engine;
 
 use crate::progress::Bar;
 use crate::terminal::terminal_size;
-use crate::verbs::{Backend, ImageRow, RunHow, ServerRow, SessionRow};
+use crate::verbs::{Backend, Built, ImageRow, RunHow, ServerRow, SessionRow};
 use crate::{finish, launch_settings, DeviceArgs};
+use strata_engine::builds::{BuildState, BuildStatus};
 
 pub struct Local<'a> {
     pub eng: &'a Engine,
@@ -49,6 +50,18 @@ impl Local<'_> {
                 }
             }
         }
+        self.launch_built(pkg, settings).await
+    }
+
+    /// Builds what is missing of `pkg`'s images as a recorded build job (its
+    /// settings checked first), then launches it.
+    async fn launch_built(
+        &self,
+        pkg: &strata_package::Package,
+        settings: &ContextSettings,
+    ) -> anyhow::Result<strata_engine::Session> {
+        self.eng.check_launch(pkg, settings)?;
+        self.eng.run_build(&self.eng.new_build(&pkg.name), pkg, self.bar).await?;
         Ok(self.eng.launch(pkg, settings, self.bar).await?)
     }
 }
@@ -214,7 +227,7 @@ impl Backend for Local<'_> {
     ) -> anyhow::Result<u8> {
         let pkg = self.eng.package(package)?;
         let settings = launch_settings(self.eng, self.terminal, devices)?;
-        let mut session = self.eng.launch(&pkg, &settings, self.bar).await?;
+        let mut session = self.launch_built(&pkg, &settings).await?;
         self.bar.clear();
         // The package's own program: the launch image's copy waiting on
         // pipes, already started, if it holds one.
@@ -246,11 +259,50 @@ impl Backend for Local<'_> {
         status
     }
 
-    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
+    async fn build(
+        &self,
+        package: &str,
+        detach: bool,
+        _seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<Built> {
         let pkg = self.eng.package(package)?;
-        let set = self.eng.ensure_images(&pkg, self.bar).await?;
+        if detach {
+            // The same command in a process of its own, so the build
+            // outlives this one.
+            let args: Vec<std::ffi::OsString> =
+                std::env::args_os().skip(1).filter(|a| a != "--detach" && a != "-d").collect();
+            let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            args.insert(0, "--quiet".as_ref());
+            crate::keeper::spawn_detached(self.eng, &args, &format!("build-{}.log", pkg.name))?;
+            return Ok(Built::Started(None));
+        }
+        // This terminal draws the build's bar.
+        let set = self.eng.run_build(&self.eng.new_build(&pkg.name), &pkg, self.bar).await?;
         self.bar.clear();
-        Ok([&set.base, &set.install, &set.launch].into_iter().map(image_row).collect())
+        Ok(Built::Images([&set.base, &set.install, &set.launch].into_iter().map(image_row).collect()))
+    }
+
+    async fn builds(&self) -> anyhow::Result<(Vec<BuildStatus>, Value)> {
+        let rows = self.eng.builds();
+        let v = serde_json::to_value(&rows)?;
+        Ok((rows, v))
+    }
+
+    async fn follow_build(
+        &self,
+        id: &str,
+        follow: bool,
+        seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<BuildStatus> {
+        let not_found = || anyhow::anyhow!("no build {id}; `strata builds ls` lists them");
+        let mut status = self.eng.build_status(id).ok_or_else(not_found)?;
+        // Whichever process builds it writes its record as it goes.
+        while follow && status.state == BuildState::Running {
+            seen(&status);
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            status = self.eng.build_status(id).ok_or_else(not_found)?;
+        }
+        Ok(status)
     }
 
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)> {

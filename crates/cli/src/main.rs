@@ -173,8 +173,20 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Build the images of a package (base, install, launch) if missing.
-    Build { package: String },
+    /// Build the images of a package (base, install, launch) if missing,
+    /// following the build's progress; a build that runs joins it.
+    Build {
+        package: String,
+        /// Start the build and print its id instead of following it (through
+        /// a server: it goes on there; `strata builds show ID --follow`).
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Image builds: running ones, and the last finished ones with their logs.
+    Builds {
+        #[command(subcommand)]
+        cmd: BuildsCmd,
+    },
     /// Servers running sessions (in single-machine mode: this one).
     Servers {
         #[command(subcommand)]
@@ -499,6 +511,22 @@ enum TokenCmd {
     },
     /// Print a new random secret, for a cluster's STRATA_CLUSTER_TOKEN.
     Secret,
+}
+
+#[derive(Subcommand)]
+enum BuildsCmd {
+    /// List builds, newest first.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A build's state and log.
+    Show {
+        id: String,
+        /// Print its steps as they come, until it ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]

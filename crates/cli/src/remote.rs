@@ -11,7 +11,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::terminal::{self, CrlfToLf, RawMode};
-use crate::verbs::{Backend, ImageRow, RunHow, ServerRow, SessionRow};
+use crate::verbs::{Backend, Built, ImageRow, RunHow, ServerRow, SessionRow};
+use strata_engine::builds::{BuildState, BuildStatus};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -494,9 +495,66 @@ impl Backend for Remote {
         self.exec_command(id, &command, stdin, tty).await
     }
 
-    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>> {
+    async fn build(
+        &self,
+        package: &str,
+        detach: bool,
+        seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<Built> {
+        let started: BuildStatus =
+            serde_json::from_value(self.call("POST", "/v1/builds", Some(json!({ "package": package }))).await?)?;
+        if started.state == BuildState::Running {
+            if detach {
+                return Ok(Built::Started(Some(started.id)));
+            }
+            let end = self.follow_build(&started.id, true, seen).await?;
+            if end.state != BuildState::Done {
+                bail!("the build of {package} {}: {}", end.state, end.error.unwrap_or_default());
+            }
+        }
+        // Every image is there now: this answers at once.
         let v = self.call("POST", "/v1/images", Some(json!({ "package": package }))).await?;
-        Ok(list(&v).map(image_row).collect())
+        Ok(Built::Images(list(&v).map(image_row).collect()))
+    }
+
+    async fn builds(&self) -> anyhow::Result<(Vec<BuildStatus>, Value)> {
+        let v = self.call("GET", "/v1/builds", None).await?;
+        Ok((serde_json::from_value(v.clone())?, v))
+    }
+
+    async fn follow_build(
+        &self,
+        id: &str,
+        follow: bool,
+        seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<BuildStatus> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("{id:?} is not a build id; `strata builds ls` lists them");
+        }
+        let path = format!("/v1/builds/{id}");
+        let mut status: BuildStatus = serde_json::from_value(self.call("GET", &path, None).await?)?;
+        if !follow || status.state != BuildState::Running {
+            return Ok(status);
+        }
+        // Server-sent events: a `status` event's data is the whole build.
+        let url = format!("{}{path}/events", self.base);
+        let mut resp = self.http.get(url).bearer_auth(&self.token).send().await.map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            bail!("following build {id}: {}", resp.status());
+        }
+        let mut pending = String::new();
+        while let Some(chunk) = resp.chunk().await? {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                let data: String = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                if let Ok(s) = serde_json::from_str::<BuildStatus>(&data) {
+                    seen(&s);
+                    status = s;
+                }
+            }
+        }
+        Ok(status)
     }
 
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)> {

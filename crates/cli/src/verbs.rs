@@ -8,7 +8,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::{age, copy_plan, human, print_prune, stdin_is_tty, Cmd, DeviceArgs, ImagesCmd, PackagesCmd, ServersCmd};
+use strata_engine::builds::{BuildState, BuildStatus};
+
+use crate::{
+    age, copy_plan, human, print_prune, stdin_is_tty, BuildsCmd, Cmd, DeviceArgs, ImagesCmd, PackagesCmd, ServersCmd,
+};
 
 /// A session as `ps` shows it.
 pub struct SessionRow {
@@ -65,6 +69,24 @@ pub struct RunHow {
     pub idle_timeout: Option<u64>,
 }
 
+/// What `build` did.
+pub enum Built {
+    Images(Vec<ImageRow>),
+    /// Left running on its own (its id, where the backend knows it).
+    Started(Option<String>),
+}
+
+/// Prints a build's step when it changes (not with `quiet`).
+fn build_printer(quiet: bool) -> impl FnMut(&BuildStatus) + Send {
+    let mut last = String::new();
+    move |s: &BuildStatus| {
+        if !quiet && s.step != last {
+            eprintln!("strata: [{:>3.0}%] {}", s.progress * 100.0, s.step);
+            last.clone_from(&s.step);
+        }
+    }
+}
+
 /// What every verb needs of where sessions run. Each listing also returns
 /// the backend's whole answer, which `--json` prints.
 pub trait Backend {
@@ -107,7 +129,26 @@ pub trait Backend {
     /// with `tty` (input passed on, this terminal in raw mode); its exit
     /// status.
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8>;
-    async fn build(&self, package: &str) -> anyhow::Result<Vec<ImageRow>>;
+    /// Builds what is missing of `package`'s images (joining a build of
+    /// them that runs), each change of the build given to `seen`: its
+    /// images; or, with `detach`, starts it to go on without this process:
+    /// its id, if known.
+    async fn build(
+        &self,
+        package: &str,
+        detach: bool,
+        seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<Built>;
+    /// The builds that did work, newest first.
+    async fn builds(&self) -> anyhow::Result<(Vec<BuildStatus>, Value)>;
+    /// Build `id` as it is; with `follow`, each change is given to `seen`
+    /// until it ends.
+    async fn follow_build(
+        &self,
+        id: &str,
+        follow: bool,
+        seen: &mut (dyn FnMut(&BuildStatus) + Send),
+    ) -> anyhow::Result<BuildStatus>;
     async fn images(&self) -> anyhow::Result<(Vec<ImageRow>, Value)>;
     async fn remove_image(&self, digest: &str) -> anyhow::Result<()>;
     /// Removes unreferenced blobs: (blobs, bytes).
@@ -262,12 +303,42 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                 0
             })
         }
-        Cmd::Build { package } => b.build(package).await.map(|rows| {
-            for r in rows {
-                println!("{:<8} {}  {}", r.kind, r.digest.get(..12).unwrap_or(&r.digest), human(r.size));
+        Cmd::Build { package, detach } => b.build(package, *detach, &mut build_printer(quiet)).await.map(|built| {
+            match built {
+                Built::Images(rows) => {
+                    for r in rows {
+                        println!("{:<8} {}  {}", r.kind, r.digest.get(..12).unwrap_or(&r.digest), human(r.size));
+                    }
+                }
+                Built::Started(Some(id)) => println!("{id}"),
+                Built::Started(None) => {
+                    eprintln!("strata: building {package} in the background; `strata builds ls` shows it")
+                }
             }
             0
         }),
+        Cmd::Builds { cmd: BuildsCmd::Ls { json } } => b.builds().await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                print_builds(&rows);
+            }
+            0
+        }),
+        Cmd::Builds { cmd: BuildsCmd::Show { id, follow } } => {
+            b.follow_build(id, *follow, &mut build_printer(quiet || !*follow)).await.map(|s| {
+                print_builds(std::slice::from_ref(&s));
+                if !*follow {
+                    for line in &s.log {
+                        println!("  {line}");
+                    }
+                }
+                match s.state {
+                    BuildState::Done | BuildState::Running => 0,
+                    BuildState::Failed | BuildState::Interrupted => 1,
+                }
+            })
+        }
         Cmd::Images { cmd: ImagesCmd::Ls { json } } => b.images().await.map(|(rows, v)| {
             if *json {
                 print_json(&v);
@@ -377,6 +448,23 @@ fn print_servers(rows: &[ServerRow]) {
             s.guest_memory_committed_mib,
             s.load1,
             if s.cached.is_empty() { "-".to_string() } else { s.cached.join(",") }
+        );
+    }
+}
+
+fn print_builds(rows: &[BuildStatus]) {
+    println!("{:<16} {:<14} {:<11} {:<8} {:>5} {:>5}  STEP", "BUILD", "PACKAGE", "STATE", "STAGE", "DONE", "AGE");
+    for b in rows {
+        let step = b.error.as_deref().unwrap_or(&b.step).lines().next().unwrap_or("");
+        println!(
+            "{:<16} {:<14} {:<11} {:<8} {:>4.0}% {:>5}  {}",
+            b.id,
+            b.package,
+            b.state.to_string(),
+            b.stage,
+            b.progress * 100.0,
+            age(b.started),
+            step
         );
     }
 }

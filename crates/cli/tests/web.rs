@@ -18,10 +18,16 @@ struct Served {
 
 impl Served {
     fn start(name: &str) -> Served {
+        Served::start_with(name, &[])
+    }
+
+    /// A server with `extra` arguments (global ones such as `--packages`).
+    fn start_with(name: &str, extra: &[&str]) -> Served {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
         let token = text(&strata(&["token", "create", name]).output().unwrap().stdout).trim().to_string();
-        let mut server =
-            strata(&["serve", "--listen", "127.0.0.1:0", "--on-stop", "stop"]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut args = extra.to_vec();
+        args.extend(["serve", "--listen", "127.0.0.1:0", "--on-stop", "stop"]);
+        let mut server = strata(&args).stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let base = line.trim().rsplit(' ').next().unwrap().to_string();
@@ -93,4 +99,107 @@ fn strata_run_of_a_graphical_package_prints_a_viewer_address_that_shows_it() {
     let _ = std::fs::remove_file(&shot);
     let out = srv.node("viewer.mjs", &[&viewer, shot.to_str().unwrap()]);
     assert!(out.status.success(), "viewer test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// A package of this run alone (bc, with an environment no other run has):
+/// its launch image is never built yet, so a build must run.
+fn fresh_package(dir: &std::path::Path) -> String {
+    for e in std::fs::read_dir(&env().packages).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let name = "bc-build-job".to_string();
+    let def = format!(
+        "debs = ['bc']\ncommand = ['bc', '-q']\nenv = {{ STRATA_TEST_RUN = '{nanos}' }}\n[ready]\nalive_ms = 500\n\
+         [probe]\ninput = \"6*7\\n\"\nexpect = '42'\n"
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), def).unwrap();
+    name
+}
+
+#[test]
+fn a_build_started_by_the_page_shows_its_progress_joins_and_ends_after_the_page_is_closed() {
+    if !e2e() {
+        return;
+    }
+    let packages = tempfile::tempdir().unwrap();
+    let pkg = fresh_package(packages.path());
+    let srv = Served::start_with("web-build", &["--packages", packages.path().to_str().unwrap()]);
+    // The page launches it: the build's progress appears and grows, then
+    // the page is closed mid-build.
+    let page = std::process::Command::new("node")
+        .arg(srv.repo.join("web/test/build.mjs"))
+        .args([&srv.base, &srv.token, &pkg])
+        .current_dir(srv.repo.join("web"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let mut rq = http.request(method.parse().unwrap(), format!("{}{path}", srv.base)).bearer_auth(&srv.token);
+        if let Some(b) = body {
+            rq = rq.json(&b);
+        }
+        async move {
+            let r = rq.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    rt.block_on(async {
+        // The page's build, once it runs.
+        let mut id = String::new();
+        for _ in 0..600 {
+            let (_, listed) = call("GET", "/v1/builds", None).await;
+            if let Some(b) = listed.as_array().unwrap().iter().find(|b| b["package"] == pkg.as_str() && b["state"] == "running") {
+                id = b["id"].as_str().unwrap().to_string();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(!id.is_empty(), "the page started no build of {pkg}");
+        // A second request joins it: the same id.
+        let (status, joined) = call("POST", "/v1/builds", Some(serde_json::json!({ "package": pkg }))).await;
+        assert_eq!(status, 202, "the build had ended before a second request: {joined}");
+        assert_eq!(joined["id"], id.as_str(), "{joined}");
+        let out = page.wait_with_output().unwrap();
+        eprintln!("{}", text(&out.stdout));
+        assert!(out.status.success(), "browser test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        // It ends although the page that started it is gone.
+        let mut last = serde_json::Value::Null;
+        for _ in 0..600 {
+            last = call("GET", &format!("/v1/builds/{id}"), None).await.1;
+            if last["state"] != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        assert_eq!(last["state"], "done", "{last}");
+        assert_eq!(last["progress"], 1.0, "{last}");
+        assert!(last["log"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("launch image")), "{last}");
+        // The CLI lists it, here and through the server.
+        let local = strata(&["builds", "ls"]).output().unwrap();
+        assert!(
+            text(&local.stdout).lines().any(|l| l.starts_with(&id) && l.contains(" done ")),
+            "{}",
+            text(&local.stdout)
+        );
+        let shown = strata(&["--addr", &srv.base, "--token", &srv.token, "builds", "show", &id]).output().unwrap();
+        assert!(shown.status.success() && text(&shown.stdout).contains("launch image for"), "{}", text(&shown.stdout));
+        // Built now: a build answers at once, and a launch is quick.
+        let (status, again) = call("POST", "/v1/builds", Some(serde_json::json!({ "package": pkg }))).await;
+        assert_eq!(status, 200, "{again}");
+        let (status, created) = call("POST", "/v1/sessions", Some(serde_json::json!({ "package": pkg }))).await;
+        assert_eq!(status, 201, "{created}");
+        let sid = created["session"]["id"].as_str().unwrap().to_string();
+        call("DELETE", &format!("/v1/sessions/{sid}"), None).await;
+        // Its launch image is this test's alone.
+        let (_, images) = call("GET", "/v1/images", None).await;
+        for i in images.as_array().unwrap().iter().filter(|i| i["package"] == pkg.as_str() && i["kind"] == "launch") {
+            call("DELETE", &format!("/v1/images/{}", i["digest"].as_str().unwrap()), None).await;
+        }
+    });
 }

@@ -143,6 +143,7 @@ impl Engine {
             })
             .await?;
         let mut output = Vec::new();
+        let mut set_up = 0;
         let status = loop {
             let msg = tokio::time::timeout(Duration::from_secs(1800), a.conn.recv())
                 .await
@@ -153,6 +154,11 @@ impl Engine {
                         let line = line.trim();
                         if line.starts_with("Unpacking") || line.starts_with("Setting up") {
                             progress.step(&format!("install image for {}: {line}", pkg.name));
+                        }
+                        // Each .deb is unpacked, then set up.
+                        if line.starts_with("Setting up") {
+                            set_up += 1;
+                            progress.fraction(set_up, files.len() as u64);
                         }
                     }
                     output.extend_from_slice(&data);

@@ -406,6 +406,17 @@ impl Engine {
         Ok(rec)
     }
 
+    /// What a launch checks before any build, so a mistake is told at once
+    /// rather than minutes later: this server can bound what the package
+    /// writes, and the context's settings are valid.
+    ///
+    /// # Errors
+    /// Naming what is wrong and what to change.
+    pub fn check_launch(&self, pkg: &Package, settings: &ContextSettings) -> Result<(), Error> {
+        self.check_disk_cap(&pkg.name, pkg.def.disk_mib)?;
+        self.context_image(settings).map(drop)
+    }
+
     /// Launches a package from its launch image (building what is missing)
     /// and attaches the terminal's context.
     ///
@@ -418,9 +429,8 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<Session, Error> {
         // Before any build: a package this server cannot bound is refused now.
-        self.check_disk_cap(&pkg.name, pkg.def.disk_mib)?;
+        self.check_launch(pkg, settings)?;
         let images = self.ensure_images(pkg, progress).await?;
-        self.context_image(settings)?;
         self.launch_from(pkg, &images.launch, settings).await
     }
 

@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod base;
 pub mod bench;
+pub mod builds;
 pub mod context;
 pub mod demand;
 pub mod fork;
