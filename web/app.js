@@ -16,9 +16,10 @@ const term = new Terminal({ cursorBlink: true, fontSize: 14, convertEol: false }
 const fit = new FitAddon();
 term.loadAddon(fit);
 
-function showError(message) {
-  $('error').textContent = message;
-  $('error').hidden = !message;
+// An error is shown where the action was: in the section's own line.
+function showError(message, at = 'error') {
+  $(at).textContent = message;
+  $(at).hidden = !message;
 }
 
 async function api(method, path, body) {
@@ -36,16 +37,39 @@ async function api(method, path, body) {
   return data;
 }
 
-function button(label, onClick, attrs = {}) {
+function button(label, onClick, attrs = {}, errorAt = 'error') {
   const b = document.createElement('button');
   b.type = 'button';
   b.textContent = label;
   for (const [k, v] of Object.entries(attrs)) b.setAttribute(k, v);
   b.addEventListener('click', async () => {
     b.disabled = true;
-    try { showError(''); await onClick(); } catch (e) { showError(e.message); } finally { b.disabled = false; }
+    try { showError('', errorAt); await onClick(); } catch (e) { showError(e.message, errorAt); } finally { b.disabled = false; }
   });
   return b;
+}
+
+// Reads server-sent events from `path` until the stream ends (or `stop`
+// is aborted), calling onEvent(name, data) for each.
+async function events(path, onEvent, stop) {
+  const res = await fetch(path, { headers: { Authorization: `Bearer ${token}` }, signal: stop });
+  if (!res.ok) throw new Error(`HTTP ${res.status} from ${path}`);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    pending += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = pending.indexOf('\n\n')) >= 0) {
+      const lines = pending.slice(0, end).split('\n');
+      pending = pending.slice(end + 2);
+      const name = (lines.find((l) => l.startsWith('event:')) || 'event: message').slice(6).trim();
+      const data = lines.filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trim()).join('');
+      if (data) onEvent(name, JSON.parse(data));
+    }
+  }
 }
 
 async function loadPackages() {
@@ -58,14 +82,47 @@ async function loadPackages() {
     name.innerHTML = `<strong></strong><span class="desc"></span>`;
     name.querySelector('strong').textContent = p.name;
     name.querySelector('.desc').textContent = p.description;
-    li.append(name, button('Launch', () => launch(p.name).catch((e) => { $('term-status').textContent = ''; throw e; }), { 'data-launch': p.name }));
+    li.append(name, launchButton(p.name, { 'data-launch': p.name }));
     list.append(li);
   }
 }
 
-async function loadSessions() {
+function launchButton(name, attrs) {
+  return button('Launch', () => launch(name).catch((e) => { $('term-status').textContent = ''; throw e; }), attrs, 'catalog-error');
+}
+
+// Any Debian package, found by a word of its name or description.
+async function search(q) {
+  const list = $('found');
+  list.replaceChildren();
+  const found = await api('GET', `/v1/packages/search?q=${encodeURIComponent(q)}`);
+  if (!found.length) {
+    const li = document.createElement('li');
+    li.textContent = `No Debian package matches "${q}".`;
+    list.append(li);
+  }
+  for (const p of found) {
+    const li = document.createElement('li');
+    const name = document.createElement('span');
+    name.innerHTML = '<strong></strong><span class="desc"></span>';
+    name.querySelector('strong').textContent = p.name;
+    name.querySelector('.desc').textContent = p.description;
+    li.dataset.found = p.name;
+    li.append(name, launchButton(p.name, { 'data-launch-found': p.name }));
+    list.append(li);
+  }
+}
+
+function age(created) {
+  const s = Math.max(0, Math.floor(Date.now() / 1000 - created));
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.floor(s / 60)} min`;
+  if (s < 172800) return `${Math.floor(s / 3600)} h`;
+  return `${Math.floor(s / 86400)} d`;
+}
+
+function renderSessions(sessions) {
   const rows = $('sessions');
-  const sessions = await api('GET', '/v1/sessions');
   rows.replaceChildren();
   for (const s of sessions) {
     const tr = document.createElement('tr');
@@ -74,42 +131,49 @@ async function loadSessions() {
     // the last lines of its logs.
     const ended = s.state === 'exited' || s.state === 'lost';
     const why = ended && s.reason ? `: ${s.reason.split('\n')[0]}` : '';
-    for (const text of [s.id, s.package, s.state + (s.attached ? ', attached' : '') + why]) {
+    const cpu = s.cpu_percent == null ? '' : `${s.cpu_percent.toFixed(0)}%`;
+    const mem = s.memory_mib == null ? '' : `${s.memory_mib.toFixed(0)} MiB`;
+    const cells = [[s.id], [s.package], [s.state + (s.attached ? ', attached' : '') + why], [s.os || ''],
+      [cpu, 'num'], [mem, 'num'], [age(s.created), 'num']];
+    for (const [text, cls] of cells) {
       const td = document.createElement('td');
       td.textContent = text;
+      if (cls) td.className = cls;
       if (ended && s.reason) td.title = s.reason;
       tr.append(td);
     }
     const actions = document.createElement('td');
-    if (!ended && attachTokens[s.id] && s.id !== attachedId) actions.append(button('Attach', () => attach(s.id, s.package)));
-    if (s.state === 'running') actions.append(button('Pause', () => api('POST', `/v1/sessions/${s.id}/pause`).then(loadSessions), { 'data-pause': s.id }));
-    else if (s.state === 'paused') actions.append(button('Resume', () => api('POST', `/v1/sessions/${s.id}/resume`).then(loadSessions), { 'data-resume': s.id }));
-    actions.append(button(ended ? 'Remove' : 'Kill', () => api('DELETE', `/v1/sessions/${s.id}`).then(loadSessions), { 'data-kill': s.id }));
+    const act = (label, f, attrs) => button(label, f, attrs, 'sessions-error');
+    if (!ended && attachTokens[s.id] && s.id !== attachedId) actions.append(act('Attach', () => attach(s.id, s.package), {}));
+    if (s.state === 'running') actions.append(act('Pause', () => api('POST', `/v1/sessions/${s.id}/pause`).then(loadSessions), { 'data-pause': s.id }));
+    else if (s.state === 'paused') actions.append(act('Resume', () => api('POST', `/v1/sessions/${s.id}/resume`).then(loadSessions), { 'data-resume': s.id }));
+    actions.append(act(ended ? 'Remove' : 'Kill', () => api('DELETE', `/v1/sessions/${s.id}`).then(loadSessions), { 'data-kill': s.id }));
     tr.append(actions);
     rows.append(tr);
   }
 }
 
-// Follows a build's server-sent events until it ends; its last state.
+async function loadSessions() {
+  renderSessions(await api('GET', '/v1/sessions'));
+}
+
+// The session list follows the server's events; a dropped stream is
+// taken up again after a pause.
+let sessionEvents = null;
+function followSessions() {
+  if (sessionEvents) sessionEvents.abort();
+  const stop = new AbortController();
+  sessionEvents = stop;
+  events('/v1/sessions/events', (name, data) => { if (name === 'sessions') renderSessions(data); }, stop.signal)
+    .catch(() => {})
+    .finally(() => { if (sessionEvents === stop && token) setTimeout(followSessions, 2000); });
+}
+
+// Follows a build until it ends; its last state.
 async function followBuild(build, onStatus) {
-  const res = await fetch(`/v1/builds/${build.id}/events`, { headers: { Authorization: `Bearer ${token}` } });
-  if (!res.ok) throw new Error(`could not follow the build (HTTP ${res.status})`);
-  const reader = res.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = '';
   let last = build;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return last;
-    pending += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = pending.indexOf('\n\n')) >= 0) {
-      const event = pending.slice(0, end);
-      pending = pending.slice(end + 2);
-      const data = event.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trim()).join('');
-      if (data) { last = JSON.parse(data); onStatus(last); }
-    }
-  }
+  await events(`/v1/builds/${build.id}/events`, (name, b) => { if (name === 'status') { last = b; onStatus(b); } });
+  return last;
 }
 
 // Builds what is missing of a package's images, showing the build's
@@ -161,6 +225,8 @@ function showDisplay(id, name) {
   $('terminal').hidden = true;
   $('display').hidden = false;
   $('clipboard').hidden = false;
+  $('files').hidden = false;
+  $('fit-screen').hidden = false;
   $('display').replaceChildren();
   $('term-title').textContent = `${name} — session ${id}`;
   $('term-status').textContent = 'Connecting to the display…';
@@ -180,6 +246,8 @@ function attach(id, name) {
   if (viewer) { viewer.disconnect(); viewer = null; }
   $('display').hidden = true;
   $('clipboard').hidden = true;
+  $('fit-screen').hidden = true;
+  $('files').hidden = false;
   $('terminal').hidden = false;
   if (socket) socket.close();
   attachedId = id;
@@ -197,7 +265,7 @@ function attach(id, name) {
     const msg = JSON.parse(ev.data);
     if (msg.type === 'exit') $('term-status').textContent = `The program exited with status ${msg.status}.`;
     else if (msg.type === 'lost') $('term-status').textContent = `Session lost: ${msg.reason}`;
-    else if (msg.type === 'error') showError(msg.message);
+    else if (msg.type === 'error') showError(msg.message, 'work-error');
   };
   ws.onclose = () => { if (socket === ws) { socket = null; attachedId = null; loadSessions().catch(() => {}); } };
 }
@@ -214,10 +282,57 @@ async function clipboard(method, text) {
   }
   return res.status === 204 ? null : res.text();
 }
+// Files: uploaded into the attached session, downloaded out of it.
+function guestPath(forName) {
+  const path = $('file-path').value.trim();
+  if (!path.startsWith('/')) throw new Error('Write the file\'s place in the VM as an absolute path, e.g. /root/notes.txt');
+  return path.endsWith('/') && forName ? path + forName : path;
+}
+async function upload() {
+  const file = $('file-pick').files[0];
+  if (!file) throw new Error('Choose a file to upload first.');
+  const path = guestPath(file.name);
+  const res = await fetch(`/v1/sessions/${attachedId}/files?path=${encodeURIComponent(path)}`, {
+    method: 'PUT', headers: { Authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' }, body: file,
+  });
+  if (!res.ok) throw new Error(((await res.json().catch(() => ({}))).error || {}).message || `HTTP ${res.status}`);
+  $('file-path').value = path;
+  $('term-status').textContent = `Uploaded ${file.name} to ${path} (${file.size} bytes).`;
+}
+async function download() {
+  const path = guestPath(null);
+  if (path.endsWith('/')) throw new Error('Name a file to download, not a folder.');
+  const res = await fetch(`/v1/sessions/${attachedId}/files?path=${encodeURIComponent(path)}`, {
+    headers: { Authorization: `Bearer ${token}` },
+  });
+  if (!res.ok) throw new Error(((await res.json().catch(() => ({}))).error || {}).message || `HTTP ${res.status}`);
+  const blob = await res.blob();
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = path.split('/').pop();
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+  $('term-status').textContent = `Downloaded ${path} (${blob.size} bytes).`;
+}
+const workAction = (f) => () => { showError('', 'work-error'); f().catch((e) => showError(e.message, 'work-error')); };
+$('file-upload').addEventListener('click', workAction(upload));
+$('file-download').addEventListener('click', workAction(download));
+
+// The guest's screen takes the size of the space it is shown in.
+$('fit-screen').addEventListener('click', workAction(async () => {
+  const r = $('display').getBoundingClientRect();
+  const width = Math.min(2560, Math.max(640, Math.round(r.width)));
+  const height = Math.min(1600, Math.max(480, Math.round(r.height)));
+  await api('PUT', `/v1/sessions/${attachedId}/screen`, { width, height });
+  $('term-status').textContent = `The screen is ${width}x${height} now.`;
+}));
+
 $('clip-send').addEventListener('click', () => {
   clipboard('PUT', $('clip').value)
     .then(() => { $('term-status').textContent = 'Clipboard sent to the VM.'; })
-    .catch((e) => showError(e.message));
+    .catch((e) => showError(e.message, 'work-error'));
 });
 $('clip-get').addEventListener('click', () => {
   clipboard('GET')
@@ -226,7 +341,7 @@ $('clip-get').addEventListener('click', () => {
       $('term-status').textContent = 'Clipboard copied from the VM.';
       navigator.clipboard?.writeText(t).catch(() => {});
     })
-    .catch((e) => showError(e.message));
+    .catch((e) => showError(e.message, 'work-error'));
 });
 
 term.onData((d) => { if (socket && socket.readyState === WebSocket.OPEN) socket.send(new TextEncoder().encode(d)); });
@@ -238,6 +353,7 @@ window.addEventListener('resize', () => fit.fit());
 function signOut() {
   localStorage.removeItem('strata-token');
   token = null;
+  if (sessionEvents) { sessionEvents.abort(); sessionEvents = null; }
   $('app').hidden = true; $('who').hidden = true; $('login').hidden = false;
 }
 
@@ -255,15 +371,16 @@ async function signIn(t) {
   term.open($('terminal'));
   fit.fit();
   await loadSessions();
-  setInterval(() => loadSessions().catch(() => {}), 3000);
+  followSessions();
 }
 
 $('login').addEventListener('submit', (ev) => { ev.preventDefault(); showError(''); signIn($('token').value.trim()); });
 $('logout').addEventListener('click', signOut);
-$('any').addEventListener('submit', (ev) => {
+$('search').addEventListener('submit', (ev) => {
   ev.preventDefault();
-  const name = $('any-name').value.trim();
-  if (name) launch(name).catch((e) => { showError(e.message); $('term-status').textContent = ''; });
+  const q = $('search-q').value.trim();
+  showError('', 'catalog-error');
+  if (q) search(q).catch((e) => showError(e.message, 'catalog-error'));
 });
 
 // A token can come in the address (#token=...), e.g. from `strata serve`'s output.
@@ -282,8 +399,11 @@ if (hash.get('session') && hash.get('attach')) {
   // The display takes the whole window.
   document.body.classList.add('viewer');
   showDisplay(id, hash.get('package') || 'session');
-  // The clipboard needs the terminal's API token, which a viewer lacks.
+  // The clipboard, files and screen size need the terminal's API token,
+  // which a viewer lacks.
   $('clipboard').hidden = true;
+  $('files').hidden = true;
+  $('fit-screen').hidden = true;
 } else {
   const saved = fromHash || localStorage.getItem('strata-token');
   if (saved) signIn(saved); else $('login').hidden = false;

@@ -60,6 +60,20 @@ try {
   }
   if (!changed) throw new Error('the display did not change when the pointer moved');
 
+  step('the display grows with the window, and the screen fits it when asked');
+  const before1 = await page.locator('#display canvas').boundingBox();
+  await page.setViewportSize({ width: 1500, height: 1100 });
+  await page.waitForFunction((w) => document.querySelector('#display canvas').getBoundingClientRect().width > w,
+    before1.width, { timeout: 10000 });
+  const guestWidth = () => page.evaluate(() => document.querySelector('#display canvas').width);
+  const oldWidth = await guestWidth();
+  await page.click('#fit-screen');
+  await page.waitForFunction(() => document.getElementById('term-status').textContent.startsWith('The screen is'),
+    null, { timeout: 30000 });
+  await page.waitForFunction((w) => document.querySelector('#display canvas').width !== w, oldWidth, { timeout: 30000 });
+  console.log(`the guest's screen went from ${oldWidth} to ${await guestWidth()} pixels wide`);
+  await page.setViewportSize({ width: 1200, height: 900 });
+
   step('launch mousepad; type into it');
   await page.click('button[data-launch="mousepad"]');
   await page.waitForFunction(() => document.getElementById('term-title').textContent.startsWith('mousepad'),

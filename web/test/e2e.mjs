@@ -2,6 +2,7 @@
 // sign in, launch a console package, type into its terminal, read the
 // answer, pause/resume/kill it from the session list.
 //   node test/e2e.mjs BASE_URL TOKEN SCREENSHOT.png
+import fs from 'node:fs';
 import { chromium } from 'playwright-core';
 
 const [base, token, shot] = process.argv.slice(2);
@@ -46,6 +47,40 @@ try {
   await page.keyboard.press('Enter');
   await waitScreen('42 from the browser');
   await page.screenshot({ path: shot });
+
+  step('the session list shows its OS and what it uses, pushed by the server');
+  await page.waitForFunction(() => {
+    const r = document.querySelector('#sessions tr[data-session]');
+    return r && r.textContent.includes('debian-12') && /\d+ MiB/.test(r.textContent) && /\d+%/.test(r.textContent);
+  }, null, { timeout: 20000 });
+
+  step('upload a file into the session and download it again');
+  const bytes = Buffer.from(Array.from({ length: 70000 }, (_, i) => (i * 7 + (i >> 8)) % 256));
+  await page.setInputFiles('#file-pick', { name: 'blob.bin', mimeType: 'application/octet-stream', buffer: bytes });
+  await page.fill('#file-path', '/root/');
+  await page.click('#file-upload');
+  await page.waitForFunction(() => document.getElementById('term-status').textContent.startsWith('Uploaded'), null, { timeout: 30000 });
+  if ((await page.inputValue('#file-path')) !== '/root/blob.bin') throw new Error('the upload did not name its file');
+  const [download] = await Promise.all([page.waitForEvent('download', { timeout: 30000 }), page.click('#file-download')]);
+  const got = fs.readFileSync(await download.path());
+  if (!got.equals(bytes)) throw new Error(`the download differs: ${got.length} bytes, not ${bytes.length}`);
+  await page.fill('#file-path', 'relative/path');
+  await page.click('#file-download');
+  await page.waitForFunction(() => !document.getElementById('work-error').hidden, null, { timeout: 10000 });
+
+  step('search finds a package by a word of its description');
+  await page.fill('#search-q', 'arbitrary precision');
+  await page.press('#search-q', 'Enter');
+  await page.waitForSelector('#found li[data-found="bc"] button[data-launch-found="bc"]', { timeout: 30000 });
+
+  step('the terminal grows with the window');
+  const small = await page.locator('#terminal').boundingBox();
+  await page.setViewportSize({ width: 1500, height: 1000 });
+  await page.waitForTimeout(300);
+  const big = await page.locator('#terminal').boundingBox();
+  if (!(big.width > small.width && big.height > small.height)) {
+    throw new Error(`the terminal did not grow: ${JSON.stringify(small)} -> ${JSON.stringify(big)}`);
+  }
 
   step('the session is listed; pause, resume, kill');
   const row = page.locator('#sessions tr[data-session]').first();

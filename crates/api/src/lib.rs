@@ -15,6 +15,7 @@ pub mod live;
 pub mod metrics;
 mod routes;
 pub mod tls;
+pub mod viewer;
 mod web;
 
 use std::path::PathBuf;

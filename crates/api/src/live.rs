@@ -166,6 +166,10 @@ pub struct Live {
     pub labels: BTreeMap<String, String>,
     /// Why it is paused, in words, while it is.
     pub why: Mutex<Option<String>>,
+    /// Its QEMU while it runs (0 while paused).
+    pub qemu_pid: std::sync::atomic::AtomicU32,
+    /// Its QEMU's CPU time when last looked at, for the use since.
+    cpu_seen: Mutex<Option<(std::time::Instant, f64)>>,
 }
 
 /// Every live session, by id.
@@ -392,6 +396,9 @@ impl Registry {
         settings: ContextSettings,
     ) -> Arc<Live> {
         let (live, rx) = live;
+        if let Some(s) = &session {
+            live.set_qemu(s.vm_pid());
+        }
         let live = Arc::new(live);
         self.lock().insert(live.id.clone(), live.clone());
         let (reg, l) = (self.clone(), live.clone());
@@ -461,6 +468,32 @@ fn parse_end_label(label: &str) -> Option<(SystemTime, EndAction)> {
 const FIRST_COMMAND: ProcId = 1000;
 
 impl Live {
+    fn set_qemu(&self, pid: u32) {
+        self.qemu_pid.store(pid, std::sync::atomic::Ordering::Relaxed);
+        *self.cpu_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// What its VM uses of the host now: CPU in percent of one core since
+    /// it was last asked (`None` the first time), and memory in MiB
+    /// (proportional: what it shares with other sessions counted once);
+    /// nothing while it is paused.
+    pub fn usage(&self) -> (Option<f64>, Option<f64>) {
+        let pid = self.qemu_pid.load(std::sync::atomic::Ordering::Relaxed);
+        if pid == 0 {
+            return (None, None);
+        }
+        let (now, cpu) = (std::time::Instant::now(), strata_engine::host::process_cpu_seconds(pid));
+        let mut seen = self.cpu_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let percent = seen.and_then(|(at, before)| {
+            let secs = now.duration_since(at).as_secs_f64();
+            (secs > 0.05).then(|| ((cpu - before) / secs * 100.0).max(0.0))
+        });
+        if seen.is_none_or(|(at, _)| now.duration_since(at).as_secs_f64() > 0.5) {
+            *seen = Some((now, cpu));
+        }
+        (percent, Some(strata_engine::host::vm_memory_mib(pid)))
+    }
+
     fn new(
         id: String,
         package: String,
@@ -486,6 +519,8 @@ impl Live {
             end: Mutex::new(None),
             labels: BTreeMap::new(),
             why: Mutex::new(None),
+            qemu_pid: Default::default(),
+            cpu_seen: Mutex::new(None),
         };
         (live, rx)
     }
@@ -572,6 +607,7 @@ impl Actor<'_> {
         match self.engine.pause_to_image(&mut s, why).await {
             Ok(_) => {
                 drop(s);
+                self.live.set_qemu(0);
                 set(&self.live.state, State::Paused);
                 *self.live.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
                 Ok(())
@@ -590,6 +626,7 @@ impl Actor<'_> {
             return Ok(());
         }
         let s = self.engine.resume_session(&self.live.id, Some(&self.settings)).await.map_err(|e| e.to_string())?;
+        self.live.set_qemu(s.vm_pid());
         self.held = Some(s);
         set(&self.live.state, State::Running);
         *self.live.why.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -30,6 +30,7 @@ type St = State<Arc<AppState>>;
     info(title = "strata", description = "Run software on demand, already running, each in its own VM"),
     paths(
         list_packages,
+        search_packages,
         list_servers,
         list_images,
         build_images,
@@ -42,6 +43,7 @@ type St = State<Arc<AppState>>;
         prune_images,
         create_session,
         list_sessions,
+        session_events,
         get_session,
         kill_session,
         session_logs,
@@ -50,6 +52,7 @@ type St = State<Arc<AppState>>;
         fork_session,
         snapshot_session,
         set_timeout,
+        set_screen,
         attach_session,
         exec_session,
         attach_ticket,
@@ -62,6 +65,7 @@ type St = State<Arc<AppState>>;
     ),
     components(schemas(
         PackageInfo,
+        FoundPackage,
         ServerInfo,
         ImageInfo,
         BuildRequest,
@@ -80,6 +84,7 @@ type St = State<Arc<AppState>>;
         SnapshotRequest,
         SnapshotInfo,
         TimeoutBody,
+        ScreenBody,
         AttachTicket,
         ImportSession,
         ErrorBody,
@@ -104,6 +109,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/metrics", get(metrics))
         .route("/v1/packages", get(list_packages))
+        .route("/v1/packages/search", get(search_packages))
         .route("/v1/images", get(list_images).post(build_images))
         .route("/v1/images/gc", post(gc_images))
         .route("/v1/images/prune", post(prune_images))
@@ -113,6 +119,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/builds/{id}/events", get(build_events))
         .route("/v1/servers", get(list_servers))
         .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sessions/events", get(session_events))
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/pause", post(pause_session))
@@ -120,6 +127,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/fork", post(fork_session))
         .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
+        .route("/v1/sessions/{id}/screen", put(set_screen))
         .route("/v1/sessions/{id}/attach", get(attach_session))
         .route("/v1/sessions/{id}/exec", get(exec_session))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
@@ -259,6 +267,41 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
             })
             .collect(),
     )
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct SearchQuery {
+    /// Words the package's name or description holds.
+    q: String,
+}
+
+/// A Debian package found by a search.
+#[derive(Serialize, ToSchema)]
+pub struct FoundPackage {
+    name: String,
+    description: String,
+    /// A definition of this server's names it.
+    defined: bool,
+}
+
+/// Debian packages whose name or description holds every word of `q`
+/// (this server's package lists), names matching first; at most 50. Any of
+/// them can be launched.
+#[utoipa::path(get, path = "/v1/packages/search", params(SearchQuery),
+    responses((status = 200, body = [FoundPackage]), (status = 400, body = ErrorBody)))]
+async fn search_packages(
+    State(st): St,
+    _c: Caller,
+    Params(q): Params<SearchQuery>,
+) -> Result<Json<Vec<FoundPackage>>, ApiError> {
+    let found = st.engine.search_packages(&q.q).await?;
+    let defined = |n: &str| st.engine.registry.packages.contains_key(n);
+    Ok(Json(
+        found
+            .into_iter()
+            .map(|(name, description)| FoundPackage { defined: defined(&name), name, description })
+            .collect(),
+    ))
 }
 
 /// A server that runs sessions and the load placement weighs.
@@ -622,6 +665,16 @@ pub struct SessionInfo {
     /// The terminal it belongs to (none: this machine's CLI started it).
     #[serde(skip_serializing_if = "Option::is_none")]
     terminal: Option<String>,
+    /// The guest's operating system.
+    os: String,
+    /// CPU its VM used since the session was last listed, in percent of
+    /// one core (while it runs, from the second listing on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_percent: Option<f64>,
+    /// Host memory its VM uses, in MiB, shared pages counted once between
+    /// the sessions sharing them (while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mib: Option<f64>,
 }
 
 impl SessionInfo {
@@ -641,6 +694,9 @@ impl SessionInfo {
             graphical: false,
             reason: Some(e.reason.clone()),
             terminal: rec.labels.get("terminal").cloned(),
+            os: strata_engine::OS.to_string(),
+            cpu_percent: None,
+            memory_mib: None,
         })
     }
 
@@ -657,6 +713,9 @@ impl SessionInfo {
             graphical: false,
             reason: rec.why.clone(),
             terminal: rec.labels.get("terminal").cloned(),
+            os: strata_engine::OS.to_string(),
+            cpu_percent: None,
+            memory_mib: strata_engine::sessions::alive_qemu(rec).map(strata_engine::host::vm_memory_mib),
         }
     }
 }
@@ -678,6 +737,7 @@ fn ended_of(st: &AppState, caller: &str) -> Vec<strata_engine::sessions::Session
 
 impl From<&Live> for SessionInfo {
     fn from(l: &Live) -> Self {
+        let usage = l.usage();
         SessionInfo {
             id: l.id.clone(),
             package: l.package.clone(),
@@ -688,6 +748,9 @@ impl From<&Live> for SessionInfo {
             graphical: l.vnc.is_some(),
             reason: l.why.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             terminal: Some(l.owner.clone()),
+            os: strata_engine::OS.to_string(),
+            cpu_percent: usage.0,
+            memory_mib: usage.1,
         }
     }
 }
@@ -983,16 +1046,47 @@ fn room_for(st: &AppState, owner: &str, count: usize, memory_mib: u32) -> Result
 /// and of its store (the CLI's too).
 #[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = [SessionInfo])))]
 async fn list_sessions(State(st): St, Caller(owner): Caller) -> Json<Vec<SessionInfo>> {
+    Json(sessions_of(&st, &owner))
+}
+
+/// How often the session list's events look for changes.
+const SESSION_EVENTS_EVERY: Duration = Duration::from_secs(1);
+
+/// The caller's sessions as server-sent events: a `sessions` event (the
+/// list, as `GET /v1/sessions`) at once and whenever it changes (a state, a
+/// session more or less, what they use), looked at every second.
+#[utoipa::path(get, path = "/v1/sessions/events",
+    responses((status = 200, description = "text/event-stream of `sessions` events"), (status = 401, body = ErrorBody)))]
+async fn session_events(State(st): St, Caller(owner): Caller) -> Response {
+    let stream = futures_util::stream::unfold((st, owner, None::<String>), |(st, owner, last)| async move {
+        loop {
+            // The first look at once, then one a second (CPU use is measured
+            // between looks).
+            if last.is_some() {
+                tokio::time::sleep(SESSION_EVENTS_EVERY).await;
+            }
+            let now = serde_json::to_string(&sessions_of(&st, &owner)).unwrap_or_default();
+            if last.as_ref() != Some(&now) {
+                let event = axum::response::sse::Event::default().event("sessions").data(now.clone());
+                return Some((Ok::<_, std::convert::Infallible>(event), (st, owner, Some(now))));
+            }
+        }
+    });
+    axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()).into_response()
+}
+
+/// The sessions `owner` sees, oldest first.
+fn sessions_of(st: &AppState, owner: &str) -> Vec<SessionInfo> {
     let held = st.sessions.all();
     let mut all: Vec<SessionInfo> =
-        held.iter().filter(|l| sees(&st, &owner, Some(&l.owner))).map(|l| SessionInfo::from(&**l)).collect();
-    all.extend(ended_of(&st, &owner).iter().filter_map(SessionInfo::ended));
-    if st.operators.contains(&owner) {
+        held.iter().filter(|l| sees(st, owner, Some(&l.owner))).map(|l| SessionInfo::from(&**l)).collect();
+    all.extend(ended_of(st, owner).iter().filter_map(SessionInfo::ended));
+    if st.operators.contains(owner) {
         let others = st.engine.list_sessions().into_iter().filter(|r| st.sessions.get(&r.id).is_none() && !r.pooled);
         all.extend(others.map(|r| SessionInfo::unheld(&r)));
     }
     all.sort_by_key(|s| s.created);
-    Json(all)
+    all
 }
 
 /// A session of the caller's; another terminal's is "not found".
@@ -1157,6 +1251,50 @@ async fn write_file(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     copy_through_scratch(&st, &owner, &id, &q, Some(&body)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScreenBody {
+    width: u16,
+    height: u16,
+}
+
+/// Sets a graphical session's screen size now (xrandr in the guest, a mode
+/// made from CVT timings if the display lacks it), e.g. to fit the window
+/// of whoever watches it.
+#[utoipa::path(put, path = "/v1/sessions/{id}/screen", params(("id" = String, Path)), request_body = ScreenBody,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn set_screen(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+    Body(size): Body<ScreenBody>,
+) -> Result<StatusCode, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let (w, h) = (size.width, size.height);
+    strata_engine::context::Resolution { width: w, height: h }.check().map_err(ApiError::bad_request)?;
+    if live.vnc.is_none() {
+        return Err(ApiError::conflict(format!("session {id} has no display: its package is not graphical")));
+    }
+    // A mode the display lacks is added with simple blanking timings (the
+    // display is virtual; Debian's minimal guests have no `cvt`).
+    let (ht, vt) = (u32::from(w) + 160, u32::from(h) + 30);
+    let clock = f64::from(ht * vt) * 60.0 / 1e6;
+    let timings = format!("{clock:.2} {w} {} {} {ht} {h} {} {} {vt} -hsync +vsync", w + 48, w + 80, h + 3, h + 8);
+    let script = format!(
+        "export DISPLAY=:0; o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); \
+         xrandr --output \"$o\" --mode {w}x{h} 2>/dev/null || {{ \
+         xrandr --newmode {w}x{h}_strata {timings} 2>/dev/null; xrandr --addmode \"$o\" {w}x{h}_strata 2>/dev/null; \
+         xrandr --output \"$o\" --mode {w}x{h}_strata; }}"
+    );
+    let done = crate::e2b::envd::run(&live, &["/bin/sh", "-c", &script], None)
+        .await
+        .map_err(|e| ApiError::conflict(format!("the screen size could not be set: {}", e.1)))?;
+    if done.status != 0 {
+        return Err(ApiError::conflict(format!("the screen size could not be set: {}", done.stderr.trim())));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1363,7 +1501,7 @@ async fn session_display(
     Ok(ws.on_upgrade(move |socket| relay_display(socket, stream)))
 }
 
-async fn relay_display(mut socket: WebSocket, stream: tokio::net::UnixStream) {
+pub(crate) async fn relay_display(mut socket: WebSocket, stream: tokio::net::UnixStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 64 << 10];

@@ -34,9 +34,14 @@ const VENDOR: &[(&str, &str, &str)] = &[
 ];
 
 pub async fn vendor(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    vendor_file(st.web_dir.as_deref(), &name).await
+}
+
+/// A front-end library's file from `web_dir`'s npm packages.
+pub(crate) async fn vendor_file(web_dir: Option<&std::path::Path>, name: &str) -> Result<Response, ApiError> {
     let (_, rel, mime) =
         VENDOR.iter().find(|(n, _, _)| *n == name).ok_or_else(|| ApiError::not_found(format!("no file {name}")))?;
-    let dir = st.web_dir.as_ref().ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let dir = web_dir.ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
     let path = dir.join("node_modules").join(rel);
     let body = tokio::fs::read(&path)
         .await
@@ -47,13 +52,17 @@ pub async fn vendor(State(st): State<Arc<AppState>>, Path(name): Path<String>) -
 /// noVNC's modules (the display viewer), from its npm package: only
 /// JavaScript files under `core/` and `vendor/`, by plain relative paths.
 pub async fn novnc(State(st): State<Arc<AppState>>, Path(path): Path<String>) -> Result<Response, ApiError> {
+    novnc_file(st.web_dir.as_deref(), &path).await
+}
+
+pub(crate) async fn novnc_file(web_dir: Option<&std::path::Path>, path: &str) -> Result<Response, ApiError> {
     let plain = path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
         && path.chars().all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
     if !plain || !(path.starts_with("core/") || path.starts_with("vendor/")) || !path.ends_with(".js") {
         return Err(ApiError::not_found(format!("no file {path}")));
     }
-    let dir = st.web_dir.as_ref().ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
-    let file = dir.join("node_modules/@novnc/novnc").join(&path);
+    let dir = web_dir.ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let file = dir.join("node_modules/@novnc/novnc").join(path);
     let body = tokio::fs::read(&file).await.map_err(|e| ApiError::not_found(format!("{}: {e}", file.display())))?;
     Ok(([(CONTENT_TYPE, "text/javascript; charset=utf-8")], body).into_response())
 }

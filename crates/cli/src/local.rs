@@ -53,6 +53,38 @@ impl Local<'_> {
         self.launch_built(pkg, settings).await
     }
 
+    /// For a graphical session, a viewer page on loopback for as long as
+    /// this terminal is attached: its address printed and opened in the
+    /// browser where there is one. (A VNC client may use the socket too.)
+    async fn viewer(&self, session: &strata_engine::Session) -> Option<strata_api::viewer::Viewer> {
+        if !session.graphical {
+            return None;
+        }
+        let vnc = session.vnc_socket();
+        match strata_api::viewer::serve(&session.id, &session.package, vnc.clone(), crate::web_dir()).await {
+            Ok(v) => {
+                if !self.quiet {
+                    eprintln!(
+                        "strata: {} shows its display at {} (or over VNC at unix:{})",
+                        session.package,
+                        v.url,
+                        vnc.display()
+                    );
+                }
+                crate::remote::open_in_browser(&v.url);
+                Some(v)
+            }
+            Err(e) => {
+                eprintln!(
+                    "strata: no viewer page ({e}); {} shows its display over VNC at unix:{}",
+                    session.package,
+                    vnc.display()
+                );
+                None
+            }
+        }
+    }
+
     /// Builds what is missing of `pkg`'s images as a recorded build job (its
     /// settings checked first), then launches it.
     async fn launch_built(
@@ -190,13 +222,20 @@ impl Backend for Local<'_> {
             self.launch(&pkg, &settings).await?
         };
         self.bar.clear();
-        if session.graphical && !self.quiet {
-            eprintln!(
-                "strata: {} shows its display over VNC at unix:{} (a VNC viewer opens it; `strata serve` shows it in the browser)",
-                pkg.name,
-                session.vnc_socket().display()
-            );
-        }
+        let _viewer = match detach {
+            false => self.viewer(&session).await,
+            true => {
+                if session.graphical && !self.quiet {
+                    eprintln!(
+                        "strata: {} shows its display over VNC at unix:{}; `strata attach {}` opens a viewer in the browser",
+                        pkg.name,
+                        session.vnc_socket().display(),
+                        session.id
+                    );
+                }
+                None
+            }
+        };
         if session.detachable() {
             if let Some(secs) = idle_timeout {
                 let idle = (secs > 0).then(|| std::time::Duration::from_secs(secs));
@@ -216,6 +255,7 @@ impl Backend for Local<'_> {
         let settings = ContextSettings::from_terminal(terminal_size());
         let session = self.eng.attach_session(id, &settings).await?;
         crate::keeper::ensure(self.eng);
+        let _viewer = self.viewer(&session).await;
         finish(session, tty).await
     }
 

@@ -1368,7 +1368,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
 
 /// The web page's directory: `STRATA_WEB`, or `web/` of the source tree the
 /// binary was built in.
-fn web_dir() -> Option<PathBuf> {
+pub(crate) fn web_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("STRATA_WEB") {
         return Some(PathBuf::from(d));
     }

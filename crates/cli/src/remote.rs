@@ -321,7 +321,7 @@ impl Remote {
 }
 
 /// Opens `url` in the desktop's browser, where there is a desktop.
-fn open_in_browser(url: &str) {
+pub(crate) fn open_in_browser(url: &str) {
     let desktop = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     if !desktop {
         return;

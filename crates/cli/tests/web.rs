@@ -154,7 +154,9 @@ fn a_build_started_by_the_page_shows_its_progress_joins_and_ends_after_the_page_
         let mut id = String::new();
         for _ in 0..600 {
             let (_, listed) = call("GET", "/v1/builds", None).await;
-            if let Some(b) = listed.as_array().unwrap().iter().find(|b| b["package"] == pkg.as_str() && b["state"] == "running") {
+            if let Some(b) =
+                listed.as_array().unwrap().iter().find(|b| b["package"] == pkg.as_str() && b["state"] == "running")
+            {
                 id = b["id"].as_str().unwrap().to_string();
                 break;
             }
@@ -202,4 +204,61 @@ fn a_build_started_by_the_page_shows_its_progress_joins_and_ends_after_the_page_
             call("DELETE", &format!("/v1/images/{}", i["digest"].as_str().unwrap()), None).await;
         }
     });
+}
+
+#[test]
+fn a_local_run_of_a_graphical_package_serves_a_viewer_page_that_shows_it() {
+    if !e2e() {
+        return;
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf();
+    // `strata run xeyes` on a terminal of its own, as a person types it.
+    let line = format!("'{}' run xeyes", env().strata.display());
+    let mut c = std::process::Command::new("script");
+    c.args(["-qfec", &line, "/dev/null"]).env_remove("DISPLAY");
+    with_test_store(&mut c, env().strata.parent().unwrap());
+    let mut run = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = run.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let url = loop {
+        let l = rx
+            .recv_timeout(std::time::Duration::from_secs(300))
+            .unwrap_or_else(|_| panic!("no viewer address: {seen:?}"));
+        if let Some(u) = l.split_whitespace().find(|w| w.starts_with("http://127.0.0.1:")) {
+            break u.to_string();
+        }
+        seen.push(l);
+    };
+    assert!(url.contains("#session=") && url.contains("&attach="), "{url}");
+    let shot = env().state.join("web-local-viewer.png");
+    let out = std::process::Command::new("node")
+        .arg(repo.join("web/test/viewer.mjs"))
+        .args([url.as_str(), shot.to_str().unwrap()])
+        .current_dir(repo.join("web"))
+        .output()
+        .unwrap();
+    // The viewer's address without its token shows nothing.
+    let tokenless = url.split("&attach=").next().unwrap().to_string() + "&attach=wrong";
+    let refused = std::process::Command::new("node")
+        .arg(repo.join("web/test/viewer.mjs"))
+        .args([tokenless.as_str(), "/dev/null"])
+        .env("VIEWER_TIMEOUT_MS", "5000")
+        .current_dir(repo.join("web"))
+        .output()
+        .unwrap();
+    // Ctrl-C ends the run and its session.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.id())).unwrap_or_default();
+    for pid in children.split_whitespace() {
+        let _ = std::process::Command::new("kill").args(["-INT", pid]).status();
+    }
+    drop(run.stdin.take());
+    let _ = run.wait();
+    assert!(out.status.success(), "viewer test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(!refused.status.success(), "a wrong token showed the display: {}", text(&refused.stdout));
 }

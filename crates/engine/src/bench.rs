@@ -284,27 +284,20 @@ struct Settling {
 
 impl Settling {
     fn new(pid: u32) -> Settling {
-        Settling { pid, launched: Instant::now(), cpu_at_launch: process_cpu_seconds(pid), cpu_settled: None }
+        Settling {
+            pid,
+            launched: Instant::now(),
+            cpu_at_launch: crate::host::process_cpu_seconds(pid),
+            cpu_settled: None,
+        }
     }
 
     /// Takes the reading of every session whose settling time is over.
     fn read_due(all: &mut [Settling]) {
         for s in all.iter_mut().filter(|s| s.cpu_settled.is_none() && s.launched.elapsed() >= SETTLE) {
-            s.cpu_settled = Some(process_cpu_seconds(s.pid) - s.cpu_at_launch);
+            s.cpu_settled = Some(crate::host::process_cpu_seconds(s.pid) - s.cpu_at_launch);
         }
     }
-}
-
-/// CPU time a process has used (all its threads), in seconds.
-fn process_cpu_seconds(pid: u32) -> f64 {
-    // utime and stime, fields 14 and 15 of /proc/PID/stat; the command name
-    // (field 2) may hold spaces, so count from its closing parenthesis.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: f64 = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<f64>().ok()).sum();
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks / hz
 }
 
 /// Private memory of a VM's processes, in MiB: its QEMU's (dirty or
@@ -374,12 +367,14 @@ impl Engine {
             Settling::read_due(&mut settling);
         }
         tokio::time::sleep_until((idle_end - window).into()).await;
-        let cpu_before: Vec<f64> = sessions.iter().map(|s| process_cpu_seconds(s.vm_pid())).collect();
+        let cpu_before: Vec<f64> = sessions.iter().map(|s| crate::host::process_cpu_seconds(s.vm_pid())).collect();
         tokio::time::sleep(window).await;
         let idle_cpu: Vec<f64> = sessions
             .iter()
             .zip(&cpu_before)
-            .map(|(s, before)| (process_cpu_seconds(s.vm_pid()) - before) / window.as_secs_f64().max(1e-3) * 100.0)
+            .map(|(s, before)| {
+                (crate::host::process_cpu_seconds(s.vm_pid()) - before) / window.as_secs_f64().max(1e-3) * 100.0
+            })
             .collect();
         let after = mem_available_mib();
         let (mut private, mut rss) = (Vec::new(), Vec::new());
@@ -775,7 +770,7 @@ impl Engine {
                     let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
                     answer.wait(&mut s).await?;
                     side.first_answer_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-                    side.cpu_ms.push(process_cpu_seconds(s.vm_pid()) * 1000.0);
+                    side.cpu_ms.push(crate::host::process_cpu_seconds(s.vm_pid()) * 1000.0);
                     s.quiet().await?;
                     tokio::time::sleep(CONFINE_IDLE).await;
                     side.private_mib.push(vm_private_mib(s.vm_pid(), &smaps_rollup(s.vm_pid())));

@@ -46,6 +46,27 @@ pub struct Resolution {
 }
 
 /// Screen sizes the VM's display can show (its 32 MiB of video memory).
+impl Resolution {
+    /// Refuses a size out of the range a guest display is given.
+    ///
+    /// # Errors
+    /// Naming the range.
+    pub fn check(&self) -> Result<(), String> {
+        if WIDTHS.contains(&self.width) && HEIGHTS.contains(&self.height) {
+            return Ok(());
+        }
+        Err(format!(
+            "screen size {}x{} is out of range ({}x{} to {}x{})",
+            self.width,
+            self.height,
+            WIDTHS.start(),
+            HEIGHTS.start(),
+            WIDTHS.end(),
+            HEIGHTS.end()
+        ))
+    }
+}
+
 const WIDTHS: std::ops::RangeInclusive<u16> = 640..=2560;
 const HEIGHTS: std::ops::RangeInclusive<u16> = 480..=1600;
 
@@ -291,17 +312,7 @@ impl ContextSettings {
             check_terminal_name(t).or_else(bad)?;
         }
         if let Some(r) = self.screen {
-            if !WIDTHS.contains(&r.width) || !HEIGHTS.contains(&r.height) {
-                return bad(format!(
-                    "screen size {}x{} is out of range ({}x{} to {}x{})",
-                    r.width,
-                    r.height,
-                    WIDTHS.start(),
-                    HEIGHTS.start(),
-                    WIDTHS.end(),
-                    HEIGHTS.end()
-                ));
-            }
+            r.check().or_else(bad)?;
         }
         if let Some(k) = &self.keyboard {
             if !KEYBOARD_LAYOUTS.contains(&k.as_str()) {

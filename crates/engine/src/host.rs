@@ -84,3 +84,23 @@ impl Engine {
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
 }
+
+/// CPU time a process has used (all its threads), in seconds; 0 if gone.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    // utime and stime, fields 14 and 15 of /proc/PID/stat; the command name
+    // (field 2) may hold spaces, so count from its closing parenthesis.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// The host memory a VM's QEMU costs, in MiB: its proportional share of
+/// what it maps (memory shared with other sessions of its launch image
+/// counted once between them); 0 if gone.
+pub fn vm_memory_mib(qemu: u32) -> f64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{qemu}/smaps_rollup")).unwrap_or_default();
+    crate::bench::kib_field(&rollup, "Pss:") / 1024.0
+}

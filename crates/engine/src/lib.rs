@@ -495,6 +495,22 @@ impl Engine {
     ///
     /// # Errors
     /// [`strata_package::Error::NotFound`] and friends.
+    /// Debian packages (the host's package lists) whose name or description
+    /// holds every word of `query`, names matching first; at most 50.
+    ///
+    /// # Errors
+    /// If the query is empty, too long, or not plain words.
+    pub async fn search_packages(&self, query: &str) -> Result<Vec<(String, String)>, Error> {
+        let words: Vec<&str> = query.split_whitespace().collect();
+        let plain = |w: &&str| w.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if words.is_empty() || words.len() > 8 || query.len() > 100 || !words.iter().all(plain) {
+            return Err(Error::Config(format!(
+                "{query:?} is not a search: write up to 8 words of letters, digits, '+', '-' or '.'"
+            )));
+        }
+        Ok(tools::search_debian(&words, 50).await)
+    }
+
     pub fn package(&self, name: &str) -> Result<Package, Error> {
         Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
     }

@@ -78,6 +78,25 @@ pub fn debian_package_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Debian packages whose name or description holds every word of `words`
+/// (the host's package lists, `apt-cache search`): name and short
+/// description, names matching first, at most `limit`.
+pub async fn search_debian(words: &[&str], limit: usize) -> Vec<(String, String)> {
+    let Ok(out) = Command::new("apt-cache").arg("search").arg("--").args(words).stderr(Stdio::null()).output().await
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(" - "))
+        .map(|(n, d)| (n.to_string(), d.to_string()))
+        .collect();
+    // A word in the name says more than one in the description.
+    found.sort_by_key(|(n, _)| (!words.iter().all(|w| n.contains(&w.to_lowercase())), n.len(), n.clone()));
+    found.truncate(limit);
+    found
+}
+
 /// Points an overlay's backing file at a blob by its bare digest, so the
 /// overlay's own digest does not depend on where the store lives: blobs sit in
 /// one directory and qcow2 resolves relative names against the overlay's.

@@ -79,7 +79,7 @@ pub fn strata_of(bin_dir: &Path, args: &[&str]) -> Command {
 }
 
 /// Points `c` at the test store and packages, with the agent of the build in `bin_dir`.
-fn with_test_store(c: &mut Command, bin_dir: &Path) {
+pub fn with_test_store(c: &mut Command, bin_dir: &Path) {
     let e = env();
     c.env("STRATA_STATE", &e.state)
         .env("STRATA_PACKAGES", &e.packages)
