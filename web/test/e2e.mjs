@@ -72,6 +72,14 @@ try {
   await page.fill('#search-q', 'arbitrary precision');
   await page.press('#search-q', 'Enter');
   await page.waitForSelector('#found li[data-found="bc"] button[data-launch-found="bc"]', { timeout: 30000 });
+  // With the keyboard alone: Tab from the search reaches the results' buttons.
+  await page.focus('#search-q');
+  let focused = null;
+  for (let i = 0; i < 4 && focused !== 'BUTTON'; i++) {
+    await page.keyboard.press('Tab');
+    focused = await page.evaluate(() => document.activeElement.closest('#found') !== null && document.activeElement.tagName);
+  }
+  if (focused !== 'BUTTON') throw new Error(`Tab from the search did not reach a result's button (${focused})`);
 
   step('the terminal grows with the window');
   const small = await page.locator('#terminal').boundingBox();
