@@ -158,13 +158,7 @@ pub fn apply_display(d: &strata_proto::GuestDisplay) {
     }
     let mut script = String::from("export DISPLAY=:0; ");
     if let Some((w, h)) = d.size {
-        // A mode the display lacks is made from the CVT timings first.
-        script.push_str(&format!(
-            "o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); \
-             xrandr --output \"$o\" --mode {w}x{h} 2>/dev/null || {{ \
-             m=$(cvt {w} {h} 60 | sed -n 's/^Modeline //p' | tr -d '\"'); n=$(echo $m | cut -d' ' -f1); \
-             xrandr --newmode $m; xrandr --addmode \"$o\" $n; xrandr --output \"$o\" --mode $n; }}; "
-        ));
+        script.push_str(&strata_proto::screen_size_script(w, h));
     }
     if let Some(k) = &d.keyboard {
         if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

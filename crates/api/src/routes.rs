@@ -1278,17 +1278,7 @@ async fn set_screen(
     if live.vnc.is_none() {
         return Err(ApiError::conflict(format!("session {id} has no display: its package is not graphical")));
     }
-    // A mode the display lacks is added with simple blanking timings (the
-    // display is virtual; Debian's minimal guests have no `cvt`).
-    let (ht, vt) = (u32::from(w) + 160, u32::from(h) + 30);
-    let clock = f64::from(ht * vt) * 60.0 / 1e6;
-    let timings = format!("{clock:.2} {w} {} {} {ht} {h} {} {} {vt} -hsync +vsync", w + 48, w + 80, h + 3, h + 8);
-    let script = format!(
-        "export DISPLAY=:0; o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); \
-         xrandr --output \"$o\" --mode {w}x{h} 2>/dev/null || {{ \
-         xrandr --newmode {w}x{h}_strata {timings} 2>/dev/null; xrandr --addmode \"$o\" {w}x{h}_strata 2>/dev/null; \
-         xrandr --output \"$o\" --mode {w}x{h}_strata; }}"
-    );
+    let script = format!("export DISPLAY=:0; {}", strata_proto::screen_size_script(w, h));
     let done = crate::e2b::envd::run(&live, &["/bin/sh", "-c", &script], None)
         .await
         .map_err(|e| ApiError::conflict(format!("the screen size could not be set: {}", e.1)))?;

@@ -90,6 +90,23 @@ pub struct GuestDisplay {
     pub keyboard: Option<String>,
 }
 
+/// A shell snippet that gives the X display `$DISPLAY` a screen of `w` by
+/// `h` pixels with xrandr: the mode if the display has it, else one added
+/// with simple blanking timings (the display is virtual, and Debian's
+/// minimal guests have no `cvt`). Run by the agent for a context's size and
+/// by the host to resize a running session.
+pub fn screen_size_script(w: u16, h: u16) -> String {
+    let (ht, vt) = (u32::from(w) + 160, u32::from(h) + 30);
+    let clock = f64::from(ht * vt) * 60.0 / 1e6;
+    let (hs, he, vs, ve) = (u32::from(w) + 48, u32::from(w) + 80, u32::from(h) + 3, u32::from(h) + 8);
+    format!(
+        "o=$(xrandr | awk '/ connected/ {{print $1; exit}}'); \
+         xrandr --output \"$o\" --mode {w}x{h} 2>/dev/null || {{ \
+         xrandr --newmode {w}x{h}_strata {clock:.2} {w} {hs} {he} {ht} {h} {vs} {ve} {vt} -hsync +vsync 2>/dev/null; \
+         xrandr --addmode \"$o\" {w}x{h}_strata 2>/dev/null; xrandr --output \"$o\" --mode {w}x{h}_strata; }}; "
+    )
+}
+
 /// Static IPv4 settings for the one network interface the host plugs in.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct GuestNetwork {
