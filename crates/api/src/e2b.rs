@@ -62,6 +62,10 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route("/templates/{id}", axum::routing::delete(delete_snapshot))
         .merge(envd::router())
 }
 
@@ -310,6 +314,21 @@ async fn create(State(st): St, Owner(owner): Owner, body: axum::body::Bytes) -> 
     for (k, v) in &req.env_vars {
         strata_engine::context::check_env(k, v).map_err(bad_request)?;
     }
+    // A template that names one of the terminal's snapshots: a sandbox of
+    // its whole state (`Sandbox.create(snapshot_id)`).
+    if let Some(image) = own_snapshot(&st, &owner, package)? {
+        let memory_mib = image.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
+        crate::routes::room_for(&st, &owner, 1, memory_mib)?;
+        let session = st.engine.start_from_snapshot(&image, None).await?;
+        let labels = BTreeMap::from([
+            (METADATA_LABEL.to_string(), json_of(&req.metadata)),
+            (ENV_LABEL.to_string(), json_of(&req.env_vars)),
+            (TEMPLATE_LABEL.to_string(), req.template_id.clone()),
+        ]);
+        let live = start_sandbox(&st, session, &owner, labels, end_of(timeout, req.auto_pause))?;
+        tracing::info!(session = %live.id, snapshot = %package, "E2B sandbox created from a snapshot");
+        return Ok((StatusCode::CREATED, Json(sandbox_body(&live))).into_response());
+    }
     let outbound = req.allow_internet_access.unwrap_or(true);
     let settings = crate::routes::default_settings(&owner, outbound)?;
     let json = |m: &BTreeMap<String, String>| serde_json::to_string(m).unwrap_or_default();
@@ -375,9 +394,14 @@ async fn list_v1(State(st): St, Owner(owner): Owner, Query(q): Query<ListQuery>)
 /// Pages of `limit` (default 100), the next one's token (an offset) in
 /// `x-next-token`.
 async fn list_v2(State(st): St, Owner(owner): Owner, Query(q): Query<ListQuery>) -> Result<Response, E2bError> {
-    let all = listed(&st, &owner, &q)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let from = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
+    page_of(listed(&st, &owner, &q)?, q.limit, q.next_token.as_deref())
+}
+
+/// One page of `all`: `limit` items (default 100) from the offset in
+/// `next_token`, the next page's token in `x-next-token`.
+fn page_of<T: Serialize>(all: Vec<T>, limit: Option<usize>, next_token: Option<&str>) -> Result<Response, E2bError> {
+    let limit = limit.unwrap_or(100).clamp(1, 1000);
+    let from = match next_token.filter(|t| !t.is_empty()) {
         Some(t) => {
             t.parse::<usize>().map_err(|_| bad_request(format!("nextToken {t:?} is not one this server gave")))?
         }
@@ -628,4 +652,174 @@ mod tests {
         assert_eq!(v["endAt"], "1970-01-01T00:01:00Z");
         assert!(v.get("envdAccessToken").is_none());
     }
+}
+
+fn json_of(m: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(m).unwrap_or_default()
+}
+
+/// Gives a session started from a snapshot an actor, as an E2B sandbox of
+/// terminal `owner` with `labels` and its end.
+fn start_sandbox(
+    st: &Arc<AppState>,
+    session: strata_engine::Session,
+    owner: &str,
+    labels: BTreeMap<String, String>,
+    end: Option<(SystemTime, EndAction)>,
+) -> Result<Arc<Live>, E2bError> {
+    let settings = st.engine.session_settings(&session.id);
+    // No idle time-out: E2B's time-out ends (or pauses) it.
+    let options = SessionOptions { idle: None, labels, end };
+    Ok(crate::routes::register_live(st, session, owner, settings, options)?.0)
+}
+
+/// The snapshot named `name` if it is terminal `owner`'s.
+fn own_snapshot(st: &AppState, owner: &str, name: &str) -> Result<Option<strata_store::ImageRecord>, E2bError> {
+    if strata_engine::fork::check_snapshot_name(name).is_err() {
+        return Ok(None);
+    }
+    let mine = |i: &strata_store::ImageRecord| {
+        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner)
+    };
+    Ok(st
+        .engine
+        .named_snapshots()?
+        .into_iter()
+        .find(|i| strata_engine::fork::snapshot_name(i) == Some(name) && mine(i)))
+}
+
+/// The body of `POST /sandboxes/{id}/fork`.
+#[derive(Deserialize, Default)]
+struct ForkBody {
+    timeout: Option<u64>,
+    count: Option<usize>,
+}
+
+/// The most copies one E2B fork makes (as E2B's API).
+const MAX_E2B_FORKS: usize = 20;
+
+/// E2B's fork: the sandbox's whole state is saved while it runs on (its id
+/// and end time untouched), then `count` sandboxes start from it, each
+/// with the parent's metadata and environment and an end time of its own.
+/// Each copy's outcome is listed.
+async fn fork(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, E2bError> {
+    let req: ForkBody = body_of(&body, "{\"count\": N, \"timeout\": SECONDS}")?;
+    let count = req.count.unwrap_or(1);
+    if !(1..=MAX_E2B_FORKS).contains(&count) {
+        return Err(bad_request(format!("count {count} is out of range: a fork makes 1 to {MAX_E2B_FORKS} sandboxes")));
+    }
+    let timeout = timeout_of(req.timeout)?;
+    let live = mine(&st, &owner, &id)?;
+    if is_paused(&live) {
+        return Err(E2bError(StatusCode::CONFLICT, format!("sandbox {id} is paused; connect to it first")));
+    }
+    crate::routes::room_for(&st, &owner, count, live.memory_mib)?;
+    let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
+    let snap = st.engine.finish_snapshot(captured).await;
+    let labels: BTreeMap<String, String> = [METADATA_LABEL, ENV_LABEL, TEMPLATE_LABEL]
+        .iter()
+        .filter_map(|k| live.labels.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect();
+    let mut results = Vec::new();
+    for started in st.engine.start_forks(&snap.image, count, None).await {
+        let sandbox = started
+            .map_err(E2bError::from)
+            .and_then(|session| start_sandbox(&st, session, &owner, labels.clone(), end_of(timeout, false)));
+        results.push(match sandbox {
+            Ok(copy) => serde_json::json!({ "sandbox": sandbox_body(&copy) }),
+            Err(E2bError(code, message)) => {
+                serde_json::json!({ "error": { "code": code.as_u16(), "message": message } })
+            }
+        });
+    }
+    tracing::info!(session = %id, copies = count, stopped_ms = snap.stopped.as_secs_f64() * 1e3, "E2B sandbox forked");
+    Ok((StatusCode::CREATED, Json(results)).into_response())
+}
+
+/// The body of `POST /sandboxes/{id}/snapshots`.
+#[derive(Deserialize, Default)]
+struct SnapshotBody {
+    name: Option<String>,
+    /// `false` asks for the file system only, which strata does not make.
+    memory: Option<bool>,
+}
+
+/// E2B's snapshot: a named snapshot of the sandbox's whole state, taken
+/// while it runs on; `Sandbox.create(snapshot_id)` starts sandboxes from it.
+async fn snapshot(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, E2bError> {
+    let req: SnapshotBody = body_of(&body, "{\"name\": NAME}")?;
+    if req.memory == Some(false) {
+        return Err(bad_request(
+            "file-system-only snapshots are not made here: every snapshot holds the sandbox's memory too; leave out mode",
+        ));
+    }
+    let live = mine(&st, &owner, &id)?;
+    if is_paused(&live) {
+        return Err(E2bError(StatusCode::CONFLICT, format!("sandbox {id} is paused; connect to it first")));
+    }
+    let name = match req.name {
+        Some(n) => n,
+        None => format!(
+            "snapshot-{id}-{}",
+            &crate::auth::new_token().map_err(|e| E2bError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?[..8]
+        ),
+    };
+    strata_engine::fork::check_snapshot_name(&name).map_err(|e| bad_request(e.to_string()))?;
+    let captured = ask(&live, |reply| Cmd::Snapshot { name: Some(name.clone()), reply }).await?;
+    let snap = st.engine.finish_snapshot(captured).await;
+    st.engine.share_snapshot(&snap.image).await;
+    tracing::info!(session = %id, snapshot = %name, "E2B snapshot made");
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "snapshotID": name, "names": [name] }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotQuery {
+    #[serde(rename = "sandboxID")]
+    sandbox_id: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// The terminal's snapshots, newest first (of one sandbox, or by name, if
+/// asked), in pages.
+async fn list_snapshots(
+    State(st): St,
+    Owner(owner): Owner,
+    Query(q): Query<SnapshotQuery>,
+) -> Result<Response, E2bError> {
+    let source = |i: &strata_store::ImageRecord| i.meta.get(strata_engine::fork::SOURCE_META).cloned();
+    let mine = |i: &strata_store::ImageRecord| {
+        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner.as_str())
+    };
+    let all: Vec<serde_json::Value> = st
+        .engine
+        .named_snapshots()?
+        .into_iter()
+        .filter(|i| mine(i) && q.sandbox_id.as_ref().is_none_or(|s| source(i).as_ref() == Some(s)))
+        .filter_map(|i| strata_engine::fork::snapshot_name(&i).map(str::to_string))
+        .filter(|n| q.name.as_ref().is_none_or(|want| want == n))
+        .map(|n| serde_json::json!({ "snapshotID": n, "names": [n] }))
+        .collect();
+    page_of(all, q.limit, q.next_token.as_deref())
+}
+
+/// Deletes one of the terminal's snapshots (`Sandbox.delete_snapshot`).
+async fn delete_snapshot(State(st): St, Owner(owner): Owner, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+    let image = own_snapshot(&st, &owner, &id)?
+        .ok_or_else(|| E2bError(StatusCode::NOT_FOUND, format!("snapshot {id:?} not found")))?;
+    st.engine.store.remove_image(&image.digest).map_err(|e| E2bError(StatusCode::CONFLICT, e.to_string()))?;
+    tracing::info!(snapshot = %id, "E2B snapshot deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

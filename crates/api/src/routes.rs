@@ -837,10 +837,23 @@ fn register(
     settings: ContextSettings,
     options: SessionOptions,
 ) -> Result<CreatedSession, ApiError> {
+    let (live, token) = register_live(st, session, owner, settings, options)?;
+    Ok(created_session(&live, token))
+}
+
+/// Gives a session started from a snapshot (a fork's copy) an actor and an
+/// attach token, as terminal `owner`'s: the live session and its token.
+pub(crate) fn register_live(
+    st: &Arc<AppState>,
+    session: strata_engine::Session,
+    owner: &str,
+    settings: ContextSettings,
+    options: SessionOptions,
+) -> Result<(Arc<Live>, String), ApiError> {
     let token = auth::new_token().map_err(|e| ApiError::internal(e.to_string()))?;
     let live = st.sessions.start(session, owner, auth::token_hash(&token), st.engine.clone(), settings, options);
     tracing::info!(session = %live.id, package = %live.package, terminal = %owner, "session started from a snapshot");
-    Ok(created_session(&live, token))
+    Ok((live, token))
 }
 
 #[derive(Deserialize, ToSchema, Default)]
@@ -1013,7 +1026,7 @@ pub(crate) async fn launch_for(
 
 /// Refuses `count` more sessions of `memory_mib` each for terminal `owner`
 /// beyond the server's or the terminal's limits, naming the limit.
-fn room_for(st: &AppState, owner: &str, count: usize, memory_mib: u32) -> Result<(), ApiError> {
+pub(crate) fn room_for(st: &AppState, owner: &str, count: usize, memory_mib: u32) -> Result<(), ApiError> {
     let limits = &st.limits;
     let running = st.sessions.len();
     let more = if count == 1 { String::new() } else { format!(" and {count} more were asked for") };
@@ -1116,7 +1129,10 @@ async fn get_session(
     }
 }
 
-async fn ask<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd) -> Result<T, ApiError> {
+pub(crate) async fn ask<T>(
+    live: &Live,
+    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd,
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     live.cmd.send(make(tx)).await.map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?;
     rx.await.map_err(|_| ApiError::not_found(format!("session {} has ended", live.id)))?.map_err(ApiError::conflict)

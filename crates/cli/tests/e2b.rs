@@ -244,6 +244,72 @@ async fn the_e2b_python_sdk_creates_sandboxes_runs_commands_moves_files_pauses_a
 }
 
 #[tokio::test]
+async fn e2b_sandboxes_fork_into_copies_and_snapshots_start_new_ones() {
+    if !e2e() {
+        return;
+    }
+    let s = serve_with("e2b-fork", &["--max-sessions-per-terminal", "8"]);
+    let lines = sdk(
+        &s,
+        &s.a,
+        "sbx = Sandbox.create(template='bc', timeout=300, metadata={'kind': 'parent'})\n\
+         sbx.commands.run('echo parent-state > /root/state; sleep 1000 >/dev/null 2>&1 & echo $! > /root/pid')\n\
+         import struct, base64, urllib.request\n\
+         h = sbx.commands.run('read a; read b; echo \"$a-$b\"', background=True, stdin=True)\n\
+         env = lambda m: (lambda b: bytes([0]) + struct.pack('>I', len(b)) + b)(json.dumps(m).encode())\n\
+         b64 = lambda s: base64.b64encode(s).decode()\n\
+         msgs = env({'start': {'process': {'pid': h.pid}}}) + env({'data': {'input': {'stdin': b64(b'one\\n')}}}) + env({'keepalive': {}}) + env({'data': {'input': {'stdin': b64(b'two\\n')}}})\n\
+         rq = urllib.request.Request(os.environ['E2B_SANDBOX_URL'] + '/process.Process/StreamInput', data=msgs, method='POST', headers={'content-type': 'application/connect+json', 'connect-protocol-version': '1', 'E2b-Sandbox-Id': sbx.sandbox_id, 'X-Access-Token': sbx._envd_access_token})\n\
+         reply = urllib.request.urlopen(rq).read()\n\
+         say('stream_input', [list(reply[:1]), h.wait().stdout])\n\
+         forks = sbx.fork(count=2, timeout=120)\n\
+         say('forks', [type(f).__name__ for f in forks])\n\
+         seen = []\n\
+         for i, f in enumerate(forks):\n\
+         \x20   r = f.commands.run(f'cat /root/state; kill -0 $(cat /root/pid) && echo alive; echo fork-{i} > /root/state; cat /root/state')\n\
+         \x20   seen.append(r.stdout)\n\
+         say('fork_seen', seen)\n\
+         say('parent_after', sbx.commands.run('cat /root/state').stdout)\n\
+         say('fork_info', [[f.get_info().metadata, f.sandbox_id != sbx.sandbox_id] for f in forks])\n\
+         snap = sbx.create_snapshot()\n\
+         say('listed', [snap.snapshot_id in [x.snapshot_id for x in Sandbox.list_snapshots().next_items()],\n\
+         \x20   [x.snapshot_id for x in sbx.list_snapshots().next_items()] == [snap.snapshot_id]])\n\
+         sbx.commands.run('echo after-snapshot > /root/state')\n\
+         new = Sandbox.create(snap.snapshot_id, timeout=120)\n\
+         say('from_snapshot', new.commands.run('cat /root/state; kill -0 $(cat /root/pid) && echo alive').stdout)\n\
+         for x in forks + [new]: x.kill()\n\
+         say('deleted', [Sandbox.delete_snapshot(snap.snapshot_id), Sandbox.delete_snapshot(snap.snapshot_id)])\n\
+         try:\n\
+         \x20   sbx.fork(count=21)\n\
+         \x20   say('too_many', 'forked')\n\
+         except Exception as e:\n\
+         \x20   say('too_many', type(e).__name__)\n\
+         try:\n\
+         \x20   sbx.create_snapshot(name='Not A Name!')\n\
+         \x20   say('bad_name', 'made')\n\
+         except Exception as e:\n\
+         \x20   say('bad_name', [type(e).__name__, getattr(e, 'status_code', None)])\n\
+         sbx.kill()\n\
+         say('left', [x.sandbox_id for x in Sandbox.list().next_items()])\n",
+    );
+    assert_eq!(step(&lines, "stream_input"), &serde_json::json!([[0], "one-two\n"]), "streamed input reaches the command");
+    assert_eq!(step(&lines, "forks"), &serde_json::json!(["Sandbox", "Sandbox"]));
+    assert_eq!(
+        step(&lines, "fork_seen"),
+        &serde_json::json!(["parent-state\nalive\nfork-0\n", "parent-state\nalive\nfork-1\n"]),
+        "each copy has the parent's file and process, and diverges"
+    );
+    assert_eq!(step(&lines, "parent_after"), "parent-state\n", "the parent runs on, untouched by its copies");
+    assert_eq!(step(&lines, "fork_info"), &serde_json::json!([[{"kind": "parent"}, true], [{"kind": "parent"}, true]]));
+    assert_eq!(step(&lines, "listed"), &serde_json::json!([true, true]));
+    assert_eq!(step(&lines, "from_snapshot"), "parent-state\nalive\n");
+    assert_eq!(step(&lines, "deleted"), &serde_json::json!([true, false]));
+    assert_eq!(step(&lines, "too_many"), "InvalidArgumentException");
+    assert_eq!(step(&lines, "bad_name"), &serde_json::json!(["SandboxException", 400]), "a bad name is refused by the API");
+    assert_eq!(step(&lines, "left"), &serde_json::json!([]));
+}
+
+#[tokio::test]
 async fn e2b_sandboxes_end_at_their_time_out_survive_a_server_crash_and_refuse_strangers() {
     if !e2e() {
         return;

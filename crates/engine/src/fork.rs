@@ -26,6 +26,10 @@ use crate::{Engine, Error};
 pub const SNAPSHOT_META: &str = "snapshot";
 /// The fact that holds the context the snapshot's session ran with (JSON).
 const SETTINGS_META: &str = "settings";
+/// The session a snapshot was taken of.
+pub const SOURCE_META: &str = "source_session";
+/// The terminal whose session it was taken of (none: this machine's CLI's).
+pub const TERMINAL_META: &str = "terminal";
 /// The fact of a snapshot whose state was saved with the guest stopped:
 /// a session restored from it is started once loaded.
 const STOPPED_META: &str = "stopped";
@@ -127,12 +131,16 @@ impl Engine {
         let _lock = self.lock_paused(&s.id)?;
         s.quiet().await?;
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
-        let meta = BTreeMap::from([
+        let mut meta = BTreeMap::from([
+            (SOURCE_META.to_string(), s.id.clone()),
             (SNAPSHOT_META.to_string(), name.unwrap_or_default().to_string()),
             (SETTINGS_META.to_string(), serde_json::to_string(&settings).expect("serializes")),
             // All its memory, to be loaded into a memory file of its own.
             (crate::launch::WHOLE_STATE_META.to_string(), "true".to_string()),
         ]);
+        if let Some(t) = rec.labels.get(TERMINAL_META) {
+            meta.insert(TERMINAL_META.to_string(), t.clone());
+        }
         let captured = self.capture_state(s, &rec, &meta).await;
         // The guest runs on whatever happened.
         let resumed_at = std::time::Instant::now();
@@ -343,6 +351,15 @@ impl Engine {
     ///
     /// # Errors
     /// If the catalog cannot be read, or a digest prefix names several.
+    /// The named snapshots of this store, newest first.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn named_snapshots(&self) -> Result<Vec<ImageRecord>, Error> {
+        let named = |i: &ImageRecord| snapshot_name(i).is_some_and(|n| !n.is_empty());
+        Ok(self.store.list_images()?.into_iter().filter(named).collect())
+    }
+
     pub fn find_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
         let snapshots: Vec<ImageRecord> = self.store.list_images()?.into_iter().filter(is_snapshot).collect();
         if let Some(named) = snapshots.iter().find(|i| snapshot_name(i) == Some(name)) {

@@ -54,7 +54,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/process.Process/CloseStdin", post(close_stdin))
         .route("/process.Process/SendSignal", post(send_signal))
         .route("/process.Process/Update", post(update))
-        .route("/process.Process/StreamInput", post(unsupported))
+        .route("/process.Process/StreamInput", post(stream_input))
         .route("/filesystem.Filesystem/Stat", post(stat))
         .route("/filesystem.Filesystem/ListDir", post(list_dir))
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
@@ -501,8 +501,100 @@ async fn send_signal(State(st): St, headers: HeaderMap, body: Bytes) -> Result<R
     Ok(json_response(json!({})))
 }
 
-async fn unsupported() -> RpcError {
-    RpcError("unimplemented", "streamed input is not served; use SendInput".into())
+/// The envelopes of a client stream, each read as it arrives.
+struct Envelopes {
+    body: axum::body::BodyDataStream,
+    pending: Vec<u8>,
+}
+
+impl Envelopes {
+    /// The next message (its flags and bytes), or `None` at the body's end.
+    async fn next(&mut self) -> Result<Option<(u8, Vec<u8>)>, RpcError> {
+        use futures_util::StreamExt;
+        loop {
+            if self.pending.len() >= 5 {
+                let len =
+                    u32::from_be_bytes([self.pending[1], self.pending[2], self.pending[3], self.pending[4]]) as usize;
+                if len > MAX_MESSAGE {
+                    return Err(RpcError(
+                        "resource_exhausted",
+                        format!("a message of {len} bytes is over {MAX_MESSAGE}"),
+                    ));
+                }
+                if self.pending.len() >= 5 + len {
+                    let flags = self.pending[0];
+                    if flags & 0x01 != 0 {
+                        return Err(RpcError("unimplemented", "compressed messages are not served".into()));
+                    }
+                    let msg = self.pending[5..5 + len].to_vec();
+                    self.pending.drain(..5 + len);
+                    return Ok(Some((flags, msg)));
+                }
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.pending.extend_from_slice(&chunk),
+                Some(Err(e)) => return Err(RpcError("aborted", format!("the input stream broke off: {e}"))),
+                None if self.pending.is_empty() => return Ok(None),
+                None => return Err(invalid("the input stream ended inside a message")),
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamInputRequest {
+    start: Option<StartEvent>,
+    data: Option<DataEvent>,
+}
+
+#[derive(Deserialize)]
+struct StartEvent {
+    process: Option<Selector>,
+}
+
+#[derive(Deserialize)]
+struct DataEvent {
+    input: Option<InputBody>,
+}
+
+/// A client stream of input for one command: a `start` naming it, then
+/// `data` (and `keepalive`) messages, each passed on as it arrives; the
+/// command's input stays open when the stream ends (`CloseStdin` ends it).
+async fn stream_input(State(st): St, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let live = match sandbox(&st, &headers) {
+        Ok(live) => live,
+        Err(e) => return stream_error(e),
+    };
+    let mut messages = Envelopes { body: body.into_data_stream(), pending: Vec::new() };
+    let fed = async {
+        let mut pid = None;
+        while let Some((flags, msg)) = messages.next().await? {
+            if flags & 0x02 != 0 {
+                break;
+            }
+            let req: StreamInputRequest = serde_json::from_slice(&msg)
+                .map_err(|e| invalid(format!("the message is not a StreamInputRequest: {e}")))?;
+            if let Some(start) = req.start {
+                pid = Some(selected(&live, start.process).await?);
+            }
+            if let Some(data) = req.data {
+                let id = pid.ok_or_else(|| invalid("the stream's first message must be start, naming the process"))?;
+                let input = data.input.ok_or_else(|| invalid("input is missing"))?;
+                let bytes = unb64(input.stdin.as_deref().or(input.pty.as_deref()).unwrap_or(""))?;
+                ask(&live, |reply| Cmd::CommandInput { id, data: Some(bytes), reply }).await?;
+            }
+        }
+        Ok::<_, RpcError>(())
+    };
+    match fed.await {
+        Ok(()) => {
+            let (tx, rx) = mpsc::channel(2);
+            let _ = tx.try_send(envelope(0, &json!({})));
+            let _ = tx.try_send(envelope(0x02, &json!({})));
+            stream_response(rx)
+        }
+        Err(e) => stream_error(e),
+    }
 }
 
 #[derive(Deserialize)]
