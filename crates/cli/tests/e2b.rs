@@ -292,7 +292,11 @@ async fn e2b_sandboxes_fork_into_copies_and_snapshots_start_new_ones() {
          sbx.kill()\n\
          say('left', [x.sandbox_id for x in Sandbox.list().next_items()])\n",
     );
-    assert_eq!(step(&lines, "stream_input"), &serde_json::json!([[0], "one-two\n"]), "streamed input reaches the command");
+    assert_eq!(
+        step(&lines, "stream_input"),
+        &serde_json::json!([[0], "one-two\n"]),
+        "streamed input reaches the command"
+    );
     assert_eq!(step(&lines, "forks"), &serde_json::json!(["Sandbox", "Sandbox"]));
     assert_eq!(
         step(&lines, "fork_seen"),
@@ -305,7 +309,11 @@ async fn e2b_sandboxes_fork_into_copies_and_snapshots_start_new_ones() {
     assert_eq!(step(&lines, "from_snapshot"), "parent-state\nalive\n");
     assert_eq!(step(&lines, "deleted"), &serde_json::json!([true, false]));
     assert_eq!(step(&lines, "too_many"), "InvalidArgumentException");
-    assert_eq!(step(&lines, "bad_name"), &serde_json::json!(["SandboxException", 400]), "a bad name is refused by the API");
+    assert_eq!(
+        step(&lines, "bad_name"),
+        &serde_json::json!(["SandboxException", 400]),
+        "a bad name is refused by the API"
+    );
     assert_eq!(step(&lines, "left"), &serde_json::json!([]));
 }
 

@@ -124,6 +124,14 @@ fn a_build_started_by_the_page_shows_its_progress_joins_and_ends_after_the_page_
     }
     let packages = tempfile::tempdir().unwrap();
     let pkg = fresh_package(packages.path());
+    // A setting that is wrong is refused before any build, not after it.
+    let started = std::time::Instant::now();
+    let refused =
+        strata(&["--packages", packages.path().to_str().unwrap(), "run", "--screen", "0x0", &pkg]).output().unwrap();
+    assert!(!refused.status.success() && text(&refused.stderr).contains("screen size"), "{}", text(&refused.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "refused only after {:?}", started.elapsed());
+    let builds = text(&strata(&["builds", "ls"]).output().unwrap().stdout);
+    assert!(!builds.lines().any(|l| l.contains(&pkg) && l.contains("running")), "a build started: {builds}");
     let srv = Served::start_with("web-build", &["--packages", packages.path().to_str().unwrap()]);
     // The page launches it: the build's progress appears and grows, then
     // the page is closed mid-build.
