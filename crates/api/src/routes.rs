@@ -13,7 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use strata_engine::context::{ContextSettings, NetworkSettings, PortForward, Share};
-use strata_engine::{GuestCommand, LogProgress};
+use strata_engine::GuestCommand;
 use strata_proto::WinSize;
 use tokio::sync::{mpsc, oneshot};
 use utoipa::{OpenApi, ToSchema};
@@ -1009,8 +1009,8 @@ pub(crate) async fn launch_for(
             // What is missing is built as a job of its own: a caller that
             // leaves does not abandon it, and the next one joins it.
             st.engine.check_launch(&pkg, &settings)?;
-            st.builds.start(&st.engine, &pkg).wait().await?;
-            (st.engine.launch(&pkg, &settings, &LogProgress).await?, "launch_image")
+            let images = st.builds.start(&st.engine, &pkg).wait().await?;
+            (st.engine.launch_from(&pkg, &images.launch, &settings).await?, "launch_image")
         }
     };
     st.refill(&pool);

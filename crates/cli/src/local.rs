@@ -93,8 +93,8 @@ impl Local<'_> {
         settings: &ContextSettings,
     ) -> anyhow::Result<strata_engine::Session> {
         self.eng.check_launch(pkg, settings)?;
-        self.eng.run_build(&self.eng.new_build(&pkg.name), pkg, self.bar).await?;
-        Ok(self.eng.launch(pkg, settings, self.bar).await?)
+        let images = self.eng.run_build(&self.eng.new_build(&pkg.name), pkg, self.bar).await?;
+        Ok(self.eng.launch_from(pkg, &images.launch, settings).await?)
     }
 }
 
