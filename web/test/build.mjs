@@ -2,17 +2,14 @@
 // build's progress appears and grows; then the page is closed mid-build
 // (the test checks, through the API, that the build still ends).
 //   node test/build.mjs BASE_URL TOKEN PACKAGE
-import { chromium } from 'playwright-core';
+import { launchBrowser } from './browser.mjs';
 
 const [base, token, pkg] = process.argv.slice(2);
 if (!base || !token || !pkg) {
   console.error('usage: node test/build.mjs BASE_URL TOKEN PACKAGE');
   process.exit(2);
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
-});
+const browser = await launchBrowser();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));

@@ -4,7 +4,7 @@
 // launch mousepad, type into it and see the text appear; paste text sent
 // from the page, copy the whole text in mousepad and read it on the page.
 //   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
-import { chromium } from 'playwright-core';
+import { launchBrowser } from './browser.mjs';
 import { litPixels } from './canvas.mjs';
 
 const [base, token, shot] = process.argv.slice(2);
@@ -13,11 +13,7 @@ if (!base || !token || !shot) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync'],
-});
+const browser = await launchBrowser();
 const step = (m) => console.log(`display: ${m}`);
 // Pixels of the viewer's canvas: how many are lit, and a checksum.
 const pixels = () => page.evaluate(() => {

@@ -3,7 +3,7 @@
 // answer, pause/resume/kill it from the session list.
 //   node test/e2e.mjs BASE_URL TOKEN SCREENSHOT.png
 import fs from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launchBrowser } from './browser.mjs';
 
 const [base, token, shot] = process.argv.slice(2);
 if (!base || !token || !shot) {
@@ -11,11 +11,7 @@ if (!base || !token || !shot) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync'],
-});
+const browser = await launchBrowser();
 const step = (m) => console.log(`e2e: ${m}`);
 try {
   const refused = await browser.newPage();

@@ -1,7 +1,7 @@
 // The viewer address `strata run` prints for a graphical package: it shows
 // that session's display (not blank) without signing in.
 //   node test/viewer.mjs VIEWER_URL SCREENSHOT.png
-import { chromium } from 'playwright-core';
+import { launchBrowser } from './browser.mjs';
 import { litPixels } from './canvas.mjs';
 
 const [url, shot] = process.argv.slice(2);
@@ -9,10 +9,7 @@ if (!url || !shot) {
   console.error('usage: node test/viewer.mjs VIEWER_URL SCREENSHOT.png');
   process.exit(2);
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
-});
+const browser = await launchBrowser();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));

@@ -43,6 +43,27 @@ impl Running {
     }
 }
 
+/// Ends a build's task, however it ends (a panic too): the build leaves
+/// the running ones, and its waiters get an answer.
+struct Ending {
+    all: Arc<Mutex<HashMap<String, Arc<Running>>>>,
+    package: String,
+    run: Arc<Running>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.package);
+        if self.run.outcome.borrow().is_none() {
+            let why = "the build stopped before its end";
+            if self.run.job.status().state == BuildState::Running {
+                self.run.job.finish(Err(why.into()));
+            }
+            self.run.outcome.send_replace(Some(Err(ApiError::internal(why))));
+        }
+    }
+}
+
 /// The builds running on this server, by package.
 #[derive(Default)]
 pub struct Builds {
@@ -64,14 +85,14 @@ impl Builds {
         }
         let r = Arc::new(Running { job: engine.new_build(&pkg.name), outcome: watch::channel(None).0 });
         running.insert(pkg.name.clone(), r.clone());
-        let (engine, pkg, run, all) = (engine.clone(), pkg.clone(), r.clone(), self.running.clone());
+        let (engine, pkg) = (engine.clone(), pkg.clone());
+        let ending = Ending { all: self.running.clone(), package: pkg.name.clone(), run: r.clone() };
         tokio::spawn(async move {
-            let result = engine.run_build(&run.job, &pkg, &strata_engine::LogProgress).await;
-            if run.job.built_anything() {
-                tracing::info!(build = %run.job.id(), package = %pkg.name, ok = result.is_ok(), "build ended");
+            let result = engine.run_build(&ending.run.job, &pkg, &strata_engine::LogProgress).await;
+            if ending.run.job.built_anything() {
+                tracing::info!(build = %ending.run.job.id(), package = %pkg.name, ok = result.is_ok(), "build ended");
             }
-            all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&pkg.name);
-            run.outcome.send_replace(Some(result.map_err(ApiError::from)));
+            ending.run.outcome.send_replace(Some(result.map_err(ApiError::from)));
         });
         r
     }
