@@ -320,18 +320,22 @@ fn write_status(path: &Path, status: &BuildStatus) -> Result<(), crate::Error> {
     crate::write_atomic(path, &json)
 }
 
+/// A build's record at `path`, a running one whose process died marked so.
+fn read_one(path: &Path) -> Option<BuildStatus> {
+    let mut s: BuildStatus = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    if s.state == BuildState::Running && s.pid != 0 && !strata_store::process_alive(s.pid) {
+        s.state = BuildState::Interrupted;
+    }
+    Some(s)
+}
+
 fn read_all(dir: &Path) -> Vec<BuildStatus> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out: Vec<BuildStatus> = entries
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .filter_map(|e| read_one(&e.path()))
         .collect();
-    for s in &mut out {
-        if s.state == BuildState::Running && s.pid != 0 && !strata_store::process_alive(s.pid) {
-            s.state = BuildState::Interrupted;
-        }
-    }
     out.sort_by_key(|s| std::cmp::Reverse(s.started));
     out
 }
@@ -390,7 +394,7 @@ impl Engine {
         if !plain {
             return None;
         }
-        read_all(&self.builds_dir()).into_iter().find(|s| s.id == id)
+        read_one(&self.builds_dir().join(format!("{id}.json")))
     }
 }
 
