@@ -41,6 +41,8 @@ pub struct Spec<'a> {
 pub struct Command {
     pub id: ProcId,
     pub pid: i32,
+    /// What it runs, for listings.
+    pub argv: Vec<String>,
     /// Input for the feeding thread; `None` once input ended.
     stdin: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     status: Mutex<Status>,
@@ -50,6 +52,11 @@ pub struct Command {
 }
 
 impl Command {
+    /// How a listing shows it.
+    pub fn state(&self) -> strata_proto::CommandState {
+        strata_proto::CommandState { id: self.id, pid: self.pid, argv: self.argv.clone(), pty: self.master.is_some() }
+    }
+
     /// Starts `argv`. On failure: the exit status a shell would give (127:
     /// not found, 126: not executable) and what to print on its stderr.
     pub fn start(
@@ -93,6 +100,7 @@ impl Command {
                 id,
                 // The agent's reaper collects its status, not std's child.
                 pid: pid as i32,
+                argv: spec.argv.to_vec(),
                 stdin: Mutex::new(Some(tx)),
                 status: Mutex::new(Status { open, ..Status::default() }),
                 changed: Condvar::new(),

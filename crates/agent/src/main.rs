@@ -178,6 +178,12 @@ impl Agent {
                 let (cwd, user) = (cwd.as_deref(), user.as_deref());
                 self.exec(id, &exec::Spec { argv: &argv, env: &env, cwd, user, pty: Some(size) })
             }
+            HostMsg::ListCommands => {
+                let mut list: Vec<_> =
+                    self.commands.lock().unwrap_or_else(|e| e.into_inner()).values().map(|c| c.state()).collect();
+                list.sort_by_key(|c| c.id);
+                self.send_always(&GuestMsg::Commands(list));
+            }
         }
     }
 

@@ -55,6 +55,26 @@ pub struct CommandInfo {
     pub pty: bool,
 }
 
+/// How long a listing of a session's commands may wait for its agent.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The commands that run in `live`'s guest (whoever started them).
+///
+/// # Errors
+/// If the session ended or is paused away, or its agent does not answer
+/// within [`LISTING_TIMEOUT`] (an agent older than the listing).
+pub async fn list_commands(live: &Live) -> Result<Vec<CommandInfo>, String> {
+    let (tx, rx) = oneshot::channel();
+    live.cmd.send(Cmd::Commands(tx)).await.map_err(|_| format!("session {} has ended", live.id))?;
+    match tokio::time::timeout(LISTING_TIMEOUT, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(format!("session {} has ended", live.id)),
+        Err(_) => {
+            Err(format!("the agent of session {} did not list its commands (an older strata started it?)", live.id))
+        }
+    }
+}
+
 /// What happens to a session at its end time ([`Live::end`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndAction {
@@ -410,6 +430,7 @@ impl Registry {
                 engine,
                 settings,
                 commands: BTreeMap::new(),
+                listings: Vec::new(),
                 next_command: FIRST_COMMAND,
                 sent: Vec::new(),
             };
@@ -543,6 +564,8 @@ struct Actor<'a> {
     /// Commands started through the server, while they run, with their
     /// watcher (if any).
     commands: BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)>,
+    /// Listings waiting for the agent's answer.
+    listings: Vec<Reply<Vec<CommandInfo>>>,
     next_command: ProcId,
     /// The last bytes the attached terminal was sent (at most
     /// [`SENT_KEPT`]): where it is, when the agent's screen is all there is
@@ -687,6 +710,23 @@ impl Actor<'_> {
 
     /// The session command `id` (started here) runs in, or why it cannot
     /// be reached.
+    /// Takes the agent's list of running commands: those this server did
+    /// not start become known (so they can be watched, fed and signalled),
+    /// and every listing waiting is answered.
+    fn answer_listings(&mut self, running: Vec<strata_proto::CommandState>) {
+        let mut listed = Vec::new();
+        for c in running {
+            let entry = self.commands.entry(c.id).or_insert_with(|| {
+                let command = GuestCommand { argv: c.argv.clone(), ..GuestCommand::default() };
+                (CommandInfo { id: c.id, command, tag: None, pty: c.pty }, None)
+            });
+            listed.push(entry.0.clone());
+        }
+        for reply in self.listings.drain(..) {
+            let _ = reply.send(Ok(listed.clone()));
+        }
+    }
+
     fn command_session(&mut self, id: ProcId) -> Result<&mut Session, String> {
         if !self.commands.contains_key(&id) {
             return Err(format!("no running command {id} in session {}", self.live.id));
@@ -793,6 +833,7 @@ impl Actor<'_> {
                         self.tell_watcher(id, CommandOut::Exit(status)).await;
                         self.commands.remove(&id);
                     }
+                    SessionEvent::Commands(running) => self.answer_listings(running),
                     SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}
                 },
                 cmd = rx.recv() => match cmd {
@@ -906,7 +947,15 @@ impl Actor<'_> {
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Commands(reply)) => {
-                        let _ = reply.send(Ok(self.commands.values().map(|(info, _)| info.clone()).collect()));
+                        // The agent knows them all (also those another
+                        // strata process started); it answers as an event.
+                        match self.held.as_mut() {
+                            Some(s) => match s.request_commands().await {
+                                Ok(()) => self.listings.push(reply),
+                                Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                            },
+                            None => { let _ = reply.send(Ok(Vec::new())); }
+                        }
                     }
                     Some(Cmd::SetEnd(end)) => self.set_end(end),
                     Some(Cmd::Snapshot { name, reply }) => { let _ = reply.send(self.snapshot(name.as_deref()).await); }

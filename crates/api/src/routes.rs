@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use strata_engine::context::{ContextSettings, NetworkSettings, PortForward, Share};
 use strata_engine::GuestCommand;
-use strata_proto::WinSize;
+use strata_proto::{ProcId, WinSize};
 use tokio::sync::{mpsc, oneshot};
 use utoipa::{OpenApi, ToSchema};
 
@@ -55,6 +55,8 @@ type St = State<Arc<AppState>>;
         set_screen,
         attach_session,
         exec_session,
+        list_session_commands,
+        signal_command,
         attach_ticket,
         import_session,
         session_display,
@@ -85,6 +87,8 @@ type St = State<Arc<AppState>>;
         SnapshotInfo,
         TimeoutBody,
         ScreenBody,
+        CommandEntry,
+        SignalBody,
         AttachTicket,
         ImportSession,
         ErrorBody,
@@ -130,6 +134,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/screen", put(set_screen))
         .route("/v1/sessions/{id}/attach", get(attach_session))
         .route("/v1/sessions/{id}/exec", get(exec_session))
+        .route("/v1/sessions/{id}/commands", get(list_session_commands))
+        .route("/v1/sessions/{id}/commands/{command}/signal", post(signal_command))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
         .route("/v1/sessions/import", post(import_session))
         .route("/v1/sessions/{id}/display", get(session_display))
@@ -1564,6 +1570,13 @@ enum ExecStart {
         /// `{"type":"resize","rows":R,"cols":C}`; its output is all stdout.
         tty: Option<WinSize>,
     },
+    /// A command that runs already (`GET /v1/sessions/{id}/commands` lists
+    /// them), reconnected to: its output from now on, and input if `stdin`.
+    Attach {
+        id: ProcId,
+        #[serde(default)]
+        stdin: bool,
+    },
 }
 
 /// Runs a command in a session with pipes, over WebSocket (what `strata
@@ -1593,32 +1606,36 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ExecStart>(&t).map_err(|e| e.to_string()),
         _ => Err("the first frame must be the command, as text".to_string()),
     };
-    let ExecStart::Exec { argv, env, cwd, user, stdin, tty } = match first {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = socket.send(error(format!("not a command: {e}"))).await;
-            return;
+    let size_ok = |s: &WinSize| (1..=1000).contains(&s.rows) && (1..=1000).contains(&s.cols);
+    let (out_tx, mut out_rx) = mpsc::channel(16);
+    let started = match first {
+        Err(e) => Err(format!("not a command: {e}")),
+        Ok(ExecStart::Exec { argv, env, cwd, user, stdin, tty }) => {
+            let command = GuestCommand { argv, env: env.into_iter().collect(), cwd, user };
+            let checked = command.check().and_then(|()| match &tty {
+                Some(s) if !size_ok(s) => Err(format!("terminal size {}x{} is out of range 1..1000", s.cols, s.rows)),
+                _ => Ok(()),
+            });
+            match checked {
+                Ok(()) => ask_for(&live, |reply| Cmd::Exec { command, tag: None, stdin, pty: tty, out: out_tx, reply })
+                    .await
+                    .map(|id| (id, stdin, tty)),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(ExecStart::Attach { id, stdin }) => {
+            // The agent's list makes a command another process started known.
+            match crate::live::list_commands(&live).await {
+                Ok(listed) if listed.iter().any(|c| c.id == id) => {
+                    ask_for(&live, |reply| Cmd::Watch { id, out: out_tx, reply }).await.map(|_| (id, stdin, None))
+                }
+                Ok(_) => Err(format!("no running command {id} in session {}", live.id)),
+                Err(e) => Err(e),
+            }
         }
     };
-    let command = GuestCommand { argv, env: env.into_iter().collect(), cwd, user };
-    let size_ok = |s: &WinSize| (1..=1000).contains(&s.rows) && (1..=1000).contains(&s.cols);
-    let checked = command.check().and_then(|()| match &tty {
-        Some(s) if !size_ok(s) => Err(format!("terminal size {}x{} is out of range 1..1000", s.cols, s.rows)),
-        _ => Ok(()),
-    });
-    if let Err(e) = checked {
-        let _ = socket.send(error(e)).await;
-        return;
-    }
-    let (out_tx, mut out_rx) = mpsc::channel(16);
-    let (tx, rx) = oneshot::channel();
-    let asked = Cmd::Exec { command, tag: None, stdin, pty: tty, out: out_tx, reply: tx };
-    let id = match live.cmd.send(asked).await {
-        Ok(()) => rx.await.unwrap_or_else(|_| Err("the session has ended".into())),
-        Err(_) => Err("the session has ended".into()),
-    };
-    let id = match id {
-        Ok(id) => id,
+    let (id, stdin, tty) = match started {
+        Ok(x) => x,
         Err(e) => {
             let _ = socket.send(error(e)).await;
             return;
@@ -1687,6 +1704,68 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             }
         }
     }
+}
+
+/// Asks `live`'s actor; its answer, or that the session has ended.
+async fn ask_for<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd) -> Result<T, String> {
+    let (tx, rx) = oneshot::channel();
+    live.cmd.send(make(tx)).await.map_err(|_| "the session has ended".to_string())?;
+    rx.await.unwrap_or_else(|_| Err("the session has ended".into()))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CommandEntry {
+    /// The command's id in the session (what `exec` printed).
+    id: u32,
+    argv: Vec<String>,
+    /// It runs on a pseudo-terminal.
+    pty: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
+
+/// The commands that run in a session (started with pipes or on a PTY, by
+/// this server or any strata process).
+#[utoipa::path(get, path = "/v1/sessions/{id}/commands", params(("id" = String, Path)),
+    responses((status = 200, body = [CommandEntry]), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn list_session_commands(
+    State(st): St,
+    Caller(owner): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<CommandEntry>>, ApiError> {
+    let live = mine(&st, &owner, &id)?;
+    let listed = crate::live::list_commands(&live).await.map_err(ApiError::conflict)?;
+    Ok(Json(
+        listed.into_iter().map(|c| CommandEntry { id: c.id, argv: c.command.argv, pty: c.pty, tag: c.tag }).collect(),
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// A signal number (1 to 64), e.g. 15 (TERM) or 9 (KILL).
+    signal: i32,
+}
+
+/// Sends a signal to a running command and its process group.
+#[utoipa::path(post, path = "/v1/sessions/{id}/commands/{command}/signal", params(("id" = String, Path), ("command" = u32, Path)),
+    request_body = SignalBody, responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn signal_command(
+    State(st): St,
+    Caller(owner): Caller,
+    Path((id, command)): Path<(String, ProcId)>,
+    Body(body): Body<SignalBody>,
+) -> Result<StatusCode, ApiError> {
+    if !(1..=64).contains(&body.signal) {
+        return Err(ApiError::bad_request(format!("signal {} is not a signal number (1 to 64)", body.signal)));
+    }
+    let live = mine(&st, &owner, &id)?;
+    let listed = crate::live::list_commands(&live).await.map_err(ApiError::conflict)?;
+    if !listed.iter().any(|c| c.id == command) {
+        return Err(ApiError::not_found(format!("no running command {command} in session {id}")));
+    }
+    ask(&live, |reply| Cmd::Signal { id: command, signal: body.signal, reply }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::TerminalContext) {

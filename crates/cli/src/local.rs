@@ -8,7 +8,7 @@ use strata_engine::Engine;
 
 use crate::progress::Bar;
 use crate::terminal::terminal_size;
-use crate::verbs::{Backend, Built, ImageRow, RunHow, ServerRow, SessionRow};
+use crate::verbs::{Backend, Built, CommandRow, ImageRow, RunHow, ServerRow, SessionRow};
 use crate::{finish, launch_settings, DeviceArgs};
 use strata_engine::builds::{BuildState, BuildStatus};
 
@@ -299,6 +299,36 @@ impl Backend for Local<'_> {
         status
     }
 
+    async fn commands(&self, id: &str) -> anyhow::Result<(Vec<CommandRow>, Value)> {
+        let mut session = self.eng.borrow_session(id).await?;
+        let listed = session.commands().await;
+        session.release();
+        let listed = listed?;
+        let v = serde_json::to_value(&listed)?;
+        Ok((listed.into_iter().map(|c| CommandRow { id: c.id, argv: c.argv, pty: c.pty }).collect(), v))
+    }
+
+    async fn signal_command(&self, id: &str, command: u32, signal: i32) -> anyhow::Result<()> {
+        let mut session = self.eng.borrow_session(id).await?;
+        let sent = async {
+            running_command(&mut session, command).await?;
+            Ok::<_, anyhow::Error>(session.command_signal(command, signal).await?)
+        }
+        .await;
+        session.release();
+        sent
+    }
+
+    async fn attach_command(&self, id: &str, command: u32, stdin: bool) -> anyhow::Result<u8> {
+        let mut session = self.eng.borrow_session(id).await?;
+        let status = match running_command(&mut session, command).await {
+            Ok(()) => run_command(&mut session, Start::Standby(command), stdin).await,
+            Err(e) => Err(e),
+        };
+        session.release();
+        status
+    }
+
     async fn build(
         &self,
         package: &str,
@@ -399,6 +429,18 @@ impl Backend for Local<'_> {
 const EXEC_ID: strata_proto::ProcId = 0x4558_0000;
 
 /// What [`run_command`] runs.
+/// Refuses a command id that does not run in `session`.
+async fn running_command(session: &mut strata_engine::Session, command: u32) -> anyhow::Result<()> {
+    if session.commands().await?.iter().any(|c| c.id == command) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "no running command {command} in session {}; `strata commands ls {}` lists them",
+        session.id,
+        session.id
+    )
+}
+
 enum Start {
     /// A new command.
     Exec(strata_engine::GuestCommand),

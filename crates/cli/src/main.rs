@@ -182,6 +182,12 @@ enum Cmd {
         #[arg(long, short)]
         detach: bool,
     },
+    /// Commands that run in a session (started by `exec`, the API or E2B's
+    /// SDKs): list them, reconnect to one, signal one.
+    Commands {
+        #[command(subcommand)]
+        cmd: CommandsCmd,
+    },
     /// Image builds: running ones, and the last finished ones with their logs.
     Builds {
         #[command(subcommand)]
@@ -511,6 +517,32 @@ enum TokenCmd {
     },
     /// Print a new random secret, for a cluster's STRATA_CLUSTER_TOKEN.
     Secret,
+}
+
+#[derive(Subcommand)]
+enum CommandsCmd {
+    /// List the commands that run in SESSION.
+    Ls {
+        session: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconnect to a running command: its output from now on.
+    Attach {
+        session: String,
+        id: u32,
+        /// Pass this process's input to it.
+        #[arg(long, short)]
+        interactive: bool,
+    },
+    /// Send a signal to a running command and its process group.
+    Kill {
+        session: String,
+        id: u32,
+        /// The signal: a name (TERM, KILL, INT, HUP, USR1, ...) or a number.
+        #[arg(long, short, default_value = "TERM")]
+        signal: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1368,6 +1400,34 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
 
 /// The web page's directory: `STRATA_WEB`, or `web/` of the source tree the
 /// binary was built in.
+/// A signal by name (`TERM`, `SIGTERM`, any case) or number, 1 to 64.
+pub(crate) fn signal_number(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let known = [
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("KILL", libc::SIGKILL),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("TERM", libc::SIGTERM),
+        ("CONT", libc::SIGCONT),
+        ("STOP", libc::SIGSTOP),
+    ];
+    known.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{s:?} is not a signal: give a number (1 to 64) or a name ({})",
+            known.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
 pub(crate) fn web_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("STRATA_WEB") {
         return Some(PathBuf::from(d));

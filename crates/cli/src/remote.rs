@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::terminal::{self, CrlfToLf, RawMode};
-use crate::verbs::{Backend, Built, ImageRow, RunHow, ServerRow, SessionRow};
+use crate::verbs::{Backend, Built, CommandRow, ImageRow, RunHow, ServerRow, SessionRow};
 use strata_engine::builds::{BuildState, BuildStatus};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -191,7 +191,6 @@ impl Remote {
         tty: bool,
     ) -> anyhow::Result<u8> {
         command.check().map_err(anyhow::Error::msg)?;
-        let mut ws = self.open_stream(id, "exec", "").await?;
         let env: serde_json::Map<String, Value> =
             command.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         let mut start = json!({"type": "exec", "argv": command.argv, "env": env, "cwd": command.cwd, "user": command.user, "stdin": stdin || tty});
@@ -199,6 +198,15 @@ impl Remote {
             let size = terminal::terminal_size().unwrap_or(strata_proto::WinSize { rows: 24, cols: 80 });
             start["tty"] = json!({"rows": size.rows, "cols": size.cols});
         }
+        self.command_stream(id, start, stdin, tty).await
+    }
+
+    /// A command over session `id`'s exec socket, begun by the frame
+    /// `start` (a new command, or one that runs already): its output to
+    /// ours, this process's input to it (with `stdin`, or `tty`: this
+    /// terminal raw and followed); its status.
+    async fn command_stream(&self, id: &str, start: Value, stdin: bool, tty: bool) -> anyhow::Result<u8> {
+        let mut ws = self.open_stream(id, "exec", "").await?;
         ws.send(Message::Text(start.to_string().into())).await?;
         let _raw = if tty { Some(RawMode::enter()?) } else { None };
         let mut winch = signal(SignalKind::window_change())?;
@@ -493,6 +501,27 @@ impl Backend for Remote {
 
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8> {
         self.exec_command(id, &command, stdin, tty).await
+    }
+
+    async fn commands(&self, id: &str) -> anyhow::Result<(Vec<CommandRow>, Value)> {
+        let v = self.call("GET", &session_path(id, "/commands"), None).await?;
+        let rows = list(&v)
+            .map(|c| CommandRow {
+                id: c["id"].as_u64().unwrap_or(0) as u32,
+                argv: list(&c["argv"]).filter_map(|a| a.as_str().map(str::to_string)).collect(),
+                pty: c["pty"].as_bool().unwrap_or(false),
+            })
+            .collect();
+        Ok((rows, v))
+    }
+
+    async fn signal_command(&self, id: &str, command: u32, signal: i32) -> anyhow::Result<()> {
+        let path = session_path(id, &format!("/commands/{command}/signal"));
+        self.call("POST", &path, Some(json!({ "signal": signal }))).await.map(drop)
+    }
+
+    async fn attach_command(&self, id: &str, command: u32, stdin: bool) -> anyhow::Result<u8> {
+        self.command_stream(id, json!({"type": "attach", "id": command, "stdin": stdin}), stdin, false).await
     }
 
     async fn build(

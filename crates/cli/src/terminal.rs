@@ -175,7 +175,7 @@ pub async fn attach(session: &mut Session, tty: bool) -> anyhow::Result<AttachEn
                 SessionEvent::Exited(code) => return Ok(AttachEnd::Exited(code)),
                 SessionEvent::Lost(why) => return Ok(AttachEnd::Lost(why)),
                 SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_)
-                    | SessionEvent::CommandOutput { .. } | SessionEvent::CommandExited { .. } => {}
+                    | SessionEvent::CommandOutput { .. } | SessionEvent::CommandExited { .. } | SessionEvent::Commands(_) => {}
             },
             data = input.recv(), if input_open => match data.flatten() {
                 Some(d) => {

@@ -11,7 +11,8 @@ use serde_json::Value;
 use strata_engine::builds::{BuildState, BuildStatus};
 
 use crate::{
-    age, copy_plan, human, print_prune, stdin_is_tty, BuildsCmd, Cmd, DeviceArgs, ImagesCmd, PackagesCmd, ServersCmd,
+    age, copy_plan, human, print_prune, stdin_is_tty, BuildsCmd, Cmd, CommandsCmd, DeviceArgs, ImagesCmd, PackagesCmd,
+    ServersCmd,
 };
 
 /// A session as `ps` shows it.
@@ -67,6 +68,13 @@ pub struct RunHow {
     pub cold: bool,
     /// Seconds it may stay detached (0: never; `None`: the server's default).
     pub idle_timeout: Option<u64>,
+}
+
+/// A command as `commands ls` shows it.
+pub struct CommandRow {
+    pub id: u32,
+    pub argv: Vec<String>,
+    pub pty: bool,
 }
 
 /// What `build` did.
@@ -129,6 +137,13 @@ pub trait Backend {
     /// with `tty` (input passed on, this terminal in raw mode); its exit
     /// status.
     async fn exec(&self, id: &str, command: strata_engine::GuestCommand, stdin: bool, tty: bool) -> anyhow::Result<u8>;
+    /// The commands that run in session `id` (whoever started them).
+    async fn commands(&self, id: &str) -> anyhow::Result<(Vec<CommandRow>, Value)>;
+    /// Sends `signal` to command `command` of session `id` and its process group.
+    async fn signal_command(&self, id: &str, command: u32, signal: i32) -> anyhow::Result<()>;
+    /// Reconnects to command `command` of session `id`: its output from now
+    /// on to ours, this process's input to it with `stdin`; its status.
+    async fn attach_command(&self, id: &str, command: u32, stdin: bool) -> anyhow::Result<u8>;
     /// Builds what is missing of `package`'s images (joining a build of
     /// them that runs), each change of the build given to `seen`: its
     /// images; or, with `detach`, starts it to go on without this process:
@@ -317,6 +332,24 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
             }
             0
         }),
+        Cmd::Commands { cmd: CommandsCmd::Ls { session, json } } => b.commands(session).await.map(|(rows, v)| {
+            if *json {
+                print_json(&v);
+            } else {
+                println!("{:<10} {:<4} COMMAND", "ID", "PTY");
+                for c in rows {
+                    println!("{:<10} {:<4} {}", c.id, if c.pty { "yes" } else { "no" }, c.argv.join(" "));
+                }
+            }
+            0
+        }),
+        Cmd::Commands { cmd: CommandsCmd::Kill { session, id, signal } } => match crate::signal_number(signal) {
+            Ok(n) => b.signal_command(session, *id, n).await.map(|()| 0),
+            Err(e) => Err(e),
+        },
+        Cmd::Commands { cmd: CommandsCmd::Attach { session, id, interactive } } => {
+            b.attach_command(session, *id, *interactive).await
+        }
         Cmd::Builds { cmd: BuildsCmd::Ls { json } } => b.builds().await.map(|(rows, v)| {
             if *json {
                 print_json(&v);

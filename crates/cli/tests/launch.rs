@@ -718,3 +718,77 @@ fn run_with_a_command_after_two_dashes_runs_it_with_pipes_in_the_restored_vm() {
     let refused = strata(&["run", "-d", "bc", "--", "true"]).output().unwrap();
     assert!(text(&refused.stderr).contains("leave out --detach"), "{}", text(&refused.stderr));
 }
+
+/// Starts `strata ARGS` (a command in a session) and kills it with SIGKILL
+/// once it runs, as a terminal that vanishes would: the command goes on in
+/// the guest.
+fn exec_then_vanish(args: &[&str]) {
+    let mut child = strata(args).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn commands_that_run_in_a_session_are_listed_reconnected_to_and_signalled_here_and_through_a_server() {
+    if !e2e() {
+        return;
+    }
+    let server = common::api::serve("commands");
+    let here: Vec<&str> = Vec::new();
+    let through: Vec<&str> = vec!["--addr", &server.base, "--token", &server.a];
+    for via in [here, through] {
+        let cli = |args: &[&str]| {
+            let mut all = via.clone();
+            all.extend_from_slice(args);
+            all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+        };
+        let run = |args: &[&str]| {
+            let all = cli(args);
+            strata(&all.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap()
+        };
+        let out = run(&["run", "-d", "bc"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let id = text(&out.stdout).trim().to_string();
+        // Two commands whose terminals vanish: they run on in the guest.
+        exec_then_vanish(
+            &cli(&["exec", "-i", &id, "sh", "-c", "read x; echo got-$x; exit 4"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        exec_then_vanish(&cli(&["exec", &id, "sleep", "300"]).iter().map(String::as_str).collect::<Vec<_>>());
+        let listed = run(&["commands", "ls", "--json", &id]);
+        assert!(listed.status.success(), "{}", text(&listed.stderr));
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+        let id_of = |first: &str| {
+            all.iter()
+                .find(|c| c["argv"][0] == first)
+                .map(|c| c["id"].as_u64().unwrap().to_string())
+                .unwrap_or_else(|| panic!("no {first} among {all:?} (via {via:?})"))
+        };
+        let (reader, sleeper) = (id_of("sh"), id_of("sleep"));
+        // Reconnected to, with input: its output and status.
+        let all_args = cli(&["commands", "attach", "-i", &id, &reader]);
+        let out = strata_with_input(&all_args.iter().map(String::as_str).collect::<Vec<_>>(), "hello\n");
+        assert_eq!(
+            (out.status.code(), text(&out.stdout)),
+            (Some(4), "got-hello\n".to_string()),
+            "{}",
+            text(&out.stderr)
+        );
+        // Signalled: it ends, and is listed no more.
+        let killed = run(&["commands", "kill", "-s", "KILL", &id, &sleeper]);
+        assert!(killed.status.success(), "{}", text(&killed.stderr));
+        let gone = wait_until(Duration::from_secs(20), || {
+            let out = run(&["commands", "ls", &id]);
+            out.status.success() && !text(&out.stdout).contains("sleep 300")
+        });
+        assert!(gone, "the killed command is still listed (via {via:?})");
+        let bad = run(&["commands", "kill", "-s", "NOPE", &id, &sleeper]);
+        assert!(text(&bad.stderr).contains("is not a signal"), "{}", text(&bad.stderr));
+        let missing = run(&["commands", "attach", &id, "4242"]);
+        assert!(text(&missing.stderr).contains("no running command 4242"), "{}", text(&missing.stderr));
+        assert!(run(&["kill", &id]).status.success());
+    }
+}

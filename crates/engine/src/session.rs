@@ -77,6 +77,8 @@ pub enum SessionEvent {
     CommandOutput { id: ProcId, stderr: bool, data: Vec<u8> },
     /// A command started by [`Session::exec`] ended with this status.
     CommandExited { id: ProcId, status: i32 },
+    /// The commands that run in the guest, as asked for.
+    Commands(Vec<strata_proto::CommandState>),
 }
 
 /// A running VM with the package's program. The VM is killed and its
@@ -265,6 +267,7 @@ impl Session {
                     Ok(Some(GuestMsg::Screens { procs })) => SessionEvent::Screen(main_screen(procs)),
                     Ok(Some(GuestMsg::File(r))) => SessionEvent::File(r),
                     Ok(Some(GuestMsg::Clipboard(r))) => SessionEvent::Clipboard(r),
+                    Ok(Some(GuestMsg::Commands(list))) => SessionEvent::Commands(list),
                     Ok(Some(GuestMsg::Output { id, data })) => SessionEvent::CommandOutput { id, stderr: false, data },
                     Ok(Some(GuestMsg::Stderr { id, data })) => SessionEvent::CommandOutput { id, stderr: true, data },
                     Ok(Some(GuestMsg::Exited { id, status })) => SessionEvent::CommandExited { id, status },
@@ -457,6 +460,27 @@ impl Session {
         Err(Error::Agent("the guest's clipboard did not take the text within 2 s".into()))
     }
 
+    /// Asks the agent for the commands that run (answered as
+    /// [`SessionEvent::Commands`]), for a caller that reads the events itself.
+    ///
+    /// # Errors
+    /// If the agent's channel is gone.
+    pub async fn request_commands(&mut self) -> Result<(), Error> {
+        Ok(self.writer.send(&HostMsg::ListCommands).await?)
+    }
+
+    /// The commands started with pipes or on a PTY that run in the guest
+    /// now, whoever started them.
+    ///
+    /// # Errors
+    /// If the agent does not answer.
+    pub async fn commands(&mut self) -> Result<Vec<strata_proto::CommandState>, Error> {
+        match self.wait_for(HostMsg::ListCommands, |e| matches!(e, SessionEvent::Commands(_))).await? {
+            SessionEvent::Commands(list) => Ok(list),
+            _ => unreachable!("wait_for returns the awaited event"),
+        }
+    }
+
     async fn clipboard_op(&mut self, msg: HostMsg) -> Result<String, Error> {
         if !self.graphical {
             return Err(Error::Config(format!("{} is not a graphical package: it has no clipboard", self.package)));
@@ -636,7 +660,8 @@ impl Session {
                     | SessionEvent::File(_)
                     | SessionEvent::Clipboard(_)
                     | SessionEvent::CommandOutput { .. }
-                    | SessionEvent::CommandExited { .. } => {}
+                    | SessionEvent::CommandExited { .. }
+                    | SessionEvent::Commands(_) => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }

@@ -216,6 +216,21 @@ pub enum HostMsg {
         user: Option<String>,
         size: WinSize,
     },
+    /// List the commands started by [`HostMsg::Exec`] and
+    /// [`HostMsg::ExecPty`] that run now (by any host), as
+    /// [`GuestMsg::Commands`].
+    ListCommands,
+}
+
+/// A command that runs in the guest, as [`GuestMsg::Commands`] lists it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CommandState {
+    pub id: ProcId,
+    /// Its process in the guest.
+    pub pid: i32,
+    pub argv: Vec<String>,
+    /// It runs on a pseudo-terminal.
+    pub pty: bool,
 }
 
 /// The state of one process, sent on attach.
@@ -257,6 +272,8 @@ pub enum GuestMsg {
     Clipboard(Result<String, String>),
     /// Standard error of a command run with [`HostMsg::Exec`].
     Stderr { id: ProcId, data: Vec<u8> },
+    /// Reply to [`HostMsg::ListCommands`].
+    Commands(Vec<CommandState>),
 }
 
 /// Encodes one message as a frame.

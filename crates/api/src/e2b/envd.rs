@@ -392,7 +392,7 @@ async fn selected(live: &Live, sel: Option<Selector>) -> Result<ProcId, RpcError
         return Ok(pid);
     }
     let tag = sel.tag.ok_or_else(|| invalid("process selector names neither pid nor tag"))?;
-    let all = ask(live, Cmd::Commands).await?;
+    let all = crate::live::list_commands(live).await.map_err(|e| RpcError("unavailable", e))?;
     all.iter()
         .find(|c| c.tag.as_deref() == Some(tag.as_str()))
         .map(|c| c.id)
@@ -425,7 +425,7 @@ async fn connect(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
 async fn list(State(st): St, headers: HeaderMap, body: Bytes) -> Result<Response, RpcError> {
     let _: Value = unary(&headers, &body)?;
     let live = sandbox(&st, &headers)?;
-    let all = ask(&live, Cmd::Commands).await?;
+    let all = crate::live::list_commands(&live).await.map_err(|e| RpcError("unavailable", e))?;
     let processes: Vec<Value> = all
         .iter()
         .map(|c| {
