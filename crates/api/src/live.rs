@@ -55,22 +55,27 @@ pub struct CommandInfo {
     pub pty: bool,
 }
 
-/// How long a listing of a session's commands may wait for its agent.
-const LISTING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a listing of a session's commands waits for its agent.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The commands that run in `live`'s guest (whoever started them).
+/// The commands that run in `live`'s guest (whoever started them); those
+/// this server started if its agent does not list them within
+/// [`LISTING_TIMEOUT`] (an agent older than the listing).
 ///
 /// # Errors
-/// If the session ended or is paused away, or its agent does not answer
-/// within [`LISTING_TIMEOUT`] (an agent older than the listing).
+/// If the session has ended.
 pub async fn list_commands(live: &Live) -> Result<Vec<CommandInfo>, String> {
+    let ended = || format!("session {} has ended", live.id);
     let (tx, rx) = oneshot::channel();
-    live.cmd.send(Cmd::Commands(tx)).await.map_err(|_| format!("session {} has ended", live.id))?;
+    live.cmd.send(Cmd::Commands(tx)).await.map_err(|_| ended())?;
     match tokio::time::timeout(LISTING_TIMEOUT, rx).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(format!("session {} has ended", live.id)),
+        Ok(Err(_)) => Err(ended()),
         Err(_) => {
-            Err(format!("the agent of session {} did not list its commands (an older strata started it?)", live.id))
+            tracing::warn!(session = %live.id, "its agent did not list its commands; listing those this server started");
+            let (tx, rx) = oneshot::channel();
+            live.cmd.send(Cmd::KnownCommands(tx)).await.map_err(|_| ended())?;
+            rx.await.unwrap_or_else(|_| Err(ended()))
         }
     }
 }
@@ -149,8 +154,10 @@ pub enum Cmd {
         signal: i32,
         reply: Reply<()>,
     },
-    /// The commands running now.
+    /// The commands running now, as the agent lists them.
     Commands(Reply<Vec<CommandInfo>>),
+    /// The commands this server knows run (an agent too old to list them).
+    KnownCommands(Reply<Vec<CommandInfo>>),
     /// Set (or clear) the time at which the session is ended or paused.
     SetEnd(Option<(SystemTime, EndAction)>),
     /// Save the session's state for a snapshot (named, or a fork's own)
@@ -946,10 +953,18 @@ impl Actor<'_> {
                         };
                         let _ = reply.send(r);
                     }
+                    Some(Cmd::KnownCommands(reply)) => {
+                        let _ = reply.send(Ok(self.commands.values().map(|(info, _)| info.clone()).collect()));
+                    }
                     Some(Cmd::Commands(reply)) => {
                         // The agent knows them all (also those another
                         // strata process started); it answers as an event.
                         match self.held.as_mut() {
+                            // An agent that never answers (too old) leaves
+                            // its listings pending: a few are kept at most.
+                            Some(_) if self.listings.len() >= 64 => {
+                                let _ = reply.send(Err("the agent does not list its commands".into()));
+                            }
                             Some(s) => match s.request_commands().await {
                                 Ok(()) => self.listings.push(reply),
                                 Err(e) => { let _ = reply.send(Err(e.to_string())); }
