@@ -55,6 +55,9 @@ pub struct CommandInfo {
     pub pty: bool,
 }
 
+/// How long a session's memory reading is reused by listings.
+const MEMORY_READ_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a listing of a session's commands waits for its agent.
 const LISTING_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -197,6 +200,9 @@ pub struct Live {
     pub qemu_pid: std::sync::atomic::AtomicU32,
     /// Its QEMU's CPU time when last looked at, for the use since.
     cpu_seen: Mutex<Option<(std::time::Instant, f64)>>,
+    /// Its memory when last read, and when: reading it (`smaps_rollup`)
+    /// costs milliseconds, so every listing shares one read for a while.
+    memory_seen: Mutex<Option<(std::time::Instant, f64)>>,
 }
 
 /// Every live session, by id.
@@ -499,6 +505,7 @@ impl Live {
     fn set_qemu(&self, pid: u32) {
         self.qemu_pid.store(pid, std::sync::atomic::Ordering::Relaxed);
         *self.cpu_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.memory_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// What its VM uses of the host now: CPU in percent of one core since
@@ -519,7 +526,17 @@ impl Live {
         if seen.is_none_or(|(at, _)| now.duration_since(at).as_secs_f64() > 0.5) {
             *seen = Some((now, cpu));
         }
-        (percent, Some(strata_engine::host::vm_memory_mib(pid)))
+        drop(seen);
+        let mut memory = self.memory_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mib = match *memory {
+            Some((at, mib)) if now.duration_since(at) < MEMORY_READ_EVERY => mib,
+            _ => {
+                let mib = strata_engine::host::vm_memory_mib(pid);
+                *memory = Some((now, mib));
+                mib
+            }
+        };
+        (percent, Some(mib))
     }
 
     fn new(
@@ -549,6 +566,7 @@ impl Live {
             why: Mutex::new(None),
             qemu_pid: Default::default(),
             cpu_seen: Mutex::new(None),
+            memory_seen: Mutex::new(None),
         };
         (live, rx)
     }

@@ -721,7 +721,9 @@ impl SessionInfo {
             terminal: rec.labels.get("terminal").cloned(),
             os: strata_engine::OS.to_string(),
             cpu_percent: None,
-            memory_mib: strata_engine::sessions::alive_qemu(rec).map(strata_engine::host::vm_memory_mib),
+            // Read for the sessions this server holds (and spaces those
+            // reads); not for the others, listed to operators each second.
+            memory_mib: None,
         }
     }
 }

@@ -200,12 +200,6 @@ fn qemu_using(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// The QEMU of a running session's record, while it runs (for what it uses).
-pub fn alive_qemu(rec: &SessionRecord) -> Option<u32> {
-    let running = rec.paused_image.is_none() && rec.ended.is_none() && rec.qemu_pid != 0;
-    (running && alive(rec.qemu_pid)).then_some(rec.qemu_pid)
-}
-
 /// What one housekeeping round did, and whether the store still needs one.
 #[derive(Debug, Default)]
 pub struct Housekeeping {
