@@ -750,6 +750,8 @@ fn commands_that_run_in_a_session_are_listed_reconnected_to_and_signalled_here_a
         let out = run(&["run", "-d", "bc"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let id = text(&out.stdout).trim().to_string();
+        // Stopped however the test ends.
+        let _session = KilledOnDrop(cli(&["kill", &id]));
         // Two commands whose terminals vanish: they run on in the guest.
         exec_then_vanish(
             &cli(&["exec", "-i", &id, "sh", "-c", "read x; echo got-$x; exit 4"])
@@ -789,6 +791,15 @@ fn commands_that_run_in_a_session_are_listed_reconnected_to_and_signalled_here_a
         assert!(text(&bad.stderr).contains("is not a signal"), "{}", text(&bad.stderr));
         let missing = run(&["commands", "attach", &id, "4242"]);
         assert!(text(&missing.stderr).contains("no running command 4242"), "{}", text(&missing.stderr));
-        assert!(run(&["kill", &id]).status.success());
+    }
+}
+
+/// A `strata` command (a kill) run when dropped, also when a test fails.
+struct KilledOnDrop(Vec<String>);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let args: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        let _ = strata(&args).output();
     }
 }
