@@ -320,28 +320,14 @@ async fn create(State(st): St, Owner(owner): Owner, body: axum::body::Bytes) -> 
         let memory_mib = image.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
         crate::routes::room_for(&st, &owner, 1, memory_mib)?;
         let session = st.engine.start_from_snapshot(&image, None).await?;
-        let labels = BTreeMap::from([
-            (METADATA_LABEL.to_string(), json_of(&req.metadata)),
-            (ENV_LABEL.to_string(), json_of(&req.env_vars)),
-            (TEMPLATE_LABEL.to_string(), req.template_id.clone()),
-        ]);
-        let live = start_sandbox(&st, session, &owner, labels, end_of(timeout, req.auto_pause))?;
+        let live = start_sandbox(&st, session, &owner, sandbox_labels(&req), end_of(timeout, req.auto_pause))?;
         tracing::info!(session = %live.id, snapshot = %package, "E2B sandbox created from a snapshot");
         return Ok((StatusCode::CREATED, Json(sandbox_body(&live))).into_response());
     }
     let outbound = req.allow_internet_access.unwrap_or(true);
     let settings = crate::routes::default_settings(&owner, outbound)?;
-    let json = |m: &BTreeMap<String, String>| serde_json::to_string(m).unwrap_or_default();
     // No idle time-out: E2B's time-out ends (or pauses) it.
-    let options = SessionOptions {
-        idle: None,
-        labels: BTreeMap::from([
-            (METADATA_LABEL.to_string(), json(&req.metadata)),
-            (ENV_LABEL.to_string(), json(&req.env_vars)),
-            (TEMPLATE_LABEL.to_string(), req.template_id.clone()),
-        ]),
-        end: end_of(timeout, req.auto_pause),
-    };
+    let options = SessionOptions { idle: None, labels: sandbox_labels(&req), end: end_of(timeout, req.auto_pause) };
     // From the server's pool of sessions made for E2B's API, if it keeps one.
     let pool = strata_engine::pool::PoolKey { package: package.to_string(), e2b: true }.name();
     let (live, _attach) = crate::routes::launch_for(&st, &owner, package, Some(pool), settings, options).await?;
@@ -654,8 +640,15 @@ mod tests {
     }
 }
 
-fn json_of(m: &BTreeMap<String, String>) -> String {
-    serde_json::to_string(m).unwrap_or_default()
+/// The record labels of a sandbox made by `req`: its metadata, environment
+/// and template.
+fn sandbox_labels(req: &NewSandbox) -> BTreeMap<String, String> {
+    let json = |m: &BTreeMap<String, String>| serde_json::to_string(m).unwrap_or_default();
+    BTreeMap::from([
+        (METADATA_LABEL.to_string(), json(&req.metadata)),
+        (ENV_LABEL.to_string(), json(&req.env_vars)),
+        (TEMPLATE_LABEL.to_string(), req.template_id.clone()),
+    ])
 }
 
 /// Gives a session started from a snapshot an actor, as an E2B sandbox of
@@ -673,19 +666,20 @@ fn start_sandbox(
     Ok(crate::routes::register_live(st, session, owner, settings, options)?.0)
 }
 
+/// Terminal `owner`'s named snapshots, newest first.
+fn terminal_snapshots(st: &AppState, owner: &str) -> Result<Vec<strata_store::ImageRecord>, E2bError> {
+    let mine = |i: &strata_store::ImageRecord| {
+        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner)
+    };
+    Ok(st.engine.named_snapshots()?.into_iter().filter(mine).collect())
+}
+
 /// The snapshot named `name` if it is terminal `owner`'s.
 fn own_snapshot(st: &AppState, owner: &str, name: &str) -> Result<Option<strata_store::ImageRecord>, E2bError> {
     if strata_engine::fork::check_snapshot_name(name).is_err() {
         return Ok(None);
     }
-    let mine = |i: &strata_store::ImageRecord| {
-        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner)
-    };
-    Ok(st
-        .engine
-        .named_snapshots()?
-        .into_iter()
-        .find(|i| strata_engine::fork::snapshot_name(i) == Some(name) && mine(i)))
+    Ok(terminal_snapshots(st, owner)?.into_iter().find(|i| strata_engine::fork::snapshot_name(i) == Some(name)))
 }
 
 /// The body of `POST /sandboxes/{id}/fork`.
@@ -800,14 +794,9 @@ async fn list_snapshots(
     Query(q): Query<SnapshotQuery>,
 ) -> Result<Response, E2bError> {
     let source = |i: &strata_store::ImageRecord| i.meta.get(strata_engine::fork::SOURCE_META).cloned();
-    let mine = |i: &strata_store::ImageRecord| {
-        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner.as_str())
-    };
-    let all: Vec<serde_json::Value> = st
-        .engine
-        .named_snapshots()?
+    let all: Vec<serde_json::Value> = terminal_snapshots(&st, &owner)?
         .into_iter()
-        .filter(|i| mine(i) && q.sandbox_id.as_ref().is_none_or(|s| source(i).as_ref() == Some(s)))
+        .filter(|i| q.sandbox_id.as_ref().is_none_or(|s| source(i).as_ref() == Some(s)))
         .filter_map(|i| strata_engine::fork::snapshot_name(&i).map(str::to_string))
         .filter(|n| q.name.as_ref().is_none_or(|want| want == n))
         .map(|n| serde_json::json!({ "snapshotID": n, "names": [n] }))

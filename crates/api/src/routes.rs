@@ -1619,9 +1619,10 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
                 _ => Ok(()),
             });
             match checked {
-                Ok(()) => ask_for(&live, |reply| Cmd::Exec { command, tag: None, stdin, pty: tty, out: out_tx, reply })
+                Ok(()) => ask(&live, |reply| Cmd::Exec { command, tag: None, stdin, pty: tty, out: out_tx, reply })
                     .await
-                    .map(|id| (id, stdin, tty)),
+                    .map(|id| (id, stdin, tty))
+                    .map_err(|e| e.message),
                 Err(e) => Err(e),
             }
         }
@@ -1629,7 +1630,10 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             // The agent's list makes a command another process started known.
             match crate::live::list_commands(&live).await {
                 Ok(listed) if listed.iter().any(|c| c.id == id) => {
-                    ask_for(&live, |reply| Cmd::Watch { id, out: out_tx, reply }).await.map(|_| (id, stdin, None))
+                    ask(&live, |reply| Cmd::Watch { id, out: out_tx, reply })
+                        .await
+                        .map(|_| (id, stdin, None))
+                        .map_err(|e| e.message)
                 }
                 Ok(_) => Err(format!("no running command {id} in session {}", live.id)),
                 Err(e) => Err(e),
@@ -1706,13 +1710,6 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             }
         }
     }
-}
-
-/// Asks `live`'s actor; its answer, or that the session has ended.
-async fn ask_for<T>(live: &Live, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd) -> Result<T, String> {
-    let (tx, rx) = oneshot::channel();
-    live.cmd.send(make(tx)).await.map_err(|_| "the session has ended".to_string())?;
-    rx.await.unwrap_or_else(|_| Err("the session has ended".into()))
 }
 
 #[derive(Serialize, ToSchema)]

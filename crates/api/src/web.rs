@@ -37,11 +37,18 @@ pub async fn vendor(State(st): State<Arc<AppState>>, Path(name): Path<String>) -
     vendor_file(st.web_dir.as_deref(), &name).await
 }
 
+/// The `web/` directory whose `node_modules` the setup filled (`npm ci`).
+fn libraries(web_dir: Option<&std::path::Path>) -> Result<&std::path::Path, ApiError> {
+    web_dir.ok_or_else(|| {
+        ApiError::not_found("the web page's libraries are not installed; setup.sh installs them (npm ci in web/)")
+    })
+}
+
 /// A front-end library's file from `web_dir`'s npm packages.
 pub(crate) async fn vendor_file(web_dir: Option<&std::path::Path>, name: &str) -> Result<Response, ApiError> {
     let (_, rel, mime) =
         VENDOR.iter().find(|(n, _, _)| *n == name).ok_or_else(|| ApiError::not_found(format!("no file {name}")))?;
-    let dir = web_dir.ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let dir = libraries(web_dir)?;
     let path = dir.join("node_modules").join(rel);
     let body = tokio::fs::read(&path)
         .await
@@ -61,7 +68,7 @@ pub(crate) async fn novnc_file(web_dir: Option<&std::path::Path>, path: &str) ->
     if !plain || !(path.starts_with("core/") || path.starts_with("vendor/")) || !path.ends_with(".js") {
         return Err(ApiError::not_found(format!("no file {path}")));
     }
-    let dir = web_dir.ok_or_else(|| ApiError::not_found("the web page's libraries are not installed"))?;
+    let dir = libraries(web_dir)?;
     let file = dir.join("node_modules/@novnc/novnc").join(path);
     let body = tokio::fs::read(&file).await.map_err(|e| ApiError::not_found(format!("{}: {e}", file.display())))?;
     Ok(([(CONTENT_TYPE, "text/javascript; charset=utf-8")], body).into_response())
