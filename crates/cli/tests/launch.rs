@@ -569,7 +569,7 @@ fn strata_on_pty(args: &str, keys: &[&[u8]]) -> (Option<i32>, String) {
     }
     let done = wait_until(Duration::from_secs(60), || child.try_wait().unwrap().is_some());
     if !done {
-        let _ = child.kill();
+        kill_tree(&mut child);
     }
     let code = child.wait().unwrap().code();
     drop(stdin);

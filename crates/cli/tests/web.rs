@@ -260,13 +260,14 @@ fn a_local_run_of_a_graphical_package_serves_a_viewer_page_that_shows_it() {
         .current_dir(repo.join("web"))
         .output()
         .unwrap();
-    // Ctrl-C ends the run and its session.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.id())).unwrap_or_default();
-    for pid in children.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-INT", pid]).status();
+    // Ctrl-C ends the run and its session. (`script` runs it through a
+    // shell, which may or may not have exec'd it: strata is found by name.)
+    for pid in descendants(run.id()).into_iter().filter(|p| comm(*p) == "strata") {
+        let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
     }
     drop(run.stdin.take());
-    let _ = run.wait();
+    let ended = wait_bounded(&mut run, std::time::Duration::from_secs(120), "strata run xeyes after Ctrl-C");
     assert!(out.status.success(), "viewer test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
     assert!(!refused.status.success(), "a wrong token showed the display: {}", text(&refused.stdout));
+    assert_eq!(ended.code(), Some(130), "Ctrl-C should end the run with 130");
 }

@@ -16,10 +16,33 @@ use strata_engine::{Config, Engine};
 /// Whether the slow tests run. `./test.sh` (and so CI) sets STRATA_E2E=1.
 pub fn e2e() -> bool {
     if std::env::var_os("STRATA_E2E").is_some() {
+        watchdog();
         return true;
     }
     eprintln!("STRATA_E2E is not set: this end-to-end test boots real VMs and runs only under ./test.sh");
     false
+}
+
+/// How long one test binary may run before the watchdog ends it.
+const BINARY_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Bounds the whole test binary: a test that hangs (a child that never
+/// ends, a socket never answered) would otherwise hold the run until CI's
+/// own limit, with no word of which test it was. Past `BINARY_LIMIT` every
+/// process this binary started is killed and it exits failing, naming the
+/// limit.
+fn watchdog() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(BINARY_LIMIT);
+            eprintln!("watchdog: this test binary ran longer than {BINARY_LIMIT:?}; a test hangs; ending it");
+            for p in descendants(std::process::id()) {
+                let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+            }
+            std::process::exit(101);
+        });
+    });
 }
 
 pub struct TestEnv {
@@ -100,7 +123,17 @@ pub fn strata_on_a_terminal(args: &[&str], input: &str) -> Output {
     let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
     drop(child.stdin.take());
-    child.wait_with_output().unwrap()
+    let read_all = |mut from: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = from.read_to_end(&mut all);
+            all
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let status = wait_bounded(&mut child, Duration::from_secs(600), &format!("strata {args:?} on a terminal"));
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 /// Runs `strata` with `input` on its standard input, then checks that it
@@ -219,6 +252,58 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     cond()
+}
+
+/// Every process below `pid` (children, their children, ...), read from
+/// /proc/*/stat, so it works where /proc/PID/task/PID/children is missing
+/// and whether or not a shell in between exec'd its command.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// The name (comm) of process `pid`.
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+}
+
+/// Kills `child` and every process below it, and reaps it.
+pub fn kill_tree(child: &mut std::process::Child) {
+    for p in descendants(child.id()) {
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Waits at most `limit` for `child`; past it, kills it and everything it
+/// started and panics naming `what`, so a hang fails the test instead of
+/// holding the whole run.
+pub fn wait_bounded(child: &mut std::process::Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    if wait_until(limit, || child.try_wait().ok().flatten().is_some()) {
+        return child.wait().unwrap();
+    }
+    kill_tree(child);
+    panic!("{what} did not end within {limit:?}; it and its processes were killed");
 }
 
 pub fn text(b: &[u8]) -> String {
