@@ -48,6 +48,11 @@ impl ClusterLink {
     }
 
     /// Whether `token` is the cluster's secret (constant time).
+    /// The cluster's secret, for this server's own orders to another (a move).
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     pub fn is_secret(&self, token: &str) -> bool {
         crate::auth::matches(token, &crate::auth::token_hash(&self.secret))
             && token.len().ct_eq(&self.secret.len()).into()
@@ -189,6 +194,17 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
         }
     }
     Ok(())
+}
+
+/// Records `live` in the cluster as running on this server (a session
+/// that moved here), whatever the record said before.
+///
+/// # Errors
+/// If etcd cannot be written.
+pub async fn record_running(link: &ClusterLink, live: &crate::live::Live) -> Result<(), strata_cluster::Error> {
+    let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let entry = SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created);
+    link.cluster.put_session(&entry).await
 }
 
 /// How long this server was unreachable, as a session's record tells it:

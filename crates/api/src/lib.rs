@@ -13,6 +13,7 @@ pub mod error;
 pub mod handover;
 pub mod live;
 pub mod metrics;
+pub mod moves;
 mod routes;
 pub mod tls;
 pub mod viewer;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub operators: std::collections::BTreeSet<String>,
     /// Image builds running here, by package.
     pub builds: builds::Builds,
+    /// Sessions moving here from another server of the cluster.
+    pub receiving: moves::Receiving,
 }
 
 impl AppState {
@@ -100,6 +103,7 @@ impl AppState {
             e2b_watchers: Default::default(),
             operators: Default::default(),
             builds: Default::default(),
+            receiving: Default::default(),
         })
     }
 

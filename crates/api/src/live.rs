@@ -33,6 +33,8 @@ pub enum Out {
     Data(Vec<u8>),
     Exit(i32),
     Lost(String),
+    /// The session moved to this server: attach again (through the plane).
+    Moved(String),
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -170,6 +172,13 @@ pub enum Cmd {
     Snapshot {
         name: Option<String>,
         reply: Reply<strata_engine::fork::Captured>,
+    },
+    /// Move the running session to another server of the cluster by live
+    /// migration; answers QEMU's downtime. Once moved, the session is that
+    /// server's and its actor here ends; on failure it runs on here.
+    Move {
+        to: Box<crate::moves::Destination>,
+        reply: Reply<Duration>,
     },
 }
 
@@ -331,6 +340,24 @@ impl Registry {
             n += 1;
         }
         n
+    }
+
+    /// Takes a session that moved here from another server (held by this
+    /// process, running) as a live one; `None` if its record lacks the
+    /// labels of an API server's session.
+    pub fn adopt_moved(
+        self: &Arc<Self>,
+        rec: &strata_engine::sessions::SessionRecord,
+        session: Session,
+        engine: &Arc<Engine>,
+        idle: Option<Duration>,
+    ) -> Option<Arc<Live>> {
+        let mut live = self.live_of(rec, idle)?;
+        live.0.vnc = session.graphical.then(|| session.vnc_socket());
+        live.0.memory_mib = engine.session_memory_mib(&rec.id).unwrap_or(0);
+        let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
+        tracing::info!(session = %rec.id, package = %rec.package, "took a session that moved here");
+        Some(self.run_actor(live, Some(session), engine.clone(), settings))
     }
 
     /// A live session for the record of one an API server started (its
@@ -721,6 +748,40 @@ impl Actor<'_> {
         saved
     }
 
+    /// Moves the session to `to` (see [`crate::moves::send`]). On success
+    /// this server's QEMU is gone and an attached terminal is told where
+    /// its session went; on failure the session runs on here as it was.
+    async fn move_to(&mut self, to: &crate::moves::Destination) -> Result<Duration, String> {
+        let s = self.held.as_mut().ok_or(PAUSED)?;
+        // The agent keeps the program's output meanwhile, for the terminal
+        // that attaches on the other server.
+        s.quiet().await.map_err(|e| e.to_string())?;
+        let moved = crate::moves::send(&self.engine, s, to).await;
+        match moved {
+            Ok(downtime) => {
+                if let Some((c, _)) = &self.client {
+                    let _ = c.send(Out::Moved(to.server.clone())).await;
+                }
+                if let Some(s) = self.held.take() {
+                    s.close().await;
+                }
+                tracing::info!(session = %self.live.id, to = %to.server, downtime_ms = downtime.as_millis() as u64, "the session moved to another server");
+                Ok(downtime)
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.live.id, to = %to.server, error = %e, "a move failed; the session runs on here");
+                let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
+                if let (Some(ctx), Some(s)) = (ctx, self.held.as_mut()) {
+                    if s.reattach(&ctx).await.is_err() {
+                        self.client = None;
+                        set(&self.live.attached, false);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Hands `out` to the watcher of command `id`; one that does not take
     /// it within [`WATCHER_PATIENCE`] (or is gone) is let go.
     async fn tell_watcher(&mut self, id: ProcId, out: CommandOut) {
@@ -992,6 +1053,14 @@ impl Actor<'_> {
                     }
                     Some(Cmd::SetEnd(end)) => self.set_end(end),
                     Some(Cmd::Snapshot { name, reply }) => { let _ = reply.send(self.snapshot(name.as_deref()).await); }
+                    Some(Cmd::Move { to, reply }) => {
+                        let r = self.move_to(&to).await;
+                        let moved = r.is_ok();
+                        let _ = reply.send(r);
+                        if moved {
+                            return;
+                        }
+                    }
                     Some(Cmd::Release(done)) => {
                         if let Some(s) = self.held.take() {
                             if let Some((c, _)) = &self.client {

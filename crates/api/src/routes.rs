@@ -129,6 +129,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/fork", post(fork_session))
+        .route("/v1/sessions/{id}/move", post(crate::moves::move_session))
+        .route("/v1/moves/{id}", post(crate::moves::begin).delete(crate::moves::call_off))
+        // A guest's memory and disk writes: as large as they are.
+        .route("/v1/moves/{id}/state", post(crate::moves::state).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/v1/moves/{id}/disk", put(crate::moves::disk).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/timeout", put(set_timeout))
         .route("/v1/sessions/{id}/screen", put(set_screen))
@@ -1825,6 +1830,12 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::Termina
                 }
                 Some(Out::Lost(reason)) => {
                     let _ = socket.send(Message::Text(serde_json::json!({"type": "lost", "reason": reason}).to_string().into())).await;
+                    return;
+                }
+                // The terminal follows: it asks its plane where to attach now.
+                Some(Out::Moved(server)) => {
+                    let _ = socket.send(Message::Text(serde_json::json!({"type": "moved", "server": server}).to_string().into())).await;
+                    let _ = socket.send(Message::Close(None)).await;
                     return;
                 }
                 None => return,

@@ -184,6 +184,13 @@ impl Backend for Local<'_> {
         ))
     }
 
+    async fn move_session(&self, id: &str, _to: Option<&str>) -> anyhow::Result<String> {
+        anyhow::bail!(
+            "session {id} runs on this machine, which is no cluster: moves go between the servers of a cluster, \
+             through its control plane (strata --addr PLANE move {id})"
+        )
+    }
+
     async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8> {
         let image = self
             .eng

@@ -157,6 +157,16 @@ enum Cmd {
     /// Save a running session as a named snapshot while it runs on; `strata
     /// run --from NAME` starts sessions from it. Kept until `images rm`.
     Snapshot { id: String, name: String },
+    /// Move a running session to another server of the cluster while it
+    /// runs (QEMU's live migration: its memory goes while it runs, then a
+    /// short stop); it keeps its id. Through a control plane (--addr).
+    Move {
+        id: String,
+        /// The server to move it to (`strata servers` lists them); else
+        /// placement picks one.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Resume paused sessions (they run on, detached; `attach` also resumes).
     Resume {
         #[arg(required = true)]

@@ -179,6 +179,21 @@ impl Remote {
         Ok(ws)
     }
 
+    /// Attaches again to session `id` after it moved: the plane may name
+    /// the old server for a moment, so this tries for up to 30 s.
+    async fn follow(&self, id: &str, query: &str) -> anyhow::Result<Ws> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self.open_stream(id, "attach", query).await {
+                Ok(ws) => return Ok(ws),
+                Err(e) if std::time::Instant::now() > end => {
+                    bail!("session {id} moved, and could not be reached where it went: {e}")
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
+        }
+    }
+
     /// Runs `command` in session `id` with pipes, this process's input
     /// passed on with `stdin`, its output and errors copied to ours byte
     /// for byte; or, with `tty`, on a PTY of this terminal's size that
@@ -289,6 +304,14 @@ impl Remote {
                             Some("lost") | Some("error") => {
                                 drop(_raw);
                                 bail!("session {id}: {}", v["reason"].as_str().or(v["message"].as_str()).unwrap_or("ended"));
+                            }
+                            // Moved live to another server: attach there, as
+                            // the plane now says; its first frame repaints.
+                            Some("moved") => {
+                                tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), "the session moved; following it");
+                                let size = terminal::terminal_size().unwrap_or_default();
+                                ws = self.follow(id, &format!("rows={}&cols={}", size.rows, size.cols)).await?;
+                                repaint = true;
                             }
                             _ => {}
                         }
@@ -415,6 +438,20 @@ impl Backend for Remote {
             "{id} saved as snapshot {name} (image {}); it was stopped {:.0} ms and runs on",
             &image[..image.len().min(12)],
             v["stopped_ms"].as_f64().unwrap_or(0.0)
+        ))
+    }
+
+    async fn move_session(&self, id: &str, to: Option<&str>) -> anyhow::Result<String> {
+        let body = match to {
+            Some(server) => json!({ "server": server }),
+            None => json!({}),
+        };
+        let v = self.call("POST", &session_path(id, "/move"), Some(body)).await?;
+        Ok(format!(
+            "{id} moved from server {} to server {}; it was stopped {} ms",
+            v["from"].as_str().unwrap_or("?"),
+            v["server"].as_str().unwrap_or("?"),
+            v["downtime_ms"].as_u64().unwrap_or(0)
         ))
     }
 

@@ -108,6 +108,9 @@ pub trait Backend {
     async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)>;
     /// Saves session `id` as snapshot `name`; what to print.
     async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String>;
+    /// Moves running session `id` to server `to` (or one placement picks)
+    /// by live migration; what to print.
+    async fn move_session(&self, id: &str, to: Option<&str>) -> anyhow::Result<String>;
     /// Starts a session from snapshot `name` and attaches this terminal (or
     /// prints the id, with `detach`).
     async fn run_snapshot(&self, name: &str, how: RunHow) -> anyhow::Result<u8>;
@@ -292,6 +295,10 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                 code
             })
         }
+        Cmd::Move { id, to } => b.move_session(id, to.as_deref()).await.map(|said| {
+            println!("{said}");
+            0
+        }),
         Cmd::Snapshot { id, name } => b.snapshot(id, name).await.map(|said| {
             println!("{said}");
             0

@@ -593,6 +593,83 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     }
     assert!(elsewhere.is_some(), "no session from the snapshot ran on a server other than {origin}");
 
+    // A live move: a bc session (x=42, and a file on its disk) goes to
+    // another server while it runs; it keeps its id, its memory and
+    // its disk there, and the record names agent3. Then again, to a server
+    // placement picks. Bad orders are refused, naming what was wrong.
+    let (status, created) = c.launch(1, &alice, "bc").await;
+    assert_eq!(status, 201, "{created}");
+    let mover = created["session"]["id"].as_str().unwrap().to_string();
+    c.exchange(1, &alice, &mover, "x=6*7\nx\n", "42").await;
+    let on_plane = |args: &[&str]| {
+        let mut all = vec!["--addr", c.cps[1].as_str(), "--token", alice.as_str()];
+        all.extend_from_slice(args);
+        strata(&all).output().unwrap()
+    };
+    let out = on_plane(&["exec", &mover, "sh", "-c", "echo disk-$((6*7)) > /var/tmp/moved && sync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let from = server_of(&c.sessions(1, &alice).await, &mover);
+    let to = if from == "agent3" { "agent2" } else { "agent3" };
+    // A terminal attached through the plane follows the session.
+    let mut follower = strata(&["--addr", &c.cps[1], "--token", &alice, "attach", &mover])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typed = follower.stdin.take().unwrap();
+    let shown = {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let mut from = follower.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buf) {
+                let _ = tx.send(buf[..n].to_vec());
+            }
+        });
+        rx
+    };
+    let mut screen = String::new();
+    let mut shows = |want: &str| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !screen.contains(want) && Instant::now() < end {
+            if let Ok(b) = shown.recv_timeout(Duration::from_millis(200)) {
+                screen.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+        screen.contains(want)
+    };
+    std::io::Write::write_all(&mut typed, b"y=100\ny\n").unwrap();
+    assert!(shows("100"), "the attached terminal did not answer before the move: {screen:?}");
+    let out = on_plane(&["move", &mover, "--to", to]);
+    assert!(out.status.success(), "move: {}{}", text(&out.stdout), text(&out.stderr));
+    std::io::Write::write_all(&mut typed, b"y+5\n").unwrap();
+    let followed = shows("105");
+    kill_tree(&mut follower);
+    assert!(followed, "the attached terminal did not follow the session to {to}: {screen:?}");
+    assert!(text(&out.stdout).contains(&format!("moved from server {from} to server {to}")), "{}", text(&out.stdout));
+    let listed = c.sessions(1, &alice).await;
+    assert_eq!((server_of(&listed, &mover), state_of(&listed, &mover)), (to.to_string(), "running".to_string()));
+    c.exchange(1, &alice, &mover, "x+1\n", "43").await;
+    let out = on_plane(&["exec", &mover, "cat", "/var/tmp/moved"]);
+    assert_eq!(text(&out.stdout).trim(), "disk-42", "{}", text(&out.stderr));
+    let source_log = agents[from[5..].parse::<usize>().unwrap() - 1].log();
+    assert!(source_log.contains("the session moved to another server"), "{source_log}");
+    let (status, body) = c.post(1, &alice, &format!("/v1/sessions/{}/move", mover), serde_json::json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let again = body["server"].as_str().unwrap().to_string();
+    assert_ne!(again, to, "{body}");
+    c.exchange(1, &alice, &mover, "x+2\n", "44").await;
+    let move_to = |server: &str| serde_json::json!({ "server": server });
+    let (status, body) = c.post(1, &alice, &format!("/v1/sessions/{}/move", mover), move_to(&again)).await;
+    assert_eq!(status, 400, "a move to its own server: {body}");
+    let (status, body) = c.post(1, &alice, &format!("/v1/sessions/{}/move", mover), move_to("agent9")).await;
+    assert_eq!(status, 404, "a move to no server: {body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("no server agent9"), "{body}");
+    let (status, _) = c.post(1, &bob, &format!("/v1/sessions/{}/move", mover), serde_json::json!({})).await;
+    assert_eq!(status, 404, "another terminal moved alice's session");
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{mover}"), &alice).await.0, 204);
+
     // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;
     assert_eq!(status, 200, "{body}");

@@ -443,6 +443,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/sessions/{id}/pause", post(pause_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/sessions/{id}/fork", post(fork_session))
+        .route("/v1/sessions/{id}/move", post(move_session))
         .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
@@ -786,6 +787,63 @@ async fn fork_session(
         copy["session"]["server"] = json!(server.id);
     }
     Ok((status, Json(forked)).into_response())
+}
+
+/// Moves a running session to another server by live migration: the one
+/// named in `server`, else one placement picks among the others. Its
+/// server drives the move with the other one; the record names the new
+/// server once the session runs there.
+async fn move_session(
+    State(cp): St,
+    User(terminal): User,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let order = json_body(&body, true)?;
+    if let Some(extra) = order.as_object().and_then(|o| o.keys().find(|k| *k != "server")) {
+        return Err(ApiError::bad_request(format!("unknown field `{extra}`; a move takes only `server`")));
+    }
+    let (mut entry, source) = cp.managed(&terminal, &id).await?;
+    let source = source.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
+    if entry.state != "running" {
+        return Err(ApiError::bad_request(format!(
+            "session {id} is {}; only a running session moves live (a paused one resumes on any server)",
+            entry.state
+        )));
+    }
+    let target = match order.get("server") {
+        None | Some(Value::Null) => {
+            cp.place(&cp.request_for(&entry.package)?, std::slice::from_ref(&source.id)).await?
+        }
+        Some(Value::String(name)) => {
+            if *name == source.id {
+                return Err(ApiError::bad_request(format!("session {id} already runs on server {name}")));
+            }
+            let servers = cp.cluster.servers().await.map_err(unavailable)?;
+            servers.into_iter().find(|s| s.id == *name).ok_or_else(|| {
+                ApiError::not_found(format!("no server {name} in the cluster; `strata servers` lists them"))
+            })?
+        }
+        Some(_) => return Err(ApiError::bad_request("`server` must be a server's id")),
+    };
+    let path = format!("/v1/sessions/{id}/move");
+    let order = json!({ "to": target.address, "server": target.id });
+    let (status, mut moved) = cp
+        .order(&source, &entry.owner, Method::POST, &path, Some(order), ORDER_TIMEOUT)
+        .await
+        .map_err(|e| unreachable(&source, &e))?;
+    if !status.is_success() {
+        return Err(passed_on(status, moved));
+    }
+    tracing::info!(session = %id, from = %source.id, to = %target.id, "moved a running session");
+    // The receiving server records it too; this lists it there at once.
+    entry.server = target.id.clone();
+    entry.state = "running".into();
+    if let Err(e) = cp.cluster.put_session(&entry).await {
+        tracing::warn!(session = %id, error = %e, "could not record the move yet; the receiving server will");
+    }
+    moved["from"] = json!(source.id);
+    Ok((status, Json(moved)).into_response())
 }
 
 /// Saves a session as a named snapshot on its server, which shares it

@@ -318,6 +318,7 @@ impl Engine {
             sandbox: self.confined(),
             after_load: AfterLoad::AsSaved,
             whole_state: false,
+            incoming_stream: false,
         })
     }
 
@@ -560,6 +561,7 @@ impl Engine {
             sandbox: self.confined(),
             after_load: AfterLoad::AsSaved,
             whole_state: image.meta.contains_key(WHOLE_STATE_META),
+            incoming_stream: false,
         })
     }
 
@@ -675,7 +677,7 @@ impl Engine {
 }
 
 /// Refuses host ports something already listens on, before QEMU would fail.
-fn check_ports_free(settings: &ContextSettings) -> Result<(), Error> {
+pub(crate) fn check_ports_free(settings: &ContextSettings) -> Result<(), Error> {
     for p in &settings.network.ports {
         if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", p.host)) {
             return Err(Error::Config(format!(

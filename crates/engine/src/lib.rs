@@ -20,6 +20,7 @@ pub mod host;
 pub mod initramfs;
 pub mod install;
 pub mod launch;
+pub mod moves;
 pub mod paused;
 pub mod pool;
 pub mod prune;
@@ -105,6 +106,9 @@ pub enum Error {
     /// put it in); nothing was started.
     #[error("{0}")]
     Refused(String),
+    /// A live move failed; the session runs on where it was.
+    #[error("the move failed: {0}")]
+    Move(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -213,15 +213,8 @@ impl Engine {
             Error::Config(format!("session {id} is not paused; `strata ps` lists sessions and their state"))
         })?;
         let digest = rec.paused_image.clone().unwrap_or_default();
-        let image = match (self.store.image(&digest)?, &self.remote) {
-            (Some(local), _) => Some(local),
-            // Paused on another server: its image is in the shared store.
-            (None, Some(remote)) => match remote.image(&digest).await? {
-                Some(shared) => Some(self.fetch_shared(shared).await?),
-                None => None,
-            },
-            (None, None) => None,
-        };
+        // Paused on another server: its image is in the shared store.
+        let image = self.image_here_or_shared(&digest).await?;
         let image = image.ok_or_else(|| {
             Error::Config(format!("the image of paused session {id} ({digest}) is gone; the session cannot be resumed"))
         })?;
@@ -278,7 +271,7 @@ impl Engine {
     }
 
     /// Checks every blob of an image and of the images it needs.
-    fn verify_chain(&self, image: &ImageRecord) -> Result<(), Error> {
+    pub(crate) fn verify_chain(&self, image: &ImageRecord) -> Result<(), Error> {
         let (images, missing) = self.store.image_closure([image.digest.clone()])?;
         if let Some(gone) = missing.first() {
             return Err(Error::Config(format!(

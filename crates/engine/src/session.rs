@@ -375,6 +375,11 @@ impl Session {
     }
 
     /// The VNC socket of a graphical session's display.
+    /// The VM's directory (its sockets, overlay, logs).
+    pub fn vm_dir(&self) -> &std::path::Path {
+        self.vm.dir()
+    }
+
     pub fn vnc_socket(&self) -> std::path::PathBuf {
         self.vm.dir().join(strata_vmm::VNC_SOCK)
     }

@@ -469,7 +469,7 @@ impl Engine {
     }
 
     /// The session of record `rec`, connected by `a`.
-    fn session_of(&self, rec: &SessionRecord, dir: PathBuf, a: Attached) -> Session {
+    pub(crate) fn session_of(&self, rec: &SessionRecord, dir: PathBuf, a: Attached) -> Session {
         let mut s = Session::new(rec.id.clone(), &rec.package, a);
         s.record = Some(dir);
         s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)

@@ -219,6 +219,11 @@ pub struct VmConfig {
     /// [`Vm::save_whole`] (else the memory mapped from a shared file is the
     /// file's, as [`Vm::save`] leaves it out).
     pub whole_state: bool,
+    /// The guest comes from another QEMU's live migration, on the socket
+    /// QEMU listens on in its directory ([`INCOMING_SOCK`]), instead of
+    /// from a file: QEMU waits for it, stopped, with its disks not yet
+    /// taken (`late-block-activate`), until [`Vm::resume`].
+    pub incoming_stream: bool,
 }
 
 /// What a guest restored from a saved state does once it is loaded.
@@ -329,9 +334,9 @@ impl VmConfig {
                 a.extend(p.backend(&p.id(i)).into_iter().flatten());
             }
         }
-        if self.incoming.is_some() {
+        if self.incoming.is_some() || self.incoming_stream {
             a.extend(["-incoming".to_string(), "defer".to_string()]);
-            if self.after_load == AfterLoad::Stay {
+            if self.after_load == AfterLoad::Stay || self.incoming_stream {
                 a.push("-S".to_string());
             }
         }
@@ -359,6 +364,12 @@ const QMP_SOCK: &str = "qmp.sock";
 /// The VNC socket of a graphical VM, in its directory: in a directory of
 /// its own that QEMU may write (it makes the socket).
 pub const VNC_SOCK: &str = "display/vnc.sock";
+/// Where a VM that receives a live migration listens for it, in its
+/// directory: in a directory of its own that QEMU may write.
+pub const INCOMING_SOCK: &str = "migration/in.sock";
+/// Where strata listens for a VM's outgoing live migration, in its
+/// directory (strata's; the socket is made connectable by the VM's uid).
+pub const OUTGOING_SOCK: &str = "migration-out.sock";
 /// A VM's console log, in its directory.
 pub const CONSOLE_LOG: &str = "console.log";
 const AGENT_SOCK: &str = "agent.sock";
@@ -527,11 +538,19 @@ fn qmp_err(command: &'static str) -> impl FnOnce(qapi::ExecuteError) -> Error {
 /// (on: that memory is the file's, not the state's). Saving and loading
 /// must agree: the state's format differs.
 fn ignore_shared(on: bool) -> qmp::migrate_set_capabilities {
+    migration_capabilities(on, false)
+}
+
+/// [`ignore_shared`], and whether the disks of a guest received by live
+/// migration stay released until `cont` (so that its disk's writes, sent
+/// after the memory, can be put in place first). Both sides set the same.
+fn migration_capabilities(ignore_shared: bool, late_block_activate: bool) -> qmp::migrate_set_capabilities {
+    let cap = |capability, state| qmp::MigrationCapabilityStatus { capability, state };
     qmp::migrate_set_capabilities {
-        capabilities: vec![qmp::MigrationCapabilityStatus {
-            capability: qmp::MigrationCapability::x_ignore_shared,
-            state: on,
-        }],
+        capabilities: vec![
+            cap(qmp::MigrationCapability::x_ignore_shared, ignore_shared),
+            cap(qmp::MigrationCapability::late_block_activate, late_block_activate),
+        ],
     }
 }
 
@@ -967,6 +986,10 @@ fn give_files(cfg: &VmConfig, id: &strata_jail::Identity) -> Result<(), strata_j
         let display = cfg.dir.join(VNC_SOCK);
         id.grant_new_dir(display.parent().unwrap_or(&cfg.dir))?;
     }
+    if cfg.incoming_stream {
+        let incoming = cfg.dir.join(INCOMING_SOCK);
+        id.grant_new_dir(incoming.parent().unwrap_or(&cfg.dir))?;
+    }
     for (i, d) in cfg.disks.iter().enumerate() {
         match d.mode {
             DiskMode::Writable => id.grant(&d.path)?,
@@ -1186,6 +1209,12 @@ impl Vm {
                     wait_loaded(&mut qmp).await?;
                     qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
                 }
+            } else if cfg.incoming_stream {
+                qmp.execute(migration_capabilities(false, true)).await.map_err(qmp_err("migrate-set-capabilities"))?;
+                let uri = format!("unix:{}", cfg.dir.join(INCOMING_SOCK).display());
+                qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: Some(true) })
+                    .await
+                    .map_err(qmp_err("migrate-incoming"))?;
             }
             Ok::<_, Error>((qmp, agent))
         };
@@ -1412,7 +1441,27 @@ impl Vm {
     async fn save_with(&mut self, path: &Path, timeout: Duration, skip_shared: bool) -> Result<Saved, Error> {
         self.qmp.execute(ignore_shared(skip_shared)).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let out = self.outgoing_file("outgoing.state")?;
-        let uri = format!("file:{}", out.display());
+        let saved = self.migrate_until_done(format!("file:{}", out.display()), timeout).await?;
+        move_file(&out, path)?;
+        Ok(saved)
+    }
+
+    /// Sends the running guest by live migration (all its memory, then its
+    /// devices; the guest runs while most of it goes, then stops) to whoever
+    /// accepts on `socket`, a Unix socket strata listens on in the VM's
+    /// directory ([`OUTGOING_SOCK`]). Once it is done the guest stays
+    /// stopped here, its disks flushed and released (so the overlay can be
+    /// copied), until [`Vm::quit`], or [`Vm::resume`] if the other side
+    /// fails; a migration that fails midway leaves it running here.
+    ///
+    /// # Errors
+    /// If QEMU refuses, the migration fails, or it does not finish in `timeout`.
+    pub async fn send_live(&mut self, socket: &Path, timeout: Duration) -> Result<Saved, Error> {
+        self.qmp.execute(migration_capabilities(false, true)).await.map_err(qmp_err("migrate-set-capabilities"))?;
+        self.migrate_until_done(format!("unix:{}", socket.display()), timeout).await
+    }
+
+    async fn migrate_until_done(&mut self, uri: String, timeout: Duration) -> Result<Saved, Error> {
         self.qmp
             .execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
             .await
@@ -1428,7 +1477,6 @@ impl Vm {
             let info = asked.map_err(qmp_err("query-migrate"))?;
             match info.status {
                 Some(qmp::MigrationStatus::completed) => {
-                    move_file(&out, path)?;
                     let ms = info.downtime.and_then(|d| u64::try_from(d).ok()).unwrap_or(0);
                     return Ok(Saved { downtime: Duration::from_millis(ms) });
                 }
@@ -1561,7 +1609,7 @@ fn overlay_file_name(reported: &str) -> Option<String> {
 }
 
 /// The overlay of a VM's throwaway disk `index`, in its directory `dir`.
-fn throwaway_overlay_path(dir: &Path, index: usize) -> PathBuf {
+pub fn throwaway_overlay_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("disk{index}.qcow2"))
 }
 
