@@ -184,6 +184,13 @@ impl Backend for Local<'_> {
         ))
     }
 
+    async fn drain(&self, server: &str, _on: bool) -> anyhow::Result<Value> {
+        anyhow::bail!(
+            "this machine is no cluster: servers are drained through a cluster's control plane \
+             (strata --addr PLANE servers drain {server})"
+        )
+    }
+
     async fn move_session(&self, id: &str, _to: Option<&str>) -> anyhow::Result<String> {
         anyhow::bail!(
             "session {id} runs on this machine, which is no cluster: moves go between the servers of a cluster, \

@@ -509,6 +509,12 @@ enum ServersCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a server of the cluster (an operator, through a control
+    /// plane): it takes no new launches, its running sessions move live to
+    /// the others and its paused ones are taken in by them.
+    Drain { server: String },
+    /// Let a drained server take launches again.
+    Undrain { server: String },
 }
 
 #[derive(Subcommand)]

@@ -441,6 +441,14 @@ impl Backend for Remote {
         ))
     }
 
+    async fn drain(&self, server: &str, on: bool) -> anyhow::Result<Value> {
+        if server.is_empty() || !server.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("{server:?} is not a server's id; `strata servers ls` lists them");
+        }
+        let path = format!("/v1/servers/{server}/drain");
+        self.call(if on { "POST" } else { "DELETE" }, &path, None).await
+    }
+
     async fn move_session(&self, id: &str, to: Option<&str>) -> anyhow::Result<String> {
         let body = match to {
             Some(server) => json!({ "server": server }),

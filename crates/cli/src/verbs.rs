@@ -108,6 +108,9 @@ pub trait Backend {
     async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)>;
     /// Saves session `id` as snapshot `name`; what to print.
     async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String>;
+    /// Drains server `server` (`on`) or lets it take launches again; the
+    /// plane's answer.
+    async fn drain(&self, server: &str, on: bool) -> anyhow::Result<Value>;
     /// Moves running session `id` to server `to` (or one placement picks)
     /// by live migration; what to print.
     async fn move_session(&self, id: &str, to: Option<&str>) -> anyhow::Result<String>;
@@ -406,6 +409,22 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                     println!("{name:<16} {description}");
                 }
             }
+            0
+        }),
+        Cmd::Servers { cmd: ServersCmd::Drain { server } } => b.drain(server, true).await.map(|v| {
+            for s in v["sessions"].as_array().into_iter().flatten() {
+                let id = s["id"].as_str().unwrap_or("?");
+                match s["moved_to"].as_str() {
+                    Some(to) => println!("{id} moved to {to}"),
+                    None => println!("{id} stays: {}", s["error"].as_str().unwrap_or("?")),
+                }
+            }
+            let left = v["sessions_left"].as_u64().unwrap_or(0);
+            println!("server {server} is draining: it takes no new launches; {left} session(s) left on it");
+            u8::from(left > 0)
+        }),
+        Cmd::Servers { cmd: ServersCmd::Undrain { server } } => b.drain(server, false).await.map(|_| {
+            println!("server {server} takes launches again");
             0
         }),
         Cmd::Servers { cmd: ServersCmd::Ls { json } } => b.servers().await.map(|(rows, v)| {

@@ -670,6 +670,31 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert_eq!(status, 404, "another terminal moved alice's session");
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{mover}"), &alice).await.0, 204);
 
+    // The operator drains agent3: its session (bc, x=42) moves live to
+    // another server and answers there; agent3 takes no launch until it is
+    // let go again. A terminal that is no operator may not drain.
+    assert_eq!(server_of(&c.sessions(1, &alice).await, &on_hung), "agent3");
+    let (status, _) = c.post(1, &alice, "/v1/servers/agent3/drain", serde_json::json!({})).await;
+    assert_eq!(status, 403, "a terminal that is no operator drained a server");
+    let out = strata(&["--addr", &c.cps[1], "--token", &carol, "servers", "drain", "agent3"]).output().unwrap();
+    assert!(out.status.success(), "drain: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("{on_hung} moved to agent")), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("0 session(s) left on it"), "{}", text(&out.stdout));
+    let (_, listed) = c.api(1, "GET", "/v1/servers", &alice).await;
+    let agent3 = listed.as_array().unwrap().iter().find(|s| s["name"] == "agent3").unwrap().clone();
+    assert_eq!(agent3["draining"], true, "{agent3}");
+    assert_ne!(server_of(&c.sessions(1, &alice).await, &on_hung), "agent3");
+    c.exchange(1, &alice, &on_hung, "x+3\n", "45").await;
+    for _ in 0..2 {
+        let (status, created) = c.launch(1, &alice, "bc").await;
+        assert_eq!(status, 201, "{created}");
+        assert_ne!(created["session"]["server"], "agent3", "a draining server took a launch: {created}");
+        let id = created["session"]["id"].as_str().unwrap();
+        assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{id}"), &alice).await.0, 204);
+    }
+    let out = strata(&["--addr", &c.cps[1], "--token", &carol, "servers", "undrain", "agent3"]).output().unwrap();
+    assert!(out.status.success(), "undrain: {}", text(&out.stderr));
+
     // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;
     assert_eq!(status, 200, "{body}");

@@ -428,6 +428,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// Marks server `server` draining (`on`): placement sends it nothing
+    /// new until it is marked back.
+    ///
+    /// # Errors
+    /// If the id is malformed or etcd fails.
+    pub async fn set_draining(&self, server: &str, on: bool) -> Result<(), Error> {
+        check_id("server", server)?;
+        let key = self.key(&format!("draining/{server}"));
+        if on {
+            self.put_json(&key, &server, None).await
+        } else {
+            self.client.clone().delete(key, None).await.map_err(self.err("a delete"))?;
+            Ok(())
+        }
+    }
+
+    /// The servers marked draining.
+    ///
+    /// # Errors
+    /// If etcd fails or a record is damaged.
+    pub async fn draining(&self) -> Result<std::collections::BTreeSet<String>, Error> {
+        Ok(self.list_json::<String>("draining/").await?.into_iter().collect())
+    }
+
     /// Stores a terminal's token (its hash), replacing any earlier one.
     ///
     /// # Errors

@@ -185,13 +185,15 @@ impl ControlPlane {
 
     /// A server for `req`, among those not in `exclude`.
     async fn place(&self, req: &Request, exclude: &[String]) -> Result<ServerLoad, ApiError> {
+        // A draining server takes nothing new.
+        let draining = self.cluster.draining().await.map_err(unavailable)?;
         let servers: Vec<ServerLoad> = self
             .cluster
             .servers()
             .await
             .map_err(unavailable)?
             .into_iter()
-            .filter(|s| !exclude.contains(&s.id))
+            .filter(|s| !exclude.contains(&s.id) && !draining.contains(&s.id))
             .collect();
         let i = self.placer.lock().unwrap_or_else(|e| e.into_inner()).choose(&servers, req).map_err(|e| {
             let tried = if exclude.is_empty() { String::new() } else { format!(" (tried: {})", exclude.join(", ")) };
@@ -437,6 +439,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/cluster", get(cluster_info))
         .route("/metrics", get(render_metrics))
         .route("/v1/servers", get(list_servers))
+        .route("/v1/servers/{id}/drain", post(drain_server).delete(undrain_server))
         .route("/v1/packages", get(list_packages))
         .route("/v1/sessions", get(list_sessions).post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(kill_session))
@@ -475,6 +478,7 @@ async fn render_metrics(State(cp): St) -> Result<Response, ApiError> {
 
 async fn list_servers(State(cp): St, _u: User) -> Result<Json<Vec<Value>>, ApiError> {
     let servers = cp.cluster.servers().await.map_err(unavailable)?;
+    let draining = cp.cluster.draining().await.map_err(unavailable)?;
     let sessions = cp.cluster.sessions().await.map_err(unavailable)?;
     Ok(Json(
         servers
@@ -493,6 +497,7 @@ async fn list_servers(State(cp): St, _u: User) -> Result<Json<Vec<Value>>, ApiEr
                     "images": s.cached_images.len(),
                     "blobs_bytes": 0,
                     "cached_packages": s.cached_images.iter().filter_map(|c| c.strip_prefix("package/")).collect::<Vec<_>>(),
+                    "draining": draining.contains(&s.id),
                 })
             })
             .collect(),
@@ -803,7 +808,7 @@ async fn move_session(
     if let Some(extra) = order.as_object().and_then(|o| o.keys().find(|k| *k != "server")) {
         return Err(ApiError::bad_request(format!("unknown field `{extra}`; a move takes only `server`")));
     }
-    let (mut entry, source) = cp.managed(&terminal, &id).await?;
+    let (entry, source) = cp.managed(&terminal, &id).await?;
     let source = source.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     if entry.state != "running" {
         return Err(ApiError::bad_request(format!(
@@ -812,26 +817,42 @@ async fn move_session(
         )));
     }
     let target = match order.get("server") {
-        None | Some(Value::Null) => {
-            cp.place(&cp.request_for(&entry.package)?, std::slice::from_ref(&source.id)).await?
-        }
+        None | Some(Value::Null) => None,
         Some(Value::String(name)) => {
             if *name == source.id {
                 return Err(ApiError::bad_request(format!("session {id} already runs on server {name}")));
             }
             let servers = cp.cluster.servers().await.map_err(unavailable)?;
-            servers.into_iter().find(|s| s.id == *name).ok_or_else(|| {
+            Some(servers.into_iter().find(|s| s.id == *name).ok_or_else(|| {
                 ApiError::not_found(format!("no server {name} in the cluster; `strata servers` lists them"))
-            })?
+            })?)
         }
         Some(_) => return Err(ApiError::bad_request("`server` must be a server's id")),
     };
+    let moved = move_running(&cp, entry, &source, target).await?;
+    Ok((StatusCode::OK, Json(moved)).into_response())
+}
+
+/// Moves running session `entry` from `source` to `target` (else where
+/// placement puts it, among the others); what the source answered, with
+/// `from`.
+async fn move_running(
+    cp: &ControlPlane,
+    mut entry: SessionEntry,
+    source: &ServerLoad,
+    target: Option<ServerLoad>,
+) -> Result<Value, ApiError> {
+    let target = match target {
+        Some(t) => t,
+        None => cp.place(&cp.request_for(&entry.package)?, std::slice::from_ref(&source.id)).await?,
+    };
+    let id = entry.id.clone();
     let path = format!("/v1/sessions/{id}/move");
     let order = json!({ "to": target.address, "server": target.id });
     let (status, mut moved) = cp
-        .order(&source, &entry.owner, Method::POST, &path, Some(order), ORDER_TIMEOUT)
+        .order(source, &entry.owner, Method::POST, &path, Some(order), ORDER_TIMEOUT)
         .await
-        .map_err(|e| unreachable(&source, &e))?;
+        .map_err(|e| unreachable(source, &e))?;
     if !status.is_success() {
         return Err(passed_on(status, moved));
     }
@@ -843,7 +864,87 @@ async fn move_session(
         tracing::warn!(session = %id, error = %e, "could not record the move yet; the receiving server will");
     }
     moved["from"] = json!(source.id);
-    Ok((status, Json(moved)).into_response())
+    Ok(moved)
+}
+
+/// Drains a server (an operator's order): it takes no new launches, its
+/// running sessions move live to the others and its paused ones are taken
+/// in by them; each session's outcome is answered. It stays draining until
+/// `DELETE` (after its maintenance).
+async fn drain_server(
+    State(cp): St,
+    User(caller): User,
+    UrlPath(server): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    operator_only(&cp, &caller)?;
+    let servers = cp.cluster.servers().await.map_err(unavailable)?;
+    let source = servers.iter().find(|s| s.id == server).cloned().ok_or_else(|| {
+        ApiError::not_found(format!("no server {server} in the cluster; `strata servers` lists them"))
+    })?;
+    cp.cluster.set_draining(&server, true).await.map_err(unavailable)?;
+    tracing::info!(%server, "draining a server");
+    let entries = cp.cluster.sessions().await.map_err(unavailable)?;
+    let mut outcomes = Vec::new();
+    for entry in entries.into_iter().filter(|e| e.server == server) {
+        let id = entry.id.clone();
+        let outcome = match entry.state.as_str() {
+            "running" => move_running(&cp, entry, &source, None).await.map(|m| m["server"].clone()),
+            "paused" => take_in_paused(&cp, entry, &server).await.map(|to| json!(to)),
+            other => Err(ApiError::bad_request(format!("{other}: nothing runs to move; `kill` removes it"))),
+        };
+        outcomes.push(match outcome {
+            Ok(to) => json!({ "id": id, "moved_to": to }),
+            Err(e) => json!({ "id": id, "error": e.message }),
+        });
+    }
+    let left = cp.cluster.sessions().await.map_err(unavailable)?.iter().filter(|e| e.server == server).count();
+    Ok(Json(json!({ "server": server, "draining": true, "sessions_left": left, "sessions": outcomes })).into_response())
+}
+
+/// Lets a drained server take launches again.
+async fn undrain_server(
+    State(cp): St,
+    User(caller): User,
+    UrlPath(server): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    operator_only(&cp, &caller)?;
+    cp.cluster.set_draining(&server, false).await.map_err(unavailable)?;
+    Ok(Json(json!({ "server": server, "draining": false })).into_response())
+}
+
+/// Refuses a caller that is not one of the plane's operators.
+fn operator_only(cp: &ControlPlane, caller: &str) -> Result<(), ApiError> {
+    if cp.operators.contains(caller) {
+        return Ok(());
+    }
+    Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "only an operator (control --operator) drains servers"))
+}
+
+/// Has another server take in paused session `entry` of server `from`
+/// (from the shared store); the server that took it.
+async fn take_in_paused(cp: &ControlPlane, mut entry: SessionEntry, from: &str) -> Result<String, ApiError> {
+    let record = entry.record.clone().ok_or_else(|| {
+        ApiError::bad_request("its record has not reached the cluster yet; try the drain again in a few seconds")
+    })?;
+    let target = cp.place(&cp.request_for(&entry.package)?, &[from.to_string()]).await?;
+    let (status, body) = cp
+        .order(
+            &target,
+            &entry.owner,
+            Method::POST,
+            "/v1/sessions/import",
+            Some(json!({ "record": record })),
+            ORDER_TIMEOUT,
+        )
+        .await
+        .map_err(|e| unreachable(&target, &e))?;
+    if !status.is_success() {
+        return Err(passed_on(status, body));
+    }
+    // Its old server forgets its copy once the record names another.
+    entry.server = target.id.clone();
+    cp.cluster.put_session(&entry).await.map_err(unavailable)?;
+    Ok(target.id)
 }
 
 /// Saves a session as a named snapshot on its server, which shares it

@@ -166,11 +166,41 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(session = %c.session, error = %e, "could not put the snapshot's memory in a file of its own");
-                c.whole
+                self.named_as_is(c.whole, c.name.as_deref())
             }
         };
         tracing::info!(session = %c.session, image = %image.digest, name = c.name.as_deref().unwrap_or("-"), stopped_ms = c.stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
         Snapshot { image, stopped: c.stopped }
+    }
+
+    /// The first state of a snapshot kept as the snapshot itself: a named
+    /// one is recorded again under its name's recipe, so servers sharing a
+    /// store find it by name as they find the usual ones.
+    fn named_as_is(&self, whole: ImageRecord, name: Option<&str>) -> ImageRecord {
+        let Some(name) = name.filter(|n| !n.is_empty()) else { return whole };
+        let renamed = ImageRecord::new(
+            ImageKind::Paused,
+            whole.package.clone(),
+            &whole.os,
+            &whole.arch,
+            whole.parent.clone(),
+            &snapshot_recipe(name),
+            whole.files.clone(),
+            whole.meta.clone(),
+            0,
+        );
+        match self.record_image(renamed) {
+            Ok(named) => {
+                if let Err(e) = self.store.remove_image(&whole.digest) {
+                    tracing::warn!(image = %whole.digest, error = %e, "could not drop the snapshot's first record");
+                }
+                named
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the snapshot under its name's recipe");
+                whole
+            }
+        }
     }
 
     /// Publishes a named snapshot to the store shared between servers, if
@@ -239,8 +269,11 @@ impl Engine {
         // the time it takes on a disk's file system (blocks allocated and
         // written back under the page faults); it is copied out after.
         let filled = MemoryScratch::new(&memory);
-        let vm_dir = work.path().join("vm");
-        std::fs::create_dir(&vm_dir).map_err(crate::io_err(&vm_dir))?;
+        // A scratch directory of its own, named as the sweeps tell live VMs
+        // (a directory nested in another looked ended: its cgroup and ids
+        // could be swept while it started).
+        let vm_work = self.store.work_dir("snapshot-vm")?;
+        let vm_dir = vm_work.path().to_path_buf();
         let plugs = crate::launch::plugs_of(settings, None)?;
         let mut cfg =
             self.restore_config(&vm_dir, whole, Memory::SharedFile(filled.0.clone()), plugs, settings.needs_devices())?;
