@@ -103,7 +103,8 @@ impl Destination {
 
 /// Moves running session `s` to `to`: the guest runs on there under the
 /// same id. On an error the guest runs on here, and `s` is still this
-/// server's. The downtime QEMU measured on success.
+/// server's. On success, how long the guest was stopped: QEMU's downtime,
+/// then until the receiver ran it.
 pub async fn send(engine: &Engine, s: &mut Session, to: &Destination) -> Result<Duration, String> {
     let rec = engine.movable_record(&s.id).map_err(|e| e.to_string())?;
     let id = s.id.clone();
@@ -135,6 +136,8 @@ pub async fn send(engine: &Engine, s: &mut Session, to: &Destination) -> Result<
                 return Err(e.to_string());
             }
         };
+        // The guest stays stopped until the receiver runs it.
+        let stopped_at = std::time::Instant::now();
         let relayed = relay.await.map_err(|e| format!("the relay of the guest's memory failed: {e}")).and_then(|r| r);
         let placed = match relayed {
             Ok(()) => {
@@ -153,7 +156,7 @@ pub async fn send(engine: &Engine, s: &mut Session, to: &Destination) -> Result<
             }
             return Err(e);
         }
-        Ok(downtime)
+        Ok(downtime + stopped_at.elapsed())
     };
     let r = moved.await;
     if r.is_err() {

@@ -718,6 +718,17 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Live moves of a session to a new QEMU on this host (the steps of a
+    /// move between servers, without the network) against pausing it to an
+    /// image and resuming it, alternating, same run: the guest's stop and
+    /// the time until it answers again.
+    Move {
+        package: String,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Memory per idle session: N sessions from the launch image at once.
     Density {
         package: String,
@@ -1332,6 +1343,32 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "memory per copy: Pss {:.1} MiB, Rss {:.1} MiB; per launched session: Pss {:.1} MiB, Rss {:.1} MiB",
                     r.fork_pss_mib, r.fork_rss_mib, r.launch_pss_mib, r.launch_rss_mib
                 );
+            }
+            Ok(0)
+        }
+        Cmd::Bench { cmd: BenchCmd::Move { package, rounds, json } } => {
+            if *rounds == 0 || *rounds > 100 {
+                anyhow::bail!("--rounds must be between 1 and 100");
+            }
+            let pkg = eng.package(package)?;
+            let r = eng.bench_move(&pkg, *rounds, &bar).await?;
+            bar.clear();
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                use strata_engine::bench::percentile as pct;
+                println!(
+                    "strata bench move {} ({} rounds, {} MiB guests, accel {})",
+                    r.package, r.rounds, r.memory_mib, r.accel
+                );
+                println!("{:<40} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+                for (name, v) in [
+                    ("guest stopped (live move)", &r.downtime_ms),
+                    ("answering again (live move)", &r.move_answering_ms),
+                    ("answering again (pause, resume)", &r.pause_resume_answering_ms),
+                ] {
+                    println!("{:<40} {:>10.1} {:>10.1}", name, pct(v, 50.0), pct(v, 99.0));
+                }
             }
             Ok(0)
         }

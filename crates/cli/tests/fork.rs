@@ -235,3 +235,23 @@ fn the_cli_forks_a_detached_session_and_starts_one_from_a_named_snapshot() {
     let rm = strata(&["images", "rm", digest]).output().unwrap();
     assert!(rm.status.success(), "{}", text(&rm.stderr));
 }
+
+/// `strata bench move`: a bc session moved live to a new QEMU answers its
+/// probe (the benchmark checks it); the figures of both ways come out, and
+/// the live move stops the guest for less than a pause and resume takes.
+#[test]
+fn bench_move_reports_live_moves_against_pause_and_resume() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["bench", "move", "bc", "--rounds", "1", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = |k: &str| v[k][0].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    let (downtime, moved, paused) =
+        (first("downtime_ms"), first("move_answering_ms"), first("pause_resume_answering_ms"));
+    assert!(downtime > 0.0 && downtime < moved, "{v}");
+    assert!(downtime < paused, "a live move stopped the guest longer than a pause and resume took: {v}");
+    let bad = strata(&["bench", "move", "bc", "--rounds", "0"]).output().unwrap();
+    assert!(text(&bad.stderr).contains("--rounds must be between 1 and 100"), "{}", text(&bad.stderr));
+}

@@ -913,3 +913,116 @@ impl Engine {
         Ok(r)
     }
 }
+
+/// What `strata bench move` measured: live moves of a session to a new
+/// QEMU on this host (the same steps as between servers, without the
+/// network), against pausing it to an image and resuming it, the way a
+/// session changed servers before live moves.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveReport {
+    pub package: String,
+    pub rounds: usize,
+    pub accel: String,
+    /// The guest's memory size, MiB.
+    pub memory_mib: u32,
+    /// How long the guest was stopped by each live move, ms: QEMU's
+    /// downtime, then until the receiving QEMU runs it (its disk's writes
+    /// put in place).
+    pub downtime_ms: Vec<f64>,
+    /// From the move's start until the moved guest answers its probe, ms
+    /// (it runs where it was for most of it).
+    pub move_answering_ms: Vec<f64>,
+    /// The baseline: from the pause's start until the resumed guest
+    /// answers, ms (it is stopped throughout).
+    pub pause_resume_answering_ms: Vec<f64>,
+}
+
+impl Engine {
+    /// Live-moves a session of `pkg` to a new QEMU on this host `rounds`
+    /// times, and pauses and resumes one as many times, alternating.
+    ///
+    /// # Errors
+    /// If images cannot be built, a launch, move or resume fails, or a
+    /// guest does not answer.
+    pub async fn bench_move(&self, pkg: &Package, rounds: usize, progress: &dyn Progress) -> Result<MoveReport, Error> {
+        let answer = FirstAnswer::of(pkg)?;
+        let images = self.ensure_images(pkg, progress).await?;
+        let settings = ContextSettings::from_terminal(None);
+        let mut r = MoveReport {
+            package: pkg.name.clone(),
+            rounds,
+            accel: images.launch.meta.get("accel").cloned().unwrap_or_default(),
+            memory_mib: pkg.def.memory_mib,
+            downtime_ms: Vec::new(),
+            move_answering_ms: Vec::new(),
+            pause_resume_answering_ms: Vec::new(),
+        };
+        for round in 0..rounds {
+            progress.step(&format!("bench move {}: round {}/{rounds}, a live move", pkg.name, round + 1));
+            let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
+            answer.wait(&mut s).await?;
+            s.quiet().await?;
+            let t0 = Instant::now();
+            let moved = self.move_within_host(&mut s).await;
+            s.close().await;
+            let (mut moved, downtime) = moved?;
+            moved.reattach(&settings.to_terminal_context()).await?;
+            answer.wait(&mut moved).await?;
+            r.move_answering_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            r.downtime_ms.push(downtime.as_secs_f64() * 1000.0);
+            moved.close().await;
+
+            progress.step(&format!("bench move {}: round {}/{rounds}, a pause and resume", pkg.name, round + 1));
+            let mut s = self.launch_from(pkg, &images.launch, &settings).await?;
+            answer.wait(&mut s).await?;
+            let id = s.id.clone();
+            let t0 = Instant::now();
+            self.pause_to_image(&mut s, "bench move: the baseline").await?;
+            drop(s);
+            let mut resumed = self.resume_session(&id, Some(&settings)).await?;
+            answer.wait(&mut resumed).await?;
+            r.pause_resume_answering_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            resumed.close().await;
+        }
+        self.drop_paused_images()?;
+        progress.done("move benchmark finished");
+        Ok(r)
+    }
+
+    /// A live move of `s` to a new QEMU on this host, under a new id: the
+    /// moved session and QEMU's downtime. `s` is left stopped.
+    async fn move_within_host(&self, s: &mut crate::Session) -> Result<(crate::Session, Duration), Error> {
+        let mut rec = self.movable_record(&s.id)?;
+        rec.id = crate::launch::new_session_id();
+        let incoming = self.receive_session(&rec).await?;
+        let (listener, socket) = self.outgoing_socket(s)?;
+        let target = incoming.socket();
+        let relay = tokio::spawn(async move {
+            let (mut from, _) = listener.accept().await?;
+            let mut to = tokio::net::UnixStream::connect(&target).await?;
+            tokio::io::copy(&mut from, &mut to).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut to).await
+        });
+        let sent = self.send_session(s, &socket).await;
+        let _ = std::fs::remove_file(&socket);
+        let (overlay, downtime) = match sent {
+            Ok(done) => done,
+            Err(e) => {
+                relay.abort();
+                incoming.abandon().await;
+                return Err(e);
+            }
+        };
+        // The guest stays stopped until the receiving QEMU runs it: QEMU's
+        // downtime, then the disk's writes put in place.
+        let stopped_at = Instant::now();
+        let relayed =
+            relay.await.map_err(|e| Error::Move(e.to_string())).and_then(|r| r.map_err(|e| Error::Move(e.to_string())));
+        if let Err(e) = relayed {
+            incoming.abandon().await;
+            return Err(e);
+        }
+        let moved = self.finish_receive(incoming, &overlay).await?;
+        Ok((moved, downtime + stopped_at.elapsed()))
+    }
+}
