@@ -255,3 +255,57 @@ fn bench_move_reports_live_moves_against_pause_and_resume() {
     let bad = strata(&["bench", "move", "bc", "--rounds", "0"]).output().unwrap();
     assert!(text(&bad.stderr).contains("--rounds must be between 1 and 100"), "{}", text(&bad.stderr));
 }
+
+/// A move whose receiver dies midway (after some of the memory went): the
+/// migration fails, the session runs on where it was with its state, and
+/// the receiver leaves nothing behind.
+#[tokio::test]
+async fn a_move_whose_receiver_dies_midway_leaves_the_session_running_where_it_was() {
+    if !e2e() {
+        return;
+    }
+    let eng = engine();
+    let pkg = eng.package("bc").unwrap();
+    let images = eng.ensure_images(&pkg, &strata_engine::LogProgress).await.unwrap();
+    let settings = strata_engine::context::ContextSettings::from_terminal(None);
+    let mut s = eng.launch_from(&pkg, &images.launch, &settings).await.unwrap();
+    s.expect_after(b"x=6*7\nx\n", "42", Duration::from_secs(60)).await.unwrap();
+    s.quiet().await.unwrap();
+    let mut rec = eng.movable_record(&s.id).unwrap();
+    rec.id = format!("{:012x}", std::process::id() as u64 * 7919 + 1);
+    let incoming = eng.receive_session(&rec).await.unwrap();
+    let receiver = incoming.socket().parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(receiver.ends_with(&rec.id), "{}", receiver.display());
+    let (listener, socket) = eng.outgoing_socket(&s).unwrap();
+    let target = incoming.socket();
+    // Four MiB go, then the receiver's end is cut and its QEMU killed,
+    // while the sender's QEMU is sending.
+    let relay = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from, _) = listener.accept().await.unwrap();
+        let mut to = tokio::net::UnixStream::connect(&target).await.unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while sent < 4 << 20 {
+            let n = from.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n]).await.unwrap();
+            sent += n;
+        }
+        drop((from, to));
+        incoming.abandon().await;
+        sent
+    });
+    let moved = eng.send_session(&mut s, &socket).await;
+    let sent = relay.await.unwrap();
+    assert!(sent >= 4 << 20, "the migration ended before 4 MiB went: {sent} bytes");
+    assert!(moved.is_err(), "a move to a receiver that died succeeded");
+    // It runs on here, with its state.
+    s.reattach(&settings.to_terminal_context()).await.unwrap();
+    let seen = s.expect_after(b"x+1\n", "43", Duration::from_secs(60)).await.unwrap();
+    assert!(seen.contains("43"), "{seen}");
+    assert!(!receiver.exists(), "the receiver left {}", receiver.display());
+    s.close().await;
+}
