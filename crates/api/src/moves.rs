@@ -293,15 +293,7 @@ pub async fn state(
     let mut qemu = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|e| ApiError::internal(format!("the receiving QEMU does not listen: {e}")))?;
-    let mut stream = body.into_data_stream();
-    let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("the stream broke after {bytes} bytes: {e}")))?;
-        qemu.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::internal(format!("the receiving QEMU stopped reading after {bytes} bytes: {e}")))?;
-        bytes += chunk.len() as u64;
-    }
+    let bytes = pump(body, &mut qemu, "the receiving QEMU").await?;
     let _ = qemu.shutdown().await;
     tracing::info!(session = %id, mib = bytes >> 20, "a moving session's memory arrived");
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -363,10 +355,25 @@ pub async fn call_off(
 /// Writes a request's body to `path`.
 async fn receive_file(body: axum::body::Body, path: &std::path::Path) -> Result<(), ApiError> {
     let mut f = tokio::fs::File::create(path).await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("the disk's writes broke off: {e}")))?;
-        f.write_all(&chunk).await.map_err(|e| ApiError::internal(e.to_string()))?;
-    }
+    pump(body, &mut f, "the disk's writes").await?;
     f.sync_all().await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Copies a request's body into `to` (`what`, for errors) as it comes; the
+/// bytes copied.
+async fn pump(
+    body: axum::body::Body,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    what: &str,
+) -> Result<u64, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("the stream broke after {bytes} bytes: {e}")))?;
+        to.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::internal(format!("{what} stopped taking bytes after {bytes}: {e}")))?;
+        bytes += chunk.len() as u64;
+    }
+    Ok(bytes)
 }
