@@ -181,7 +181,7 @@ impl Engine {
 
     /// The socket a session's outgoing migration goes to: strata listens on
     /// it (made before [`Engine::send_session`]), connectable by the VM's
-    /// uid.
+    /// uid alone.
     ///
     /// # Errors
     /// If it cannot be made.
@@ -190,10 +190,13 @@ impl Engine {
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path).map_err(io_err(&path))?;
         {
-            use std::os::unix::fs::PermissionsExt;
-            // QEMU runs as the VM's own uid; only it is in this directory's
-            // file view besides strata.
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io_err(&path))?;
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // Only the VM's QEMU (its own uid, the owner of its console log)
+            // may connect: whoever did would read the guest's memory.
+            let log = s.vm_dir().join(strata_vmm::qemu::CONSOLE_LOG);
+            let owner = std::fs::metadata(&log).map_err(io_err(&log))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+            std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).map_err(io_err(&path))?;
         }
         Ok((listener, path))
     }

@@ -368,7 +368,7 @@ pub const VNC_SOCK: &str = "display/vnc.sock";
 /// directory: in a directory of its own that QEMU may write.
 pub const INCOMING_SOCK: &str = "migration/in.sock";
 /// Where strata listens for a VM's outgoing live migration, in its
-/// directory (strata's; the socket is made connectable by the VM's uid).
+/// directory (strata's; the socket is given to the VM's uid alone).
 pub const OUTGOING_SOCK: &str = "migration-out.sock";
 /// A VM's console log, in its directory.
 pub const CONSOLE_LOG: &str = "console.log";
