@@ -640,8 +640,25 @@ async fn the_api_forwards_ports_shares_folders_and_copies_files() {
         "the request id is not in the guest's log {}",
         console.display()
     );
-    let page = reqwest::get(format!("http://127.0.0.1:{port}/index.html")).await.unwrap().text().await.unwrap();
-    assert_eq!(page, "served from the host's folder");
+    // Once seen closed before the answer on a busy CI host (QEMU took the
+    // connection before the guest's side was up): tried again for a few
+    // seconds, and how long it took is said.
+    let asked = std::time::Instant::now();
+    let mut page = Err(String::new());
+    while asked.elapsed() < Duration::from_secs(10) {
+        page = match reqwest::get(format!("http://127.0.0.1:{port}/index.html")).await {
+            Ok(r) => r.text().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if page.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if asked.elapsed() > Duration::from_secs(1) {
+        eprintln!("the forwarded port answered after {:?}", asked.elapsed());
+    }
+    assert_eq!(page.as_deref(), Ok("served from the host's folder"));
     // Files in and out of the session.
     let files = format!("{}/v1/sessions/{id}/files?path=/tmp/up.txt", s.base);
     let put = api.http.put(&files).bearer_auth(&s.a).body("uploaded").send().await.unwrap();
