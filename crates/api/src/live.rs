@@ -331,11 +331,7 @@ impl Registry {
                     continue;
                 }
             };
-            let mut live = live;
-            live.0.vnc = session.graphical.then(|| session.vnc_socket());
-            live.0.memory_mib = engine.session_memory_mib(&rec.id).unwrap_or(0);
-            let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
-            self.run_actor(live, Some(session), engine.clone(), settings);
+            self.run_held(live, &rec, session, engine);
             tracing::info!(session = %rec.id, package = %rec.package, "took back a running session");
             n += 1;
         }
@@ -352,12 +348,24 @@ impl Registry {
         engine: &Arc<Engine>,
         idle: Option<Duration>,
     ) -> Option<Arc<Live>> {
-        let mut live = self.live_of(rec, idle)?;
+        let live = self.live_of(rec, idle)?;
+        tracing::info!(session = %rec.id, package = %rec.package, "took a session that moved here");
+        Some(self.run_held(live, rec, session, engine))
+    }
+
+    /// Gives running session `session` (record `rec`), held by this
+    /// process, its actor.
+    fn run_held(
+        self: &Arc<Self>,
+        mut live: (Live, mpsc::Receiver<Cmd>),
+        rec: &strata_engine::sessions::SessionRecord,
+        session: Session,
+        engine: &Arc<Engine>,
+    ) -> Arc<Live> {
         live.0.vnc = session.graphical.then(|| session.vnc_socket());
         live.0.memory_mib = engine.session_memory_mib(&rec.id).unwrap_or(0);
         let settings = rec.settings.clone().unwrap_or_else(|| ContextSettings::from_terminal(None));
-        tracing::info!(session = %rec.id, package = %rec.package, "took a session that moved here");
-        Some(self.run_actor(live, Some(session), engine.clone(), settings))
+        self.run_actor(live, Some(session), engine.clone(), settings)
     }
 
     /// A live session for the record of one an API server started (its

@@ -48,7 +48,7 @@ impl Receiving {
     }
 
     fn put(&self, inc: Incoming) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(inc.id.clone(), inc);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(inc.id().to_string(), inc);
     }
 
     fn socket_of(&self, id: &str) -> Option<std::path::PathBuf> {

@@ -29,7 +29,6 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A session being received: its QEMU waits for the guest.
 pub struct Incoming {
-    pub id: String,
     record: SessionRecord,
     vm: Vm,
     conn: AgentConn,
@@ -41,6 +40,11 @@ impl Incoming {
     /// The socket the guest's state is to be written to.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join(strata_vmm::qemu::INCOMING_SOCK)
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> &str {
+        &self.record.id
     }
 
     /// The session's record, as the sending server kept it.
@@ -134,7 +138,7 @@ impl Engine {
         let (vm, conn) = Vm::start(&cfg, RECEIVE_TIMEOUT).await?;
         let disk_backing = self.store.blob_path(image.file("disk")?);
         tracing::info!(session = %rec.id, "waiting for a session moving here");
-        Ok(Incoming { id: rec.id.clone(), record: rec.clone(), vm, conn, dir, disk_backing })
+        Ok(Incoming { record: rec.clone(), vm, conn, dir, disk_backing })
     }
 
     /// Puts the guest's disk writes (`overlay`, the sending QEMU's overlay
@@ -160,8 +164,8 @@ impl Engine {
             inc.abandon().await;
             return Err(e);
         }
-        let Incoming { id, record, vm, conn, dir, .. } = inc;
-        let mut rec = record;
+        let Incoming { record: mut rec, vm, conn, dir, .. } = inc;
+        let id = rec.id.clone();
         rec.qemu_pid = vm.pid();
         rec.owner_pid = std::process::id();
         rec.detached = false;
