@@ -150,6 +150,9 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
     let by_id: HashMap<&str, &SessionEntry> = entries.iter().map(|e| (e.id.as_str(), e)).collect();
     let live = st.sessions.all();
     for l in &live {
+        if l.moving.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
         let state = *l.state.lock().unwrap_or_else(|e| e.into_inner());
         let known = by_id.get(l.id.as_str());
         if let Some(e) = known.filter(|e| e.server != link.server_id) {
@@ -205,6 +208,122 @@ pub async fn record_running(link: &ClusterLink, live: &crate::live::Live) -> Res
     let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let entry = SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created);
     link.cluster.put_session(&entry).await
+}
+
+/// Where a session that was moving runs, once settled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled {
+    Here,
+    There,
+}
+
+/// How long a server that sent a session tries to settle a failed move in
+/// etcd before it leaves the guest stopped.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The fence of a move of session `id` from this server: the revision of
+/// its record in etcd (written first if missing). The side of the move
+/// that first writes the record while it still has that revision runs the
+/// guest (the receiver before it starts it, this server when the move
+/// fails after the memory went), so it never runs on both or on neither.
+///
+/// # Errors
+/// If etcd fails, or names another server for it.
+pub async fn move_fence(link: &ClusterLink, live: &crate::live::Live) -> Result<i64, String> {
+    for _ in 0..3 {
+        match link.cluster.session_with_revision(&live.id).await.map_err(|e| e.to_string())? {
+            Some((e, _)) if e.server != link.server_id => {
+                return Err(format!("the cluster records session {} on server {}, not this one", live.id, e.server))
+            }
+            Some((_, revision)) => return Ok(revision),
+            None => record_running(link, live).await.map_err(|e| e.to_string())?,
+        }
+    }
+    Err(format!("the record of session {} changed while a move began", live.id))
+}
+
+/// Records session `rec` (moving here) as running on this server, if its
+/// record is as it was when the move began (`fence`): whether it was.
+///
+/// # Errors
+/// If etcd fails.
+pub async fn claim_moved(
+    link: &ClusterLink,
+    rec: &strata_engine::sessions::SessionRecord,
+    owner: &str,
+    fence: i64,
+) -> Result<bool, strata_cluster::Error> {
+    let entry =
+        SessionEntry::running(&rec.id, &link.server_id, &rec.package, owner, u64::try_from(rec.created).unwrap_or(0));
+    link.cluster.put_session_if_unchanged(&entry, fence).await
+}
+
+/// After a move of `live` to server `to` failed once the guest's memory
+/// had gone: whether the receiver took the session anyway (its answer was
+/// lost), or this server keeps it (its record rewritten, so the receiver
+/// can no longer take it). Retries etcd for a while.
+///
+/// # Errors
+/// If etcd could not be reached: then nobody knows yet.
+pub async fn settle_failed_move(
+    link: &ClusterLink,
+    live: &crate::live::Live,
+    to: &str,
+    fence: i64,
+) -> Result<Settled, String> {
+    let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let entry = SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created);
+    let end = tokio::time::Instant::now() + SETTLE_PATIENCE;
+    loop {
+        let settled = async {
+            if link.cluster.put_session_if_unchanged(&entry, fence).await? {
+                return Ok(Settled::Here);
+            }
+            // Changed since: by the receiver (it runs there), or by
+            // someone else, and then the receiver cannot take it either.
+            Ok(match link.cluster.session_with_revision(&live.id).await? {
+                Some((e, _)) if e.server == to => Settled::There,
+                _ => Settled::Here,
+            })
+        };
+        match settled.await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= end => {
+                let e: strata_cluster::Error = e;
+                return Err(format!(
+                    "the cluster could not be asked who runs session {} after a failed move: {e}",
+                    live.id
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// Whether this server, just started, keeps running session `live` it
+/// found from before: not if the cluster records it running elsewhere (it
+/// moved meanwhile). Kept, its record is rewritten, so that a move this
+/// server's end cut short cannot start it elsewhere too.
+///
+/// # Errors
+/// If etcd fails.
+pub async fn keep_after_restart(link: &ClusterLink, live: &crate::live::Live) -> Result<bool, strata_cluster::Error> {
+    for _ in 0..3 {
+        let Some((e, revision)) = link.cluster.session_with_revision(&live.id).await? else {
+            record_running(link, live).await?;
+            return Ok(true);
+        };
+        if e.server != link.server_id && e.state == "running" {
+            return Ok(false);
+        }
+        // The same record again: only its revision changes (the
+        // reconciliation makes the rest right).
+        if link.cluster.put_session_if_unchanged(&e, revision).await? {
+            return Ok(true);
+        }
+    }
+    // Changed under us three times: whoever changed it last decides next round.
+    Ok(true)
 }
 
 /// How long this server was unreachable, as a session's record tells it:

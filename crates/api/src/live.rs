@@ -11,7 +11,7 @@ use serde::Serialize;
 use strata_engine::context::ContextSettings;
 use strata_engine::sessions::EndState;
 use strata_engine::{Engine, GuestCommand, Session, SessionEvent};
-use strata_proto::{ProcId, TerminalContext, WinSize};
+use strata_proto::{ProcId, SentTail, TerminalContext, WinSize};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a session is doing.
@@ -33,8 +33,12 @@ pub enum Out {
     Data(Vec<u8>),
     Exit(i32),
     Lost(String),
-    /// The session moved to this server: attach again (through the plane).
-    Moved(String),
+    /// The session moved to this server: attach again (through the plane)
+    /// and send the input it had not passed on (`unsent`) there.
+    Moved {
+        server: String,
+        unsent: Vec<u8>,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -207,6 +211,9 @@ pub struct Live {
     pub why: Mutex<Option<String>>,
     /// Its QEMU while it runs (0 while paused).
     pub qemu_pid: std::sync::atomic::AtomicU32,
+    /// It is moving to another server: a second move is refused, and this
+    /// server leaves its record in the cluster alone meanwhile.
+    pub moving: std::sync::atomic::AtomicBool,
     /// Its QEMU's CPU time when last looked at, for the use since.
     cpu_seen: Mutex<Option<(std::time::Instant, f64)>>,
     /// Its memory when last read, and when: reading it (`smaps_rollup`)
@@ -320,10 +327,37 @@ impl Registry {
     /// actor, with its terminal, attach token and idle time-out. Sessions
     /// started elsewhere (the CLI's) are left alone. Returns how many were
     /// taken; one that cannot be is left running, with the reason logged.
-    pub async fn adopt_running(self: &Arc<Self>, engine: &Arc<Engine>, idle: Option<Duration>) -> usize {
+    ///
+    /// In a cluster, a session the cluster records on another server moved
+    /// there while this server was down: its QEMU here (stopped once its
+    /// memory went) is ended. Any other is claimed in the cluster first
+    /// (see [`crate::cluster::keep_after_restart`]): a move cut short by
+    /// this server's end can no longer start it elsewhere.
+    pub async fn adopt_running(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        idle: Option<Duration>,
+        cluster: Option<&crate::cluster::ClusterLink>,
+    ) -> usize {
         let mut n = 0;
         for rec in engine.unheld_sessions() {
             let Some(live) = self.live_of(&rec, idle) else { continue };
+            if let Some(link) = cluster {
+                match crate::cluster::keep_after_restart(link, &live.0).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(session = %rec.id, "the session moved to another server while this one was down; ending its copy here");
+                        if let Err(e) = engine.kill_session(&rec.id).await {
+                            tracing::warn!(session = %rec.id, error = %e, "could not end the copy of a session that moved");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %rec.id, error = %e, "the cluster does not say who runs this session; it is not taken back yet");
+                        continue;
+                    }
+                }
+            }
             let session = match engine.adopt_session(&rec.id).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -480,7 +514,7 @@ impl Registry {
                 commands: BTreeMap::new(),
                 listings: Vec::new(),
                 next_command: FIRST_COMMAND,
-                sent: Vec::new(),
+                sent: SentTail::default(),
             };
             actor.run(rx).await;
             reg.lock().remove(&l.id);
@@ -600,6 +634,7 @@ impl Live {
             labels: BTreeMap::new(),
             why: Mutex::new(None),
             qemu_pid: Default::default(),
+            moving: Default::default(),
             cpu_seen: Mutex::new(None),
             memory_seen: Mutex::new(None),
         };
@@ -627,36 +662,8 @@ struct Actor<'a> {
     /// Listings waiting for the agent's answer.
     listings: Vec<Reply<Vec<CommandInfo>>>,
     next_command: ProcId,
-    /// The last bytes the attached terminal was sent (at most
-    /// [`SENT_KEPT`]): where it is, when the agent's screen is all there is
-    /// to go on from (after a snapshot).
-    sent: Vec<u8>,
-}
-
-/// How much of what was sent to a terminal is kept to find its place.
-const SENT_KEPT: usize = 4096;
-/// How much of that must match the agent's screen to be sure of the place.
-const PLACE_MARK: usize = 256;
-
-/// What of `screen` (the agent's last output) follows what the terminal
-/// was sent last (`sent`): all of it if the place cannot be found, since
-/// repeating output is better than losing it.
-fn after_sent<'a>(sent: &[u8], screen: &'a [u8]) -> &'a [u8] {
-    let mark = &sent[sent.len().saturating_sub(PLACE_MARK)..];
-    if mark.is_empty() {
-        return screen;
-    }
-    match screen.windows(mark.len()).rposition(|w| w == mark) {
-        Some(at) => &screen[at + mark.len()..],
-        None => screen,
-    }
-}
-
-fn keep_sent(sent: &mut Vec<u8>, more: &[u8]) {
-    sent.extend_from_slice(more);
-    if sent.len() > SENT_KEPT {
-        sent.drain(..sent.len() - SENT_KEPT);
-    }
+    /// Where the attached terminal is on the program's output.
+    sent: SentTail,
 }
 
 /// How long a command's output waits for a watcher that does not read
@@ -737,9 +744,9 @@ impl Actor<'_> {
         match ctx {
             Some(ctx) => match s.reattach(&ctx).await {
                 Ok(screen) => {
-                    let missed = after_sent(&self.sent, &screen).to_vec();
+                    let missed = self.sent.after(&screen).to_vec();
                     if !missed.is_empty() {
-                        keep_sent(&mut self.sent, &missed);
+                        self.sent.keep(&missed);
                         if let Some((c, _)) = &self.client {
                             let _ = c.send(Out::Data(missed)).await;
                         }
@@ -767,9 +774,6 @@ impl Actor<'_> {
         let moved = crate::moves::send(&self.engine, s, to).await;
         match moved {
             Ok(downtime) => {
-                if let Some((c, _)) = &self.client {
-                    let _ = c.send(Out::Moved(to.server.clone())).await;
-                }
                 if let Some(s) = self.held.take() {
                     s.close().await;
                 }
@@ -897,7 +901,7 @@ impl Actor<'_> {
                 ev = self.next_event() => match ev {
                     SessionEvent::Output(d) => {
                         if let Some((c, _)) = &self.client {
-                            keep_sent(&mut self.sent, &d);
+                            self.sent.keep(&d);
                             if c.send(Out::Data(d)).await.is_err() {
                                 self.client = None;
                                 idle_since = tokio::time::Instant::now();
@@ -948,7 +952,7 @@ impl Actor<'_> {
                                 self.client = Some((out, ctx));
                                 set(&self.live.attached, true);
                                 self.sent.clear();
-                                keep_sent(&mut self.sent, &screen);
+                                self.sent.keep(&screen);
                                 let _ = reply.send(Ok(screen));
                             }
                             Err(e) => { let _ = reply.send(Err(e.to_string())); }
@@ -1066,6 +1070,17 @@ impl Actor<'_> {
                         let moved = r.is_ok();
                         let _ = reply.send(r);
                         if moved {
+                            // What the terminal typed while the session moved
+                            // goes back to it, to be typed there.
+                            let mut unsent = Vec::new();
+                            while let Ok(cmd) = rx.try_recv() {
+                                if let Cmd::Input(d) = cmd {
+                                    unsent.extend_from_slice(&d);
+                                }
+                            }
+                            if let Some((c, _)) = self.client.take() {
+                                let _ = c.send(Out::Moved { server: to.server.clone(), unsent }).await;
+                            }
                             return;
                         }
                     }
@@ -1114,30 +1129,5 @@ impl Actor<'_> {
         if let Some(s) = self.held.take() {
             s.close().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{after_sent, keep_sent, SENT_KEPT};
-
-    #[test]
-    fn a_terminal_is_given_only_what_followed_its_place_on_the_screen() {
-        let mut sent = Vec::new();
-        for i in 0..2000 {
-            keep_sent(&mut sent, format!("{i}\n").as_bytes());
-        }
-        assert_eq!(sent.len(), SENT_KEPT);
-        assert!(sent.ends_with(b"1999\n"));
-        // The screen holds what was sent and what followed while nobody watched.
-        let screen: Vec<u8> = (1500..2003).flat_map(|i| format!("{i}\n").into_bytes()).collect();
-        assert_eq!(after_sent(&sent, &screen), b"2000\n2001\n2002\n");
-        // Nothing new.
-        let same: Vec<u8> = (1500..2000).flat_map(|i| format!("{i}\n").into_bytes()).collect();
-        assert_eq!(after_sent(&sent, &same), b"");
-        // Its place scrolled off the screen: all of it, repeated rather than lost.
-        assert_eq!(after_sent(&sent, b"9000\n"), b"9000\n");
-        // A terminal sent nothing yet gets the whole screen.
-        assert_eq!(after_sent(&[], b"hello"), b"hello");
     }
 }

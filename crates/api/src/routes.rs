@@ -1772,6 +1772,36 @@ async fn signal_command(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// How long a terminal told that its session moved has to close its side.
+const HAND_BACK_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Tells a terminal that its session moved to `server`, with the input it
+/// typed that did not reach the program here (`unsent`); then, until the
+/// terminal closes its side, hands back whatever else it typed (`unsent`
+/// frames): it types all of it again where the session went, in order.
+async fn hand_back_input(socket: &mut WebSocket, server: &str, unsent: Vec<u8>) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let moved = serde_json::json!({"type": "moved", "server": server, "unsent": b64.encode(&unsent)});
+    if socket.send(Message::Text(moved.to_string().into())).await.is_err() {
+        return;
+    }
+    let end = tokio::time::Instant::now() + HAND_BACK_PATIENCE;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, socket.recv()).await {
+        match msg {
+            Message::Binary(d) => {
+                let more = serde_json::json!({"type": "unsent", "unsent": b64.encode(&d)});
+                if socket.send(Message::Text(more.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
 async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::TerminalContext) {
     let (out_tx, mut out_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = oneshot::channel();
@@ -1797,10 +1827,16 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::Termina
         let _ = live.cmd.send(Cmd::Detach).await;
         return;
     }
+    let mut unsent = Vec::new();
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(d))) => { let _ = live.cmd.send(Cmd::Input(d.to_vec())).await; }
+                Some(Ok(Message::Binary(d))) => {
+                    // The actor ended (the session moved): kept, to go back.
+                    if let Err(mpsc::error::SendError(Cmd::Input(d))) = live.cmd.send(Cmd::Input(d.to_vec())).await {
+                        unsent.extend_from_slice(&d);
+                    }
+                }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(&t) {
                     Ok(Control::Resize { rows, cols }) if (1..=1000).contains(&rows) && (1..=1000).contains(&cols) => {
                         let _ = live.cmd.send(Cmd::Resize(WinSize { rows, cols })).await;
@@ -1833,9 +1869,9 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::Termina
                     return;
                 }
                 // The terminal follows: it asks its plane where to attach now.
-                Some(Out::Moved(server)) => {
-                    let _ = socket.send(Message::Text(serde_json::json!({"type": "moved", "server": server}).to_string().into())).await;
-                    let _ = socket.send(Message::Close(None)).await;
+                Some(Out::Moved { server, unsent: mut queued }) => {
+                    queued.extend_from_slice(&unsent);
+                    hand_back_input(&mut socket, &server, queued).await;
                     return;
                 }
                 None => return,

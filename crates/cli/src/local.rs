@@ -156,7 +156,10 @@ impl Backend for Local<'_> {
         Ok(())
     }
 
-    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
+    async fn fork(&self, id: &str, count: usize, spread: bool) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
+        if spread {
+            anyhow::bail!("--spread places copies on the servers of a cluster: fork through a control plane (--addr)");
+        }
         let snap = self.eng.snapshot_detached(id, None).await?;
         let idle = self.eng.running_record(id).and_then(|r| r.idle_timeout_s);
         let mut forks = Vec::new();

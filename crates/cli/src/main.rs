@@ -153,6 +153,12 @@ enum Cmd {
         /// How many copies (1 to 32).
         #[arg(short = 'n', long = "count", default_value_t = 1)]
         count: usize,
+        /// Place the copies like launches, on any server of the cluster
+        /// (through a control plane), from a named snapshot of the session
+        /// (`fork-ID-MILLIS`, kept until `images rm`); without it they start
+        /// beside the session, sharing its memory.
+        #[arg(long)]
+        spread: bool,
     },
     /// Save a running session as a named snapshot while it runs on; `strata
     /// run --from NAME` starts sessions from it. Kept until `images rm`.
@@ -726,6 +732,10 @@ enum BenchCmd {
         package: String,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// The guests' memory, instead of the package's (a launch image of
+        /// that size is built once).
+        #[arg(long)]
+        memory_mib: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -1100,7 +1110,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             if adopted > 0 {
                 eprintln!("strata: {adopted} paused session(s) from before are listed again");
             }
-            let running = state.sessions.adopt_running(&state.engine, idle).await;
+            let running = state.sessions.adopt_running(&state.engine, idle, state.cluster.as_deref()).await;
             if running > 0 {
                 eprintln!("strata: took back {running} running session(s) from before");
             }
@@ -1346,11 +1356,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::Move { package, rounds, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Move { package, rounds, memory_mib, json } } => {
             if *rounds == 0 || *rounds > 100 {
                 anyhow::bail!("--rounds must be between 1 and 100");
             }
-            let pkg = eng.package(package)?;
+            let mut pkg = eng.package(package)?;
+            if let Some(mib) = memory_mib {
+                if !(128..=16384).contains(mib) {
+                    anyhow::bail!("--memory-mib must be between 128 and 16384");
+                }
+                pkg.def.memory_mib = *mib;
+            }
             let r = eng.bench_move(&pkg, *rounds, &bar).await?;
             bar.clear();
             if *json {

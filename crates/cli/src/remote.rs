@@ -281,6 +281,11 @@ impl Remote {
         let mut last_key: Option<u8> = None;
         // The first frame repaints the program's screen: for a terminal, not a pipe.
         let mut repaint = true;
+        // Where this terminal is on the program's output, and whether the
+        // next first frame is the screen where a moved session went: only
+        // what follows that place is new.
+        let mut sent = strata_proto::SentTail::default();
+        let mut followed = false;
         let out = |d: &[u8]| {
             let mut o = std::io::stdout().lock();
             let _ = o.write_all(d);
@@ -290,12 +295,16 @@ impl Remote {
             tokio::select! {
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Binary(d))) => {
+                        let first = std::mem::replace(&mut repaint, false);
+                        let after_move = std::mem::replace(&mut followed, false);
+                        let d = if after_move { sent.after(&d).to_vec() } else { d.to_vec() };
+                        // A pipe is given no repaint, but its place is kept.
+                        sent.keep(&d);
                         if tty {
                             out(&d);
-                        } else if !std::mem::replace(&mut repaint, false) {
+                        } else if !first || after_move {
                             out(&crlf.push(&d));
                         }
-                        repaint = false;
                     }
                     Some(Ok(Message::Text(t))) => {
                         let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
@@ -309,9 +318,14 @@ impl Remote {
                             // the plane now says; its first frame repaints.
                             Some("moved") => {
                                 tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), "the session moved; following it");
+                                let unsent = typed_back(&mut ws, &v).await;
                                 let size = terminal::terminal_size().unwrap_or_default();
                                 ws = self.follow(id, &format!("rows={}&cols={}", size.rows, size.cols)).await?;
+                                if !unsent.is_empty() {
+                                    ws.send(Message::Binary(unsent.into())).await?;
+                                }
                                 repaint = true;
+                                followed = true;
                             }
                             _ => {}
                         }
@@ -349,6 +363,31 @@ impl Remote {
             }
         }
     }
+}
+
+/// The input a terminal typed that its session's old server did not pass
+/// on (`moved` names the first of it; `unsent` frames follow until that
+/// server closes): to be typed again where the session went, in order.
+async fn typed_back(ws: &mut Ws, moved: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut unsent = b64.decode(moved["unsent"].as_str().unwrap_or_default()).unwrap_or_default();
+    if ws.send(Message::Close(None)).await.is_ok() {
+        let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, ws.next()).await {
+            match msg {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                    if v["type"] == "unsent" {
+                        unsent.extend(b64.decode(v["unsent"].as_str().unwrap_or_default()).unwrap_or_default());
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    }
+    unsent
 }
 
 /// Opens `url` in the desktop's browser, where there is a desktop.
@@ -420,8 +459,12 @@ impl Backend for Remote {
         self.call("POST", &session_path(id, "/resume"), None).await.map(drop)
     }
 
-    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
-        let v = self.call("POST", &session_path(id, "/fork"), Some(json!({ "count": count }))).await?;
+    async fn fork(&self, id: &str, count: usize, spread: bool) -> anyhow::Result<(Vec<Result<String, String>>, f64)> {
+        let mut body = json!({ "count": count });
+        if spread {
+            body["spread"] = json!(true);
+        }
+        let v = self.call("POST", &session_path(id, "/fork"), Some(body)).await?;
         let forks = list(&v["forks"])
             .map(|f| match f["session"]["id"].as_str() {
                 Some(id) => Ok(id.to_string()),

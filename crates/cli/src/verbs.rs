@@ -105,7 +105,7 @@ pub trait Backend {
     async fn resume(&self, id: &str) -> anyhow::Result<()>;
     /// Forks session `id` into `count` copies: each copy's id or why it
     /// failed, and how long the parent was stopped (ms).
-    async fn fork(&self, id: &str, count: usize) -> anyhow::Result<(Vec<Result<String, String>>, f64)>;
+    async fn fork(&self, id: &str, count: usize, spread: bool) -> anyhow::Result<(Vec<Result<String, String>>, f64)>;
     /// Saves session `id` as snapshot `name`; what to print.
     async fn snapshot(&self, id: &str, name: &str) -> anyhow::Result<String>;
     /// Drains server `server` (`on`) or lets it take launches again; the
@@ -274,14 +274,14 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
         }),
         Cmd::Kill { ids } => Ok(each(ids, |id| async move { b.kill(&id).await.map(|()| None) }).await),
         Cmd::Pause { ids } => Ok(each(ids, |id| async move { b.pause(&id).await.map(Some) }).await),
-        Cmd::Fork { id, count } => {
+        Cmd::Fork { id, count, spread } => {
             if !(1..=strata_engine::fork::MAX_FORKS).contains(count) {
                 return Some(Err(anyhow::anyhow!(
                     "-n {count} is out of range: a fork makes 1 to {} copies",
                     strata_engine::fork::MAX_FORKS
                 )));
             }
-            b.fork(id, *count).await.map(|(forks, stopped_ms)| {
+            b.fork(id, *count, *spread).await.map(|(forks, stopped_ms)| {
                 let mut code = 0;
                 for f in &forks {
                     match f {

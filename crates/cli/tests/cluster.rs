@@ -263,6 +263,86 @@ fn state_of(sessions: &[Value], id: &str) -> String {
     sessions.iter().find(|s| s["id"] == id).map(|s| s["state"].as_str().unwrap().to_string()).unwrap_or_default()
 }
 
+/// `strata attach` through a plane, its input and output piped: a terminal
+/// that follows its session.
+struct Follower {
+    child: Child,
+    typed: std::process::ChildStdin,
+    shown: std::sync::mpsc::Receiver<Vec<u8>>,
+    screen: String,
+}
+
+impl Follower {
+    fn attach(plane: &str, token: &str, id: &str) -> Follower {
+        let mut child = strata(&["--addr", plane, "--token", token, "attach", id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let typed = child.stdin.take().unwrap();
+        let (tx, shown) = std::sync::mpsc::channel::<Vec<u8>>();
+        let mut from = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buf) {
+                let _ = tx.send(buf[..n].to_vec());
+            }
+        });
+        Follower { child, typed, shown, screen: String::new() }
+    }
+
+    fn type_in(&mut self, text: &str) {
+        std::io::Write::write_all(&mut self.typed, text.as_bytes()).unwrap();
+    }
+
+    /// Whether the output shows `want` within `limit`.
+    fn shows_within(&mut self, want: &str, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while !self.screen.contains(want) && Instant::now() < end {
+            if let Ok(b) = self.shown.recv_timeout(Duration::from_millis(200)) {
+                self.screen.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+        self.screen.contains(want)
+    }
+
+    /// Takes in what it showed so far.
+    fn catch_up(&mut self) {
+        while let Ok(b) = self.shown.try_recv() {
+            self.screen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+
+    fn shows(&mut self, want: &str) -> bool {
+        self.shows_within(want, Duration::from_secs(60))
+    }
+
+    /// Its output's lines, without carriage returns.
+    fn lines(&self) -> Vec<&str> {
+        self.screen.lines().map(|l| l.trim_end_matches('\r')).collect()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        kill_tree(&mut self.child);
+    }
+}
+
+/// The QEMUs in agent `i`'s namespace that run session `id`.
+fn qemus_of(i: usize, id: &str) -> usize {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", &ns(i)]).output() else { return 0 };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            comm.starts_with("qemu") && String::from_utf8_lossy(&cmdline).contains(id)
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     if !e2e() {
@@ -277,7 +357,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     std::fs::create_dir_all(&logs).unwrap();
     let g = garage::start_garage(HOST_IP, 39_600);
 
-    // The images of bc and python3, built by the test run, go to the object
+    // The images of bc, python3 and htop, built by the test run, go to the object
     // store; the agents start empty and fetch them.
     let e = env();
     let seed = {
@@ -289,7 +369,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         Engine::open(cfg).unwrap()
     };
     let mut accel = String::new();
-    for name in ["bc", "python3"] {
+    for name in ["bc", "python3", "htop"] {
         let pkg = seed.package(name).unwrap();
         seed.publish_package(&pkg, &LogProgress).await.unwrap();
         accel = seed.ensure_images(&pkg, &LogProgress).await.unwrap().launch.meta["accel"].clone();
@@ -570,6 +650,23 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert_eq!(server_of(&listed, &copy), server_of(&listed, &ids[0]), "{listed:?}");
     c.exchange(1, &alice, &copy, "x+2\n", "43").await;
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{copy}"), &alice).await.0, 204);
+    // Spread: three copies placed like launches (round-robin here), from a
+    // named snapshot fetched through the object store, each with the state.
+    let out =
+        strata(&["--addr", &c.cps[1], "--token", &alice, "fork", &ids[0], "-n", "3", "--spread"]).output().unwrap();
+    assert!(out.status.success(), "fork --spread: {}{}", text(&out.stdout), text(&out.stderr));
+    let copies: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(copies.len(), 3, "{}", text(&out.stdout));
+    let listed = c.sessions(1, &alice).await;
+    let spread_over: std::collections::BTreeSet<String> = copies.iter().map(|id| server_of(&listed, id)).collect();
+    assert!(spread_over.len() >= 2, "the spread copies all went to {spread_over:?}");
+    for copy in &copies {
+        c.exchange(1, &alice, copy, "x+2\n", "43").await;
+        assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{copy}"), &alice).await.0, 204);
+    }
+    let (status, body) =
+        c.post(1, &alice, &format!("/v1/sessions/{}/fork", ids[0]), serde_json::json!({"spread": 1})).await;
+    assert_eq!(status, 400, "{body}");
 
     // A named snapshot is shared: sessions start from it on other servers
     // (fetched from the object store), placed by its package.
@@ -611,42 +708,14 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let from = server_of(&c.sessions(1, &alice).await, &mover);
     let to = if from == "agent3" { "agent2" } else { "agent3" };
     // A terminal attached through the plane follows the session.
-    let mut follower = strata(&["--addr", &c.cps[1], "--token", &alice, "attach", &mover])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut typed = follower.stdin.take().unwrap();
-    let shown = {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let mut from = follower.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buf) {
-                let _ = tx.send(buf[..n].to_vec());
-            }
-        });
-        rx
-    };
-    let mut screen = String::new();
-    let mut shows = |want: &str| {
-        let end = Instant::now() + Duration::from_secs(60);
-        while !screen.contains(want) && Instant::now() < end {
-            if let Ok(b) = shown.recv_timeout(Duration::from_millis(200)) {
-                screen.push_str(&String::from_utf8_lossy(&b));
-            }
-        }
-        screen.contains(want)
-    };
-    std::io::Write::write_all(&mut typed, b"y=100\ny\n").unwrap();
-    assert!(shows("100"), "the attached terminal did not answer before the move: {screen:?}");
+    let mut follower = Follower::attach(&c.cps[1], &alice, &mover);
+    follower.type_in("y=100\ny\n");
+    assert!(follower.shows("100"), "the attached terminal did not answer before the move: {:?}", follower.screen);
     let out = on_plane(&["move", &mover, "--to", to]);
     assert!(out.status.success(), "move: {}{}", text(&out.stdout), text(&out.stderr));
-    std::io::Write::write_all(&mut typed, b"y+5\n").unwrap();
-    let followed = shows("105");
-    kill_tree(&mut follower);
-    assert!(followed, "the attached terminal did not follow the session to {to}: {screen:?}");
+    follower.type_in("y+5\n");
+    assert!(follower.shows("105"), "the attached terminal did not follow the session to {to}: {:?}", follower.screen);
+    drop(follower);
     assert!(text(&out.stdout).contains(&format!("moved from server {from} to server {to}")), "{}", text(&out.stdout));
     let listed = c.sessions(1, &alice).await;
     assert_eq!((server_of(&listed, &mover), state_of(&listed, &mover)), (to.to_string(), "running".to_string()));
@@ -670,21 +739,110 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert_eq!(status, 404, "another terminal moved alice's session");
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{mover}"), &alice).await.0, 204);
 
-    // The operator drains agent3: its session (bc, x=42) moves live to
-    // another server and answers there; agent3 takes no launch until it is
-    // let go again. A terminal that is no operator may not drain.
+    // A python3 session, attached through the plane, prints a counter while
+    // it moves: the terminal follows it and shows every number once, in
+    // order; what was typed while it moved reaches the program there.
+    let (status, created) = c.launch(1, &alice, "python3").await;
+    assert_eq!(status, 201, "{created}");
+    let counting = created["session"]["id"].as_str().unwrap().to_string();
+    let from = server_of(&c.sessions(1, &alice).await, &counting);
+    let mut follower = Follower::attach(&c.cps[1], &alice, &counting);
+    follower.type_in("import time\nfor i in range(1, 2001): print(f'n{i}', flush=True); time.sleep(0.02)\n\n");
+    assert!(follower.shows("\nn50"), "the counter did not start: {:?}", follower.screen);
+    let moving = {
+        let (plane, alice, id) = (c.cps[1].clone(), alice.clone(), counting.clone());
+        std::thread::spawn(move || strata(&["--addr", &plane, "--token", &alice, "move", &id]).output().unwrap())
+    };
+    let mut markers = Vec::new();
+    while !moving.is_finished() && markers.len() < 20 {
+        markers.push(1001 + markers.len());
+        follower.type_in(&format!("print(1000+{})\n", markers.len()));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = moving.join().unwrap();
+    assert!(out.status.success(), "move: {}{}", text(&out.stdout), text(&out.stderr));
+    let counted =
+        |f: &Follower| -> Vec<u32> { f.lines().iter().filter_map(|l| l.strip_prefix('n')?.parse().ok()).collect() };
+    follower.catch_up();
+    let at_move = counted(&follower).last().copied().unwrap_or(0);
+    assert!(at_move < 2000, "the counter ended before the move did; make it longer");
+    let last_marker = format!("\n{}", markers.last().unwrap());
+    assert!(follower.shows_within(&last_marker, Duration::from_secs(240)), "{:?}", follower.screen);
+    let numbers = counted(&follower);
+    let gaps: Vec<(u32, u32)> = numbers.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
+    assert!(gaps.is_empty(), "the counter skipped or repeated across the move (pairs {gaps:?})");
+    assert_eq!((numbers.first(), numbers.last()), (Some(&1), Some(&2000)), "{:?}", follower.screen);
+    let lines = follower.lines();
+    for m in &markers {
+        assert!(
+            lines.contains(&m.to_string().as_str()),
+            "input typed during the move was lost ({m}): {:?}",
+            follower.screen
+        );
+    }
+    drop(follower);
+    let to = server_of(&c.sessions(1, &alice).await, &counting);
+    assert_ne!(to, from, "the counting session did not move");
+    let ps = text(&on_plane(&["ps"]).stdout);
+    assert!(ps.lines().any(|l| l.starts_with(&counting) && l.contains(&to)), "ps does not name {to}: {ps}");
+    eprintln!(
+        "counted to 2000 across a move from {from} to {to} (at {at_move} when it ended), {} typed lines kept",
+        markers.len()
+    );
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{counting}"), &alice).await.0, 204);
+
+    // Three sessions on agent3 (two moved there, one by two orders at once:
+    // one is refused); the operator drains agent3: they move live to other
+    // servers and answer there; agent3 takes no launch until it is let go
+    // again. A terminal that is no operator may not drain.
     assert_eq!(server_of(&c.sessions(1, &alice).await, &on_hung), "agent3");
+    let mut on_agent3 = vec![on_hung.clone()];
+    for n in 0..2 {
+        let (status, created) = c.launch(1, &alice, "bc").await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["session"]["id"].as_str().unwrap().to_string();
+        c.exchange(1, &alice, &id, &format!("x={n}+10\n"), &format!("x={n}+10")).await;
+        let path = format!("/v1/sessions/{id}/move");
+        let order = |to: &'static str| c.post(1, &alice, &path, serde_json::json!({ "server": to }));
+        let mut at = created["session"]["server"].as_str().unwrap().to_string();
+        if n == 0 {
+            let to = if at == "agent3" { "agent1" } else { "agent3" };
+            let (a, b) = tokio::join!(order(to), order(to));
+            let mut statuses = [a.0, b.0];
+            statuses.sort();
+            assert_eq!(statuses, [200, 409], "two moves of one session at once: {} / {}", a.1, b.1);
+            at = to.to_string();
+        }
+        if at != "agent3" {
+            let (status, body) = order("agent3").await;
+            assert_eq!(status, 200, "{body}");
+        }
+        on_agent3.push(id);
+    }
+    let listed = c.sessions(1, &alice).await;
+    assert!(on_agent3.iter().all(|id| server_of(&listed, id) == "agent3"), "{listed:?}");
     let (status, _) = c.post(1, &alice, "/v1/servers/agent3/drain", serde_json::json!({})).await;
     assert_eq!(status, 403, "a terminal that is no operator drained a server");
     let out = strata(&["--addr", &c.cps[1], "--token", &carol, "servers", "drain", "agent3"]).output().unwrap();
     assert!(out.status.success(), "drain: {}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains(&format!("{on_hung} moved to agent")), "{}", text(&out.stdout));
+    for id in &on_agent3 {
+        assert!(text(&out.stdout).contains(&format!("{id} moved to agent")), "{}", text(&out.stdout));
+    }
     assert!(text(&out.stdout).contains("0 session(s) left on it"), "{}", text(&out.stdout));
     let (_, listed) = c.api(1, "GET", "/v1/servers", &alice).await;
     let agent3 = listed.as_array().unwrap().iter().find(|s| s["name"] == "agent3").unwrap().clone();
     assert_eq!(agent3["draining"], true, "{agent3}");
-    assert_ne!(server_of(&c.sessions(1, &alice).await, &on_hung), "agent3");
+    let listed = c.sessions(1, &alice).await;
+    assert!(
+        on_agent3.iter().all(|id| server_of(&listed, id) != "agent3" && state_of(&listed, id) == "running"),
+        "{listed:?}"
+    );
+    assert_eq!(qemus_of(3, &on_hung), 0, "agent3 still runs a drained session");
     c.exchange(1, &alice, &on_hung, "x+3\n", "45").await;
+    for (n, id) in on_agent3[1..].iter().enumerate() {
+        c.exchange(1, &alice, id, "x*2\n", &format!("{}", (n + 10) * 2)).await;
+        assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{id}"), &alice).await.0, 204);
+    }
     for _ in 0..2 {
         let (status, created) = c.launch(1, &alice, "bc").await;
         assert_eq!(status, 201, "{created}");
@@ -694,6 +852,106 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     }
     let out = strata(&["--addr", &c.cps[1], "--token", &carol, "servers", "undrain", "agent3"]).output().unwrap();
     assert!(out.status.success(), "undrain: {}", text(&out.stderr));
+
+    // A move's faults. The sending server dies mid-move (its process killed
+    // while the guest's memory goes), then starts again: the session runs on
+    // exactly one server, with its state, and nothing of it is left on the
+    // other. Then the network between two servers is cut mid-move: the
+    // move fails within its stall limit, the session runs on where it was,
+    // and the receiver drops what it had.
+    let (status, created) = c.launch(1, &alice, "bc").await;
+    assert_eq!(status, 201, "{created}");
+    let faulty = created["session"]["id"].as_str().unwrap().to_string();
+    c.exchange(1, &alice, &faulty, "x=7\n", "x=7").await;
+    let order_move = |to: usize| {
+        let (http, url, alice) = (c.http.clone(), format!("{}/v1/sessions/{faulty}/move", c.cps[1]), alice.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(alice)
+                .json(&serde_json::json!({ "server": format!("agent{to}") }))
+                .timeout(Duration::from_secs(600))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    let log_lines = |p: &Proc, what: &str| p.log().lines().filter(|l| l.contains(what) && l.contains(&faulty)).count();
+    // Polled without blocking: the move runs on this (single) thread too.
+    let until_logged = |p: &Proc, what: &'static str, before: usize| {
+        let end = Instant::now() + Duration::from_secs(120);
+        let log = p.log.clone();
+        let faulty = faulty.clone();
+        async move {
+            let lines = || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.lines().filter(|l| l.contains(what) && l.contains(&faulty)).count()
+            };
+            while lines() <= before && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lines() > before
+        }
+    };
+    let fi: usize = server_of(&c.sessions(1, &alice).await, &faulty)[5..].parse().unwrap();
+    let ti = if fi == 2 { 3 } else { 2 };
+    let moving = order_move(ti);
+    assert!(
+        until_logged(&agents[ti - 1], "memory is arriving", 0).await,
+        "agent{ti} got no memory: {}",
+        agents[ti - 1].log()
+    );
+    agents[fi - 1].kill();
+    let (status, body) = moving.await.unwrap();
+    agents[fi - 1] = spawn(agent_cmd(fi), &logs.join(format!("agent{fi}-after-move.log")));
+    let once = || async {
+        let listed = c.sessions(1, &alice).await;
+        state_of(&listed, &faulty) == "running" && qemus_of(fi, &faulty) + qemus_of(ti, &faulty) == 1
+    };
+    assert!(
+        eventually(Duration::from_secs(90), once).await,
+        "a session whose sender died mid-move does not run on exactly one server (move: {status} {body}; on agent{fi}: {}, on agent{ti}: {}): {:?}",
+        qemus_of(fi, &faulty),
+        qemus_of(ti, &faulty),
+        c.sessions(1, &alice).await
+    );
+    let runs_on = server_of(&c.sessions(1, &alice).await, &faulty);
+    assert_eq!(qemus_of(runs_on[5..].parse().unwrap(), &faulty), 1, "listed on {runs_on}, running elsewhere");
+    c.exchange(1, &alice, &faulty, "x+1\n", "8").await;
+    eprintln!("the sender died mid-move (answer {status}): the session runs on {runs_on} alone");
+    assert!(
+        eventually(Duration::from_secs(30), || async { servers(1).await.len() == AGENTS }).await,
+        "agent{fi} did not register again: {:?}",
+        servers(1).await
+    );
+
+    let fi: usize = runs_on[5..].parse().unwrap();
+    let ti = if fi == 2 { 3 } else { 2 };
+    let waiting = log_lines(&agents[ti - 1], "waiting for a session moving here");
+    let moving = order_move(ti);
+    assert!(
+        until_logged(&agents[ti - 1], "waiting for a session moving here", waiting).await,
+        "agent{ti} did not prepare"
+    );
+    let blackhole = ["-n", &ns(ti), "route", "add", "blackhole", &format!("{}/32", agent_ip(fi))];
+    assert!(sh(&[&["ip"][..], &blackhole].concat()), "cannot cut agent{ti} from agent{fi}");
+    let cut_at = Instant::now();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(180), moving).await.unwrap().unwrap();
+    let failed_in = cut_at.elapsed();
+    let mut mend = blackhole.to_vec();
+    mend[3] = "del";
+    assert!(sh(&[&["ip"][..], &mend].concat()));
+    assert_eq!(status, 502, "a move over a cut network: {body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("runs on where it was"), "{body}");
+    assert_eq!(server_of(&c.sessions(1, &alice).await, &faulty), format!("agent{fi}"));
+    c.exchange(1, &alice, &faulty, "x+2\n", "9").await;
+    assert!(
+        eventually(Duration::from_secs(60), || async { qemus_of(ti, &faulty) == 0 }).await,
+        "agent{ti} kept the QEMU of a move that was cut off"
+    );
+    eprintln!("a move over a cut network failed after {failed_in:?}: {body}");
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{faulty}"), &alice).await.0, 204);
 
     // Pause ids[0] on agent1, then agent1 dies with it and ids[3] on it.
     let (status, body) = c.api(1, "POST", &format!("/v1/sessions/{}/pause", ids[0]), &alice).await;
@@ -736,7 +994,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     // The lost session is forgotten by kill.
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{}", ids[3]), &alice).await.0, 204);
 
-    // An agent killed mid-launch (python3's images are still to fetch):
+    // An agent killed mid-launch (htop's images are still to fetch):
     // the plane tries the other agent.
     let launch = {
         let http = c.http.clone();
@@ -746,7 +1004,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
             let resp = http
                 .post(url)
                 .bearer_auth(alice)
-                .json(&serde_json::json!({"package": "python3"}))
+                .json(&serde_json::json!({"package": "htop"}))
                 .timeout(Duration::from_secs(600))
                 .send()
                 .await
@@ -759,12 +1017,12 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         cps[1]
             .log()
             .lines()
-            .filter(|l| l.contains("launch placed") && l.contains("python3"))
+            .filter(|l| l.contains("launch placed") && l.contains("htop"))
             .find_map(|l| ["agent2", "agent3"].into_iter().find(|a| l.contains(a)))
     };
     assert!(
         eventually(Duration::from_secs(60), || async { placed_on().is_some() }).await,
-        "the python3 launch was not placed"
+        "the htop launch was not placed"
     );
     let victim = placed_on().unwrap();
     let vi: usize = victim[5..].parse().unwrap();
@@ -775,7 +1033,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     assert_eq!(status, 201, "{created}");
     let survivor = created["session"]["server"].as_str().unwrap().to_string();
     assert!(survivor != victim && survivor != "agent1", "{created}");
-    let python = created["session"]["id"].as_str().unwrap().to_string();
+    let htop = created["session"]["id"].as_str().unwrap().to_string();
 
     // etcd goes down: clear errors, sessions keep running; back, nothing lost.
     let running_before: Vec<String> = c
@@ -785,7 +1043,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         .filter(|s| s["state"] == "running")
         .map(|s| s["id"].as_str().unwrap().to_string())
         .collect();
-    assert!(running_before.contains(&python), "{running_before:?}");
+    assert!(running_before.contains(&htop), "{running_before:?}");
     etcd_proc.kill();
     let (status, body) = c.api(1, "GET", "/v1/sessions", &alice).await;
     assert_eq!(status, 503, "{body}");

@@ -398,6 +398,25 @@ impl Cluster {
         self.list_json_revisions("sessions/").await
     }
 
+    /// One session's record, with the revision of its last change; `None`
+    /// if there is none.
+    ///
+    /// # Errors
+    /// If the id is malformed, etcd fails or the record is damaged.
+    pub async fn session_with_revision(&self, id: &str) -> Result<Option<(SessionEntry, i64)>, Error> {
+        check_id("session", id)?;
+        let key = self.key(&format!("sessions/{id}"));
+        let resp = self.client.clone().get(key.as_str(), None).await.map_err(self.err("a read"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                let value = serde_json::from_slice(kv.value())
+                    .map_err(|e| Error::BadRecord { key: key.clone(), message: e.to_string() })?;
+                Ok((value, kv.mod_revision()))
+            })
+            .transpose()
+    }
+
     /// Writes a session's record only if nobody changed it since
     /// `revision` (as [`Cluster::sessions_with_revisions`] read it): a
     /// guess made from an older state never overwrites a newer report.

@@ -611,34 +611,56 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
     // Lost sessions hold nothing any more; they do not count.
     let entries = cp.cluster.sessions().await.map_err(unavailable)?;
     room_in_cluster(&cp, &entries, &terminal, 1)?;
-    let req = cp.request_for(&package)?;
-    let used = memory_held(&entries, &terminal, |p| cp.request_for(p).map_or(512, |r| r.memory_mib));
-    if used + req.memory_mib > cp.max_memory_mib_per_terminal {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "memory_quota",
-            format!(
-                "terminal {terminal:?} runs sessions with {used} MiB of guest memory in this cluster, and this one \
-                 needs {} MiB more: beyond its quota of {} MiB (--max-memory-per-terminal-mib); pause or end one \
-                 first",
-                req.memory_mib, cp.max_memory_mib_per_terminal
-            ),
-        ));
+    memory_room(&cp, &entries, &terminal, &package, 1)?;
+    let created = launch_placed(&cp, &terminal, &package, &body).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// Refuses `count` more sessions of `package` for `terminal` beyond its
+/// quota of guest memory in the cluster.
+fn memory_room(
+    cp: &ControlPlane,
+    entries: &[SessionEntry],
+    terminal: &str,
+    package: &str,
+    count: usize,
+) -> Result<(), ApiError> {
+    let req = cp.request_for(package)?;
+    let used = memory_held(entries, terminal, |p| cp.request_for(p).map_or(512, |r| r.memory_mib));
+    let more = req.memory_mib * count as u64;
+    if used + more <= cp.max_memory_mib_per_terminal {
+        return Ok(());
     }
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "memory_quota",
+        format!(
+            "terminal {terminal:?} runs sessions with {used} MiB of guest memory in this cluster, and this needs \
+             {more} MiB more: beyond its quota of {} MiB (--max-memory-per-terminal-mib); pause or end one first",
+            cp.max_memory_mib_per_terminal
+        ),
+    ))
+}
+
+/// Launches `body` (naming `package`) on a server placement picks, trying
+/// another if one fails mid-way; lists the session at once. What the
+/// server answered, with its id in `session.server`.
+async fn launch_placed(cp: &ControlPlane, terminal: &str, package: &str, body: &Value) -> Result<Value, ApiError> {
+    let req = cp.request_for(package)?;
     let started = std::time::Instant::now();
     let observe = || {
-        let labels = metrics::PackageLabels { package: package.clone() };
+        let labels = metrics::PackageLabels { package: package.to_string() };
         cp.metrics.launch_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     };
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..LAUNCH_ATTEMPTS {
         let server = cp.place(&req, &tried).await?;
         tracing::info!(package, server = %server.id, "launch placed");
-        match cp.order(&server, &terminal, Method::POST, "/v1/sessions", Some(body.clone()), LAUNCH_TIMEOUT).await {
+        match cp.order(&server, terminal, Method::POST, "/v1/sessions", Some(body.clone()), LAUNCH_TIMEOUT).await {
             Ok((status, mut created)) if status.is_success() => {
                 let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
                 let created_at = created["session"]["created"].as_u64().unwrap_or(0);
-                let entry = SessionEntry::running(&id, &server.id, &package, &terminal, created_at);
+                let entry = SessionEntry::running(&id, &server.id, package, terminal, created_at);
                 // The server records it too, within seconds; this makes it listed at once.
                 if let Err(e) = cp.cluster.put_session(&entry).await {
                     tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
@@ -646,7 +668,7 @@ async fn create_session(State(cp): St, User(terminal): User, body: axum::body::B
                 created["session"]["server"] = json!(server.id);
                 cp.metrics.count(&server.id, "launched");
                 observe();
-                return Ok((status, Json(created)).into_response());
+                return Ok(created);
             }
             Ok((status, answer)) => {
                 cp.metrics.count(&server.id, "refused");
@@ -760,15 +782,29 @@ async fn pass_with(
 
 /// Forks a session on its server: the copies start there, beside it (the
 /// snapshot's memory is shared by them there), within the terminal's limit
-/// of sessions in the cluster; each is listed at once.
+/// of sessions in the cluster; each is listed at once. With `"spread":
+/// true` they are placed like launches instead (see [`fork_spread`]).
 async fn fork_session(
     State(cp): St,
     User(terminal): User,
     UrlPath(id): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&body, true)?;
-    let count = body["count"].as_u64().unwrap_or(1) as usize;
+    let mut body = json_body(&body, true)?;
+    let spread = match body.as_object_mut().and_then(|o| o.remove("spread")) {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => return Err(ApiError::bad_request(format!("`spread` must be true or false, not {other}"))),
+    };
+    let count = match &body["count"] {
+        Value::Null => 1,
+        v => v.as_u64().filter(|n| (1..=MAX_FORKS as u64).contains(n)).ok_or_else(|| {
+            ApiError::bad_request(format!("`count` must be a number of copies from 1 to {MAX_FORKS}, not {v}"))
+        })? as usize,
+    };
+    if spread {
+        return fork_spread(&cp, &terminal, &id, count).await;
+    }
     let (entry, server) = cp.managed(&terminal, &id).await?;
     let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
     let entries = cp.cluster.sessions().await.map_err(unavailable)?;
@@ -792,6 +828,49 @@ async fn fork_session(
         copy["session"]["server"] = json!(server.id);
     }
     Ok((status, Json(forked)).into_response())
+}
+
+/// The most copies one fork makes (as a server takes them).
+const MAX_FORKS: usize = 32;
+
+/// Forks a session into `count` copies placed like launches, on any
+/// server: the session is saved as a named snapshot while it runs on
+/// (`fork-ID-MILLIS`, shared through the object store like any image, kept
+/// until `images rm`), then each copy is launched from it where placement
+/// puts it (the copies on one server share its memory there). Each copy's
+/// outcome is answered, in order.
+async fn fork_spread(cp: &ControlPlane, terminal: &str, id: &str, count: usize) -> Result<Response, ApiError> {
+    let (entry, server) = cp.managed(terminal, id).await?;
+    let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
+    let entries = cp.cluster.sessions().await.map_err(unavailable)?;
+    room_in_cluster(cp, &entries, &entry.owner, count)?;
+    memory_room(cp, &entries, &entry.owner, &entry.package, count)?;
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let name = format!("fork-{id}-{millis}");
+    let path = format!("/v1/sessions/{id}/snapshot");
+    let (status, snap) = cp
+        .order(&server, &entry.owner, Method::POST, &path, Some(json!({ "name": name })), ORDER_TIMEOUT)
+        .await
+        .map_err(|e| unreachable(&server, &e))?;
+    if !status.is_success() {
+        return Err(passed_on(status, snap));
+    }
+    let launch = json!({ "package": entry.package, "snapshot": name });
+    let mut forks = Vec::new();
+    for _ in 0..count {
+        forks.push(match launch_placed(cp, &entry.owner, &entry.package, &launch).await {
+            Ok(created) => created,
+            Err(e) => json!({ "error": e.message }),
+        });
+    }
+    tracing::info!(session = %id, copies = count, snapshot = %name, "forked a session across servers");
+    let answer = json!({
+        "parent": { "id": id, "server": server.id },
+        "snapshot": name,
+        "parent_stopped_ms": snap["stopped_ms"],
+        "forks": forks,
+    });
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// Moves a running session to another server by live migration: the one

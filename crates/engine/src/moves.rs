@@ -149,20 +149,39 @@ impl Engine {
     /// If the overlay cannot be put in place or the guest does not start;
     /// the receiving QEMU is ended then.
     pub async fn finish_receive(&self, mut inc: Incoming, overlay: &Path) -> Result<Session, Error> {
-        let placed = async {
-            inc.wait_arrived().await?;
-            // QEMU holds the overlay open, not yet in use: the file is
-            // rewritten in place, and QEMU reads it afresh when the guest
-            // starts. Its backing file is this server's copy of the image.
-            let own = strata_vmm::qemu::throwaway_overlay_path(inc.dir.path(), 0);
-            copy_in_place(overlay, &own)?;
-            rebase_to_path(&own, &inc.disk_backing).await?;
-            inc.vm.resume().await.map_err(|e| Error::Move(format!("starting the guest: {e}")))?;
-            Ok::<_, Error>(())
-        };
-        if let Err(e) = placed.await {
+        if let Err(e) = self.place_received(&mut inc, overlay).await {
             inc.abandon().await;
             return Err(e);
+        }
+        self.start_received(inc).await
+    }
+
+    /// Waits for the guest to arrive and puts its disk writes (`overlay`,
+    /// the sending QEMU's overlay file as it left it) in place; the guest
+    /// stays stopped.
+    ///
+    /// # Errors
+    /// If the guest did not arrive or the overlay cannot be put in place
+    /// (the caller abandons `inc` then).
+    pub async fn place_received(&self, inc: &mut Incoming, overlay: &Path) -> Result<(), Error> {
+        inc.wait_arrived().await?;
+        // QEMU holds the overlay open, not yet in use: the file is
+        // rewritten in place, and QEMU reads it afresh when the guest
+        // starts. Its backing file is this server's copy of the image.
+        let own = strata_vmm::qemu::throwaway_overlay_path(inc.dir.path(), 0);
+        copy_in_place(overlay, &own)?;
+        rebase_to_path(&own, &inc.disk_backing).await
+    }
+
+    /// Starts a guest put in place by [`Engine::place_received`] and records
+    /// the session as this server's: the session, held by this process.
+    ///
+    /// # Errors
+    /// If the guest does not start; the receiving QEMU is ended then.
+    pub async fn start_received(&self, mut inc: Incoming) -> Result<Session, Error> {
+        if let Err(e) = inc.vm.resume().await {
+            inc.abandon().await;
+            return Err(Error::Move(format!("starting the guest: {e}")));
         }
         let Incoming { record: mut rec, vm, conn, dir, .. } = inc;
         let id = rec.id.clone();

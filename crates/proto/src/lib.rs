@@ -243,6 +243,45 @@ pub struct ProcState {
     pub exit: Option<i32>,
 }
 
+/// The last bytes a terminal was sent of a program's output: where that
+/// terminal is, when the agent's screen (its last output) is all there is
+/// to go on from, after a snapshot or on another server after a move.
+#[derive(Debug, Default, Clone)]
+pub struct SentTail(Vec<u8>);
+
+impl SentTail {
+    /// How much of what was sent is kept.
+    pub const KEPT: usize = 4096;
+    /// How much of that must match the screen to be sure of the place.
+    const MARK: usize = 256;
+
+    /// Notes that `more` was sent.
+    pub fn keep(&mut self, more: &[u8]) {
+        self.0.extend_from_slice(more);
+        if self.0.len() > Self::KEPT {
+            self.0.drain(..self.0.len() - Self::KEPT);
+        }
+    }
+
+    /// Forgets what was sent (a terminal that starts afresh).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// What of `screen` follows what was sent last: all of it if the place
+    /// cannot be found, since repeating output is better than losing it.
+    pub fn after<'a>(&self, screen: &'a [u8]) -> &'a [u8] {
+        let mark = &self.0[self.0.len().saturating_sub(Self::MARK)..];
+        if mark.is_empty() {
+            return screen;
+        }
+        match screen.windows(mark.len()).rposition(|w| w == mark) {
+            Some(at) => &screen[at + mark.len()..],
+            None => screen,
+        }
+    }
+}
+
 /// What the agent tells the host.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum GuestMsg {
@@ -370,5 +409,25 @@ mod tests {
     fn garbage_payload_is_an_error_not_a_panic() {
         let buf = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
         assert!(read_msg::<_, GuestMsg>(&mut &buf[..]).is_err());
+    }
+
+    #[test]
+    fn a_terminal_is_given_only_what_followed_its_place_on_the_screen() {
+        let mut sent = SentTail::default();
+        for i in 0..2000 {
+            sent.keep(format!("{i}\n").as_bytes());
+        }
+        assert_eq!(sent.0.len(), SentTail::KEPT);
+        assert!(sent.0.ends_with(b"1999\n"));
+        // The screen holds what was sent and what followed while nobody watched.
+        let screen: Vec<u8> = (1500..2003).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        assert_eq!(sent.after(&screen), b"2000\n2001\n2002\n");
+        // Nothing new.
+        let same: Vec<u8> = (1500..2000).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        assert_eq!(sent.after(&same), b"");
+        // Its place scrolled off the screen: all of it, repeated rather than lost.
+        assert_eq!(sent.after(b"9000\n"), b"9000\n");
+        // A terminal sent nothing yet gets the whole screen.
+        assert_eq!(SentTail::default().after(b"hello"), b"hello");
     }
 }
