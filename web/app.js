@@ -266,6 +266,7 @@ function attach(id, name) {
     if (msg.type === 'exit') $('term-status').textContent = `The program exited with status ${msg.status}.`;
     else if (msg.type === 'lost') $('term-status').textContent = `Session lost: ${msg.reason}`;
     else if (msg.type === 'error') showError(msg.message, 'work-error');
+    else if (msg.type === 'moved') $('term-status').textContent = `The session moved to server ${msg.server}; attach to it through the cluster's control plane.`;
   };
   ws.onclose = () => { if (socket === ws) { socket = null; attachedId = null; loadSessions().catch(() => {}); } };
 }

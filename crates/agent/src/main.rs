@@ -31,6 +31,11 @@ pub struct Agent {
     port_out: Mutex<File>,
     /// Whether a terminal is attached; output is only kept, not sent, otherwise.
     attached: AtomicBool,
+    /// Held while output is kept and sent (or not), and while an attach
+    /// takes the screens and starts the sending: each piece of output is
+    /// then in the screens an attach answers or sent after them, never
+    /// neither (a terminal that follows a moved session relies on it).
+    pub output_gate: Mutex<()>,
     /// Whether a host holds the channel (attached or not).
     host_connected: AtomicBool,
     procs: Mutex<HashMap<ProcId, Arc<Proc>>>,
@@ -94,6 +99,7 @@ impl Agent {
                     p.resize(ctx.size);
                 }
                 *self.context.lock().unwrap_or_else(|e| e.into_inner()) = ctx;
+                let _gate = self.output_gate.lock().unwrap_or_else(|e| e.into_inner());
                 let states = procs.iter().map(|p| p.state()).collect();
                 self.send_always(&GuestMsg::Attached {
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -284,6 +290,7 @@ fn main() {
     let agent = Arc::new(Agent {
         port_out: Mutex::new(port_out),
         attached: AtomicBool::new(false),
+        output_gate: Mutex::new(()),
         host_connected: AtomicBool::new(false),
         procs: Mutex::new(HashMap::new()),
         commands: Mutex::new(HashMap::new()),

@@ -134,6 +134,8 @@ impl Proc {
                 Err(_) => break,
             };
             let data = &buf[..n];
+            // Kept and sent (or not) as one step against an attach.
+            let gate = agent.output_gate.lock().unwrap_or_else(|e| e.into_inner());
             {
                 let mut screen = self.screen.lock().unwrap_or_else(|e| e.into_inner());
                 screen.extend(data);
@@ -155,6 +157,7 @@ impl Proc {
                 }
             }
             agent.send(&GuestMsg::Output { id: self.id, data: data.to_vec() });
+            drop(gate);
         }
         let report = {
             let mut st = self.lock_status();
