@@ -786,7 +786,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let ps = text(&on_plane(&["ps"]).stdout);
     assert!(ps.lines().any(|l| l.starts_with(&counting) && l.contains(&to)), "ps does not name {to}: {ps}");
     eprintln!(
-        "counted to 2000 across a move from {from} to {to} (at {at_move} when it ended), {} typed lines kept",
+        "counted to 2000 across a move from {from} to {to} (the terminal showed n{at_move} when the move ended), {} typed lines kept",
         markers.len()
     );
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{counting}"), &alice).await.0, 204);
@@ -905,6 +905,11 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     agents[fi - 1].kill();
     let (status, body) = moving.await.unwrap();
     agents[fi - 1] = spawn(agent_cmd(fi), &logs.join(format!("agent{fi}-after-move.log")));
+    assert!(
+        eventually(Duration::from_secs(60), || async { agents[fi - 1].log().contains("joined the cluster") }).await,
+        "agent{fi} did not start again: {}",
+        agents[fi - 1].log()
+    );
     let once = || async {
         let listed = c.sessions(1, &alice).await;
         state_of(&listed, &faulty) == "running" && qemus_of(fi, &faulty) + qemus_of(ti, &faulty) == 1
