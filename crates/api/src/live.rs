@@ -515,6 +515,7 @@ impl Registry {
                 listings: Vec::new(),
                 next_command: FIRST_COMMAND,
                 sent: SentTail::default(),
+                stashed: None,
             };
             actor.run(rx).await;
             reg.lock().remove(&l.id);
@@ -664,6 +665,8 @@ struct Actor<'a> {
     next_command: ProcId,
     /// Where the attached terminal is on the program's output.
     sent: SentTail,
+    /// An event read while the session moved, to be handled first.
+    stashed: Option<SessionEvent>,
 }
 
 /// How long a command's output waits for a watcher that does not read
@@ -674,6 +677,9 @@ const PAUSED: &str = "the session is paused; resume it first";
 
 impl Actor<'_> {
     async fn next_event(&mut self) -> SessionEvent {
+        if let Some(ev) = self.stashed.take() {
+            return ev;
+        }
         match self.held.as_mut() {
             Some(s) => s.next_event().await,
             None => std::future::pending().await,
@@ -767,13 +773,40 @@ impl Actor<'_> {
     /// this server's QEMU is gone and an attached terminal is told where
     /// its session went; on failure the session runs on here as it was.
     async fn move_to(&mut self, to: &crate::moves::Destination) -> Result<Duration, String> {
-        let s = self.held.as_mut().ok_or(PAUSED)?;
-        // The agent keeps the program's output meanwhile, for the terminal
-        // that attaches on the other server.
-        s.quiet().await.map_err(|e| e.to_string())?;
-        let moved = crate::moves::send(&self.engine, s, to).await;
+        let Actor { held, client, sent, engine, stashed, .. } = self;
+        let s = held.as_mut().ok_or(PAUSED)?;
+        // While its memory goes the guest runs: an attached terminal is
+        // given the program's output meanwhile. The first event that is
+        // not output waits for the move's end (and is dropped if the
+        // session went). What the program writes after the last output
+        // read here is on the agent's screen, for the terminal that
+        // attaches on the other server.
+        let mut events = s.lend_events();
+        let moved = {
+            let moving = crate::moves::send(engine, s, to);
+            tokio::pin!(moving);
+            loop {
+                tokio::select! {
+                    r = &mut moving => break r,
+                    ev = events.recv(), if stashed.is_none() => match ev {
+                        Some(SessionEvent::Output(d)) => {
+                            if let Some((c, _)) = client.as_ref() {
+                                sent.keep(&d);
+                                if c.send(Out::Data(d)).await.is_err() {
+                                    *client = None;
+                                }
+                            }
+                        }
+                        Some(other) => *stashed = Some(other),
+                        None => *stashed = Some(SessionEvent::Lost("the session ended".into())),
+                    },
+                }
+            }
+        };
+        s.return_events(events);
         match moved {
             Ok(downtime) => {
+                self.stashed = None;
                 if let Some(s) = self.held.take() {
                     s.close().await;
                 }
@@ -782,13 +815,7 @@ impl Actor<'_> {
             }
             Err(e) => {
                 tracing::warn!(session = %self.live.id, to = %to.server, error = %e, "a move failed; the session runs on here");
-                let ctx = self.client.as_ref().map(|(_, ctx)| ctx.clone());
-                if let (Some(ctx), Some(s)) = (ctx, self.held.as_mut()) {
-                    if s.reattach(&ctx).await.is_err() {
-                        self.client = None;
-                        set(&self.live.attached, false);
-                    }
-                }
+                set(&self.live.attached, self.client.is_some());
                 Err(e)
             }
         }

@@ -766,6 +766,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     follower.catch_up();
     let at_move = counted(&follower).last().copied().unwrap_or(0);
     assert!(at_move < 2000, "the counter ended before the move did; make it longer");
+    assert!(at_move > 50, "the terminal was given no output while the session's memory went");
     let last_marker = format!("\n{}", markers.last().unwrap());
     assert!(follower.shows_within(&last_marker, Duration::from_secs(240)), "{:?}", follower.screen);
     let numbers = counted(&follower);

@@ -309,6 +309,18 @@ impl Session {
     }
 
     /// The next thing the program did. Cancel-safe.
+    /// Lends the session's events out (an empty stream is left in their
+    /// place until [`Session::return_events`]), so that they can be read
+    /// while the session itself is busy (moving).
+    pub fn lend_events(&mut self) -> mpsc::Receiver<SessionEvent> {
+        std::mem::replace(&mut self.events, mpsc::channel(1).1)
+    }
+
+    /// Gives back what [`Session::lend_events`] lent.
+    pub fn return_events(&mut self, events: mpsc::Receiver<SessionEvent>) {
+        self.events = events;
+    }
+
     pub async fn next_event(&mut self) -> SessionEvent {
         match self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into())) {
             // Said plainly: the user's program did nothing wrong by exiting.
