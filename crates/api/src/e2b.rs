@@ -108,6 +108,24 @@ impl FromRequestParts<Arc<AppState>> for Owner {
     type Rejection = E2bError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Owner, E2bError> {
+        // A control plane passing a terminal's request on (the cluster's
+        // secret, the terminal named).
+        if let (Some(link), Some(token)) = (&state.cluster, crate::auth::bearer(parts)) {
+            if link.is_secret(token) {
+                return parts
+                    .headers
+                    .get(crate::cluster::TERMINAL_HEADER)
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|n| crate::auth::valid_terminal(n))
+                    .map(|n| Owner(n.to_string()))
+                    .ok_or_else(|| {
+                        bad_request(format!(
+                            "a control plane's request must name its terminal in {}",
+                            crate::cluster::TERMINAL_HEADER
+                        ))
+                    });
+            }
+        }
         let key = parts
             .headers
             .get("x-api-key")

@@ -337,39 +337,97 @@ impl Registry {
         self: &Arc<Self>,
         engine: &Arc<Engine>,
         idle: Option<Duration>,
-        cluster: Option<&crate::cluster::ClusterLink>,
+        cluster: Option<Arc<crate::cluster::ClusterLink>>,
     ) -> usize {
         let mut n = 0;
+        let mut undecided = Vec::new();
         for rec in engine.unheld_sessions() {
             let Some(live) = self.live_of(&rec, idle) else { continue };
-            if let Some(link) = cluster {
-                match crate::cluster::keep_after_restart(link, &live.0).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::info!(session = %rec.id, "the session moved to another server while this one was down; ending its copy here");
-                        if let Err(e) = engine.kill_session(&rec.id).await {
-                            tracing::warn!(session = %rec.id, error = %e, "could not end the copy of a session that moved");
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(session = %rec.id, error = %e, "the cluster does not say who runs this session; it is not taken back yet");
+            if let Some(link) = &cluster {
+                match self.keep_or_end(link, engine, &rec, &live.0).await {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => {
+                        undecided.push(rec);
                         continue;
                     }
                 }
             }
-            let session = match engine.adopt_session(&rec.id).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(session = %rec.id, error = %e, "a running session from before is not taken back");
-                    continue;
+            n += usize::from(self.take_back(live, &rec, engine).await);
+        }
+        // Those the cluster could not be asked about are asked again until
+        // it answers (for an hour): each is taken back or ended then.
+        if let (Some(link), false) = (cluster, undecided.is_empty()) {
+            let (registry, engine) = (self.clone(), engine.clone());
+            tokio::spawn(async move {
+                for _ in 0..720 {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let mut left = Vec::new();
+                    for rec in undecided {
+                        let Some(live) = registry.live_of(&rec, idle) else { continue };
+                        match registry.keep_or_end(&link, &engine, &rec, &live.0).await {
+                            Some(true) => {
+                                registry.take_back(live, &rec, &engine).await;
+                            }
+                            Some(false) => {}
+                            None => left.push(rec),
+                        }
+                    }
+                    if left.is_empty() {
+                        return;
+                    }
+                    undecided = left;
                 }
-            };
-            self.run_held(live, &rec, session, engine);
-            tracing::info!(session = %rec.id, package = %rec.package, "took back a running session");
-            n += 1;
+            });
         }
         n
+    }
+
+    /// Whether this server, just started, keeps running session `rec`
+    /// (see [`crate::cluster::keep_after_restart`]); if not, its copy here
+    /// is ended. `None` if the cluster cannot be asked.
+    async fn keep_or_end(
+        &self,
+        link: &crate::cluster::ClusterLink,
+        engine: &Engine,
+        rec: &strata_engine::sessions::SessionRecord,
+        live: &Live,
+    ) -> Option<bool> {
+        match crate::cluster::keep_after_restart(link, live).await {
+            Ok(true) => Some(true),
+            Ok(false) => {
+                tracing::info!(session = %rec.id, "the session moved to another server while this one was down; ending its copy here");
+                if let Err(e) = engine.kill_session(&rec.id).await {
+                    tracing::warn!(session = %rec.id, error = %e, "could not end the copy of a session that moved");
+                }
+                Some(false)
+            }
+            Err(e) => {
+                tracing::warn!(session = %rec.id, error = %e, "the cluster does not say who runs this session; it is taken back once it does");
+                None
+            }
+        }
+    }
+
+    /// Connects to running session `rec` again and gives it its actor;
+    /// whether it was taken back.
+    async fn take_back(
+        self: &Arc<Self>,
+        live: (Live, mpsc::Receiver<Cmd>),
+        rec: &strata_engine::sessions::SessionRecord,
+        engine: &Arc<Engine>,
+    ) -> bool {
+        match engine.adopt_session(&rec.id).await {
+            Ok(session) => {
+                self.run_held(live, rec, session, engine);
+                tracing::info!(session = %rec.id, package = %rec.package, "took back a running session");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(session = %rec.id, error = %e, "a running session from before is not taken back");
+                false
+            }
+        }
     }
 
     /// Takes a session that moved here from another server (held by this

@@ -1110,7 +1110,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             if adopted > 0 {
                 eprintln!("strata: {adopted} paused session(s) from before are listed again");
             }
-            let running = state.sessions.adopt_running(&state.engine, idle, state.cluster.as_deref()).await;
+            let running = state.sessions.adopt_running(&state.engine, idle, state.cluster.clone()).await;
             if running > 0 {
                 eprintln!("strata: took back {running} running session(s) from before");
             }

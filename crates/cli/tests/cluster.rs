@@ -854,6 +854,47 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let out = strata(&["--addr", &c.cps[1], "--token", &carol, "servers", "undrain", "agent3"]).output().unwrap();
     assert!(out.status.success(), "undrain: {}", text(&out.stderr));
 
+    // E2B's Python SDK through the plane: sandboxes placed on the agents
+    // (recorded at once), commands and files through their servers, a
+    // listing gathered from all of them, another terminal's sandbox not
+    // found, a kill.
+    let python = std::env::var("STRATA_E2B_PYTHON")
+        .expect("STRATA_E2B_PYTHON must name the python of E2B's SDK (./test.sh; source scripts/e2b-sdk.sh)");
+    let e2b = |token: &str, script: &str| {
+        let out = Command::new(&python)
+            .args(["-c", &format!("import json\nfrom e2b import *\ndef say(step, value): print(json.dumps({{'step': step, 'value': value}}), flush=True)\n{script}")])
+            .env("E2B_API_URL", format!("{}/e2b", c.cps[1]))
+            .env("E2B_SANDBOX_URL", format!("{}/e2b", c.cps[1]))
+            .env("E2B_API_KEY", token)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the SDK script failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        let lines: Vec<Value> = text(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        move |name: &str| lines.iter().find(|l| l["step"] == name).map(|l| l["value"].clone()).unwrap_or(Value::Null)
+    };
+    let said = e2b(
+        &alice,
+        "a = Sandbox.create(template='bc', timeout=600, metadata={'via': 'plane'})\n         b = Sandbox.create(template='bc', timeout=600)\n         say('ids', [a.sandbox_id, b.sandbox_id])\n         r = a.commands.run('echo $((6*7)); echo err >&2')\n         say('run', [r.stdout, r.stderr, r.exit_code])\n         a.files.write('/root/via-plane.txt', 'through the plane')\n         say('read', a.files.read('/root/via-plane.txt'))\n         say('listed', sorted(s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={'via': 'plane'})).next_items()))\n         say('all', len(Sandbox.list().next_items()))\n         b.kill()\n",
+    );
+    let ids: Vec<String> = said("ids").as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(said("run"), serde_json::json!(["42\n", "err\n", 0]));
+    assert_eq!(said("read"), "through the plane");
+    assert_eq!(said("listed"), serde_json::json!([ids[0]]));
+    assert!(said("all").as_u64().unwrap() >= 2, "the listing through the plane: {}", said("all"));
+    let listed = c.sessions(1, &alice).await;
+    let on = server_of(&listed, &ids[0]);
+    assert!(on.starts_with("agent"), "the sandbox is not on an agent: {listed:?}");
+    assert_eq!(state_of(&listed, &ids[1]), "", "a killed sandbox is still listed");
+    let said = e2b(
+        &bob,
+        &format!(
+            "try:\n    Sandbox.connect('{}')\n    say('other', 'connected')\nexcept NotFoundException:\n    say('other', 'not found')\n",
+            ids[0]
+        ),
+    );
+    assert_eq!(said("other"), "not found", "bob reached alice's sandbox through the plane");
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{}", ids[0]), &alice).await.0, 204);
+
     // A move's faults. The sending server dies mid-move (its process killed
     // while the guest's memory goes), then starts again: the session runs on
     // exactly one server, with its state, and nothing of it is left on the

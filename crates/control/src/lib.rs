@@ -30,6 +30,8 @@ use strata_api::ApiError;
 use strata_cluster::{Cluster, ServerLoad, SessionEntry};
 use strata_placement::{Placer, Policy, Request};
 
+mod e2b;
+
 pub mod metrics;
 
 /// What can stop a control plane from starting.
@@ -410,10 +412,20 @@ impl FromRequestParts<Arc<ControlPlane>> for User {
 
     async fn from_request_parts(parts: &mut Parts, cp: &Arc<ControlPlane>) -> Result<User, ApiError> {
         let token = strata_api::auth::bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        cp.terminal_of(token).await.map(User)
+    }
+}
+
+impl ControlPlane {
+    /// The terminal an API token (from etcd) names.
+    ///
+    /// # Errors
+    /// If it names none, has expired, or etcd fails.
+    async fn terminal_of(&self, token: &str) -> Result<String, ApiError> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut found = None;
         // Every entry is compared, each in constant time.
-        for t in cp.cluster.tokens().await.map_err(unavailable)? {
+        for t in self.cluster.tokens().await.map_err(unavailable)? {
             let hash = hex::decode(&t.hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
             if hash.is_some_and(|h| strata_api::auth::matches(token, &h)) {
                 found = Some(t);
@@ -426,7 +438,7 @@ impl FromRequestParts<Arc<ControlPlane>> for User {
                 "token_expired",
                 "this API token has expired; create a new one with `strata token create TERMINAL --etcd ...`",
             )),
-            Some(t) => Ok(User(t.terminal)),
+            Some(t) => Ok(t.terminal),
         }
     }
 }
@@ -450,6 +462,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/sessions/{id}/snapshot", post(snapshot_session))
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
+        .route("/e2b/{*rest}", axum::routing::any(e2b::forward))
         .with_state(cp)
 }
 
