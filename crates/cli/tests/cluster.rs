@@ -874,11 +874,34 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     };
     let said = e2b(
         &alice,
-        "a = Sandbox.create(template='bc', timeout=600, metadata={'via': 'plane'})\n         b = Sandbox.create(template='bc', timeout=600)\n         say('ids', [a.sandbox_id, b.sandbox_id])\n         r = a.commands.run('echo $((6*7)); echo err >&2')\n         say('run', [r.stdout, r.stderr, r.exit_code])\n         a.files.write('/root/via-plane.txt', 'through the plane')\n         say('read', a.files.read('/root/via-plane.txt'))\n         say('listed', sorted(s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={'via': 'plane'})).next_items()))\n         say('all', len(Sandbox.list().next_items()))\n         b.kill()\n",
+        &[
+            "a = Sandbox.create(template='bc', timeout=600, metadata={'via': 'plane'})",
+            "b = Sandbox.create(template='bc', timeout=600)",
+            "say('ids', [a.sandbox_id, b.sandbox_id])",
+            "r = a.commands.run('echo $((6*7)); echo err >&2')",
+            "say('run', [r.stdout, r.stderr, r.exit_code])",
+            "a.files.write('/root/via-plane.txt', 'through the plane')",
+            "say('read', a.files.read('/root/via-plane.txt'))",
+            "import urllib.request, urllib.error",
+            "up = urllib.request.Request(a.upload_url('/root/up.txt'), data=b'signed', method='POST', headers={'content-type': 'application/octet-stream'})",
+            "urllib.request.urlopen(up).read()",
+            "say('signed', [a.files.read('/root/up.txt'), urllib.request.urlopen(a.download_url('/root/up.txt')).read().decode()])",
+            "try:",
+            "    urllib.request.urlopen(a.download_url('/root/up.txt').replace('signature=v1_', 'signature=v1_x'))",
+            "    say('forged', 'served')",
+            "except urllib.error.HTTPError as e:",
+            "    say('forged', e.code)",
+            "say('listed', sorted(s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={'via': 'plane'})).next_items()))",
+            "say('all', len(Sandbox.list().next_items()))",
+            "b.kill()",
+        ]
+        .join("\n"),
     );
     let ids: Vec<String> = said("ids").as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert_eq!(said("run"), serde_json::json!(["42\n", "err\n", 0]));
     assert_eq!(said("read"), "through the plane");
+    assert_eq!(said("signed"), serde_json::json!(["signed", "signed"]), "signed file URLs through the plane");
+    assert_eq!(said("forged"), 401, "a forged file URL through the plane");
     assert_eq!(said("listed"), serde_json::json!([ids[0]]));
     assert!(said("all").as_u64().unwrap() >= 2, "the listing through the plane: {}", said("all"));
     let listed = c.sessions(1, &alice).await;

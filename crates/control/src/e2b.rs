@@ -16,9 +16,8 @@
 //! - listings (sandboxes, snapshots) are gathered from every server and
 //!   paged here; a snapshot is deleted wherever it is.
 //!
-//! Signed file URLs carry no sandbox id, so the plane cannot tell whose
-//! server holds them: they are refused here with a clear error (use the
-//! SDK's file calls, or the server's own address).
+//! Signed file URLs carry no sandbox id: each server is asked whether one
+//! of its sandboxes signs the URL, and the request goes there.
 
 use std::sync::Arc;
 
@@ -63,10 +62,7 @@ async fn route(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
         return proxy(cp, &server, req, None).await;
     }
     if segments == ["files"] {
-        return Err(ApiError::bad_request(
-            "signed file URLs name no sandbox a control plane can find: use the SDK's file calls \
-             (they name the sandbox), or the URL of the server that runs it",
-        ));
+        return signed_file(cp, req).await;
     }
     let key = header(req.headers(), "x-api-key")
         .or_else(|| header(req.headers(), "authorization").and_then(|a| a.strip_prefix("Bearer ")))
@@ -104,6 +100,36 @@ async fn route(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
         (&Method::DELETE, ["templates", _]) => delete_everywhere(cp, &terminal, &path).await,
         _ => Err(ApiError::not_found(format!("{method} /e2b{path} is not part of E2B's API"))),
     }
+}
+
+/// A signed file URL (the SDK's upload and download URLs): it names no
+/// sandbox, so each server is asked whether one of its sandboxes signs it
+/// (`/e2b/files/holder`), and the request goes to the one that does.
+async fn signed_file(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
+    let query = req.uri().query().unwrap_or_default().to_string();
+    if !query.split('&').any(|p| p.starts_with("signature=")) {
+        return Err(ApiError::bad_request(
+            "a /files request names its sandbox in E2b-Sandbox-Id, or is a signed URL (with `signature`)",
+        ));
+    }
+    let operation = if req.method() == Method::GET { "read" } else { "write" };
+    for server in cp.cluster.servers().await.map_err(unavailable)? {
+        let asked = cp
+            .http
+            .get(format!("{}/e2b/files/holder?{query}&operation={operation}", server.address))
+            .bearer_auth(&cp.secret)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await;
+        if asked.is_ok_and(|r| r.status() == StatusCode::NO_CONTENT) {
+            return proxy(cp, &server, req, None).await;
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "this file URL's signature matches no sandbox of the cluster (or it has expired)",
+    ))
 }
 
 /// Passes `req` on to `server` as it comes and its answer back as it

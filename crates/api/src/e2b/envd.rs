@@ -47,6 +47,7 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
         .route("/files", files_route())
+        .route("/files/holder", get(file_holder))
         .route("/process.Process/Start", post(start))
         .route("/process.Process/Connect", post(connect))
         .route("/process.Process/List", post(list))
@@ -772,6 +773,39 @@ fn file_sandbox(st: &AppState, headers: &HeaderMap, q: &FileQuery, operation: &s
             subtle::ConstantTimeEq::ct_eq(want.as_bytes(), signature.as_bytes()).into()
         })
         .ok_or_else(|| RpcError("unauthenticated", "this file URL's signature matches no sandbox".into()))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct HolderQuery {
+    /// `read` or `write`, as the signed URL was made for.
+    operation: String,
+}
+
+/// `GET /files/holder?path=&username=&signature=&signature_expiration=&operation=`
+/// (a control plane only: the cluster's secret): 204 if a sandbox here
+/// signs this file URL, else 404. A signed URL names no sandbox; this is
+/// how a plane finds the server to send it to.
+pub(crate) async fn file_holder(
+    State(st): St,
+    headers: HeaderMap,
+    Query(q): Query<FileQuery>,
+    Query(op): Query<HolderQuery>,
+) -> StatusCode {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !st.cluster.as_ref().is_some_and(|l| token.is_some_and(|t| l.is_secret(t))) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    if q.signature.is_none() || !["read", "write"].contains(&op.operation.as_str()) {
+        return StatusCode::BAD_REQUEST;
+    }
+    match file_sandbox(&st, &HeaderMap::new(), &q, &op.operation) {
+        Ok(_) => StatusCode::NO_CONTENT,
+        Err(_) => StatusCode::NOT_FOUND,
+    }
 }
 
 impl FileQuery {
