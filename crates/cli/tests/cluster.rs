@@ -897,26 +897,27 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         ]
         .join("\n"),
     );
-    let ids: Vec<String> = said("ids").as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let sandboxes: Vec<String> =
+        said("ids").as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert_eq!(said("run"), serde_json::json!(["42\n", "err\n", 0]));
     assert_eq!(said("read"), "through the plane");
     assert_eq!(said("signed"), serde_json::json!(["signed", "signed"]), "signed file URLs through the plane");
     assert_eq!(said("forged"), 401, "a forged file URL through the plane");
-    assert_eq!(said("listed"), serde_json::json!([ids[0]]));
+    assert_eq!(said("listed"), serde_json::json!([sandboxes[0]]));
     assert!(said("all").as_u64().unwrap() >= 2, "the listing through the plane: {}", said("all"));
     let listed = c.sessions(1, &alice).await;
-    let on = server_of(&listed, &ids[0]);
+    let on = server_of(&listed, &sandboxes[0]);
     assert!(on.starts_with("agent"), "the sandbox is not on an agent: {listed:?}");
-    assert_eq!(state_of(&listed, &ids[1]), "", "a killed sandbox is still listed");
+    assert_eq!(state_of(&listed, &sandboxes[1]), "", "a killed sandbox is still listed");
     let said = e2b(
         &bob,
         &format!(
             "try:\n    Sandbox.connect('{}')\n    say('other', 'connected')\nexcept NotFoundException:\n    say('other', 'not found')\n",
-            ids[0]
+            sandboxes[0]
         ),
     );
     assert_eq!(said("other"), "not found", "bob reached alice's sandbox through the plane");
-    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{}", ids[0]), &alice).await.0, 204);
+    assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{}", sandboxes[0]), &alice).await.0, 204);
 
     // A move's faults. The sending server dies mid-move (its process killed
     // while the guest's memory goes), then starts again: the session runs on

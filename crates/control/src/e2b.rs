@@ -52,7 +52,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn route(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
-    let path = req.uri().path().strip_prefix("/e2b").unwrap_or_default().to_string();
+    // Signed file URLs come to `/files` at the root (the SDK makes them so).
+    let path = req.uri().path();
+    let path = path.strip_prefix("/e2b").unwrap_or(path).to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // The data plane: its server checks the sandbox's access token.
     if let Some(id) = header(req.headers(), "e2b-sandbox-id").map(str::to_string) {

@@ -463,6 +463,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/v1/sessions/{id}/logs", get(session_logs))
         .route("/v1/sessions/{id}/attach-ticket", post(attach_ticket))
         .route("/e2b/{*rest}", axum::routing::any(e2b::forward))
+        .route("/files", axum::routing::any(e2b::forward))
         .with_state(cp)
 }
 
