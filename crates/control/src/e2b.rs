@@ -47,6 +47,15 @@ pub(crate) async fn forward(State(cp): St, req: Request) -> Response {
     route(&cp, req).await.unwrap_or_else(e2b_error)
 }
 
+/// A session not found, said as E2B says it (etcd's failures as they are).
+fn sandbox_error(e: ApiError, id: &str) -> ApiError {
+    if e.status == StatusCode::NOT_FOUND {
+        ApiError::not_found(format!("sandbox {id:?} not found"))
+    } else {
+        e
+    }
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
@@ -58,8 +67,7 @@ async fn route(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // The data plane: its server checks the sandbox's access token.
     if let Some(id) = header(req.headers(), "e2b-sandbox-id").map(str::to_string) {
-        let entry = cp.find_session(&id, |_| true).await;
-        let (entry, server) = entry.map_err(|_| ApiError::not_found(format!("sandbox {id:?} not found")))?;
+        let (entry, server) = cp.find_session(&id, |_| true).await.map_err(|e| sandbox_error(e, &id))?;
         let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
         return proxy(cp, &server, req, None).await;
     }
@@ -84,10 +92,7 @@ async fn route(cp: &ControlPlane, req: Request) -> Result<Response, ApiError> {
         (&Method::GET, ["v2", "sandboxes"]) => gather(cp, &terminal, &path, req, true).await,
         (_, ["sandboxes", id, ..] | ["v2", "sandboxes", id, ..]) => {
             let id = id.to_string();
-            let (entry, server) = cp
-                .managed(&terminal, &id)
-                .await
-                .map_err(|_| ApiError::not_found(format!("sandbox {id:?} not found")))?;
+            let (entry, server) = cp.managed(&terminal, &id).await.map_err(|e| sandbox_error(e, &id))?;
             let server = server.ok_or_else(|| unavailable_session(&entry, cp.lost_after))?;
             let killed = method == Method::DELETE && segments.len() == 2;
             let resp = proxy(cp, &server, req, Some(&entry.owner)).await?;
@@ -301,15 +306,20 @@ async fn gather(
     if !paged && path != "/snapshots" {
         return Ok(Json(all).into_response());
     }
-    let more = all.len() > from + limit;
-    let page: Vec<Value> = all.into_iter().skip(from).take(limit).collect();
-    let mut resp = Json(page).into_response();
-    if more {
-        if let Ok(v) = (from + limit).to_string().parse() {
-            resp.headers_mut().insert("x-next-token", v);
-        }
+    let (items, next) = page(all, from, limit);
+    let mut resp = Json(items).into_response();
+    if let Some(v) = next.and_then(|n| n.to_string().parse().ok()) {
+        resp.headers_mut().insert("x-next-token", v);
     }
     Ok(resp)
+}
+
+/// `limit` items of `all` from offset `from`, and the next page's offset if
+/// any are left after them.
+fn page(all: Vec<Value>, from: usize, limit: usize) -> (Vec<Value>, Option<usize>) {
+    let more = all.len() > from + limit;
+    let items = all.into_iter().skip(from).take(limit).collect();
+    (items, more.then_some(from + limit))
 }
 
 /// Deletes one of the caller's snapshots on whichever servers hold it: 204
@@ -334,5 +344,20 @@ async fn delete_everywhere(cp: &ControlPlane, terminal: &str, path: &str) -> Res
             "no snapshot {} of yours on any server",
             path.trim_start_matches("/templates/")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gathered_listing_is_paged_by_offset_until_nothing_is_left() {
+        let all: Vec<Value> = (0..5).map(|i| json!(i)).collect();
+        assert_eq!(page(all.clone(), 0, 2), (vec![json!(0), json!(1)], Some(2)));
+        assert_eq!(page(all.clone(), 2, 2), (vec![json!(2), json!(3)], Some(4)));
+        assert_eq!(page(all.clone(), 4, 2), (vec![json!(4)], None));
+        assert_eq!(page(all.clone(), 3, 2), (vec![json!(3), json!(4)], None), "exactly the rest: no next page");
+        assert_eq!(page(all, 9, 2), (vec![], None), "past the end: empty");
     }
 }
