@@ -205,9 +205,13 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
 /// # Errors
 /// If etcd cannot be written.
 pub async fn record_running(link: &ClusterLink, live: &crate::live::Live) -> Result<(), strata_cluster::Error> {
+    link.cluster.put_session(&running_here(link, live)).await
+}
+
+/// The record of `live` running on this server.
+fn running_here(link: &ClusterLink, live: &crate::live::Live) -> SessionEntry {
     let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let entry = SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created);
-    link.cluster.put_session(&entry).await
+    SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created)
 }
 
 /// Where a session that was moving runs, once settled.
@@ -271,8 +275,7 @@ pub async fn settle_failed_move(
     to: &str,
     fence: i64,
 ) -> Result<Settled, String> {
-    let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let entry = SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created);
+    let entry = running_here(link, live);
     let end = tokio::time::Instant::now() + SETTLE_PATIENCE;
     loop {
         let settled = async {

@@ -28,7 +28,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use strata_cluster::{ServerLoad, SessionEntry};
 
-use crate::{passed_on, unavailable, unavailable_session, ApiError, ControlPlane, LAUNCH_ATTEMPTS};
+use crate::{passed_on, unavailable, unavailable_session, ApiError, ControlPlane};
 
 type St = State<Arc<ControlPlane>>;
 
@@ -193,60 +193,30 @@ async fn create(cp: &ControlPlane, terminal: &str, req: Request) -> Result<Respo
         None | Some("base") => strata_api::e2b::BASE_TEMPLATE,
         Some(t) => t,
     };
-    // A template that is no package (a snapshot's name) is placed as a
-    // package of the default size.
-    let request = cp
-        .request_for(template)
-        .unwrap_or(crate::Request { memory_mib: 512, images: vec![format!("package/{template}")] });
     let entries = cp.cluster.sessions().await.map_err(unavailable)?;
     crate::room_in_cluster(cp, &entries, terminal, 1)?;
-    if cp.request_for(template).is_ok() {
-        crate::memory_room(cp, &entries, terminal, template, 1)?;
-    }
-    let mut tried: Vec<String> = Vec::new();
-    for _ in 0..LAUNCH_ATTEMPTS {
-        let server = cp.place(&request, &tried).await?;
-        tracing::info!(template, server = %server.id, "E2B sandbox placed");
-        let sent = cp
-            .http
-            .post(format!("{}{}", server.address, parts.uri.path()))
-            .bearer_auth(&cp.secret)
-            .header(strata_api::cluster::TERMINAL_HEADER, terminal)
-            .header("content-type", "application/json")
-            .timeout(crate::LAUNCH_TIMEOUT)
-            .body(body.clone())
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(server = %server.id, error = %e, "server failed mid-create; trying another");
-                tried.push(server.id);
-                continue;
-            }
-        };
-        let status = resp.status();
-        let created: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(passed_on(status, created));
+    let request = match cp.request_for(template) {
+        Ok(r) => {
+            crate::memory_room(cp, &entries, terminal, template, 1)?;
+            r
         }
-        if let Some(id) = created["sandboxID"].as_str() {
-            let package = created["alias"].as_str().unwrap_or(template);
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let entry = SessionEntry::running(id, &server.id, package, terminal, now);
-            // Its server records it too, within seconds; the SDK's next
-            // call (to its data plane) needs it now.
-            if let Err(e) = cp.cluster.put_session(&entry).await {
-                tracing::warn!(session = %id, error = %e, "could not record the sandbox yet; its server will");
-            }
+        // A template that is no package (a snapshot's name) is placed as a
+        // package of the default size.
+        Err(_) => crate::Request { memory_mib: 512, images: vec![format!("package/{template}")] },
+    };
+    let path = parts.uri.path();
+    let (server, status, created) = crate::order_placed(cp, terminal, &request, template, path, &asked).await?;
+    if let Some(id) = created["sandboxID"].as_str() {
+        let package = created["alias"].as_str().unwrap_or(template);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let entry = SessionEntry::running(id, &server.id, package, terminal, now);
+        // Its server records it too, within seconds; the SDK's next call
+        // (to its data plane) needs it now.
+        if let Err(e) = cp.cluster.put_session(&entry).await {
+            tracing::warn!(session = %id, error = %e, "could not record the sandbox yet; its server will");
         }
-        return Ok((status, Json(created)).into_response());
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "launch_failed",
-        format!("the sandbox of {template} failed on {} servers in turn ({})", tried.len(), tried.join(", ")),
-    ))
+    Ok((status, Json(created)).into_response())
 }
 
 /// A listing gathered from every server (each asked for all it has, with
@@ -262,8 +232,7 @@ async fn gather(
     let mut query: Vec<(String, String)> =
         req.uri().query().map(|q| serde_urlencoded::from_str(q).unwrap_or_default()).unwrap_or_default();
     let take = |query: &mut Vec<(String, String)>, key: &str| {
-        let found = query.iter().position(|(k, _)| k == key).map(|i| query.remove(i).1);
-        found
+        query.iter().position(|(k, _)| k == key).map(|i| query.remove(i).1)
     };
     let limit = match take(&mut query, "limit") {
         Some(l) => l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?,

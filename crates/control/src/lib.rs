@@ -662,27 +662,39 @@ fn memory_room(
 async fn launch_placed(cp: &ControlPlane, terminal: &str, package: &str, body: &Value) -> Result<Value, ApiError> {
     let req = cp.request_for(package)?;
     let started = std::time::Instant::now();
-    let observe = || {
-        let labels = metrics::PackageLabels { package: package.to_string() };
-        cp.metrics.launch_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    };
+    let (server, _, mut created) = order_placed(cp, terminal, &req, package, "/v1/sessions", body).await?;
+    let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
+    let created_at = created["session"]["created"].as_u64().unwrap_or(0);
+    let entry = SessionEntry::running(&id, &server.id, package, terminal, created_at);
+    // The server records it too, within seconds; this makes it listed at once.
+    if let Err(e) = cp.cluster.put_session(&entry).await {
+        tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
+    }
+    created["session"]["server"] = json!(server.id);
+    let labels = metrics::PackageLabels { package: package.to_string() };
+    cp.metrics.launch_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    Ok(created)
+}
+
+/// Orders `POST path` with `body` (a launch of `package`, sized by `req`)
+/// from a server placement picks, trying another if one fails midway: the
+/// server, and its answer.
+async fn order_placed(
+    cp: &ControlPlane,
+    terminal: &str,
+    req: &Request,
+    package: &str,
+    path: &str,
+    body: &Value,
+) -> Result<(ServerLoad, StatusCode, Value), ApiError> {
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..LAUNCH_ATTEMPTS {
-        let server = cp.place(&req, &tried).await?;
+        let server = cp.place(req, &tried).await?;
         tracing::info!(package, server = %server.id, "launch placed");
-        match cp.order(&server, terminal, Method::POST, "/v1/sessions", Some(body.clone()), LAUNCH_TIMEOUT).await {
-            Ok((status, mut created)) if status.is_success() => {
-                let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
-                let created_at = created["session"]["created"].as_u64().unwrap_or(0);
-                let entry = SessionEntry::running(&id, &server.id, package, terminal, created_at);
-                // The server records it too, within seconds; this makes it listed at once.
-                if let Err(e) = cp.cluster.put_session(&entry).await {
-                    tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
-                }
-                created["session"]["server"] = json!(server.id);
+        match cp.order(&server, terminal, Method::POST, path, Some(body.clone()), LAUNCH_TIMEOUT).await {
+            Ok((status, created)) if status.is_success() => {
                 cp.metrics.count(&server.id, "launched");
-                observe();
-                return Ok(created);
+                return Ok((server, status, created));
             }
             Ok((status, answer)) => {
                 cp.metrics.count(&server.id, "refused");
