@@ -17,6 +17,8 @@ cargo build --release --locked
 for p in python3 bc htop lighttpd xeyes mousepad; do
   STRATA_AGENT="$PWD/target/release/strata-agent" ./target/release/strata build "$p"
 done
+# The second OS: its base image and the package the OS tests launch on it.
+STRATA_AGENT="$PWD/target/release/strata-agent" ./target/release/strata --os debian-13 build python3
 # However the tests end, drop the images this run superseded (older
 # generations, throwaway builds), so the test store does not grow run by run.
 trap './target/release/strata images prune | tail -n 1' EXIT

@@ -22,7 +22,7 @@ if [ "$(qemu_version || true)" = "" ] || [ "$(qemu_version)" -lt 9 ]; then
   apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 fi
 missing=()
-for pkg in mmdebstrap busybox-static e2fsprogs apt-utils ca-certificates gcc pkg-config protobuf-compiler iproute2 nftables acl passwd; do
+for pkg in mmdebstrap busybox-static e2fsprogs xz-utils apt-utils ca-certificates gcc pkg-config protobuf-compiler iproute2 nftables acl passwd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -57,7 +57,7 @@ impl From<strata_engine::Error> for ApiError {
         use strata_engine::Error as E;
         let message = error_chain(&e);
         match &e {
-            E::Package(strata_package::Error::NotFound { .. }) => {
+            E::Package(strata_package::Error::NotFound { .. } | strata_package::Error::NotOnOs { .. }) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", message)
             }
             E::Package(_) | E::Config(_) => Self::bad_request(message),

@@ -119,7 +119,7 @@ impl AppState {
         let name = name.to_string();
         tokio::spawn(async move {
             let r = async {
-                let pkg = st.engine.package(&strata_engine::pool::PoolKey::parse(&name).package)?;
+                let pkg = strata_engine::pool::PoolKey::parse(&name).resolve(&st.engine)?;
                 st.pool.fill(&st.engine, &name, &pkg, target, &strata_engine::LogProgress).await
             };
             if let Err(e) = r.await {

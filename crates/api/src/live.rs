@@ -190,6 +190,8 @@ pub enum Cmd {
 pub struct Live {
     pub id: String,
     pub package: String,
+    /// The OS its guest runs.
+    pub os: String,
     pub owner: String,
     pub attach_hash: [u8; 32],
     pub created: SystemTime,
@@ -290,8 +292,16 @@ impl Registry {
             tracing::warn!(session = %session.id, error = %e, "could not label the session's record");
         }
         let vnc = session.graphical.then(|| session.vnc_socket());
-        let mut live =
-            Live::new(session.id.clone(), session.package.clone(), owner, attach_hash, SystemTime::now(), idle, vnc);
+        let mut live = Live::new(
+            session.id.clone(),
+            session.package.clone(),
+            session.os.clone(),
+            owner,
+            attach_hash,
+            SystemTime::now(),
+            idle,
+            vnc,
+        );
         live.0.memory_mib = engine.session_memory_mib(&session.id).unwrap_or(0);
         live.0.end = Mutex::new(end);
         live.0.labels = labels;
@@ -479,7 +489,8 @@ impl Registry {
             None => idle,
         };
         let created = UNIX_EPOCH + Duration::from_secs(rec.created.max(0) as u64);
-        let mut live = Live::new(rec.id.clone(), rec.package.clone(), owner, attach_hash, created, idle, None);
+        let mut live =
+            Live::new(rec.id.clone(), rec.package.clone(), rec.os.clone(), owner, attach_hash, created, idle, None);
         let mut labels = rec.labels.clone();
         // The end time is kept typed, in `end`, not among the labels.
         live.0.end = Mutex::new(labels.remove(END_LABEL).and_then(|l| parse_end_label(&l)));
@@ -667,9 +678,11 @@ impl Live {
         (percent, Some(mib))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         id: String,
         package: String,
+        os: String,
         owner: &str,
         attach_hash: [u8; 32],
         created: SystemTime,
@@ -680,6 +693,7 @@ impl Live {
         let live = Live {
             id,
             package,
+            os,
             owner: owner.into(),
             attach_hash,
             created,

@@ -257,6 +257,8 @@ pub struct PackageInfo {
     env: BTreeMap<String, String>,
     /// It shows a display (`/v1/sessions/{id}/display`) rather than a terminal.
     graphical: bool,
+    /// The operating systems it is made for.
+    os: Vec<String>,
 }
 
 /// Packages defined on this server (any Debian package whose program has its
@@ -275,6 +277,7 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
                 command: p.def.command.clone(),
                 env: p.def.env.clone(),
                 graphical: p.def.graphical,
+                os: p.def.oses(),
             })
             .collect(),
     )
@@ -284,6 +287,8 @@ async fn list_packages(State(st): St, _c: Caller) -> Json<Vec<PackageInfo>> {
 pub struct SearchQuery {
     /// Words the package's name or description holds.
     q: String,
+    /// Whose package lists (default: the server's default OS).
+    os: Option<String>,
 }
 
 /// A Debian package found by a search.
@@ -305,7 +310,8 @@ async fn search_packages(
     _c: Caller,
     Params(q): Params<SearchQuery>,
 ) -> Result<Json<Vec<FoundPackage>>, ApiError> {
-    let found = st.engine.search_packages(&q.q).await?;
+    let os = os_of(&st, q.os.as_deref(), None)?;
+    let found = st.engine.search_packages(&q.q, os).await?;
     let defined = |n: &str| st.engine.registry.packages.contains_key(n);
     Ok(Json(
         found
@@ -393,6 +399,22 @@ async fn list_images(State(st): St, _c: Caller) -> Result<Json<Vec<ImageInfo>>, 
 #[serde(deny_unknown_fields)]
 pub struct BuildRequest {
     package: String,
+    /// The OS to build for (default: the server's).
+    os: Option<String>,
+}
+
+/// The OS a request asks for: its own `os`, else its context's, else the
+/// server's default.
+pub(crate) fn os_of(
+    st: &AppState,
+    asked: Option<&str>,
+    settings: Option<&ContextSettings>,
+) -> Result<strata_engine::Os, ApiError> {
+    let default = st.engine.cfg.default_os;
+    match asked {
+        Some(name) => strata_engine::Os::named(name).map_err(|e| ApiError::bad_request(e.to_string())),
+        None => Ok(settings.map_or(default, |s| s.os_or(default))),
+    }
 }
 
 /// Builds what is missing of a package's base, install and launch images,
@@ -405,7 +427,7 @@ async fn build_images(
     _c: Caller,
     Body(req): Body<BuildRequest>,
 ) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    let pkg = st.engine.package(&req.package)?;
+    let pkg = st.engine.package_on(&req.package, os_of(&st, req.os.as_deref(), None)?)?;
     let set = st.builds.start(&st.engine, &pkg).wait().await?;
     Ok(Json([&set.base, &set.install, &set.launch].into_iter().map(ImageInfo::from).collect()))
 }
@@ -458,7 +480,7 @@ const BUILD_GLANCE: Duration = Duration::from_millis(300);
     responses((status = 200, body = BuildInfo), (status = 202, body = BuildInfo), (status = 404, body = ErrorBody),
               (status = 422, body = ErrorBody)))]
 async fn start_build(State(st): St, _c: Caller, Body(req): Body<BuildRequest>) -> Result<Response, ApiError> {
-    let pkg = st.engine.package(&req.package)?;
+    let pkg = st.engine.package_on(&req.package, os_of(&st, req.os.as_deref(), None)?)?;
     st.engine.check_disk_cap(&pkg.name, pkg.def.disk_mib)?;
     let run = st.builds.start(&st.engine, &pkg);
     let status = match tokio::time::timeout(BUILD_GLANCE, run.wait()).await {
@@ -599,6 +621,9 @@ pub struct ContextBody {
     screen: Option<String>,
     /// Keyboard layout of a graphical session (XKB name, e.g. `de`).
     keyboard: Option<String>,
+    /// The OS of launches that name none (`debian-12`, `debian-13`; unset:
+    /// the server's default).
+    os: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -638,6 +663,7 @@ impl ContextBody {
             home: self.home.then(|| terminal.to_string()),
             screen: self.screen.as_deref().map(str::parse).transpose().map_err(ApiError::bad_request)?,
             keyboard: self.keyboard,
+            os: self.os,
         };
         s.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(s)
@@ -656,6 +682,9 @@ pub struct CreateSession {
     context: Option<ContextBody>,
     /// Stop the session after this long with no terminal attached.
     idle_timeout_s: Option<u64>,
+    /// The OS to run it on (`debian-12`, `debian-13`); default: the
+    /// context's, else the server's.
+    os: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -705,7 +734,7 @@ impl SessionInfo {
             graphical: false,
             reason: Some(e.reason.clone()),
             terminal: rec.labels.get("terminal").cloned(),
-            os: strata_engine::OS.to_string(),
+            os: rec.os.clone(),
             cpu_percent: None,
             memory_mib: None,
         })
@@ -724,7 +753,7 @@ impl SessionInfo {
             graphical: false,
             reason: rec.why.clone(),
             terminal: rec.labels.get("terminal").cloned(),
-            os: strata_engine::OS.to_string(),
+            os: rec.os.clone(),
             cpu_percent: None,
             // Read for the sessions this server holds (and spaces those
             // reads); not for the others, listed to operators each second.
@@ -761,7 +790,7 @@ impl From<&Live> for SessionInfo {
             graphical: l.vnc.is_some(),
             reason: l.why.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             terminal: Some(l.owner.clone()),
-            os: strata_engine::OS.to_string(),
+            os: l.os.clone(),
             cpu_percent: usage.0,
             memory_mib: usage.1,
         }
@@ -804,9 +833,9 @@ async fn create_session(
     let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
     let options = SessionOptions { idle, ..SessionOptions::default() };
     if let Some(name) = &req.snapshot {
-        if req.context.is_some() {
+        if req.context.is_some() || req.os.is_some() {
             return Err(ApiError::bad_request(
-                "a session from a snapshot has the snapshot's context: leave out context",
+                "a session from a snapshot has the snapshot's context and OS: leave out context and os",
             ));
         }
         let image = st.engine.resolve_snapshot(name).await?.ok_or_else(|| {
@@ -830,7 +859,8 @@ async fn create_session(
         return Ok((StatusCode::CREATED, Json(created)).into_response());
     }
     let settings = req.context.unwrap_or_default().settings(&owner)?;
-    let (live, token) = launch_for(&st, &owner, &req.package, None, settings, options).await?;
+    let os = os_of(&st, req.os.as_deref(), Some(&settings))?;
+    let (live, token) = launch_for(&st, &owner, &req.package, os, false, settings, options).await?;
     Ok((StatusCode::CREATED, Json(created_session(&live, token))).into_response())
 }
 
@@ -998,21 +1028,23 @@ pub(crate) fn default_settings(terminal: &str, outbound: bool) -> Result<Context
     ContextBody { outbound, ..ContextBody::default() }.settings(terminal)
 }
 
-/// Launches `package` for terminal `owner` (from the pool named `pool`, by
+/// Launches `package` on `os` for terminal `owner` (from its pool, or its
+/// pool of sessions made for E2B's API if `e2b`, by
 /// default the package's, if one waits), within the server's and the
 /// terminal's limits; the live session and its attach token.
 pub(crate) async fn launch_for(
     st: &Arc<AppState>,
     owner: &str,
     package: &str,
-    pool: Option<String>,
+    os: strata_engine::Os,
+    e2b: bool,
     settings: ContextSettings,
     options: SessionOptions,
 ) -> Result<(Arc<Live>, String), ApiError> {
-    let pkg = st.engine.package(package)?;
+    let pkg = st.engine.package_on(package, os)?;
     room_for(st, owner, 1, pkg.def.memory_mib)?;
     let started = Instant::now();
-    let pool = pool.unwrap_or_else(|| pkg.name.clone());
+    let pool = strata_engine::pool::PoolKey::of(&pkg, e2b, st.engine.cfg.default_os).name();
     let (session, path) = match st.pool.take(&pool, &settings).await {
         Ok(Some(s)) => (s, "pool"),
         other => {

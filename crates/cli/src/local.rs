@@ -18,6 +18,17 @@ pub struct Local<'a> {
     /// The terminal whose context and home launches use.
     pub terminal: &'a str,
     pub quiet: bool,
+    /// The OS `--os` chose, over the terminal's context's.
+    pub os: Option<strata_engine::Os>,
+}
+
+impl Local<'_> {
+    /// `package` resolved for the OS of a launch with `settings`: `--os`,
+    /// else the context's, else the server's default.
+    fn package_for(&self, package: &str, settings: &ContextSettings) -> anyhow::Result<strata_package::Package> {
+        let os = self.os.unwrap_or_else(|| settings.os_or(self.eng.cfg.default_os));
+        Ok(self.eng.package_on(package, os)?)
+    }
 }
 
 fn image_row(r: &strata_store::ImageRecord) -> ImageRow {
@@ -113,6 +124,7 @@ impl Backend for Local<'_> {
             .map(|r| SessionRow {
                 id: r.id.clone(),
                 package: r.package.clone(),
+                os: r.os.clone(),
                 state: match (&r.ended, &r.paused_image) {
                     (Some(e), _) => e.state.to_string(),
                     (None, Some(_)) => "paused".into(),
@@ -231,8 +243,8 @@ impl Backend for Local<'_> {
 
     async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8> {
         let RunHow { tty, detach, cold, idle_timeout } = how;
-        let pkg = self.eng.package(package)?;
         let settings = launch_settings(self.eng, self.terminal, devices)?;
+        let pkg = self.package_for(package, &settings)?;
         let session = if cold {
             self.eng.launch_cold(&pkg, &settings, self.bar).await?
         } else {
@@ -282,8 +294,8 @@ impl Backend for Local<'_> {
         devices: &DeviceArgs,
         command: strata_engine::GuestCommand,
     ) -> anyhow::Result<u8> {
-        let pkg = self.eng.package(package)?;
         let settings = launch_settings(self.eng, self.terminal, devices)?;
+        let pkg = self.package_for(package, &settings)?;
         let mut session = self.launch_built(&pkg, &settings).await?;
         self.bar.clear();
         // The package's own program: the launch image's copy waiting on
@@ -418,11 +430,12 @@ impl Backend for Local<'_> {
         Ok(serde_json::to_value(self.eng.prune_images(dry_run)?)?)
     }
 
-    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)> {
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String, String)>, Value)> {
         let packages = self.eng.registry.packages.values();
-        let rows = packages.clone().map(|p| (p.name.clone(), p.def.description.clone())).collect();
+        let rows =
+            packages.clone().map(|p| (p.name.clone(), p.def.oses().join(","), p.def.description.clone())).collect();
         let json = packages
-            .map(|p| serde_json::json!({"name": p.name, "description": p.def.description, "debs": p.def.debs, "command": p.def.command}))
+            .map(|p| serde_json::json!({"name": p.name, "description": p.def.description, "debs": p.def.debs, "command": p.def.command, "os": p.def.oses()}))
             .collect();
         Ok((rows, json))
     }

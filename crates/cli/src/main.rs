@@ -55,6 +55,11 @@ struct Cli {
     /// This terminal's name: it owns a context and a persistent home.
     #[arg(long, global = true, env = "STRATA_TERMINAL", default_value = "local")]
     terminal: String,
+    /// The OS to launch and build on (debian-12, debian-13); default: the
+    /// terminal's context's (`context set os=...`), else the server's
+    /// (`STRATA_OS`, else debian-12).
+    #[arg(long, global = true, value_parser = parse_os)]
+    os: Option<strata_engine::Os>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -459,6 +464,7 @@ fn set_context_key(s: &mut ContextSettings, kv: &str, terminal: &str) -> anyhow:
         "home" => s.home = on(v)?.then(|| terminal.to_string()),
         "screen" => s.screen = opt(v).map(|v| v.parse()).transpose().map_err(anyhow::Error::msg)?,
         "keyboard" => s.keyboard = opt(v),
+        "os" => s.os = opt(v),
         "ports" => {
             s.network.ports = v
                 .split(',')
@@ -484,7 +490,7 @@ fn set_context_key(s: &mut ContextSettings, kv: &str, terminal: &str) -> anyhow:
             }
         }
         _ => anyhow::bail!(
-            "unknown context setting {k:?}; known: term, timezone, locale, outbound, home, ports, shares, screen, keyboard, env.NAME"
+            "unknown context setting {k:?}; known: term, timezone, locale, outbound, home, ports, shares, screen, keyboard, os, env.NAME"
         ),
     }
     Ok(())
@@ -874,6 +880,10 @@ async fn with_signals(f: impl std::future::Future<Output = anyhow::Result<u8>>) 
     }
 }
 
+fn parse_os(s: &str) -> Result<strata_engine::Os, String> {
+    strata_engine::Os::named(s).map_err(|e| e.to_string())
+}
+
 /// Where package definitions are read from.
 fn packages_dir(cli: &Cli) -> PathBuf {
     cli.packages.clone().unwrap_or_else(|| Config::from_env().packages_dir)
@@ -888,6 +898,9 @@ fn engine(cli: &Cli) -> anyhow::Result<Engine> {
         cfg.packages_dir = p.clone();
     }
     cfg.accel = cli.accel;
+    if let Some(os) = cli.os {
+        cfg.default_os = os;
+    }
     // Processes that start many VMs fork QEMU from a fork server.
     let fork_server = match std::env::var("STRATA_FORK_SERVER").as_deref() {
         Ok("1") => true,
@@ -954,14 +967,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         _ => {}
     }
     if let Some(addr) = &cli.addr {
-        let remote = remote::Remote::new(addr, cli.token.clone(), cli.ca_cert.as_deref())?;
+        let mut remote = remote::Remote::new(addr, cli.token.clone(), cli.ca_cert.as_deref())?;
+        remote.os = cli.os;
         return verbs::shared(&remote, &cli.cmd, cli.quiet)
             .await
             .unwrap_or_else(|| Err(anyhow::anyhow!("this command works on this machine only; leave out --addr")));
     }
     let eng = engine(&cli)?;
     let bar = Bar::new(cli.quiet);
-    let local = local::Local { eng: &eng, bar: &bar, terminal: &cli.terminal, quiet: cli.quiet };
+    let local = local::Local { eng: &eng, bar: &bar, terminal: &cli.terminal, quiet: cli.quiet, os: cli.os };
     if let Some(done) = verbs::shared(&local, &cli.cmd, cli.quiet).await {
         return done;
     }
@@ -1423,7 +1437,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Doctor => Ok(doctor(&eng)),
         Cmd::Keep => keeper::run(&eng).await,
         Cmd::Accel => {
-            let base = eng.ensure_base(&bar).await?;
+            let base = eng.ensure_base(eng.cfg.default_os, &bar).await?;
             bar.clear();
             println!("{}", eng.accel_for(&base).await?);
             Ok(0)

@@ -23,6 +23,8 @@ pub struct Remote {
     token: String,
     /// For https:// addresses: the roots this terminal trusts.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The OS `--os` chose: sent with launches and builds.
+    pub os: Option<strata_engine::Os>,
 }
 
 /// A TLS client configuration trusting the system's roots and `ca_cert`.
@@ -51,6 +53,14 @@ fn client_tls(ca_cert: Option<&std::path::Path>) -> anyhow::Result<rustls::Clien
 }
 
 impl Remote {
+    /// A launch's or build's body, with the OS `--os` chose.
+    fn with_os(&self, mut body: Value) -> Value {
+        if let Some(os) = self.os {
+            body["os"] = os.name.into();
+        }
+        body
+    }
+
     /// Checks the address and token (nothing is sent yet).
     ///
     /// # Errors
@@ -70,7 +80,7 @@ impl Remote {
         if let Some(cfg) = &tls {
             http = http.use_preconfigured_tls((**cfg).clone());
         }
-        Ok(Remote { http: http.build()?, base, token, tls })
+        Ok(Remote { http: http.build()?, base, token, tls, os: None })
     }
 
     /// Why the server could not be reached, with the underlying cause (a
@@ -132,7 +142,7 @@ impl Remote {
         if let (Some(c), Value::Object(d)) = (ctx.as_object_mut(), devices) {
             c.extend(d);
         }
-        let mut body = json!({"package": package, "context": ctx});
+        let mut body = self.with_os(json!({"package": package, "context": ctx}));
         if let Some(secs) = idle_timeout {
             body["idle_timeout_s"] = secs.into();
         }
@@ -436,6 +446,7 @@ impl Backend for Remote {
             .map(|s| SessionRow {
                 id: text(s, "id").unwrap_or_default(),
                 package: text(s, "package").unwrap_or_default(),
+                os: text(s, "os").unwrap_or_else(|| "-".into()),
                 state: text(s, "state").unwrap_or_default(),
                 attached: s["attached"] == true,
                 server: text(s, "server"),
@@ -576,7 +587,7 @@ impl Backend for Remote {
         command: strata_engine::GuestCommand,
     ) -> anyhow::Result<u8> {
         command.check().map_err(anyhow::Error::msg)?;
-        let body = json!({"package": package, "context": devices.to_json("remote")?});
+        let body = self.with_os(json!({"package": package, "context": devices.to_json("remote")?}));
         let created = self.call("POST", "/v1/sessions", Some(body)).await?;
         let id = created["session"]["id"].as_str().context("the server sent no session id")?.to_string();
         let status = self.exec_command(&id, &command, true, false).await;
@@ -618,8 +629,9 @@ impl Backend for Remote {
         detach: bool,
         seen: &mut (dyn FnMut(&BuildStatus) + Send),
     ) -> anyhow::Result<Built> {
-        let started: BuildStatus =
-            serde_json::from_value(self.call("POST", "/v1/builds", Some(json!({ "package": package }))).await?)?;
+        let started: BuildStatus = serde_json::from_value(
+            self.call("POST", "/v1/builds", Some(self.with_os(json!({ "package": package })))).await?,
+        )?;
         if started.state == BuildState::Running {
             if detach {
                 return Ok(Built::Started(Some(started.id)));
@@ -630,7 +642,7 @@ impl Backend for Remote {
             }
         }
         // Every image is there now: this answers at once.
-        let v = self.call("POST", "/v1/images", Some(json!({ "package": package }))).await?;
+        let v = self.call("POST", "/v1/images", Some(self.with_os(json!({ "package": package })))).await?;
         Ok(Built::Images(list(&v).map(image_row).collect()))
     }
 
@@ -692,10 +704,11 @@ impl Backend for Remote {
         self.call("POST", &format!("/v1/images/prune?dry_run={dry_run}"), None).await
     }
 
-    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)> {
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String, String)>, Value)> {
         let v = self.call("GET", "/v1/packages", None).await?;
         let field = |p: &Value, k: &str| p[k].as_str().unwrap_or("").to_string();
-        Ok((list(&v).map(|p| (field(p, "name"), field(p, "description"))).collect(), v))
+        let oses = |p: &Value| list(&p["os"]).filter_map(Value::as_str).collect::<Vec<_>>().join(",");
+        Ok((list(&v).map(|p| (field(p, "name"), oses(p), field(p, "description"))).collect(), v))
     }
 
     async fn servers(&self) -> anyhow::Result<(Vec<ServerRow>, Value)> {

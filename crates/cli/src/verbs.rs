@@ -22,6 +22,8 @@ pub struct SessionRow {
     /// running, paused, exited or lost.
     pub state: String,
     pub attached: bool,
+    /// The OS its guest runs.
+    pub os: String,
     /// The server that runs it, when a control plane says.
     pub server: Option<String>,
     /// What happened to it beside its state (a server's outage).
@@ -176,7 +178,8 @@ pub trait Backend {
     async fn gc(&self) -> anyhow::Result<(u64, u64)>;
     async fn prune(&self, dry_run: bool) -> anyhow::Result<Value>;
     /// (name, description) of each package.
-    async fn packages(&self) -> anyhow::Result<(Vec<(String, String)>, Value)>;
+    /// Each defined package: name, the OSes it is made for, description.
+    async fn packages(&self) -> anyhow::Result<(Vec<(String, String, String)>, Value)>;
     async fn servers(&self) -> anyhow::Result<(Vec<ServerRow>, Value)>;
 }
 
@@ -405,8 +408,9 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
             if *json {
                 print_json(&v);
             } else {
-                for (name, description) in rows {
-                    println!("{name:<16} {description}");
+                println!("{:<16} {:<20} DESCRIPTION", "PACKAGE", "OS");
+                for (name, os, description) in rows {
+                    println!("{name:<16} {os:<20} {description}");
                 }
             }
             0
@@ -455,14 +459,15 @@ fn print_sessions(rows: &[SessionRow]) {
     let width = rows.iter().map(|s| state(s).len()).max().unwrap_or(0).max(9);
     let server_width = rows.iter().filter_map(|s| s.server.as_ref().map(String::len)).max().unwrap_or(0).max(8);
     println!(
-        "{:<12} {:<14} {:<width$} {:<8} {:<server_width$} {:<6} WHY",
-        "SESSION", "PACKAGE", "STATE", "ATTACHED", "SERVER", "AGE"
+        "{:<12} {:<14} {:<9} {:<width$} {:<8} {:<server_width$} {:<6} WHY",
+        "SESSION", "PACKAGE", "OS", "STATE", "ATTACHED", "SERVER", "AGE"
     );
     for s in rows {
         println!(
-            "{:<12} {:<14} {:<width$} {:<8} {:<server_width$} {:<6} {}",
+            "{:<12} {:<14} {:<9} {:<width$} {:<8} {:<server_width$} {:<6} {}",
             s.id,
             s.package,
+            s.os,
             state(s),
             if s.attached { "yes" } else { "no" },
             s.server.as_deref().unwrap_or("-"),

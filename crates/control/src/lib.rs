@@ -180,7 +180,8 @@ impl ControlPlane {
     fn request_for(&self, package: &str) -> Result<Request, ApiError> {
         let pkg = match self.packages.packages.get(package) {
             Some(p) => p.clone(),
-            None => strata_package::Package::derived(package).map_err(|e| ApiError::bad_request(e.to_string()))?,
+            None => strata_package::Package::derived(package, strata_package::DEFAULT_OS)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
         };
         Ok(Request { memory_mib: u64::from(pkg.def.memory_mib), images: vec![format!("package/{package}")] })
     }

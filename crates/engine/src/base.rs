@@ -9,10 +9,7 @@ use strata_store::{ImageKind, ImageRecord};
 use tokio::process::Command;
 
 use crate::tools::{run, run_with_progress};
-use crate::{initramfs, io_err, Engine, Error, Progress, ARCH, OS};
-
-/// Debian suite of the base image.
-pub const SUITE: &str = "bookworm";
+use crate::{initramfs, io_err, Engine, Error, Os, Progress, ARCH};
 /// Debian package whose kernel the guests run.
 /// The generic kernel: the cloud flavour lacks 9p (shared folders) and DRM
 /// (graphical packages).
@@ -39,9 +36,10 @@ pub(crate) fn file_identity(path: &Path) -> String {
     std::fs::metadata(path).map(|m| format!("{}:{}", m.len(), m.mtime())).unwrap_or_default()
 }
 
-/// Recipe of the root file system alone: reused when only the agent changes.
-pub fn rootfs_recipe() -> String {
-    sha_hex(&[b"rootfs-v1", SUITE.as_bytes(), b"minbase"])
+/// Recipe of `os`'s root file system alone: reused when only the agent
+/// changes.
+pub fn rootfs_recipe(os: Os) -> String {
+    sha_hex(&[b"rootfs-v1", os.suite.as_bytes(), b"minbase"])
 }
 
 impl Engine {
@@ -53,36 +51,39 @@ impl Engine {
         std::fs::read(p).map_err(io_err(p))
     }
 
-    /// Recipe of the base image: root file system, kernel package, init
+    /// Recipe of `os`'s base image: root file system, kernel package, init
     /// script, agent and busybox.
     ///
     /// # Errors
     /// If the agent binary is missing.
-    pub fn base_recipe(&self) -> Result<String, Error> {
-        if let Some(r) = self.base_recipe.get() {
-            return Ok(r.clone());
-        }
-        let agent = self.agent_bytes()?;
-        let recipe = sha_hex(&[
+    pub fn base_recipe(&self, os: Os) -> Result<String, Error> {
+        let agent = match self.agent_digest.get() {
+            Some(d) => d.clone(),
+            None => {
+                let d = hex::encode(Sha256::digest(self.agent_bytes()?));
+                self.agent_digest.get_or_init(|| d).clone()
+            }
+        };
+        Ok(sha_hex(&[
             b"base-v1",
-            rootfs_recipe().as_bytes(),
+            rootfs_recipe(os).as_bytes(),
             KERNEL_PACKAGE.as_bytes(),
             initramfs::WANTED_MODULES.join(",").as_bytes(),
             initramfs::LAYOUT.as_bytes(),
             CMDLINE.as_bytes(),
             initramfs::INIT_SCRIPT.as_bytes(),
-            &Sha256::digest(&agent),
+            &hex::decode(&agent).unwrap_or_default(),
             file_identity(Path::new(BUSYBOX)).as_bytes(),
-        ]);
-        Ok(self.base_recipe.get_or_init(|| recipe).clone())
+        ]))
     }
 
-    /// The base image, built if the catalog has none for the current recipe.
+    /// `os`'s base image, built if the catalog has none for the current
+    /// recipe.
     ///
     /// # Errors
     /// If building fails.
-    pub async fn ensure_base(&self, progress: &dyn Progress) -> Result<ImageRecord, Error> {
-        let recipe = self.base_recipe()?;
+    pub async fn ensure_base(&self, os: Os, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+        let recipe = self.base_recipe(os)?;
         if let Some(rec) = self.find_image(ImageKind::Base, &recipe).await? {
             return Ok(rec);
         }
@@ -90,19 +91,19 @@ impl Engine {
         if let Some(rec) = self.find_image(ImageKind::Base, &recipe).await? {
             return Ok(rec);
         }
-        let rec = self.counted(ImageKind::Base, self.build_base(&recipe, progress)).await?;
+        let rec = self.counted(ImageKind::Base, self.build_base(os, &recipe, progress)).await?;
         self.share(&rec).await;
         Ok(rec)
     }
 
-    async fn build_base(&self, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+    async fn build_base(&self, os: Os, recipe: &str, progress: &dyn Progress) -> Result<ImageRecord, Error> {
         let work = self.store.work_dir("base")?;
-        progress.step("base image: preparing");
-        let (rootfs, status) = match self.reusable_rootfs()? {
+        progress.step(&format!("base image of {os}: preparing"));
+        let (rootfs, status) = match self.reusable_rootfs(os)? {
             Some(found) => found,
-            None => self.build_rootfs(work.path(), progress).await?,
+            None => self.build_rootfs(os, work.path(), progress).await?,
         };
-        let (kernel, kernel_version, modules) = self.fetch_kernel(work.path(), progress).await?;
+        let (kernel, kernel_version, modules) = self.fetch_kernel(os, work.path(), progress).await?;
         progress.step("base image: initramfs");
         let busybox = std::fs::read(BUSYBOX).map_err(io_err(Path::new(BUSYBOX)))?;
         if !is_static_elf(&busybox) {
@@ -117,12 +118,12 @@ impl Engine {
             ("initramfs".to_string(), initramfs),
         ]);
         let meta = BTreeMap::from([
-            ("rootfs_recipe".to_string(), rootfs_recipe()),
+            ("rootfs_recipe".to_string(), rootfs_recipe(os)),
             ("kernel_version".to_string(), kernel_version),
             ("cmdline".to_string(), CMDLINE.to_string()),
-            ("suite".to_string(), SUITE.to_string()),
+            ("suite".to_string(), os.suite.to_string()),
         ]);
-        let rec = ImageRecord::new(ImageKind::Base, None, OS, ARCH, None, recipe, files, meta, 0);
+        let rec = ImageRecord::new(ImageKind::Base, None, os.name, ARCH, None, recipe, files, meta, 0);
         let rec = self.record_image(rec)?;
         progress.done(&format!("base image {} ready", &rec.digest[..12]));
         Ok(rec)
@@ -146,9 +147,9 @@ impl Engine {
         Ok(total)
     }
 
-    /// A root file system of the current recipe from an earlier base image.
-    fn reusable_rootfs(&self) -> Result<Option<(String, String)>, Error> {
-        let want = rootfs_recipe();
+    /// A root file system of `os`'s current recipe from an earlier base image.
+    fn reusable_rootfs(&self, os: Os) -> Result<Option<(String, String)>, Error> {
+        let want = rootfs_recipe(os);
         for rec in self.store.list_images()? {
             if rec.kind == ImageKind::Base && rec.meta.get("rootfs_recipe") == Some(&want) {
                 let (Ok(r), Ok(s)) = (rec.file("rootfs"), rec.file("dpkg-status")) else {
@@ -162,13 +163,13 @@ impl Engine {
         Ok(None)
     }
 
-    async fn build_rootfs(&self, work: &Path, progress: &dyn Progress) -> Result<(String, String), Error> {
+    async fn build_rootfs(&self, os: Os, work: &Path, progress: &dyn Progress) -> Result<(String, String), Error> {
         let tree = work.join("rootfs");
-        progress.step("base image: mmdebstrap (Debian minbase)");
+        progress.step(&format!("base image of {os}: mmdebstrap (Debian {} minbase)", os.suite));
         run_with_progress(
             "mmdebstrap",
             Command::new("mmdebstrap")
-                .args(["--variant=minbase", "--mode=root", "--verbose", SUITE])
+                .args(["--variant=minbase", "--mode=root", "--verbose", os.suite])
                 .arg(&tree)
                 .arg(&self.cfg.mirror),
             progress,
@@ -198,11 +199,14 @@ impl Engine {
 
     async fn fetch_kernel(
         &self,
+        os: Os,
         work: &Path,
         progress: &dyn Progress,
     ) -> Result<(String, String, Vec<(String, Vec<u8>)>), Error> {
-        progress.step(&format!("base image: downloading {KERNEL_PACKAGE}"));
-        let deps = run("apt-cache depends", Command::new("apt-cache").args(["depends", KERNEL_PACKAGE])).await?;
+        progress.step(&format!("base image of {os}: downloading {KERNEL_PACKAGE}"));
+        let apt = crate::apt::options_async(&self.cfg.state_dir, &self.cfg.mirror, os, true).await?;
+        let deps =
+            run("apt-cache depends", Command::new("apt-cache").args(&apt).args(["depends", KERNEL_PACKAGE])).await?;
         let versioned = deps
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -216,6 +220,7 @@ impl Engine {
         run(
             "apt-get download",
             Command::new("apt-get")
+                .args(&apt)
                 .args(["-q", "-o", "APT::Sandbox::User=root", "download", &versioned])
                 .current_dir(&dl),
         )
@@ -230,7 +235,19 @@ impl Engine {
         run("dpkg-deb", Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).await?;
         let version = versioned.trim_start_matches("linux-image-").to_string();
         let vmlinuz: PathBuf = tree.join(format!("boot/vmlinuz-{version}"));
-        let modules = initramfs::resolve_modules(&tree.join(format!("lib/modules/{version}")))?;
+        // Under /lib until Debian 12, /usr/lib since.
+        let modules_root = ["lib", "usr/lib"]
+            .iter()
+            .map(|d| tree.join(format!("{d}/modules/{version}")))
+            .find(|p| p.is_dir())
+            .ok_or_else(|| Error::Config(format!("{versioned} holds no modules directory")))?;
+        // Debian 13 ships its modules xz-compressed; the initramfs loads them plain.
+        run(
+            "xz (kernel modules)",
+            Command::new("find").arg(&modules_root).args(["-name", "*.ko.xz", "-exec", "xz", "-d", "-q", "{}", "+"]),
+        )
+        .await?;
+        let modules = initramfs::resolve_modules(&modules_root)?;
         let kernel = self.store.ingest_file(&vmlinuz)?;
         let _ = std::fs::remove_dir_all(&dl);
         Ok((kernel, version, modules))

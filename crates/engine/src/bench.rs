@@ -654,7 +654,7 @@ impl Engine {
         let answer = FirstAnswer::of(pkg)?;
         self.publish_package(pkg, progress).await?;
         let remote_cfg = self.remote.as_ref().map(|r| r.config().clone());
-        let accel = self.accel_for(&self.ensure_base(progress).await?).await?;
+        let accel = self.accel_for(&self.ensure_base(pkg.os, progress).await?).await?;
         let settings = ContextSettings::from_terminal(None);
         let (mut cold, mut warm, mut fetched_bytes) = (Vec::new(), Vec::new(), 0);
         for run in 0..runs {

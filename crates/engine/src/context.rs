@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 use strata_proto::{GuestMount, GuestNetwork, MountSource, TerminalContext, WinSize};
 use strata_store::{ImageKind, ImageRecord};
 
-use crate::{Engine, Error, ARCH, OS};
+use crate::{Engine, Error, ARCH};
+
+/// The OS tag of context images: a context is of no OS (the same settings
+/// serve a session of any).
+const CONTEXT_OS: &str = "any";
 
 /// The settings of one terminal, as stored in its context image.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -35,6 +39,11 @@ pub struct ContextSettings {
     /// Keyboard layout of graphical sessions (an XKB layout such as `de`).
     #[serde(default)]
     pub keyboard: Option<String>,
+    /// The OS a launch from this terminal gets when it names none (`None`:
+    /// the server's default). Not serialized when unset, so the digests of
+    /// existing context images stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
 }
 
 /// A screen size in pixels.
@@ -212,6 +221,11 @@ pub fn check_terminal_name(name: &str) -> Result<(), String> {
 }
 
 impl ContextSettings {
+    /// The OS a launch with this context gets when the request names none.
+    pub fn os_or(&self, default: crate::Os) -> crate::Os {
+        self.os.as_deref().and_then(|o| crate::Os::named(o).ok()).unwrap_or(default)
+    }
+
     /// The settings of the terminal this process runs in (or sane defaults).
     pub fn from_terminal(size: Option<WinSize>) -> ContextSettings {
         let size = size.unwrap_or_default();
@@ -235,6 +249,7 @@ impl ContextSettings {
             home: None,
             screen: None,
             keyboard: None,
+            os: None,
         }
     }
 
@@ -264,6 +279,11 @@ impl ContextSettings {
                 || !tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
             {
                 return bad(format!("time zone {tz:?} is not a zone name like Europe/Paris"));
+            }
+        }
+        if let Some(os) = &self.os {
+            if let Err(e) = crate::Os::named(os) {
+                return bad(e.to_string());
             }
         }
         if let Some(l) = &self.locale {
@@ -502,7 +522,7 @@ impl Engine {
         let rec = ImageRecord::new(
             ImageKind::Context,
             None,
-            OS,
+            CONTEXT_OS,
             ARCH,
             None,
             &recipe,
@@ -532,6 +552,7 @@ mod tests {
             home: None,
             screen: None,
             keyboard: None,
+            os: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use tokio::process::Command;
 
 use crate::tools::run;
-use crate::{io_err, Engine, Error, OS};
+use crate::{io_err, Engine, Error};
 
 /// Virtual size of a home (sparse: only what is written is stored).
 const HOME_SIZE: &str = "4G";
@@ -22,14 +22,17 @@ impl Engine {
         self.cfg.state_dir.join("homes").join(terminal)
     }
 
-    /// The home disk of `terminal`, created empty on first use.
+    /// The home disk of `terminal` for guests of `os` (each OS has its
+    /// own: one release's files are never mounted into another's guest),
+    /// created empty on first use.
     ///
     /// # Errors
     /// If the disk cannot be created.
-    pub(crate) async fn home_disk(&self, terminal: &str) -> Result<PathBuf, Error> {
+    pub(crate) async fn home_disk(&self, terminal: &str, os: &str) -> Result<PathBuf, Error> {
         crate::context::check_terminal_name(terminal).map_err(Error::Config)?;
+        crate::Os::named(os)?;
         let dir = self.home_dir(terminal);
-        let disk = dir.join(format!("{OS}.qcow2"));
+        let disk = dir.join(format!("{os}.qcow2"));
         if disk.is_file() {
             return Ok(disk);
         }

@@ -107,11 +107,17 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
 }
 
 /// Finds `WANTED_MODULES` and their dependencies under `modules_root`
-/// (`lib/modules/VERSION`), in load order.
+/// (`lib/modules/VERSION`), in load order; those built into the kernel
+/// (`modules.builtin`: e.g. virtio_pci since Debian 13's) are left out.
 ///
 /// # Errors
 /// If a module cannot be found or read.
 pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let builtin: std::collections::BTreeSet<String> = std::fs::read_to_string(modules_root.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit('/').next()?.strip_suffix(".ko").map(|n| n.replace('-', "_")))
+        .collect();
     let mut index: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
     let mut stack = vec![modules_root.join("kernel")];
     while let Some(dir) = stack.pop() {
@@ -128,22 +134,23 @@ pub fn resolve_modules(modules_root: &Path) -> Result<Vec<(String, Vec<u8>)>, Er
     fn visit(
         name: &str,
         index: &BTreeMap<String, std::path::PathBuf>,
+        builtin: &std::collections::BTreeSet<String>,
         order: &mut Vec<(String, Vec<u8>)>,
         depth: u32,
     ) -> Result<(), Error> {
-        if order.iter().any(|(n, _)| n == name) || depth > 32 {
+        if order.iter().any(|(n, _)| n == name) || depth > 32 || builtin.contains(name) {
             return Ok(());
         }
         let path = index.get(name).ok_or_else(|| Error::Config(format!("kernel module {name} not found")))?;
         let data = std::fs::read(path).map_err(io_err(path))?;
         for dep in module_depends(&data) {
-            visit(&dep, index, order, depth + 1)?;
+            visit(&dep, index, builtin, order, depth + 1)?;
         }
         order.push((name.to_string(), data));
         Ok(())
     }
     for m in WANTED_MODULES {
-        visit(m, &index, &mut order, 0)?;
+        visit(m, &index, &builtin, &mut order, 0)?;
     }
     Ok(order)
 }

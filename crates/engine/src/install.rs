@@ -13,7 +13,7 @@ use tokio::process::Command;
 
 use crate::session::{boot_for_build, MAIN_PROC};
 use crate::tools::{rebase_to_digest, run, tail};
-use crate::{io_err, Engine, Error, Progress, ARCH, OS};
+use crate::{io_err, Engine, Error, Progress, ARCH};
 
 /// Exit status the install script uses when the package's program is missing.
 const NO_PROGRAM: i32 = 97;
@@ -69,11 +69,13 @@ impl Engine {
         let debs = w.join("debs");
         std::fs::create_dir_all(debs.join("partial")).map_err(io_err(&debs))?;
         let status = self.store.blob_path(base.file("dpkg-status")?);
+        let apt = crate::apt::options_async(&self.cfg.state_dir, &self.cfg.mirror, pkg.os, true).await?;
         // Resolve against the base image's own dpkg state, so exactly what the
         // base lacks is downloaded.
         let out = run(
             &format!("resolving {}", pkg.def.all_debs().join(" ")),
             Command::new("apt-get")
+                .args(&apt)
                 .args(["install", "--download-only", "-y", "-q", "--no-install-recommends"])
                 .arg(format!("-oDir::State::status={}", status.display()))
                 .arg(format!("-oDir::Cache::archives={}", debs.display()))
@@ -187,7 +189,7 @@ impl Engine {
         let rec = ImageRecord::new(
             ImageKind::Install,
             Some(pkg.name.clone()),
-            OS,
+            pkg.os.name,
             ARCH,
             Some(base.digest.clone()),
             recipe,

@@ -14,7 +14,7 @@ use crate::context::ContextSettings;
 use crate::session::{boot_for_build, spawn_ready, start_and_attach, Attached, Session};
 use crate::sessions::SessionRecord;
 use crate::tools::rebase_to_digest;
-use crate::{Engine, Error, Progress, ARCH, OS};
+use crate::{Engine, Error, Progress, ARCH};
 
 /// How long a VM may take to connect its agent (a cold boot under TCG takes seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -262,7 +262,7 @@ impl Engine {
     /// If a build fails.
     pub async fn ensure_images(&self, pkg: &Package, progress: &dyn Progress) -> Result<ImageSet, Error> {
         let fetched_before = self.remote.as_ref().map(|r| r.downloads());
-        let base = self.ensure_base(progress).await?;
+        let base = self.ensure_base(pkg.os, progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let recipe = launch_recipe(&base, &install, pkg, accel, &crate::accel::qemu_identity());
@@ -394,7 +394,7 @@ impl Engine {
         let rec = ImageRecord::new(
             ImageKind::Launch,
             Some(pkg.name.clone()),
-            OS,
+            pkg.os.name,
             ARCH,
             Some(install.digest.clone()),
             recipe,
@@ -492,7 +492,7 @@ impl Engine {
         }
         let slot = self.restore_slot(ahead_of_demand).await?;
         let claim = match &settings.home {
-            Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t).await?)),
+            Some(t) => Some((self.claim_home(t, id)?, self.home_disk(t, &image.os).await?)),
             None => None,
         };
         let plugs = plugs_of(settings, claim.as_ref().map(|(_, disk)| disk))?;
@@ -504,13 +504,14 @@ impl Engine {
         let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
         drop(slot);
         let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);
+        record.os = image.os.clone();
         record.home = settings.home.clone();
         record.ports = settings.network.ports.clone();
         record.settings = Some(settings.clone());
         record.pooled = ahead_of_demand;
         self.write_session_record(&record)?;
         drop(claim);
-        let mut s = Session::new(id.to_string(), package, a);
+        let mut s = Session::new(id.to_string(), package, &image.os, a);
         s.record = Some(self.session_dir(id));
         s.graphical = graphical;
         s.standby = image.meta.get(STANDBY_META).and_then(|p| p.parse().ok());
@@ -642,7 +643,7 @@ impl Engine {
         settings: &ContextSettings,
         progress: &dyn Progress,
     ) -> Result<Session, Error> {
-        let base = self.ensure_base(progress).await?;
+        let base = self.ensure_base(pkg.os, progress).await?;
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let dir = self.store.work_dir("cold")?;
@@ -664,7 +665,7 @@ impl Engine {
         match screen {
             Ok(screen) => {
                 a.screen = screen;
-                let mut s = Session::new(new_session_id(), &pkg.name, a);
+                let mut s = Session::new(new_session_id(), &pkg.name, pkg.os.name, a);
                 s.graphical = pkg.def.graphical;
                 Ok(s)
             }

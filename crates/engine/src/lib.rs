@@ -9,6 +9,7 @@
 //! the guest agent on attach.
 
 pub mod accel;
+mod apt;
 pub mod base;
 pub mod bench;
 pub mod builds;
@@ -54,8 +55,8 @@ pub fn request_id() -> Option<String> {
     REQUEST_ID.try_with(Clone::clone).ok()
 }
 
-/// Operating system tag of the images this build makes.
-pub const OS: &str = "debian-12";
+pub use strata_package::{Os, DEFAULT_OS, OSES};
+
 /// Architecture tag of the images this build makes.
 pub const ARCH: &str = "x86_64";
 
@@ -157,6 +158,9 @@ pub struct Config {
     pub accel: Option<Accel>,
     /// Debian mirror for the base image and packages.
     pub mirror: String,
+    /// The OS of a launch that names none (`STRATA_OS`; a terminal's
+    /// context may choose another).
+    pub default_os: Os,
     /// Host folders a context may share into VMs (their subfolders too).
     pub share_roots: Vec<PathBuf>,
     /// The object store shared with other servers; `None` reads it from the
@@ -273,6 +277,14 @@ where
     }
 }
 
+/// The OS `STRATA_OS` names, or the default.
+fn default_os_from_env() -> Result<Os, Error> {
+    match std::env::var("STRATA_OS") {
+        Ok(name) => Os::named(name.trim()).map_err(|e| Error::Config(format!("STRATA_OS: {e}"))),
+        Err(_) => Ok(DEFAULT_OS),
+    }
+}
+
 /// Restore slots by default: two per CPU, so one restore's waits (QMP, the
 /// agent's answer) are filled with another's work.
 pub fn default_restore_slots() -> usize {
@@ -304,6 +316,8 @@ impl Config {
             agent_binary,
             accel: None,
             mirror: std::env::var("STRATA_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
+            // A bad setting is reported when the engine opens.
+            default_os: default_os_from_env().unwrap_or(DEFAULT_OS),
             share_roots: match std::env::var("STRATA_SHARE_ROOTS") {
                 Ok(list) => std::env::split_paths(&list).filter(|p| p.is_absolute()).collect(),
                 Err(_) => std::env::var_os("HOME")
@@ -389,9 +403,9 @@ pub struct Engine {
     pub stats: Stats,
     /// The object store shared with other servers, if configured.
     pub remote: Option<Arc<strata_remote::Remote>>,
-    /// The base recipe, computed once: it hashes the agent binary, which
-    /// does not change while this process runs, and launches need it.
-    base_recipe: std::sync::OnceLock<String>,
+    /// The agent binary's digest, computed once: it does not change while
+    /// this process runs, and every launch's base recipe holds it.
+    agent_digest: std::sync::OnceLock<String>,
     /// Bounds the VMs being restored at once ([`Config::restore_slots`]).
     restore_slots: tokio::sync::Semaphore,
     /// Where VMs' QEMU is forked from ([`Config::fork_server`]); without it
@@ -465,6 +479,7 @@ impl Engine {
         // Config::from_env falls back to the defaults; a bad setting is named here.
         VmLimits::from_env()?;
         Floors::from_env()?;
+        default_os_from_env()?;
         env_number("STRATA_ENDED_RETENTION_SECS", 0u64, 0..=u64::MAX)?;
         env_number("STRATA_PAUSED_RETENTION_SECS", 0u64, 1..=u64::MAX)?;
         let cgroups =
@@ -482,7 +497,7 @@ impl Engine {
             registry,
             stats: Stats::default(),
             remote,
-            base_recipe: Default::default(),
+            agent_digest: Default::default(),
             restore_slots,
             fork_server,
             cgroups,
@@ -494,17 +509,12 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Resolves a package by name: a definition, else a Debian package of
-    /// that name, else an error suggesting close names.
-    ///
-    /// # Errors
-    /// [`strata_package::Error::NotFound`] and friends.
-    /// Debian packages (the host's package lists) whose name or description
+    /// Debian packages (`os`'s package lists) whose name or description
     /// holds every word of `query`, names matching first; at most 50.
     ///
     /// # Errors
     /// If the query is empty, too long, or not plain words.
-    pub async fn search_packages(&self, query: &str) -> Result<Vec<(String, String)>, Error> {
+    pub async fn search_packages(&self, query: &str, os: Os) -> Result<Vec<(String, String)>, Error> {
         let words: Vec<&str> = query.split_whitespace().collect();
         let plain = |w: &&str| w.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
         if words.is_empty() || words.len() > 8 || query.len() > 100 || !words.iter().all(plain) {
@@ -512,11 +522,39 @@ impl Engine {
                 "{query:?} is not a search: write up to 8 words of letters, digits, '+', '-' or '.'"
             )));
         }
-        Ok(tools::search_debian(&words, 50).await)
+        let apt = apt::options_async(&self.cfg.state_dir, &self.cfg.mirror, os, false).await?;
+        Ok(tools::search_debian(&apt, &words, 50).await)
     }
 
+    /// Resolves a package by name for this server's default OS.
+    ///
+    /// # Errors
+    /// As [`Engine::package_on`].
     pub fn package(&self, name: &str) -> Result<Package, Error> {
-        Ok(self.registry.resolve(name, tools::debian_package_exists, tools::debian_package_names)?)
+        self.package_on(name, self.cfg.default_os)
+    }
+
+    /// Resolves a package by name for `os`: a definition made for it, else
+    /// a Debian package of that name in `os`'s package lists, else an error
+    /// naming the OSes that have it or suggesting close names. Fetches the
+    /// lists of an OS this host does not run on first use.
+    ///
+    /// # Errors
+    /// [`strata_package::Error::NotFound`] and friends; the lists of `os`
+    /// could not be fetched.
+    pub fn package_on(&self, name: &str, os: Os) -> Result<Package, Error> {
+        strata_package::check_name(name)?;
+        let lists = |o: Os| apt::options(&self.cfg.state_dir, &self.cfg.mirror, o, false);
+        let chosen = lists(os)?;
+        let exists = |o: Os, n: &str| {
+            if o == os {
+                tools::debian_package_exists(&chosen, n)
+            } else {
+                // Only to name the OSes that have it: lists that cannot be had say no.
+                lists(o).is_ok_and(|apt| tools::debian_package_exists(&apt, n))
+            }
+        };
+        Ok(self.registry.resolve(name, os, exists, |_| tools::debian_package_names(&chosen))?)
     }
 
     /// The control group a VM with `memory_mib` of guest RAM runs in.

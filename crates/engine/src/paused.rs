@@ -18,7 +18,7 @@ use crate::context::ContextSettings;
 use crate::session::Session;
 use crate::sessions::SessionRecord;
 use crate::tools::{rebase_to_digest, run};
-use crate::{io_err, write_atomic, Engine, Error, ARCH, OS};
+use crate::{io_err, write_atomic, Engine, Error, ARCH};
 
 /// How long saving a session's state may take (its memory goes to the file).
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -167,7 +167,7 @@ impl Engine {
         let image = ImageRecord::new(
             ImageKind::Paused,
             Some(s.package.clone()),
-            OS,
+            &parent.os,
             ARCH,
             Some(parent.digest.clone()),
             &paused_recipe(&s.id, &parent.digest),

@@ -42,27 +42,53 @@ const WARM_COMMAND: strata_proto::ProcId = 900;
 
 /// Which pool a launch may be taken from, by name: a package's (`NAME`),
 /// or that of its sessions made for E2B's API (`e2b:NAME`: an outbound
-/// network plugged in and E2B's shell warmed).
+/// network plugged in and E2B's shell warmed); `@OS` after either names
+/// an OS other than the server's default (`python3@debian-13`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub package: String,
     pub e2b: bool,
+    /// The OS named, if any (checked when the pool's package is resolved).
+    pub os: Option<String>,
 }
 
 impl PoolKey {
     pub fn parse(name: &str) -> PoolKey {
-        match name.strip_prefix(E2B_PREFIX) {
-            Some(p) => PoolKey { package: p.to_string(), e2b: true },
-            None => PoolKey { package: name.to_string(), e2b: false },
+        let (rest, os) = match name.split_once('@') {
+            Some((p, os)) => (p, Some(os.to_string())),
+            None => (name, None),
+        };
+        match rest.strip_prefix(E2B_PREFIX) {
+            Some(p) => PoolKey { package: p.to_string(), e2b: true, os },
+            None => PoolKey { package: rest.to_string(), e2b: false, os },
         }
     }
 
+    /// The pool of `pkg`'s sessions (for E2B's API if `e2b`) on a server
+    /// whose default OS is `default_os`.
+    pub fn of(pkg: &Package, e2b: bool, default_os: crate::Os) -> PoolKey {
+        let os = (pkg.os != default_os).then(|| pkg.os.name.to_string());
+        PoolKey { package: pkg.name.clone(), e2b, os }
+    }
+
     pub fn name(&self) -> String {
-        if self.e2b {
-            format!("{E2B_PREFIX}{}", self.package)
-        } else {
-            self.package.clone()
+        let prefix = if self.e2b { E2B_PREFIX } else { "" };
+        match &self.os {
+            Some(os) => format!("{prefix}{}@{os}", self.package),
+            None => format!("{prefix}{}", self.package),
         }
+    }
+
+    /// The package it pools, resolved for its OS.
+    ///
+    /// # Errors
+    /// An unknown OS or package.
+    pub fn resolve(&self, engine: &Engine) -> Result<Package, Error> {
+        let os = match &self.os {
+            Some(os) => crate::Os::named(os)?,
+            None => engine.cfg.default_os,
+        };
+        engine.package_on(&self.package, os)
     }
 
     /// The context its sessions are restored with.
@@ -300,5 +326,23 @@ impl Pool {
         for s in all {
             s.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PoolKey;
+
+    #[test]
+    fn pool_names_carry_the_e2b_flag_and_an_os_other_than_the_default() {
+        for name in ["python3", "e2b:python3", "python3@debian-13", "e2b:bc@debian-13"] {
+            assert_eq!(PoolKey::parse(name).name(), name);
+        }
+        let k = PoolKey::parse("e2b:bc@debian-13");
+        assert_eq!((k.package.as_str(), k.e2b, k.os.as_deref()), ("bc", true, Some("debian-13")));
+        let trixie = strata_package::Os::named("debian-13").unwrap();
+        let pkg = strata_package::Package::derived("sl", trixie).unwrap();
+        assert_eq!(PoolKey::of(&pkg, false, crate::DEFAULT_OS).name(), "sl@debian-13");
+        assert_eq!(PoolKey::of(&pkg, true, trixie).name(), "e2b:sl");
     }
 }

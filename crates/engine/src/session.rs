@@ -86,6 +86,8 @@ pub enum SessionEvent {
 pub struct Session {
     pub id: String,
     pub package: String,
+    /// The OS its guest runs (its image's).
+    pub os: String,
     /// What the program's screen showed when the terminal attached.
     pub screen: Vec<u8>,
     vm: Vm,
@@ -250,7 +252,7 @@ pub(crate) async fn spawn_ready(
 
 impl Session {
     /// Wraps an attached VM; a task forwards the agent's messages as events.
-    pub(crate) fn new(id: String, package: &str, a: Attached) -> Session {
+    pub(crate) fn new(id: String, package: &str, os: &str, a: Attached) -> Session {
         let Attached { vm, conn, dir, screen, exited } = a;
         let AgentConn { mut reader, writer } = conn;
         let (tx, rx) = mpsc::channel(256);
@@ -288,6 +290,7 @@ impl Session {
         Session {
             id,
             package: package.into(),
+            os: os.into(),
             screen,
             vm,
             writer,

@@ -24,6 +24,10 @@ const CREATOR: &str = "creator.pid";
 /// Locked while a process takes a session in.
 const CLAIM_LOCK: &str = "claim.lock";
 
+fn first_os() -> String {
+    crate::DEFAULT_OS.name.to_string()
+}
+
 /// What `strata ps` shows of a session.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -34,6 +38,9 @@ pub struct SessionRecord {
     pub owner_pid: u32,
     pub detached: bool,
     pub launch_image: String,
+    /// The OS its guest runs (records older than the OS choice: the first).
+    #[serde(default = "first_os")]
+    pub os: String,
     /// Unix seconds.
     pub created: i64,
     /// The terminal whose persistent home the session mounts.
@@ -148,6 +155,7 @@ impl SessionRecord {
             owner_pid: std::process::id(),
             detached: false,
             launch_image: launch_image.into(),
+            os: first_os(),
             created: unix_now(),
             home: None,
             ports: Vec::new(),
@@ -470,7 +478,7 @@ impl Engine {
 
     /// The session of record `rec`, connected by `a`.
     pub(crate) fn session_of(&self, rec: &SessionRecord, dir: PathBuf, a: Attached) -> Session {
-        let mut s = Session::new(rec.id.clone(), &rec.package, a);
+        let mut s = Session::new(rec.id.clone(), &rec.package, &rec.os, a);
         s.record = Some(dir);
         s.has_devices = rec.settings.as_ref().is_some_and(ContextSettings::needs_devices)
             || rec.home.is_some()

@@ -57,9 +57,11 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Whether Debian's package lists know this package name.
-pub fn debian_package_exists(name: &str) -> bool {
+/// Whether Debian's package lists (those `apt` options select) know this
+/// package name.
+pub fn debian_package_exists(apt: &[String], name: &str) -> bool {
     std::process::Command::new("apt-cache")
+        .args(apt)
         .args(["show", "--no-all-versions", name])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -69,8 +71,9 @@ pub fn debian_package_exists(name: &str) -> bool {
 }
 
 /// Every package name Debian's lists know (for suggestions).
-pub fn debian_package_names() -> Vec<String> {
+pub fn debian_package_names(apt: &[String]) -> Vec<String> {
     std::process::Command::new("apt-cache")
+        .args(apt)
         .arg("pkgnames")
         .stderr(Stdio::null())
         .output()
@@ -81,8 +84,9 @@ pub fn debian_package_names() -> Vec<String> {
 /// Debian packages whose name or description holds every word of `words`
 /// (the host's package lists, `apt-cache search`): name and short
 /// description, names matching first, at most `limit`.
-pub async fn search_debian(words: &[&str], limit: usize) -> Vec<(String, String)> {
-    let Ok(out) = Command::new("apt-cache").arg("search").arg("--").args(words).stderr(Stdio::null()).output().await
+pub async fn search_debian(apt: &[String], words: &[&str], limit: usize) -> Vec<(String, String)> {
+    let Ok(out) =
+        Command::new("apt-cache").args(apt).arg("search").arg("--").args(words).stderr(Stdio::null()).output().await
     else {
         return Vec::new();
     };

@@ -29,6 +29,54 @@ pub enum Error {
     BadName(String),
     #[error("no package {name:?}{}", suggestions_text(.suggestions))]
     NotFound { name: String, suggestions: Vec<String> },
+    #[error("{0:?} is not an operating system strata knows: use one of {known}", known = os_names())]
+    UnknownOs(String),
+    #[error("package {name} is not made for {os}: {}", others_text(.others))]
+    NotOnOs { name: String, os: String, others: Vec<String> },
+}
+
+fn others_text(others: &[String]) -> String {
+    if others.is_empty() {
+        "no operating system strata knows has it".into()
+    } else {
+        format!("ask for it on {} (--os, or `os` in the API)", others.join(" or "))
+    }
+}
+
+/// An operating system guests run: a Debian release, built from Debian's
+/// packages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Os {
+    /// strata's name for it, in images, sessions, homes and requests.
+    pub name: &'static str,
+    /// Debian's suite (the name its archive uses).
+    pub suite: &'static str,
+}
+
+/// The operating systems strata builds images of; the first is the default.
+pub const OSES: &[Os] = &[Os { name: "debian-12", suite: "bookworm" }, Os { name: "debian-13", suite: "trixie" }];
+
+/// The OS used when nothing chooses one (`STRATA_OS` may choose another).
+pub const DEFAULT_OS: Os = OSES[0];
+
+fn os_names() -> String {
+    OSES.iter().map(|o| o.name).collect::<Vec<_>>().join(", ")
+}
+
+impl Os {
+    /// The OS called `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownOs`], listing the known ones.
+    pub fn named(name: &str) -> Result<Os, Error> {
+        OSES.iter().copied().find(|o| o.name == name).ok_or_else(|| Error::UnknownOs(name.chars().take(64).collect()))
+    }
+}
+
+impl std::fmt::Display for Os {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
 }
 
 fn suggestions_text(s: &[String]) -> String {
@@ -96,6 +144,11 @@ pub struct Definition {
     /// (Not serialized when false, so console packages keep their digests.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub graphical: bool,
+    /// The operating systems it is made for (their names, e.g. `debian-13`);
+    /// absent: every one whose package lists have its debs.
+    /// (Not serialized when absent, so existing digests stay.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<Vec<String>>,
 }
 
 /// What a graphical package's VM gets besides its own debs: the X server on
@@ -115,6 +168,12 @@ pub const X_DEBS: &[&str] = &[
 ];
 
 impl Definition {
+    /// The OSes it is made for: those it names, else every one strata
+    /// knows (whose lists have its debs, which is checked at launch).
+    pub fn oses(&self) -> Vec<String> {
+        self.os.clone().unwrap_or_else(|| OSES.iter().map(|o| o.name.to_string()).collect())
+    }
+
     /// Every Debian package the install image needs.
     pub fn all_debs(&self) -> Vec<String> {
         let mut debs = self.debs.clone();
@@ -133,11 +192,13 @@ fn default_disk() -> u32 {
     2048
 }
 
-/// A resolved package: a name and its definition.
+/// A resolved package: a name, its definition and the OS it runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Package {
     pub name: String,
     pub def: Definition,
+    /// The OS its images are of.
+    pub os: Os,
     /// Where the definition came from; `None` for a derived one.
     pub source: Option<PathBuf>,
 }
@@ -202,6 +263,14 @@ impl Definition {
                 return Err("`probe.input` and `probe.expect` must not be empty".into());
             }
         }
+        if let Some(oses) = &self.os {
+            if oses.is_empty() {
+                return Err(format!("`os` must name at least one operating system ({}), or be left out", os_names()));
+            }
+            for o in oses {
+                Os::named(o).map_err(|e| format!("`os`: {e}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -232,7 +301,7 @@ impl Package {
         let def: Definition =
             toml::from_str(text).map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
         def.validate().map_err(|message| Error::Invalid { path: path.into(), message })?;
-        Ok(Package { name: name.into(), def, source: Some(path.into()) })
+        Ok(Package { name: name.into(), def, os: DEFAULT_OS, source: Some(path.into()) })
     }
 
     /// The definition derived for a Debian package that has none: install it,
@@ -240,7 +309,7 @@ impl Package {
     ///
     /// # Errors
     /// If the name is not a valid package name.
-    pub fn derived(name: &str) -> Result<Package, Error> {
+    pub fn derived(name: &str, os: Os) -> Result<Package, Error> {
         check_name(name)?;
         let def = Definition {
             description: format!("Debian package {name}"),
@@ -252,8 +321,9 @@ impl Package {
             ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
             probe: None,
             graphical: false,
+            os: None,
         };
-        Ok(Package { name: name.into(), def, source: None })
+        Ok(Package { name: name.into(), def, os, source: None })
     }
 }
 
@@ -281,26 +351,39 @@ impl Registry {
         Ok(Registry { packages })
     }
 
-    /// Finds a package: a definition, else a derived one if `is_debian_package`
-    /// knows the name, else [`Error::NotFound`] with close names from both.
+    /// Finds a package for `os`: a definition made for it, else a derived
+    /// one if `os`'s package lists know the name (`is_debian_package(os,
+    /// name)`), else [`Error::NotOnOs`] naming the OSes that have it, or
+    /// [`Error::NotFound`] with close names.
     ///
     /// # Errors
-    /// If the name is invalid or nothing matches.
+    /// If the name is invalid, `os` lacks it, or nothing matches.
     pub fn resolve(
         &self,
         name: &str,
-        is_debian_package: impl Fn(&str) -> bool,
-        debian_names: impl FnOnce() -> Vec<String>,
+        os: Os,
+        is_debian_package: impl Fn(Os, &str) -> bool,
+        debian_names: impl FnOnce(Os) -> Vec<String>,
     ) -> Result<Package, Error> {
         check_name(name)?;
         if let Some(p) = self.packages.get(name) {
-            return Ok(p.clone());
+            return match &p.def.os {
+                Some(oses) if !oses.iter().any(|o| o == os.name) => {
+                    Err(Error::NotOnOs { name: name.into(), os: os.name.into(), others: oses.clone() })
+                }
+                _ => Ok(Package { os, ..p.clone() }),
+            };
         }
-        if is_debian_package(name) {
-            return Package::derived(name);
+        if is_debian_package(os, name) {
+            return Package::derived(name, os);
+        }
+        let others: Vec<String> =
+            OSES.iter().filter(|o| **o != os && is_debian_package(**o, name)).map(|o| o.name.to_string()).collect();
+        if !others.is_empty() {
+            return Err(Error::NotOnOs { name: name.into(), os: os.name.into(), others });
         }
         let mut candidates: Vec<String> = self.packages.keys().cloned().collect();
-        candidates.extend(debian_names());
+        candidates.extend(debian_names(os));
         Err(Error::NotFound { name: name.into(), suggestions: suggest(name, &candidates) })
     }
 }
@@ -354,13 +437,17 @@ mod tests {
         check("py", "debs=['py']\ncommand=['x']\nbogus=1\n[ready]\nalive_ms=1\n", Some("unknown field"));
         check("py", "debs=['py']\ncommand=['x']\n[ready]\nport=0\n", Some("port number"));
         check("py", "not toml at all [", Some("not valid"));
+        check("py", "debs=['py']\ncommand=['x']\nos=[]\n[ready]\nalive_ms=1\n", Some("at least one operating"));
+        check("py", "debs=['py']\ncommand=['x']\nos=['dos']\n[ready]\nalive_ms=1\n", Some("debian-12, debian-13"));
+        check("py", "debs=['py']\ncommand=['x']\nos=['debian-13']\n[ready]\nalive_ms=1\n", None);
     }
 
     #[test]
     fn unknown_package_suggests_close_names() {
         let reg = Registry::default();
-        let err =
-            reg.resolve("pyhton3", |_| false, || vec!["python3".into(), "htop".into(), "nano".into()]).unwrap_err();
+        let err = reg
+            .resolve("pyhton3", DEFAULT_OS, |_, _| false, |_| vec!["python3".into(), "htop".into(), "nano".into()])
+            .unwrap_err();
         match err {
             Error::NotFound { suggestions, .. } => {
                 assert_eq!(suggestions, vec!["python3".to_string()])
@@ -372,9 +459,33 @@ mod tests {
     #[test]
     fn debian_package_without_definition_is_derived() {
         let reg = Registry::default();
-        let p = reg.resolve("sl", |n| n == "sl", Vec::new).unwrap();
+        let p = reg.resolve("sl", DEFAULT_OS, |_, n| n == "sl", |_| Vec::new()).unwrap();
         assert_eq!(p.def.command, vec!["sl".to_string()]);
         assert!(p.source.is_none());
+    }
+
+    #[test]
+    fn packages_resolve_per_os() {
+        let trixie = Os::named("debian-13").unwrap();
+        // A Debian package only the newer release has: refused on the older,
+        // naming the one that has it.
+        let only_new = |os: Os, n: &str| n == "fastfetch" && os == trixie;
+        let reg = Registry::default();
+        assert_eq!(reg.resolve("fastfetch", trixie, only_new, |_| Vec::new()).unwrap().os, trixie);
+        match reg.resolve("fastfetch", DEFAULT_OS, only_new, |_| Vec::new()).unwrap_err() {
+            Error::NotOnOs { os, others, .. } => {
+                assert_eq!((os.as_str(), others), ("debian-12", vec!["debian-13".to_string()]))
+            }
+            e => panic!("{e}"),
+        }
+        // A definition limited to one OS.
+        let mut reg = Registry::default();
+        let text = format!("{OK}os=['debian-13']\n").replace("[ready]\ntext='>>> '\n", "") + "[ready]\ntext='>>> '\n";
+        reg.packages.insert("py".into(), Package::from_toml("py", &text, Path::new("py.toml")).unwrap());
+        assert_eq!(reg.resolve("py", trixie, |_, _| false, |_| Vec::new()).unwrap().os, trixie);
+        let e = reg.resolve("py", DEFAULT_OS, |_, _| true, |_| Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("not made for debian-12") && e.contains("debian-13"), "{e}");
+        assert!(Os::named("debian-99").unwrap_err().to_string().contains("debian-12, debian-13"));
     }
 
     #[test]
