@@ -75,13 +75,19 @@ async function events(path, onEvent, stop) {
 async function loadPackages() {
   const list = $('packages');
   list.replaceChildren();
-  for (const p of await api('GET', '/v1/packages')) {
+  const packages = await api('GET', '/v1/packages');
+  const chooser = $('os');
+  const known = [...new Set(packages.flatMap((p) => p.os || []))].sort();
+  for (const os of known) {
+    if (![...chooser.options].some((o) => o.value === os)) chooser.append(new Option(os, os));
+  }
+  for (const p of packages) {
     if (p.graphical) graphical.add(p.name);
     const li = document.createElement('li');
     const name = document.createElement('span');
     name.innerHTML = `<strong></strong><span class="desc"></span>`;
     name.querySelector('strong').textContent = p.name;
-    name.querySelector('.desc').textContent = p.description;
+    name.querySelector('.desc').textContent = `${p.description} (${(p.os || []).join(', ')})`;
     li.append(name, launchButton(p.name, { 'data-launch': p.name }));
     list.append(li);
   }
@@ -95,7 +101,8 @@ function launchButton(name, attrs) {
 async function search(q) {
   const list = $('found');
   list.replaceChildren();
-  const found = await api('GET', `/v1/packages/search?q=${encodeURIComponent(q)}`);
+  const os = chosenOs();
+  const found = await api('GET', `/v1/packages/search?q=${encodeURIComponent(q)}${os ? `&os=${os}` : ''}`);
   if (!found.length) {
     const li = document.createElement('li');
     li.textContent = `No Debian package matches "${q}".`;
@@ -176,10 +183,15 @@ async function followBuild(build, onStatus) {
   return last;
 }
 
+// The OS chosen for new sessions (undefined: the server's default).
+function chosenOs() {
+  return $('os').value || undefined;
+}
+
 // Builds what is missing of a package's images, showing the build's
 // progress; the build goes on on the server if the page is closed.
 async function ensureBuilt(name) {
-  const build = await api('POST', '/v1/builds', { package: name });
+  const build = await api('POST', '/v1/builds', { package: name, os: chosenOs() });
   if (build.state === 'done') return;
   const bar = $('build-progress');
   const show = (b) => {
@@ -206,6 +218,7 @@ async function launch(name) {
   $('term-status').textContent = `Launching ${name}…`;
   const created = await api('POST', '/v1/sessions', {
     package: name,
+    os: chosenOs(),
     context: {
       rows: term.rows, cols: term.cols, term: 'xterm-256color',
       timezone: Intl.DateTimeFormat().resolvedOptions().timeZone || undefined,

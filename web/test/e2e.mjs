@@ -100,6 +100,22 @@ try {
   await waitScreen('after 42');
   await page.click(`button[data-kill="${id}"]`);
   await page.waitForFunction((i) => !document.querySelector(`tr[data-session="${i}"]`), id, { timeout: 10000 });
+
+  step('choose Debian 13 and launch python3 on it');
+  await page.selectOption('#os', 'debian-13');
+  await page.click('button[data-launch="python3"]');
+  await page.waitForFunction(() => {
+    const r = document.querySelector('#sessions tr[data-session]');
+    return r && r.textContent.includes('debian-13');
+  }, null, { timeout: 120000 });
+  await waitScreen('>>>');
+  await page.click('#terminal');
+  await page.keyboard.type('print("release", open("/etc/debian_version").read().strip())');
+  await page.keyboard.press('Enter');
+  await waitScreen('release 13.');
+  const other = await page.locator('#sessions tr[data-session]').first().getAttribute('data-session');
+  await page.click(`button[data-kill="${other}"]`);
+  await page.waitForFunction((i) => !document.querySelector(`tr[data-session="${i}"]`), other, { timeout: 10000 });
   step(`ok (screen: ${JSON.stringify((await screen()).slice(0, 80))}...)`);
 } finally {
   await browser.close();

@@ -253,7 +253,8 @@ enum Cmd {
         /// demand: PACKAGE=MAX (at least one waits) or PACKAGE=MIN-MAX; the
         /// size follows the launch rate and gives memory back when it drops
         /// (repeatable). `e2b:PACKAGE=...` keeps sessions for E2B's API
-        /// (an outbound network, E2B's shell warmed).
+        /// (an outbound network, E2B's shell warmed); `PACKAGE@OS=...`
+        /// keeps them of an OS other than the server's default.
         #[arg(long, value_parser = parse_pool_target)]
         pool: Vec<(String, (usize, usize))>,
         /// A folder terminals may share into their VMs, with its subfolders
@@ -1073,10 +1074,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let mut state = strata_api::AppState::new(std::sync::Arc::new(eng), tokens.clone(), limits)
                 .map_err(anyhow::Error::msg)?;
             state.operators = operator.iter().cloned().collect();
-            for (package, (min, max)) in pool {
-                eng_check_package(&state.engine, package)?;
-                state.pool_targets.insert(package.clone(), *max);
-                state.pool.follow(package, *min, *max);
+            for (name, (min, max)) in pool {
+                // Named as launches name it (no @OS for the default OS).
+                let name = &pool_name(&state.engine, name)?;
+                state.pool_targets.insert(name.clone(), *max);
+                state.pool.follow(name, *min, *max);
             }
             {
                 let mut store = state.tokens.write().unwrap_or_else(|e| e.into_inner());
@@ -1536,10 +1538,12 @@ fn parse_pool_target(s: &str) -> Result<(String, (usize, usize)), String> {
     Ok((pkg.to_string(), (min, max)))
 }
 
-/// Checks the package of a pool's name (`PACKAGE` or `e2b:PACKAGE`).
-fn eng_check_package(eng: &Engine, name: &str) -> anyhow::Result<()> {
+/// Checks the package of a pool's name (`PACKAGE` or `e2b:PACKAGE`, with
+/// `@OS` after either) on its OS; the name as launches name that pool.
+fn pool_name(eng: &Engine, name: &str) -> anyhow::Result<String> {
     let key = strata_engine::pool::PoolKey::parse(name);
-    eng.package(&key.package).map(|_| ()).with_context(|| format!("--pool {name}"))
+    let pkg = key.resolve(eng).with_context(|| format!("--pool {name}"))?;
+    Ok(strata_engine::pool::PoolKey::of(&pkg, key.e2b, eng.cfg.default_os).name())
 }
 
 fn tokens_file(eng: &Engine) -> PathBuf {
