@@ -171,6 +171,7 @@ pub async fn reconcile(st: &AppState, link: &ClusterLink) -> Result<(), strata_c
             id: l.id.clone(),
             server: link.server_id.clone(),
             package: l.package.clone(),
+            os: Some(l.os.clone()),
             state: match state {
                 State::Running => "running".into(),
                 State::Paused => "paused".into(),
@@ -211,7 +212,10 @@ pub async fn record_running(link: &ClusterLink, live: &crate::live::Live) -> Res
 /// The record of `live` running on this server.
 fn running_here(link: &ClusterLink, live: &crate::live::Live) -> SessionEntry {
     let created = live.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created)
+    SessionEntry {
+        os: Some(live.os.clone()),
+        ..SessionEntry::running(&live.id, &link.server_id, &live.package, &live.owner, created)
+    }
 }
 
 /// Where a session that was moving runs, once settled.
@@ -257,8 +261,10 @@ pub async fn claim_moved(
     owner: &str,
     fence: i64,
 ) -> Result<bool, strata_cluster::Error> {
-    let entry =
-        SessionEntry::running(&rec.id, &link.server_id, &rec.package, owner, u64::try_from(rec.created).unwrap_or(0));
+    let entry = SessionEntry {
+        os: Some(rec.os.clone()),
+        ..SessionEntry::running(&rec.id, &link.server_id, &rec.package, owner, u64::try_from(rec.created).unwrap_or(0))
+    };
     link.cluster.put_session_if_unchanged(&entry, fence).await
 }
 

@@ -567,6 +567,8 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let out = strata(&["--addr", &c.cps[0], "--token", &alice, "ps"]).output().unwrap();
     let ps = text(&out.stdout);
     assert!(ps.lines().any(|l| l.starts_with(&on_hung) && l.contains("running, server was unreachable")), "{ps}");
+    // The plane lists each session's OS, as its server recorded it.
+    assert!(ps.lines().any(|l| l.starts_with(&on_hung) && l.contains("debian-12")), "{ps}");
     assert_eq!(c.api(0, "DELETE", &format!("/v1/sessions/{extra}"), &alice).await.0, 204);
     // Past the grace period: lost, then running again.
     signal(hung, "STOP");

@@ -43,6 +43,9 @@ pub struct SessionEntry {
     /// The server that runs it (or ran it, if it is paused).
     pub server: String,
     pub package: String,
+    /// The OS its guest runs, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
     /// `running`, `paused` or `lost`.
     pub state: String,
     /// The terminal that owns it.
@@ -76,6 +79,7 @@ impl SessionEntry {
             id: id.into(),
             server: server.into(),
             package: package.into(),
+            os: None,
             state: "running".into(),
             owner: owner.into(),
             image: None,

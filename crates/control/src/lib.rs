@@ -569,6 +569,7 @@ fn session_json(e: &SessionEntry, alive: &BTreeSet<String>, now: u64) -> Value {
     json!({
         "id": e.id,
         "package": e.package,
+        "os": e.os,
         "state": e.state,
         "server": e.server,
         "terminal": e.owner,
@@ -666,7 +667,8 @@ async fn launch_placed(cp: &ControlPlane, terminal: &str, package: &str, body: &
     let (server, _, mut created) = order_placed(cp, terminal, &req, package, "/v1/sessions", body).await?;
     let id = created["session"]["id"].as_str().unwrap_or_default().to_string();
     let created_at = created["session"]["created"].as_u64().unwrap_or(0);
-    let entry = SessionEntry::running(&id, &server.id, package, terminal, created_at);
+    let os = created["session"]["os"].as_str().map(str::to_string);
+    let entry = SessionEntry { os, ..SessionEntry::running(&id, &server.id, package, terminal, created_at) };
     // The server records it too, within seconds; this makes it listed at once.
     if let Err(e) = cp.cluster.put_session(&entry).await {
         tracing::warn!(session = %entry.id, error = %e, "could not record the session yet; its server will");
@@ -847,7 +849,10 @@ async fn fork_session(
     for copy in forked["forks"].as_array_mut().into_iter().flatten() {
         let Some(copy_id) = copy["session"]["id"].as_str().map(str::to_string) else { continue };
         let created_at = copy["session"]["created"].as_u64().unwrap_or(0);
-        let recorded = SessionEntry::running(&copy_id, &server.id, &entry.package, &entry.owner, created_at);
+        let recorded = SessionEntry {
+            os: entry.os.clone(),
+            ..SessionEntry::running(&copy_id, &server.id, &entry.package, &entry.owner, created_at)
+        };
         // Its server records it too, within seconds; this lists it at once.
         if let Err(e) = cp.cluster.put_session(&recorded).await {
             tracing::warn!(session = %copy_id, error = %e, "could not record the copy yet; its server will");
