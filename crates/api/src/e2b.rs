@@ -348,7 +348,7 @@ async fn create(State(st): St, Owner(owner): Owner, body: axum::body::Bytes) -> 
     let options = SessionOptions { idle: None, labels: sandbox_labels(&req), end: end_of(timeout, req.auto_pause) };
     // From the server's pool of sessions made for E2B's API, if it keeps one.
     let os = crate::routes::os_of(&st, None, Some(&settings))?;
-    let (live, _attach) = crate::routes::launch_for(&st, &owner, package, os, true, settings, options).await?;
+    let (live, _attach) = crate::routes::launch_for(&st, &owner, package, os, None, true, settings, options).await?;
     tracing::info!(session = %live.id, template = %req.template_id, "E2B sandbox created");
     Ok((StatusCode::CREATED, Json(sandbox_body(&live))).into_response())
 }

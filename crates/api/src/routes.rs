@@ -685,6 +685,10 @@ pub struct CreateSession {
     /// The OS to run it on (`debian-12`, `debian-13`); default: the
     /// context's, else the server's.
     os: Option<String>,
+    /// Another program of the package to launch instead of its own (e.g.
+    /// `["xcalc"]` of `x11-apps`): from a launch image of its own, built
+    /// once like any other.
+    command: Option<Vec<String>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -833,9 +837,9 @@ async fn create_session(
     let idle = idle(req.idle_timeout_s, st.limits.idle_timeout)?;
     let options = SessionOptions { idle, ..SessionOptions::default() };
     if let Some(name) = &req.snapshot {
-        if req.context.is_some() || req.os.is_some() {
+        if req.context.is_some() || req.os.is_some() || req.command.is_some() {
             return Err(ApiError::bad_request(
-                "a session from a snapshot has the snapshot's context and OS: leave out context and os",
+                "a session from a snapshot has the snapshot's context, OS and program: leave out context, os and command",
             ));
         }
         let image = st.engine.resolve_snapshot(name).await?.ok_or_else(|| {
@@ -860,7 +864,7 @@ async fn create_session(
     }
     let settings = req.context.unwrap_or_default().settings(&owner)?;
     let os = os_of(&st, req.os.as_deref(), Some(&settings))?;
-    let (live, token) = launch_for(&st, &owner, &req.package, os, false, settings, options).await?;
+    let (live, token) = launch_for(&st, &owner, &req.package, os, req.command, false, settings, options).await?;
     Ok((StatusCode::CREATED, Json(created_session(&live, token))).into_response())
 }
 
@@ -1032,20 +1036,28 @@ pub(crate) fn default_settings(terminal: &str, outbound: bool) -> Result<Context
 /// pool of sessions made for E2B's API if `e2b`, by
 /// default the package's, if one waits), within the server's and the
 /// terminal's limits; the live session and its attach token.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn launch_for(
     st: &Arc<AppState>,
     owner: &str,
     package: &str,
     os: strata_engine::Os,
+    command: Option<Vec<String>>,
     e2b: bool,
     settings: ContextSettings,
     options: SessionOptions,
 ) -> Result<(Arc<Live>, String), ApiError> {
-    let pkg = st.engine.package_on(package, os)?;
+    let mut pkg = st.engine.package_on(package, os)?;
+    // Pools hold sessions of the package's own program.
+    let pooled = command.is_none();
+    if let Some(argv) = command {
+        pkg = pkg.with_command(&argv).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     room_for(st, owner, 1, pkg.def.memory_mib)?;
     let started = Instant::now();
     let pool = strata_engine::pool::PoolKey::of(&pkg, e2b, st.engine.cfg.default_os).name();
-    let (session, path) = match st.pool.take(&pool, &settings).await {
+    let taken = if pooled { st.pool.take(&pool, &settings).await } else { Ok(None) };
+    let (session, path) = match taken {
         Ok(Some(s)) => (s, "pool"),
         other => {
             if let Err(e) = other {
@@ -1058,7 +1070,9 @@ pub(crate) async fn launch_for(
             (st.engine.launch_from(&pkg, &images.launch, &settings).await?, "launch_image")
         }
     };
-    st.refill(&pool);
+    if pooled {
+        st.refill(&pool);
+    }
     st.metrics
         .launch_seconds
         .get_or_create(&crate::metrics::LaunchLabels { package: pkg.name.clone(), path: path.into() })

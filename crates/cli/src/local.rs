@@ -52,7 +52,8 @@ impl Local<'_> {
         pkg: &strata_package::Package,
         settings: &ContextSettings,
     ) -> anyhow::Result<strata_engine::Session> {
-        if let Some(id) = strata_api::handover::take_pooled(&self.eng.cfg.state_dir, &pkg.name, settings).await {
+        let pool = strata_engine::pool::PoolKey::of(pkg, false, self.eng.cfg.default_os).name();
+        if let Some(id) = strata_api::handover::take_pooled(&self.eng.cfg.state_dir, &pool, settings).await {
             match self.eng.attach_session(&id, settings).await {
                 Ok(s) => return Ok(s),
                 Err(e) => {
@@ -242,11 +243,17 @@ impl Backend for Local<'_> {
     }
 
     async fn run(&self, package: &str, devices: &DeviceArgs, how: RunHow) -> anyhow::Result<u8> {
-        let RunHow { tty, detach, cold, idle_timeout } = how;
+        let RunHow { tty, detach, cold, idle_timeout, command } = how;
         let settings = launch_settings(self.eng, self.terminal, devices)?;
-        let pkg = self.package_for(package, &settings)?;
+        let mut pkg = self.package_for(package, &settings)?;
+        if !command.is_empty() {
+            pkg = pkg.with_command(&command)?;
+        }
         let session = if cold {
             self.eng.launch_cold(&pkg, &settings, self.bar).await?
+        } else if !command.is_empty() {
+            // Pools hold sessions of the package's own program.
+            self.launch_built(&pkg, &settings).await?
         } else {
             self.launch(&pkg, &settings).await?
         };

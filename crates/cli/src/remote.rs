@@ -132,7 +132,7 @@ impl Remote {
     /// Launches a package on the server and attaches this terminal.
     /// `devices` holds the context's network, shares and home, as the API names them.
     async fn launch_attached(&self, package: &str, devices: Value, how: RunHow) -> anyhow::Result<u8> {
-        let RunHow { tty, detach, idle_timeout, .. } = how;
+        let RunHow { tty, detach, idle_timeout, command, .. } = how;
         let size = terminal::terminal_size().unwrap_or_default();
         let mut ctx = json!({
             "rows": size.rows,
@@ -143,6 +143,9 @@ impl Remote {
             c.extend(d);
         }
         let mut body = self.with_os(json!({"package": package, "context": ctx}));
+        if !command.is_empty() {
+            body["command"] = json!(command);
+        }
         if let Some(secs) = idle_timeout {
             body["idle_timeout_s"] = secs.into();
         }

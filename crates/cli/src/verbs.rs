@@ -60,7 +60,7 @@ pub struct ServerRow {
 }
 
 /// How `run` launches and attaches.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct RunHow {
     /// Give the program this terminal (raw mode), else pipe input.
     pub tty: bool,
@@ -70,6 +70,9 @@ pub struct RunHow {
     pub cold: bool,
     /// Seconds it may stay detached (0: never; `None`: the server's default).
     pub idle_timeout: Option<u64>,
+    /// A graphical package's other program to launch (from a launch image
+    /// of its own) instead of its own; empty: its own.
+    pub command: Vec<String>,
 }
 
 /// A command as `commands ls` shows it.
@@ -223,13 +226,29 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                         "a session from a snapshot has the snapshot's context (its devices): leave out the device options"
                     )));
                 }
-                let how = RunHow { tty: is_tty, detach: *detach, cold: false, idle_timeout: *idle_timeout };
+                let how = RunHow {
+                    tty: is_tty,
+                    detach: *detach,
+                    cold: false,
+                    idle_timeout: *idle_timeout,
+                    command: Vec::new(),
+                };
                 return Some(b.run_snapshot(name, how).await);
             }
             let Some(package) = package else {
                 return Some(Err(anyhow::anyhow!("name a package to run, or a snapshot with --from")));
             };
-            if !command.is_empty() {
+            // A graphical package's other program (`x11-apps -- xcalc`) is
+            // launched on its display, from a launch image of its own.
+            let graphical = if command.is_empty() {
+                false
+            } else {
+                match b.piped_program(package).await {
+                    Ok(program) => program.is_none(),
+                    Err(e) => return Some(Err(e)),
+                }
+            };
+            if !command.is_empty() && !graphical {
                 if *detach || *cold || *tty {
                     return Some(Err(anyhow::anyhow!(
                         "a command after `--` runs with pipes in a fresh session: leave out --detach, --cold and --tty"
@@ -256,6 +275,7 @@ pub async fn shared<B: Backend>(b: &B, cmd: &Cmd, quiet: bool) -> Option<anyhow:
                 detach: *detach,
                 cold: *cold,
                 idle_timeout: *idle_timeout,
+                command: command.clone(),
             };
             b.run(package, devices, how).await
         }

@@ -277,6 +277,17 @@ where
     }
 }
 
+/// How long a derived graphical package is given to draw its window after
+/// the X server is up (GTK under TCG takes seconds).
+const DERIVED_DRAW_MS: u32 = 8000;
+
+/// Whether a Debian package is a library programs draw windows with.
+fn is_display_library(name: &str) -> bool {
+    const PREFIXES: &[&str] =
+        &["libx11-6", "libgtk-3-0", "libgtk-4-1", "libgtk2.0-0", "libqt5gui5", "libqt6gui6", "libsdl2-2.0-0"];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// The OS `STRATA_OS` names, or the default.
 fn default_os_from_env() -> Result<Os, Error> {
     match std::env::var("STRATA_OS") {
@@ -554,7 +565,15 @@ impl Engine {
                 lists(o).is_ok_and(|apt| tools::debian_package_exists(&apt, n))
             }
         };
-        Ok(self.registry.resolve(name, os, exists, |_| tools::debian_package_names(&chosen))?)
+        let mut pkg = self.registry.resolve(name, os, exists, |_| tools::debian_package_names(&chosen))?;
+        // A Debian package without a definition that draws windows (it links
+        // an X or toolkit library) gets a display, like a graphical definition.
+        if pkg.source.is_none() && tools::debian_depends(&chosen, name).iter().any(|d| is_display_library(d)) {
+            pkg.def.graphical = true;
+            pkg.def.memory_mib = pkg.def.memory_mib.max(768);
+            pkg.def.ready.alive_ms = Some(DERIVED_DRAW_MS);
+        }
+        Ok(pkg)
     }
 
     /// The control group a VM with `memory_mib` of guest RAM runs in.

@@ -70,6 +70,25 @@ pub fn debian_package_exists(apt: &[String], name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The packages a Debian package depends on directly (the lists `apt`
+/// options select): their names, without versions or alternatives.
+pub fn debian_depends(apt: &[String], name: &str) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("apt-cache")
+        .args(apt)
+        .args(["depends", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces"])
+        .args(["--no-enhances", name])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|d| d.trim_matches(['<', '>']).to_string())
+        .collect()
+}
+
 /// Every package name Debian's lists know (for suggestions).
 pub fn debian_package_names(apt: &[String]) -> Vec<String> {
     std::process::Command::new("apt-cache")

@@ -304,6 +304,20 @@ impl Package {
         Ok(Package { name: name.into(), def, os: DEFAULT_OS, source: Some(path.into()) })
     }
 
+    /// The same package with `argv` as its program (a graphical package's
+    /// other program: `x11-apps` gives `xcalc`): its launch image is its own,
+    /// keyed by the command through the definition's digest; its install
+    /// image is the package's.
+    ///
+    /// # Errors
+    /// An empty command, or one holding NUL bytes.
+    pub fn with_command(mut self, argv: &[String]) -> Result<Package, Error> {
+        self.def.command = argv.to_vec();
+        let path = self.source.clone().unwrap_or_else(|| PathBuf::from(&self.name));
+        self.def.validate().map_err(|message| Error::Invalid { path, message })?;
+        Ok(self)
+    }
+
     /// The definition derived for a Debian package that has none: install it,
     /// run the executable of the same name, ready when alive after 1.5 s.
     ///
