@@ -768,6 +768,10 @@ enum BenchCmd {
         /// Also measure launches from a pool of restored, warmed, paused sessions.
         #[arg(long)]
         pool: bool,
+        /// A graphical package: also measure to the first character typed
+        /// after the first frame being drawn (a program that draws typing).
+        #[arg(long)]
+        typed: bool,
         /// Also draw the latencies as an SVG plot into this file.
         #[arg(long)]
         svg: Option<PathBuf>,
@@ -1444,12 +1448,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", eng.accel_for(&base).await?);
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, pool, svg, json } } => {
+        Cmd::Bench { cmd: BenchCmd::Launch { package, runs, pool, typed, svg, json } } => {
             if *runs == 0 || *runs > 1000 {
                 anyhow::bail!("--runs must be between 1 and 1000");
             }
             let pkg = eng.package(package)?;
-            let r = eng.bench_launch(&pkg, *runs, *pool, &bar).await?;
+            if *typed && !pkg.def.graphical {
+                anyhow::bail!("--typed measures a graphical package's display; {} has none", pkg.name);
+            }
+            let r = eng.bench_launch(&pkg, *runs, *pool, *typed, &bar).await?;
             bar.clear();
             if let Some(path) = svg {
                 std::fs::write(path, strata_engine::bench::latency_svg(&r))
@@ -1474,6 +1481,21 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 }
                 if let Some(ratio) = r.pool_ratio_p50 {
                     println!("ratio p50 (cold / warm pool):    {ratio:.1}x");
+                }
+                if let Some(t) = &r.typed {
+                    use strata_engine::bench::percentile;
+                    println!("to the first frame (above) and to the first typed character drawn:");
+                    for (path, ms) in
+                        [("cold boot", &t.cold_ms), ("launch image", &t.launch_ms), ("warm pool", &t.pool_ms)]
+                    {
+                        if !ms.is_empty() {
+                            println!("{path:<14} {:>10.1} {:>10.1}", percentile(ms, 50.0), percentile(ms, 99.0));
+                        }
+                    }
+                    if !t.launch_ms.is_empty() {
+                        let ratio = percentile(&t.cold_ms, 50.0) / percentile(&t.launch_ms, 50.0);
+                        println!("ratio p50, typed (cold / launch image): {ratio:.1}x");
+                    }
                 }
             }
             Ok(0)

@@ -32,6 +32,17 @@ pub struct LaunchReport {
     pub scripted_ms: Vec<f64>,
     pub scripted_p50_ms: Option<f64>,
     pub scripted_p99_ms: Option<f64>,
+    /// Graphical packages: from the request to the first character typed
+    /// after the first frame drawn on the display, each way.
+    pub typed: Option<TypedReport>,
+}
+
+/// From the request to the first typed character drawn, each way (ms).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypedReport {
+    pub cold_ms: Vec<f64>,
+    pub launch_ms: Vec<f64>,
+    pub pool_ms: Vec<f64>,
 }
 
 /// The id the scripted benchmark's command gets.
@@ -90,8 +101,56 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 enum FirstAnswer {
     /// A console program printed the answer to its probe line.
     Probe(strata_package::Probe),
-    /// A graphical program's first frame: the display is not blank.
+    /// A graphical program's first frame: a window is drawn (at least a
+    /// twentieth of the display lit, not a cursor on black).
     Frame,
+}
+
+/// Pixels that must change, beyond what changes by itself (a blinking
+/// cursor), for a typed character to count as drawn.
+const TYPED_PIXELS: usize = 20;
+
+/// With `typing` (a graphical program that draws what is typed), the time
+/// to the first typed character drawn, into `into`: the first frame's
+/// (`frame_ms`, when a person could type) plus the key's to its drawing.
+async fn typed_after(typing: bool, s: &mut crate::Session, frame_ms: f64, into: &mut Vec<f64>) -> Result<(), Error> {
+    if typing {
+        into.push(frame_ms + typed_drawn(s).await?.as_secs_f64() * 1000.0);
+    }
+    Ok(())
+}
+
+/// How many of the pixels of two screens (RGB, same size) differ.
+fn changed_pixels(a: &[u8], b: &[u8]) -> usize {
+    a.chunks_exact(3).zip(b.chunks_exact(3)).filter(|(x, y)| x != y).count()
+}
+
+/// Types `x` into a graphical session whose window is drawn and waits until
+/// it is drawn: more pixels change than change by themselves (its cursor's
+/// blinking, watched for a second first). The time from the key to its
+/// drawing; up to 60 s.
+async fn typed_drawn(s: &mut crate::Session) -> Result<Duration, Error> {
+    let mut last = s.screen_rgb().await?;
+    let mut noise = 0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = s.screen_rgb().await?;
+        noise = noise.max(changed_pixels(&last, &now));
+        last = now;
+    }
+    let pressed = Instant::now();
+    s.press_x().await?;
+    let deadline = pressed + Duration::from_secs(60);
+    loop {
+        let now = s.screen_rgb().await?;
+        if changed_pixels(&last, &now) > noise + TYPED_PIXELS {
+            return Ok(pressed.elapsed());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout { what: "a typed character to be drawn".into(), secs: 60 });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl FirstAnswer {
@@ -114,7 +173,11 @@ impl FirstAnswer {
             FirstAnswer::Frame => {
                 let deadline = Instant::now() + timeout;
                 // A screen dump is the frame a viewer would get first.
-                while s.screen_pixels().await?.2 < 100 {
+                loop {
+                    let (w, h, lit) = s.screen_pixels().await?;
+                    if lit * 20 >= u64::from(w) * u64::from(h) {
+                        break;
+                    }
                     if Instant::now() > deadline {
                         return Err(Error::Timeout { what: "a first frame".into(), secs: timeout.as_secs() });
                     }
@@ -129,7 +192,8 @@ impl FirstAnswer {
 impl Engine {
     /// Measures `runs` launches each way, interleaved, from the request to the
     /// program's answer to its probe line (console packages) or its first
-    /// frame on the display (graphical packages).
+    /// frame on the display (graphical packages; with `with_typed`, also to
+    /// the first typed character drawn).
     ///
     /// # Errors
     /// If the package has no probe, or a launch fails.
@@ -138,24 +202,29 @@ impl Engine {
         pkg: &Package,
         runs: usize,
         with_pool: bool,
+        with_typed: bool,
         progress: &dyn Progress,
     ) -> Result<LaunchReport, Error> {
         let answer = FirstAnswer::of(pkg)?;
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
         let (mut cold, mut launch, mut scripted) = (Vec::new(), Vec::new(), Vec::new());
+        let typing = with_typed && matches!(answer, FirstAnswer::Frame);
+        let mut typed = TypedReport::default();
         for i in 0..runs {
             progress.step(&format!("bench {}: run {}/{runs} cold", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch_cold(pkg, &settings, progress).await?;
             answer.wait(&mut s).await?;
             cold.push(t.elapsed().as_secs_f64() * 1000.0);
+            typed_after(typing, &mut s, cold[i], &mut typed.cold_ms).await?;
             s.close().await;
             progress.step(&format!("bench {}: run {}/{runs} from launch image", pkg.name, i + 1));
             let t = Instant::now();
             let mut s = self.launch(pkg, &settings, progress).await?;
             answer.wait(&mut s).await?;
             launch.push(t.elapsed().as_secs_f64() * 1000.0);
+            typed_after(typing, &mut s, launch[i], &mut typed.launch_ms).await?;
             s.close().await;
             if let FirstAnswer::Probe(p) = &answer {
                 progress.step(&format!("bench {}: run {}/{runs} scripted", pkg.name, i + 1));
@@ -176,6 +245,7 @@ impl Engine {
                 let mut s = pool.take(&pkg.name, &settings).await?.expect("the pool was just filled");
                 answer.wait(&mut s).await?;
                 pooled.push(t.elapsed().as_secs_f64() * 1000.0);
+                typed_after(typing, &mut s, pooled[i], &mut typed.pool_ms).await?;
                 s.close().await;
             }
         }
@@ -200,6 +270,7 @@ impl Engine {
             scripted_p50_ms: (!scripted.is_empty()).then(|| percentile(&scripted, 50.0)),
             scripted_p99_ms: (!scripted.is_empty()).then(|| percentile(&scripted, 99.0)),
             scripted_ms: scripted,
+            typed: typing.then_some(typed),
         })
     }
 }
@@ -228,6 +299,7 @@ mod tests {
             scripted_ms: vec![],
             scripted_p50_ms: None,
             scripted_p99_ms: None,
+            typed: None,
         };
         let svg = super::latency_svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

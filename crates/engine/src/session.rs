@@ -382,11 +382,36 @@ impl Session {
     /// # Errors
     /// If the VM has no display.
     pub async fn screen_pixels(&mut self) -> Result<(u32, u32, u64), Error> {
+        let data = self.screen_dump().await?;
+        parse_ppm(&data).ok_or_else(|| Error::Agent("QEMU wrote an unreadable screen dump".into()))
+    }
+
+    /// The display's pixels, three bytes each (red, green, blue), row by row.
+    ///
+    /// # Errors
+    /// If the VM has no display or QEMU cannot dump it.
+    pub async fn screen_rgb(&mut self) -> Result<Vec<u8>, Error> {
+        let data = self.screen_dump().await?;
+        let (w, h, _) = parse_ppm(&data).ok_or_else(|| Error::Agent("QEMU wrote an unreadable screen dump".into()))?;
+        let size = w as usize * h as usize * 3;
+        Ok(data[data.len().saturating_sub(size)..].to_vec())
+    }
+
+    /// The display as QEMU dumps it (a PPM file's bytes).
+    async fn screen_dump(&mut self) -> Result<Vec<u8>, Error> {
         let work = screen_dump_path(self.vm.dir());
         self.vm.screenshot(&work, true).await?;
         let data = std::fs::read(&work).map_err(crate::io_err(&work))?;
         let _ = std::fs::remove_file(&work);
-        parse_ppm(&data).ok_or_else(|| Error::Agent("QEMU wrote an unreadable screen dump".into()))
+        Ok(data)
+    }
+
+    /// Types `x` on the VM's keyboard (a graphical session's display).
+    ///
+    /// # Errors
+    /// If QEMU refuses.
+    pub async fn press_x(&mut self) -> Result<(), Error> {
+        Ok(self.vm.press_x().await?)
     }
 
     /// The VNC socket of a graphical session's display.

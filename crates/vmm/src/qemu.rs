@@ -1360,6 +1360,20 @@ impl Vm {
         Ok(out)
     }
 
+    /// Presses and releases the key `x` on the VM's keyboard (what a
+    /// benchmark types to see a graphical program draw a character).
+    ///
+    /// # Errors
+    /// If QEMU refuses or the monitor is gone.
+    pub async fn press_x(&mut self) -> Result<(), Error> {
+        let key = qmp::KeyValue::qcode(qmp::QKeyCodeWrapper { data: qmp::QKeyCode::x });
+        self.qmp
+            .execute(qmp::send_key { keys: vec![key], hold_time: Some(20) })
+            .await
+            .map(|_| ())
+            .map_err(qmp_err("send-key"))
+    }
+
     /// Pauses the guest's CPUs (the VM keeps its memory and devices).
     ///
     /// # Errors
