@@ -14,7 +14,7 @@ export STRATA_STATE="${STRATA_TEST_STATE:-/var/lib/strata-test}"
 cargo build --release --locked
 # Build the shipped packages' images once, up front, with progress; the tests
 # share them (and skip nothing: what is already built is reused by digest).
-for p in python3 bc htop lighttpd xeyes mousepad; do
+for p in python3 bc htop lighttpd xeyes mousepad libreoffice-writer libreoffice-calc gimp; do
   STRATA_AGENT="$PWD/target/release/strata-agent" ./target/release/strata build "$p"
 done
 # The second OS: its base image and the package the OS tests launch on it.

@@ -337,7 +337,9 @@ $('file-download').addEventListener('click', workAction(download));
 // The guest's screen takes the size of the space it is shown in.
 $('fit-screen').addEventListener('click', workAction(async () => {
   const r = $('display').getBoundingClientRect();
-  const width = Math.min(2560, Math.max(640, Math.round(r.width)));
+  // A multiple of 16 pixels: the guest's display rows then need no padding
+  // (a padded row drew the picture sheared in a viewer resized live).
+  const width = Math.min(2560, Math.max(640, Math.floor(r.width / 16) * 16));
   const height = Math.min(1600, Math.max(480, Math.round(r.height)));
   await api('PUT', `/v1/sessions/${attachedId}/screen`, { width, height });
   $('term-status').textContent = `The screen is ${width}x${height} now.`;

@@ -88,6 +88,18 @@ try {
       throw new Error(`the VM's clipboard holds ${JSON.stringify(copied)}`);
     }
   }
+  if (mode === 'writer') {
+    step('the screen follows the window: fit it, and the document is drawn at the new size');
+    await page.setViewportSize({ width: 1500, height: 1000 });
+    const guestWidth = () => page.evaluate(() => document.querySelector('#display canvas').width);
+    const oldWidth = await guestWidth();
+    await page.click('#fit-screen');
+    await page.waitForFunction((w) => document.querySelector('#display canvas').width !== w, oldWidth, { timeout: 30000 });
+    await page.waitForFunction(`(${litPixels})() > 20000`, null, { timeout: 30000, polling: 50 });
+    console.log(`the guest's screen went from ${oldWidth} to ${await guestWidth()} pixels wide`);
+    await page.waitForTimeout(2000);
+    await page.screenshot({ path: shot.replace(/\.png$/, '-fit.png') });
+  }
   if (mode === 'calc') {
     step('click a cell and type: the sheet changes');
     const before = await pixels();

@@ -1348,8 +1348,9 @@ async fn set_screen(
     Body(size): Body<ScreenBody>,
 ) -> Result<StatusCode, ApiError> {
     let live = mine(&st, &owner, &id)?;
-    let (w, h) = (size.width, size.height);
-    strata_engine::context::Resolution { width: w, height: h }.check().map_err(ApiError::bad_request)?;
+    let asked = strata_engine::context::Resolution { width: size.width, height: size.height };
+    asked.check().map_err(ApiError::bad_request)?;
+    let (w, h) = asked.for_display();
     if live.vnc.is_none() {
         return Err(ApiError::conflict(format!("session {id} has no display: its package is not graphical")));
     }

@@ -369,7 +369,7 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     let eng = engine();
     let mut st = plain();
     // A size the display does not list: the agent adds the mode.
-    st.screen = Some(strata_engine::context::Resolution { width: 1000, height: 700 });
+    st.screen = Some(strata_engine::context::Resolution { width: 1008, height: 700 });
     st.keyboard = Some("de".into());
     let mut s = launch(&eng, "xeyes", &st).await;
     // Already drawn in the launch image: the first frame is not blank.
@@ -389,10 +389,10 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let _ = std::fs::remove_file(&state);
-    assert!(applied.contains("current 1000 x 700"), "{applied:?}");
+    assert!(applied.contains("current 1008 x 700"), "{applied:?}");
     assert!(applied.lines().any(|l| l.starts_with("layout:") && l.trim_end().ends_with("de")), "{applied:?}");
     let (w, h, _) = s.screen_pixels().await.unwrap();
-    assert_eq!((w, h), (1000, 700));
+    assert_eq!((w, h), (1008, 700));
     // The clipboard, through the agent.
     s.set_clipboard("from the host \u{2713}").await.unwrap();
     assert_eq!(s.clipboard().await.unwrap(), "from the host \u{2713}");
@@ -406,7 +406,7 @@ async fn a_graphical_program_is_on_screen_at_once_and_follows_the_screen_size_an
     assert!(!std::path::Path::new(&format!("/proc/{qemu}")).exists(), "the paused session's QEMU still runs");
     let mut s = eng.resume_session(&id, Some(&st)).await.unwrap();
     let (w, h, lit) = s.screen_pixels().await.unwrap();
-    assert!((w, h) == (1000, 700) && lit > 500, "after the resume: {w}x{h}, {lit} pixels lit");
+    assert!((w, h) == (1008, 700) && lit > 500, "after the resume: {w}x{h}, {lit} pixels lit");
     assert_eq!(s.clipboard().await.unwrap(), "from the host \u{2713}");
     s.close().await;
     // A console session has none.

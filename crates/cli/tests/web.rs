@@ -271,3 +271,45 @@ fn a_local_run_of_a_graphical_package_serves_a_viewer_page_that_shows_it() {
     assert!(!refused.status.success(), "a wrong token showed the display: {}", text(&refused.stdout));
     assert_eq!(ended.code(), Some(130), "Ctrl-C should end the run with 130");
 }
+
+/// A desktop application launched from the web page (test/desktop.mjs in
+/// `mode`): its window drawn at once, then what `mode` checks.
+fn desktop_application_in_the_browser(package: &str, mode: &str) {
+    let srv = Served::start(&format!("web-{package}"));
+    let shot = env().state.join(format!("web-{package}.png"));
+    let _ = std::fs::remove_file(&shot);
+    let out = srv.node("desktop.mjs", &[&srv.base, &srv.token, package, mode, shot.to_str().unwrap()]);
+    assert!(out.status.success(), "browser test failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+    eprintln!("{}", text(&out.stdout));
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot at {}", shot.display());
+    // Drawn at once: its launch image holds the window.
+    let first = text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("first frame after ")?.strip_suffix(" ms")?.parse::<u64>().ok())
+        .expect("the first frame's time");
+    assert!(first < 20_000, "{package}'s first frame took {first} ms");
+}
+
+#[test]
+fn libreoffice_writer_is_drawn_at_once_in_the_browser_and_takes_typing_and_the_clipboard() {
+    if !e2e() {
+        return;
+    }
+    desktop_application_in_the_browser("libreoffice-writer", "writer");
+}
+
+#[test]
+fn libreoffice_calc_is_drawn_at_once_in_the_browser_and_a_click_selects_a_cell() {
+    if !e2e() {
+        return;
+    }
+    desktop_application_in_the_browser("libreoffice-calc", "calc");
+}
+
+#[test]
+fn gimp_is_drawn_at_once_in_the_browser() {
+    if !e2e() {
+        return;
+    }
+    desktop_application_in_the_browser("gimp", "view");
+}

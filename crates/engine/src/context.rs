@@ -76,6 +76,16 @@ impl Resolution {
     }
 }
 
+impl Resolution {
+    /// The size the guest's display is set to: the width rounded down to
+    /// 16 pixels, so its rows (4 bytes a pixel) need no padding to the 64
+    /// bytes its driver aligns them to (a viewer resized live showed padded
+    /// rows as a sheared picture).
+    pub fn for_display(&self) -> (u16, u16) {
+        (self.width - self.width % 16, self.height)
+    }
+}
+
 const WIDTHS: std::ops::RangeInclusive<u16> = 640..=2560;
 const HEIGHTS: std::ops::RangeInclusive<u16> = 480..=1600;
 
@@ -421,7 +431,7 @@ impl ContextSettings {
             mounts: Vec::new(),
             request_id: crate::request_id(),
             display: (self.screen.is_some() || self.keyboard.is_some()).then(|| strata_proto::GuestDisplay {
-                size: self.screen.map(|r| (r.width, r.height)),
+                size: self.screen.map(|r| r.for_display()),
                 keyboard: self.keyboard.clone(),
             }),
         }
@@ -554,6 +564,12 @@ mod tests {
             keyboard: None,
             os: None,
         }
+    }
+
+    #[test]
+    fn a_display_is_a_multiple_of_16_pixels_wide() {
+        assert_eq!(Resolution { width: 1144, height: 801 }.for_display(), (1136, 801));
+        assert_eq!(Resolution { width: 1152, height: 800 }.for_display(), (1152, 800));
     }
 
     #[test]
