@@ -4,7 +4,7 @@
 // (calc), and the clipboard carries text both ways (writer).
 //   node test/desktop.mjs BASE_URL TOKEN PACKAGE writer|calc|view SCREENSHOT.png
 import { launchBrowser } from './browser.mjs';
-import { litPixels } from './canvas.mjs';
+import { canvasPixels, litPixels } from './canvas.mjs';
 
 const [base, token, pkg, mode, shot] = process.argv.slice(2);
 if (!base || !token || !pkg || !['writer', 'calc', 'view'].includes(mode) || !shot) {
@@ -14,17 +14,7 @@ if (!base || !token || !pkg || !['writer', 'calc', 'view'].includes(mode) || !sh
 
 const browser = await launchBrowser();
 const step = (m) => console.log(`desktop: ${m}`);
-const pixels = () => page.evaluate(() => {
-  const c = document.querySelector('#display canvas');
-  if (!c || !c.width) return { lit: 0, sum: 0 };
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  let lit = 0, sum = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    if (d[i] || d[i + 1] || d[i + 2]) lit++;
-    sum = (sum * 31 + d[i] + d[i + 1] * 7 + d[i + 2] * 13) >>> 0;
-  }
-  return { lit, sum };
-});
+const pixels = () => canvasPixels(page);
 // Waits (up to `ms`) until the display differs from `from`.
 const changes = async (from, ms) => {
   for (let waited = 0; waited < ms; waited += 250) {

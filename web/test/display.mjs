@@ -5,7 +5,7 @@
 // from the page, copy the whole text in mousepad and read it on the page.
 //   node test/display.mjs BASE_URL TOKEN SCREENSHOT.png
 import { launchBrowser } from './browser.mjs';
-import { litPixels } from './canvas.mjs';
+import { canvasPixels, litPixels } from './canvas.mjs';
 
 const [base, token, shot] = process.argv.slice(2);
 if (!base || !token || !shot) {
@@ -16,17 +16,7 @@ if (!base || !token || !shot) {
 const browser = await launchBrowser();
 const step = (m) => console.log(`display: ${m}`);
 // Pixels of the viewer's canvas: how many are lit, and a checksum.
-const pixels = () => page.evaluate(() => {
-  const c = document.querySelector('#display canvas');
-  if (!c || !c.width) return { lit: 0, sum: 0 };
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  let lit = 0, sum = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    if (d[i] || d[i + 1] || d[i + 2]) lit++;
-    sum = (sum * 31 + d[i] + d[i + 1] * 7 + d[i + 2] * 13) >>> 0;
-  }
-  return { lit, sum };
-});
+const pixels = () => canvasPixels(page);
 let page;
 try {
   page = await browser.newPage({ viewport: { width: 1200, height: 900 } });

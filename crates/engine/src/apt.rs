@@ -70,11 +70,15 @@ pub(crate) fn options(state_dir: &Path, mirror: &str, os: Os, refresh: bool) -> 
     .chain(["-oDebug::NoLocking=1".to_string(), "-oAPT::Sandbox::User=root".to_string()])
     .collect();
     let stamp = root.join("fetched");
-    let age = std::fs::metadata(&stamp)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok());
-    if age.is_some_and(|a| !refresh || a < FRESH_FOR) {
+    // Fetched before, and young enough (or any age will do).
+    let usable = || {
+        let age = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        age.is_some_and(|a| !refresh || a < FRESH_FOR)
+    };
+    if usable() {
         return Ok(opts);
     }
     // One process fetches; the others wait for it, then find fresh lists.
@@ -87,11 +91,7 @@ pub(crate) fn options(state_dir: &Path, mirror: &str, os: Os, refresh: bool) -> 
         .map_err(io_err(&lock_path))?;
     let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::Io { path: lock_path.clone(), source: e.into() })?;
-    let age = std::fs::metadata(&stamp)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok());
-    if age.is_some_and(|a| !refresh || a < FRESH_FOR) {
+    if usable() {
         return Ok(opts);
     }
     tracing::info!(os = os.name, mirror, "fetching Debian's package lists");
