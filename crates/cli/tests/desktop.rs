@@ -52,3 +52,23 @@ fn another_program_of_a_graphical_package_gets_a_launch_image_of_its_own() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("strata-no-such-program"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn the_launch_benchmark_measures_a_graphical_program_to_its_first_typed_character() {
+    if !e2e() {
+        return;
+    }
+    let out = strata(&["-q", "bench", "launch", "mousepad", "-n", "1", "--typed", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = |k: &str| r[k][0].as_f64().unwrap_or(0.0);
+    let typed = |k: &str| r["typed"][k][0].as_f64().unwrap_or(0.0);
+    // Each path measured, the typed character after its first frame.
+    for (frame, key) in [("cold_ms", "cold_ms"), ("launch_ms", "launch_ms")] {
+        assert!(first(frame) > 0.0 && typed(key) > first(frame), "{r}");
+    }
+    // A console package has no display to type into.
+    let out = strata(&["-q", "bench", "launch", "bc", "-n", "1", "--typed"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("graphical"), "{}", text(&out.stderr));
+}

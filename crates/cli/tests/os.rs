@@ -50,6 +50,27 @@ fn a_console_package_runs_on_both_oses_and_reports_its_release() {
     let out = strata(&["--os", "debian-99", "run", "python3"]).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("debian-12, debian-13"), "{}", text(&out.stderr));
+
+    // A server's (a process's) default: STRATA_OS.
+    let out = strata(&["run", "python3"])
+        .env("STRATA_OS", "debian-13")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"print(open('/etc/debian_version').read().strip())\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(text(&out.stdout).trim().starts_with("13."), "{}", text(&out.stdout));
+    let out = strata(&["ps"]).env("STRATA_OS", "debian-99").output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("STRATA_OS") && text(&out.stderr).contains("debian-13"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
