@@ -410,11 +410,8 @@ pub(crate) fn os_of(
     asked: Option<&str>,
     settings: Option<&ContextSettings>,
 ) -> Result<strata_engine::Os, ApiError> {
-    let default = st.engine.cfg.default_os;
-    match asked {
-        Some(name) => strata_engine::Os::named(name).map_err(|e| ApiError::bad_request(e.to_string())),
-        None => Ok(settings.map_or(default, |s| s.os_or(default))),
-    }
+    let asked = asked.map(strata_engine::Os::named).transpose().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(st.engine.os_for(asked, settings))
 }
 
 /// Builds what is missing of a package's base, install and launch images,

@@ -26,8 +26,7 @@ impl Local<'_> {
     /// `package` resolved for the OS of a launch with `settings`: `--os`,
     /// else the context's, else the server's default.
     fn package_for(&self, package: &str, settings: &ContextSettings) -> anyhow::Result<strata_package::Package> {
-        let os = self.os.unwrap_or_else(|| settings.os_or(self.eng.cfg.default_os));
-        Ok(self.eng.package_on(package, os)?)
+        Ok(self.eng.package_on(package, self.eng.os_for(self.os, Some(settings)))?)
     }
 }
 

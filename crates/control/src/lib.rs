@@ -180,7 +180,9 @@ impl ControlPlane {
     fn request_for(&self, package: &str) -> Result<Request, ApiError> {
         let pkg = match self.packages.packages.get(package) {
             Some(p) => p.clone(),
-            None => strata_package::Package::derived(package, strata_package::DEFAULT_OS)
+            // The plane reads no package lists: a derived package is sized
+            // as one without a display (its server sizes it exactly).
+            None => strata_package::Package::derived(package, strata_package::DEFAULT_OS, &[])
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
         };
         Ok(Request { memory_mib: u64::from(pkg.def.memory_mib), images: vec![format!("package/{package}")] })

@@ -57,14 +57,11 @@ impl Engine {
     /// # Errors
     /// If the agent binary is missing.
     pub fn base_recipe(&self, os: Os) -> Result<String, Error> {
-        let agent = match self.agent_digest.get() {
-            Some(d) => d.clone(),
-            None => {
-                let d = hex::encode(Sha256::digest(self.agent_bytes()?));
-                self.agent_digest.get_or_init(|| d).clone()
-            }
-        };
-        Ok(sha_hex(&[
+        if let Some(r) = crate::lock(&self.base_recipes).get(os.name) {
+            return Ok(r.clone());
+        }
+        let agent = Sha256::digest(self.agent_bytes()?);
+        let recipe = sha_hex(&[
             b"base-v1",
             rootfs_recipe(os).as_bytes(),
             KERNEL_PACKAGE.as_bytes(),
@@ -72,9 +69,11 @@ impl Engine {
             initramfs::LAYOUT.as_bytes(),
             CMDLINE.as_bytes(),
             initramfs::INIT_SCRIPT.as_bytes(),
-            &hex::decode(&agent).unwrap_or_default(),
+            &agent,
             file_identity(Path::new(BUSYBOX)).as_bytes(),
-        ]))
+        ]);
+        crate::lock(&self.base_recipes).insert(os.name, recipe.clone());
+        Ok(recipe)
     }
 
     /// `os`'s base image, built if the catalog has none for the current

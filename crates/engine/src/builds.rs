@@ -181,7 +181,7 @@ impl BuildJob {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BuildStatus> {
-        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.status)
     }
 
     /// Whether it did any work (and so has a record).
@@ -199,7 +199,7 @@ impl BuildJob {
         if status.stage.is_empty() {
             return;
         }
-        let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut written = crate::lock(&self.written);
         if force_write || written.is_none_or(|t| t.elapsed() >= WRITE_EVERY) {
             *written = Some(Instant::now());
             if let Err(e) = write_status(&self.path, &status) {

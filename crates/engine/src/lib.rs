@@ -277,17 +277,6 @@ where
     }
 }
 
-/// How long a derived graphical package is given to draw its window after
-/// the X server is up (GTK under TCG takes seconds).
-const DERIVED_DRAW_MS: u32 = 8000;
-
-/// Whether a Debian package is a library programs draw windows with.
-fn is_display_library(name: &str) -> bool {
-    const PREFIXES: &[&str] =
-        &["libx11-6", "libgtk-3-0", "libgtk-4-1", "libgtk2.0-0", "libqt5gui5", "libqt6gui6", "libsdl2-2.0-0"];
-    PREFIXES.iter().any(|p| name.starts_with(p))
-}
-
 /// The OS `STRATA_OS` names, or the default.
 fn default_os_from_env() -> Result<Os, Error> {
     match std::env::var("STRATA_OS") {
@@ -406,6 +395,28 @@ pub fn kind_index(kind: ImageKind) -> usize {
     }
 }
 
+/// Debian's package lists as the engine reads them: an OS whose lists
+/// cannot be had knows no package.
+struct EngineLists<'a>(&'a Engine);
+
+impl strata_package::DebianLists for EngineLists<'_> {
+    fn has(&self, os: Os, name: &str) -> bool {
+        self.0.apt_options(os).is_ok_and(|apt| tools::debian_package_exists(&apt, name))
+    }
+    fn depends(&self, os: Os, name: &str) -> Vec<String> {
+        self.0.apt_options(os).map(|apt| tools::debian_depends(&apt, name)).unwrap_or_default()
+    }
+    fn names(&self, os: Os) -> Vec<String> {
+        self.0.apt_options(os).map(|apt| tools::debian_package_names(&apt)).unwrap_or_default()
+    }
+}
+
+/// A mutex's guard, also when a thread panicked holding it (the maps it
+/// guards hold whole entries only).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The engine: configuration, store, package registry.
 pub struct Engine {
     pub cfg: Config,
@@ -414,9 +425,14 @@ pub struct Engine {
     pub stats: Stats,
     /// The object store shared with other servers, if configured.
     pub remote: Option<Arc<strata_remote::Remote>>,
-    /// The agent binary's digest, computed once: it does not change while
-    /// this process runs, and every launch's base recipe holds it.
-    agent_digest: std::sync::OnceLock<String>,
+    /// Each OS's base recipe, computed once: it holds the agent binary's
+    /// digest, which does not change while this process runs.
+    base_recipes: std::sync::Mutex<std::collections::HashMap<&'static str, String>>,
+    /// apt's options for each OS whose lists are there (see [`apt::options`]).
+    apt_options: std::sync::Mutex<std::collections::HashMap<&'static str, Vec<String>>>,
+    /// Packages derived from Debian's lists, by name and OS: resolving one
+    /// asks apt twice, and a launch resolves its package.
+    derived: std::sync::Mutex<std::collections::HashMap<(String, &'static str), Package>>,
     /// Bounds the VMs being restored at once ([`Config::restore_slots`]).
     restore_slots: tokio::sync::Semaphore,
     /// Where VMs' QEMU is forked from ([`Config::fork_server`]); without it
@@ -508,7 +524,9 @@ impl Engine {
             registry,
             stats: Stats::default(),
             remote,
-            agent_digest: Default::default(),
+            base_recipes: Default::default(),
+            apt_options: Default::default(),
+            derived: Default::default(),
             restore_slots,
             fork_server,
             cgroups,
@@ -555,25 +573,39 @@ impl Engine {
     /// could not be fetched.
     pub fn package_on(&self, name: &str, os: Os) -> Result<Package, Error> {
         strata_package::check_name(name)?;
-        let lists = |o: Os| apt::options(&self.cfg.state_dir, &self.cfg.mirror, o, false);
-        let chosen = lists(os)?;
-        let exists = |o: Os, n: &str| {
-            if o == os {
-                tools::debian_package_exists(&chosen, n)
-            } else {
-                // Only to name the OSes that have it: lists that cannot be had say no.
-                lists(o).is_ok_and(|apt| tools::debian_package_exists(&apt, n))
-            }
-        };
-        let mut pkg = self.registry.resolve(name, os, exists, |_| tools::debian_package_names(&chosen))?;
-        // A Debian package without a definition that draws windows (it links
-        // an X or toolkit library) gets a display, like a graphical definition.
-        if pkg.source.is_none() && tools::debian_depends(&chosen, name).iter().any(|d| is_display_library(d)) {
-            pkg.def.graphical = true;
-            pkg.def.memory_mib = pkg.def.memory_mib.max(768);
-            pkg.def.ready.alive_ms = Some(DERIVED_DRAW_MS);
+        if let Some(defined) = self.registry.defined(name, os) {
+            return Ok(defined?);
         }
+        let key = (name.to_string(), os.name);
+        if let Some(p) = lock(&self.derived).get(&key) {
+            return Ok(p.clone());
+        }
+        // The chosen OS's lists must be had; another OS's only name who has it.
+        self.apt_options(os)?;
+        let pkg = self.registry.resolve(name, os, &EngineLists(self))?;
+        lock(&self.derived).insert(key, pkg.clone());
         Ok(pkg)
+    }
+
+    /// The OS a launch or build is for: the one asked for, else the
+    /// terminal's context's, else this server's default.
+    pub fn os_for(&self, asked: Option<Os>, settings: Option<&context::ContextSettings>) -> Os {
+        let default = self.cfg.default_os;
+        asked.unwrap_or_else(|| settings.map_or(default, |s| s.os_or(default)))
+    }
+
+    /// apt's options that read `os`'s package lists, fetched on first use
+    /// (see [`apt::options`]); remembered once the lists are there.
+    ///
+    /// # Errors
+    /// If the lists cannot be fetched.
+    fn apt_options(&self, os: Os) -> Result<Vec<String>, Error> {
+        if let Some(o) = lock(&self.apt_options).get(os.name) {
+            return Ok(o.clone());
+        }
+        let o = apt::options(&self.cfg.state_dir, &self.cfg.mirror, os, false)?;
+        lock(&self.apt_options).insert(os.name, o.clone());
+        Ok(o)
     }
 
     /// The control group a VM with `memory_mib` of guest RAM runs in.

@@ -173,7 +173,7 @@ struct Filling<'a>(&'a Pool, String);
 
 impl Drop for Filling<'_> {
     fn drop(&mut self) {
-        self.0.filling.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        crate::lock(&self.0.filling).remove(&self.1);
     }
 }
 
@@ -189,11 +189,11 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<(Instant, Session)>>> {
-        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.ready)
     }
 
     fn demand(&self) -> std::sync::MutexGuard<'_, HashMap<String, Demand>> {
-        self.demand.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.demand)
     }
 
     /// Sizes `package`'s pool by its demand, between `floor` and `cap`.
@@ -244,8 +244,7 @@ impl Pool {
     ) -> Result<(), Error> {
         // Nothing to do is the common case: decided before any catalog
         // work, which would hold up launches sharing this thread.
-        if self.len(name) >= target || !self.filling.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string())
-        {
+        if self.len(name) >= target || !crate::lock(&self.filling).insert(name.to_string()) {
             return Ok(());
         }
         let _filling = Filling(self, name.to_string());
@@ -341,7 +340,7 @@ mod tests {
         let k = PoolKey::parse("e2b:bc@debian-13");
         assert_eq!((k.package.as_str(), k.e2b, k.os.as_deref()), ("bc", true, Some("debian-13")));
         let trixie = strata_package::Os::named("debian-13").unwrap();
-        let pkg = strata_package::Package::derived("sl", trixie).unwrap();
+        let pkg = strata_package::Package::derived("sl", trixie, &[]).unwrap();
         assert_eq!(PoolKey::of(&pkg, false, crate::DEFAULT_OS).name(), "sl@debian-13");
         assert_eq!(PoolKey::of(&pkg, true, trixie).name(), "e2b:sl");
     }

@@ -320,25 +320,57 @@ impl Package {
 
     /// The definition derived for a Debian package that has none: install it,
     /// run the executable of the same name, ready when alive after 1.5 s.
+    /// One whose direct dependencies (`depends`) hold a library programs
+    /// draw windows with gets a display, like a graphical definition.
     ///
     /// # Errors
     /// If the name is not a valid package name.
-    pub fn derived(name: &str, os: Os) -> Result<Package, Error> {
+    pub fn derived(name: &str, os: Os, depends: &[String]) -> Result<Package, Error> {
         check_name(name)?;
+        let graphical = depends.iter().any(|d| is_display_library(d));
         let def = Definition {
             description: format!("Debian package {name}"),
             debs: vec![name.into()],
             command: vec![name.into()],
             env: BTreeMap::new(),
-            memory_mib: default_memory(),
+            memory_mib: if graphical { default_memory().max(DERIVED_DISPLAY_MEMORY_MIB) } else { default_memory() },
             disk_mib: default_disk(),
-            ready: Ready { text: None, port: None, alive_ms: Some(1500), timeout_ms: 60_000 },
+            ready: Ready {
+                text: None,
+                port: None,
+                alive_ms: Some(if graphical { DERIVED_DRAW_MS } else { 1500 }),
+                timeout_ms: 60_000,
+            },
             probe: None,
-            graphical: false,
+            graphical,
             os: None,
         };
         Ok(Package { name: name.into(), def, os, source: None })
     }
+}
+
+/// How long a derived graphical package is given to draw its window after
+/// the X server is up (GTK under TCG takes seconds).
+const DERIVED_DRAW_MS: u32 = 8000;
+
+/// The guest memory a derived graphical package gets at least.
+const DERIVED_DISPLAY_MEMORY_MIB: u32 = 768;
+
+/// Whether a Debian package is a library programs draw windows with.
+pub fn is_display_library(name: &str) -> bool {
+    const PREFIXES: &[&str] =
+        &["libx11-6", "libgtk-3-0", "libgtk-4-1", "libgtk2.0-0", "libqt5gui5", "libqt6gui6", "libsdl2-2.0-0"];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// What Debian's package lists of each OS know, as resolution needs it.
+pub trait DebianLists {
+    /// Whether `os`'s lists hold a package `name`.
+    fn has(&self, os: Os, name: &str) -> bool;
+    /// The names of the packages `name` depends on directly in `os`.
+    fn depends(&self, os: Os, name: &str) -> Vec<String>;
+    /// Every package name `os`'s lists hold (for suggestions).
+    fn names(&self, os: Os) -> Vec<String>;
 }
 
 /// The packages defined in a directory.
@@ -365,39 +397,44 @@ impl Registry {
         Ok(Registry { packages })
     }
 
-    /// Finds a package for `os`: a definition made for it, else a derived
-    /// one if `os`'s package lists know the name (`is_debian_package(os,
-    /// name)`), else [`Error::NotOnOs`] naming the OSes that have it, or
+    /// The package a definition makes of `name` for `os`: `None` when no
+    /// definition names it (a Debian package may), [`Error::NotOnOs`] when
+    /// its definition is made for other OSes. Reads no package lists.
+    ///
+    /// # Errors
+    /// If the definition is not made for `os`.
+    pub fn defined(&self, name: &str, os: Os) -> Option<Result<Package, Error>> {
+        let p = self.packages.get(name)?;
+        Some(match &p.def.os {
+            Some(oses) if !oses.iter().any(|o| o == os.name) => {
+                Err(Error::NotOnOs { name: name.into(), os: os.name.into(), others: oses.clone() })
+            }
+            _ => Ok(Package { os, ..p.clone() }),
+        })
+    }
+
+    /// Finds a package for `os`: a definition made for it, else one derived
+    /// from the Debian package of that name in `os`'s lists, else
+    /// [`Error::NotOnOs`] naming the OSes that have it, or
     /// [`Error::NotFound`] with close names.
     ///
     /// # Errors
     /// If the name is invalid, `os` lacks it, or nothing matches.
-    pub fn resolve(
-        &self,
-        name: &str,
-        os: Os,
-        is_debian_package: impl Fn(Os, &str) -> bool,
-        debian_names: impl FnOnce(Os) -> Vec<String>,
-    ) -> Result<Package, Error> {
+    pub fn resolve(&self, name: &str, os: Os, lists: &dyn DebianLists) -> Result<Package, Error> {
         check_name(name)?;
-        if let Some(p) = self.packages.get(name) {
-            return match &p.def.os {
-                Some(oses) if !oses.iter().any(|o| o == os.name) => {
-                    Err(Error::NotOnOs { name: name.into(), os: os.name.into(), others: oses.clone() })
-                }
-                _ => Ok(Package { os, ..p.clone() }),
-            };
+        if let Some(defined) = self.defined(name, os) {
+            return defined;
         }
-        if is_debian_package(os, name) {
-            return Package::derived(name, os);
+        if lists.has(os, name) {
+            return Package::derived(name, os, &lists.depends(os, name));
         }
         let others: Vec<String> =
-            OSES.iter().filter(|o| **o != os && is_debian_package(**o, name)).map(|o| o.name.to_string()).collect();
+            OSES.iter().filter(|o| **o != os && lists.has(**o, name)).map(|o| o.name.to_string()).collect();
         if !others.is_empty() {
             return Err(Error::NotOnOs { name: name.into(), os: os.name.into(), others });
         }
         let mut candidates: Vec<String> = self.packages.keys().cloned().collect();
-        candidates.extend(debian_names(os));
+        candidates.extend(lists.names(os));
         Err(Error::NotFound { name: name.into(), suggestions: suggest(name, &candidates) })
     }
 }
@@ -456,12 +493,28 @@ mod tests {
         check("py", "debs=['py']\ncommand=['x']\nos=['debian-13']\n[ready]\nalive_ms=1\n", None);
     }
 
+    /// Lists where `os` holds what `has` says; `x11-app` links libX11.
+    struct Lists<F: Fn(Os, &str) -> bool>(F);
+
+    impl<F: Fn(Os, &str) -> bool> DebianLists for Lists<F> {
+        fn has(&self, os: Os, name: &str) -> bool {
+            (self.0)(os, name)
+        }
+        fn depends(&self, _: Os, name: &str) -> Vec<String> {
+            match name {
+                "x11-app" => vec!["libc6".into(), "libx11-6".into()],
+                _ => vec!["libc6".into()],
+            }
+        }
+        fn names(&self, _: Os) -> Vec<String> {
+            vec!["python3".into(), "htop".into(), "nano".into()]
+        }
+    }
+
     #[test]
     fn unknown_package_suggests_close_names() {
         let reg = Registry::default();
-        let err = reg
-            .resolve("pyhton3", DEFAULT_OS, |_, _| false, |_| vec!["python3".into(), "htop".into(), "nano".into()])
-            .unwrap_err();
+        let err = reg.resolve("pyhton3", DEFAULT_OS, &Lists(|_, _| false)).unwrap_err();
         match err {
             Error::NotFound { suggestions, .. } => {
                 assert_eq!(suggestions, vec!["python3".to_string()])
@@ -473,9 +526,13 @@ mod tests {
     #[test]
     fn debian_package_without_definition_is_derived() {
         let reg = Registry::default();
-        let p = reg.resolve("sl", DEFAULT_OS, |_, n| n == "sl", |_| Vec::new()).unwrap();
+        let lists = Lists(|_, n| n == "sl" || n == "x11-app");
+        let p = reg.resolve("sl", DEFAULT_OS, &lists).unwrap();
         assert_eq!(p.def.command, vec!["sl".to_string()]);
-        assert!(p.source.is_none());
+        assert!(p.source.is_none() && !p.def.graphical);
+        // One linking a display library draws a window: it gets a display.
+        let p = reg.resolve("x11-app", DEFAULT_OS, &lists).unwrap();
+        assert!(p.def.graphical && p.def.memory_mib >= 768, "{:?}", p.def);
     }
 
     #[test]
@@ -483,10 +540,10 @@ mod tests {
         let trixie = Os::named("debian-13").unwrap();
         // A Debian package only the newer release has: refused on the older,
         // naming the one that has it.
-        let only_new = |os: Os, n: &str| n == "fastfetch" && os == trixie;
+        let only_new = Lists(|os: Os, n: &str| n == "fastfetch" && os == trixie);
         let reg = Registry::default();
-        assert_eq!(reg.resolve("fastfetch", trixie, only_new, |_| Vec::new()).unwrap().os, trixie);
-        match reg.resolve("fastfetch", DEFAULT_OS, only_new, |_| Vec::new()).unwrap_err() {
+        assert_eq!(reg.resolve("fastfetch", trixie, &only_new).unwrap().os, trixie);
+        match reg.resolve("fastfetch", DEFAULT_OS, &only_new).unwrap_err() {
             Error::NotOnOs { os, others, .. } => {
                 assert_eq!((os.as_str(), others), ("debian-12", vec!["debian-13".to_string()]))
             }
@@ -496,8 +553,8 @@ mod tests {
         let mut reg = Registry::default();
         let text = format!("{OK}os=['debian-13']\n").replace("[ready]\ntext='>>> '\n", "") + "[ready]\ntext='>>> '\n";
         reg.packages.insert("py".into(), Package::from_toml("py", &text, Path::new("py.toml")).unwrap());
-        assert_eq!(reg.resolve("py", trixie, |_, _| false, |_| Vec::new()).unwrap().os, trixie);
-        let e = reg.resolve("py", DEFAULT_OS, |_, _| true, |_| Vec::new()).unwrap_err().to_string();
+        assert_eq!(reg.resolve("py", trixie, &Lists(|_, _| false)).unwrap().os, trixie);
+        let e = reg.resolve("py", DEFAULT_OS, &Lists(|_, _| true)).unwrap_err().to_string();
         assert!(e.contains("not made for debian-12") && e.contains("debian-13"), "{e}");
         assert!(Os::named("debian-99").unwrap_err().to_string().contains("debian-12, debian-13"));
     }
