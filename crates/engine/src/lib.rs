@@ -742,7 +742,8 @@ impl Engine {
     }
 
     /// Removes the cgroups, and frees the ids, of this store's VMs whose
-    /// directory is gone.
+    /// directory is gone (and the cgroups other stores' killed processes
+    /// left, once abandoned for an hour).
     pub(crate) fn sweep_confinement(&self) {
         let (sessions, tmp) = (self.cfg.state_dir.join("sessions"), self.cfg.state_dir.join("tmp"));
         let is_live = |vm: &str| sessions.join(vm).exists() || tmp.join(vm).exists();

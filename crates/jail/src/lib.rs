@@ -266,28 +266,43 @@ impl Cgroups {
     /// The cgroup of VM `vm`, as [`Cgroups::create`] made it (for a VM
     /// another process started).
     pub fn of(&self, vm: &str) -> Cgroup {
-        let name = self.name(vm);
+        self.named(&self.name(vm))
+    }
+
+    /// The cgroup directory `name` in each hierarchy.
+    fn named(&self, name: &str) -> Cgroup {
         Cgroup {
-            dirs: self.parents().iter().map(|p| p.join(&name)).collect(),
+            dirs: self.parents().iter().map(|p| p.join(name)).collect(),
             unified: matches!(self.layout, Layout::Unified(_)),
         }
     }
 
     /// Removes the cgroups of this store's VMs that have no task left and
     /// whose VM `is_live` says is gone (a VM's directory is made before its
-    /// cgroup, so one being started is live). Returns how many went.
+    /// cgroup, so one being started is live), and those of other stores'
+    /// VMs that have had no task for [`ABANDONED_AFTER`] (their strata
+    /// process was killed before it could remove them, and its store may
+    /// be gone). Returns how many went.
     pub fn sweep(&self, is_live: impl Fn(&str) -> bool) -> usize {
-        let prefix = format!("strata-{}-", self.owner);
+        let ours = format!("strata-{}-", self.owner);
         let Some(first) = self.parents().first().map(|p| p.to_path_buf()) else { return 0 };
         let Ok(entries) = fs::read_dir(&first) else { return 0 };
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(vm) = name.strip_prefix(&prefix) else { continue };
-            if is_live(vm) {
+            let gone = match name.strip_prefix(&ours) {
+                Some(vm) => !is_live(vm),
+                // Another store's: `strata-OWNER-VM`, untouched for long.
+                None => {
+                    let foreign = name.strip_prefix("strata-").is_some_and(|rest| rest.contains('-'));
+                    let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    foreign && age.is_some_and(|a| a >= ABANDONED_AFTER)
+                }
+            };
+            if !gone {
                 continue;
             }
-            let cg = self.of(vm);
+            let cg = self.named(&name);
             if cg.is_empty() && cg.remove().is_ok() {
                 removed += 1;
             }
@@ -295,6 +310,10 @@ impl Cgroups {
         removed
     }
 }
+
+/// How long another store's VM cgroup stays without a task before a sweep
+/// takes it for abandoned (a VM joins its cgroup seconds after it is made).
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Under v2, turns on the cpu, memory and pids controllers for the
 /// children of `dir`, moving this process into a leaf beneath first when

@@ -104,7 +104,7 @@ fn names_that_are_not_one_path_component_are_refused() {
 }
 
 #[test]
-fn sweeping_removes_only_this_owners_empty_cgroups_of_vms_that_are_gone() {
+fn sweeping_removes_empty_cgroups_of_gone_vms_and_others_abandoned() {
     let (t, cgs) = fake(false);
     // Real cgroup directories can be removed with their control files in
     // them; these fakes cannot, so each is left as an empty directory.
@@ -115,10 +115,19 @@ fn sweeping_removes_only_this_owners_empty_cgroups_of_vms_that_are_gone() {
     };
     bare("gone1");
     bare("live1");
-    fs::create_dir_all(t.path().join("cpu").join("strata-other-gone2")).unwrap();
+    // Another store's: one just made (its VM may be joining it), one
+    // untouched for two hours (its strata was killed).
+    fs::create_dir_all(t.path().join("cpu").join("strata-other-young")).unwrap();
+    let old = t.path().join("cpu").join("strata-other-abandoned");
+    fs::create_dir_all(&old).unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    fs::File::open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+    fs::create_dir_all(t.path().join("cpu").join("not-strata")).unwrap();
     let removed = cgs.sweep(|vm| vm == "live1");
-    assert_eq!(removed, 1);
+    assert_eq!(removed, 2);
     assert!(!t.path().join("memory/strata-ab12-gone1").exists());
     assert!(t.path().join("memory/strata-ab12-live1").exists());
-    assert!(t.path().join("cpu/strata-other-gone2").exists(), "another store's cgroup was swept");
+    assert!(t.path().join("cpu/strata-other-young").exists(), "another store's new cgroup was swept");
+    assert!(!old.exists(), "another store's abandoned cgroup was kept");
+    assert!(t.path().join("cpu/not-strata").exists());
 }
