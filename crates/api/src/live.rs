@@ -580,7 +580,7 @@ impl Registry {
                 live: &l,
                 engine,
                 settings,
-                commands: BTreeMap::new(),
+                commands: standby_commands(&l),
                 listings: Vec::new(),
                 next_command: FIRST_COMMAND,
                 sent: SentTail::default(),
@@ -639,6 +639,26 @@ fn parse_end_label(label: &str) -> Option<(SystemTime, EndAction)> {
 
 /// The first id of the commands a server starts (below: the program's).
 const FIRST_COMMAND: ProcId = 1000;
+
+/// The record label holding the argv (JSON) of the command standby shell
+/// `id` was given, kept for a server that takes the session back (its agent
+/// lists it by the shell's argv).
+fn shell_command_label(id: ProcId) -> String {
+    format!("shell_command_{id}")
+}
+
+/// The commands a session's standby shells run, as a server that takes
+/// the session back knows them (its record's [`shell_command_label`]s).
+fn standby_commands(live: &Live) -> BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)> {
+    strata_engine::launch::SHELL_STANDBY_PROCS
+        .into_iter()
+        .filter_map(|id| {
+            let argv: Vec<String> = serde_json::from_str(live.labels.get(&shell_command_label(id))?).ok()?;
+            let command = GuestCommand { argv, ..GuestCommand::default() };
+            Some((id, (CommandInfo { id, command, tag: None, pty: false }, None)))
+        })
+        .collect()
+}
 
 impl Live {
     fn set_qemu(&self, pid: u32) {
@@ -913,6 +933,10 @@ impl Actor<'_> {
     fn answer_listings(&mut self, running: Vec<strata_proto::CommandState>) {
         let mut listed = Vec::new();
         for c in running {
+            // A standby shell no command was given is not one.
+            if strata_engine::launch::SHELL_STANDBY_PROCS.contains(&c.id) && !self.commands.contains_key(&c.id) {
+                continue;
+            }
             let entry = self.commands.entry(c.id).or_insert_with(|| {
                 let command = GuestCommand { argv: c.argv.clone(), ..GuestCommand::default() };
                 (CommandInfo { id: c.id, command, tag: None, pty: c.pty }, None)
@@ -940,18 +964,41 @@ impl Actor<'_> {
         pty: Option<WinSize>,
         out: mpsc::Sender<CommandOut>,
     ) -> Result<ProcId, String> {
-        let id = self.next_command;
         let s = self.held.as_mut().ok_or(PAUSED)?;
-        match pty {
-            Some(size) => s.exec_pty(id, command.clone(), size).await,
-            None => s.exec(id, command.clone()).await,
-        }
-        .map_err(|e| e.to_string())?;
+        // A login shell waiting in the image runs the first E2B-shaped
+        // command (under TCG, starting one costs ~0.4 s of CPU).
+        let on_standby = match pty {
+            Some(_) => None,
+            None => s.exec_on_shell_standby(&command).await.map_err(|e| e.to_string())?,
+        };
+        let id = match on_standby {
+            Some(id) => id,
+            None => {
+                let id = self.next_command;
+                match pty {
+                    Some(size) => s.exec_pty(id, command.clone(), size).await,
+                    None => s.exec(id, command.clone()).await,
+                }
+                .map_err(|e| e.to_string())?;
+                self.next_command += 1;
+                id
+            }
+        };
         // A PTY has no end of input (its user types Ctrl-D).
         if !stdin && pty.is_none() {
             s.command_eof(id).await.map_err(|e| e.to_string())?;
         }
-        self.next_command += 1;
+        if on_standby.is_some() {
+            // Its agent lists it by the shell's argv: the record keeps what
+            // it runs, for a server that takes the session back.
+            let argv = serde_json::to_string(&command.argv).unwrap_or_default();
+            let kept = self.engine.update_session(&self.live.id, |rec| {
+                rec.labels.insert(shell_command_label(id), argv);
+            });
+            if let Err(e) = kept {
+                tracing::warn!(session = %self.live.id, error = %e, "could not keep the standby shell's command");
+            }
+        }
         self.commands.insert(id, (CommandInfo { id, command, tag, pty: pty.is_some() }, Some(out)));
         Ok(id)
     }

@@ -87,7 +87,7 @@ pub(crate) fn new_session_id() -> String {
 
 /// How a launch build prepares its guest before the program starts (the
 /// disk reserve); a change here makes new launch images.
-const LAUNCH_BUILD: &str = "standby-on-pipes";
+const LAUNCH_BUILD: &str = "standby-on-pipes,standby-shells";
 
 /// Recipe of a launch image: everything that shapes the saved VM.
 pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, accel: Accel, qemu: &str) -> String {
@@ -118,47 +118,104 @@ const STANDBY_META: &str = "standby";
 /// The id of the command that looks at the standby while it starts.
 const STANDBY_CHECK: strata_proto::ProcId = 4;
 
+/// The command ids, in a launch image, of login shells started with pipes
+/// and left waiting for a command (standby shells): a command in the shape
+/// E2B's SDKs give every command (`/bin/bash -l -c CMD`, as root, with no
+/// environment or directory of its own) is handed to one (see
+/// [`shell_standby_input`]) instead of starting a new login shell, whose
+/// start (under TCG, translating bash, its profile's programs and the
+/// kernel's exec afresh) costs ~0.4 s of CPU. Two: a pool warms a session
+/// by running `true` on the first (the second's command then runs on code
+/// already translated). Named in the image's meta.
+pub const SHELL_STANDBY_PROCS: [strata_proto::ProcId; 2] = [5, 7];
+const SHELL_STANDBY_META: &str = "shell-standby";
+/// The shell's argv: it reads one command up to a NUL byte from its input
+/// (the rest of which is the command's), then runs it as `-c` would.
+pub const SHELL_STANDBY_ARGV: [&str; 4] =
+    ["/bin/bash", "-l", "-c", "IFS= read -r -d '' strata_command && eval \"unset strata_command; $strata_command\""];
+
+/// What to write to a standby shell's input to run `command` there, if it
+/// is one a standby shell runs exactly as a new `/bin/bash -l -c CMD`
+/// would: that argv, as root, in the default directory and environment
+/// (an environment of its own would be set before the profile runs).
+pub fn shell_standby_input(command: &crate::GuestCommand) -> Option<Vec<u8>> {
+    let crate::GuestCommand { argv, env, cwd, user } = command;
+    let [bash, login, dash_c, script] = argv.as_slice() else { return None };
+    let shape = bash == "/bin/bash" && login == "-l" && dash_c == "-c";
+    let root = user.as_deref().is_none_or(|u| u == "root");
+    (shape && root && env.is_empty() && cwd.is_none() && !script.contains('\0')).then(|| {
+        let mut input = script.clone().into_bytes();
+        input.push(0);
+        input
+    })
+}
+
 /// Starts the standby ([`STANDBY_PROC`]) in a launch build's guest and
 /// waits (60 s at most) until it blocks reading its input: then its start
 /// is in the image. `false` for a program that does not wait on pipes
 /// (it exits, needs a terminal, or neither reads nor ends: then it is
 /// killed) or a graphical package.
 async fn start_standby(a: &mut Attached, pkg: &Package) -> Result<bool, Error> {
-    use strata_proto::GuestMsg;
     if pkg.def.graphical {
         return Ok(false);
     }
-    let exec = |id, argv: Vec<String>, env| HostMsg::Exec { id, argv, env, cwd: None, user: None };
-    a.conn.send(&exec(STANDBY_PROC, argv_of(pkg), env_of(pkg))).await?;
+    let exec = HostMsg::Exec { id: STANDBY_PROC, argv: argv_of(pkg), env: env_of(pkg), cwd: None, user: None };
+    wait_until_reading(a, exec, STANDBY_CHECK).await
+}
+
+/// Starts the standby shells ([`SHELL_STANDBY_PROCS`]) in a launch build's
+/// guest, each waited for until it blocks reading its command; those that
+/// do (none without bash, say) are in the image.
+async fn start_shell_standbys(a: &mut Attached) -> Result<Vec<strata_proto::ProcId>, Error> {
+    let mut started = Vec::new();
+    for id in SHELL_STANDBY_PROCS {
+        let argv = SHELL_STANDBY_ARGV.map(String::from).to_vec();
+        let exec = HostMsg::Exec { id, argv, env: Vec::new(), cwd: None, user: None };
+        // Each looked at by the id after its own.
+        if wait_until_reading(a, exec, id + 1).await? {
+            started.push(id);
+        }
+    }
+    Ok(started)
+}
+
+/// Sends `exec` (a command with pipes) and waits (60 s at most) until its
+/// process blocks reading its input, looked at with command `check`;
+/// `false` if it ends first or never reads (then it is killed).
+async fn wait_until_reading(a: &mut Attached, exec: HostMsg, check: strata_proto::ProcId) -> Result<bool, Error> {
+    use strata_proto::GuestMsg;
+    let HostMsg::Exec { id, .. } = exec else {
+        return Err(Error::Config("a standby is a command with pipes".into()));
+    };
+    a.conn.send(&exec).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut pid: Option<i32> = None;
     let mut checking = false;
     loop {
         if let (Some(pid), false) = (pid, checking) {
             // Blocked in read(2) on descriptor 0: /proc/PID/syscall starts "0 0x0".
-            let check = "read nr fd rest < /proc/$1/syscall && [ \"$nr $fd\" = \"0 0x0\" ]";
-            let argv = ["/bin/sh", "-c", check, "sh", &pid.to_string()].map(String::from).to_vec();
-            a.conn.send(&exec(STANDBY_CHECK, argv, Vec::new())).await?;
-            a.conn.send(&HostMsg::Eof { id: STANDBY_CHECK }).await?;
+            let script = "read nr fd rest < /proc/$1/syscall && [ \"$nr $fd\" = \"0 0x0\" ]";
+            let argv = ["/bin/sh", "-c", script, "sh", &pid.to_string()].map(String::from).to_vec();
+            a.conn.send(&HostMsg::Exec { id: check, argv, env: Vec::new(), cwd: None, user: None }).await?;
+            a.conn.send(&HostMsg::Eof { id: check }).await?;
             checking = true;
         }
         let Ok(msg) = tokio::time::timeout_at(deadline, a.conn.recv()).await else {
             // A program that neither reads its input nor ends (a server,
             // say) gets no standby; the image is built without it.
-            a.conn.send(&HostMsg::Signal { id: STANDBY_PROC, signal: 9 }).await?;
+            a.conn.send(&HostMsg::Signal { id, signal: 9 }).await?;
             return Ok(false);
         };
-        let msg = msg?;
-        match msg {
-            Some(GuestMsg::Spawned { id: STANDBY_PROC, pid: p }) => pid = Some(p),
-            Some(GuestMsg::Exited { id: STANDBY_PROC, .. }) => return Ok(false),
-            Some(GuestMsg::Exited { id: STANDBY_CHECK, status: 0 }) => return Ok(true),
-            Some(GuestMsg::Exited { id: STANDBY_CHECK, .. }) => {
+        match msg? {
+            Some(GuestMsg::Spawned { id: i, pid: p }) if i == id => pid = Some(p),
+            Some(GuestMsg::Exited { id: i, .. }) if i == id => return Ok(false),
+            Some(GuestMsg::Exited { id: i, status: 0 }) if i == check => return Ok(true),
+            Some(GuestMsg::Exited { id: i, .. }) if i == check => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 checking = false;
             }
             Some(_) => {}
-            None => return Err(Error::AgentGone("starting the standby")),
+            None => return Err(Error::AgentGone("starting a standby")),
         }
     }
 }
@@ -355,6 +412,7 @@ impl Engine {
         spawn_ready(&mut a, &pkg.name, argv_of(pkg), env_of(pkg), readiness(pkg), r.timeout_ms).await?;
         progress.step(&format!("launch image for {}: ready; a copy waiting on pipes for scripted runs", pkg.name));
         let standby = start_standby(&mut a, pkg).await?;
+        let shell_standbys = start_shell_standbys(&mut a).await?;
         progress.step(&format!("launch image for {}: ready, saving memory and devices", pkg.name));
         // Let the program finish drawing, then tell the agent nobody is attached,
         // so the saved guest keeps its output for whoever attaches next.
@@ -390,6 +448,10 @@ impl Engine {
         let mut meta = meta;
         if standby {
             meta.insert(STANDBY_META.to_string(), STANDBY_PROC.to_string());
+        }
+        if !shell_standbys.is_empty() {
+            let ids: Vec<String> = shell_standbys.iter().map(ToString::to_string).collect();
+            meta.insert(SHELL_STANDBY_META.to_string(), ids.join(","));
         }
         let rec = ImageRecord::new(
             ImageKind::Launch,
@@ -515,6 +577,11 @@ impl Engine {
         s.record = Some(self.session_dir(id));
         s.graphical = graphical;
         s.standby = image.meta.get(STANDBY_META).and_then(|p| p.parse().ok());
+        s.shell_standbys = image
+            .meta
+            .get(SHELL_STANDBY_META)
+            .map(|ids| ids.split(',').filter_map(|i| i.parse().ok()).collect())
+            .unwrap_or_default();
         s.has_devices = settings.needs_devices();
         Ok(s)
     }

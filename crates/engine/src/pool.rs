@@ -138,16 +138,26 @@ async fn warm(
     Ok(s)
 }
 
-/// Runs E2B's shell once in `s`, to its end (30 s at most).
+/// Runs E2B's shell once in `s`, to its end (30 s at most): on a standby
+/// shell if two wait (the other then runs the first command on code already
+/// translated; a new login shell's start would cost ~0.4 s of CPU under
+/// TCG), else started afresh.
 async fn warm_shell(s: &mut Session) -> Result<(), Error> {
     let command =
         crate::GuestCommand { argv: E2B_SHELL_WARM.iter().map(|a| a.to_string()).collect(), ..Default::default() };
-    s.exec(WARM_COMMAND, command).await?;
-    s.command_eof(WARM_COMMAND).await?;
+    let standby = if s.shell_standbys() >= 2 { s.exec_on_shell_standby(&command).await? } else { None };
+    let id = match standby {
+        Some(id) => id,
+        None => {
+            s.exec(WARM_COMMAND, command).await?;
+            WARM_COMMAND
+        }
+    };
+    s.command_eof(id).await?;
     let ran = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match s.next_event().await {
-                crate::SessionEvent::CommandExited { id, .. } if id == WARM_COMMAND => return Ok(()),
+                crate::SessionEvent::CommandExited { id: ended, .. } if ended == id => return Ok(()),
                 crate::SessionEvent::Exited(_) | crate::SessionEvent::Lost(_) => {
                     return Err(Error::AgentGone("warming the shell"))
                 }

@@ -103,6 +103,10 @@ pub struct Session {
     /// The package's program waiting on pipes since the launch image was
     /// saved (a standby for a scripted run), until taken.
     pub(crate) standby: Option<ProcId>,
+    /// The ids of the login shells waiting for a command that the image
+    /// held (standby shells, [`crate::launch::SHELL_STANDBY_PROCS`]), each
+    /// until given one.
+    pub(crate) shell_standbys: Vec<ProcId>,
 }
 
 /// A VM booted (or restored) whose agent answered the first attach.
@@ -300,6 +304,7 @@ impl Session {
             graphical: false,
             has_devices: false,
             standby: None,
+            shell_standbys: Vec::new(),
         }
     }
 
@@ -309,6 +314,28 @@ impl Session {
     /// (its input is still open).
     pub fn take_standby(&mut self) -> Option<ProcId> {
         self.standby.take()
+    }
+
+    /// How many standby shells wait for a command (see
+    /// [`Session::exec_on_shell_standby`]).
+    pub fn shell_standbys(&self) -> usize {
+        self.shell_standbys.len()
+    }
+
+    /// Runs `command` on a standby shell, if one waits and `command` is
+    /// one it runs exactly as a new `/bin/bash -l -c CMD` would
+    /// ([`crate::launch::shell_standby_input`]): its id, under which it
+    /// goes on as [`Session::exec`]'s commands do. `None`: start it with
+    /// [`Session::exec`].
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn exec_on_shell_standby(&mut self, command: &GuestCommand) -> Result<Option<ProcId>, Error> {
+        let Some(&id) = self.shell_standbys.first() else { return Ok(None) };
+        let Some(input) = crate::launch::shell_standby_input(command) else { return Ok(None) };
+        self.shell_standbys.remove(0);
+        self.command_input(id, &input).await?;
+        Ok(Some(id))
     }
 
     /// The next thing the program did. Cancel-safe.
