@@ -933,8 +933,11 @@ impl Actor<'_> {
     fn answer_listings(&mut self, running: Vec<strata_proto::CommandState>) {
         let mut listed = Vec::new();
         for c in running {
-            // A standby shell no command was given is not one.
-            if strata_engine::launch::SHELL_STANDBY_PROCS.contains(&c.id) && !self.commands.contains_key(&c.id) {
+            // The standbys a launch image holds (the program's copy on
+            // pipes, the shells) are not commands until given work.
+            let standby = c.id == strata_engine::launch::STANDBY_PROC
+                || strata_engine::launch::SHELL_STANDBY_PROCS.contains(&c.id);
+            if standby && !self.commands.contains_key(&c.id) {
                 continue;
             }
             let entry = self.commands.entry(c.id).or_insert_with(|| {

@@ -477,3 +477,79 @@ say('gone', await Sandbox.connect(sbx.sandboxId).then(() => 'still there', (e) =
     assert_eq!(step(&lines, "resumed"), "a note");
     assert_eq!(step(&lines, "gone"), true);
 }
+
+/// Whether the QEMU of session `id` was started with a network device on
+/// its command line (restored from an image that holds one), not
+/// hot-plugged.
+fn network_device_on_command_line(id: &str) -> bool {
+    let qemu = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .find(|c| c.starts_with("qemu-system") && c.contains(&format!("/sessions/{id}/")))
+        .unwrap_or_else(|| panic!("no QEMU for session {id}"));
+    qemu.contains("virtio-net-pci")
+}
+
+#[tokio::test]
+async fn sandboxes_from_an_e2b_pool_have_their_network_in_state_and_run_first_commands_on_standby_shells() {
+    if !e2e() {
+        return;
+    }
+    let s = serve_with("e2b-pool", &["--pool", "e2b:bc=2-2"]);
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let m = http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+        let full = m
+            .lines()
+            .any(|l| l.starts_with("strata_pool_sessions{") && l.contains("package=\"e2b:bc\"") && l.ends_with(" 2"));
+        if full {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the E2B pool never filled: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lines = sdk(
+        &s,
+        &s.a,
+        "fresh = Sandbox.create(template='bc', timeout=120)\n\
+         say('fresh_id', fresh.sandbox_id)\n\
+         say('untouched', [c.args for c in fresh.commands.list()])\n\
+         s = Sandbox.create(template='bc', timeout=120)\n\
+         say('id', s.sandbox_id)\n\
+         r = s.commands.run('echo hi; echo $0 >&2; read -t 1 x || echo no-input')\n\
+         say('first', [r.stdout, r.stderr, r.exit_code])\n\
+         say('env', s.commands.run('echo $X', envs={'X': 'set'}).stdout)\n\
+         try:\n\
+         \x20   s.commands.run('exit 3')\n\
+         except CommandExitException as e:\n\
+         \x20   say('exit', e.exit_code)\n\
+         say('route', s.commands.run('cat /proc/net/route').stdout)\n\
+         say('dns', s.commands.run('cat /etc/resolv.conf').stdout)\n\
+         bg = s.commands.run('sleep 60', background=True)\n\
+         say('listed', [c.args for c in s.commands.list()])\n\
+         bg.kill()\n\
+         deadline = time.time() + 10\n\
+         while s.commands.list() and time.time() < deadline:\n\
+         \x20   time.sleep(0.1)\n\
+         say('after_kill', [c.args for c in s.commands.list()])\n",
+    );
+    // A sandbox given no command lists none (its waiting shells are not commands).
+    assert_eq!(step(&lines, "untouched"), &serde_json::json!([]));
+    // The first command ran on a standby shell exactly as `bash -l -c` runs it.
+    assert_eq!(step(&lines, "first"), &serde_json::json!(["hi\nno-input\n", "/bin/bash\n", 0]));
+    assert_eq!(step(&lines, "env"), "set\n");
+    assert_eq!(step(&lines, "exit"), 3);
+    // The network is configured: its default route through QEMU's gateway, its DNS.
+    let route = step(&lines, "route").as_str().unwrap();
+    assert!(route.lines().any(|l| l.split_whitespace().nth(2) == Some("0202000A")), "{route}");
+    assert!(step(&lines, "dns").as_str().unwrap().contains("10.0.2.3"), "{lines:?}");
+    assert_eq!(step(&lines, "listed"), &serde_json::json!([["-l", "-c", "sleep 60"]]));
+    assert_eq!(step(&lines, "after_kill"), &serde_json::json!([]));
+    // Both restored with the network device in their saved state.
+    for id in [step(&lines, "id"), step(&lines, "fresh_id")] {
+        assert!(network_device_on_command_line(id.as_str().unwrap()), "session {id} had its network hot-plugged");
+    }
+}

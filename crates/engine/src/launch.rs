@@ -108,6 +108,18 @@ pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, a
     hex::encode(h.finalize())
 }
 
+/// Meta of a launch image whose saved state holds an outbound network's
+/// device (`network`), configured: a session whose only device is a
+/// network (E2B's sandboxes) is restored from it with the device declared
+/// on QEMU's command line, instead of hot-plugging one, which under TCG
+/// costs ~0.17 s of CPU (the guest's PCI hotplug and driver probe).
+pub const NETWORKED_META: &str = "plugs";
+
+/// Recipe of the networked sibling of launch image `launch`.
+pub fn networked_recipe(launch: &ImageRecord) -> String {
+    hex::encode(Sha256::digest(format!("launch-networked-v1\0{}", launch.recipe)))
+}
+
 /// The command id, in a launch image, of the package's program started a
 /// second time with pipes and left waiting for its input (a standby): a
 /// scripted run (`printf ... | strata run PACKAGE`) takes it instead of
@@ -323,25 +335,53 @@ impl Engine {
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let recipe = launch_recipe(&base, &install, pkg, accel, &crate::accel::qemu_identity());
-        let launch = match self.find_image(ImageKind::Launch, &recipe).await? {
-            Some(rec) => rec,
-            None => {
-                let _lock = self.store.lock_recipe(&recipe)?;
-                match self.find_image(ImageKind::Launch, &recipe).await? {
-                    Some(rec) => rec,
-                    None => {
-                        let rec = self.build_launch(pkg, &base, &install, accel, &recipe, progress).await?;
-                        self.share(&rec).await;
-                        rec
-                    }
-                }
-            }
-        };
+        let launch = self.ensure_launch(pkg, &base, &install, accel, &recipe, false, progress).await?;
         // Fetches grew the local cache: trimmed once all three are here.
         if self.remote.as_ref().map(|r| r.downloads()) != fetched_before {
             self.trim_cache(&[&base, &install, &launch]).await?;
         }
         Ok(ImageSet { base, install, launch })
+    }
+
+    /// The launch image of `pkg` with an outbound network's device in its
+    /// saved state (see [`NETWORKED_META`]), built if the catalog has none.
+    ///
+    /// # Errors
+    /// If building fails.
+    pub async fn ensure_networked(
+        &self,
+        pkg: &Package,
+        images: &ImageSet,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
+        let accel = self.accel_for(&images.base).await?;
+        let recipe = networked_recipe(&images.launch);
+        self.ensure_launch(pkg, &images.base, &images.install, accel, &recipe, true, progress).await
+    }
+
+    /// The launch image of `recipe`, built (with a network device if
+    /// `networked`) if the catalog has none.
+    #[allow(clippy::too_many_arguments)]
+    async fn ensure_launch(
+        &self,
+        pkg: &Package,
+        base: &ImageRecord,
+        install: &ImageRecord,
+        accel: Accel,
+        recipe: &str,
+        networked: bool,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, Error> {
+        if let Some(rec) = self.find_image(ImageKind::Launch, recipe).await? {
+            return Ok(rec);
+        }
+        let _lock = self.store.lock_recipe(recipe)?;
+        if let Some(rec) = self.find_image(ImageKind::Launch, recipe).await? {
+            return Ok(rec);
+        }
+        let rec = self.build_launch(pkg, base, install, accel, recipe, networked, progress).await?;
+        self.share(&rec).await;
+        Ok(rec)
     }
 
     /// A VM booting the base image's kernel (disks and memory to be set).
@@ -379,6 +419,7 @@ impl Engine {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn build_launch(
         &self,
         pkg: &Package,
@@ -386,11 +427,14 @@ impl Engine {
         install: &ImageRecord,
         accel: Accel,
         recipe: &str,
+        networked: bool,
         progress: &dyn Progress,
     ) -> Result<ImageRecord, Error> {
         progress.step(&format!("launch image for {}: booting and starting {}", pkg.name, pkg.def.command.join(" ")));
         let work = self.store.work_dir("launch")?;
         let w = work.path();
+        let mut settings = ContextSettings::from_terminal(None);
+        settings.network.outbound = networked;
         let overlay = w.join("disk.qcow2");
         strata_vmm::qcow2::create_overlay(&self.store.blob_path(install.file("disk")?), "qcow2", &overlay)?;
         let memory = w.join("memory");
@@ -400,12 +444,17 @@ impl Engine {
             cfg.memory = Memory::SharedFile(memory.clone());
             cfg.disks = vec![Disk { path: overlay.clone(), format: "qcow2", mode: DiskMode::Writable }];
             cfg.display = pkg.def.graphical;
+            if networked {
+                // On the command line from boot, where a restore declares it.
+                cfg.plugs = plugs_of(&settings, None)?;
+                cfg.plugs_in_state = true;
+            }
             Ok(cfg)
         };
         let fresh = || {
             let _ = std::fs::remove_file(&memory);
         };
-        let ctx = ContextSettings::from_terminal(None).to_terminal_context();
+        let ctx = settings.launch_context();
         let mut a = boot_for_build(&self.store, "launch-vm", make, fresh, &ctx, BOOT_TIMEOUT).await?;
         reserve_disk(&mut a, pkg).await?;
         let r = &pkg.def.ready;
@@ -448,6 +497,9 @@ impl Engine {
         let mut meta = meta;
         if standby {
             meta.insert(STANDBY_META.to_string(), STANDBY_PROC.to_string());
+        }
+        if networked {
+            meta.insert(NETWORKED_META.to_string(), "network".to_string());
         }
         if !shell_standbys.is_empty() {
             let ids: Vec<String> = shell_standbys.iter().map(ToString::to_string).collect();
@@ -525,6 +577,17 @@ impl Engine {
         how: Restore,
     ) -> Result<Session, Error> {
         let id = new_session_id();
+        // A session whose only device is a network restores from the
+        // sibling image that holds one, if there is one.
+        let only_network = settings.network.enabled() && settings.shares.is_empty() && settings.home.is_none();
+        let networked = match only_network && !how.plugs_in_state {
+            true => self.usable(ImageKind::Launch, &networked_recipe(launch))?,
+            false => None,
+        };
+        let (launch, how) = match &networked {
+            Some(n) => (n, Restore { plugs_in_state: true, ..how }),
+            None => (launch, how),
+        };
         let memory = Memory::PrivateFile(self.store.blob_path(launch.file("memory")?));
         self.restore(&id, &pkg.name, launch, memory, settings, how).await
     }

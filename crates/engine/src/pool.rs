@@ -260,6 +260,10 @@ impl Pool {
         let _filling = Filling(self, name.to_string());
         let key = PoolKey::parse(name);
         let images = engine.ensure_images(pkg, progress).await?;
+        // E2B's sessions have a network: restored from an image that holds it.
+        if key.e2b {
+            engine.ensure_networked(pkg, &images, progress).await?;
+        }
         // Several restores in flight at once (most of a warm-up is waiting),
         // each joining the pool as soon as it is ready, and the next one
         // started then: a slow restore holds up no other.

@@ -80,8 +80,11 @@ fn superseded(
         _ => i.meta.get("base").is_some_and(|b| bases.contains(b)),
     };
     let above = newest_by(&|i| {
-        (matches!(i.kind, ImageKind::Install | ImageKind::Launch) && on_base(i))
-            .then(|| format!("{}/{}/{}", i.kind, i.package.as_deref().unwrap_or("-"), platform(i)))
+        (matches!(i.kind, ImageKind::Install | ImageKind::Launch) && on_base(i)).then(|| {
+            // A networked launch image is kept beside the plain one.
+            let variant = i.meta.get(crate::launch::NETWORKED_META).map_or("", String::as_str);
+            format!("{}/{}/{}/{variant}", i.kind, i.package.as_deref().unwrap_or("-"), platform(i))
+        })
     });
     // Images within the grace period stay, with what they stand on: a
     // build may be recording the images above them.
