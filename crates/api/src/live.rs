@@ -583,6 +583,7 @@ impl Registry {
                 commands: standby_commands(&l),
                 listings: Vec::new(),
                 next_command: FIRST_COMMAND,
+                replenish_after: None,
                 sent: SentTail::default(),
                 stashed: None,
             };
@@ -644,16 +645,19 @@ const FIRST_COMMAND: ProcId = 1000;
 /// `id` was given, kept for a server that takes the session back (its agent
 /// lists it by the shell's argv).
 fn shell_command_label(id: ProcId) -> String {
-    format!("shell_command_{id}")
+    format!("{SHELL_COMMAND_LABEL}{id}")
 }
+
+const SHELL_COMMAND_LABEL: &str = "shell_command_";
 
 /// The commands a session's standby shells run, as a server that takes
 /// the session back knows them (its record's [`shell_command_label`]s).
 fn standby_commands(live: &Live) -> BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)> {
-    strata_engine::launch::SHELL_STANDBY_PROCS
-        .into_iter()
-        .filter_map(|id| {
-            let argv: Vec<String> = serde_json::from_str(live.labels.get(&shell_command_label(id))?).ok()?;
+    live.labels
+        .iter()
+        .filter_map(|(label, argv)| {
+            let id: ProcId = label.strip_prefix(SHELL_COMMAND_LABEL)?.parse().ok()?;
+            let argv: Vec<String> = serde_json::from_str(argv).ok()?;
             let command = GuestCommand { argv, ..GuestCommand::default() };
             Some((id, (CommandInfo { id, command, tag: None, pty: false }, None)))
         })
@@ -755,6 +759,8 @@ struct Actor<'a> {
     /// Listings waiting for the agent's answer.
     listings: Vec<Reply<Vec<CommandInfo>>>,
     next_command: ProcId,
+    /// The command on the last standby shell: once it ends, another starts.
+    replenish_after: Option<ProcId>,
     /// Where the attached terminal is on the program's output.
     sent: SentTail,
     /// An event read while the session moved, to be handled first.
@@ -933,10 +939,10 @@ impl Actor<'_> {
     fn answer_listings(&mut self, running: Vec<strata_proto::CommandState>) {
         let mut listed = Vec::new();
         for c in running {
-            // The standbys a launch image holds (the program's copy on
-            // pipes, the shells) are not commands until given work.
+            // Standbys (the launch image's copy of the program on pipes,
+            // shells waiting for a command) are not commands until given work.
             let standby = c.id == strata_engine::launch::STANDBY_PROC
-                || strata_engine::launch::SHELL_STANDBY_PROCS.contains(&c.id);
+                || c.argv.iter().map(String::as_str).eq(strata_engine::launch::SHELL_STANDBY_ARGV);
             if standby && !self.commands.contains_key(&c.id) {
                 continue;
             }
@@ -992,6 +998,11 @@ impl Actor<'_> {
             s.command_eof(id).await.map_err(|e| e.to_string())?;
         }
         if on_standby.is_some() {
+            // Another shell waits by the next such command, started once
+            // this one ends (not to slow it down).
+            if s.shell_standbys() == 0 {
+                self.replenish_after = Some(id);
+            }
             // Its agent lists it by the shell's argv: the record keeps what
             // it runs, for a server that takes the session back.
             let argv = serde_json::to_string(&command.argv).unwrap_or_default();
@@ -1004,6 +1015,16 @@ impl Actor<'_> {
         }
         self.commands.insert(id, (CommandInfo { id, command, tag, pty: pty.is_some() }, Some(out)));
         Ok(id)
+    }
+
+    /// Starts a standby shell for the session's next E2B-shaped command.
+    async fn add_shell_standby(&mut self) {
+        let id = self.next_command;
+        let Some(s) = self.held.as_mut() else { return };
+        match s.add_shell_standby(id).await {
+            Ok(()) => self.next_command += 1,
+            Err(e) => tracing::warn!(session = %self.live.id, error = %e, "could not start a standby shell"),
+        }
     }
 
     /// Sets (or clears) the session's end time, and keeps it in its record.
@@ -1079,6 +1100,10 @@ impl Actor<'_> {
                     SessionEvent::CommandExited { id, status } => {
                         self.tell_watcher(id, CommandOut::Exit(status)).await;
                         self.commands.remove(&id);
+                        if self.replenish_after == Some(id) {
+                            self.replenish_after = None;
+                            self.add_shell_standby().await;
+                        }
                     }
                     SessionEvent::Commands(running) => self.answer_listings(running),
                     SessionEvent::Detached | SessionEvent::Attached(_) | SessionEvent::Screen(_) | SessionEvent::File(_) | SessionEvent::Clipboard(_) => {}

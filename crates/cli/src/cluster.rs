@@ -117,17 +117,9 @@ pub async fn control(p: Plane<'_>) -> anyhow::Result<u8> {
     let listener = std::net::TcpListener::bind(p.listen).with_context(|| format!("cannot listen on {}", p.listen))?;
     listener.set_nonblocking(true)?;
     let app = strata_control::router(cp.clone());
-    match tls {
-        Some(cfg) => {
-            println!("strata: control plane {} on https://{}", cp.name, listener.local_addr()?);
-            let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
-            axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?;
-        }
-        None => {
-            println!("strata: control plane {} on http://{}", cp.name, listener.local_addr()?);
-            axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?;
-        }
-    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("strata: control plane {} on {scheme}://{}", cp.name, listener.local_addr()?);
+    crate::listen::serve(listener, app, tls).await?;
     Ok(0)
 }
 

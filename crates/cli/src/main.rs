@@ -4,6 +4,7 @@
 mod bench_e2b;
 mod cluster;
 mod keeper;
+mod listen;
 mod local;
 mod progress;
 mod remote;
@@ -1187,16 +1188,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 })
             };
             let app = strata_api::router(state.clone());
-            let served = async {
-                match tls {
-                    Some(cfg) => {
-                        let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
-                        axum_server::from_tcp_rustls(listener, cfg).serve(app.into_make_service()).await?
-                    }
-                    None => axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await?,
-                }
-                anyhow::Ok(())
-            };
+            let served = listen::serve(listener, app, tls);
             let code = tokio::select! {
                 r = served => { r?; 0 }
                 code = stop_signal() => code?,

@@ -35,7 +35,7 @@ const E2B_PREFIX: &str = "e2b:";
 
 /// The shell E2B's SDKs run every command with, run once while warming a
 /// session for E2B's API (under TCG, its first run translates it).
-const E2B_SHELL_WARM: [&str; 4] = ["/bin/bash", "-l", "-c", "true"];
+const E2B_SHELL_WARM: [&str; 4] = ["/bin/bash", "-l", "-c", "echo warm"];
 
 /// The id of that warming command (below the ids servers give commands).
 const WARM_COMMAND: strata_proto::ProcId = 900;

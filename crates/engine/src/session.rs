@@ -322,6 +322,20 @@ impl Session {
         self.shell_standbys.len()
     }
 
+    /// Starts a standby shell as command `id` (the image's are used up):
+    /// under TCG its start costs what a new login shell's does, but before
+    /// a command needs it. A command given to it before it reads waits in
+    /// its input.
+    ///
+    /// # Errors
+    /// If the channel is broken.
+    pub async fn add_shell_standby(&mut self, id: ProcId) -> Result<(), Error> {
+        let argv = crate::launch::SHELL_STANDBY_ARGV.map(String::from).to_vec();
+        self.writer.send(&HostMsg::Exec { id, argv, env: Vec::new(), cwd: None, user: None }).await?;
+        self.shell_standbys.push(id);
+        Ok(())
+    }
+
     /// Runs `command` on a standby shell, if one waits and `command` is
     /// one it runs exactly as a new `/bin/bash -l -c CMD` would
     /// ([`crate::launch::shell_standby_input`]): its id, under which it
