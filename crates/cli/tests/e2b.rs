@@ -528,6 +528,10 @@ async fn sandboxes_from_an_e2b_pool_have_their_network_in_state_and_run_first_co
          \x20   say('exit', e.exit_code)\n\
          say('route', s.commands.run('cat /proc/net/route').stdout)\n\
          say('dns', s.commands.run('cat /etc/resolv.conf').stdout)\n\
+         kill = 'for p in /proc/[0-9]*; do grep -q \"strata_comman[d]\" $p/cmdline && kill -9 ${p#/proc/}; done; true'\n\
+         s.commands.run(kill, envs={'NOT': 'on-a-standby'})\n\
+         time.sleep(0.5)\n\
+         say('after_pkill', s.commands.run('echo after').stdout)\n\
          bg = s.commands.run('sleep 60', background=True)\n\
          say('listed', [c.args for c in s.commands.list()])\n\
          bg.kill()\n\
@@ -546,6 +550,8 @@ async fn sandboxes_from_an_e2b_pool_have_their_network_in_state_and_run_first_co
     let route = step(&lines, "route").as_str().unwrap();
     assert!(route.lines().any(|l| l.split_whitespace().nth(2) == Some("0202000A")), "{route}");
     assert!(step(&lines, "dns").as_str().unwrap().contains("10.0.2.3"), "{lines:?}");
+    // A standby shell killed from inside is not given the next command.
+    assert_eq!(step(&lines, "after_pkill"), "after\n");
     assert_eq!(step(&lines, "listed"), &serde_json::json!([["-l", "-c", "sleep 60"]]));
     assert_eq!(step(&lines, "after_kill"), &serde_json::json!([]));
     // Both restored with the network device in their saved state.

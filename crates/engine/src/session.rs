@@ -372,6 +372,11 @@ impl Session {
                 "ended by its memory limit: the kernel killed its VM, which used more than the guest's RAM \
                  plus the server's allowance (STRATA_MEMORY_ALLOWANCE_MIB) ({why})"
             )),
+            // A standby shell that ended (killed from inside) takes no command.
+            ev @ SessionEvent::CommandExited { id, .. } => {
+                self.shell_standbys.retain(|s| *s != id);
+                ev
+            }
             ev => ev,
         }
     }
