@@ -574,13 +574,15 @@ impl Registry {
         self.lock().insert(live.id.clone(), live.clone());
         let (reg, l) = (self.clone(), live.clone());
         tokio::spawn(async move {
+            let commands = standby_commands(&l);
             let actor = Actor {
                 held: session,
                 client: None,
                 live: &l,
                 engine,
                 settings,
-                commands: standby_commands(&l),
+                on_standby: commands.keys().copied().collect(),
+                commands,
                 listings: Vec::new(),
                 next_command: FIRST_COMMAND,
                 replenish_after: None,
@@ -761,6 +763,9 @@ struct Actor<'a> {
     next_command: ProcId,
     /// The command on the last standby shell: once it ends, another starts.
     replenish_after: Option<ProcId>,
+    /// Commands running on standby shells, each named in the record (its
+    /// label goes when it ends).
+    on_standby: std::collections::BTreeSet<ProcId>,
     /// Where the attached terminal is on the program's output.
     sent: SentTail,
     /// An event read while the session moved, to be handled first.
@@ -1012,6 +1017,7 @@ impl Actor<'_> {
             if let Err(e) = kept {
                 tracing::warn!(session = %self.live.id, error = %e, "could not keep the standby shell's command");
             }
+            self.on_standby.insert(id);
         }
         self.commands.insert(id, (CommandInfo { id, command, tag, pty: pty.is_some() }, Some(out)));
         Ok(id)
@@ -1103,6 +1109,11 @@ impl Actor<'_> {
                         if self.replenish_after == Some(id) {
                             self.replenish_after = None;
                             self.add_shell_standby().await;
+                        }
+                        if self.on_standby.remove(&id) {
+                            if let Err(e) = self.engine.unlabel_session(&self.live.id, &shell_command_label(id)) {
+                                tracing::warn!(session = %self.live.id, error = %e, "could not forget a standby shell's command");
+                            }
                         }
                     }
                     SessionEvent::Commands(running) => self.answer_listings(running),
