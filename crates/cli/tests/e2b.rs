@@ -330,6 +330,7 @@ async fn e2b_sandboxes_end_at_their_time_out_survive_a_server_crash_and_refuse_s
          say('short', short.sandbox_id)\n\
          long = Sandbox.create(template='bc', timeout=600)\n\
          long.commands.run('echo before > /root/mark')\n\
+         long.commands.run('sleep 300', background=True)\n\
          say('long', long.sandbox_id)\n\
          try:\n\
          \x20   Sandbox.create(template='no-such-package-here', timeout=30)\n\
@@ -393,11 +394,15 @@ async fn e2b_sandboxes_end_at_their_time_out_survive_a_server_crash_and_refuse_s
         &format!(
             "sbx = Sandbox.connect('{long}')\n\
              say('after', sbx.files.read('/root/mark'))\n\
+             say('running', [c.args for c in sbx.commands.list()])\n\
              say('end', Sandbox.get_info('{long}').end_at.timestamp() - time.time())\n\
              sbx.kill()\n"
         ),
     );
     assert_eq!(step(&after, "after"), "before\n");
+    // A command a standby shell runs is listed as what it runs, also by
+    // the server that took the sandbox back.
+    assert_eq!(step(&after, "running"), &serde_json::json!([["-l", "-c", "sleep 300"]]));
     let left = step(&after, "end").as_f64().unwrap();
     assert!(left > 60.0, "the time-out was not kept across the crash: {left} s left");
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -108,6 +108,17 @@ pub fn launch_recipe(base: &ImageRecord, install: &ImageRecord, pkg: &Package, a
     hex::encode(h.finalize())
 }
 
+/// What a launch image is built from, and whether with a network device.
+#[derive(Clone, Copy)]
+struct LaunchBuild<'a> {
+    pkg: &'a Package,
+    base: &'a ImageRecord,
+    install: &'a ImageRecord,
+    accel: Accel,
+    recipe: &'a str,
+    networked: bool,
+}
+
 /// Meta of a launch image whose saved state holds an outbound network's
 /// device (`network`), configured: a session whose only device is a
 /// network (E2B's sandboxes) is restored from it with the device declared
@@ -335,7 +346,8 @@ impl Engine {
         let install = self.ensure_install(pkg, &base, progress).await?;
         let accel = self.accel_for(&base).await?;
         let recipe = launch_recipe(&base, &install, pkg, accel, &crate::accel::qemu_identity());
-        let launch = self.ensure_launch(pkg, &base, &install, accel, &recipe, false, progress).await?;
+        let build = LaunchBuild { pkg, base: &base, install: &install, accel, recipe: &recipe, networked: false };
+        let launch = self.ensure_launch(&build, progress).await?;
         // Fetches grew the local cache: trimmed once all three are here.
         if self.remote.as_ref().map(|r| r.downloads()) != fetched_before {
             self.trim_cache(&[&base, &install, &launch]).await?;
@@ -356,30 +368,21 @@ impl Engine {
     ) -> Result<ImageRecord, Error> {
         let accel = self.accel_for(&images.base).await?;
         let recipe = networked_recipe(&images.launch);
-        self.ensure_launch(pkg, &images.base, &images.install, accel, &recipe, true, progress).await
+        let build =
+            LaunchBuild { pkg, base: &images.base, install: &images.install, accel, recipe: &recipe, networked: true };
+        self.ensure_launch(&build, progress).await
     }
 
-    /// The launch image of `recipe`, built (with a network device if
-    /// `networked`) if the catalog has none.
-    #[allow(clippy::too_many_arguments)]
-    async fn ensure_launch(
-        &self,
-        pkg: &Package,
-        base: &ImageRecord,
-        install: &ImageRecord,
-        accel: Accel,
-        recipe: &str,
-        networked: bool,
-        progress: &dyn Progress,
-    ) -> Result<ImageRecord, Error> {
-        if let Some(rec) = self.find_image(ImageKind::Launch, recipe).await? {
+    /// The launch image `build` makes, built if the catalog has none.
+    async fn ensure_launch(&self, build: &LaunchBuild<'_>, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+        if let Some(rec) = self.find_image(ImageKind::Launch, build.recipe).await? {
             return Ok(rec);
         }
-        let _lock = self.store.lock_recipe(recipe)?;
-        if let Some(rec) = self.find_image(ImageKind::Launch, recipe).await? {
+        let _lock = self.store.lock_recipe(build.recipe)?;
+        if let Some(rec) = self.find_image(ImageKind::Launch, build.recipe).await? {
             return Ok(rec);
         }
-        let rec = self.build_launch(pkg, base, install, accel, recipe, networked, progress).await?;
+        let rec = self.build_launch(build, progress).await?;
         self.share(&rec).await;
         Ok(rec)
     }
@@ -419,17 +422,8 @@ impl Engine {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn build_launch(
-        &self,
-        pkg: &Package,
-        base: &ImageRecord,
-        install: &ImageRecord,
-        accel: Accel,
-        recipe: &str,
-        networked: bool,
-        progress: &dyn Progress,
-    ) -> Result<ImageRecord, Error> {
+    async fn build_launch(&self, build: &LaunchBuild<'_>, progress: &dyn Progress) -> Result<ImageRecord, Error> {
+        let LaunchBuild { pkg, base, install, accel, recipe, networked } = *build;
         progress.step(&format!("launch image for {}: booting and starting {}", pkg.name, pkg.def.command.join(" ")));
         let work = self.store.work_dir("launch")?;
         let w = work.path();
