@@ -659,6 +659,20 @@ async fn the_api_forwards_ports_shares_folders_and_copies_files() {
         eprintln!("the forwarded port answered after {:?}", asked.elapsed());
     }
     assert_eq!(page.as_deref(), Ok("served from the host's folder"));
+    // The guest's clock jumping hours ahead (as it does once when a session
+    // is restored from an image saved long ago) neither stops nor restarts
+    // the server: lighttpd restarted on a jump over 30 minutes, and its
+    // restart failed.
+    let jump =
+        strata(&["exec", &id, "sh", "-c", "pidof lighttpd; date -s '+2 hours' > /dev/null; sleep 3; pidof lighttpd"])
+            .env("STRATA_ADDR", &s.base)
+            .env("STRATA_TOKEN", &s.a)
+            .output()
+            .unwrap();
+    let pids: Vec<&str> = std::str::from_utf8(&jump.stdout).unwrap().lines().collect();
+    assert!(jump.status.success() && pids.len() == 2 && pids[0] == pids[1], "{pids:?} {}", text(&jump.stderr));
+    let again = reqwest::get(format!("http://127.0.0.1:{port}/index.html")).await.unwrap().text().await.unwrap();
+    assert_eq!(again, "served from the host's folder");
     // Files in and out of the session.
     let files = format!("{}/v1/sessions/{id}/files?path=/tmp/up.txt", s.base);
     let put = api.http.put(&files).bearer_auth(&s.a).body("uploaded").send().await.unwrap();
