@@ -684,20 +684,20 @@ fn start_sandbox(
     Ok(crate::routes::register_live(st, session, owner, settings, options)?.0)
 }
 
-/// Terminal `owner`'s named snapshots, newest first.
-fn terminal_snapshots(st: &AppState, owner: &str) -> Result<Vec<strata_store::ImageRecord>, E2bError> {
-    let mine = |i: &strata_store::ImageRecord| {
-        i.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner)
-    };
-    Ok(st.engine.named_snapshots()?.into_iter().filter(mine).collect())
+/// Whether snapshot `image` was taken of a session of terminal `owner`.
+fn taken_by(image: &strata_store::ImageRecord, owner: &str) -> bool {
+    image.meta.get(strata_engine::fork::TERMINAL_META).map(String::as_str) == Some(owner)
 }
 
-/// The snapshot named `name` if it is terminal `owner`'s.
+/// Terminal `owner`'s named snapshots, newest first.
+fn terminal_snapshots(st: &AppState, owner: &str) -> Result<Vec<strata_store::ImageRecord>, E2bError> {
+    Ok(st.engine.named_snapshots()?.into_iter().filter(|i| taken_by(i, owner)).collect())
+}
+
+/// The snapshot named `name` if it is terminal `owner`'s (found by its
+/// name: every create asks).
 fn own_snapshot(st: &AppState, owner: &str, name: &str) -> Result<Option<strata_store::ImageRecord>, E2bError> {
-    if strata_engine::fork::check_snapshot_name(name).is_err() {
-        return Ok(None);
-    }
-    Ok(terminal_snapshots(st, owner)?.into_iter().find(|i| strata_engine::fork::snapshot_name(i) == Some(name)))
+    Ok(st.engine.named_snapshot(name)?.filter(|i| taken_by(i, owner)))
 }
 
 /// The body of `POST /sandboxes/{id}/fork`.
@@ -732,7 +732,7 @@ async fn fork(
     }
     crate::routes::room_for(&st, &owner, count, live.memory_mib)?;
     let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await;
+    let snap = st.engine.finish_snapshot(captured).await?;
     let labels: BTreeMap<String, String> = [METADATA_LABEL, ENV_LABEL, TEMPLATE_LABEL]
         .iter()
         .filter_map(|k| live.labels.get(*k).map(|v| (k.to_string(), v.clone())))
@@ -788,7 +788,7 @@ async fn snapshot(
     };
     strata_engine::fork::check_snapshot_name(&name).map_err(|e| bad_request(e.to_string()))?;
     let captured = ask(&live, |reply| Cmd::Snapshot { name: Some(name.clone()), reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await;
+    let snap = st.engine.finish_snapshot(captured).await?;
     st.engine.share_snapshot(&snap.image).await;
     tracing::info!(session = %id, snapshot = %name, "E2B snapshot made");
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "snapshotID": name, "names": [name] }))).into_response())

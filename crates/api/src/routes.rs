@@ -536,8 +536,7 @@ fn check_digest(d: &str) -> Result<(), ApiError> {
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_image(State(st): St, _c: Caller, Path(digest): Path<String>) -> Result<StatusCode, ApiError> {
     check_digest(&digest)?;
-    let images = st.engine.store.list_images().map_err(store_err)?;
-    if !images.iter().any(|r| r.digest == digest) {
+    if st.engine.store.image(&digest).map_err(store_err)?.is_none() {
         return Err(ApiError::not_found(format!("no image {digest}")));
     }
     if st.engine.list_sessions().iter().any(|s| s.launch_image == digest) {
@@ -959,7 +958,7 @@ async fn fork_session(
     room_for(&st, &live.owner, count, live.memory_mib)?;
     // The actor saves the state; the rest is done here, the session free.
     let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await;
+    let snap = st.engine.finish_snapshot(captured).await?;
     let idle = *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
     let mut forks = Vec::new();
     for started in st.engine.start_forks(&snap.image, count, None).await {
@@ -1018,7 +1017,7 @@ async fn snapshot_session(
     strata_engine::fork::check_snapshot_name(&req.name)?;
     let live = managed(&st, &owner, &id)?;
     let captured = ask(&live, |reply| Cmd::Snapshot { name: Some(req.name.clone()), reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await;
+    let snap = st.engine.finish_snapshot(captured).await?;
     st.engine.share_snapshot(&snap.image).await;
     let body = SnapshotInfo { name: req.name, image: snap.image.digest, stopped_ms: snap.stopped.as_secs_f64() * 1e3 };
     Ok((StatusCode::CREATED, Json(body)).into_response())

@@ -1068,13 +1068,7 @@ impl Engine {
         rec.id = crate::launch::new_session_id();
         let incoming = self.receive_session(&rec).await?;
         let (listener, socket) = self.outgoing_socket(s)?;
-        let target = incoming.socket();
-        let relay = tokio::spawn(async move {
-            let (mut from, _) = listener.accept().await?;
-            let mut to = tokio::net::UnixStream::connect(&target).await?;
-            tokio::io::copy(&mut from, &mut to).await?;
-            tokio::io::AsyncWriteExt::shutdown(&mut to).await
-        });
+        let relay = crate::moves::relay_within_host(listener, incoming.socket(), strata_vmm::qemu::Stream::Single);
         let sent = self.send_session(s, &socket).await;
         let _ = std::fs::remove_file(&socket);
         let (overlay, downtime) = match sent {

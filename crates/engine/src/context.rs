@@ -483,9 +483,7 @@ impl Engine {
             .map_err(|e| Error::Config(format!("{} is damaged ({e}); remove it to start afresh", path.display())))?;
         let image = self
             .store
-            .list_images()?
-            .into_iter()
-            .find(|i| i.digest == rec.current)
+            .image(&rec.current)?
             .ok_or_else(|| Error::Config(format!("terminal {terminal}: context image {} is gone", rec.current)))?;
         let blob = self.store.blob_path(image.file("context")?);
         let settings = serde_json::from_slice(&std::fs::read(&blob).map_err(crate::io_err(&blob))?)

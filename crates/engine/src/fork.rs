@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use strata_store::{ImageKind, ImageRecord};
+use strata_vmm::qemu::Stream;
 use strata_vmm::{AfterLoad, Memory, Vm};
 
 use crate::context::ContextSettings;
@@ -36,17 +37,36 @@ const STOPPED_META: &str = "stopped";
 /// At most this many sessions from one fork request.
 pub const MAX_FORKS: usize = 32;
 
-/// A session's state saved while it runs on, with all its memory in the
-/// state ([`Engine::capture_snapshot`]); [`Engine::finish_snapshot`]
-/// makes it a snapshot.
-#[derive(Debug, Clone)]
+/// A session's state on its way to a snapshot ([`Engine::capture_snapshot`]):
+/// its memory and devices sent by live migration to a stopped VM whose
+/// memory is a file of its own, and a copy of its disk writes;
+/// [`Engine::finish_snapshot`] stores them as a snapshot.
 pub struct Captured {
-    whole: ImageRecord,
-    settings: ContextSettings,
+    receiver: Receiver,
+    relay: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Holds the copy of the disk writes, and the devices' state once saved.
+    work: strata_store::WorkDir,
+    parent: ImageRecord,
+    package: String,
+    meta: BTreeMap<String, String>,
     name: Option<String>,
     session: String,
     /// How long the session's guest was stopped for it.
     pub stopped: Duration,
+}
+
+impl std::fmt::Debug for Captured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Captured").field("session", &self.session).field("stopped", &self.stopped).finish()
+    }
+}
+
+/// The stopped VM a snapshot's guest is received into: its memory is the
+/// file [`MemoryScratch`] names (on tmpfs, where QEMU fills it fast).
+struct Receiver {
+    vm: Vm,
+    dir: strata_store::WorkDir,
+    memory: MemoryScratch,
 }
 
 /// A session saved while it runs on.
@@ -99,12 +119,13 @@ impl Engine {
     /// fails (the session runs on).
     pub async fn snapshot_session(&self, s: &mut Session, name: Option<&str>) -> Result<Snapshot, Error> {
         let captured = self.capture_snapshot(s, name).await?;
-        Ok(self.finish_snapshot(captured).await)
+        self.finish_snapshot(captured).await
     }
 
     /// The part of [`Engine::snapshot_session`] that needs the session:
-    /// its state saved, all its memory in it, and the guest continued. The
-    /// agent is left quiet.
+    /// its memory and devices sent to a receiving VM while it runs, its
+    /// disk writes copied in the short stop that ends that, and the guest
+    /// continued. The agent is left quiet.
     ///
     /// # Errors
     /// As [`Engine::snapshot_session`].
@@ -135,72 +156,142 @@ impl Engine {
             (SOURCE_META.to_string(), s.id.clone()),
             (SNAPSHOT_META.to_string(), name.unwrap_or_default().to_string()),
             (SETTINGS_META.to_string(), serde_json::to_string(&settings).expect("serializes")),
-            // All its memory, to be loaded into a memory file of its own.
-            (crate::launch::WHOLE_STATE_META.to_string(), "true".to_string()),
+            (STOPPED_META.to_string(), "true".to_string()),
         ]);
         if let Some(t) = rec.labels.get(TERMINAL_META) {
             meta.insert(TERMINAL_META.to_string(), t.clone());
         }
-        let captured = self.capture_state(s, &rec, &meta).await;
-        // The guest runs on whatever happened.
-        let resumed_at = std::time::Instant::now();
+        let parent = self.image_of(s, &rec)?;
+        let t0 = std::time::Instant::now();
+        let mut receiver = self.receiver_for(&parent, &settings).await?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's receiving VM started");
+        let (listener, socket) = self.outgoing_socket(s)?;
+        let incoming = receiver.dir.path().join(strata_vmm::qemu::INCOMING_SOCK);
+        let relay = crate::moves::relay_within_host(listener, incoming, Stream::Parallel);
+        let sent = s.vm_mut().send_live(&socket, Stream::Parallel, crate::paused::SAVE_TIMEOUT).await;
+        let _ = std::fs::remove_file(&socket);
+        let saved = match sent {
+            Ok(saved) => saved,
+            Err(e) => {
+                // A failed migration leaves the guest running; make sure.
+                let _ = s.vm_mut().ensure_running().await;
+                relay.abort();
+                receiver.vm.kill().await;
+                return Err(e.into());
+            }
+        };
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's guest sent");
+        // The guest is stopped from here: its disk writes are copied, and
+        // it runs on whatever happened.
+        let stopped_at = std::time::Instant::now();
+        let copied = self.copy_overlay(s).await;
         let resumed = s.vm_mut().resume().await;
-        let (whole, stopped) = captured?;
-        resumed?;
-        let stopped = stopped + resumed_at.elapsed();
-        Ok(Captured { whole, settings, name: name.map(str::to_string), session: s.id.clone(), stopped })
+        let stopped = saved.downtime + stopped_at.elapsed();
+        let failed = match (copied, resumed) {
+            (Ok(work), Ok(())) => {
+                let (package, session) = (s.package.clone(), s.id.clone());
+                let name = name.map(str::to_string);
+                return Ok(Captured { receiver, relay, work, parent, package, meta, name, session, stopped });
+            }
+            (Err(e), _) => e,
+            (_, Err(e)) => e.into(),
+        };
+        relay.abort();
+        receiver.vm.kill().await;
+        Err(failed)
+    }
+
+    /// A copy of the disk writes of stopped session `s`, in a work
+    /// directory of its own (as `disk.qcow2`).
+    async fn copy_overlay(&self, s: &mut Session) -> Result<strata_store::WorkDir, Error> {
+        let overlay = s.vm_mut().throwaway_overlay(0).await?;
+        let work = self.store.work_dir("snapshot")?;
+        let disk = work.path().join("disk.qcow2");
+        crate::tools::run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk))
+            .await?;
+        Ok(work)
+    }
+
+    /// A stopped VM with the machine and devices of a session running
+    /// from `parent` with `settings`, waiting for the session's guest by
+    /// live migration into a memory file of its own.
+    async fn receiver_for(&self, parent: &ImageRecord, settings: &ContextSettings) -> Result<Receiver, Error> {
+        // A scratch directory of its own, named as the sweeps tell live VMs
+        // (a directory nested in another looked ended: its cgroup and ids
+        // could be swept while it started).
+        let dir = self.store.work_dir("snapshot-vm")?;
+        let memory = MemoryScratch::new(&dir.path().join("memory"));
+        let plugs = crate::launch::plugs_of(settings, None)?;
+        let mut cfg = self.restore_config(
+            dir.path(),
+            parent,
+            Memory::SharedFile(memory.0.clone()),
+            plugs,
+            settings.needs_devices(),
+        )?;
+        (cfg.incoming, cfg.incoming_stream, cfg.whole_state) = (None, Some(Stream::Parallel), false);
+        cfg.after_load = AfterLoad::Stay;
+        cfg.die_with_parent = true;
+        let (vm, _agent) = Vm::start(&cfg, Duration::from_secs(60)).await?;
+        Ok(Receiver { vm, dir, memory })
     }
 
     /// Makes a captured state a snapshot, the session no longer needed:
-    /// its memory goes into a file of its own that copies share. If that
-    /// fails, the state is the snapshot as it is (copies then load the
-    /// memory each).
-    pub async fn finish_snapshot(&self, c: Captured) -> Snapshot {
+    /// once the guest has arrived in the receiving VM, its devices are
+    /// saved without its memory (the memory file is the snapshot's, which
+    /// the sessions started from it share through the page cache), and
+    /// its files stored. A named one's recipe is its name's, so servers
+    /// sharing a store find it by name.
+    ///
+    /// # Errors
+    /// If the guest did not arrive or its files cannot be saved or stored.
+    pub async fn finish_snapshot(&self, c: Captured) -> Result<Snapshot, Error> {
         let t0 = std::time::Instant::now();
-        let image = match self.with_memory_file(&c.whole, &c.settings, c.name.as_deref()).await {
-            Ok(mapped) => {
-                if let Err(e) = self.store.remove_image(&c.whole.digest) {
-                    tracing::warn!(image = %c.whole.digest, error = %e, "could not drop the snapshot's first state");
-                }
-                mapped
-            }
-            Err(e) => {
-                tracing::warn!(session = %c.session, error = %e, "could not put the snapshot's memory in a file of its own");
-                self.named_as_is(c.whole, c.name.as_deref())
-            }
-        };
-        tracing::info!(session = %c.session, image = %image.digest, name = c.name.as_deref().unwrap_or("-"), stopped_ms = c.stopped.as_secs_f64() * 1e3, memory_file_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
-        Snapshot { image, stopped: c.stopped }
-    }
-
-    /// The first state of a snapshot kept as the snapshot itself: a named
-    /// one is recorded again under its name's recipe, so servers sharing a
-    /// store find it by name as they find the usual ones.
-    fn named_as_is(&self, whole: ImageRecord, name: Option<&str>) -> ImageRecord {
-        let Some(name) = name.filter(|n| !n.is_empty()) else { return whole };
-        let renamed = ImageRecord::new(
-            ImageKind::Paused,
-            whole.package.clone(),
-            &whole.os,
-            &whole.arch,
-            whole.parent.clone(),
-            &snapshot_recipe(name),
-            whole.files.clone(),
-            whole.meta.clone(),
-            0,
-        );
-        match self.record_image(renamed) {
-            Ok(named) => {
-                if let Err(e) = self.store.remove_image(&whole.digest) {
-                    tracing::warn!(image = %whole.digest, error = %e, "could not drop the snapshot's first record");
-                }
-                named
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not record the snapshot under its name's recipe");
-                whole
-            }
+        let Captured { mut receiver, relay, work, parent, package, meta, name, session, stopped } = c;
+        let state = work.path().join("state");
+        let mut hashing = None;
+        let received = async {
+            relay.await.map_err(|e| Error::Config(e.to_string()))?.map_err(|e| Error::Config(e.to_string()))?;
+            receiver.vm.wait_loaded(crate::paused::SAVE_TIMEOUT).await?;
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot received into a memory file");
+            // The memory file is whole once the guest has arrived: hashed
+            // from here, while the devices are saved and the file is copied
+            // out (on two cores that work is hidden behind the hash).
+            let source = receiver.memory.0.clone();
+            hashing = Some(tokio::task::spawn_blocking(move || strata_store::hash_file(&source)));
+            receiver.vm.save(&state, crate::paused::SAVE_TIMEOUT).await.map_err(Error::from)
         }
+        .await;
+        if let Err(e) = received {
+            // QEMU's last words say why.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let why = receiver.vm.diagnostics();
+            receiver.vm.kill().await;
+            return Err(Error::Config(format!("saving the snapshot of session {session}: {e}: {why}")));
+        }
+        receiver.vm.quit().await;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's devices saved");
+        let memory = work.path().join("memory");
+        if receiver.memory.0 != memory {
+            crate::tools::run(
+                "cp",
+                tokio::process::Command::new("cp").arg("--sparse=always").arg(&receiver.memory.0).arg(&memory),
+            )
+            .await?;
+        }
+        let hashed = hashing.expect("started once the guest arrived").await;
+        let memory_digest = Some(hashed.map_err(|e| Error::Config(e.to_string()))??);
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out and hashed");
+        let disk = work.path().join("disk.qcow2");
+        // A named snapshot outlives its session and is shared: on the disk
+        // before it is recorded. A fork's is needed by its copies only.
+        let durable = name.is_some();
+        let files =
+            crate::paused::SavedFiles { disk: &disk, state: &state, memory: Some(&memory), durable, memory_digest };
+        let recipe = name.as_deref().map(snapshot_recipe);
+        let image = self.record_saved(&parent, (&session, &package), files, &meta, recipe).await?;
+        tracing::info!(session = %session, image = %image.digest, name = name.as_deref().unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, store_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
+        Ok(Snapshot { image, stopped })
     }
 
     /// Publishes a named snapshot to the store shared between servers, if
@@ -247,82 +338,6 @@ impl Engine {
             ..crate::launch::Restore::default()
         };
         self.restore(&crate::launch::new_session_id(), &package, snapshot, memory, &settings, how).await
-    }
-
-    /// The same snapshot with the guest's memory in a file of its own and a
-    /// device state that maps it (as a launch image has), so that the
-    /// sessions started from it share its pages through the page cache
-    /// instead of each loading a copy: the saved state is loaded into a
-    /// stopped VM whose memory is that file, and saved again without it.
-    /// A named one's recipe is its name's, so servers sharing a store find
-    /// it by name.
-    async fn with_memory_file(
-        &self,
-        whole: &ImageRecord,
-        settings: &ContextSettings,
-        name: Option<&str>,
-    ) -> Result<ImageRecord, Error> {
-        let work = self.store.work_dir("snapshot")?;
-        let memory = work.path().join("memory");
-        let state = work.path().join("state");
-        // QEMU fills the file page by page: on tmpfs that takes a tenth of
-        // the time it takes on a disk's file system (blocks allocated and
-        // written back under the page faults); it is copied out after.
-        let filled = MemoryScratch::new(&memory);
-        // A scratch directory of its own, named as the sweeps tell live VMs
-        // (a directory nested in another looked ended: its cgroup and ids
-        // could be swept while it started).
-        let vm_work = self.store.work_dir("snapshot-vm")?;
-        let vm_dir = vm_work.path().to_path_buf();
-        let plugs = crate::launch::plugs_of(settings, None)?;
-        let mut cfg =
-            self.restore_config(&vm_dir, whole, Memory::SharedFile(filled.0.clone()), plugs, settings.needs_devices())?;
-        cfg.after_load = AfterLoad::Stay;
-        cfg.die_with_parent = true;
-        let (mut vm, _agent) = Vm::start(&cfg, Duration::from_secs(60)).await?;
-        let t0 = std::time::Instant::now();
-        let resaved = async {
-            vm.wait_loaded(Duration::from_secs(300)).await?;
-            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot loaded into a memory file");
-            vm.save(&state, Duration::from_secs(300)).await
-        }
-        .await;
-        if let Err(e) = resaved {
-            // QEMU's last words say why.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return Err(Error::Config(format!("{e}: {}", vm.diagnostics())));
-        }
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's devices saved");
-        vm.quit().await;
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's VM ended");
-        if filled.0 != memory {
-            crate::tools::run(
-                "cp",
-                tokio::process::Command::new("cp").arg("--sparse=always").arg(&filled.0).arg(&memory),
-            )
-            .await?;
-        }
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out");
-        let mut files = whole.files.clone();
-        files.insert("memory".to_string(), self.store.ingest_file(&memory)?);
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file stored");
-        files.insert("state".to_string(), self.store.ingest_file(&state)?);
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's files stored");
-        let mut meta = whole.meta.clone();
-        meta.insert(STOPPED_META.to_string(), "true".to_string());
-        meta.remove(crate::launch::WHOLE_STATE_META);
-        let image = ImageRecord::new(
-            ImageKind::Paused,
-            whole.package.clone(),
-            &whole.os,
-            &whole.arch,
-            whole.parent.clone(),
-            &name.map_or_else(|| whole.recipe.clone(), snapshot_recipe),
-            files,
-            meta,
-            0,
-        );
-        self.record_image(image)
     }
 
     /// Starts `n` sessions from `snapshot` at once; each one's outcome, in order.
@@ -380,10 +395,6 @@ impl Engine {
         Ok(Some(shared))
     }
 
-    /// The snapshot named `name`, or whose digest starts with `name`.
-    ///
-    /// # Errors
-    /// If the catalog cannot be read, or a digest prefix names several.
     /// The named snapshots of this store, newest first.
     ///
     /// # Errors
@@ -393,14 +404,31 @@ impl Engine {
         Ok(self.store.list_images()?.into_iter().filter(named).collect())
     }
 
+    /// The snapshot named `name` in this store, found by its name's recipe
+    /// (not by reading every image's record).
+    ///
+    /// # Errors
+    /// If the catalog cannot be read.
+    pub fn named_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
+        if check_snapshot_name(name).is_err() {
+            return Ok(None);
+        }
+        let found = self.store.find_by_recipe(ImageKind::Paused, &snapshot_recipe(name))?;
+        Ok(found.filter(|i| snapshot_name(i) == Some(name)))
+    }
+
+    /// The snapshot named `name`, or whose digest starts with `name`.
+    ///
+    /// # Errors
+    /// If the catalog cannot be read, or a digest prefix names several.
     pub fn find_snapshot(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
-        let snapshots: Vec<ImageRecord> = self.store.list_images()?.into_iter().filter(is_snapshot).collect();
-        if let Some(named) = snapshots.iter().find(|i| snapshot_name(i) == Some(name)) {
-            return Ok(Some(named.clone()));
+        if let Some(named) = self.named_snapshot(name)? {
+            return Ok(Some(named));
         }
         if name.len() < 6 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
             return Ok(None);
         }
+        let snapshots = self.store.list_images()?.into_iter().filter(is_snapshot);
         let mut by_digest = snapshots.into_iter().filter(|i| i.digest.starts_with(name));
         match (by_digest.next(), by_digest.next()) {
             (Some(one), None) => Ok(Some(one)),

@@ -148,7 +148,7 @@ const STANDBY_CHECK: strata_proto::ProcId = 4;
 /// [`shell_standby_input`]) instead of starting a new login shell, whose
 /// start (under TCG, translating bash, its profile's programs and the
 /// kernel's exec afresh) costs ~0.4 s of CPU. Two: a pool warms a session
-/// by running `true` on the first (the second's command then runs on code
+/// by running `echo warm` on the first (the second's command then runs on code
 /// already translated). Named in the image's meta.
 pub const SHELL_STANDBY_PROCS: [strata_proto::ProcId; 2] = [5, 7];
 const SHELL_STANDBY_META: &str = "shell-standby";
@@ -418,7 +418,7 @@ impl Engine {
             sandbox: self.confined(),
             after_load: AfterLoad::AsSaved,
             whole_state: false,
-            incoming_stream: false,
+            incoming_stream: None,
         })
     }
 
@@ -686,7 +686,7 @@ impl Engine {
             sandbox: self.confined(),
             after_load: AfterLoad::AsSaved,
             whole_state: image.meta.contains_key(WHOLE_STATE_META),
-            incoming_stream: false,
+            incoming_stream: None,
         })
     }
 
@@ -826,8 +826,8 @@ async fn save_vm(a: &mut Attached, state: &std::path::Path) -> Result<(), Error>
     Ok(())
 }
 
-/// The fact of an image whose state holds all the guest's memory
-/// ([`strata_vmm::Vm::save_whole`]).
+/// The fact of an image whose state holds all the guest's memory (the
+/// snapshots of earlier builds, which saved the running guest to a file).
 pub(crate) const WHOLE_STATE_META: &str = "whole_state";
 
 /// The devices a context asks for: its network, shared folders and the

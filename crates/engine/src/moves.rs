@@ -134,7 +134,7 @@ impl Engine {
         // Its devices were plugged in where it ran: they are in the state.
         let mut cfg = self.restore_config(dir.path(), &image, Memory::Anonymous, plugs, settings.needs_devices())?;
         cfg.incoming = None;
-        cfg.incoming_stream = true;
+        cfg.incoming_stream = Some(strata_vmm::qemu::Stream::Single);
         let (vm, conn) = Vm::start(&cfg, RECEIVE_TIMEOUT).await?;
         let disk_backing = self.store.blob_path(image.file("disk")?);
         tracing::info!(session = %rec.id, "waiting for a session moving here");
@@ -233,7 +233,7 @@ impl Engine {
     /// If the session cannot move or the migration fails.
     pub async fn send_session(&self, s: &mut Session, socket: &Path) -> Result<(PathBuf, Duration), Error> {
         self.movable_record(&s.id)?;
-        let saved = s.vm_mut().send_live(socket, SEND_TIMEOUT).await;
+        let saved = s.vm_mut().send_live(socket, strata_vmm::qemu::Stream::Single, SEND_TIMEOUT).await;
         let saved = match saved {
             Ok(saved) => saved,
             Err(e) => {
@@ -268,6 +268,39 @@ impl Engine {
             (None, None) => None,
         })
     }
+}
+
+/// The size of the reads that pass a migration on within this host.
+const RELAY_BUFFER: usize = 1 << 20;
+
+/// Passes a guest's live migration on within this host: from the sending
+/// QEMU, each of its `stream`'s connections to `listener` (see
+/// [`Engine::outgoing_socket`]), to the receiving QEMU's socket `target`.
+/// Ends when every one has.
+pub(crate) fn relay_within_host(
+    listener: tokio::net::UnixListener,
+    target: PathBuf,
+    stream: strata_vmm::qemu::Stream,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        let mut passing = tokio::task::JoinSet::new();
+        for _ in 0..stream.connections() {
+            let (from, _) = listener.accept().await?;
+            // Connected in the order accepted: QEMU takes its main
+            // connection first, as it made it first.
+            let mut to = tokio::net::UnixStream::connect(&target).await?;
+            passing.spawn(async move {
+                // In large reads: hundreds of MiB pass (with 8 KiB ones,
+                // the relay's calls cost more than QEMU's work).
+                tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(RELAY_BUFFER, from), &mut to).await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut to).await
+            });
+        }
+        while let Some(done) = passing.join_next().await {
+            done.map_err(std::io::Error::other)??;
+        }
+        Ok(())
+    })
 }
 
 /// Rewrites `to` with the bytes of `from`, in place (the same file: a

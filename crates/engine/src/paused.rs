@@ -21,7 +21,7 @@ use crate::tools::{rebase_to_digest, run};
 use crate::{io_err, write_atomic, Engine, Error, ARCH};
 
 /// How long saving a session's state may take (its memory goes to the file).
-const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Holds a session id while it is paused or resumed, so two of these never
 /// act on one session at once.
@@ -116,10 +116,9 @@ impl Engine {
 
     /// Saves running session `s` (record `rec`) as an image chained on the
     /// one it runs from: its memory, devices and disk writes, with `meta`
-    /// added (with [`crate::launch::WHOLE_STATE_META`], all its memory is
-    /// in the state). The guest is left stopped whatever happens: the caller quits
-    /// it (a pause) or resumes it (a snapshot, a failure). With the image,
-    /// how long the guest was stopped so far.
+    /// added. The guest is left stopped whatever happens: the caller quits
+    /// it (a pause) or resumes it (a failure). With the image, how long the
+    /// guest was stopped so far.
     ///
     /// # Errors
     /// If the session has shared folders, its image is gone, or the save
@@ -131,52 +130,97 @@ impl Engine {
         meta: &BTreeMap<String, String>,
     ) -> Result<(ImageRecord, Duration), Error> {
         check_savable(s, rec)?;
-        let parent = self
-            .store
-            .image(&rec.launch_image)?
-            .ok_or_else(|| Error::Config(format!("the image session {} runs from is gone from the catalog", s.id)))?;
+        let parent = self.image_of(s, rec)?;
         let work = self.store.work_dir("pause")?;
         let state = work.path().join("state");
         let disk = work.path().join("disk.qcow2");
-        let whole = meta.contains_key(crate::launch::WHOLE_STATE_META);
-        let saved = if whole {
-            s.vm_mut().save_whole(&state, SAVE_TIMEOUT).await?
-        } else {
-            s.vm_mut().save(&state, SAVE_TIMEOUT).await?
-        };
+        let saved = s.vm_mut().save(&state, SAVE_TIMEOUT).await?;
         // The guest is stopped from here until the caller resumes it.
         let stopped = std::time::Instant::now();
         let overlay = s.vm_mut().throwaway_overlay(0).await?;
         run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
         let copied = stopped.elapsed();
-        rebase_to_digest(&disk, parent.file("disk")?).await?;
+        let files = SavedFiles { disk: &disk, state: &state, memory: None, durable: true, memory_digest: None };
+        let image = self.record_saved(&parent, (&s.id, &s.package), files, meta, None).await?;
+        Ok((image, saved.downtime + copied))
+    }
+
+    /// The image session `s` (record `rec`) runs from.
+    ///
+    /// # Errors
+    /// If the catalog no longer has it.
+    pub(crate) fn image_of(&self, s: &Session, rec: &SessionRecord) -> Result<ImageRecord, Error> {
+        self.store
+            .image(&rec.launch_image)?
+            .ok_or_else(|| Error::Config(format!("the image session {} runs from is gone from the catalog", s.id)))
+    }
+
+    /// Records a saved session (`session`: its id and package) as an image
+    /// chained on `parent`, the image it ran from: its files stored (its
+    /// disk writes rebased on `parent`'s disk), the parent's machine facts
+    /// and `meta` as its facts, under `recipe` (else one of its own).
+    ///
+    /// # Errors
+    /// If a file cannot be stored or the catalog written.
+    pub(crate) async fn record_saved(
+        &self,
+        parent: &ImageRecord,
+        (session, package): (&str, &str),
+        saved: SavedFiles<'_>,
+        meta: &BTreeMap<String, String>,
+        recipe: Option<String>,
+    ) -> Result<ImageRecord, Error> {
+        // A fork's snapshot reaches the disk a moment after its copies
+        // start (see [`SavedFiles::durable`]): anything recorded on top of
+        // one waits for it.
+        if crate::fork::is_snapshot(parent) {
+            for digest in parent.files.values() {
+                self.store.sync_blob(digest)?;
+            }
+        }
+        rebase_to_digest(saved.disk, parent.file("disk")?).await?;
         let mut files = BTreeMap::new();
         for role in ["kernel", "initramfs"] {
             files.insert(role.to_string(), parent.file(role)?.to_string());
         }
-        files.insert("disk".to_string(), self.store.ingest_file(&disk)?);
-        files.insert("state".to_string(), self.store.ingest_file(&state)?);
+        files.insert("disk".to_string(), self.store.ingest_file(saved.disk)?);
+        files.insert("state".to_string(), self.store.ingest_file(saved.state)?);
+        if let Some(memory) = saved.memory {
+            let digest = match &saved.memory_digest {
+                Some(d) => self.store.ingest_file_hashed(memory, d, saved.durable)?,
+                None if saved.durable => self.store.ingest_file(memory)?,
+                None => self.store.ingest_file_unsynced(memory)?,
+            };
+            if !saved.durable {
+                let (store, blob) = (self.store.clone(), digest.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store.sync_blob(&blob) {
+                        tracing::warn!(blob = %blob, error = %e, "could not sync a snapshot's memory file");
+                    }
+                });
+            }
+            files.insert("memory".to_string(), digest);
+        }
         let mut all_meta: BTreeMap<String, String> = parent
             .meta
             .iter()
             .filter(|(k, _)| ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        all_meta.insert("session".into(), s.id.clone());
+        all_meta.insert("session".into(), session.to_string());
         all_meta.extend(meta.iter().map(|(k, v)| (k.clone(), v.clone())));
         let image = ImageRecord::new(
             ImageKind::Paused,
-            Some(s.package.clone()),
+            Some(package.to_string()),
             &parent.os,
             ARCH,
             Some(parent.digest.clone()),
-            &paused_recipe(&s.id, &parent.digest),
+            &recipe.unwrap_or_else(|| paused_recipe(session, &parent.digest)),
             files,
             all_meta,
             0,
         );
-        let image = self.record_image(image)?;
-        Ok((image, saved.downtime + copied))
+        self.record_image(image)
     }
 
     /// Pauses a detached session (no terminal holds it) to an image.
@@ -372,6 +416,22 @@ pub(crate) fn check_savable(s: &Session, rec: &SessionRecord) -> Result<(), Erro
 }
 
 /// A paused image's recipe: unique to one pause of one session.
+/// The files of a saved session, to be stored ([`Engine::record_saved`]).
+pub(crate) struct SavedFiles<'a> {
+    /// Its disk writes: a copy of its overlay.
+    pub disk: &'a std::path::Path,
+    /// Its saved devices (and memory, without a memory file).
+    pub state: &'a std::path::Path,
+    /// Its memory, in a file of its own.
+    pub memory: Option<&'a std::path::Path>,
+    /// Whether the memory file is on the disk before the image is recorded.
+    /// A fork's is not (its copies start meanwhile; writing 100s of MiB
+    /// back took ~0.8 s): it is synced just after, in the background.
+    pub durable: bool,
+    /// The memory file's digest, if its maker hashed it.
+    pub memory_digest: Option<String>,
+}
+
 fn paused_recipe(id: &str, parent: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     hex::encode(Sha256::digest(format!("paused\0{id}\0{parent}\0{now}")))

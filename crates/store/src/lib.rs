@@ -218,7 +218,7 @@ impl Store {
             let _ = fs::remove_file(path);
             return Err(Error::Corrupt { digest: digest.into(), actual });
         }
-        self.place(path, digest)
+        self.place(path, digest, true)
     }
 
     /// Moves a file into the store as blob `digest`, which the caller
@@ -229,7 +229,7 @@ impl Store {
     /// If syncing or renaming fails (the file is then left where it was).
     pub fn ingest_hashed(&self, path: &Path, digest: &str) -> Result<(), Error> {
         check_digest(digest)?;
-        self.place(path, digest)
+        self.place(path, digest, true)
     }
 
     /// When each blob was last used (unix seconds), for evicting the least
@@ -246,6 +246,34 @@ impl Store {
     /// # Errors
     /// If hashing, syncing or renaming fails (the file is then left where it was).
     pub fn ingest_file(&self, path: &Path) -> Result<String, Error> {
+        self.ingest(path, None, true)
+    }
+
+    /// Moves a file into the store as [`Store::ingest_file`] does, but
+    /// without waiting for it to reach the disk: its caller makes it
+    /// durable later ([`Store::sync_blob`]), off the path someone waits
+    /// on. Until then a crash can leave it short, which its check (size,
+    /// inode and time) tells apart: it is hashed again, found damaged and
+    /// dropped with the images that use it.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn ingest_file_unsynced(&self, path: &Path) -> Result<String, Error> {
+        self.ingest(path, None, false)
+    }
+
+    /// Moves a file into the store as [`Store::ingest_file`] does (synced
+    /// or not, see [`Store::ingest_file_unsynced`]), its digest `digest`:
+    /// its caller hashed a copy of it meanwhile, while it was made.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn ingest_file_hashed(&self, path: &Path, digest: &str, sync: bool) -> Result<String, Error> {
+        check_digest(digest)?;
+        self.ingest(path, Some(digest), sync)
+    }
+
+    fn ingest(&self, path: &Path, digest: Option<&str>, sync: bool) -> Result<String, Error> {
         // A file a VM wrote (a saved state) is taken from its uid before it
         // is hashed: from then on only strata can change it, and a blob is
         // never writable by a VM.
@@ -253,21 +281,36 @@ impl Store {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
-        let digest = hash_file(path)?;
-        self.place(path, &digest)?;
+        let digest = match digest {
+            Some(d) => d.to_string(),
+            None => hash_file(path)?,
+        };
+        self.place(path, &digest, sync)?;
         Ok(digest)
+    }
+
+    /// Makes blob `digest` durable (see [`Store::ingest_file_unsynced`]);
+    /// cheap for one that already is.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn sync_blob(&self, digest: &str) -> Result<(), Error> {
+        check_digest(digest)?;
+        let path = self.blob_path(digest);
+        File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))
     }
 
     /// Moves a file whose content hashes to `digest` into the store (or
     /// drops it if the store holds that blob, intact, already).
-    fn place(&self, path: &Path, digest: &str) -> Result<(), Error> {
+    fn place(&self, path: &Path, digest: &str, sync: bool) -> Result<(), Error> {
         let dest = self.blob_path(digest);
         if dest.exists() && self.verify(digest).is_ok() {
             fs::remove_file(path).map_err(io_err(path))?;
             return Ok(());
         }
-        let f = File::open(path).map_err(io_err(path))?;
-        f.sync_all().map_err(io_err(path))?;
+        if sync {
+            File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))?;
+        }
         fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
         fs::rename(path, &dest).map_err(io_err(&dest))?;
         if let Ok(dir) = File::open(dest.parent().expect("blob dir")) {
