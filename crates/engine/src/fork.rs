@@ -280,14 +280,14 @@ impl Engine {
             .await?;
         }
         let hashed = hashing.expect("started once the guest arrived").await;
-        let memory_digest = Some(hashed.map_err(|e| Error::Config(e.to_string()))??);
+        let memory_digest = hashed.map_err(|e| Error::Config(e.to_string()))??;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out and hashed");
         let disk = work.path().join("disk.qcow2");
         // A named snapshot outlives its session and is shared: on the disk
         // before it is recorded. A fork's is needed by its copies only.
         let durable = name.is_some();
         let files =
-            crate::paused::SavedFiles { disk: &disk, state: &state, memory: Some(&memory), durable, memory_digest };
+            crate::paused::SavedFiles { disk: &disk, state: &state, memory: Some((&memory, memory_digest)), durable };
         let recipe = name.as_deref().map(snapshot_recipe);
         let image = self.record_saved(&parent, (&session, &package), files, &meta, recipe).await?;
         tracing::info!(session = %session, image = %image.digest, name = name.as_deref().unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, store_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");

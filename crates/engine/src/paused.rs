@@ -140,7 +140,7 @@ impl Engine {
         let overlay = s.vm_mut().throwaway_overlay(0).await?;
         run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
         let copied = stopped.elapsed();
-        let files = SavedFiles { disk: &disk, state: &state, memory: None, durable: true, memory_digest: None };
+        let files = SavedFiles { disk: &disk, state: &state, memory: None, durable: true };
         let image = self.record_saved(&parent, (&s.id, &s.package), files, meta, None).await?;
         Ok((image, saved.downtime + copied))
     }
@@ -185,12 +185,8 @@ impl Engine {
         }
         files.insert("disk".to_string(), self.store.ingest_file(saved.disk)?);
         files.insert("state".to_string(), self.store.ingest_file(saved.state)?);
-        if let Some(memory) = saved.memory {
-            let digest = match &saved.memory_digest {
-                Some(d) => self.store.ingest_file_hashed(memory, d, saved.durable)?,
-                None if saved.durable => self.store.ingest_file(memory)?,
-                None => self.store.ingest_file_unsynced(memory)?,
-            };
+        if let Some((memory, digest)) = saved.memory {
+            let digest = self.store.ingest_file_hashed(memory, &digest, saved.durable)?;
             if !saved.durable {
                 let (store, blob) = (self.store.clone(), digest.clone());
                 tokio::task::spawn_blocking(move || {
@@ -422,14 +418,13 @@ pub(crate) struct SavedFiles<'a> {
     pub disk: &'a std::path::Path,
     /// Its saved devices (and memory, without a memory file).
     pub state: &'a std::path::Path,
-    /// Its memory, in a file of its own.
-    pub memory: Option<&'a std::path::Path>,
+    /// Its memory, in a file of its own, and that file's digest (its maker
+    /// hashed it while it was copied).
+    pub memory: Option<(&'a std::path::Path, String)>,
     /// Whether the memory file is on the disk before the image is recorded.
     /// A fork's is not (its copies start meanwhile; writing 100s of MiB
     /// back took ~0.8 s): it is synced just after, in the background.
     pub durable: bool,
-    /// The memory file's digest, if its maker hashed it.
-    pub memory_digest: Option<String>,
 }
 
 fn paused_recipe(id: &str, parent: &str) -> String {

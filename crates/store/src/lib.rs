@@ -249,22 +249,13 @@ impl Store {
         self.ingest(path, None, true)
     }
 
-    /// Moves a file into the store as [`Store::ingest_file`] does, but
-    /// without waiting for it to reach the disk: its caller makes it
-    /// durable later ([`Store::sync_blob`]), off the path someone waits
-    /// on. Until then a crash can leave it short, which its check (size,
-    /// inode and time) tells apart: it is hashed again, found damaged and
-    /// dropped with the images that use it.
-    ///
-    /// # Errors
-    /// On I/O failure.
-    pub fn ingest_file_unsynced(&self, path: &Path) -> Result<String, Error> {
-        self.ingest(path, None, false)
-    }
-
-    /// Moves a file into the store as [`Store::ingest_file`] does (synced
-    /// or not, see [`Store::ingest_file_unsynced`]), its digest `digest`:
-    /// its caller hashed a copy of it meanwhile, while it was made.
+    /// Moves a file into the store as [`Store::ingest_file`] does, its
+    /// digest `digest` (its caller hashed a copy of it while it was made).
+    /// Without `sync` it is not waited for to reach the disk: its caller
+    /// makes it durable later ([`Store::sync_blob`]), off the path someone
+    /// waits on. Until then a crash can leave it short, which its check
+    /// (size, inode and time) tells apart: it is hashed again, found
+    /// damaged and dropped with the images that use it.
     ///
     /// # Errors
     /// On I/O failure.
@@ -289,7 +280,7 @@ impl Store {
         Ok(digest)
     }
 
-    /// Makes blob `digest` durable (see [`Store::ingest_file_unsynced`]);
+    /// Makes blob `digest` durable (see [`Store::ingest_file_hashed`]);
     /// cheap for one that already is.
     ///
     /// # Errors
