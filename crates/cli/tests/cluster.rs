@@ -763,8 +763,19 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     }
     let out = moving.join().unwrap();
     assert!(out.status.success(), "move: {}{}", text(&out.stdout), text(&out.stderr));
-    let counted =
-        |f: &Follower| -> Vec<u32> { f.lines().iter().filter_map(|l| l.strip_prefix('n')?.parse().ok()).collect() };
+    // The terminal echoes a typed line as it comes, which may be between a
+    // number and its line's end (python writes `n337`, then the line end
+    // the terminal turns into `\r\n`): `n337print(1000+3)` counts as 337.
+    let counted = |f: &Follower| -> Vec<u32> {
+        f.lines()
+            .iter()
+            .filter_map(|l| {
+                let digits = l.strip_prefix('n')?;
+                let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+                digits[..end].parse().ok()
+            })
+            .collect()
+    };
     follower.catch_up();
     let at_move = counted(&follower).last().copied().unwrap_or(0);
     assert!(at_move < 2000, "the counter ended before the move did; make it longer");

@@ -569,21 +569,19 @@ fn ignore_shared(on: bool) -> qmp::migrate_set_capabilities {
     migration_capabilities(on, false, Stream::Single)
 }
 
-/// [`ignore_shared`], and whether the disks of a guest received by live
-/// migration stay released until `cont` (so that its disk's writes, sent
-/// after the memory, can be put in place first). Both sides set the same.
 /// The bandwidth a migration may use, bytes per second: more than any
-/// disk or link here gives.
+/// disk or link here gives. QEMU's default (128 MiB/s) made a guest's
+/// 120 MiB take 0.6 s to a file or a socket on this host; what bounds it
+/// now is the disk, the socket's reader or the link.
 const MIGRATION_MAX_BANDWIDTH: u64 = 64 << 30;
 /// The longest stop a migration plans for its last part, ms (QEMU's
 /// default is 300): at the bandwidth of this host's disks and sockets
 /// what is left then is a few MiB.
 const MIGRATION_DOWNTIME_MS: u64 = 50;
-/// QEMU's own limits, for a migration at its pace (a QEMU keeps what it
-/// was last told).
-const QEMU_BANDWIDTH: u64 = 128 << 20;
-const QEMU_DOWNTIME_MS: u64 = 300;
 
+/// [`ignore_shared`], and whether the disks of a guest received by live
+/// migration stay released until `cont` (so that its disk's writes, sent
+/// after the memory, can be put in place first). Both sides set the same.
 fn migration_capabilities(
     ignore_shared: bool,
     late_block_activate: bool,
@@ -1492,7 +1490,7 @@ impl Vm {
     pub async fn save(&mut self, path: &Path, timeout: Duration) -> Result<Saved, Error> {
         self.qmp.execute(ignore_shared(true)).await.map_err(qmp_err("migrate-set-capabilities"))?;
         let out = self.outgoing_file("outgoing.state")?;
-        let saved = self.migrate_until_done(format!("file:{}", out.display()), true, timeout).await?;
+        let saved = self.migrate_until_done(format!("file:{}", out.display()), timeout).await?;
         move_file(&out, path)?;
         Ok(saved)
     }
@@ -1512,27 +1510,14 @@ impl Vm {
             .execute(migration_capabilities(false, true, stream))
             .await
             .map_err(qmp_err("migrate-set-capabilities"))?;
-        // A move between servers keeps QEMU's pace: at full speed, a line a
-        // program printed as the guest stopped was once lost to the
-        // terminal that follows the session (to be found and mended).
-        let unbounded = stream == Stream::Parallel;
-        self.migrate_until_done(format!("unix:{}", socket.display()), unbounded, timeout).await
+        self.migrate_until_done(format!("unix:{}", socket.display()), timeout).await
     }
 
-    /// Migrates to `uri` until done: `unbounded`, as fast as the reader
-    /// takes it, else at QEMU's own pace.
-    async fn migrate_until_done(&mut self, uri: String, unbounded: bool, timeout: Duration) -> Result<Saved, Error> {
-        // QEMU sends at most 128 MiB/s unless told otherwise: a guest's
-        // 120 MiB took 0.6 s to a file or a socket on this host. What
-        // bounds it then is the disk or the socket's reader, and its last
-        // part, with the guest stopped, is kept short.
-        let (bandwidth, downtime) = match unbounded {
-            true => (MIGRATION_MAX_BANDWIDTH, MIGRATION_DOWNTIME_MS),
-            false => (QEMU_BANDWIDTH, QEMU_DOWNTIME_MS),
-        };
+    /// Migrates to `uri` until done, as fast as the reader takes it.
+    async fn migrate_until_done(&mut self, uri: String, timeout: Duration) -> Result<Saved, Error> {
         let pace = qmp::MigrateSetParameters {
-            max_bandwidth: Some(bandwidth),
-            downtime_limit: Some(downtime),
+            max_bandwidth: Some(MIGRATION_MAX_BANDWIDTH),
+            downtime_limit: Some(MIGRATION_DOWNTIME_MS),
             multifd_channels: Some(PARALLEL_CHANNELS),
             ..Default::default()
         };
