@@ -732,13 +732,13 @@ async fn fork(
     }
     crate::routes::room_for(&st, &owner, count, live.memory_mib)?;
     let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await?;
+    let (snap, started) = st.engine.fork_captured(captured, count, None).await?;
     let labels: BTreeMap<String, String> = [METADATA_LABEL, ENV_LABEL, TEMPLATE_LABEL]
         .iter()
         .filter_map(|k| live.labels.get(*k).map(|v| (k.to_string(), v.clone())))
         .collect();
     let mut results = Vec::new();
-    for started in st.engine.start_forks(&snap.image, count, None).await {
+    for started in started {
         let sandbox = started
             .map_err(E2bError::from)
             .and_then(|session| start_sandbox(&st, session, &owner, labels.clone(), end_of(timeout, false)));

@@ -958,10 +958,10 @@ async fn fork_session(
     room_for(&st, &live.owner, count, live.memory_mib)?;
     // The actor saves the state; the rest is done here, the session free.
     let captured = ask(&live, |reply| Cmd::Snapshot { name: None, reply }).await?;
-    let snap = st.engine.finish_snapshot(captured).await?;
+    let (snap, started) = st.engine.fork_captured(captured, count, None).await?;
     let idle = *live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
     let mut forks = Vec::new();
-    for started in st.engine.start_forks(&snap.image, count, None).await {
+    for started in started {
         let outcome = started.map_err(ApiError::from).and_then(|session| {
             let settings = st.engine.session_settings(&session.id);
             let options = SessionOptions { idle, ..SessionOptions::default() };

@@ -172,10 +172,10 @@ impl Backend for Local<'_> {
         if spread {
             anyhow::bail!("--spread places copies on the servers of a cluster: fork through a control plane (--addr)");
         }
-        let snap = self.eng.snapshot_detached(id, None).await?;
         let idle = self.eng.running_record(id).and_then(|r| r.idle_timeout_s);
+        let (snap, started) = self.eng.fork_detached(id, count).await?;
         let mut forks = Vec::new();
-        for started in self.eng.start_forks(&snap.image, count, None).await {
+        for started in started {
             let copy = async {
                 let session = started?;
                 if let Some(secs) = idle {

@@ -1355,7 +1355,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 println!("{:<34} {:>10} {:>10}", "", "p50 ms", "p99 ms");
                 for (name, v) in [
                     ("parent stopped", &r.parent_stopped_ms),
-                    ("snapshot ready", &r.snapshot_ms),
+                    ("parent running on", &r.captured_ms),
                     ("every copy answering (fork)", &r.forks_answering_ms),
                     ("every session answering (launch)", &r.launches_answering_ms),
                 ] {

@@ -121,6 +121,13 @@ async fn a_session_forked_through_a_server_gives_copies_with_its_state_that_dive
         assert!(pss * 10 < rss * 7, "fork {id}: Pss {pss} KiB of Rss {rss} KiB: its memory is not shared");
     }
 
+    // A fork's snapshot gave its memory to its copies: no session starts
+    // from it later, and the answer says so.
+    let snapshot = forked["snapshot"].as_str().unwrap();
+    let (st, v) = api.call("POST", "/v1/sessions", Some(&a), Some(json!({"snapshot": &snapshot[..16]}))).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("is a fork's"), "{v}");
+
     // A fork of a fork has the state of both.
     let (first, first_token) = &forks[0];
     let (st, again) = api.call("POST", &format!("/v1/sessions/{first}/fork"), Some(&a), Some(json!({}))).await;

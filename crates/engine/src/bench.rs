@@ -880,8 +880,9 @@ pub struct ForkReport {
     pub memory_mib: u32,
     /// How long the parent's guest was stopped for each fork, ms.
     pub parent_stopped_ms: Vec<f64>,
-    /// Request to the snapshot recorded (its memory file made), ms.
-    pub snapshot_ms: Vec<f64>,
+    /// Request to the parent running on (its state sent and its disk
+    /// writes copied), ms.
+    pub captured_ms: Vec<f64>,
     /// Request to every copy answering its probe, ms.
     pub forks_answering_ms: Vec<f64>,
     /// The baseline: `copies` sessions launched at once from the launch
@@ -941,7 +942,7 @@ impl Engine {
             accel: images.launch.meta.get("accel").cloned().unwrap_or_default(),
             memory_mib: pkg.def.memory_mib,
             parent_stopped_ms: Vec::new(),
-            snapshot_ms: Vec::new(),
+            captured_ms: Vec::new(),
             forks_answering_ms: Vec::new(),
             launches_answering_ms: Vec::new(),
             fork_pss_mib: 0.0,
@@ -964,11 +965,11 @@ impl Engine {
 
             progress.step(&format!("bench fork {}: round {}/{rounds}, {copies} copies", pkg.name, round + 1));
             let t0 = Instant::now();
-            let snap = self.snapshot_session(&mut parent, None).await?;
-            r.snapshot_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-            r.parent_stopped_ms.push(snap.stopped.as_secs_f64() * 1000.0);
-            let mut forks =
-                self.start_forks(&snap.image, copies, None).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let captured = self.capture_snapshot(&mut parent, None).await?;
+            r.captured_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            r.parent_stopped_ms.push(captured.stopped.as_secs_f64() * 1000.0);
+            let (snap, forks) = self.fork_captured(captured, copies, None).await?;
+            let mut forks = forks.into_iter().collect::<Result<Vec<_>, _>>()?;
             r.forks_answering_ms.push(all_answer(&answer, &mut forks, t0).await?);
             fork_mem.push(mean_pss_rss(&forks));
             for s in forks {

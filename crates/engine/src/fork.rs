@@ -4,8 +4,9 @@
 //! guest runs and stops it only for the last part and the copy of its disk
 //! writes. New sessions start from a snapshot as from a paused image, each
 //! under its own id and independent from then on. A fork is a snapshot
-//! nobody named, kept while a session started from it needs it; a named one
-//! is kept until `images rm`.
+//! nobody named, kept while a session started from it needs it, whose
+//! memory file its copies alone hold (it is never stored); a named one is
+//! kept until `images rm`.
 //!
 //! A snapshot is recorded as a `paused` image with the `snapshot` fact (its
 //! name, empty for a fork's): older strata builds read the catalog too, and
@@ -67,6 +68,63 @@ struct Receiver {
     vm: Vm,
     dir: strata_store::WorkDir,
     memory: MemoryScratch,
+}
+
+/// A snapshot's guest arrived in its receiving VM, that VM ended
+/// ([`Engine::receive_captured`]): its devices' state and disk writes in
+/// `work`, its memory file where the VM wrote it (being hashed, if asked).
+struct Arrived {
+    work: strata_store::WorkDir,
+    hashing: Option<tokio::task::JoinHandle<Result<String, strata_store::Error>>>,
+    parent: ImageRecord,
+    package: String,
+    meta: BTreeMap<String, String>,
+    name: Option<String>,
+    session: String,
+    stopped: Duration,
+    t0: std::time::Instant,
+}
+
+/// A snapshot's memory file where its receiving VM wrote it, until dropped.
+struct ReceivedMemory {
+    scratch: MemoryScratch,
+    /// Holds the file when `/dev/shm` is no tmpfs.
+    _dir: strata_store::WorkDir,
+}
+
+impl Arrived {
+    fn disk(&self) -> std::path::PathBuf {
+        self.work.path().join("disk.qcow2")
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        self.work.path().join("state")
+    }
+}
+
+/// How a session starts from `snapshot`: the context its session ran
+/// with (its devices are in the saved state), sized to `terminal` if
+/// given; its package; and its restore.
+fn copy_plan(
+    snapshot: &ImageRecord,
+    terminal: Option<&ContextSettings>,
+) -> (ContextSettings, String, crate::launch::Restore) {
+    let mut settings: ContextSettings = snapshot
+        .meta
+        .get(SETTINGS_META)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_else(|| ContextSettings::from_terminal(None));
+    if let Some(t) = terminal {
+        (settings.term, settings.rows, settings.cols) = (t.term.clone(), t.rows, t.cols);
+    }
+    let package = snapshot.package.clone().unwrap_or_default();
+    let after_load = if snapshot.meta.contains_key(STOPPED_META) { AfterLoad::Run } else { AfterLoad::AsSaved };
+    let how = crate::launch::Restore {
+        plugs_in_state: settings.needs_devices(),
+        after_load,
+        ..crate::launch::Restore::default()
+    };
+    (settings, package, how)
 }
 
 /// A session saved while it runs on.
@@ -246,6 +304,56 @@ impl Engine {
     /// # Errors
     /// If the guest did not arrive or its files cannot be saved or stored.
     pub async fn finish_snapshot(&self, c: Captured) -> Result<Snapshot, Error> {
+        let (mut arrived, received) = self.receive_captured(c, true).await?;
+        let mut files = self.store_saved_files(&arrived.parent, &arrived.disk(), &arrived.state()).await?;
+        let memory = arrived.work.path().join("memory");
+        crate::tools::run(
+            "cp",
+            tokio::process::Command::new("cp").arg("--sparse=always").arg(&received.scratch.0).arg(&memory),
+        )
+        .await?;
+        drop(received);
+        let hashing = arrived.hashing.take().expect("asked for");
+        let digest = hashing.await.map_err(|e| Error::Config(e.to_string()))??;
+        tracing::debug!(ms = arrived.t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out and hashed");
+        files.insert("memory".to_string(), self.store.ingest_file_hashed(&memory, &digest)?);
+        let recipe = arrived.name.as_deref().map(snapshot_recipe);
+        self.record_arrived(arrived, files, recipe)
+    }
+
+    /// Makes a captured state a fork's snapshot and starts `n` sessions
+    /// from it (as [`Engine::start_from_snapshot`] does), sized to
+    /// `terminal` if given; the snapshot, and each copy's outcome. The
+    /// copies map the memory file where the receiving VM wrote it (tmpfs),
+    /// copy-on-write, and hold its pages from then on: it is neither hashed
+    /// nor stored (a 512 MiB file's hash and copy were ~0.45 s of CPU
+    /// before the copies could start), so the snapshot has no memory file
+    /// and starts no session after them.
+    ///
+    /// # Errors
+    /// If the snapshot cannot be made.
+    pub async fn fork_captured(
+        &self,
+        c: Captured,
+        n: usize,
+        terminal: Option<&ContextSettings>,
+    ) -> Result<(Snapshot, Vec<Result<Session, Error>>), Error> {
+        let (arrived, received) = self.receive_captured(c, false).await?;
+        let files = self.store_saved_files(&arrived.parent, &arrived.disk(), &arrived.state()).await?;
+        let snapshot = self.record_arrived(arrived, files, None)?;
+        let memory = Memory::PrivateFile(received.scratch.0.clone());
+        let copies =
+            futures_util::future::join_all((0..n).map(|_| self.start_copy(&snapshot.image, &memory, terminal)));
+        let copies = copies.await;
+        // Every copy has mapped it by now.
+        drop(received);
+        Ok((snapshot, copies))
+    }
+
+    /// Waits for a captured guest to arrive in its receiving VM, then
+    /// saves its devices (not its memory) and ends that VM. With `hash`,
+    /// its memory file is hashed from the moment it is whole.
+    async fn receive_captured(&self, c: Captured, hash: bool) -> Result<(Arrived, ReceivedMemory), Error> {
         let t0 = std::time::Instant::now();
         let Captured { mut receiver, relay, work, parent, package, meta, name, session, stopped } = c;
         let state = work.path().join("state");
@@ -257,8 +365,10 @@ impl Engine {
             // The memory file is whole once the guest has arrived: hashed
             // from here, while the devices are saved and the file is copied
             // out (on two cores that work is hidden behind the hash).
-            let source = receiver.memory.0.clone();
-            hashing = Some(tokio::task::spawn_blocking(move || strata_store::hash_file(&source)));
+            if hash {
+                let source = receiver.memory.0.clone();
+                hashing = Some(tokio::task::spawn_blocking(move || strata_store::hash_file(&source)));
+            }
             receiver.vm.save(&state, crate::paused::SAVE_TIMEOUT).await.map_err(Error::from)
         }
         .await;
@@ -270,28 +380,38 @@ impl Engine {
             return Err(Error::Config(format!("saving the snapshot of session {session}: {e}: {why}")));
         }
         receiver.vm.quit().await;
+        // Taken from the receiving VM's uid: readable by the VMs started
+        // from it, writable by none.
+        receiver.memory.seal()?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's devices saved");
-        let memory = work.path().join("memory");
-        if receiver.memory.0 != memory {
-            crate::tools::run(
-                "cp",
-                tokio::process::Command::new("cp").arg("--sparse=always").arg(&receiver.memory.0).arg(&memory),
-            )
-            .await?;
-        }
-        let hashed = hashing.expect("started once the guest arrived").await;
-        let memory_digest = hashed.map_err(|e| Error::Config(e.to_string()))??;
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "snapshot's memory file copied out and hashed");
-        let disk = work.path().join("disk.qcow2");
-        // A named snapshot outlives its session and is shared: on the disk
-        // before it is recorded. A fork's is needed by its copies only.
-        let durable = name.is_some();
-        let files =
-            crate::paused::SavedFiles { disk: &disk, state: &state, memory: Some((&memory, memory_digest)), durable };
-        let recipe = name.as_deref().map(snapshot_recipe);
-        let image = self.record_saved(&parent, (&session, &package), files, &meta, recipe).await?;
-        tracing::info!(session = %session, image = %image.digest, name = name.as_deref().unwrap_or("-"), stopped_ms = stopped.as_secs_f64() * 1e3, store_ms = t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
-        Ok(Snapshot { image, stopped })
+        let Receiver { dir, memory, .. } = receiver;
+        let arrived = Arrived { work, hashing, parent, package, meta, name, session, stopped, t0 };
+        Ok((arrived, ReceivedMemory { scratch: memory, _dir: dir }))
+    }
+
+    /// Records an arrived snapshot whose `files` are stored.
+    fn record_arrived(
+        &self,
+        a: Arrived,
+        files: BTreeMap<String, String>,
+        recipe: Option<String>,
+    ) -> Result<Snapshot, Error> {
+        let image =
+            self.record_image(crate::paused::saved_image(&a.parent, (&a.session, &a.package), files, &a.meta, recipe))?;
+        tracing::info!(session = %a.session, image = %image.digest, name = a.name.as_deref().unwrap_or("-"), stopped_ms = a.stopped.as_secs_f64() * 1e3, store_ms = a.t0.elapsed().as_secs_f64() * 1e3, "session saved as a snapshot; it runs on");
+        Ok(Snapshot { image, stopped: a.stopped })
+    }
+
+    /// Starts a session from `snapshot` with `memory` (see [`copy_plan`]).
+    async fn start_copy(
+        &self,
+        snapshot: &ImageRecord,
+        memory: &Memory,
+        terminal: Option<&ContextSettings>,
+    ) -> Result<Session, Error> {
+        let (settings, package, how) = copy_plan(snapshot, terminal);
+        let id = crate::launch::new_session_id();
+        self.restore(&id, &package, snapshot, memory.clone(), &settings, how).await
     }
 
     /// Publishes a named snapshot to the store shared between servers, if
@@ -317,37 +437,21 @@ impl Engine {
         if !is_snapshot(snapshot) {
             return Err(Error::Config(format!("image {} is not a snapshot", snapshot.digest)));
         }
-        let mut settings: ContextSettings = snapshot
-            .meta
-            .get(SETTINGS_META)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or_else(|| ContextSettings::from_terminal(None));
-        if let Some(t) = terminal {
-            (settings.term, settings.rows, settings.cols) = (t.term.clone(), t.rows, t.cols);
-        }
-        let package = snapshot.package.clone().unwrap_or_default();
         // Its memory file mapped copy-on-write: its copies share its pages.
+        // A fork's holds no memory file (its copies had it) and earlier
+        // builds' kept all of it in the state.
         let memory = match snapshot.files.get("memory") {
             Some(blob) => Memory::PrivateFile(self.store.blob_path(blob)),
-            None => Memory::Anonymous,
+            None if snapshot.meta.contains_key(crate::launch::WHOLE_STATE_META) => Memory::Anonymous,
+            None => {
+                return Err(Error::Config(format!(
+                    "snapshot {} is a fork's: its memory went to the sessions forked from it, so no session starts \
+                     from it now; fork the session again, or save a named snapshot (`strata snapshot SESSION NAME`)",
+                    &snapshot.digest[..12.min(snapshot.digest.len())]
+                )))
+            }
         };
-        let after_load = if snapshot.meta.contains_key(STOPPED_META) { AfterLoad::Run } else { AfterLoad::AsSaved };
-        let how = crate::launch::Restore {
-            plugs_in_state: settings.needs_devices(),
-            after_load,
-            ..crate::launch::Restore::default()
-        };
-        self.restore(&crate::launch::new_session_id(), &package, snapshot, memory, &settings, how).await
-    }
-
-    /// Starts `n` sessions from `snapshot` at once; each one's outcome, in order.
-    pub async fn start_forks(
-        &self,
-        snapshot: &ImageRecord,
-        n: usize,
-        terminal: Option<&ContextSettings>,
-    ) -> Vec<Result<Session, Error>> {
-        futures_util::future::join_all((0..n).map(|_| self.start_from_snapshot(snapshot, terminal))).await
+        self.start_copy(snapshot, &memory, terminal).await
     }
 
     /// Saves detached session `id` (no terminal holds it) as a snapshot
@@ -366,6 +470,20 @@ impl Engine {
             self.share_snapshot(&snap.image).await;
         }
         r
+    }
+
+    /// Forks detached session `id` (no terminal holds it) into `n` new
+    /// sessions (see [`Engine::fork_captured`]) while it runs on, detached.
+    ///
+    /// # Errors
+    /// As [`Engine::snapshot_detached`].
+    pub async fn fork_detached(&self, id: &str, n: usize) -> Result<(Snapshot, Vec<Result<Session, Error>>), Error> {
+        let mut s = self
+            .reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q), or fork it through the server that holds it")
+            .await?;
+        let captured = self.capture_snapshot(&mut s, None).await;
+        s.release();
+        self.fork_captured(captured?, n, None).await
     }
 
     /// The context running session `id` was started with (the defaults if
@@ -473,6 +591,20 @@ impl MemoryScratch {
         }
         let n = crate::launch::new_session_id();
         MemoryScratch(shm.join(format!("{SCRATCH_PREFIX}{}-{n}", std::process::id())))
+    }
+}
+
+impl MemoryScratch {
+    /// Takes the file from the VM that wrote it: root's, read-only for all
+    /// (as a stored blob is), so the VMs started from it can map it.
+    fn seal(&self) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.0;
+        let err =
+            |e: std::io::Error| Error::Config(format!("taking the snapshot's memory file {}: {e}", path.display()));
+        let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(err)
     }
 }
 

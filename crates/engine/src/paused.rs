@@ -7,7 +7,7 @@
 //! process that paused it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -140,8 +140,7 @@ impl Engine {
         let overlay = s.vm_mut().throwaway_overlay(0).await?;
         run("cp", tokio::process::Command::new("cp").arg("--sparse=always").arg(&overlay).arg(&disk)).await?;
         let copied = stopped.elapsed();
-        let files = SavedFiles { disk: &disk, state: &state, memory: None, durable: true };
-        let image = self.record_saved(&parent, (&s.id, &s.package), files, meta, None).await?;
+        let image = self.record_saved(&parent, (&s.id, &s.package), (&disk, &state), meta, None).await?;
         Ok((image, saved.downtime + copied))
     }
 
@@ -165,58 +164,35 @@ impl Engine {
     pub(crate) async fn record_saved(
         &self,
         parent: &ImageRecord,
-        (session, package): (&str, &str),
-        saved: SavedFiles<'_>,
+        who: (&str, &str),
+        (disk, state): (&Path, &Path),
         meta: &BTreeMap<String, String>,
         recipe: Option<String>,
     ) -> Result<ImageRecord, Error> {
-        // A fork's snapshot reaches the disk a moment after its copies
-        // start (see [`SavedFiles::durable`]): anything recorded on top of
-        // one waits for it.
-        if crate::fork::is_snapshot(parent) {
-            for digest in parent.files.values() {
-                self.store.sync_blob(digest)?;
-            }
-        }
-        rebase_to_digest(saved.disk, parent.file("disk")?).await?;
+        let files = self.store_saved_files(parent, disk, state).await?;
+        self.record_image(saved_image(parent, who, files, meta, recipe))
+    }
+
+    /// The files of a session saved on `parent` but its memory, stored: its
+    /// disk writes (rebased on `parent`'s disk) and devices' state, with
+    /// `parent`'s kernel and initramfs; by role.
+    ///
+    /// # Errors
+    /// If a file cannot be stored.
+    pub(crate) async fn store_saved_files(
+        &self,
+        parent: &ImageRecord,
+        disk: &Path,
+        state: &Path,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        rebase_to_digest(disk, parent.file("disk")?).await?;
         let mut files = BTreeMap::new();
         for role in ["kernel", "initramfs"] {
             files.insert(role.to_string(), parent.file(role)?.to_string());
         }
-        files.insert("disk".to_string(), self.store.ingest_file(saved.disk)?);
-        files.insert("state".to_string(), self.store.ingest_file(saved.state)?);
-        if let Some((memory, digest)) = saved.memory {
-            let digest = self.store.ingest_file_hashed(memory, &digest, saved.durable)?;
-            if !saved.durable {
-                let (store, blob) = (self.store.clone(), digest.clone());
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = store.sync_blob(&blob) {
-                        tracing::warn!(blob = %blob, error = %e, "could not sync a snapshot's memory file");
-                    }
-                });
-            }
-            files.insert("memory".to_string(), digest);
-        }
-        let mut all_meta: BTreeMap<String, String> = parent
-            .meta
-            .iter()
-            .filter(|(k, _)| ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        all_meta.insert("session".into(), session.to_string());
-        all_meta.extend(meta.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let image = ImageRecord::new(
-            ImageKind::Paused,
-            Some(package.to_string()),
-            &parent.os,
-            ARCH,
-            Some(parent.digest.clone()),
-            &recipe.unwrap_or_else(|| paused_recipe(session, &parent.digest)),
-            files,
-            all_meta,
-            0,
-        );
-        self.record_image(image)
+        files.insert("disk".to_string(), self.store.ingest_file(disk)?);
+        files.insert("state".to_string(), self.store.ingest_file(state)?);
+        Ok(files)
     }
 
     /// Pauses a detached session (no terminal holds it) to an image.
@@ -412,22 +388,38 @@ pub(crate) fn check_savable(s: &Session, rec: &SessionRecord) -> Result<(), Erro
 }
 
 /// A paused image's recipe: unique to one pause of one session.
-/// The files of a saved session, to be stored ([`Engine::record_saved`]).
-pub(crate) struct SavedFiles<'a> {
-    /// Its disk writes: a copy of its overlay.
-    pub disk: &'a std::path::Path,
-    /// Its saved devices (and memory, without a memory file).
-    pub state: &'a std::path::Path,
-    /// Its memory, in a file of its own, and that file's digest (its maker
-    /// hashed it while it was copied).
-    pub memory: Option<(&'a std::path::Path, String)>,
-    /// Whether the memory file is on the disk before the image is recorded.
-    /// A fork's is not (its copies start meanwhile; writing 100s of MiB
-    /// back took ~0.8 s): it is synced just after, in the background.
-    pub durable: bool,
-}
-
 fn paused_recipe(id: &str, parent: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     hex::encode(Sha256::digest(format!("paused\0{id}\0{parent}\0{now}")))
+}
+
+/// The image of a session (`session`: its id and package) saved on
+/// `parent` as `files`: `parent`'s machine facts and `meta` as its facts,
+/// under `recipe` (else one of its own).
+pub(crate) fn saved_image(
+    parent: &ImageRecord,
+    (session, package): (&str, &str),
+    files: BTreeMap<String, String>,
+    meta: &BTreeMap<String, String>,
+    recipe: Option<String>,
+) -> ImageRecord {
+    let mut all_meta: BTreeMap<String, String> = parent
+        .meta
+        .iter()
+        .filter(|(k, _)| ["accel", "memory_mib", "disk_mib", "cmdline", "base", "graphical"].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    all_meta.insert("session".into(), session.to_string());
+    all_meta.extend(meta.iter().map(|(k, v)| (k.clone(), v.clone())));
+    ImageRecord::new(
+        ImageKind::Paused,
+        Some(package.to_string()),
+        &parent.os,
+        ARCH,
+        Some(parent.digest.clone()),
+        &recipe.unwrap_or_else(|| paused_recipe(session, &parent.digest)),
+        files,
+        all_meta,
+        0,
+    )
 }

@@ -218,7 +218,7 @@ impl Store {
             let _ = fs::remove_file(path);
             return Err(Error::Corrupt { digest: digest.into(), actual });
         }
-        self.place(path, digest, true)
+        self.place(path, digest)
     }
 
     /// Moves a file into the store as blob `digest`, which the caller
@@ -229,7 +229,7 @@ impl Store {
     /// If syncing or renaming fails (the file is then left where it was).
     pub fn ingest_hashed(&self, path: &Path, digest: &str) -> Result<(), Error> {
         check_digest(digest)?;
-        self.place(path, digest, true)
+        self.place(path, digest)
     }
 
     /// When each blob was last used (unix seconds), for evicting the least
@@ -246,25 +246,20 @@ impl Store {
     /// # Errors
     /// If hashing, syncing or renaming fails (the file is then left where it was).
     pub fn ingest_file(&self, path: &Path) -> Result<String, Error> {
-        self.ingest(path, None, true)
+        self.ingest(path, None)
     }
 
     /// Moves a file into the store as [`Store::ingest_file`] does, its
-    /// digest `digest` (its caller hashed a copy of it while it was made).
-    /// Without `sync` it is not waited for to reach the disk: its caller
-    /// makes it durable later ([`Store::sync_blob`]), off the path someone
-    /// waits on. Until then a crash can leave it short, which its check
-    /// (size, inode and time) tells apart: it is hashed again, found
-    /// damaged and dropped with the images that use it.
+    /// digest `digest` (its caller hashed it while it was made).
     ///
     /// # Errors
     /// On I/O failure.
-    pub fn ingest_file_hashed(&self, path: &Path, digest: &str, sync: bool) -> Result<String, Error> {
+    pub fn ingest_file_hashed(&self, path: &Path, digest: &str) -> Result<String, Error> {
         check_digest(digest)?;
-        self.ingest(path, Some(digest), sync)
+        self.ingest(path, Some(digest))
     }
 
-    fn ingest(&self, path: &Path, digest: Option<&str>, sync: bool) -> Result<String, Error> {
+    fn ingest(&self, path: &Path, digest: Option<&str>) -> Result<String, Error> {
         // A file a VM wrote (a saved state) is taken from its uid before it
         // is hashed: from then on only strata can change it, and a blob is
         // never writable by a VM.
@@ -276,32 +271,19 @@ impl Store {
             Some(d) => d.to_string(),
             None => hash_file(path)?,
         };
-        self.place(path, &digest, sync)?;
+        self.place(path, &digest)?;
         Ok(digest)
-    }
-
-    /// Makes blob `digest` durable (see [`Store::ingest_file_hashed`]);
-    /// cheap for one that already is.
-    ///
-    /// # Errors
-    /// On I/O failure.
-    pub fn sync_blob(&self, digest: &str) -> Result<(), Error> {
-        check_digest(digest)?;
-        let path = self.blob_path(digest);
-        File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))
     }
 
     /// Moves a file whose content hashes to `digest` into the store (or
     /// drops it if the store holds that blob, intact, already).
-    fn place(&self, path: &Path, digest: &str, sync: bool) -> Result<(), Error> {
+    fn place(&self, path: &Path, digest: &str) -> Result<(), Error> {
         let dest = self.blob_path(digest);
         if dest.exists() && self.verify(digest).is_ok() {
             fs::remove_file(path).map_err(io_err(path))?;
             return Ok(());
         }
-        if sync {
-            File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))?;
-        }
+        File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
         fs::rename(path, &dest).map_err(io_err(&dest))?;
         if let Ok(dir) = File::open(dest.parent().expect("blob dir")) {
