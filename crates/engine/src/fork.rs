@@ -278,7 +278,8 @@ impl Engine {
         // (a directory nested in another looked ended: its cgroup and ids
         // could be swept while it started).
         let dir = self.store.work_dir("snapshot-vm")?;
-        let memory = MemoryScratch::new(&dir.path().join("memory"));
+        let mib: u64 = parent.meta.get("memory_mib").and_then(|m| m.parse().ok()).unwrap_or(0);
+        let memory = MemoryScratch::new(&dir.path().join("memory"), mib << 20);
         let plugs = crate::launch::plugs_of(settings, None)?;
         let mut cfg = self.restore_config(
             dir.path(),
@@ -582,11 +583,15 @@ pub(crate) fn sweep_memory_scratch() {
 }
 
 impl MemoryScratch {
-    fn new(fallback: &std::path::Path) -> MemoryScratch {
+    /// One for a guest of `bytes` of memory: on tmpfs if it has room for
+    /// all of it (a full tmpfs would end the receiving QEMU midway; the
+    /// copies of a fork hold theirs while they run).
+    fn new(fallback: &std::path::Path, bytes: u64) -> MemoryScratch {
         let shm = std::path::Path::new(SCRATCH_DIR);
         let is_tmpfs =
             nix::sys::statfs::statfs(shm).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-        if !is_tmpfs {
+        let room = nix::sys::statvfs::statvfs(shm).is_ok_and(|v| v.blocks_available() * v.fragment_size() >= bytes);
+        if !is_tmpfs || !room {
             return MemoryScratch(fallback.to_path_buf());
         }
         let n = crate::launch::new_session_id();
