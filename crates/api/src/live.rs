@@ -216,6 +216,12 @@ pub struct Live {
     /// It is moving to another server: a second move is refused, and this
     /// server leaves its record in the cluster alone meanwhile.
     pub moving: std::sync::atomic::AtomicBool,
+    /// The server it moved to, once it has: a command's watcher is told
+    /// where to watch it on.
+    pub moved_to: Mutex<Option<String>>,
+    /// It moved here from another server: what its commands print before
+    /// their watchers find them here is kept for them a while.
+    pub moved_in: bool,
     /// Its QEMU's CPU time when last looked at, for the use since.
     cpu_seen: Mutex<Option<(std::time::Instant, f64)>>,
     /// Its memory when last read, and when: reading it (`smaps_rollup`)
@@ -450,7 +456,8 @@ impl Registry {
         engine: &Arc<Engine>,
         idle: Option<Duration>,
     ) -> Option<Arc<Live>> {
-        let live = self.live_of(rec, idle)?;
+        let mut live = self.live_of(rec, idle)?;
+        live.0.moved_in = true;
         tracing::info!(session = %rec.id, package = %rec.package, "took a session that moved here");
         Some(self.run_held(live, rec, session, engine))
     }
@@ -587,7 +594,9 @@ impl Registry {
                 next_command: FIRST_COMMAND,
                 replenish_after: None,
                 sent: SentTail::default(),
-                stashed: None,
+                stashed: std::collections::VecDeque::new(),
+                unwatched: BTreeMap::new(),
+                keep_unwatched_until: l.moved_in.then(|| tokio::time::Instant::now() + KEEP_UNWATCHED_FOR),
             };
             actor.run(rx).await;
             reg.lock().remove(&l.id);
@@ -734,11 +743,34 @@ impl Live {
             why: Mutex::new(None),
             qemu_pid: Default::default(),
             moving: Default::default(),
+            moved_to: Mutex::new(None),
+            moved_in: false,
             cpu_seen: Mutex::new(None),
             memory_seen: Mutex::new(None),
         };
         (live, rx)
     }
+}
+
+/// The commands an actor knows, with their watcher (if any).
+type Commands = BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)>;
+
+/// Hands `out` to the watcher of command `id`; one that does not take it
+/// within [`WATCHER_PATIENCE`] (or is gone) is let go. `out` back if
+/// nobody watches.
+async fn tell(commands: &mut Commands, id: ProcId, out: CommandOut) -> Option<CommandOut> {
+    let Some((_, Some(watcher))) = commands.get(&id) else { return Some(out) };
+    let watcher = watcher.clone();
+    if !matches!(tokio::time::timeout(WATCHER_PATIENCE, watcher.send(out)).await, Ok(Ok(()))) {
+        if let Some(c) = commands.get_mut(&id) {
+            c.1 = None;
+        }
+    }
+    None
+}
+
+fn set_moved_to(live: &Live, server: &str) {
+    *live.moved_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(server.to_string());
 }
 
 fn set<T: Copy>(m: &Mutex<T>, v: T) {
@@ -757,7 +789,7 @@ struct Actor<'a> {
     settings: ContextSettings,
     /// Commands started through the server, while they run, with their
     /// watcher (if any).
-    commands: BTreeMap<ProcId, (CommandInfo, Option<mpsc::Sender<CommandOut>>)>,
+    commands: Commands,
     /// Listings waiting for the agent's answer.
     listings: Vec<Reply<Vec<CommandInfo>>>,
     next_command: ProcId,
@@ -768,9 +800,20 @@ struct Actor<'a> {
     on_standby: std::collections::BTreeSet<ProcId>,
     /// Where the attached terminal is on the program's output.
     sent: SentTail,
-    /// An event read while the session moved, to be handled first.
-    stashed: Option<SessionEvent>,
+    /// Events read while the session moved, to be handled first (but its
+    /// program's and commands' output, passed on at once).
+    stashed: std::collections::VecDeque<SessionEvent>,
+    /// What commands printed (and how they ended) with nobody watching,
+    /// kept for the watcher that follows a moved session here.
+    unwatched: BTreeMap<ProcId, Vec<CommandOut>>,
+    /// Until when [`Actor::unwatched`] keeps output (a session moved here).
+    keep_unwatched_until: Option<tokio::time::Instant>,
 }
+
+/// How long a session moved here keeps its commands' output for watchers
+/// that follow it, and how much of each command's.
+const KEEP_UNWATCHED_FOR: Duration = Duration::from_secs(60);
+const KEEP_UNWATCHED_MAX: usize = 4 << 20;
 
 /// How long a command's output waits for a watcher that does not read
 /// before that watcher is let go (the command goes on).
@@ -780,7 +823,7 @@ const PAUSED: &str = "the session is paused; resume it first";
 
 impl Actor<'_> {
     async fn next_event(&mut self) -> SessionEvent {
-        if let Some(ev) = self.stashed.take() {
+        if let Some(ev) = self.stashed.pop_front() {
             return ev;
         }
         match self.held.as_mut() {
@@ -876,40 +919,55 @@ impl Actor<'_> {
     /// this server's QEMU is gone and an attached terminal is told where
     /// its session went; on failure the session runs on here as it was.
     async fn move_to(&mut self, to: &crate::moves::Destination) -> Result<Duration, String> {
-        let Actor { held, client, sent, engine, stashed, .. } = self;
+        let Actor { held, client, sent, engine, stashed, commands, .. } = self;
         let s = held.as_mut().ok_or(PAUSED)?;
         // While its memory goes the guest runs: an attached terminal is
-        // given the program's output meanwhile. The first event that is
-        // not output waits for the move's end (and is dropped if the
-        // session went). What the program writes after the last output
-        // read here is on the agent's screen, for the terminal that
-        // attaches on the other server.
+        // given the program's output meanwhile, and its commands' watchers
+        // theirs; other events wait for the move's end. What the program
+        // writes after the last output read here is on the agent's screen,
+        // for the terminal that attaches on the other server; what its
+        // commands write is kept there for their watchers (`unwatched`).
         let mut events = s.lend_events();
+        let mut pass_on = async |ev: Option<SessionEvent>| match ev {
+            Some(SessionEvent::Output(d)) => {
+                if let Some((c, _)) = client.as_ref() {
+                    sent.keep(&d);
+                    if c.send(Out::Data(d)).await.is_err() {
+                        *client = None;
+                    }
+                }
+            }
+            Some(SessionEvent::CommandOutput { id, stderr, data }) => {
+                let out = if stderr { CommandOut::Stderr(data) } else { CommandOut::Stdout(data) };
+                tell(commands, id, out).await;
+            }
+            Some(other) => stashed.push_back(other),
+            None => stashed.push_back(SessionEvent::Lost("the session ended".into())),
+        };
         let moved = {
             let moving = crate::moves::send(engine, s, to);
             tokio::pin!(moving);
             loop {
                 tokio::select! {
                     r = &mut moving => break r,
-                    ev = events.recv(), if stashed.is_none() => match ev {
-                        Some(SessionEvent::Output(d)) => {
-                            if let Some((c, _)) = client.as_ref() {
-                                sent.keep(&d);
-                                if c.send(Out::Data(d)).await.is_err() {
-                                    *client = None;
-                                }
-                            }
-                        }
-                        Some(other) => *stashed = Some(other),
-                        None => *stashed = Some(SessionEvent::Lost("the session ended".into())),
-                    },
+                    ev = events.recv() => pass_on(ev).await,
                 }
             }
         };
+        if moved.is_ok() {
+            // The guest stopped here: what it wrote before is read by now.
+            while let Ok(ev) = events.try_recv() {
+                pass_on(Some(ev)).await;
+            }
+        }
         s.return_events(events);
         match moved {
             Ok(downtime) => {
-                self.stashed = None;
+                for ev in std::mem::take(&mut self.stashed) {
+                    if let SessionEvent::CommandExited { id, status } = ev {
+                        tell(&mut self.commands, id, CommandOut::Exit(status)).await;
+                    }
+                }
                 if let Some(s) = self.held.take() {
                     s.close().await;
                 }
@@ -927,21 +985,38 @@ impl Actor<'_> {
     /// Hands `out` to the watcher of command `id`; one that does not take
     /// it within [`WATCHER_PATIENCE`] (or is gone) is let go.
     async fn tell_watcher(&mut self, id: ProcId, out: CommandOut) {
-        let Some((_, Some(watcher))) = self.commands.get(&id) else { return };
-        let watcher = watcher.clone();
-        if !matches!(tokio::time::timeout(WATCHER_PATIENCE, watcher.send(out)).await, Ok(Ok(()))) {
-            if let Some(c) = self.commands.get_mut(&id) {
-                c.1 = None;
-            }
+        if let Some(out) = tell(&mut self.commands, id, out).await {
+            self.keep_unwatched(id, out);
         }
     }
 
-    /// The session command `id` (started here) runs in, or why it cannot
-    /// be reached.
+    /// Keeps what command `id` printed (or how it ended) with nobody
+    /// watching, for its watcher to come, if the session moved here lately.
+    fn keep_unwatched(&mut self, id: ProcId, out: CommandOut) {
+        if self.keep_unwatched_until.is_none_or(|t| tokio::time::Instant::now() >= t) {
+            return;
+        }
+        let size = |o: &CommandOut| match o {
+            CommandOut::Stdout(d) | CommandOut::Stderr(d) => d.len(),
+            CommandOut::Exit(_) => 0,
+        };
+        let kept = self.unwatched.entry(id).or_default();
+        if kept.iter().map(size).sum::<usize>() + size(&out) > KEEP_UNWATCHED_MAX {
+            tracing::warn!(session = %self.live.id, command = id, "a command's output went unwatched beyond what is kept");
+            return;
+        }
+        kept.push(out);
+    }
+
     /// Takes the agent's list of running commands: those this server did
     /// not start become known (so they can be watched, fed and signalled),
     /// and every listing waiting is answered.
     fn answer_listings(&mut self, running: Vec<strata_proto::CommandState>) {
+        // Ids of commands another server or process started are not
+        // given again (a session moved or taken back runs them still).
+        if let Some(last) = running.iter().map(|c| c.id).max() {
+            self.next_command = self.next_command.max(last + 1);
+        }
         let mut listed = Vec::new();
         for c in running {
             // Standbys (the launch image's copy of the program on pipes,
@@ -962,6 +1037,8 @@ impl Actor<'_> {
         }
     }
 
+    /// The session command `id` (known here) runs in, or why it cannot
+    /// be reached.
     fn command_session(&mut self, id: ProcId) -> Result<&mut Session, String> {
         if !self.commands.contains_key(&id) {
             return Err(format!("no running command {id} in session {}", self.live.id));
@@ -1059,6 +1136,13 @@ impl Actor<'_> {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         self.quiet().await;
+        // The commands its guest runs already (a session moved or taken
+        // back): known, and their ids not given again.
+        if let Some(s) = self.held.as_mut() {
+            if let Err(e) = s.request_commands().await {
+                tracing::warn!(session = %self.live.id, error = %e, "could not list the session's commands");
+            }
+        }
         let mut idle_since = tokio::time::Instant::now();
         loop {
             let idle_limit = *self.live.idle_timeout.lock().unwrap_or_else(|e| e.into_inner());
@@ -1204,6 +1288,20 @@ impl Actor<'_> {
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Watch { id, out, reply }) => {
+                        // What it printed unwatched since it moved here comes first.
+                        if let Some(kept) = self.unwatched.remove(&id) {
+                            let ended = kept.iter().any(|o| matches!(o, CommandOut::Exit(_)));
+                            for o in kept {
+                                let _ = out.send(o).await;
+                            }
+                            if ended {
+                                let _ = reply.send(Ok(false));
+                                continue;
+                            }
+                            self.commands.entry(id).or_insert_with(|| {
+                                (CommandInfo { id, command: GuestCommand::default(), tag: None, pty: false }, None)
+                            });
+                        }
                         let r = self.command_session(id).map(|_| ());
                         let r = r.map(|()| match self.commands.get_mut(&id) {
                             Some(c) => {
@@ -1255,6 +1353,9 @@ impl Actor<'_> {
                         let moved = r.is_ok();
                         let _ = reply.send(r);
                         if moved {
+                            // Its commands' watchers (dropped as the actor
+                            // ends) are told where it went.
+                            set_moved_to(self.live, &to.server);
                             // What the terminal typed while the session moved
                             // goes back to it, to be typed there.
                             let mut unsent = Vec::new();

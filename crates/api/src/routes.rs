@@ -1631,10 +1631,14 @@ enum ExecStart {
 
 /// Runs a command in a session with pipes, over WebSocket (what `strata
 /// exec` and `run PACKAGE -- CMD` use through a server). The first frame is
-/// `{"type":"exec","argv":[...],"env":{},"cwd":null,"user":null,"stdin":bool}`;
+/// `{"type":"exec","argv":[...],"env":{},"cwd":null,"user":null,"stdin":bool}`
+/// (or `{"type":"attach","id":N,"stdin":bool}` for one that runs);
 /// then binary frames carry input, `{"type":"eof"}` ends it; the server
-/// sends binary frames whose first byte says the stream (1 stdout, 2
-/// stderr), then `{"type":"exit","status":N}`. Authenticated like attach.
+/// sends `{"type":"started","id":N}`, binary frames whose first byte says
+/// the stream (1 stdout, 2 stderr), then `{"type":"exit","status":N}`; or
+/// `{"type":"moved","server":S,"id":N}` if the session moved to another
+/// server, where what the command printed meanwhile is kept for a minute
+/// for the client that attaches to it there. Authenticated like attach.
 /// A client that goes away leaves the command running.
 #[utoipa::path(get, path = "/v1/sessions/{id}/exec", params(("id" = String, Path), ("token" = Option<String>, Query)),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -1675,16 +1679,17 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             }
         }
         Ok(ExecStart::Attach { id, stdin }) => {
-            // The agent's list makes a command another process started known.
-            match crate::live::list_commands(&live).await {
-                Ok(listed) if listed.iter().any(|c| c.id == id) => {
-                    ask(&live, |reply| Cmd::Watch { id, out: out_tx, reply })
-                        .await
-                        .map(|_| (id, stdin, None))
-                        .map_err(|e| e.message)
-                }
-                Ok(_) => Err(format!("no running command {id} in session {}", live.id)),
-                Err(e) => Err(e),
+            let watch = |out| ask(&live, move |reply| Cmd::Watch { id, out, reply });
+            match watch(out_tx.clone()).await {
+                Ok(_) => Ok((id, stdin, None)),
+                // The agent's list makes a command another process started known.
+                Err(_) => match crate::live::list_commands(&live).await {
+                    Ok(listed) if listed.iter().any(|c| c.id == id) => {
+                        watch(out_tx).await.map(|_| (id, stdin, None)).map_err(|e| e.message)
+                    }
+                    Ok(_) => Err(format!("no running command {id} in session {}", live.id)),
+                    Err(e) => Err(e),
+                },
             }
         }
     };
@@ -1695,6 +1700,11 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             return;
         }
     };
+    // Its id, to watch it again (`{"type":"attach","id":N}`), here or
+    // where the session moves.
+    if socket.send(send_text(serde_json::json!({"type": "started", "id": id}))).await.is_err() {
+        return;
+    }
     let input = |data: Option<Vec<u8>>| {
         let live = live.clone();
         async move {
@@ -1748,7 +1758,13 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
                         return;
                     }
                     None => {
-                        let _ = socket.send(send_text(serde_json::json!({"type": "lost", "reason": "the session has ended"}))).await;
+                        let moved = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let end = match moved {
+                            // Watch it there (through the plane): `{"type":"attach","id":N}`.
+                            Some(server) => serde_json::json!({"type": "moved", "server": server, "id": id}),
+                            None => serde_json::json!({"type": "lost", "reason": "the session has ended"}),
+                        };
+                        let _ = socket.send(send_text(end)).await;
                         return;
                     }
                 };

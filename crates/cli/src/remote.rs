@@ -194,10 +194,10 @@ impl Remote {
 
     /// Attaches again to session `id` after it moved: the plane may name
     /// the old server for a moment, so this tries for up to 30 s.
-    async fn follow(&self, id: &str, query: &str) -> anyhow::Result<Ws> {
+    async fn follow(&self, id: &str, stream: &str, query: &str) -> anyhow::Result<Ws> {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            match self.open_stream(id, "attach", query).await {
+            match self.open_stream(id, stream, query).await {
                 Ok(ws) => return Ok(ws),
                 Err(e) if std::time::Instant::now() > end => {
                     bail!("session {id} moved, and could not be reached where it went: {e}")
@@ -239,6 +239,8 @@ impl Remote {
         let _raw = if tty { Some(RawMode::enter()?) } else { None };
         let mut winch = signal(SignalKind::window_change())?;
         let mut input = if stdin || tty { Some(terminal::stdin_channel()) } else { None };
+        // Its id in the session, to watch it again where the session moves.
+        let mut command: Option<u64> = None;
         loop {
             tokio::select! {
                 _ = winch.recv(), if tty => if let Some(s) = terminal::terminal_size() {
@@ -263,6 +265,17 @@ impl Remote {
                             Some("exit") => return Ok(v["status"].as_i64().unwrap_or(0).clamp(0, 255) as u8),
                             Some("lost") | Some("error") => {
                                 bail!("session {id}: {}", v["reason"].as_str().or(v["message"].as_str()).unwrap_or("ended"))
+                            }
+                            Some("started") => command = v["id"].as_u64(),
+                            // Moved live to another server: the command
+                            // runs on there, and what it printed meanwhile
+                            // waits there for its watcher.
+                            Some("moved") => {
+                                let Some(command) = command else { bail!("session {id} moved to another server") };
+                                tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), command, "the session moved; following its command");
+                                ws = self.follow(id, "exec", "").await?;
+                                let again = json!({"type": "attach", "id": command, "stdin": input.is_some()});
+                                ws.send(Message::Text(again.to_string().into())).await?;
                             }
                             _ => {}
                         }
@@ -333,7 +346,7 @@ impl Remote {
                                 tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), "the session moved; following it");
                                 let unsent = typed_back(&mut ws, &v).await;
                                 let size = terminal::terminal_size().unwrap_or_default();
-                                ws = self.follow(id, &format!("rows={}&cols={}", size.rows, size.cols)).await?;
+                                ws = self.follow(id, "attach", &format!("rows={}&cols={}", size.rows, size.cols)).await?;
                                 if !unsent.is_empty() {
                                     ws.send(Message::Binary(unsent.into())).await?;
                                 }

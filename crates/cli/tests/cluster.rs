@@ -751,6 +751,32 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let mut follower = Follower::attach(&c.cps[1], &alice, &counting);
     follower.type_in("import time\nfor i in range(1, 2001): print(f'n{i}', flush=True); time.sleep(0.02)\n\n");
     assert!(follower.shows("\nn50"), "the counter did not start: {:?}", follower.screen);
+    // A command run through the plane counts too: its stream follows the
+    // session and its output has no gap or repeat either.
+    let script = "i=0; while [ $i -lt 1500 ]; do i=$((i+1)); echo e$i; sleep 0.01; done";
+    let mut exec = strata(&["--addr", &c.cps[1], "--token", &alice, "exec", &counting, "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exec_out = {
+        let mut from = exec.stdout.take().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buf) {
+                kept.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        seen
+    };
+    let exec_shows = |want: &str| String::from_utf8_lossy(&exec_out.lock().unwrap()).contains(want);
+    let until = Instant::now() + Duration::from_secs(60);
+    while !exec_shows("e20\n") && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exec_shows("e20\n"), "the command did not start: {:?}", String::from_utf8_lossy(&exec_out.lock().unwrap()));
     let moving = {
         let (plane, alice, id) = (c.cps[1].clone(), alice.clone(), counting.clone());
         std::thread::spawn(move || strata(&["--addr", &plane, "--token", &alice, "move", &id]).output().unwrap())
@@ -763,6 +789,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     }
     let out = moving.join().unwrap();
     assert!(out.status.success(), "move: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(exec.try_wait().unwrap().is_none(), "the command ended before the move did; make it longer");
     // The terminal echoes a typed line as it comes, which may be between a
     // number and its line's end (python writes `n337`, then the line end
     // the terminal turns into `\r\n`): `n337print(1000+3)` counts as 337.
@@ -786,6 +813,23 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let gaps: Vec<(u32, u32)> = numbers.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
     assert!(gaps.is_empty(), "the counter skipped or repeated across the move (pairs {gaps:?})");
     assert_eq!((numbers.first(), numbers.last()), (Some(&1), Some(&2000)), "{:?}", follower.screen);
+    let until = Instant::now() + Duration::from_secs(240);
+    while exec.try_wait().unwrap().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = exec.try_wait().unwrap();
+    let mut exec_err = String::new();
+    if let Some(mut e) = exec.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut exec_err);
+    }
+    assert!(status.is_some_and(|s| s.success()), "the command across the move: {status:?} {exec_err}");
+    let exec_text = String::from_utf8_lossy(&exec_out.lock().unwrap()).into_owned();
+    let counted: Vec<u32> = exec_text.lines().filter_map(|l| l.strip_prefix('e')?.parse().ok()).collect();
+    assert_eq!(
+        counted,
+        (1..=1500).collect::<Vec<u32>>(),
+        "the command's output across the move: {exec_text:?} {exec_err}"
+    );
     let lines = follower.lines();
     for m in &markers {
         assert!(

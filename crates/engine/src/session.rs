@@ -93,6 +93,9 @@ pub struct Session {
     vm: Vm,
     writer: AgentWriter,
     events: mpsc::Receiver<SessionEvent>,
+    /// Commands' events read while waiting for an answer of the agent,
+    /// for [`Session::next_event`] to give first.
+    held_back: std::collections::VecDeque<SessionEvent>,
     dir: WorkDir,
     /// The session's directory if it is registered (may be detached).
     pub(crate) record: Option<std::path::PathBuf>,
@@ -299,6 +302,7 @@ impl Session {
             vm,
             writer,
             events: rx,
+            held_back: Default::default(),
             dir,
             record: None,
             graphical: false,
@@ -366,6 +370,13 @@ impl Session {
     }
 
     pub async fn next_event(&mut self) -> SessionEvent {
+        match self.held_back.pop_front() {
+            Some(ev) => ev,
+            None => self.recv_event().await,
+        }
+    }
+
+    async fn recv_event(&mut self) -> SessionEvent {
         match self.events.recv().await.unwrap_or_else(|| SessionEvent::Lost("the session ended".into())) {
             // Said plainly: the user's program did nothing wrong by exiting.
             SessionEvent::Lost(why) if self.vm.killed_by_memory_limit() => SessionEvent::Lost(format!(
@@ -739,20 +750,23 @@ impl Session {
         self.writer.send(&msg).await?;
         let wait = async {
             loop {
-                let ev = self.next_event().await;
+                let ev = self.recv_event().await;
                 if done(&ev) {
                     return Ok(ev);
                 }
                 match ev {
+                    // The program's output is on the agent's screen too;
+                    // its commands' is not, and goes on to whoever reads
+                    // the session's events next.
+                    ev @ (SessionEvent::CommandOutput { .. }
+                    | SessionEvent::CommandExited { .. }
+                    | SessionEvent::Commands(_)) => self.held_back.push_back(ev),
                     SessionEvent::Output(_)
                     | SessionEvent::Detached
                     | SessionEvent::Attached(_)
                     | SessionEvent::Screen(_)
                     | SessionEvent::File(_)
-                    | SessionEvent::Clipboard(_)
-                    | SessionEvent::CommandOutput { .. }
-                    | SessionEvent::CommandExited { .. }
-                    | SessionEvent::Commands(_) => {}
+                    | SessionEvent::Clipboard(_) => {}
                     other => return Err(Error::Agent(format!("{other:?} while waiting for the agent"))),
                 }
             }
@@ -809,18 +823,7 @@ impl Session {
     /// Tells the agent the terminal leaves and waits for its acknowledgement
     /// (it has written its dirty data back then).
     async fn ask_detach(&mut self) -> Result<(), Error> {
-        self.writer.send(&HostMsg::Detach).await?;
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match self.next_event().await {
-                    SessionEvent::Detached => return Ok(()),
-                    SessionEvent::Output(_) => {}
-                    other => return Err(Error::Agent(format!("{other:?} while detaching"))),
-                }
-            }
-        })
-        .await
-        .map_err(|_| Error::Timeout { what: "the agent to acknowledge the detach".into(), secs: 10 })?
+        self.wait_for(HostMsg::Detach, |e| matches!(e, SessionEvent::Detached)).await.map(|_| ())
     }
 
     /// Sends input, then collects output until `expect` appears; returns the
