@@ -982,8 +982,8 @@ impl Actor<'_> {
         }
     }
 
-    /// Hands `out` to the watcher of command `id`; one that does not take
-    /// it within [`WATCHER_PATIENCE`] (or is gone) is let go.
+    /// Hands `out` to the watcher of command `id` (see [`tell`]); what
+    /// nobody watches is kept a while if the session moved here lately.
     async fn tell_watcher(&mut self, id: ProcId, out: CommandOut) {
         if let Some(out) = tell(&mut self.commands, id, out).await {
             self.keep_unwatched(id, out);
@@ -1288,16 +1288,19 @@ impl Actor<'_> {
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Watch { id, out, reply }) => {
-                        // What it printed unwatched since it moved here comes first.
-                        if let Some(kept) = self.unwatched.remove(&id) {
-                            let ended = kept.iter().any(|o| matches!(o, CommandOut::Exit(_)));
+                        // What it printed unwatched since it moved here comes
+                        // first, once the watcher has its answer and reads.
+                        let kept = self.unwatched.remove(&id).unwrap_or_default();
+                        if kept.iter().any(|o| matches!(o, CommandOut::Exit(_))) {
+                            let _ = reply.send(Ok(false));
                             for o in kept {
-                                let _ = out.send(o).await;
+                                if !matches!(tokio::time::timeout(WATCHER_PATIENCE, out.send(o)).await, Ok(Ok(()))) {
+                                    break;
+                                }
                             }
-                            if ended {
-                                let _ = reply.send(Ok(false));
-                                continue;
-                            }
+                            continue;
+                        }
+                        if !kept.is_empty() {
                             self.commands.entry(id).or_insert_with(|| {
                                 (CommandInfo { id, command: GuestCommand::default(), tag: None, pty: false }, None)
                             });
@@ -1310,7 +1313,13 @@ impl Actor<'_> {
                             }
                             None => false,
                         });
+                        let watched = r.is_ok();
                         let _ = reply.send(r);
+                        if watched {
+                            for o in kept {
+                                tell(&mut self.commands, id, o).await;
+                            }
+                        }
                     }
                     Some(Cmd::CommandInput { id, data, reply }) => {
                         let r = match (self.command_session(id), data) {
