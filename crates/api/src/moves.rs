@@ -158,6 +158,7 @@ impl Destination {
 /// then until the receiver ran it.
 pub async fn send(engine: &Engine, s: &mut Session, to: &Destination) -> Result<Duration, String> {
     let rec = engine.movable_record(&s.id).map_err(|e| e.to_string())?;
+    engine.share_for_move(&rec).await.map_err(|e| format!("sharing the session's image for the move: {e}"))?;
     let id = s.id.clone();
     let begin = to
         .request(reqwest::Method::POST, &format!("/v1/moves/{id}"))

@@ -1715,19 +1715,34 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
             rx.await.unwrap_or_else(|_| Err("the session has ended".into()))
         }
     };
+    // The session moved to another server: the client attaches to the
+    // command there (`{"type":"attach","id":N}`) and sends again what did
+    // not reach it here.
+    let moved = |live: &Live| {
+        let server = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(serde_json::json!({"type": "moved", "server": server, "id": id}))
+    };
     let mut reading = stdin;
     loop {
         tokio::select! {
             msg = socket.recv(), if reading => match msg {
                 Some(Ok(Message::Binary(d))) => {
                     if let Err(e) = input(Some(d.to_vec())).await {
-                        let _ = socket.send(error(e)).await;
+                        match moved(&live) {
+                            Some(m) => hand_back_input(&mut socket, m, d.to_vec(), false).await,
+                            None => { let _ = socket.send(error(e)).await; }
+                        }
                         return;
                     }
                 }
                 Some(Ok(Message::Text(t))) if t.as_str() == r#"{"type":"eof"}"# => {
                     reading = false;
-                    let _ = input(None).await;
+                    if input(None).await.is_err() {
+                        if let Some(m) = moved(&live) {
+                            hand_back_input(&mut socket, m, Vec::new(), true).await;
+                            return;
+                        }
+                    }
                 }
                 Some(Ok(Message::Text(t))) if tty.is_some() && t.contains(r#""resize""#) => {
                     match serde_json::from_str::<Control>(&t) {
@@ -1758,13 +1773,13 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
                         return;
                     }
                     None => {
-                        let moved = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        let end = match moved {
-                            // Watch it there (through the plane): `{"type":"attach","id":N}`.
-                            Some(server) => serde_json::json!({"type": "moved", "server": server, "id": id}),
-                            None => serde_json::json!({"type": "lost", "reason": "the session has ended"}),
-                        };
-                        let _ = socket.send(send_text(end)).await;
+                        match moved(&live) {
+                            Some(m) => hand_back_input(&mut socket, m, Vec::new(), false).await,
+                            None => {
+                                let lost = serde_json::json!({"type": "lost", "reason": "the session has ended"});
+                                let _ = socket.send(send_text(lost)).await;
+                            }
+                        }
                         return;
                     }
                 };
@@ -1834,28 +1849,33 @@ async fn signal_command(
 /// How long a terminal told that its session moved has to close its side.
 const HAND_BACK_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Tells a terminal that its session moved to `server`, with the input it
-/// typed that did not reach the program here (`unsent`); then, until the
-/// terminal closes its side, hands back whatever else it typed (`unsent`
-/// frames): it types all of it again where the session went, in order.
-async fn hand_back_input(socket: &mut WebSocket, server: &str, unsent: Vec<u8>) {
+/// Tells a client that its session moved (`moved`: the `moved` frame),
+/// with the input it sent that did not reach the guest here (`unsent`, and
+/// `eof` if its end of input did not); then, until the client closes its
+/// side, hands back whatever else it sends (`unsent` frames): it sends all
+/// of it again where the session went, in order.
+async fn hand_back_input(socket: &mut WebSocket, mut moved: serde_json::Value, unsent: Vec<u8>, eof: bool) {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let moved = serde_json::json!({"type": "moved", "server": server, "unsent": b64.encode(&unsent)});
+    moved["unsent"] = b64.encode(&unsent).into();
+    if eof {
+        moved["eof"] = true.into();
+    }
     if socket.send(Message::Text(moved.to_string().into())).await.is_err() {
         return;
     }
     let end = tokio::time::Instant::now() + HAND_BACK_PATIENCE;
     while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, socket.recv()).await {
-        match msg {
-            Message::Binary(d) => {
-                let more = serde_json::json!({"type": "unsent", "unsent": b64.encode(&d)});
-                if socket.send(Message::Text(more.to_string().into())).await.is_err() {
-                    return;
-                }
+        let more = match msg {
+            Message::Binary(d) => serde_json::json!({"type": "unsent", "unsent": b64.encode(&d)}),
+            Message::Text(t) if t.as_str() == r#"{"type":"eof"}"# => {
+                serde_json::json!({"type": "unsent", "unsent": "", "eof": true})
             }
             Message::Close(_) => break,
-            _ => {}
+            _ => continue,
+        };
+        if socket.send(Message::Text(more.to_string().into())).await.is_err() {
+            return;
         }
     }
     let _ = socket.send(Message::Close(None)).await;
@@ -1930,7 +1950,8 @@ async fn pump(mut socket: WebSocket, live: Arc<Live>, ctx: strata_proto::Termina
                 // The terminal follows: it asks its plane where to attach now.
                 Some(Out::Moved { server, unsent: mut queued }) => {
                     queued.extend_from_slice(&unsent);
-                    hand_back_input(&mut socket, &server, queued).await;
+                    let moved = serde_json::json!({"type": "moved", "server": server});
+                    hand_back_input(&mut socket, moved, queued, false).await;
                     return;
                 }
                 None => return,

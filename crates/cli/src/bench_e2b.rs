@@ -27,6 +27,10 @@ pub struct Report {
     pub e2b_p50_ms: f64,
     pub e2b_p99_ms: f64,
     pub e2b_failed: usize,
+    /// The fewest sessions each pool held while its launches came (a pool
+    /// that ran dry makes launches restore while someone waits).
+    pub native_pool_low: usize,
+    pub e2b_pool_low: usize,
     /// E2B's p50 over the native p50.
     pub ratio_p50: f64,
 }
@@ -140,6 +144,7 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
         }
     };
     launch(false).await;
+    let watching = PoolWatch::start(&http, &base, package);
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for i in 0..(rate * seconds as f64) as usize {
@@ -149,8 +154,10 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
     for t in tasks {
         let _ = t.await;
     }
+    let native_pool_low = watching.stop().await;
     let (native_lat, native_failed) = std::mem::take(&mut *native.lock().unwrap_or_else(|e| e.into_inner()));
     wait_for_pool(&http, &base, &e2b_name, pool).await?;
+    let watching = PoolWatch::start(&http, &base, &e2b_name);
 
     // E2B's SDK.
     let e2b = tokio::task::spawn_blocking({
@@ -166,6 +173,7 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
         }
     })
     .await??;
+    let e2b_pool_low = watching.stop().await;
     drop(server);
     anyhow::ensure!(e2b.status.success(), "the SDK's driver failed");
     let v: serde_json::Value = serde_json::from_slice(&e2b.stdout).context("the SDK driver's answer")?;
@@ -185,6 +193,8 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
         e2b_p50_ms: e50,
         e2b_p99_ms: percentile(&e2b_lat, 99.0),
         e2b_failed,
+        native_pool_low,
+        e2b_pool_low,
         ratio_p50: e50 / n50,
     })
 }
@@ -192,22 +202,59 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
 /// Waits (two minutes at most) until the server's pool of `package` holds
 /// `pool` sessions.
 async fn wait_for_pool(http: &reqwest::Client, base: &str, package: &str, pool: usize) -> anyhow::Result<()> {
-    let label = format!("package=\"{package}\"");
     let deadline = Instant::now() + Duration::from_secs(120);
     if pool == 0 {
         return Ok(());
     }
     loop {
-        let text = http.get(format!("{base}/metrics")).send().await?.text().await?;
-        let n = text
-            .lines()
-            .filter(|l| l.starts_with("strata_pool_sessions{") && l.contains(&label))
-            .find_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
-            .unwrap_or(0);
+        let n = pool_level(http, base, package).await?;
         if n >= pool {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "the pool of {package} held {n} of {pool} after two minutes");
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// How many sessions the server's pool of `package` holds now.
+async fn pool_level(http: &reqwest::Client, base: &str, package: &str) -> anyhow::Result<usize> {
+    let label = format!("package=\"{package}\"");
+    let text = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("strata_pool_sessions{") && l.contains(&label))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .unwrap_or(0))
+}
+
+/// The fewest sessions a pool held, looked at four times a second until
+/// stopped.
+struct PoolWatch {
+    stop: tokio::sync::oneshot::Sender<()>,
+    low: tokio::task::JoinHandle<usize>,
+}
+
+impl PoolWatch {
+    fn start(http: &reqwest::Client, base: &str, package: &str) -> PoolWatch {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (http, base, package) = (http.clone(), base.to_string(), package.to_string());
+        let low = tokio::spawn(async move {
+            let mut low = usize::MAX;
+            loop {
+                if let Ok(n) = pool_level(&http, &base, &package).await {
+                    low = low.min(n);
+                }
+                tokio::select! {
+                    _ = &mut stopped => return if low == usize::MAX { 0 } else { low },
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        });
+        PoolWatch { stop, low }
+    }
+
+    async fn stop(self) -> usize {
+        let _ = self.stop.send(());
+        self.low.await.unwrap_or(0)
     }
 }

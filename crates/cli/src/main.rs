@@ -1254,14 +1254,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("strata bench e2b {} ({}/s for {} s each way, pool {})", r.package, r.rate, r.seconds, r.pool);
-                println!("| path | p50 ms | p99 ms | failed |\n|---|---:|---:|---:|");
+                println!("| path | p50 ms | p99 ms | failed | pool low |\n|---|---:|---:|---:|---:|");
                 println!(
-                    "| native API: POST /v1/sessions | {:.1} | {:.1} | {} |",
-                    r.native_p50_ms, r.native_p99_ms, r.native_failed
+                    "| native API: POST /v1/sessions | {:.1} | {:.1} | {} | {} |",
+                    r.native_p50_ms, r.native_p99_ms, r.native_failed, r.native_pool_low
                 );
                 println!(
-                    "| E2B SDK: Sandbox.create + commands.run(\"echo hi\") | {:.1} | {:.1} | {} |",
-                    r.e2b_p50_ms, r.e2b_p99_ms, r.e2b_failed
+                    "| E2B SDK: Sandbox.create + commands.run(\"echo hi\") | {:.1} | {:.1} | {} | {} |",
+                    r.e2b_p50_ms, r.e2b_p99_ms, r.e2b_failed, r.e2b_pool_low
                 );
                 println!("E2B p50 / native p50 = {:.2}x", r.ratio_p50);
             }

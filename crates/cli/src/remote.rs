@@ -273,9 +273,17 @@ impl Remote {
                             Some("moved") => {
                                 let Some(command) = command else { bail!("session {id} moved to another server") };
                                 tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), command, "the session moved; following its command");
+                                let (unsent, eof) = typed_back(&mut ws, &v).await;
                                 ws = self.follow(id, "exec", "").await?;
-                                let again = json!({"type": "attach", "id": command, "stdin": input.is_some()});
+                                let feed = input.is_some() || eof;
+                                let again = json!({"type": "attach", "id": command, "stdin": feed});
                                 ws.send(Message::Text(again.to_string().into())).await?;
+                                if !unsent.is_empty() {
+                                    ws.send(Message::Binary(unsent.into())).await?;
+                                }
+                                if eof {
+                                    ws.send(Message::Text(r#"{"type":"eof"}"#.into())).await?;
+                                }
                             }
                             _ => {}
                         }
@@ -344,7 +352,7 @@ impl Remote {
                             // the plane now says; its first frame repaints.
                             Some("moved") => {
                                 tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), "the session moved; following it");
-                                let unsent = typed_back(&mut ws, &v).await;
+                                let (unsent, _) = typed_back(&mut ws, &v).await;
                                 let size = terminal::terminal_size().unwrap_or_default();
                                 ws = self.follow(id, "attach", &format!("rows={}&cols={}", size.rows, size.cols)).await?;
                                 if !unsent.is_empty() {
@@ -391,13 +399,15 @@ impl Remote {
     }
 }
 
-/// The input a terminal typed that its session's old server did not pass
-/// on (`moved` names the first of it; `unsent` frames follow until that
-/// server closes): to be typed again where the session went, in order.
-async fn typed_back(ws: &mut Ws, moved: &Value) -> Vec<u8> {
+/// The input a client sent that its session's old server did not pass on
+/// (`moved` names the first of it; `unsent` frames follow until that
+/// server closes), and whether its end of input was among it: to be sent
+/// again where the session went, in order.
+async fn typed_back(ws: &mut Ws, moved: &Value) -> (Vec<u8>, bool) {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut unsent = b64.decode(moved["unsent"].as_str().unwrap_or_default()).unwrap_or_default();
+    let mut eof = moved["eof"] == true;
     if ws.send(Message::Close(None)).await.is_ok() {
         let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end, ws.next()).await {
@@ -406,6 +416,7 @@ async fn typed_back(ws: &mut Ws, moved: &Value) -> Vec<u8> {
                     let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
                     if v["type"] == "unsent" {
                         unsent.extend(b64.decode(v["unsent"].as_str().unwrap_or_default()).unwrap_or_default());
+                        eof |= v["eof"] == true;
                     }
                 }
                 Message::Close(_) => break,
@@ -413,7 +424,7 @@ async fn typed_back(ws: &mut Ws, moved: &Value) -> Vec<u8> {
             }
         }
     }
-    unsent
+    (unsent, eof)
 }
 
 /// Opens `url` in the desktop's browser, where there is a desktop.

@@ -651,6 +651,12 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let listed = c.sessions(1, &alice).await;
     assert_eq!(server_of(&listed, &copy), server_of(&listed, &ids[0]), "{listed:?}");
     c.exchange(1, &alice, &copy, "x+2\n", "43").await;
+    // A copy moves like any session: its fork's snapshot (on its server
+    // only) is shared for the receiver first.
+    let (status, body) = c.post(1, &alice, &format!("/v1/sessions/{copy}/move"), serde_json::json!({})).await;
+    assert_eq!(status, 200, "a fork's copy did not move: {body}");
+    assert_ne!(server_of(&c.sessions(1, &alice).await, &copy), server_of(&listed, &copy), "the copy did not move");
+    c.exchange(1, &alice, &copy, "x+3\n", "44").await;
     assert_eq!(c.api(1, "DELETE", &format!("/v1/sessions/{copy}"), &alice).await.0, 204);
     // Spread: three copies placed like launches (round-robin here), from a
     // named snapshot fetched through the object store, each with the state.
@@ -777,6 +783,37 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(exec_shows("e20\n"), "the command did not start: {:?}", String::from_utf8_lossy(&exec_out.lock().unwrap()));
+    // And one fed through its standard input across the move: every line
+    // reaches it once, in order, and so does the end of its input.
+    let mut fed = strata(&[
+        "--addr",
+        &c.cps[1],
+        "--token",
+        &alice,
+        "exec",
+        "-i",
+        &counting,
+        "sh",
+        "-c",
+        "while read l; do echo got-$l; done; echo fed-to-the-end",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let feeding = {
+        let mut to = fed.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            for i in 1..=80 {
+                if std::io::Write::write_all(&mut to, format!("a{i}\n").as_bytes()).is_err() {
+                    return i;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            81
+        })
+    };
     let moving = {
         let (plane, alice, id) = (c.cps[1].clone(), alice.clone(), counting.clone());
         std::thread::spawn(move || strata(&["--addr", &plane, "--token", &alice, "move", &id]).output().unwrap())
@@ -829,6 +866,22 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         counted,
         (1..=1500).collect::<Vec<u32>>(),
         "the command's output across the move: {exec_text:?} {exec_err}"
+    );
+    assert_eq!(feeding.join().unwrap(), 81, "the fed command stopped taking input");
+    let until = Instant::now() + Duration::from_secs(120);
+    while fed.try_wait().unwrap().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if fed.try_wait().unwrap().is_none() {
+        let _ = fed.kill();
+    }
+    let fed = fed.wait_with_output().unwrap();
+    let fed_out = text(&fed.stdout);
+    let want: String = (1..=80).map(|i| format!("got-a{i}\n")).collect::<String>() + "fed-to-the-end\n";
+    assert!(
+        fed.status.success() && fed_out == want,
+        "the fed command across the move: {fed_out:?} {}",
+        text(&fed.stderr)
     );
     let lines = follower.lines();
     for m in &markers {

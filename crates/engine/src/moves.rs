@@ -96,6 +96,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Puts the image running session `rec` stands on into the store shared
+    /// between servers, if it is not there yet (a fork's snapshot is only
+    /// on the server that made it), so that a move's receiver can fetch it.
+    ///
+    /// # Errors
+    /// If the image is gone here or the shared store fails.
+    pub async fn share_for_move(&self, rec: &SessionRecord) -> Result<(), Error> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        if remote.image(&rec.launch_image).await?.is_some() {
+            return Ok(());
+        }
+        let image = self.store.image(&rec.launch_image)?.ok_or_else(|| {
+            Error::Config(format!("the image session {} runs from ({}) is gone", rec.id, rec.launch_image))
+        })?;
+        remote.publish(&image).await?;
+        Ok(())
+    }
+
     /// The record of running session `id` as this server keeps it.
     ///
     /// # Errors
