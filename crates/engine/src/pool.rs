@@ -106,7 +106,7 @@ impl PoolKey {
     }
 }
 
-/// Restores one session, warms it and pauses it.
+/// Restores one session and warms it; [`settle`] pauses it.
 async fn warm(
     engine: &Engine,
     pkg: &Package,
@@ -133,6 +133,11 @@ async fn warm(
     if key.e2b {
         warm_shell(&mut s).await?;
     }
+    Ok(s)
+}
+
+/// Lets a warmed session run [`WARM_UP`] more, then pauses it.
+async fn settle(mut s: Session) -> Result<Session, Error> {
     tokio::time::sleep(WARM_UP).await;
     s.pause().await?;
     Ok(s)
@@ -264,21 +269,37 @@ impl Pool {
         if key.e2b {
             engine.ensure_networked(pkg, &images, progress).await?;
         }
-        // Several restores in flight at once (most of a warm-up is waiting),
-        // each joining the pool as soon as it is ready, and the next one
-        // started then: a slow restore holds up no other.
+        // Several restores in flight at once, each joining the pool as
+        // soon as it is ready, and the next one started then: a slow
+        // restore holds up no other. The last part of a warm-up, waiting
+        // with the guest running, holds no place among them (for E2B's
+        // sessions, with their shell's run, that was ~0.4 s of ~1.1 s).
         let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut settling = futures_util::stream::FuturesUnordered::new();
         let mut failure = None;
         loop {
             let parallel = FILL_PARALLEL.min(engine.pool_restores_max());
-            while failure.is_none() && inflight.len() < parallel && self.len(name) + inflight.len() < target {
+            while failure.is_none()
+                && inflight.len() < parallel
+                && self.len(name) + inflight.len() + settling.len() < target
+            {
                 inflight.push(async {
                     let t0 = Instant::now();
                     (t0, warm(engine, pkg, &images.launch, &key).await)
                 });
             }
-            let Some((t0, warmed)) = futures_util::StreamExt::next(&mut inflight).await else { break };
-            match warmed {
+            let (t0, ready) = tokio::select! {
+                Some((t0, warmed)) = futures_util::StreamExt::next(&mut inflight) => match warmed {
+                    Ok(s) => {
+                        settling.push(async move { (t0, settle(s).await) });
+                        continue;
+                    }
+                    Err(e) => (t0, Err(e)),
+                },
+                Some(settled) = futures_util::StreamExt::next(&mut settling) => settled,
+                else => break,
+            };
+            match ready {
                 Ok(s) => {
                     if let Some(d) = self.demand().get_mut(name) {
                         d.refilled(t0.elapsed());
