@@ -104,13 +104,24 @@ impl Engine {
     /// If the image is gone here or the shared store fails.
     pub async fn share_for_move(&self, rec: &SessionRecord) -> Result<(), Error> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        if remote.image(&rec.launch_image).await?.is_some() {
-            return Ok(());
+        // The images it stands on that the shared store lacks (a fork of a
+        // fork's copy stands on two), published parents first.
+        let mut missing = Vec::new();
+        let mut next = Some(rec.launch_image.clone());
+        while let Some(digest) = next {
+            if remote.image(&digest).await?.is_some() {
+                break;
+            }
+            let image = self
+                .store
+                .image(&digest)?
+                .ok_or_else(|| Error::Config(format!("image {digest}, which session {} stands on, is gone", rec.id)))?;
+            next = image.parent.clone();
+            missing.push(image);
         }
-        let image = self.store.image(&rec.launch_image)?.ok_or_else(|| {
-            Error::Config(format!("the image session {} runs from ({}) is gone", rec.id, rec.launch_image))
-        })?;
-        remote.publish(&image).await?;
+        for image in missing.iter().rev() {
+            remote.publish(image).await?;
+        }
         Ok(())
     }
 
