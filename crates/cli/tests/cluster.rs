@@ -330,6 +330,19 @@ impl Drop for Follower {
     }
 }
 
+/// How `child` ended, if it did within `limit` (else it is killed).
+fn ends_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = child.try_wait().unwrap();
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    status
+}
+
 /// The QEMUs in agent `i`'s namespace that run session `id`.
 fn qemus_of(i: usize, id: &str) -> usize {
     let Ok(out) = Command::new("ip").args(["netns", "pids", &ns(i)]).output() else { return 0 };
@@ -850,11 +863,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
     let gaps: Vec<(u32, u32)> = numbers.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
     assert!(gaps.is_empty(), "the counter skipped or repeated across the move (pairs {gaps:?})");
     assert_eq!((numbers.first(), numbers.last()), (Some(&1), Some(&2000)), "{:?}", follower.screen);
-    let until = Instant::now() + Duration::from_secs(240);
-    while exec.try_wait().unwrap().is_none() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let status = exec.try_wait().unwrap();
+    let status = ends_within(&mut exec, Duration::from_secs(240));
     let mut exec_err = String::new();
     if let Some(mut e) = exec.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut exec_err);
@@ -868,13 +877,7 @@ async fn a_cluster_of_three_agents_places_shares_and_survives_its_faults() {
         "the command's output across the move: {exec_text:?} {exec_err}"
     );
     assert_eq!(feeding.join().unwrap(), 81, "the fed command stopped taking input");
-    let until = Instant::now() + Duration::from_secs(120);
-    while fed.try_wait().unwrap().is_none() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if fed.try_wait().unwrap().is_none() {
-        let _ = fed.kill();
-    }
+    ends_within(&mut fed, Duration::from_secs(120));
     let fed = fed.wait_with_output().unwrap();
     let fed_out = text(&fed.stdout);
     let want: String = (1..=80).map(|i| format!("got-a{i}\n")).collect::<String>() + "fed-to-the-end\n";
