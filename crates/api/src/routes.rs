@@ -1662,6 +1662,10 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
     };
     let size_ok = |s: &WinSize| (1..=1000).contains(&s.rows) && (1..=1000).contains(&s.cols);
     let (out_tx, mut out_rx) = mpsc::channel(16);
+    let asked_for = match &first {
+        Ok(ExecStart::Attach { id, .. }) => Some(*id),
+        _ => None,
+    };
     let started = match first {
         Err(e) => Err(format!("not a command: {e}")),
         Ok(ExecStart::Exec { argv, env, cwd, user, stdin, tty }) => {
@@ -1696,7 +1700,21 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
     let (id, stdin, tty) = match started {
         Ok(x) => x,
         Err(e) => {
-            let _ = socket.send(error(e)).await;
+            // Asked while the session moved: the request goes where it
+            // went (a new command is started there, never here).
+            let moved_to = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match moved_to {
+                Some(server) => {
+                    let mut m = serde_json::json!({"type": "moved", "server": server});
+                    if let Some(id) = asked_for {
+                        m["id"] = id.into();
+                    }
+                    hand_back_input(&mut socket, m, Vec::new(), false).await;
+                }
+                None => {
+                    let _ = socket.send(error(e)).await;
+                }
+            }
             return;
         }
     };

@@ -235,7 +235,8 @@ impl Remote {
     /// terminal raw and followed); its status.
     async fn command_stream(&self, id: &str, start: Value, stdin: bool, tty: bool) -> anyhow::Result<u8> {
         let mut ws = self.open_stream(id, "exec", "").await?;
-        ws.send(Message::Text(start.to_string().into())).await?;
+        let start = start.to_string();
+        ws.send(Message::Text(start.clone().into())).await?;
         let _raw = if tty { Some(RawMode::enter()?) } else { None };
         let mut winch = signal(SignalKind::window_change())?;
         let mut input = if stdin || tty { Some(terminal::stdin_channel()) } else { None };
@@ -271,13 +272,17 @@ impl Remote {
                             // runs on there, and what it printed meanwhile
                             // waits there for its watcher.
                             Some("moved") => {
-                                let Some(command) = command else { bail!("session {id} moved to another server") };
-                                tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), command, "the session moved; following its command");
+                                // Asked while it moved, the command was not
+                                // started: it is asked for again there.
+                                command = command.or(v["id"].as_u64());
+                                tracing::info!(session = %id, server = v["server"].as_str().unwrap_or("?"), ?command, "the session moved; following its command");
                                 let (unsent, eof) = typed_back(&mut ws, &v).await;
                                 ws = self.follow(id, "exec", "").await?;
-                                let feed = input.is_some() || eof;
-                                let again = json!({"type": "attach", "id": command, "stdin": feed});
-                                ws.send(Message::Text(again.to_string().into())).await?;
+                                let again = match command {
+                                    Some(command) => json!({"type": "attach", "id": command, "stdin": input.is_some() || eof}).to_string(),
+                                    None => start.clone(),
+                                };
+                                ws.send(Message::Text(again.into())).await?;
                                 if !unsent.is_empty() {
                                     ws.send(Message::Binary(unsent.into())).await?;
                                 }
