@@ -1184,10 +1184,12 @@ impl Actor<'_> {
                         break;
                     }
                     SessionEvent::CommandOutput { id, stderr, data } => {
+                        tracing::trace!(session = %self.live.id, command = id, stderr, len = data.len(), "command output");
                         let out = if stderr { CommandOut::Stderr(data) } else { CommandOut::Stdout(data) };
                         self.tell_watcher(id, out).await;
                     }
                     SessionEvent::CommandExited { id, status } => {
+                        tracing::debug!(session = %self.live.id, command = id, status, "command exited");
                         self.tell_watcher(id, CommandOut::Exit(status)).await;
                         self.commands.remove(&id);
                         if self.replenish_after == Some(id) {
@@ -1278,7 +1280,9 @@ impl Actor<'_> {
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Exec { command, tag, stdin, pty, out, reply }) => {
-                        let _ = reply.send(self.exec(command, tag, stdin, pty, out).await);
+                        let r = self.exec(command, tag, stdin, pty, out).await;
+                        tracing::debug!(session = %self.live.id, command = ?r, "command started");
+                        let _ = reply.send(r);
                     }
                     Some(Cmd::CommandResize { id, size, reply }) => {
                         let r = match self.command_session(id) {

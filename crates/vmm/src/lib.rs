@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod pagecache;
 pub mod qcow2;
 pub mod qemu;
 

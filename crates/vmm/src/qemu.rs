@@ -1513,8 +1513,29 @@ impl Vm {
         self.migrate_until_done(format!("unix:{}", socket.display()), timeout).await
     }
 
+    /// The file its RAM maps copy-on-write ([`Memory::PrivateFile`]), as
+    /// QEMU says.
+    async fn private_memory_file(&mut self) -> Option<PathBuf> {
+        let prop = |property: &str| qmp::qom_get { path: "/objects/ram".into(), property: property.into() };
+        let (share, path) = (prop("share"), prop("mem-path"));
+        if self.qmp.execute(share).await.ok()? != serde_json::Value::Bool(false) {
+            return None;
+        }
+        self.qmp.execute(path).await.ok()?.as_str().map(PathBuf::from)
+    }
+
     /// Migrates to `uri` until done, as fast as the reader takes it.
     async fn migrate_until_done(&mut self, uri: String, timeout: Duration) -> Result<Saved, Error> {
+        // The migration reads every page of its RAM.
+        let warming = self.private_memory_file().await.map(|p| crate::pagecache::warm_in_background(&p));
+        let done = self.migrate_and_wait(uri, timeout).await;
+        if let Some(stop) = warming {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        done
+    }
+
+    async fn migrate_and_wait(&mut self, uri: String, timeout: Duration) -> Result<Saved, Error> {
         let pace = qmp::MigrateSetParameters {
             max_bandwidth: Some(MIGRATION_MAX_BANDWIDTH),
             downtime_limit: Some(MIGRATION_DOWNTIME_MS),
