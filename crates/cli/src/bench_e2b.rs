@@ -27,6 +27,11 @@ pub struct Report {
     pub e2b_p50_ms: f64,
     pub e2b_p99_ms: f64,
     pub e2b_failed: usize,
+    /// Its parts: `Sandbox.create()` alone, and `commands.run` alone.
+    pub create_p50_ms: f64,
+    pub create_p99_ms: f64,
+    pub run_p50_ms: f64,
+    pub run_p99_ms: f64,
     /// The fewest sessions each pool held while its launches came (a pool
     /// that ran dry makes launches restore while someone waits).
     pub native_pool_low: usize,
@@ -46,12 +51,13 @@ def one(timed):
     try:
         t = time.monotonic()
         s = Sandbox.create(template=pkg, timeout=120)
+        created = time.monotonic()
         r = s.commands.run('echo hi')
-        dt = (time.monotonic() - t) * 1000
+        done = time.monotonic()
         if r.stdout != 'hi\n':
             raise Exception('answer %r' % r.stdout)
         if timed:
-            with lock: lat.append(dt)
+            with lock: lat.append([(done - t) * 1000, (created - t) * 1000, (done - created) * 1000])
         s.kill()
     except Exception as e:
         with lock: failed[0] += 1
@@ -177,8 +183,11 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
     drop(server);
     anyhow::ensure!(e2b.status.success(), "the SDK's driver failed");
     let v: serde_json::Value = serde_json::from_slice(&e2b.stdout).context("the SDK driver's answer")?;
-    let e2b_lat: Vec<f64> =
-        v["latencies_ms"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    // Each run's whole time, its create's, and its command's.
+    let part = |i: usize| -> Vec<f64> {
+        v["latencies_ms"].as_array().map(|a| a.iter().filter_map(|x| x[i].as_f64()).collect()).unwrap_or_default()
+    };
+    let (e2b_lat, create_lat, run_lat) = (part(0), part(1), part(2));
     let e2b_failed = v["failed"].as_u64().unwrap_or(0) as usize;
     anyhow::ensure!(!native_lat.is_empty() && !e2b_lat.is_empty(), "no launch succeeded one way or the other");
     let (n50, e50) = (percentile(&native_lat, 50.0), percentile(&e2b_lat, 50.0));
@@ -193,6 +202,10 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
         e2b_p50_ms: e50,
         e2b_p99_ms: percentile(&e2b_lat, 99.0),
         e2b_failed,
+        create_p50_ms: percentile(&create_lat, 50.0),
+        create_p99_ms: percentile(&create_lat, 99.0),
+        run_p50_ms: percentile(&run_lat, 50.0),
+        run_p99_ms: percentile(&run_lat, 99.0),
         native_pool_low,
         e2b_pool_low,
         ratio_p50: e50 / n50,

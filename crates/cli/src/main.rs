@@ -1263,6 +1263,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "| E2B SDK: Sandbox.create + commands.run(\"echo hi\") | {:.1} | {:.1} | {} | {} |",
                     r.e2b_p50_ms, r.e2b_p99_ms, r.e2b_failed, r.e2b_pool_low
                 );
+                println!(
+                    "| of which Sandbox.create | {:.1} | {:.1} | | |\n| of which commands.run(\"echo hi\") | {:.1} | {:.1} | | |",
+                    r.create_p50_ms, r.create_p99_ms, r.run_p50_ms, r.run_p99_ms
+                );
                 println!("E2B p50 / native p50 = {:.2}x", r.ratio_p50);
             }
             Ok(0)
