@@ -87,7 +87,14 @@ fn strata() -> anyhow::Result<Command> {
     Ok(Command::new(std::env::current_exe().context("where is this strata binary")?))
 }
 
-pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &str) -> anyhow::Result<Report> {
+pub async fn run(
+    package: &str,
+    rate: f64,
+    seconds: u64,
+    pool: usize,
+    python: &str,
+    server_log: Option<&std::path::Path>,
+) -> anyhow::Result<Report> {
     let sdk = Command::new(python).args(["-c", "import e2b"]).output();
     if !sdk.as_ref().is_ok_and(|o| o.status.success()) {
         anyhow::bail!(
@@ -105,7 +112,11 @@ pub async fn run(package: &str, rate: f64, seconds: u64, pool: usize, python: &s
     if pool > 0 {
         args.extend(["--pool", &native_pool, "--pool", &e2b_pool]);
     }
-    let mut child = strata()?.args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let log = match server_log {
+        Some(p) => Stdio::from(std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?),
+        None => Stdio::null(),
+    };
+    let mut child = strata()?.args(&args).stdout(Stdio::piped()).stderr(log).spawn()?;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().context("the server's output")?).read_line(&mut line)?;
     let server = Server(child);

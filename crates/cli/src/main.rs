@@ -671,6 +671,9 @@ enum BenchCmd {
         /// A python with E2B's SDK (`source scripts/e2b-sdk.sh` makes one).
         #[arg(long, env = "STRATA_E2B_PYTHON")]
         python: String,
+        /// Where the server it starts writes its log (else nowhere).
+        #[arg(long)]
+        server_log: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -1244,12 +1247,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Bench { cmd: BenchCmd::E2b { package, rate, seconds, pool, python, json } } => {
+        Cmd::Bench { cmd: BenchCmd::E2b { package, rate, seconds, pool, python, server_log, json } } => {
             if !(0.1..=50.0).contains(rate) || *seconds == 0 || *seconds > 3600 || *pool > 64 {
                 anyhow::bail!("--rate must be 0.1..50, --seconds 1..3600, --pool 0..64");
             }
             eng.package(package)?;
-            let r = bench_e2b::run(package, *rate, *seconds, *pool, python).await?;
+            let r = bench_e2b::run(package, *rate, *seconds, *pool, python, server_log.as_deref()).await?;
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -37,6 +37,8 @@ pub const TERMINAL_META: &str = "terminal";
 const STOPPED_META: &str = "stopped";
 /// At most this many sessions from one fork request.
 pub const MAX_FORKS: usize = 32;
+/// What to do about a session held by another process.
+const HELD_ELSEWHERE: &str = "detach it first (Ctrl-P Ctrl-Q), or fork it through the server that holds it";
 
 /// A session's state on its way to a snapshot ([`Engine::capture_snapshot`]):
 /// its memory and devices sent by live migration to a stopped VM whose
@@ -462,9 +464,7 @@ impl Engine {
     /// As [`Engine::snapshot_session`], or if a terminal holds it or it is
     /// paused or unknown.
     pub async fn snapshot_detached(&self, id: &str, name: Option<&str>) -> Result<Snapshot, Error> {
-        let mut s = self
-            .reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q), or fork it through the server that holds it")
-            .await?;
+        let mut s = self.reattach_unheld(id, HELD_ELSEWHERE).await?;
         let r = self.snapshot_session(&mut s, name).await;
         s.release();
         if let (Ok(snap), Some(_)) = (&r, name) {
@@ -479,9 +479,7 @@ impl Engine {
     /// # Errors
     /// As [`Engine::snapshot_detached`].
     pub async fn fork_detached(&self, id: &str, n: usize) -> Result<(Snapshot, Vec<Result<Session, Error>>), Error> {
-        let mut s = self
-            .reattach_unheld(id, "detach it first (Ctrl-P Ctrl-Q), or fork it through the server that holds it")
-            .await?;
+        let mut s = self.reattach_unheld(id, HELD_ELSEWHERE).await?;
         let captured = self.capture_snapshot(&mut s, None).await;
         s.release();
         self.fork_captured(captured?, n, None).await

@@ -295,10 +295,20 @@ unsafe fn append_bounded(log: libc::c_int, data: &[u8], size: u64, carry: &mut [
 }
 
 /// What the monitor may call once filtered: the console's reads,
-/// positioned writes and cut, wait and exit, the signal return paths, and
+/// positioned writes and cut, wait and exit, the signal return paths,
 /// futex and sleeps for a thread QEMU's fork handlers recreated (its RCU
-/// thread, idle). Anything else kills it, and QEMU with it.
-const MONITOR_CALLS: [libc::c_long; 14] = [
+/// thread), and the memory calls of the allocator: that thread runs the
+/// RCU callbacks the fork server had pending when it forked, which free
+/// memory (glibc then grows or trims its heaps: `brk`, `madvise`;
+/// without them a fork server in that state had every monitor it forked
+/// killed, and so every VM). Anything else kills it, and QEMU with it.
+const MONITOR_CALLS: [libc::c_long; 20] = [
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
     libc::SYS_read,
     libc::SYS_lseek,
     libc::SYS_pread64,
@@ -327,6 +337,11 @@ static MONITOR_FILTER: [libc::sock_filter; crate::seccomp::len(MONITOR_CALLS.len
 /// # Safety
 /// Restricts the whole process for good.
 pub unsafe fn filter_monitor() -> Result<(), &'static str> {
+    // Never trimming its heaps, glibc's allocator makes no call the filter
+    // refuses (a thread's arena, trimmed, reads
+    // /proc/sys/vm/overcommit_memory the first time).
+    // SAFETY: a plain libc call on this process's allocator.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
     // SAFETY: as the caller promised.
     unsafe { crate::seccomp::install(&MONITOR_FILTER) }.map_err(|_| "installing the monitor's seccomp filter")
 }
@@ -378,6 +393,32 @@ mod tests {
             }
         });
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7, "status {status:#x}");
+
+        // Allowed: the allocator growing and trimming its heap, as QEMU's
+        // RCU thread freeing memory makes it.
+        let status = crate::status_of_child(|| {
+            // SAFETY: system calls in the child; plain allocations, each
+            // freed once.
+            unsafe {
+                // The thread has its arena (as QEMU's, forked, has).
+                libc::free(libc::malloc(16));
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if filter_monitor().is_err() {
+                    return 99;
+                }
+                let small: Vec<*mut libc::c_void> = (0..16384).map(|_| libc::malloc(1024)).collect();
+                let large = libc::malloc(8 << 20);
+                if large.is_null() || small.iter().any(|p| p.is_null()) {
+                    return 98;
+                }
+                for p in small {
+                    libc::free(p);
+                }
+                libc::free(large);
+            }
+            5
+        });
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 5, "status {status:#x}");
 
         // Anything else (here: opening a file) kills it.
         let status = crate::status_of_child(|| {
