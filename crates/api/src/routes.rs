@@ -1653,6 +1653,17 @@ async fn exec_session(
     Ok(ws.on_upgrade(move |socket| exec_pump(socket, live)))
 }
 
+/// The `moved` frame of a command socket (naming command `id`, if it
+/// runs), if `live`'s session has moved to another server.
+fn moved_frame(live: &Live, id: Option<ProcId>) -> Option<serde_json::Value> {
+    let server = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+    let mut m = serde_json::json!({"type": "moved", "server": server});
+    if let Some(id) = id {
+        m["id"] = id.into();
+    }
+    Some(m)
+}
+
 async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
     let send_text = |v: serde_json::Value| Message::Text(v.to_string().into());
     let error = |m: String| send_text(serde_json::json!({"type": "error", "message": m}));
@@ -1702,15 +1713,8 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
         Err(e) => {
             // Asked while the session moved: the request goes where it
             // went (a new command is started there, never here).
-            let moved_to = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            match moved_to {
-                Some(server) => {
-                    let mut m = serde_json::json!({"type": "moved", "server": server});
-                    if let Some(id) = asked_for {
-                        m["id"] = id.into();
-                    }
-                    hand_back_input(&mut socket, m, Vec::new(), false).await;
-                }
+            match moved_frame(&live, asked_for) {
+                Some(m) => hand_back_input(&mut socket, m, Vec::new(), false).await,
                 None => {
                     let _ = socket.send(error(e)).await;
                 }
@@ -1736,10 +1740,7 @@ async fn exec_pump(mut socket: WebSocket, live: Arc<Live>) {
     // The session moved to another server: the client attaches to the
     // command there (`{"type":"attach","id":N}`) and sends again what did
     // not reach it here.
-    let moved = |live: &Live| {
-        let server = live.moved_to.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
-        Some(serde_json::json!({"type": "moved", "server": server, "id": id}))
-    };
+    let moved = |live: &Live| moved_frame(live, Some(id));
     let mut reading = stdin;
     loop {
         tokio::select! {
