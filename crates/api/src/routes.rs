@@ -1052,7 +1052,14 @@ pub(crate) async fn launch_for(
     room_for(st, owner, 1, pkg.def.memory_mib)?;
     let started = Instant::now();
     let pool = strata_engine::pool::PoolKey::of(&pkg, e2b, st.engine.cfg.default_os).name();
-    let taken = if pooled { st.pool.take(&pool, &settings).await } else { Ok(None) };
+    let taken = if pooled {
+        // Someone waits for this launch: pool refills stop meanwhile (not
+        // during a restore, if the pool is empty: it would starve them).
+        let _foreground = strata_engine::background::foreground();
+        st.pool.take(&pool, &settings).await
+    } else {
+        Ok(None)
+    };
     let (session, path) = match taken {
         Ok(Some(s)) => (s, "pool"),
         other => {

@@ -56,6 +56,8 @@ pub fn request_id() -> Option<String> {
 }
 
 pub use strata_package::{Os, DEFAULT_OS, OSES};
+/// Launches someone waits for stop pool refills meanwhile.
+pub use strata_vmm::background;
 
 /// Architecture tag of the images this build makes.
 pub const ARCH: &str = "x86_64";

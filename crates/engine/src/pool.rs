@@ -140,6 +140,9 @@ async fn warm(
 async fn settle(mut s: Session) -> Result<Session, Error> {
     tokio::time::sleep(WARM_UP).await;
     s.pause().await?;
+    // Paused, it uses no CPU: stopping it with the background would only
+    // wake its threads.
+    s.set_background(false);
     Ok(s)
 }
 
@@ -284,6 +287,8 @@ impl Pool {
                 && self.len(name) + inflight.len() + settling.len() < target
             {
                 inflight.push(async {
+                    // Not started under a launch someone waits for.
+                    crate::background::quiet().await;
                     let t0 = Instant::now();
                     (t0, warm(engine, pkg, &images.launch, &key).await)
                 });

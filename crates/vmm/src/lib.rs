@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod background;
 pub mod pagecache;
 pub mod qcow2;
 pub mod qemu;

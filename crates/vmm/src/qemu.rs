@@ -306,6 +306,11 @@ impl VmConfig {
             push(&["-sandbox", SANDBOX]);
         }
         push(&["-machine", "pc,hpet=off,vmport=off,smm=off,usb=off,memory-backend=ram"]);
+        // A restored VM is not a moved one on a shared network: nobody has
+        // to learn where its address went. Without this, each restore has
+        // QEMU tell the guest to announce itself five times in its first
+        // half second (~3 ms of guest CPU each under TCG, and the packets).
+        push(&["-global", "migration.announce-rounds=0"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg"]),
@@ -614,6 +619,7 @@ pub struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        crate::background::remove(self.pid);
         if !self.released {
             self.process.kill_now();
             // Its cgroup goes once the killed QEMU has left it (within
@@ -671,6 +677,7 @@ struct KillUnlessDisarmed(u32, bool);
 impl Drop for KillUnlessDisarmed {
     fn drop(&mut self) {
         if !self.1 {
+            crate::background::remove(self.0);
             kill_pid(self.0);
         }
     }
@@ -1236,6 +1243,10 @@ impl Vm {
         // If this future is dropped before the Vm exists (a cancelled launch),
         // the process must not outlive it.
         let mut guard = KillUnlessDisarmed(pid, false);
+        // Work ahead of demand (it starts nice) yields to launches.
+        if cfg.niceness > 0 {
+            crate::background::add(pid);
+        }
         let t0 = Instant::now();
         let setup = async {
             let agent = connect(&cfg.dir, AGENT_SOCK).await.map_err(Error::Channel)?;
@@ -1316,6 +1327,7 @@ impl Vm {
 
     /// Leaves QEMU running when this handle is dropped (a detached session).
     pub fn release(mut self) -> u32 {
+        crate::background::remove(self.pid);
         self.released = true;
         self.pid
     }
@@ -1329,6 +1341,16 @@ impl Vm {
     /// sessions someone is waiting for. Best effort.
     pub fn set_niceness(&self, nice: i32) {
         strata_zygote::renice_threads(self.pid, nice);
+    }
+
+    /// Counts QEMU as work ahead of demand, stopped while launches someone
+    /// waits for run ([`crate::background`]), or no more.
+    pub fn set_background(&self, background: bool) {
+        if background {
+            crate::background::add(self.pid);
+        } else {
+            crate::background::remove(self.pid);
+        }
     }
 
     pub fn dir(&self) -> &Path {

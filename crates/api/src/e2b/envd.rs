@@ -296,6 +296,10 @@ fn event(e: Value) -> Value {
 fn pump(pid: ProcId, pty: bool, mut out: mpsc::Receiver<CommandOut>, headers: &HeaderMap) -> Response {
     let (tx, rx) = mpsc::channel(16);
     let (limit, ping) = (deadline(headers), keepalive(headers));
+    // A command's first moments are work someone waits for (a sandbox's
+    // first command, say): pool refills stop until it ends, briefly.
+    let mut foreground = Some(strata_engine::background::foreground());
+    let foreground_until = tokio::time::Instant::now() + strata_engine::background::MAX_STOP;
     tokio::spawn(async move {
         let send = |v: Value| tx.send(envelope(0, &v));
         if send(event(json!({ "start": { "pid": pid } }))).await.is_err() {
@@ -304,6 +308,10 @@ fn pump(pid: ProcId, pty: bool, mut out: mpsc::Receiver<CommandOut>, headers: &H
         let until = limit.map(|d| tokio::time::Instant::now() + d);
         loop {
             let next = tokio::select! {
+                _ = tokio::time::sleep_until(foreground_until), if foreground.is_some() => {
+                    foreground = None;
+                    continue;
+                }
                 o = out.recv() => o,
                 _ = tokio::time::sleep(ping) => {
                     if send(event(json!({ "keepalive": {} }))).await.is_err() { return; }
