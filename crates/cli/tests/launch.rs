@@ -114,7 +114,7 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     // It prepared QEMU's machine classes once for all its VMs (the PC
     // machine alone has dozens of versions).
     let prepared = eng.fork_server_prepared_types().unwrap();
-    assert!(prepared.is_ok_and(|n| n >= 20), "{prepared:?}");
+    assert!(prepared.as_ref().is_ok_and(|n| *n >= 20), "{prepared:?}");
     let pkg = eng.package("bc").unwrap();
     // A busy server hands QEMU descriptors with high numbers (hundreds of
     // sessions' sockets): the child must still get each at its number,
@@ -136,8 +136,21 @@ async fn a_fork_server_starts_the_vms_and_ends_with_its_engine() {
     s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
     s.close().await;
     assert!(wait_until(Duration::from_secs(10), || parent_of(vm).is_none()), "QEMU {vm} outlived its session");
+
+    // A fork server that ends (killed here) is replaced by the next launch.
+    // SAFETY: signalling the fork server this engine started.
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    let dead = || std::fs::read_to_string(format!("/proc/{server}/stat")).map_or(true, |st| st.contains(") Z "));
+    assert!(wait_until(Duration::from_secs(10), dead), "the killed fork server did not end");
+    let mut s = eng.launch(&pkg, &settings(), &LogProgress).await.unwrap();
+    let replaced = eng.fork_server_pid().expect("another fork server started");
+    assert_ne!(replaced, server);
+    let monitor = strata_vmm::monitor_of(s.vm_pid()).expect("a forked QEMU has a monitor");
+    assert_eq!(parent_of(monitor), Some(replaced), "the launch after was not forked by the new server");
+    s.expect_after(b"6*7\n", "42", ANSWER).await.unwrap();
+    s.close().await;
     drop(eng);
-    assert!(parent_of(server).is_none(), "the fork server outlived its engine");
+    assert!(parent_of(replaced).is_none(), "the fork server outlived its engine");
 
     // Without a usable preload library, QEMU starts by exec, as before.
     let eng = engine_with(|c| c.fork_server = Some("/nonexistent/libstrata_qemu_preload.so".into()));

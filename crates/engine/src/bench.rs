@@ -535,7 +535,7 @@ impl Engine {
         let images = self.ensure_images(pkg, progress).await?;
         let settings = ContextSettings::from_terminal(None);
         let pool = crate::pool::Pool::default();
-        let (cpu_before, faults_before) = own_and_children_usage(self.fork_server.as_deref());
+        let (cpu_before, faults_before) = own_and_children_usage(self.fork_server().as_deref());
         if pool_size > 0 {
             progress.step(&format!("bench load {}: filling the pool ({pool_size})", pkg.name));
             pool.fill(self, &pkg.name, pkg, pool_size, progress).await?;
@@ -595,7 +595,7 @@ impl Engine {
         }
         let elapsed = start.elapsed().as_secs_f64();
         pool.drain().await;
-        let (cpu, faults) = own_and_children_usage(self.fork_server.as_deref());
+        let (cpu, faults) = own_and_children_usage(self.fork_server().as_deref());
         let (cpu, faults) = (cpu - cpu_before, faults - faults_before);
         progress.done("load benchmark finished");
         Ok(LoadReport {

@@ -410,7 +410,7 @@ impl Engine {
             display: false,
             die_with_parent: true,
             niceness: 0,
-            fork_server: self.fork_server.clone(),
+            fork_server: self.fork_server(),
             cgroup: self.cgroup_for(memory_mib)?,
             identity: self.identity_for(accel)?,
             // Builds write large memory files; only sessions are bounded.
@@ -620,7 +620,16 @@ impl Engine {
         let mut cfg = self.restore_config(dir.path(), image, memory, plugs, plugs_in_state)?;
         cfg.niceness = niceness;
         cfg.after_load = after_load;
-        let a = start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await?;
+        let forked_by = cfg.fork_server.clone();
+        let a = match start_and_attach(cfg, dir, &settings.launch_context(), BOOT_TIMEOUT).await {
+            Err(e @ Error::Vm(strata_vmm::Error::EarlyExit { .. })) => {
+                if let Some(server) = &forked_by {
+                    self.fork_server_failed(server);
+                }
+                return Err(e);
+            }
+            started => started?,
+        };
         drop(slot);
         let mut record = SessionRecord::new(id, package, a.vm.pid(), &image.digest);
         record.os = image.os.clone();
@@ -679,7 +688,7 @@ impl Engine {
             display: crate::is_graphical(image),
             die_with_parent: false,
             niceness: 0,
-            fork_server: self.fork_server.clone(),
+            fork_server: self.fork_server(),
             cgroup: self.cgroup_for(memory_mib)?,
             identity: self.identity_for(accel)?,
             file_size_limit: self.confined().then_some(self.file_size_limit(image, memory_mib)),

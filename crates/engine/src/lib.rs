@@ -439,7 +439,9 @@ pub struct Engine {
     restore_slots: tokio::sync::Semaphore,
     /// Where VMs' QEMU is forked from ([`Config::fork_server`]); without it
     /// (not asked for, or it would not start), QEMU is started by exec.
-    pub(crate) fork_server: Option<Arc<strata_vmm::ForkServer>>,
+    /// Replaced when it ends or the VMs it forks die at start
+    /// ([`Engine::fork_server`]).
+    fork_server: std::sync::Mutex<ForkServerSlot>,
     /// Where VMs' control groups are made, or why they cannot be: then no
     /// VM starts (never unconfined), and the reason is the error.
     cgroups: Result<Arc<strata_jail::Cgroups>, String>,
@@ -457,16 +459,85 @@ pub struct Engine {
     unconfined_for_benchmark: AtomicBool,
 }
 
+/// The fork server in use, and when one last replaced another.
+#[derive(Default)]
+struct ForkServerSlot {
+    server: Option<Arc<strata_vmm::ForkServer>>,
+    replaced: Option<std::time::Instant>,
+}
+
+/// The least time between two replacements of the fork server: one that
+/// cannot serve is not restarted in a loop (VMs start by exec meanwhile).
+const FORK_SERVER_RESTART: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts a fork server with `preload`, logging how; `None` if it would
+/// not start (QEMU is then started by exec).
+fn start_fork_server(preload: &Path) -> Option<Arc<strata_vmm::ForkServer>> {
+    match strata_vmm::start_fork_server(preload) {
+        Ok(server) => {
+            match server.prepared_types() {
+                Ok(machine_classes) => tracing::info!(pid = server.pid(), machine_classes, "QEMU fork server started"),
+                Err(why) => tracing::warn!(
+                    pid = server.pid(),
+                    why,
+                    "QEMU fork server started, but each VM prepares QEMU's types itself"
+                ),
+            }
+            Some(Arc::new(server))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, preload = %preload.display(), "no QEMU fork server; starting QEMU by exec");
+            None
+        }
+    }
+}
+
 impl Engine {
     /// The pid of the fork server VMs are started from, if there is one.
     pub fn fork_server_pid(&self) -> Option<u32> {
-        self.fork_server.as_ref().map(|f| f.pid())
+        self.fork_server().map(|f| f.pid())
     }
 
     /// How many of QEMU's machine classes the fork server prepared for the
     /// VMs it forks, or why it did not; `None` without a fork server.
-    pub fn fork_server_prepared_types(&self) -> Option<Result<u32, &str>> {
-        self.fork_server.as_ref().map(|f| f.prepared_types())
+    pub fn fork_server_prepared_types(&self) -> Option<Result<u32, String>> {
+        self.fork_server().map(|f| f.prepared_types().map_err(str::to_string))
+    }
+
+    /// The fork server to start the next VM from: another one if the last
+    /// has ended (killed, crashed), at most once per [`FORK_SERVER_RESTART`].
+    pub(crate) fn fork_server(&self) -> Option<Arc<strata_vmm::ForkServer>> {
+        let mut slot = lock(&self.fork_server);
+        if slot.server.as_ref().is_some_and(|s| s.has_exited()) {
+            tracing::warn!("the QEMU fork server has ended; starting another");
+            self.restart_fork_server(&mut slot);
+        }
+        slot.server.clone()
+    }
+
+    /// A VM forked by `used` died before its agent connected: if `used` is
+    /// still the fork server in use, another one replaces it (a server in
+    /// a bad state gives every VM it forks the same fate).
+    pub(crate) fn fork_server_failed(&self, used: &Arc<strata_vmm::ForkServer>) {
+        let mut slot = lock(&self.fork_server);
+        if slot.server.as_ref().is_some_and(|s| Arc::ptr_eq(s, used)) {
+            tracing::warn!(
+                pid = used.pid(),
+                "a VM forked by the QEMU fork server died at start; starting another server"
+            );
+            self.restart_fork_server(&mut slot);
+        }
+    }
+
+    fn restart_fork_server(&self, slot: &mut ForkServerSlot) {
+        let Some(preload) = &self.cfg.fork_server else { return };
+        if slot.replaced.is_some_and(|t| t.elapsed() < FORK_SERVER_RESTART) {
+            // Too soon after the last replacement: exec until then.
+            slot.server = None;
+            return;
+        }
+        slot.replaced = Some(std::time::Instant::now());
+        slot.server = start_fork_server(preload);
     }
 
     /// Opens the store and loads the package definitions.
@@ -482,29 +553,8 @@ impl Engine {
         };
         let remote = remote.map(|c| strata_remote::Remote::new(c, store.clone())).transpose()?.map(Arc::new);
         let restore_slots = tokio::sync::Semaphore::new(cfg.restore_slots.max(1));
-        let fork_server = if let Some(preload) = &cfg.fork_server {
-            match strata_vmm::start_fork_server(preload) {
-                Ok(server) => {
-                    match server.prepared_types() {
-                        Ok(machine_classes) => {
-                            tracing::info!(pid = server.pid(), machine_classes, "QEMU fork server started")
-                        }
-                        Err(why) => tracing::warn!(
-                            pid = server.pid(),
-                            why,
-                            "QEMU fork server started, but each VM prepares QEMU's types itself"
-                        ),
-                    }
-                    Some(Arc::new(server))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, preload = %preload.display(), "no QEMU fork server; starting QEMU by exec");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let fork_server =
+            ForkServerSlot { server: cfg.fork_server.as_deref().and_then(start_fork_server), replaced: None };
         // Config::from_env falls back to the defaults; a bad setting is named here.
         VmLimits::from_env()?;
         Floors::from_env()?;
@@ -530,7 +580,7 @@ impl Engine {
             apt_options: Default::default(),
             derived: Default::default(),
             restore_slots,
-            fork_server,
+            fork_server: std::sync::Mutex::new(fork_server),
             cgroups,
             identities,
             guest_firewall: std::sync::OnceLock::new(),

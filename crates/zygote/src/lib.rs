@@ -745,6 +745,12 @@ impl ForkServer {
         }
     }
 
+    /// Whether the server process has ended (killed, or crashed).
+    pub fn has_exited(&self) -> bool {
+        let mut p = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        !matches!(p.try_wait(), Ok(None))
+    }
+
     /// CPU time and page faults of the server and of its children that
     /// have exited: what the VMs it forked cost.
     ///
