@@ -511,6 +511,10 @@ impl Engine {
         if slot.server.as_ref().is_some_and(|s| s.has_exited()) {
             tracing::warn!("the QEMU fork server has ended; starting another");
             self.restart_fork_server(&mut slot);
+        } else if slot.server.is_none() && slot.replaced.is_some_and(|t| t.elapsed() >= FORK_SERVER_RESTART) {
+            // Given up on for a while after replacements came too close
+            // together: tried again (one that never started is not).
+            self.restart_fork_server(&mut slot);
         }
         slot.server.clone()
     }
