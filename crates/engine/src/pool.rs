@@ -142,7 +142,7 @@ async fn settle(mut s: Session) -> Result<Session, Error> {
     s.pause().await?;
     // Paused, it uses no CPU: stopping it with the background would only
     // wake its threads.
-    s.set_background(false);
+    s.leave_background();
     Ok(s)
 }
 

@@ -426,10 +426,10 @@ impl Session {
         self.vm.set_niceness(nice);
     }
 
-    /// Counts the session's QEMU as work ahead of demand (stopped while
-    /// launches run), or no more; see [`strata_vmm::background`].
-    pub fn set_background(&self, background: bool) {
-        self.vm.set_background(background);
+    /// Counts the session's QEMU as work ahead of demand no more (not
+    /// stopped while launches run); see [`strata_vmm::background`].
+    pub fn leave_background(&self) {
+        self.vm.leave_background();
     }
 
     /// Writes the VM's display (graphical packages) to `path` as a PNG.

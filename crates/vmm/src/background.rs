@@ -187,11 +187,6 @@ pub async fn quiet() {
     }
 }
 
-/// The QEMU processes counted as background work now.
-pub fn pids() -> Vec<u32> {
-    state().pids.clone()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,7 +239,7 @@ mod tests {
         assert_eq!(wait_for_state(pid, |s| s == 'T'), 'T');
         remove(pid);
         assert_ne!(wait_for_state(pid, |s| s != 'T'), 'T', "a process no longer in the background runs");
-        assert!(!pids().contains(&pid));
+        assert!(!state().pids.contains(&pid));
         drop(again);
         child.kill().unwrap();
         child.wait().unwrap();

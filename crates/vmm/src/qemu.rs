@@ -1327,7 +1327,6 @@ impl Vm {
 
     /// Leaves QEMU running when this handle is dropped (a detached session).
     pub fn release(mut self) -> u32 {
-        crate::background::remove(self.pid);
         self.released = true;
         self.pid
     }
@@ -1343,14 +1342,10 @@ impl Vm {
         strata_zygote::renice_threads(self.pid, nice);
     }
 
-    /// Counts QEMU as work ahead of demand, stopped while launches someone
-    /// waits for run ([`crate::background`]), or no more.
-    pub fn set_background(&self, background: bool) {
-        if background {
-            crate::background::add(self.pid);
-        } else {
-            crate::background::remove(self.pid);
-        }
+    /// Counts QEMU as work ahead of demand no more (it is not stopped
+    /// while launches someone waits for run, [`crate::background`]).
+    pub fn leave_background(&self) {
+        crate::background::remove(self.pid);
     }
 
     pub fn dir(&self) -> &Path {
