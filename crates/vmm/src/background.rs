@@ -224,11 +224,17 @@ mod tests {
         let long = foreground();
         let t0 = Instant::now();
         let mut stopped = Duration::ZERO;
+        // Timed by the clock, not by counting samples: a slow machine's
+        // samples come further apart.
+        let mut last = t0;
         while t0.elapsed() < MAX_STOP * 3 {
-            if run_state(pid) == 'T' {
-                stopped += Duration::from_millis(5);
-            }
+            let was_stopped = run_state(pid) == 'T';
             std::thread::sleep(Duration::from_millis(5));
+            let now = Instant::now();
+            if was_stopped {
+                stopped += now - last;
+            }
+            last = now;
         }
         assert!(stopped > MAX_STOP / 2 && stopped < MAX_STOP * 3 / 2, "stopped {stopped:?} of {:?}", MAX_STOP * 3);
         drop(long);
